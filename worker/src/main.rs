@@ -1,0 +1,3 @@
+//! `hearth-worker` binary.
+
+fn main() {}
