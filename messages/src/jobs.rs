@@ -1,0 +1,276 @@
+//! Internal job protocol: the scheduler sends lifecycle jobs to `<prefix>.v1.workers.<wid>.jobs`.
+//!
+//! Every job carries a `job_id`. A worker answers a repeated `job_id` with the first outcome and
+//! does not run the job twice, so the scheduler may retry after a lost reply.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::TerminationReason;
+use crate::ids::{JobId, SnapshotId, TemplateName, VmId};
+
+/// A lifecycle job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRequest {
+    /// Idempotency key.
+    pub job_id: JobId,
+    /// What to do.
+    pub op: JobOp,
+}
+
+/// The lifecycle operations, mirroring the provider trait.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobOp {
+    /// Create a VM with the worker's defaults.
+    CreateVm {
+        /// The new VM's id.
+        vm_id: VmId,
+        /// Serve the session data plane for it (a cold claim creates the session's VM directly).
+        #[serde(default)]
+        session: bool,
+    },
+    /// Create a VM from a spec; with `spec.restore_from`, restore a snapshot instead of booting.
+    /// The worker replies only after a health exec in the new VM succeeds.
+    CreateVmWithSpec {
+        /// The new VM's id.
+        vm_id: VmId,
+        /// How to build it.
+        spec: VmSpec,
+        /// Serve the session data plane for it.
+        #[serde(default)]
+        session: bool,
+    },
+    /// Start (resume) a stopped VM.
+    StartVm {
+        /// The VM.
+        vm_id: VmId,
+    },
+    /// Stop a running VM (idle timeout).
+    StopVm {
+        /// The VM.
+        vm_id: VmId,
+    },
+    /// Capture a VM as a snapshot.
+    SnapshotVm {
+        /// The VM.
+        vm_id: VmId,
+        /// The snapshot's name (fails if it exists).
+        snapshot_id: SnapshotId,
+        /// Also upload it to the fleet's object store, so any worker can restore it.
+        #[serde(default)]
+        publish: bool,
+    },
+    /// Destroy a VM (terminal).
+    DestroyVm {
+        /// The VM.
+        vm_id: VmId,
+        /// Back the volume up first (to the worker's configured backup destination).
+        #[serde(default)]
+        backup: bool,
+        /// Why, for the VM event.
+        #[serde(default)]
+        reason: Option<TerminationReason>,
+    },
+    /// Rename a VM: the warm-pool hand-off. The VM keeps running and keeps its state.
+    RenameVm {
+        /// The pooled VM's id.
+        vm_id: VmId,
+        /// Its new id (the session id).
+        new_vm_id: VmId,
+        /// Serve the session data plane under the new id (true for a claim).
+        #[serde(default)]
+        session: bool,
+    },
+    /// Report every VM the worker holds (reconcile).
+    ListVms {},
+}
+
+impl JobOp {
+    /// A short name for logs and metric labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobOp::CreateVm { .. } => "create_vm",
+            JobOp::CreateVmWithSpec { .. } => "create_vm_with_spec",
+            JobOp::StartVm { .. } => "start_vm",
+            JobOp::StopVm { .. } => "stop_vm",
+            JobOp::SnapshotVm { .. } => "snapshot_vm",
+            JobOp::DestroyVm { .. } => "destroy_vm",
+            JobOp::RenameVm { .. } => "rename_vm",
+            JobOp::ListVms {} => "list_vms",
+        }
+    }
+
+    /// The VM the job acts on (the per-VM lock it takes), if any. A rename locks the old id.
+    pub fn vm_id(&self) -> Option<&VmId> {
+        match self {
+            JobOp::CreateVm { vm_id, .. }
+            | JobOp::CreateVmWithSpec { vm_id, .. }
+            | JobOp::StartVm { vm_id }
+            | JobOp::StopVm { vm_id }
+            | JobOp::SnapshotVm { vm_id, .. }
+            | JobOp::DestroyVm { vm_id, .. }
+            | JobOp::RenameVm { vm_id, .. } => Some(vm_id),
+            JobOp::ListVms {} => None,
+        }
+    }
+}
+
+/// How to build a VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// The template the VM belongs to.
+    #[serde(default)]
+    pub template: Option<TemplateName>,
+    /// vCPUs (providers that cannot limit them ignore it).
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB (providers that cannot limit it ignore it).
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Environment for every command in the VM.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Provider-specific base image: for `process`, a directory or `.tar`/`.tar.zst` on the worker
+    /// that seeds the volume.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// Command run once after a cold create (not after a restore); the job fails if it fails.
+    #[serde(default)]
+    pub bootstrap: Option<Vec<String>>,
+    /// Restore this snapshot instead of booting; fetched from the object store if the worker does
+    /// not have it.
+    #[serde(default)]
+    pub restore_from: Option<SnapshotId>,
+}
+
+/// A VM's state as workers report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Booted and accepting exec.
+    Running,
+    /// Paused; exec resumes it.
+    Stopped,
+    /// Gone (terminal).
+    Destroyed,
+}
+
+impl VmState {
+    /// Lowercase name for labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Stopped => "stopped",
+            VmState::Destroyed => "destroyed",
+        }
+    }
+}
+
+/// One VM as a worker reports it (job replies and heartbeats).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The VM's id (the session id once claimed).
+    pub vm_id: VmId,
+    /// Its state.
+    pub state: VmState,
+    /// Its template.
+    #[serde(default)]
+    pub template: Option<TemplateName>,
+    /// Whether the worker serves the session data plane for it.
+    #[serde(default)]
+    pub session: bool,
+    /// Created (unix ms).
+    #[serde(default)]
+    pub created_ms: u64,
+    /// Last exec or file activity (unix ms); the scheduler's idle timer reads it.
+    #[serde(default)]
+    pub last_activity_ms: u64,
+    /// Restored from this snapshot.
+    #[serde(default)]
+    pub restored_from: Option<SnapshotId>,
+}
+
+/// A snapshot as a worker reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Its id.
+    pub snapshot_id: SnapshotId,
+    /// The VM it was taken of.
+    #[serde(default)]
+    pub source_vm: Option<VmId>,
+    /// The VM's template.
+    #[serde(default)]
+    pub template: Option<TemplateName>,
+    /// Taken at (unix ms).
+    #[serde(default)]
+    pub created_ms: u64,
+    /// Size of the artifact in bytes.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// Uploaded to the fleet's object store.
+    #[serde(default)]
+    pub published: bool,
+}
+
+/// A successful job's reply; failures are error replies (headers + [`crate::WireError`] body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobReply {
+    /// The job answered.
+    pub job_id: JobId,
+    /// What it produced.
+    pub output: JobOutput,
+}
+
+/// What a job produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobOutput {
+    /// The VM after the job (create, start, stop, rename).
+    Vm {
+        /// The VM.
+        vm: VmInfo,
+    },
+    /// The snapshot taken.
+    Snapshot {
+        /// The snapshot.
+        snapshot: SnapshotInfo,
+    },
+    /// Every VM the worker holds, sorted by id.
+    Vms {
+        /// The VMs.
+        vms: Vec<VmInfo>,
+    },
+    /// Done, nothing to report (destroy).
+    Done {},
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ops_are_tagged_maps() {
+        let job = JobRequest {
+            job_id: JobId::new("j1").unwrap(),
+            op: JobOp::RenameVm {
+                vm_id: VmId::new("pool-1").unwrap(),
+                new_vm_id: VmId::new("s1").unwrap(),
+                session: true,
+            },
+        };
+        let json = serde_json::to_value(&job).unwrap();
+        assert_eq!(json["op"]["kind"], "rename_vm");
+        assert_eq!(json["op"]["new_vm_id"], "s1");
+        let back: JobRequest = serde_json::from_value(json).unwrap();
+        assert_eq!(back, job);
+        assert_eq!(back.op.vm_id().unwrap().as_str(), "pool-1");
+    }
+
+    #[test]
+    fn unknown_job_kind_is_an_error_not_a_panic() {
+        let err = serde_json::from_str::<JobRequest>(r#"{"job_id":"j","op":{"kind":"explode"}}"#);
+        assert!(err.is_err());
+    }
+}

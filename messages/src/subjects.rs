@@ -1,0 +1,259 @@
+//! Every NATS subject Hearth uses, built in one place from a configurable prefix (default `hearth`).
+//! No other module builds subject strings.
+
+use crate::ids::{SessionId, WorkerId};
+
+/// The default subject prefix.
+pub const DEFAULT_PREFIX: &str = "hearth";
+/// The protocol version token, second in every subject.
+pub const PROTOCOL_VERSION: &str = "v1";
+
+/// The per-session operations, i.e. the last token(s) of `<prefix>.v1.sessions.<sid>.<op>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionOp {
+    /// Served by the scheduler.
+    Get,
+    /// Served by the scheduler.
+    Keepalive,
+    /// Served by the scheduler.
+    Release,
+    /// Served by the scheduler.
+    Snapshot,
+    /// Data plane: served by the worker that holds the session's VM.
+    Exec,
+    /// Data plane.
+    FilesPut,
+    /// Data plane.
+    FilesGet,
+}
+
+impl SessionOp {
+    /// Operations served by the scheduler.
+    pub const CONTROL: [SessionOp; 4] = [
+        SessionOp::Get,
+        SessionOp::Keepalive,
+        SessionOp::Release,
+        SessionOp::Snapshot,
+    ];
+    /// Operations served by the worker holding the VM.
+    pub const DATA: [SessionOp; 3] = [SessionOp::Exec, SessionOp::FilesPut, SessionOp::FilesGet];
+
+    /// The subject suffix for this operation.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            SessionOp::Get => "get",
+            SessionOp::Keepalive => "keepalive",
+            SessionOp::Release => "release",
+            SessionOp::Snapshot => "snapshot",
+            SessionOp::Exec => "exec",
+            SessionOp::FilesPut => "files.put",
+            SessionOp::FilesGet => "files.get",
+        }
+    }
+
+    fn from_suffix(suffix: &str) -> Option<Self> {
+        Some(match suffix {
+            "get" => SessionOp::Get,
+            "keepalive" => SessionOp::Keepalive,
+            "release" => SessionOp::Release,
+            "snapshot" => SessionOp::Snapshot,
+            "exec" => SessionOp::Exec,
+            "files.put" => SessionOp::FilesPut,
+            "files.get" => SessionOp::FilesGet,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a prefix cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid subject prefix {0:?}: use dot-separated tokens of letters, digits, '-' and '_'")]
+pub struct PrefixError(pub String);
+
+/// Subject builder for one prefix. Cheap to clone; build once per process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    /// `<prefix>.v1`, precomputed since every subject starts with it.
+    root: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self {
+            root: format!("{DEFAULT_PREFIX}.{PROTOCOL_VERSION}"),
+        }
+    }
+}
+
+impl Subjects {
+    /// Subjects under `prefix` (e.g. `hearth`, or `acme.hearth` for a shared account).
+    pub fn new(prefix: &str) -> Result<Self, PrefixError> {
+        let valid = !prefix.is_empty()
+            && prefix.split('.').all(|token| {
+                !token.is_empty()
+                    && token
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !valid {
+            return Err(PrefixError(prefix.to_owned()));
+        }
+        Ok(Self {
+            root: format!("{prefix}.{PROTOCOL_VERSION}"),
+        })
+    }
+
+    /// `<prefix>.v1`.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// The prefix the subjects were built from.
+    pub fn prefix(&self) -> &str {
+        self.root
+            .strip_suffix(PROTOCOL_VERSION)
+            .and_then(|p| p.strip_suffix('.'))
+            .unwrap_or(&self.root)
+    }
+
+    /// `<prefix>.v1.sessions.create`.
+    pub fn sessions_create(&self) -> String {
+        format!("{}.sessions.create", self.root)
+    }
+
+    /// `<prefix>.v1.sessions.list`.
+    pub fn sessions_list(&self) -> String {
+        format!("{}.sessions.list", self.root)
+    }
+
+    /// `<prefix>.v1.sessions.<sid>.<op>`.
+    pub fn session(&self, session_id: &SessionId, op: SessionOp) -> String {
+        format!("{}.sessions.{}.{}", self.root, session_id, op.suffix())
+    }
+
+    /// `<prefix>.v1.sessions.*.<op>`: what the scheduler subscribes for a control operation.
+    pub fn session_wildcard(&self, op: SessionOp) -> String {
+        format!("{}.sessions.*.{}", self.root, op.suffix())
+    }
+
+    /// Splits `<prefix>.v1.sessions.<sid>.<op>` into its session id and operation.
+    /// `Ok(None)` if the subject is not a per-session subject; `Err` if the id token is invalid.
+    pub fn parse_session(
+        &self,
+        subject: &str,
+    ) -> Result<Option<(SessionId, SessionOp)>, crate::IdError> {
+        let Some(rest) = subject
+            .strip_prefix(self.root.as_str())
+            .and_then(|r| r.strip_prefix(".sessions."))
+        else {
+            return Ok(None);
+        };
+        let Some((sid, suffix)) = rest.split_once('.') else {
+            return Ok(None);
+        };
+        let Some(op) = SessionOp::from_suffix(suffix) else {
+            return Ok(None);
+        };
+        Ok(Some((SessionId::new(sid)?, op)))
+    }
+
+    /// `<prefix>.v1.templates.list`.
+    pub fn templates_list(&self) -> String {
+        format!("{}.templates.list", self.root)
+    }
+
+    /// `<prefix>.v1.pools.status`.
+    pub fn pools_status(&self) -> String {
+        format!("{}.pools.status", self.root)
+    }
+
+    /// `<prefix>.v1.workers.<wid>.jobs`: lifecycle jobs for one worker.
+    pub fn worker_jobs(&self, worker_id: &WorkerId) -> String {
+        format!("{}.workers.{}.jobs", self.root, worker_id)
+    }
+
+    /// `<prefix>.v1.workers.<wid>.status`: one worker's heartbeats.
+    pub fn worker_status(&self, worker_id: &WorkerId) -> String {
+        format!("{}.workers.{}.status", self.root, worker_id)
+    }
+
+    /// `<prefix>.v1.workers.*.status`: every worker's heartbeats.
+    pub fn worker_status_all(&self) -> String {
+        format!("{}.workers.*.status", self.root)
+    }
+
+    /// `<prefix>.v1.events.sessions.<sid>`: one session's state changes.
+    pub fn session_events(&self, session_id: &SessionId) -> String {
+        format!("{}.events.sessions.{}", self.root, session_id)
+    }
+
+    /// `<prefix>.v1.events.sessions.*`.
+    pub fn session_events_all(&self) -> String {
+        format!("{}.events.sessions.*", self.root)
+    }
+
+    /// `<prefix>.v1.events.vms.<wid>`: VM state changes on one worker.
+    pub fn vm_events(&self, worker_id: &WorkerId) -> String {
+        format!("{}.events.vms.{}", self.root, worker_id)
+    }
+
+    /// `<prefix>.v1.events.>`: everything observers may watch.
+    pub fn events_all(&self) -> String {
+        format!("{}.events.>", self.root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sid(s: &str) -> SessionId {
+        SessionId::new(s).unwrap()
+    }
+
+    #[test]
+    fn builds_the_documented_subjects() {
+        let s = Subjects::default();
+        assert_eq!(s.sessions_create(), "hearth.v1.sessions.create");
+        assert_eq!(
+            s.session(&sid("abc"), SessionOp::FilesPut),
+            "hearth.v1.sessions.abc.files.put"
+        );
+        assert_eq!(
+            s.session_wildcard(SessionOp::Get),
+            "hearth.v1.sessions.*.get"
+        );
+        assert_eq!(
+            s.worker_jobs(&WorkerId::new("w1").unwrap()),
+            "hearth.v1.workers.w1.jobs"
+        );
+        assert_eq!(s.events_all(), "hearth.v1.events.>");
+        assert_eq!(s.prefix(), "hearth");
+    }
+
+    #[test]
+    fn custom_prefix_and_validation() {
+        let s = Subjects::new("acme.hearth").unwrap();
+        assert_eq!(s.pools_status(), "acme.hearth.v1.pools.status");
+        assert_eq!(s.prefix(), "acme.hearth");
+        for bad in ["", "a..b", "a.*", ">", "a b", ".a"] {
+            assert!(Subjects::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_session_subjects() {
+        let s = Subjects::default();
+        assert_eq!(
+            s.parse_session("hearth.v1.sessions.x1.files.get").unwrap(),
+            Some((sid("x1"), SessionOp::FilesGet))
+        );
+        assert_eq!(s.parse_session("hearth.v1.sessions.create").unwrap(), None);
+        assert_eq!(s.parse_session("hearth.v1.sessions.x1.nope").unwrap(), None);
+        assert_eq!(s.parse_session("other.v1.sessions.x1.get").unwrap(), None);
+        for op in SessionOp::CONTROL.into_iter().chain(SessionOp::DATA) {
+            let subject = s.session(&sid("s-9"), op);
+            assert_eq!(s.parse_session(&subject).unwrap(), Some((sid("s-9"), op)));
+        }
+    }
+}

