@@ -33,7 +33,7 @@ pub use error::{ErrorCode, WireError};
 pub use events::{SessionEvent, TerminationReason, Versions, VmEvent, WorkerStatus};
 pub use ids::{IdError, JobId, SessionId, SnapshotId, TemplateName, VmId, WorkerId};
 pub use jobs::{JobOp, JobOutput, JobReply, JobRequest, SnapshotInfo, VmInfo, VmSpec, VmState};
-pub use subjects::{SessionOp, Subjects};
+pub use subjects::{Bucket, SessionOp, Subjects};
 
 #[cfg(feature = "client")]
 pub use client::{ClientError, ExecEvent, HearthClient};

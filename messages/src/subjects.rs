@@ -201,6 +201,41 @@ impl Subjects {
     pub fn events_all(&self) -> String {
         format!("{}.events.>", self.root)
     }
+
+    /// The name of a JetStream KV bucket or object store: `<prefix>_<name>` with the prefix's dots
+    /// turned into underscores (bucket names cannot hold dots). See [`Bucket`].
+    pub fn bucket(&self, bucket: Bucket) -> String {
+        format!("{}_{}", self.prefix().replace('.', "_"), bucket.suffix())
+    }
+}
+
+/// Hearth's durable stores in JetStream. The names are part of the contract because the scheduler
+/// and every worker share them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bucket {
+    /// KV: session records, key = session id.
+    Sessions,
+    /// KV: warm pool entries, key = VM id.
+    Pool,
+    /// KV: templates, key = template name.
+    Templates,
+    /// KV: the scheduler leader lease, key `leader`.
+    Leader,
+    /// Object store: template snapshots, object name = snapshot id; written by the worker that
+    /// took the snapshot, read by any worker that restores it.
+    Snapshots,
+}
+
+impl Bucket {
+    fn suffix(self) -> &'static str {
+        match self {
+            Bucket::Sessions => "sessions",
+            Bucket::Pool => "pool",
+            Bucket::Templates => "templates",
+            Bucket::Leader => "leader",
+            Bucket::Snapshots => "snapshots",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +271,8 @@ mod tests {
         let s = Subjects::new("acme.hearth").unwrap();
         assert_eq!(s.pools_status(), "acme.hearth.v1.pools.status");
         assert_eq!(s.prefix(), "acme.hearth");
+        assert_eq!(s.bucket(Bucket::Snapshots), "acme_hearth_snapshots");
+        assert_eq!(Subjects::default().bucket(Bucket::Sessions), "hearth_sessions");
         for bad in ["", "a..b", "a.*", ">", "a b", ".a"] {
             assert!(Subjects::new(bad).is_err(), "{bad:?}");
         }
