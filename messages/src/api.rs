@@ -112,6 +112,16 @@ pub struct KeepaliveRequest {
     pub ttl_s: Option<u64>,
 }
 
+impl KeepaliveRequest {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), WireError> {
+        if self.ttl_s == Some(0) {
+            return Err(WireError::bad_request("ttl_s must be positive"));
+        }
+        Ok(())
+    }
+}
+
 /// `sessions.<sid>.snapshot`: capture the session's VM as a new template others can claim from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotSessionRequest {

@@ -3,6 +3,11 @@
 
 use crate::ids::{SessionId, WorkerId};
 
+/// The scheduler's NATS micro service name (`$SRV.PING.hearth-scheduler`).
+pub const SCHEDULER_SERVICE: &str = "hearth-scheduler";
+/// The worker's NATS micro service name (`$SRV.PING.hearth-worker`).
+pub const WORKER_SERVICE: &str = "hearth-worker";
+
 /// The default subject prefix.
 pub const DEFAULT_PREFIX: &str = "hearth";
 /// The protocol version token, second in every subject.
