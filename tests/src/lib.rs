@@ -84,6 +84,114 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
+/// Path of a workspace binary (`hearth-worker`, `hearth-scheduler`, `hearth`) built next to the
+/// running test executable (`target/<profile>/`). `cargo test --workspace` and
+/// `cargo nextest run --workspace` build every binary first; `HEARTH_BIN_DIR` overrides the place.
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let dir = match std::env::var_os("HEARTH_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().context("locating the test executable")?;
+            // target/<profile>/deps/<test> -> target/<profile>
+            exe.parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?
+        }
+    };
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build the workspace binaries first (cargo build --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A child process killed (SIGKILL) and reaped on drop, with its stderr kept in a file.
+#[derive(Debug)]
+pub struct ChildProcess {
+    child: Option<Child>,
+    name: String,
+    log: PathBuf,
+}
+
+impl ChildProcess {
+    /// Spawns `cmd`, sending stdout/stderr to `<log_dir>/<name>.log`.
+    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        cmd.stdout(file.try_clone()?)
+            .stderr(file)
+            .stdin(Stdio::null());
+        let child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
+        Ok(Self {
+            child: Some(child),
+            name: name.to_owned(),
+            log,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGKILL and reaps, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for a clean exit; returns the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("{} already stopped", self.name))?;
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// What it logged so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Options for a test server.
 #[derive(Debug, Clone)]
 pub struct NatsServerBuilder {

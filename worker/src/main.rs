@@ -1,3 +1,52 @@
-//! `hearth-worker` binary.
+//! `hearth-worker`: parses configuration, starts logging and metrics, connects to NATS and runs the
+//! worker until SIGTERM/SIGINT. A configuration error exits 64 with a one-line message.
 
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use hearth_worker::{WorkerArgs, metrics, open_provider, run, telemetry};
+
+fn main() -> ExitCode {
+    let config = match WorkerArgs::parse().resolve() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("hearth-worker: {err}");
+            return ExitCode::from(64);
+        }
+    };
+    telemetry::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("hearth-worker: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        if let Some(listen) = config.metrics_listen {
+            metrics::install_exporter(listen)
+                .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
+            metrics::describe();
+        }
+        let provider = open_provider(&config).map_err(|e| format!("provider: {e}"))?;
+        let nats = async_nats::ConnectOptions::new()
+            .name(format!("hearth-worker {}", config.worker_id))
+            .retry_on_initial_connect()
+            .connect(config.nats_url.as_str())
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", config.nats_url))?;
+        run(config, nats, provider, telemetry::shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("hearth-worker: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

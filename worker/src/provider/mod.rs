@@ -82,8 +82,9 @@ pub trait VmProvider: Send + Sync + 'static {
         chunks: Option<mpsc::Sender<OutputChunk>>,
     ) -> Result<ExecOutcome, ProviderError>;
 
-    /// Writes a file at `path` (relative to the volume, parents created), replacing any file there.
-    /// Returns the number of bytes written.
+    /// Writes a file at `path` (relative to the volume, parents created), replacing any file there
+    /// (a symlink there is replaced, not followed). `mode` is masked to `0o777`; without it a
+    /// replaced file keeps its mode and a new one gets the default. Returns the bytes written.
     async fn put_file(
         &self,
         vm_id: &VmId,
@@ -227,6 +228,21 @@ impl Default for VmSpec {
     }
 }
 
+impl VmSpec {
+    /// Rejects specs no adapter can create (an empty bootstrap argv on a cold boot).
+    pub(crate) fn validate(&self) -> Result<(), ProviderError> {
+        if let Some(bootstrap) = &self.bootstrap
+            && self.restore_from.is_none()
+            && bootstrap.first().is_none_or(String::is_empty)
+        {
+            return Err(ProviderError::InvalidArgument(
+                "bootstrap argv must not be empty".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A snapshot held by this worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
@@ -325,7 +341,11 @@ impl ExecSpec {
     pub(crate) fn validate(&self) -> Result<(), ProviderError> {
         if let Program::Argv(argv) = &self.program {
             match argv.first() {
-                None => return Err(ProviderError::InvalidArgument("argv must not be empty".into())),
+                None => {
+                    return Err(ProviderError::InvalidArgument(
+                        "argv must not be empty".into(),
+                    ));
+                }
                 Some(p) if p.is_empty() => {
                     return Err(ProviderError::InvalidArgument(
                         "argv[0] must not be empty".into(),
@@ -681,7 +701,17 @@ mod tests {
         assert!(ExecSpec::argv(Vec::<String>::new()).validate().is_err());
         assert!(ExecSpec::argv([""]).validate().is_err());
         assert!(ExecSpec::shell("echo \0").validate().is_err());
-        assert!(ExecSpec::shell("true").with_env("A=B", "c").validate().is_err());
-        assert!(ExecSpec::argv(["true"]).with_env("A", "b").validate().is_ok());
+        assert!(
+            ExecSpec::shell("true")
+                .with_env("A=B", "c")
+                .validate()
+                .is_err()
+        );
+        assert!(
+            ExecSpec::argv(["true"])
+                .with_env("A", "b")
+                .validate()
+                .is_ok()
+        );
     }
 }

@@ -1,0 +1,319 @@
+//! Worker configuration: command-line flags, `HEARTH_*` environment variables and an optional TOML
+//! file, in that order of precedence. One struct backs all three.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hearth_messages::{Subjects, WorkerId};
+use serde::Deserialize;
+
+use crate::provider::{Isolation, ProcessConfig};
+
+/// A configuration error: the binary prints it on one line and exits 64.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Which VM backend the worker drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// A volume directory plus commands run by a shell in it (the default).
+    Process,
+    /// In memory; for tests and demos only, nothing runs for real.
+    Fake,
+}
+
+/// Everything the worker needs, resolved.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// Subjects under the configured prefix.
+    pub subjects: Subjects,
+    /// This worker's id (default: the host name).
+    pub worker_id: WorkerId,
+    /// The VM backend.
+    pub provider: ProviderKind,
+    /// Where the process provider keeps VMs and snapshots, and the worker its own state.
+    pub data_dir: PathBuf,
+    /// Run commands inside bubblewrap namespaces (process provider).
+    pub bwrap: Option<PathBuf>,
+    /// Most VMs held at once; beyond it the oldest stopped VM is evicted, else 503.
+    pub max_vms: u32,
+    /// Most lifecycle jobs running at once (jobs on one VM are serialised anyway).
+    pub job_concurrency: usize,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// Prometheus `/metrics` listen address; none disables the exporter.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Where volumes are backed up before a prune (`DestroyVm{backup: true}`); none = no backups.
+    pub backup_dir: Option<PathBuf>,
+    /// How long SIGTERM waits for running commands and jobs.
+    pub drain_grace: Duration,
+    /// Replicas of the snapshot object store when the worker has to create it.
+    pub store_replicas: usize,
+    /// How long a destroyed session's data plane keeps answering 409 before it unsubscribes.
+    pub destroyed_grace: Duration,
+    /// Largest file `files.get` returns.
+    pub max_file_bytes: u64,
+}
+
+impl WorkerConfig {
+    /// A config for tests and embedding: process provider under `data_dir`, defaults elsewhere.
+    pub fn new(worker_id: WorkerId, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            subjects: Subjects::default(),
+            worker_id,
+            provider: ProviderKind::Process,
+            data_dir: data_dir.into(),
+            bwrap: None,
+            max_vms: 64,
+            job_concurrency: 16,
+            heartbeat_interval: Duration::from_secs(1),
+            metrics_listen: None,
+            backup_dir: None,
+            drain_grace: Duration::from_secs(30),
+            store_replicas: 1,
+            destroyed_grace: Duration::from_secs(60),
+            max_file_bytes: hearth_messages::data::DEFAULT_MAX_FILE_BYTES,
+        }
+    }
+
+    /// The process provider's configuration derived from this one.
+    pub fn process_config(&self) -> ProcessConfig {
+        let mut config = ProcessConfig::new(self.data_dir.join("process"));
+        if let Some(bwrap) = &self.bwrap {
+            config.isolation = Isolation::Bubblewrap {
+                bwrap: bwrap.clone(),
+            };
+        }
+        config
+    }
+}
+
+/// Command-line flags (each also readable from its `HEARTH_*` variable).
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(
+    name = "hearth-worker",
+    version,
+    about = "Hearth worker: owns the VMs on this host"
+)]
+pub struct WorkerArgs {
+    /// TOML file with any of the settings below (flags and environment win).
+    #[arg(long, env = "HEARTH_WORKER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "HEARTH_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Subject prefix.
+    #[arg(long, env = "HEARTH_PREFIX")]
+    pub prefix: Option<String>,
+    /// This worker's id (default: the host name).
+    #[arg(long, env = "HEARTH_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// VM backend.
+    #[arg(long, env = "HEARTH_PROVIDER", value_enum)]
+    pub provider: Option<ProviderKind>,
+    /// Data directory (VMs, snapshots, worker state).
+    #[arg(long, env = "HEARTH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Run commands inside bubblewrap at this path (e.g. /usr/bin/bwrap).
+    #[arg(long, env = "HEARTH_BWRAP")]
+    pub bwrap: Option<PathBuf>,
+    /// Most VMs held at once.
+    #[arg(long, env = "HEARTH_MAX_VMS")]
+    pub max_vms: Option<u32>,
+    /// Most lifecycle jobs at once.
+    #[arg(long, env = "HEARTH_JOB_CONCURRENCY")]
+    pub job_concurrency: Option<usize>,
+    /// Heartbeat period in milliseconds.
+    #[arg(long, env = "HEARTH_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Prometheus listen address, e.g. 0.0.0.0:9102; "off" disables.
+    #[arg(long, env = "HEARTH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Backup destination for pruned volumes.
+    #[arg(long, env = "HEARTH_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// Seconds SIGTERM waits for running work.
+    #[arg(long, env = "HEARTH_DRAIN_GRACE_S")]
+    pub drain_grace_s: Option<u64>,
+    /// Replicas for the snapshot object store.
+    #[arg(long, env = "HEARTH_STORE_REPLICAS")]
+    pub store_replicas: Option<usize>,
+}
+
+/// The TOML file's shape (every key optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkerFile {
+    nats_url: Option<String>,
+    prefix: Option<String>,
+    worker_id: Option<String>,
+    provider: Option<ProviderKind>,
+    data_dir: Option<PathBuf>,
+    bwrap: Option<PathBuf>,
+    max_vms: Option<u32>,
+    job_concurrency: Option<usize>,
+    heartbeat_ms: Option<u64>,
+    metrics_listen: Option<String>,
+    backup_dir: Option<PathBuf>,
+    drain_grace_s: Option<u64>,
+    store_replicas: Option<usize>,
+}
+
+fn read_file(path: &Path) -> Result<WorkerFile, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        ConfigError(format!(
+            "invalid {}: {}",
+            path.display(),
+            e.to_string().replace('\n', " ")
+        ))
+    })
+}
+
+/// Parses a metrics listen setting: an address, or `off`.
+pub fn parse_listen(value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if value.eq_ignore_ascii_case("off") || value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|e| ConfigError(format!("invalid metrics listen address {value:?}: {e}")))
+}
+
+fn default_worker_id() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_else(|_| "worker".into());
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if id.is_empty() { "worker".into() } else { id }
+}
+
+impl WorkerArgs {
+    /// Resolves flags, environment and file into a [`WorkerConfig`].
+    pub fn resolve(self) -> Result<WorkerConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => WorkerFile::default(),
+        };
+        let worker_id = self
+            .worker_id
+            .or(file.worker_id)
+            .unwrap_or_else(default_worker_id);
+        let worker_id = WorkerId::new(worker_id).map_err(|e| ConfigError(e.to_string()))?;
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/hearth/worker"));
+        let mut config = WorkerConfig::new(worker_id, data_dir);
+        if let Some(url) = self.nats_url.or(file.nats_url) {
+            config.nats_url = url;
+        }
+        if let Some(prefix) = self.prefix.or(file.prefix) {
+            config.subjects = Subjects::new(&prefix).map_err(|e| ConfigError(e.to_string()))?;
+        }
+        if let Some(provider) = self.provider.or(file.provider) {
+            config.provider = provider;
+        }
+        config.bwrap = self.bwrap.or(file.bwrap);
+        if let Some(max_vms) = self.max_vms.or(file.max_vms) {
+            if max_vms == 0 {
+                return Err(ConfigError("max_vms must be at least 1".into()));
+            }
+            config.max_vms = max_vms;
+        }
+        if let Some(n) = self.job_concurrency.or(file.job_concurrency) {
+            if n == 0 {
+                return Err(ConfigError("job_concurrency must be at least 1".into()));
+            }
+            config.job_concurrency = n;
+        }
+        if let Some(ms) = self.heartbeat_ms.or(file.heartbeat_ms) {
+            if ms < 50 {
+                return Err(ConfigError("heartbeat_ms must be at least 50".into()));
+            }
+            config.heartbeat_interval = Duration::from_millis(ms);
+        }
+        config.metrics_listen = match self.metrics_listen.or(file.metrics_listen) {
+            Some(value) => parse_listen(&value)?,
+            None => Some(SocketAddr::from(([0, 0, 0, 0], 9102))),
+        };
+        config.backup_dir = self.backup_dir.or(file.backup_dir);
+        if let Some(s) = self.drain_grace_s.or(file.drain_grace_s) {
+            config.drain_grace = Duration::from_secs(s);
+        }
+        if let Some(r) = self.store_replicas.or(file.store_replicas) {
+            if !(1..=5).contains(&r) {
+                return Err(ConfigError("store_replicas must be 1..=5".into()));
+            }
+            config.store_replicas = r;
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(
+            &path,
+            "worker_id = \"from-file\"\nmax_vms = 3\nprefix = \"acme\"\nmetrics_listen = \"off\"\n",
+        )
+        .unwrap();
+        let config = WorkerArgs {
+            config: Some(path),
+            worker_id: Some("from-flag".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.worker_id.as_str(), "from-flag");
+        assert_eq!(config.max_vms, 3);
+        assert_eq!(config.subjects.prefix(), "acme");
+        assert_eq!(config.metrics_listen, None);
+    }
+
+    #[test]
+    fn bad_values_are_one_line_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(&path, "max_vmz = 3\n").unwrap();
+        let err = WorkerArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(!err.to_string().contains('\n'), "{err}");
+        assert!(err.to_string().contains("max_vmz"), "{err}");
+        let err = WorkerArgs {
+            worker_id: Some("a.b".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("worker_id"), "{err}");
+    }
+}

@@ -1,0 +1,66 @@
+//! Per-VM async locks. Jobs and commands on one VM never interleave; waiting callers are served in
+//! arrival order (tokio's mutex is FIFO), and a waiting exec waits instead of being rejected.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use hearth_messages::VmId;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+/// The lock table. Entries are created on first use and dropped when no one holds or awaits them.
+#[derive(Debug, Default)]
+pub(crate) struct VmLocks {
+    locks: DashMap<VmId, Arc<Mutex<()>>>,
+}
+
+impl VmLocks {
+    /// Waits for the VM's lock.
+    pub(crate) async fn lock(&self, vm_id: &VmId) -> OwnedMutexGuard<()> {
+        let mutex = self.locks.entry(vm_id.clone()).or_default().clone();
+        mutex.lock_owned().await
+    }
+
+    /// Forgets the VM's lock if nobody holds or awaits it (after a destroy or rename, with the
+    /// guard already dropped).
+    pub(crate) fn forget_if_idle(&self, vm_id: &VmId) {
+        self.locks
+            .remove_if(vm_id, |_, mutex| Arc::strong_count(mutex) == 1);
+    }
+
+    /// Number of lock entries (for tests).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.locks.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn waiters_are_served_in_arrival_order() {
+        let locks = Arc::new(VmLocks::default());
+        let vm = VmId::new("vm").unwrap();
+        let first = locks.lock(&vm).await;
+        let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let mut handles = Vec::new();
+        for i in 0..5 {
+            let (locks, vm, order) = (locks.clone(), vm.clone(), order.clone());
+            handles.push(tokio::spawn(async move {
+                let _g = locks.lock(&vm).await;
+                order.lock().push(i);
+            }));
+            // Let each waiter enqueue before the next one.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(first);
+        for h in handles {
+            h.await.unwrap();
+        }
+        assert_eq!(*order.lock(), vec![0, 1, 2, 3, 4]);
+        locks.forget_if_idle(&vm);
+        assert_eq!(locks.len(), 0);
+    }
+}

@@ -1,0 +1,131 @@
+//! The worker's Prometheus metrics: names in one place, histogram buckets chosen per metric, and the
+//! exporter installed by the binary.
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+/// Lifecycle jobs by `op` and `result` (`ok` or the error code).
+pub const JOBS_TOTAL: &str = "hearth_worker_jobs_total";
+/// Job duration by `op`.
+pub const JOB_DURATION: &str = "hearth_worker_job_duration_seconds";
+/// Execs by `result`: `ok` (exit 0), `nonzero`, `timeout`, `error`.
+pub const EXECS_TOTAL: &str = "hearth_exec_total";
+/// Command wall time.
+pub const EXEC_DURATION: &str = "hearth_exec_duration_seconds";
+/// Time an exec or files request waited for its VM's lock.
+pub const EXEC_LOCK_WAIT: &str = "hearth_exec_lock_wait_seconds";
+/// Output bytes dropped because of `max_output_bytes` or the NATS payload limit.
+pub const EXEC_TRUNCATED_TOTAL: &str = "hearth_exec_truncated_total";
+/// Files requests by `op` (`put`/`get`) and `result`.
+pub const FILES_TOTAL: &str = "hearth_files_total";
+/// VMs held, by `state`.
+pub const VMS: &str = "hearth_worker_vms";
+/// Most VMs this worker holds.
+pub const CAPACITY: &str = "hearth_worker_capacity_vms";
+/// VMs evicted to make room.
+pub const EVICTIONS_TOTAL: &str = "hearth_worker_evictions_total";
+/// Snapshot duration (capture, plus upload when published).
+pub const SNAPSHOT_DURATION: &str = "hearth_worker_snapshot_duration_seconds";
+/// Bytes of snapshots taken.
+pub const SNAPSHOT_BYTES_TOTAL: &str = "hearth_worker_snapshot_bytes_total";
+/// Restore duration (including fetching the snapshot from the object store when needed).
+pub const RESTORE_DURATION: &str = "hearth_worker_restore_duration_seconds";
+/// Snapshot bytes fetched from the object store.
+pub const SNAPSHOT_FETCH_BYTES_TOTAL: &str = "hearth_worker_snapshot_fetch_bytes_total";
+/// Heartbeats published.
+pub const HEARTBEATS_TOTAL: &str = "hearth_worker_heartbeats_total";
+/// Requests answered with 400 because they could not be decoded or were invalid.
+pub const BAD_REQUESTS_TOTAL: &str = "hearth_worker_bad_requests_total";
+
+/// Every metric the worker emits (the dashboard check compares against this list).
+pub const ALL: &[&str] = &[
+    JOBS_TOTAL,
+    JOB_DURATION,
+    EXECS_TOTAL,
+    EXEC_DURATION,
+    EXEC_LOCK_WAIT,
+    EXEC_TRUNCATED_TOTAL,
+    FILES_TOTAL,
+    VMS,
+    CAPACITY,
+    EVICTIONS_TOTAL,
+    SNAPSHOT_DURATION,
+    SNAPSHOT_BYTES_TOTAL,
+    RESTORE_DURATION,
+    SNAPSHOT_FETCH_BYTES_TOTAL,
+    HEARTBEATS_TOTAL,
+    BAD_REQUESTS_TOTAL,
+];
+
+const FAST: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+const SLOW: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Installs the Prometheus exporter with an HTTP listener on `listen` (serves `/metrics`).
+/// Must run inside a tokio runtime.
+pub fn install_exporter(listen: SocketAddr) -> Result<(), String> {
+    let mut builder = PrometheusBuilder::new().with_http_listener(listen);
+    for (name, buckets) in [
+        (JOB_DURATION, SLOW),
+        (EXEC_DURATION, SLOW),
+        (EXEC_LOCK_WAIT, FAST),
+        (SNAPSHOT_DURATION, SLOW),
+        (RESTORE_DURATION, SLOW),
+    ] {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)
+            .map_err(|e| e.to_string())?;
+    }
+    builder.install().map_err(|e| e.to_string())
+}
+
+/// Registers descriptions so `/metrics` carries `# HELP` lines.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(JOBS_TOTAL, "Lifecycle jobs handled, by op and result");
+    describe_histogram!(
+        JOB_DURATION,
+        metrics::Unit::Seconds,
+        "Lifecycle job duration"
+    );
+    describe_counter!(EXECS_TOTAL, "Commands run, by result");
+    describe_histogram!(EXEC_DURATION, metrics::Unit::Seconds, "Command wall time");
+    describe_histogram!(
+        EXEC_LOCK_WAIT,
+        metrics::Unit::Seconds,
+        "Time exec and files requests waited for their VM's lock"
+    );
+    describe_counter!(
+        EXEC_TRUNCATED_TOTAL,
+        "Exec results whose output was truncated"
+    );
+    describe_counter!(FILES_TOTAL, "Files requests, by op and result");
+    describe_gauge!(VMS, "VMs held by this worker, by state");
+    describe_gauge!(CAPACITY, "Most VMs this worker holds");
+    describe_counter!(EVICTIONS_TOTAL, "Stopped VMs evicted to make room");
+    describe_histogram!(
+        SNAPSHOT_DURATION,
+        metrics::Unit::Seconds,
+        "Snapshot duration"
+    );
+    describe_counter!(SNAPSHOT_BYTES_TOTAL, "Bytes of snapshots taken");
+    describe_histogram!(
+        RESTORE_DURATION,
+        metrics::Unit::Seconds,
+        "Restore duration, including fetching the snapshot"
+    );
+    describe_counter!(
+        SNAPSHOT_FETCH_BYTES_TOTAL,
+        "Snapshot bytes fetched from the object store"
+    );
+    describe_counter!(HEARTBEATS_TOTAL, "Heartbeats published");
+    describe_counter!(
+        BAD_REQUESTS_TOTAL,
+        "Requests rejected as malformed or invalid"
+    );
+}

@@ -1,0 +1,1423 @@
+//! The process adapter (the embedded default): a "VM" is a volume directory plus commands run by a
+//! shell in it, optionally inside bubblewrap namespaces.
+//!
+//! On disk, under `root`:
+//! ```text
+//! vms/<vm_id>/meta.json            VmMeta: state, template, times, restored_from, env
+//! vms/<vm_id>/volume/              the VM's disk; commands run with cwd = volume
+//! snapshots/<snapshot_id>/meta.json
+//! snapshots/<snapshot_id>/volume.tar.zst
+//! tmp/                             staging (snapshots, imports, deletes); emptied by `open`
+//! lock                             flock held while open: one provider per root
+//! ```
+//! Crash safety: a VM exists once its `meta.json` exists (written last on create, by temp + rename),
+//! so `open` removes VM directories without one; snapshots are built in `tmp/` and renamed into place;
+//! destroy renames the VM directory into `tmp/` before deleting it; rename is one `rename(2)`, and the
+//! directory name is the source of truth.
+//!
+//! Known limits: commands run as the worker's user (root in production), so without bubblewrap a
+//! command can touch the host; a process that calls `setsid` escapes the process-group kill unless
+//! bubblewrap's pid namespace holds it; absolute paths written into a volume (e.g. a virtualenv's
+//! shebangs) break when the VM is renamed or restored under another id, because the volume's path
+//! contains the id; under bubblewrap a command killed by a signal shows as exit code 128+N with
+//! `signal: None` (bwrap reports it as an exit status), except when the sandbox itself is killed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::paths;
+use super::{
+    ExecOutcome, ExecSpec, OutputChunk, Program, ProviderError, SnapshotId, SnapshotInfo,
+    TemplateName, Tombstones, VmId, VmProvider, VmQuery, VmSpec, VmState, VmView, default_env,
+    lifecycle, now_ms, tail_lossy,
+};
+
+mod archive;
+mod exec;
+
+use exec::{GroupTracker, Invocation, Limits, Untracked};
+
+/// How long a bootstrap command may run.
+const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(600);
+/// Output kept from a bootstrap command for the error message.
+const BOOTSTRAP_OUTPUT_BYTES: usize = 64 * 1024;
+/// Version of the `meta.json` formats written here.
+const META_FORMAT: u32 = 1;
+
+/// How commands are isolated from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Isolation {
+    /// Commands run as plain host processes in the volume directory.
+    #[default]
+    None,
+    /// Each command runs under `bwrap` with its own pid, net, uts and ipc namespaces, the host
+    /// read-only and the volume the only writable path (plus a private `/tmp`).
+    Bubblewrap {
+        #[serde(default = "default_bwrap")]
+        bwrap: PathBuf,
+    },
+}
+
+fn default_bwrap() -> PathBuf {
+    PathBuf::from("/usr/bin/bwrap")
+}
+
+/// Configuration of the process adapter; deserialisable from the worker's TOML with defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Where VMs, snapshots and staging live. Must be one filesystem (renames are atomic).
+    pub root: PathBuf,
+    /// The shell that runs `cmd` requests as `<shell> -c <cmd>`.
+    pub shell: PathBuf,
+    /// Added to every command's environment (under the VM's and the request's own env).
+    pub env: BTreeMap<String, String>,
+    pub isolation: Isolation,
+    /// zstd level for snapshots and backups.
+    pub snapshot_compression_level: i32,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/var/lib/hearth/process"),
+            shell: PathBuf::from("/bin/sh"),
+            env: BTreeMap::new(),
+            isolation: Isolation::None,
+            snapshot_compression_level: 3,
+        }
+    }
+}
+
+impl ProcessConfig {
+    /// Defaults with `root` set.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A VM's `meta.json`. The directory name, not `vm_id`, is authoritative on reopen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmMeta {
+    format: u32,
+    vm_id: VmId,
+    state: VmState,
+    template: Option<TemplateName>,
+    created_ms: u64,
+    last_activity_ms: u64,
+    stopped_ms: Option<u64>,
+    restored_from: Option<SnapshotId>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    vcpus: u32,
+    memory_mib: u32,
+}
+
+impl VmMeta {
+    fn view(&self) -> VmView {
+        VmView {
+            vm_id: self.vm_id.clone(),
+            state: self.state,
+            template: self.template.clone(),
+            created_ms: self.created_ms,
+            last_activity_ms: self.last_activity_ms,
+            stopped_ms: self.stopped_ms,
+            restored_from: self.restored_from.clone(),
+        }
+    }
+}
+
+/// A snapshot's `meta.json`, also the metadata entry of an export stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotMeta {
+    format: u32,
+    snapshot_id: SnapshotId,
+    source_vm: Option<VmId>,
+    template: Option<TemplateName>,
+    created_ms: u64,
+    /// The source VM's env, inherited by VMs restored from the snapshot.
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+/// One live VM. Lock order: the provider's index, then a record.
+#[derive(Debug)]
+struct VmRecord {
+    slot: Mutex<VmSlot>,
+}
+
+#[derive(Debug)]
+struct VmSlot {
+    dir: PathBuf,
+    meta: VmMeta,
+    /// Process groups of the execs running in the VM, killed by stop and destroy.
+    groups: HashSet<i32>,
+}
+
+impl VmSlot {
+    fn volume(&self) -> PathBuf {
+        self.dir.join("volume")
+    }
+
+    fn kill_all(&mut self) {
+        for pgid in self.groups.drain() {
+            exec::kill_group(pgid);
+        }
+    }
+}
+
+impl GroupTracker for VmRecord {
+    fn started(&self, pgid: i32) -> bool {
+        let mut slot = self.slot.lock();
+        if slot.meta.state != VmState::Running {
+            return false;
+        }
+        slot.groups.insert(pgid);
+        true
+    }
+
+    fn finished(&self, pgid: i32) {
+        self.slot.lock().groups.remove(&pgid);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    vms: BTreeMap<VmId, Arc<VmRecord>>,
+    /// Ids being created: taken, but not visible yet.
+    creating: HashSet<VmId>,
+    tombstones: Tombstones,
+    snapshots: BTreeMap<SnapshotId, SnapshotMetaEntry>,
+    /// Snapshot ids being written or imported.
+    snapshotting: HashSet<SnapshotId>,
+}
+
+#[derive(Debug, Clone)]
+struct SnapshotMetaEntry {
+    meta: SnapshotMeta,
+    size_bytes: u64,
+}
+
+impl SnapshotMetaEntry {
+    fn info(&self) -> SnapshotInfo {
+        SnapshotInfo {
+            snapshot_id: self.meta.snapshot_id.clone(),
+            source_vm: self.meta.source_vm.clone(),
+            template: self.meta.template.clone(),
+            created_ms: self.meta.created_ms,
+            size_bytes: self.size_bytes,
+        }
+    }
+}
+
+impl Index {
+    /// The live record of `vm_id`; `InvalidState` for a tombstone, `NotFound` otherwise.
+    fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
+        if let Some(record) = self.vms.get(vm_id) {
+            return Ok(record.clone());
+        }
+        if self.tombstones.get(vm_id).is_some() {
+            return Err(ProviderError::vm_destroyed(vm_id));
+        }
+        Err(ProviderError::vm_not_found(vm_id))
+    }
+
+    fn vm_taken(&self, vm_id: &VmId) -> bool {
+        self.vms.contains_key(vm_id) || self.creating.contains(vm_id)
+    }
+
+    fn snapshot_taken(&self, snapshot_id: &SnapshotId) -> bool {
+        self.snapshots.contains_key(snapshot_id) || self.snapshotting.contains(snapshot_id)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Held for the provider's lifetime: one provider per root (reconcile deletes staging files).
+    _root_lock: nix::fcntl::Flock<std::fs::File>,
+    config: ProcessConfig,
+    vms_dir: PathBuf,
+    snapshots_dir: PathBuf,
+    tmp_dir: PathBuf,
+    index: Mutex<Index>,
+}
+
+/// The process adapter. Cheap to share behind an `Arc<dyn VmRuntime>`.
+#[derive(Debug)]
+pub struct ProcessProvider {
+    inner: Arc<Inner>,
+}
+
+impl ProcessProvider {
+    /// Opens (creating if needed) the state under `config.root` and reconciles it: every VM with a
+    /// `meta.json` is indexed in its recorded state, half-created VMs and staging leftovers are
+    /// removed. Blocking; call it at startup. `Unavailable` if bubblewrap is configured but missing
+    /// or cannot create namespaces.
+    pub fn open(config: ProcessConfig) -> Result<Self, ProviderError> {
+        if let Isolation::Bubblewrap { bwrap } = &config.isolation {
+            probe_bwrap(bwrap, &config.shell)?;
+        }
+        let root = &config.root;
+        let vms_dir = root.join("vms");
+        let snapshots_dir = root.join("snapshots");
+        let tmp_dir = root.join("tmp");
+        for dir in [&vms_dir, &snapshots_dir, &tmp_dir] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| ProviderError::io(format!("cannot create {}", dir.display()), e))?;
+        }
+        let root = root
+            .canonicalize()
+            .map_err(|e| ProviderError::io(format!("cannot resolve {}", root.display()), e))?;
+        let lock_path = root.join("lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| ProviderError::io(format!("cannot open {}", lock_path.display()), e))?;
+        let root_lock =
+            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, errno)| {
+                    ProviderError::Unavailable(format!(
+                        "{} is in use by another provider: {errno}",
+                        root.display()
+                    ))
+                })?;
+        let inner = Inner {
+            _root_lock: root_lock,
+            vms_dir: root.join("vms"),
+            snapshots_dir: root.join("snapshots"),
+            tmp_dir: root.join("tmp"),
+            config,
+            index: Mutex::new(Index::default()),
+        };
+        inner.reconcile()?;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The configuration this provider was opened with.
+    pub fn config(&self) -> &ProcessConfig {
+        &self.inner.config
+    }
+}
+
+/// Checks that `bwrap` exists and can create the namespaces commands will use.
+fn probe_bwrap(bwrap: &Path, shell: &Path) -> Result<(), ProviderError> {
+    if !bwrap.is_file() {
+        return Err(ProviderError::Unavailable(format!(
+            "bubblewrap isolation configured but bwrap not found at {}",
+            bwrap.display()
+        )));
+    }
+    let mut argv = sandbox_prefix(bwrap, Path::new("/"), Path::new("/"), "hearth-probe");
+    argv.extend([shell.into(), "-c".into(), "true".into()]);
+    let output = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            ProviderError::Unavailable(format!(
+                "bubblewrap isolation configured but {} cannot run: {e}",
+                bwrap.display()
+            ))
+        })?;
+    if !output.status.success() {
+        return Err(ProviderError::Unavailable(format!(
+            "bubblewrap isolation configured but {} fails: {}",
+            bwrap.display(),
+            tail_lossy(&output.stderr, 500)
+        )));
+    }
+    Ok(())
+}
+
+/// `bwrap` and its flags up to `--`: own pid/net/uts/ipc namespaces, host read-only, the volume
+/// the only writable path, a private `/tmp`, hostname = the VM id.
+///
+/// `--die-with-parent` is tied to the spawning *thread* (PR_SET_PDEATHSIG): commands must be spawned
+/// from async code on runtime worker threads, never from `spawn_blocking` threads, which exit when
+/// idle and would take the sandbox with them.
+fn sandbox_prefix(bwrap: &Path, volume: &Path, cwd: &Path, hostname: &str) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec![bwrap.into()];
+    argv.extend(
+        [
+            "--die-with-parent",
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-uts",
+            "--unshare-ipc",
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--tmpfs",
+            "/tmp",
+        ]
+        .map(OsString::from),
+    );
+    argv.extend([
+        "--bind".into(),
+        volume.into(),
+        volume.into(),
+        "--chdir".into(),
+        cwd.into(),
+        "--hostname".into(),
+        // sethostname(2) takes at most 64 bytes; ids are ASCII.
+        hostname.chars().take(64).collect::<String>().into(),
+        "--".into(),
+    ]);
+    argv
+}
+
+/// Where a command runs: the VM, its volume and env, and who tracks its process group.
+struct RunTarget<'a> {
+    vm_id: &'a VmId,
+    volume: &'a Path,
+    vm_env: &'a BTreeMap<String, String>,
+    tracker: &'a dyn GroupTracker,
+}
+
+/// Runs a blocking closure on the blocking pool.
+async fn blocking<T, F>(f: F) -> Result<T, ProviderError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ProviderError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ProviderError::io("blocking task failed", io::Error::other(e.to_string())))?
+}
+
+/// Writes `value` as JSON to `path` atomically (temp file in the same directory, then rename).
+fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), ProviderError> {
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| ProviderError::io("cannot encode metadata", io::Error::other(e)))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| ProviderError::io(format!("cannot write {}", path.display()), e))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> io::Result<T> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// `rename(2)` that fails with `AlreadyExists` instead of replacing an (empty) directory.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use nix::errno::Errno;
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        // Filesystems without RENAME_NOREPLACE: check, then rename (the caller holds the index).
+        Err(Errno::EINVAL) | Err(Errno::ENOSYS) => {
+            if std::fs::symlink_metadata(to).is_ok() {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            std::fs::rename(from, to)
+        }
+        Err(errno) => Err(io::Error::from(errno)),
+    }
+}
+
+fn remove_dir_logged(path: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        warn!(path = %path.display(), error = %e, "cannot remove directory");
+    }
+}
+
+fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Removes a half-created VM directory and releases its id unless disarmed; covers errors and a
+/// create future dropped half way.
+struct CreateGuard {
+    inner: Arc<Inner>,
+    vm_id: VmId,
+    dir: PathBuf,
+    armed: bool,
+    /// Set once this create made `dir`; a directory it did not make is never removed.
+    owns_dir: bool,
+}
+
+impl Drop for CreateGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if !self.owns_dir {
+            self.inner.index.lock().creating.remove(&self.vm_id);
+            return;
+        }
+        // Move the directory out of vms/ first (instant), so a crash cannot resurrect it.
+        let trash = self.inner.tmp_dir.join(unique_name("create"));
+        let doomed = match std::fs::rename(&self.dir, &trash) {
+            Ok(()) => trash,
+            Err(_) => self.dir.clone(),
+        };
+        self.inner.index.lock().creating.remove(&self.vm_id);
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(move || remove_dir_logged(&doomed));
+            }
+            Err(_) => remove_dir_logged(&doomed),
+        }
+    }
+}
+
+/// Releases a reserved snapshot id and removes its staging directory unless disarmed.
+struct SnapshotGuard {
+    inner: Arc<Inner>,
+    snapshot_id: SnapshotId,
+    staging: PathBuf,
+}
+
+impl Drop for SnapshotGuard {
+    fn drop(&mut self) {
+        self.inner
+            .index
+            .lock()
+            .snapshotting
+            .remove(&self.snapshot_id);
+        let staging = std::mem::take(&mut self.staging);
+        if staging.as_os_str().is_empty() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(move || remove_dir_logged(&staging));
+            }
+            Err(_) => remove_dir_logged(&staging),
+        }
+    }
+}
+
+impl Inner {
+    /// Rebuilds the index from disk; see [`ProcessProvider::open`].
+    fn reconcile(&self) -> Result<(), ProviderError> {
+        let list = |dir: &Path| {
+            std::fs::read_dir(dir)
+                .map_err(|e| ProviderError::io(format!("cannot list {}", dir.display()), e))
+        };
+        for entry in list(&self.tmp_dir)?.flatten() {
+            info!(path = %entry.path().display(), "removing staging leftover");
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_dir_logged(&path);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+
+        let mut index = self.index.lock();
+        for entry in list(&self.vms_dir)?.flatten() {
+            let dir = entry.path();
+            let Some(vm_id) = entry.file_name().to_str().and_then(|n| VmId::new(n).ok()) else {
+                warn!(path = %dir.display(), "ignoring entry that is not a vm id");
+                continue;
+            };
+            let _ = std::fs::remove_file(dir.join("meta.json.tmp"));
+            let meta_path = dir.join("meta.json");
+            if !meta_path.exists() {
+                info!(%vm_id, "removing half-created vm");
+                remove_dir_logged(&dir);
+                continue;
+            }
+            let mut meta: VmMeta = match read_json(&meta_path) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    warn!(%vm_id, error = %e, "ignoring vm with unreadable meta.json");
+                    continue;
+                }
+            };
+            if !dir.join("volume").is_dir() {
+                warn!(%vm_id, "ignoring vm without a volume directory");
+                continue;
+            }
+            if meta.state == VmState::Destroyed {
+                info!(%vm_id, "removing vm recorded as destroyed");
+                remove_dir_logged(&dir);
+                continue;
+            }
+            if meta.vm_id != vm_id {
+                // Crashed between the directory rename and the meta rewrite: the name wins.
+                meta.vm_id = vm_id.clone();
+                write_json_atomic(&meta_path, &meta)?;
+            }
+            debug!(%vm_id, state = %meta.state, "reconciled vm");
+            index.vms.insert(
+                vm_id,
+                Arc::new(VmRecord {
+                    slot: Mutex::new(VmSlot {
+                        dir,
+                        meta,
+                        groups: HashSet::new(),
+                    }),
+                }),
+            );
+        }
+
+        for entry in list(&self.snapshots_dir)?.flatten() {
+            let dir = entry.path();
+            let Some(snapshot_id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| SnapshotId::new(n).ok())
+            else {
+                warn!(path = %dir.display(), "ignoring entry that is not a snapshot id");
+                continue;
+            };
+            let meta: SnapshotMeta = match read_json(&dir.join(archive::META_ENTRY)) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    warn!(%snapshot_id, error = %e, "ignoring snapshot with unreadable meta.json");
+                    continue;
+                }
+            };
+            let size_bytes = match std::fs::metadata(dir.join(archive::VOLUME_ENTRY)) {
+                Ok(m) => m.len(),
+                Err(e) => {
+                    warn!(%snapshot_id, error = %e, "ignoring snapshot without a volume archive");
+                    continue;
+                }
+            };
+            let meta = SnapshotMeta {
+                snapshot_id: snapshot_id.clone(),
+                ..meta
+            };
+            index
+                .snapshots
+                .insert(snapshot_id, SnapshotMetaEntry { meta, size_bytes });
+        }
+        info!(
+            vms = index.vms.len(),
+            snapshots = index.snapshots.len(),
+            "process provider reconciled"
+        );
+        Ok(())
+    }
+
+    fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
+        self.index.lock().record(vm_id)
+    }
+
+    /// The record and volume path of a running VM (exec and file transfer); bumps its activity.
+    fn running(&self, vm_id: &VmId) -> Result<(Arc<VmRecord>, PathBuf), ProviderError> {
+        let record = self.record(vm_id)?;
+        let volume = {
+            let mut slot = record.slot.lock();
+            lifecycle::require_running(vm_id, slot.meta.state)?;
+            slot.meta.last_activity_ms = now_ms();
+            slot.volume()
+        };
+        Ok((record, volume))
+    }
+
+    /// The complete environment of a command: defaults, provider, VM, request.
+    fn command_env(
+        &self,
+        volume: &Path,
+        vm_env: &BTreeMap<String, String>,
+        request_env: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
+        let mut env = default_env(&volume.to_string_lossy());
+        for layer in [&self.config.env, vm_env, request_env] {
+            env.extend(layer.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        env
+    }
+
+    /// The argv that runs `program` in `volume` at `cwd`, wrapped in bubblewrap if configured.
+    fn command_argv(
+        &self,
+        vm_id: &VmId,
+        volume: &Path,
+        cwd: &Path,
+        program: &Program,
+    ) -> Vec<OsString> {
+        let shell: OsString = self.config.shell.clone().into();
+        match &self.config.isolation {
+            Isolation::None => match program {
+                Program::Shell(cmd) => vec![shell, "-c".into(), cmd.into()],
+                Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
+            },
+            Isolation::Bubblewrap { bwrap } => {
+                let mut argv = sandbox_prefix(bwrap, volume, cwd, vm_id.as_str());
+                match program {
+                    Program::Shell(cmd) => argv.extend([shell, "-c".into(), cmd.into()]),
+                    Program::Argv(inner) => {
+                        // Through the shell's `exec`, so a missing program is exit 127 as without
+                        // isolation (bwrap itself would exit 1).
+                        argv.extend([
+                            shell,
+                            "-c".into(),
+                            "exec \"$@\"".into(),
+                            "hearth-exec".into(),
+                        ]);
+                        argv.extend(inner.iter().map(OsString::from));
+                    }
+                }
+                argv
+            }
+        }
+    }
+
+    async fn run_in_volume(
+        &self,
+        target: RunTarget<'_>,
+        spec: ExecSpec,
+        limits: Limits,
+        chunks: Option<mpsc::Sender<OutputChunk>>,
+    ) -> Result<ExecOutcome, ProviderError> {
+        let RunTarget {
+            vm_id,
+            volume,
+            vm_env,
+            tracker,
+        } = target;
+        spec.validate()?;
+        let rel_cwd = paths::relative_path("cwd", spec.cwd.as_deref().unwrap_or(""))?;
+        let cwd = {
+            let volume = volume.to_path_buf();
+            blocking(move || {
+                let volume = volume
+                    .canonicalize()
+                    .map_err(|e| ProviderError::io("cannot resolve volume", e))?;
+                paths::resolve_dir(&volume, &rel_cwd)
+            })
+            .await?
+        };
+        let inv = Invocation {
+            argv: self.command_argv(vm_id, volume, &cwd, &spec.program),
+            env: self.command_env(volume, vm_env, &spec.env),
+            cwd,
+            stdin: spec.stdin,
+        };
+        Ok(exec::run(inv, limits, chunks, tracker).await)
+    }
+
+    fn snapshot_dir(&self, snapshot_id: &SnapshotId) -> PathBuf {
+        self.snapshots_dir.join(snapshot_id.as_str())
+    }
+
+    /// Fills a new VM directory `dir`: the volume, seeded from a snapshot or a base.
+    fn populate_vm_dir(
+        &self,
+        dir: &Path,
+        spec: &VmSpec,
+        restore: Option<&SnapshotMetaEntry>,
+    ) -> Result<(), ProviderError> {
+        let volume = dir.join("volume");
+        std::fs::create_dir(&volume)
+            .map_err(|e| ProviderError::io("cannot create volume directory", e))?;
+        match (restore, &spec.base) {
+            (Some(snapshot), _) => {
+                let archive = self
+                    .snapshot_dir(&snapshot.meta.snapshot_id)
+                    .join(archive::VOLUME_ENTRY);
+                archive::unpack_tar_zst(&archive, &volume).map_err(|e| {
+                    ProviderError::io(
+                        format!("cannot restore snapshot {}", snapshot.meta.snapshot_id),
+                        e,
+                    )
+                })?;
+            }
+            (None, Some(base)) => archive::seed_from_base(base, &volume)?,
+            (None, None) => {}
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl VmProvider for ProcessProvider {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn create_vm_with_spec(
+        &self,
+        vm_id: &VmId,
+        spec: &VmSpec,
+    ) -> Result<VmView, ProviderError> {
+        spec.validate()?;
+        let inner = &self.inner;
+        let restore = {
+            let mut index = inner.index.lock();
+            let restore = match &spec.restore_from {
+                Some(snapshot_id) => Some(
+                    index
+                        .snapshots
+                        .get(snapshot_id)
+                        .cloned()
+                        .ok_or_else(|| ProviderError::snapshot_not_found(snapshot_id))?,
+                ),
+                None => None,
+            };
+            if index.vm_taken(vm_id) {
+                return Err(ProviderError::vm_exists(vm_id));
+            }
+            index.creating.insert(vm_id.clone());
+            restore
+        };
+        let dir = inner.vms_dir.join(vm_id.as_str());
+        let mut guard = CreateGuard {
+            inner: inner.clone(),
+            vm_id: vm_id.clone(),
+            dir: dir.clone(),
+            armed: true,
+            owns_dir: false,
+        };
+        info!(%vm_id, restore_from = ?spec.restore_from, "creating vm");
+
+        let mut env = restore
+            .as_ref()
+            .map(|s| s.meta.env.clone())
+            .unwrap_or_default();
+        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        {
+            let new_dir = dir.clone();
+            blocking(move || {
+                std::fs::create_dir(&new_dir).map_err(|e| {
+                    ProviderError::io(format!("cannot create {}", new_dir.display()), e)
+                })
+            })
+            .await?;
+            guard.owns_dir = true;
+            let inner = inner.clone();
+            let dir = dir.clone();
+            let spec = spec.clone();
+            let restore = restore.clone();
+            blocking(move || inner.populate_vm_dir(&dir, &spec, restore.as_ref())).await?;
+        }
+
+        if let (None, Some(bootstrap)) = (&restore, &spec.bootstrap) {
+            let exec_spec = ExecSpec::argv(bootstrap.clone());
+            let limits = Limits::new(BOOTSTRAP_TIMEOUT, BOOTSTRAP_OUTPUT_BYTES);
+            let target = RunTarget {
+                vm_id,
+                volume: &dir.join("volume"),
+                vm_env: &env,
+                tracker: &Untracked,
+            };
+            let outcome = inner.run_in_volume(target, exec_spec, limits, None).await?;
+            if !outcome.success() {
+                let how = if outcome.timed_out {
+                    format!("timed out after {}s", BOOTSTRAP_TIMEOUT.as_secs())
+                } else {
+                    format!("exited with code {}", outcome.exit_code)
+                };
+                let tail = if outcome.stderr.is_empty() {
+                    tail_lossy(&outcome.stdout, 2000)
+                } else {
+                    tail_lossy(&outcome.stderr, 2000)
+                };
+                return Err(ProviderError::CommandFailed(format!(
+                    "bootstrap of vm {vm_id} {how}: {tail}"
+                )));
+            }
+        }
+
+        let now = now_ms();
+        let meta = VmMeta {
+            format: META_FORMAT,
+            vm_id: vm_id.clone(),
+            state: VmState::Running,
+            template: spec
+                .template
+                .clone()
+                .or_else(|| restore.as_ref().and_then(|s| s.meta.template.clone())),
+            created_ms: now,
+            last_activity_ms: now,
+            stopped_ms: None,
+            restored_from: spec.restore_from.clone(),
+            env,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+        };
+        {
+            // Writing meta.json is the commit point.
+            let meta = meta.clone();
+            let path = dir.join("meta.json");
+            blocking(move || write_json_atomic(&path, &meta)).await?;
+        }
+        let view = meta.view();
+        {
+            let mut index = inner.index.lock();
+            guard.armed = false;
+            index.creating.remove(vm_id);
+            index.tombstones.remove(vm_id);
+            index.vms.insert(
+                vm_id.clone(),
+                Arc::new(VmRecord {
+                    slot: Mutex::new(VmSlot {
+                        dir,
+                        meta,
+                        groups: HashSet::new(),
+                    }),
+                }),
+            );
+        }
+        Ok(view)
+    }
+
+    async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
+        let inner = self.inner.clone();
+        let vm_id = vm_id.clone();
+        blocking(move || {
+            let record = inner.record(&vm_id)?;
+            let mut slot = record.slot.lock();
+            lifecycle::check_start(&vm_id, slot.meta.state)?;
+            let mut meta = slot.meta.clone();
+            meta.state = VmState::Running;
+            meta.stopped_ms = None;
+            meta.last_activity_ms = now_ms();
+            write_json_atomic(&slot.dir.join("meta.json"), &meta)?;
+            slot.meta = meta;
+            info!(%vm_id, "started vm");
+            Ok(slot.meta.view())
+        })
+        .await
+    }
+
+    async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
+        let inner = self.inner.clone();
+        let vm_id = vm_id.clone();
+        blocking(move || {
+            let record = inner.record(&vm_id)?;
+            let mut slot = record.slot.lock();
+            lifecycle::check_stop(&vm_id, slot.meta.state)?;
+            let now = now_ms();
+            let mut meta = slot.meta.clone();
+            meta.state = VmState::Stopped;
+            meta.stopped_ms = Some(now);
+            meta.last_activity_ms = now;
+            write_json_atomic(&slot.dir.join("meta.json"), &meta)?;
+            slot.meta = meta;
+            slot.kill_all();
+            info!(%vm_id, "stopped vm");
+            Ok(slot.meta.view())
+        })
+        .await
+    }
+
+    async fn snapshot_vm(
+        &self,
+        vm_id: &VmId,
+        snapshot_id: &SnapshotId,
+    ) -> Result<SnapshotInfo, ProviderError> {
+        let inner = self.inner.clone();
+        let (volume, meta) = {
+            let mut index = inner.index.lock();
+            let record = index.record(vm_id)?;
+            if index.snapshot_taken(snapshot_id) {
+                return Err(ProviderError::snapshot_exists(snapshot_id));
+            }
+            index.snapshotting.insert(snapshot_id.clone());
+            let slot = record.slot.lock();
+            let meta = SnapshotMeta {
+                format: META_FORMAT,
+                snapshot_id: snapshot_id.clone(),
+                source_vm: Some(vm_id.clone()),
+                template: slot.meta.template.clone(),
+                created_ms: now_ms(),
+                env: slot.meta.env.clone(),
+            };
+            (slot.volume(), meta)
+        };
+        let staging = inner.tmp_dir.join(unique_name("snapshot"));
+        let mut guard = SnapshotGuard {
+            inner: inner.clone(),
+            snapshot_id: snapshot_id.clone(),
+            staging: staging.clone(),
+        };
+        info!(%vm_id, %snapshot_id, "snapshotting vm");
+        let entry = {
+            let inner = inner.clone();
+            blocking(move || {
+                std::fs::create_dir(&staging)
+                    .map_err(|e| ProviderError::io("cannot create staging directory", e))?;
+                let level = inner.config.snapshot_compression_level;
+                let size_bytes =
+                    archive::pack_dir(&volume, &staging.join(archive::VOLUME_ENTRY), level)
+                        .map_err(|e| ProviderError::io("cannot archive volume", e))?;
+                write_json_atomic(&staging.join(archive::META_ENTRY), &meta)?;
+                let dest = inner.snapshot_dir(&meta.snapshot_id);
+                rename_noreplace(&staging, &dest)
+                    .map_err(|e| ProviderError::io("cannot publish snapshot", e))?;
+                Ok(SnapshotMetaEntry { meta, size_bytes })
+            })
+            .await?
+        };
+        guard.staging = PathBuf::new();
+        let info = entry.info();
+        inner
+            .index
+            .lock()
+            .snapshots
+            .insert(snapshot_id.clone(), entry);
+        drop(guard);
+        Ok(info)
+    }
+
+    async fn destroy_vm(&self, vm_id: &VmId) -> Result<(), ProviderError> {
+        let inner = self.inner.clone();
+        let vm_id = vm_id.clone();
+        blocking(move || {
+            let trash = inner.tmp_dir.join(unique_name("destroy"));
+            {
+                let mut index = inner.index.lock();
+                let Some(record) = index.vms.get(&vm_id).cloned() else {
+                    if index.tombstones.get(&vm_id).is_some() {
+                        return Ok(());
+                    }
+                    return Err(ProviderError::vm_not_found(&vm_id));
+                };
+                let mut slot = record.slot.lock();
+                if let Err(e) = std::fs::rename(&slot.dir, &trash) {
+                    return Err(ProviderError::io("cannot remove vm directory", e));
+                }
+                // Marked under the slot lock, so an exec spawning right now kills its own group.
+                slot.meta.state = VmState::Destroyed;
+                slot.kill_all();
+                let mut view = slot.meta.view();
+                view.last_activity_ms = now_ms();
+                drop(slot);
+                index.vms.remove(&vm_id);
+                index.tombstones.insert(view);
+            }
+            info!(%vm_id, "destroyed vm");
+            remove_dir_logged(&trash);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn rename_vm(&self, old: &VmId, new: &VmId) -> Result<VmView, ProviderError> {
+        let inner = self.inner.clone();
+        let (old, new) = (old.clone(), new.clone());
+        blocking(move || {
+            let mut index = inner.index.lock();
+            let record = index.record(&old)?;
+            if index.vm_taken(&new) {
+                return Err(ProviderError::vm_exists(&new));
+            }
+            let mut slot = record.slot.lock();
+            let new_dir = inner.vms_dir.join(new.as_str());
+            rename_noreplace(&slot.dir, &new_dir)
+                .map_err(|e| ProviderError::io(format!("cannot rename vm {old} to {new}"), e))?;
+            slot.dir = new_dir;
+            slot.meta.vm_id = new.clone();
+            slot.meta.last_activity_ms = now_ms();
+            index.vms.remove(&old);
+            index.tombstones.remove(&new);
+            index.vms.insert(new.clone(), record.clone());
+            drop(index);
+            // The directory name is authoritative; a failed rewrite is repaired on reopen.
+            if let Err(e) = write_json_atomic(&slot.dir.join("meta.json"), &slot.meta) {
+                warn!(vm_id = %new, error = %e, "cannot rewrite meta.json after rename");
+            }
+            info!(%old, %new, "renamed vm");
+            Ok(slot.meta.view())
+        })
+        .await
+    }
+
+    async fn exec(
+        &self,
+        vm_id: &VmId,
+        spec: ExecSpec,
+        chunks: Option<mpsc::Sender<OutputChunk>>,
+    ) -> Result<ExecOutcome, ProviderError> {
+        // Bad input is rejected before the VM's state is looked at, as by every adapter.
+        spec.validate()?;
+        paths::relative_path("cwd", spec.cwd.as_deref().unwrap_or(""))?;
+        let inner = &self.inner;
+        let (record, volume) = inner.running(vm_id)?;
+        let vm_env = record.slot.lock().meta.env.clone();
+        let limits = Limits::new(spec.timeout, spec.max_output_bytes);
+        let target = RunTarget {
+            vm_id,
+            volume: &volume,
+            vm_env: &vm_env,
+            tracker: record.as_ref(),
+        };
+        let outcome = inner.run_in_volume(target, spec, limits, chunks).await?;
+        record.slot.lock().meta.last_activity_ms = now_ms();
+        debug!(%vm_id, exit_code = outcome.exit_code, timed_out = outcome.timed_out, "exec finished");
+        Ok(outcome)
+    }
+
+    async fn put_file(
+        &self,
+        vm_id: &VmId,
+        path: &str,
+        data: &[u8],
+        mode: Option<u32>,
+    ) -> Result<u64, ProviderError> {
+        let rel = paths::file_path(path)?;
+        let (_record, volume) = self.inner.running(vm_id)?;
+        let data = data.to_vec();
+        blocking(move || {
+            let volume = volume
+                .canonicalize()
+                .map_err(|e| ProviderError::io("cannot resolve volume", e))?;
+            let (dir, name) = paths::prepare_write(&volume, &rel)?;
+            let target = dir.join(&name);
+            let keep_mode = std::fs::symlink_metadata(&target)
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.permissions().mode());
+            let tmp = dir.join(format!(".hearth-put-{}", uuid::Uuid::new_v4().simple()));
+            let written = (|| {
+                std::fs::write(&tmp, &data)?;
+                if let Some(mode) = mode.map(|m| m & 0o777).or(keep_mode) {
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+                }
+                std::fs::rename(&tmp, &target)
+            })();
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(ProviderError::io(
+                    format!("cannot write {path:?}", path = rel),
+                    e,
+                ));
+            }
+            Ok(data.len() as u64)
+        })
+        .await
+    }
+
+    async fn get_file(
+        &self,
+        vm_id: &VmId,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, ProviderError> {
+        let rel = paths::file_path(path)?;
+        let (_record, volume) = self.inner.running(vm_id)?;
+        let path = path.to_owned();
+        blocking(move || {
+            let volume = volume
+                .canonicalize()
+                .map_err(|e| ProviderError::io("cannot resolve volume", e))?;
+            let resolved = paths::resolve_existing_file(&volume, &rel)?;
+            let meta = std::fs::metadata(&resolved)
+                .map_err(|e| ProviderError::io(format!("cannot inspect {path:?}"), e))?;
+            if meta.is_dir() {
+                return Err(ProviderError::InvalidArgument(format!(
+                    "path {path:?} is a directory"
+                )));
+            }
+            if !meta.is_file() {
+                // Opening a fifo would block forever.
+                return Err(ProviderError::InvalidArgument(format!(
+                    "path {path:?} is not a regular file"
+                )));
+            }
+            let file = std::fs::File::open(&resolved)
+                .map_err(|e| ProviderError::io(format!("cannot open {path:?}"), e))?;
+            if meta.len() > max_bytes {
+                return Err(ProviderError::InvalidArgument(format!(
+                    "file {path:?} is {} bytes, more than the limit of {max_bytes}",
+                    meta.len()
+                )));
+            }
+            // The size is re-checked while reading: the file may grow.
+            let mut data = Vec::with_capacity(meta.len() as usize);
+            io::Read::read_to_end(&mut io::Read::take(file, max_bytes + 1), &mut data)
+                .map_err(|e| ProviderError::io(format!("cannot read {path:?}"), e))?;
+            if data.len() as u64 > max_bytes {
+                return Err(ProviderError::InvalidArgument(format!(
+                    "file {path:?} is more than the limit of {max_bytes} bytes"
+                )));
+            }
+            Ok(data)
+        })
+        .await
+    }
+
+    async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
+        let record = self.inner.record(vm_id)?;
+        let volume = record.slot.lock().volume();
+        let level = self.inner.config.snapshot_compression_level;
+        let dest_dir = dest_dir.to_path_buf();
+        let name = format!("{vm_id}-{}.tar.zst", now_ms());
+        blocking(move || {
+            std::fs::create_dir_all(&dest_dir).map_err(|e| {
+                ProviderError::io(format!("cannot create {}", dest_dir.display()), e)
+            })?;
+            let dest = dest_dir.join(&name);
+            let partial = dest_dir.join(format!(".{name}.partial"));
+            let packed = archive::pack_dir(&volume, &partial, level)
+                .and_then(|_| std::fs::rename(&partial, &dest));
+            if let Err(e) = packed {
+                let _ = std::fs::remove_file(&partial);
+                return Err(ProviderError::io("cannot write backup", e));
+            }
+            Ok(dest)
+        })
+        .await
+    }
+
+    async fn export_snapshot(
+        &self,
+        snapshot_id: &SnapshotId,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Result<u64, ProviderError> {
+        let entry = self
+            .inner
+            .index
+            .lock()
+            .snapshots
+            .get(snapshot_id)
+            .cloned()
+            .ok_or_else(|| ProviderError::snapshot_not_found(snapshot_id))?;
+        let meta = serde_json::to_vec_pretty(&entry.meta)
+            .map_err(|e| ProviderError::io("cannot encode metadata", io::Error::other(e)))?;
+        let volume = self
+            .inner
+            .snapshot_dir(snapshot_id)
+            .join(archive::VOLUME_ENTRY);
+        archive::write_export(&meta, &volume, out)
+            .await
+            .map_err(|e| ProviderError::io(format!("cannot export snapshot {snapshot_id}"), e))
+    }
+
+    async fn import_snapshot(
+        &self,
+        snapshot_id: &SnapshotId,
+        input: &mut (dyn AsyncRead + Unpin + Send),
+    ) -> Result<SnapshotInfo, ProviderError> {
+        let inner = self.inner.clone();
+        {
+            let mut index = inner.index.lock();
+            if index.snapshot_taken(snapshot_id) {
+                return Err(ProviderError::snapshot_exists(snapshot_id));
+            }
+            index.snapshotting.insert(snapshot_id.clone());
+        }
+        let staging = inner.tmp_dir.join(unique_name("import"));
+        let mut guard = SnapshotGuard {
+            inner: inner.clone(),
+            snapshot_id: snapshot_id.clone(),
+            staging: staging.clone(),
+        };
+        tokio::fs::create_dir(&staging)
+            .await
+            .map_err(|e| ProviderError::io("cannot create staging directory", e))?;
+        let volume = staging.join(archive::VOLUME_ENTRY);
+        let meta_bytes = archive::read_export(input, &volume).await?;
+        let meta: SnapshotMeta =
+            serde_json::from_slice(&meta_bytes).map_err(ProviderError::corrupt_snapshot)?;
+        if meta.format != META_FORMAT {
+            return Err(ProviderError::corrupt_snapshot(format!(
+                "unsupported format {}",
+                meta.format
+            )));
+        }
+        let meta = SnapshotMeta {
+            snapshot_id: snapshot_id.clone(),
+            ..meta
+        };
+        let entry = {
+            let inner = inner.clone();
+            blocking(move || {
+                archive::verify_tar_zst(&volume).map_err(ProviderError::corrupt_snapshot)?;
+                let size_bytes = std::fs::metadata(&volume)
+                    .map_err(|e| ProviderError::io("cannot inspect snapshot", e))?
+                    .len();
+                write_json_atomic(&staging.join(archive::META_ENTRY), &meta)?;
+                rename_noreplace(&staging, &inner.snapshot_dir(&meta.snapshot_id))
+                    .map_err(|e| ProviderError::io("cannot publish snapshot", e))?;
+                Ok(SnapshotMetaEntry { meta, size_bytes })
+            })
+            .await?
+        };
+        guard.staging = PathBuf::new();
+        let info = entry.info();
+        inner
+            .index
+            .lock()
+            .snapshots
+            .insert(snapshot_id.clone(), entry);
+        drop(guard);
+        info!(%snapshot_id, size_bytes = info.size_bytes, "imported snapshot");
+        Ok(info)
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), ProviderError> {
+        let inner = self.inner.clone();
+        let snapshot_id = snapshot_id.clone();
+        blocking(move || {
+            let trash = inner.tmp_dir.join(unique_name("delete"));
+            {
+                let mut index = inner.index.lock();
+                if !index.snapshots.contains_key(&snapshot_id) {
+                    return Err(ProviderError::snapshot_not_found(&snapshot_id));
+                }
+                std::fs::rename(inner.snapshot_dir(&snapshot_id), &trash)
+                    .map_err(|e| ProviderError::io("cannot remove snapshot", e))?;
+                index.snapshots.remove(&snapshot_id);
+            }
+            info!(%snapshot_id, "deleted snapshot");
+            remove_dir_logged(&trash);
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl VmQuery for ProcessProvider {
+    async fn list_vms(&self) -> Result<Vec<VmView>, ProviderError> {
+        let index = self.inner.index.lock();
+        let mut views: Vec<VmView> = index
+            .vms
+            .values()
+            .map(|r| r.slot.lock().meta.view())
+            .chain(index.tombstones.views().cloned())
+            .collect();
+        views.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        Ok(views)
+    }
+
+    async fn get_vm(&self, vm_id: &VmId) -> Result<Option<VmView>, ProviderError> {
+        let index = self.inner.index.lock();
+        Ok(match index.vms.get(vm_id) {
+            Some(record) => Some(record.slot.lock().meta.view()),
+            None => index.tombstones.get(vm_id).cloned(),
+        })
+    }
+
+    async fn list_snapshots(&self, vm_id: &VmId) -> Result<Option<Vec<SnapshotId>>, ProviderError> {
+        let index = self.inner.index.lock();
+        if !index.vms.contains_key(vm_id) && index.tombstones.get(vm_id).is_none() {
+            return Ok(None);
+        }
+        Ok(Some(
+            index
+                .snapshots
+                .values()
+                .filter(|s| s.meta.source_vm.as_ref() == Some(vm_id))
+                .map(|s| s.meta.snapshot_id.clone())
+                .collect(),
+        ))
+    }
+
+    async fn get_snapshot(
+        &self,
+        snapshot_id: &SnapshotId,
+    ) -> Result<Option<SnapshotInfo>, ProviderError> {
+        Ok(self
+            .inner
+            .index
+            .lock()
+            .snapshots
+            .get(snapshot_id)
+            .map(SnapshotMetaEntry::info))
+    }
+
+    async fn list_all_snapshots(&self) -> Result<Vec<SnapshotInfo>, ProviderError> {
+        Ok(self
+            .inner
+            .index
+            .lock()
+            .snapshots
+            .values()
+            .map(SnapshotMetaEntry::info)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_deserialises_with_defaults_and_rejects_typos() {
+        let config: ProcessConfig = serde_json::from_str(r#"{"root": "/srv/hearth"}"#).unwrap();
+        assert_eq!(config.root, PathBuf::from("/srv/hearth"));
+        assert_eq!(config.shell, PathBuf::from("/bin/sh"));
+        assert_eq!(config.isolation, Isolation::None);
+        assert_eq!(config.snapshot_compression_level, 3);
+
+        let config: ProcessConfig =
+            serde_json::from_str(r#"{"isolation": {"mode": "bubblewrap"}}"#).unwrap();
+        assert_eq!(
+            config.isolation,
+            Isolation::Bubblewrap {
+                bwrap: PathBuf::from("/usr/bin/bwrap")
+            }
+        );
+        assert!(serde_json::from_str::<ProcessConfig>(r#"{"rooot": "/x"}"#).is_err());
+    }
+
+    #[test]
+    fn a_root_is_opened_by_one_provider_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = ProcessProvider::open(ProcessConfig::new(tmp.path())).unwrap();
+        let err = ProcessProvider::open(ProcessConfig::new(tmp.path())).unwrap_err();
+        assert!(matches!(err, ProviderError::Unavailable(_)), "{err}");
+        drop(first);
+        ProcessProvider::open(ProcessConfig::new(tmp.path())).unwrap();
+    }
+
+    #[test]
+    fn missing_bwrap_is_unavailable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = ProcessConfig {
+            isolation: Isolation::Bubblewrap {
+                bwrap: tmp.path().join("no-bwrap"),
+            },
+            ..ProcessConfig::new(tmp.path())
+        };
+        let err = ProcessProvider::open(config).unwrap_err();
+        assert!(matches!(err, ProviderError::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("bwrap not found at"), "{err}");
+    }
+
+    #[test]
+    fn bubblewrap_argv_binds_only_the_volume_writable() {
+        let argv = sandbox_prefix(
+            Path::new("/usr/bin/bwrap"),
+            Path::new("/r/vms/a/volume"),
+            Path::new("/r/vms/a/volume/sub"),
+            &"x".repeat(100),
+        );
+        let argv: Vec<String> = argv.into_iter().map(|a| a.into_string().unwrap()).collect();
+        let joined = argv.join(" ");
+        assert!(joined.contains("--ro-bind / / "), "{joined}");
+        assert!(
+            joined.contains("--bind /r/vms/a/volume /r/vms/a/volume --chdir /r/vms/a/volume/sub"),
+            "{joined}"
+        );
+        let host = &argv[argv.iter().position(|a| a == "--hostname").unwrap() + 1];
+        assert_eq!(host.len(), 64);
+        assert_eq!(argv.last().unwrap(), "--");
+    }
+}

@@ -1,0 +1,1214 @@
+//! The worker process's core: the NATS micro service `hearth-worker` with its jobs endpoint and the
+//! per-session data plane, heartbeats, VM events, capacity and eviction, snapshot transfer through
+//! the fleet's object store, and graceful drain.
+//!
+//! Architecture invariant: every operation on a VM — lifecycle job, exec, files — runs under that
+//! VM's lock from [`VmLocks`]; nothing else holds a lock across an `.await`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use async_nats::jetstream::object_store::ObjectStore;
+use async_nats::service::{self, ServiceExt};
+use dashmap::DashMap;
+use futures::StreamExt;
+use hearth_messages::data::{CHUNK_HEADER, DEFAULT_MAX_FILE_BYTES};
+use hearth_messages::transport::{Reply, decode_message};
+use hearth_messages::{
+    Bucket, Encoding, ExecRequest, ExecResult, FileGetRequest, FileGetResult, FilePutRequest,
+    FilePutResult, JobOp, JobOutput, JobReply, JobRequest, SessionId, SessionOp, SnapshotId,
+    TerminationReason, Versions, VmEvent, VmId, VmInfo, WireError, WorkerStatus, now_ms,
+};
+use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::WorkerConfig;
+use crate::jobs::{JobCache, Outcome};
+use crate::locks::VmLocks;
+use crate::metrics as m;
+use crate::provider::{
+    ExecOutcome, ExecSpec, OutputStream, Program, ProviderError, VmRuntime, VmState, VmView,
+};
+use crate::state::SessionSet;
+
+/// Name of the NATS micro service.
+pub const SERVICE_NAME: &str = hearth_messages::subjects::WORKER_SERVICE;
+/// How long a health exec after create/restore may take.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Room left in a reply for everything but output bytes.
+const REPLY_OVERHEAD: usize = 4096;
+/// Jobs remembered for deduplication.
+const JOB_CACHE: usize = 8192;
+/// Retry hint on 503 (at capacity).
+const RETRY_AFTER_MS: u64 = 1000;
+
+/// Errors that stop the worker from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The provider could not be opened.
+    #[error("provider: {0}")]
+    Provider(#[from] ProviderError),
+    /// NATS refused something at startup.
+    #[error("nats: {0}")]
+    Nats(String),
+    /// Local I/O.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn nats_err(e: impl std::fmt::Display) -> WorkerError {
+    WorkerError::Nats(e.to_string())
+}
+
+/// Maps a provider error onto the wire.
+pub fn wire_error(err: &ProviderError) -> WireError {
+    let code = hearth_messages::ErrorCode::from_u16(err.status_code());
+    let mut wire = WireError::new(code, err.to_string());
+    if code == hearth_messages::ErrorCode::NoCapacity {
+        wire.retry_after_ms = Some(RETRY_AFTER_MS);
+    }
+    wire
+}
+
+/// One served session: cancelling the token stops its data-plane endpoints.
+#[derive(Debug)]
+struct Served {
+    cancel: CancellationToken,
+}
+
+/// The worker. Cheap to clone; all clones share one state.
+#[derive(Clone, Debug)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: WorkerConfig,
+    nats: async_nats::Client,
+    provider: Arc<dyn VmRuntime>,
+    service: service::Service,
+    store: ObjectStore,
+    locks: VmLocks,
+    jobs: JobCache,
+    job_slots: Semaphore,
+    /// Admission to capacity: counting VMs and evicting happen under it.
+    admission: Mutex<()>,
+    /// Creates admitted but not finished; they count against `max_vms`.
+    reserved: AtomicU32,
+    snapshot_fetch: DashMap<SnapshotId, Arc<Mutex<()>>>,
+    sessions: SessionSet,
+    served: DashMap<VmId, Served>,
+    started_ms: u64,
+    seq: AtomicU64,
+    jobs_in_flight: AtomicU32,
+    execs_in_flight: AtomicU32,
+    draining: AtomicBool,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("worker_id", &self.config.worker_id)
+            .field("provider", &self.provider.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs a worker until `shutdown` resolves, then drains: stops taking jobs and requests, lets
+/// running ones finish within `drain_grace`, and returns. VMs stay for the next start to reconcile.
+pub async fn run(
+    config: WorkerConfig,
+    nats: async_nats::Client,
+    provider: Arc<dyn VmRuntime>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let worker = Worker::start(config, nats, provider).await?;
+    shutdown.await;
+    worker.drain().await;
+    Ok(())
+}
+
+impl Worker {
+    /// Starts serving: reconciles with what the provider holds, registers the service, subscribes
+    /// jobs and the data plane of every session VM, and starts heartbeats.
+    pub async fn start(
+        config: WorkerConfig,
+        nats: async_nats::Client,
+        provider: Arc<dyn VmRuntime>,
+    ) -> Result<Self, WorkerError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| WorkerError::Io {
+            context: format!("creating {}", config.data_dir.display()),
+            source,
+        })?;
+        let store = open_snapshot_store(&nats, &config).await?;
+        let service = nats
+            .service_builder()
+            .description("Hearth worker: VM lifecycle jobs and the session data plane")
+            .metadata(std::collections::HashMap::from([
+                ("worker_id".to_owned(), config.worker_id.to_string()),
+                ("provider".to_owned(), provider.name().to_owned()),
+            ]))
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(nats_err)?;
+        let sessions = SessionSet::load(&config.data_dir.join("worker-state.json"));
+        let inner = Arc::new(Inner {
+            job_slots: Semaphore::new(config.job_concurrency),
+            config,
+            nats,
+            provider,
+            service,
+            store,
+            locks: VmLocks::default(),
+            jobs: JobCache::new(JOB_CACHE),
+            admission: Mutex::new(()),
+            reserved: AtomicU32::new(0),
+            snapshot_fetch: DashMap::new(),
+            sessions,
+            served: DashMap::new(),
+            started_ms: now_ms(),
+            seq: AtomicU64::new(0),
+            jobs_in_flight: AtomicU32::new(0),
+            execs_in_flight: AtomicU32::new(0),
+            draining: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        });
+        let worker = Worker { inner };
+        worker.reconcile_on_start().await?;
+        worker.start_jobs_endpoint().await?;
+        worker.start_heartbeats();
+        metrics::gauge!(m::CAPACITY).set(worker.inner.config.max_vms as f64);
+        info!(
+            worker_id = %worker.inner.config.worker_id,
+            provider = worker.inner.provider.name(),
+            "worker started"
+        );
+        Ok(worker)
+    }
+
+    /// This worker's id.
+    pub fn id(&self) -> &hearth_messages::WorkerId {
+        &self.inner.config.worker_id
+    }
+
+    /// Stops taking work, waits up to `drain_grace` for running jobs and commands, then returns.
+    pub async fn drain(&self) {
+        let inner = &self.inner;
+        inner.draining.store(true, Ordering::SeqCst);
+        info!("draining: no new jobs or requests");
+        inner.stop.cancel();
+        for entry in inner.served.iter() {
+            entry.value().cancel.cancel();
+        }
+        // One last heartbeat saying so, so the scheduler stops placing work here.
+        inner.publish_heartbeat().await;
+        inner.tasks.close();
+        if tokio::time::timeout(inner.config.drain_grace, inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                grace = ?inner.config.drain_grace,
+                "drain grace elapsed with work still running"
+            );
+        }
+        let _ = inner.nats.flush().await;
+    }
+
+    async fn reconcile_on_start(&self) -> Result<(), WorkerError> {
+        let inner = &self.inner;
+        let vms = inner.provider.list_vms().await?;
+        let live: std::collections::BTreeSet<VmId> = vms
+            .iter()
+            .filter(|v| v.state != VmState::Destroyed)
+            .map(|v| v.vm_id.clone())
+            .collect();
+        let stale: Vec<VmId> = inner
+            .sessions
+            .ids()
+            .into_iter()
+            .filter(|id| !live.contains(id))
+            .collect();
+        if !stale.is_empty() {
+            inner
+                .sessions
+                .update(|s| {
+                    for id in &stale {
+                        s.remove(id);
+                    }
+                })
+                .map_err(|source| WorkerError::Io {
+                    context: "writing worker state".into(),
+                    source,
+                })?;
+        }
+        for vm_id in inner.sessions.ids() {
+            self.serve(vm_id).await.map_err(nats_err)?;
+        }
+        info!(
+            vms = live.len(),
+            sessions = inner.served.len(),
+            "reconciled with the provider"
+        );
+        Ok(())
+    }
+
+    async fn start_jobs_endpoint(&self) -> Result<(), WorkerError> {
+        let inner = &self.inner;
+        let mut endpoint = inner
+            .service
+            .endpoint_builder()
+            .name("jobs")
+            .add(inner.config.subjects.worker_jobs(&inner.config.worker_id))
+            .await
+            .map_err(nats_err)?;
+        let worker = self.clone();
+        inner.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = worker.inner.stop.cancelled() => break,
+                    request = endpoint.next() => {
+                        let Some(request) = request else { break };
+                        let w = worker.clone();
+                        worker.inner.tasks.spawn(async move { w.handle_job(request).await });
+                    }
+                }
+            }
+            let _ = endpoint.stop().await;
+        });
+        Ok(())
+    }
+
+    fn start_heartbeats(&self) {
+        let inner = self.inner.clone();
+        self.inner.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(inner.config.heartbeat_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = inner.stop.cancelled() => break,
+                    _ = tick.tick() => inner.publish_heartbeat().await,
+                }
+            }
+        });
+    }
+
+    // ----- lifecycle jobs -------------------------------------------------------------------
+
+    async fn handle_job(&self, request: service::Request) {
+        let (encoding, job) = decode_message::<JobRequest>(&request.message);
+        let reply = match job {
+            Err(err) => {
+                metrics::counter!(m::BAD_REQUESTS_TOTAL, "endpoint" => "jobs").increment(1);
+                Reply::error(encoding, &err)
+            }
+            Ok(job) => {
+                let op_name = job.op.name();
+                let span = info_span!("job", job_id = %job.job_id, op = op_name,
+                    vm_id = job.op.vm_id().map(|v| v.to_string()).unwrap_or_default());
+                let started = Instant::now();
+                let cell = self.inner.jobs.cell(&job.job_id);
+                let outcome = cell
+                    .get_or_init(|| self.run_job(job.op).instrument(span))
+                    .await
+                    .clone();
+                let result = match &outcome {
+                    Ok(_) => "ok".to_owned(),
+                    Err(e) => e.code.to_string(),
+                };
+                metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => result).increment(1);
+                metrics::histogram!(m::JOB_DURATION, "op" => op_name)
+                    .record(started.elapsed().as_secs_f64());
+                match outcome {
+                    Ok(output) => Reply::ok(
+                        encoding,
+                        &JobReply {
+                            job_id: job.job_id,
+                            output,
+                        },
+                    ),
+                    Err(err) => Reply::error(encoding, &err),
+                }
+            }
+        };
+        respond(&request, reply).await;
+    }
+
+    async fn run_job(&self, op: JobOp) -> Outcome {
+        let inner = &self.inner;
+        if inner.draining.load(Ordering::SeqCst) {
+            return Err(WireError::no_capacity("worker is draining", RETRY_AFTER_MS));
+        }
+        if matches!(op, JobOp::ListVms {}) {
+            return Ok(JobOutput::Vms {
+                vms: inner.vm_infos().await.map_err(|e| wire_error(&e))?,
+            });
+        }
+        let _slot = inner
+            .job_slots
+            .acquire()
+            .await
+            .map_err(|_| WireError::no_capacity("worker is shutting down", RETRY_AFTER_MS))?;
+        inner.jobs_in_flight.fetch_add(1, Ordering::Relaxed);
+        let outcome = self.run_job_locked(op).await;
+        inner.jobs_in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Err(err) = &outcome {
+            debug!(%err, "job failed");
+        }
+        outcome
+    }
+
+    async fn run_job_locked(&self, op: JobOp) -> Outcome {
+        let inner = &self.inner;
+        let provider = &inner.provider;
+        let werr = |e: ProviderError| wire_error(&e);
+        match op {
+            JobOp::CreateVm { vm_id, session } => {
+                self.create(vm_id, hearth_messages::VmSpec::default(), session)
+                    .await
+            }
+            JobOp::CreateVmWithSpec {
+                vm_id,
+                spec,
+                session,
+            } => self.create(vm_id, spec, session).await,
+            JobOp::StartVm { vm_id } => {
+                let _guard = inner.locks.lock(&vm_id).await;
+                let view = provider.start_vm(&vm_id).await.map_err(werr)?;
+                inner
+                    .vm_event(&view.vm_id, VmState::Running, None, None)
+                    .await;
+                Ok(JobOutput::Vm {
+                    vm: inner.vm_info(view),
+                })
+            }
+            JobOp::StopVm { vm_id } => {
+                let _guard = inner.locks.lock(&vm_id).await;
+                let view = provider.stop_vm(&vm_id).await.map_err(werr)?;
+                inner
+                    .vm_event(&view.vm_id, VmState::Stopped, None, None)
+                    .await;
+                Ok(JobOutput::Vm {
+                    vm: inner.vm_info(view),
+                })
+            }
+            JobOp::SnapshotVm {
+                vm_id,
+                snapshot_id,
+                publish,
+            } => {
+                let _guard = inner.locks.lock(&vm_id).await;
+                let started = Instant::now();
+                let info = provider
+                    .snapshot_vm(&vm_id, &snapshot_id)
+                    .await
+                    .map_err(werr)?;
+                if publish {
+                    inner.publish_snapshot(&snapshot_id).await?;
+                }
+                metrics::histogram!(m::SNAPSHOT_DURATION).record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::SNAPSHOT_BYTES_TOTAL).increment(info.size_bytes);
+                Ok(JobOutput::Snapshot {
+                    snapshot: hearth_messages::SnapshotInfo {
+                        snapshot_id: info.snapshot_id,
+                        source_vm: info.source_vm,
+                        template: info.template,
+                        created_ms: info.created_ms,
+                        size_bytes: info.size_bytes,
+                        published: publish,
+                    },
+                })
+            }
+            JobOp::DestroyVm {
+                vm_id,
+                backup,
+                reason,
+            } => {
+                let guard = inner.locks.lock(&vm_id).await;
+                self.destroy_locked(&vm_id, backup, reason).await?;
+                drop(guard);
+                inner.locks.forget_if_idle(&vm_id);
+                Ok(JobOutput::Done {})
+            }
+            JobOp::RenameVm {
+                vm_id,
+                new_vm_id,
+                session,
+            } => {
+                let old_guard = inner.locks.lock(&vm_id).await;
+                let _new_guard = inner.locks.lock(&new_vm_id).await;
+                let view = provider.rename_vm(&vm_id, &new_vm_id).await.map_err(werr)?;
+                self.unserve(&vm_id, false);
+                if session {
+                    self.make_session(&new_vm_id).await?;
+                }
+                drop(old_guard);
+                inner.locks.forget_if_idle(&vm_id);
+                inner
+                    .vm_event(&new_vm_id, view.state, Some(vm_id), None)
+                    .await;
+                Ok(JobOutput::Vm {
+                    vm: inner.vm_info(view),
+                })
+            }
+            JobOp::ListVms {} => unreachable_list(),
+        }
+    }
+
+    /// Creates (or restores) a VM within capacity, checks it answers, and serves it as a session
+    /// if asked.
+    async fn create(&self, vm_id: VmId, spec: hearth_messages::VmSpec, session: bool) -> Outcome {
+        let inner = &self.inner;
+        let _guard = inner.locks.lock(&vm_id).await;
+        if let Some(existing) = inner
+            .provider
+            .get_vm(&vm_id)
+            .await
+            .map_err(|e| wire_error(&e))?
+            && existing.state != VmState::Destroyed
+        {
+            return Err(WireError::conflict(format!("vm {vm_id} already exists")));
+        }
+        let _reservation = self.admit(&vm_id).await?;
+        let started = Instant::now();
+        let restore = spec.restore_from.clone();
+        if let Some(snapshot_id) = &restore {
+            inner.ensure_snapshot(snapshot_id).await?;
+        }
+        let provider_spec = crate::provider::VmSpec {
+            template: spec.template,
+            vcpus: spec.vcpus.unwrap_or(1),
+            memory_mib: spec.memory_mib.unwrap_or(512),
+            env: spec.env,
+            base: spec.base.map(Into::into),
+            bootstrap: spec.bootstrap,
+            restore_from: spec.restore_from,
+        };
+        let view = inner
+            .provider
+            .create_vm_with_spec(&vm_id, &provider_spec)
+            .await
+            .map_err(|e| wire_error(&e))?;
+        // Healthy before anyone may use it: a trivial command must succeed.
+        let health = inner
+            .provider
+            .exec(
+                &vm_id,
+                ExecSpec::argv(["true"]).with_timeout(HEALTH_TIMEOUT),
+                None,
+            )
+            .await;
+        let healthy = matches!(&health, Ok(outcome) if outcome.success());
+        if !healthy {
+            let detail = match health {
+                Ok(o) => format!(
+                    "exit {} {}",
+                    o.exit_code,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => e.to_string(),
+            };
+            let _ = inner.provider.destroy_vm(&vm_id).await;
+            inner
+                .vm_event(
+                    &vm_id,
+                    VmState::Destroyed,
+                    None,
+                    Some(TerminationReason::VmFailed),
+                )
+                .await;
+            return Err(WireError::internal(format!(
+                "vm {vm_id} failed its health check: {detail}"
+            )));
+        }
+        if restore.is_some() {
+            metrics::histogram!(m::RESTORE_DURATION).record(started.elapsed().as_secs_f64());
+        }
+        if session {
+            self.make_session(&vm_id).await?;
+        }
+        inner.vm_event(&vm_id, VmState::Running, None, None).await;
+        Ok(JobOutput::Vm {
+            vm: inner.vm_info(view),
+        })
+    }
+
+    /// Reserves a slot for a new VM, evicting the oldest stopped VM when full; 503 when nothing
+    /// can be evicted.
+    async fn admit(&self, creating: &VmId) -> Result<Reservation, WireError> {
+        let inner = &self.inner;
+        let _admission = inner.admission.lock().await;
+        let vms = inner
+            .provider
+            .list_vms()
+            .await
+            .map_err(|e| wire_error(&e))?;
+        let held = vms.iter().filter(|v| v.state != VmState::Destroyed).count() as u32;
+        let used = held + inner.reserved.load(Ordering::SeqCst);
+        if used >= inner.config.max_vms {
+            let victim = vms
+                .iter()
+                .filter(|v| v.state == VmState::Stopped && &v.vm_id != creating)
+                .min_by_key(|v| v.stopped_ms.unwrap_or(v.last_activity_ms))
+                .map(|v| v.vm_id.clone());
+            let Some(victim) = victim else {
+                return Err(WireError::no_capacity(
+                    format!(
+                        "worker {} is at capacity ({} vms)",
+                        inner.config.worker_id, inner.config.max_vms
+                    ),
+                    RETRY_AFTER_MS,
+                ));
+            };
+            info!(vm_id = %victim, "evicting the oldest stopped vm to make room");
+            let guard = inner.locks.lock(&victim).await;
+            self.destroy_locked(&victim, true, Some(TerminationReason::Evicted))
+                .await?;
+            drop(guard);
+            inner.locks.forget_if_idle(&victim);
+            metrics::counter!(m::EVICTIONS_TOTAL).increment(1);
+        }
+        inner.reserved.fetch_add(1, Ordering::SeqCst);
+        Ok(Reservation(self.inner.clone()))
+    }
+
+    async fn destroy_locked(
+        &self,
+        vm_id: &VmId,
+        backup: bool,
+        reason: Option<TerminationReason>,
+    ) -> Result<(), WireError> {
+        let inner = &self.inner;
+        if backup
+            && let Some(dir) = &inner.config.backup_dir
+            && let Some(view) = inner
+                .provider
+                .get_vm(vm_id)
+                .await
+                .map_err(|e| wire_error(&e))?
+            && view.state != VmState::Destroyed
+        {
+            let path = inner
+                .provider
+                .backup_vm(vm_id, dir)
+                .await
+                .map_err(|e| wire_error(&e))?;
+            info!(%vm_id, path = %path.display(), "volume backed up");
+        }
+        inner
+            .provider
+            .destroy_vm(vm_id)
+            .await
+            .map_err(|e| wire_error(&e))?;
+        self.unserve(vm_id, true);
+        inner
+            .vm_event(vm_id, VmState::Destroyed, None, reason)
+            .await;
+        Ok(())
+    }
+
+    // ----- the session data plane -----------------------------------------------------------
+
+    async fn make_session(&self, vm_id: &VmId) -> Result<(), WireError> {
+        self.inner
+            .sessions
+            .update(|s| {
+                s.insert(vm_id.clone());
+            })
+            .map_err(|e| WireError::internal(format!("writing worker state: {e}")))?;
+        self.serve(vm_id.clone()).await
+    }
+
+    /// Subscribes the session's exec and files subjects (as endpoints of the micro service, so
+    /// `$SRV.STATS` counts them).
+    async fn serve(&self, vm_id: VmId) -> Result<(), WireError> {
+        let inner = &self.inner;
+        if inner.served.contains_key(&vm_id) {
+            return Ok(());
+        }
+        let sid = SessionId::from(vm_id.clone());
+        let mut endpoints = Vec::with_capacity(3);
+        for (op, name) in [
+            (SessionOp::Exec, "exec"),
+            (SessionOp::FilesPut, "files-put"),
+            (SessionOp::FilesGet, "files-get"),
+        ] {
+            let endpoint = inner
+                .service
+                .endpoint_builder()
+                .name(name)
+                .add(inner.config.subjects.session(&sid, op))
+                .await
+                .map_err(|e| WireError::internal(format!("subscribing {op:?}: {e}")))?;
+            endpoints.push(endpoint.map(move |r| (op, r)));
+        }
+        let cancel = inner.stop.child_token();
+        inner.served.insert(
+            vm_id.clone(),
+            Served {
+                cancel: cancel.clone(),
+            },
+        );
+        let worker = self.clone();
+        inner.tasks.spawn(async move {
+            let mut requests = futures::stream::select_all(endpoints);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    next = requests.next() => {
+                        let Some((op, request)) = next else { break };
+                        let (w, vm) = (worker.clone(), vm_id.clone());
+                        worker.inner.tasks.spawn(async move { w.handle_data(op, vm, request).await });
+                    }
+                }
+            }
+            // Dropping the endpoints unsubscribes them.
+            for endpoint in requests.into_iter() {
+                let mut endpoint = endpoint.into_inner();
+                let _ = endpoint.stop().await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Stops serving a session's data plane. After a destroy, it keeps answering 409 for
+    /// `destroyed_grace` so executors get a clear error instead of "no responders".
+    fn unserve(&self, vm_id: &VmId, destroyed: bool) {
+        let inner = &self.inner;
+        if !inner.sessions.contains(vm_id) && !inner.served.contains_key(vm_id) {
+            return;
+        }
+        if let Err(err) = inner.sessions.update(|s| {
+            s.remove(vm_id);
+        }) {
+            warn!(%vm_id, %err, "writing worker state");
+        }
+        let Some((_, served)) = inner.served.remove(vm_id) else {
+            return;
+        };
+        if destroyed && !inner.config.destroyed_grace.is_zero() {
+            let grace = inner.config.destroyed_grace;
+            let stop = inner.stop.clone();
+            inner.tasks.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(grace) => {}
+                    _ = stop.cancelled() => {}
+                }
+                served.cancel.cancel();
+            });
+        } else {
+            served.cancel.cancel();
+        }
+    }
+
+    async fn handle_data(&self, op: SessionOp, vm_id: VmId, request: service::Request) {
+        let span = info_span!("data", session_id = %vm_id, op = op.suffix());
+        let reply = async {
+            match op {
+                SessionOp::Exec => self.exec(&vm_id, &request).await,
+                SessionOp::FilesPut => self.files_put(&vm_id, &request).await,
+                SessionOp::FilesGet => self.files_get(&vm_id, &request).await,
+                _ => Reply::error(
+                    Encoding::MsgPack,
+                    &WireError::internal("unexpected subject"),
+                ),
+            }
+        }
+        .instrument(span)
+        .await;
+        respond(&request, reply).await;
+    }
+
+    /// Takes the VM's lock and makes sure the VM is running (resuming a stopped one).
+    async fn lock_running(
+        &self,
+        vm_id: &VmId,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, WireError> {
+        let inner = &self.inner;
+        let waited = Instant::now();
+        let guard = inner.locks.lock(vm_id).await;
+        metrics::histogram!(m::EXEC_LOCK_WAIT).record(waited.elapsed().as_secs_f64());
+        match inner
+            .provider
+            .get_vm(vm_id)
+            .await
+            .map_err(|e| wire_error(&e))?
+        {
+            None => Err(WireError::not_found(format!("session {vm_id} not found"))),
+            Some(view) => match view.state {
+                VmState::Running => Ok(guard),
+                VmState::Destroyed => Err(WireError::conflict(format!(
+                    "session {vm_id} has ended (its vm is destroyed)"
+                ))),
+                VmState::Stopped => {
+                    inner
+                        .provider
+                        .start_vm(vm_id)
+                        .await
+                        .map_err(|e| wire_error(&e))?;
+                    inner.vm_event(vm_id, VmState::Running, None, None).await;
+                    Ok(guard)
+                }
+            },
+        }
+    }
+
+    async fn exec(&self, vm_id: &VmId, request: &service::Request) -> Reply {
+        let inner = &self.inner;
+        let (encoding, req) = decode_message::<ExecRequest>(&request.message);
+        let req = match req.and_then(|r| r.program().map(|_| ()).map(|()| r)) {
+            Ok(req) => req,
+            Err(err) => {
+                metrics::counter!(m::BAD_REQUESTS_TOTAL, "endpoint" => "exec").increment(1);
+                return Reply::error(encoding, &err);
+            }
+        };
+        inner.execs_in_flight.fetch_add(1, Ordering::Relaxed);
+        let reply = self.exec_inner(vm_id, request, encoding, req).await;
+        inner.execs_in_flight.fetch_sub(1, Ordering::Relaxed);
+        reply
+    }
+
+    async fn exec_inner(
+        &self,
+        vm_id: &VmId,
+        request: &service::Request,
+        encoding: Encoding,
+        req: ExecRequest,
+    ) -> Reply {
+        let inner = &self.inner;
+        let spec = exec_spec(&req);
+        let guard = match self.lock_running(vm_id).await {
+            Ok(guard) => guard,
+            Err(err) => return Reply::error(encoding, &err),
+        };
+        let outcome = match (req.stream, request.message.reply.clone()) {
+            (true, Some(reply_to)) => {
+                let (tx, rx) = mpsc::channel(64);
+                let forward = tokio::spawn(forward_chunks(inner.nats.clone(), reply_to, rx));
+                let outcome = inner.provider.exec(vm_id, spec, Some(tx)).await;
+                // Every chunk is published before the final result.
+                let _ = forward.await;
+                outcome
+            }
+            _ => inner.provider.exec(vm_id, spec, None).await,
+        };
+        drop(guard);
+        match outcome {
+            Ok(outcome) => {
+                let result = exec_result(outcome, inner.max_reply_bytes());
+                let label = if result.timed_out {
+                    "timeout"
+                } else if result.exit_code == 0 {
+                    "ok"
+                } else {
+                    "nonzero"
+                };
+                metrics::counter!(m::EXECS_TOTAL, "result" => label).increment(1);
+                metrics::histogram!(m::EXEC_DURATION).record(result.duration_ms as f64 / 1000.0);
+                if result.stdout_truncated || result.stderr_truncated {
+                    metrics::counter!(m::EXEC_TRUNCATED_TOTAL).increment(1);
+                }
+                Reply::ok(encoding, &result)
+            }
+            Err(err) => {
+                metrics::counter!(m::EXECS_TOTAL, "result" => "error").increment(1);
+                Reply::error(encoding, &wire_error(&err))
+            }
+        }
+    }
+
+    async fn files_put(&self, vm_id: &VmId, request: &service::Request) -> Reply {
+        let (encoding, req) = decode_message::<FilePutRequest>(&request.message);
+        let req = match req.and_then(|r| r.validate().map(|()| r)) {
+            Ok(req) => req,
+            Err(err) => {
+                metrics::counter!(m::BAD_REQUESTS_TOTAL, "endpoint" => "files-put").increment(1);
+                return Reply::error(encoding, &err);
+            }
+        };
+        let result = async {
+            let _guard = self.lock_running(vm_id).await?;
+            self.inner
+                .provider
+                .put_file(vm_id, &req.path, req.data.as_bytes(), req.mode)
+                .await
+                .map(|size| FilePutResult { size })
+                .map_err(|e| wire_error(&e))
+        }
+        .await;
+        files_metric("put", &result);
+        Reply::from_result(encoding, &result)
+    }
+
+    async fn files_get(&self, vm_id: &VmId, request: &service::Request) -> Reply {
+        let inner = &self.inner;
+        let (encoding, req) = decode_message::<FileGetRequest>(&request.message);
+        let req = match req.and_then(|r| r.validate().map(|()| r)) {
+            Ok(req) => req,
+            Err(err) => {
+                metrics::counter!(m::BAD_REQUESTS_TOTAL, "endpoint" => "files-get").increment(1);
+                return Reply::error(encoding, &err);
+            }
+        };
+        let limit = req
+            .max_bytes
+            .unwrap_or(DEFAULT_MAX_FILE_BYTES)
+            .min(inner.config.max_file_bytes)
+            .min(inner.max_reply_bytes() as u64);
+        let result = async {
+            let _guard = self.lock_running(vm_id).await?;
+            inner
+                .provider
+                .get_file(vm_id, &req.path, limit)
+                .await
+                .map(|data| FileGetResult {
+                    size: data.len() as u64,
+                    data: data.into(),
+                })
+                .map_err(|e| wire_error(&e))
+        }
+        .await;
+        files_metric("get", &result);
+        Reply::from_result(encoding, &result)
+    }
+}
+
+fn unreachable_list() -> Outcome {
+    Err(WireError::internal("list_vms is answered before locking"))
+}
+
+/// Releases a capacity reservation when dropped.
+struct Reservation(Arc<Inner>);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.0.reserved.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Inner {
+    /// Largest output a reply may carry and still fit the server's max_payload.
+    fn max_reply_bytes(&self) -> usize {
+        self.nats
+            .server_info()
+            .max_payload
+            .saturating_sub(REPLY_OVERHEAD)
+            .max(REPLY_OVERHEAD)
+    }
+
+    fn vm_info(&self, view: VmView) -> VmInfo {
+        VmInfo {
+            session: self.sessions.contains(&view.vm_id),
+            vm_id: view.vm_id,
+            state: match view.state {
+                VmState::Running => hearth_messages::VmState::Running,
+                VmState::Stopped => hearth_messages::VmState::Stopped,
+                VmState::Destroyed => hearth_messages::VmState::Destroyed,
+            },
+            template: view.template,
+            created_ms: view.created_ms,
+            last_activity_ms: view.last_activity_ms,
+            restored_from: view.restored_from,
+        }
+    }
+
+    async fn vm_infos(&self) -> Result<Vec<VmInfo>, ProviderError> {
+        Ok(self
+            .provider
+            .list_vms()
+            .await?
+            .into_iter()
+            .filter(|v| v.state != VmState::Destroyed)
+            .map(|v| self.vm_info(v))
+            .collect())
+    }
+
+    async fn publish_heartbeat(&self) {
+        let vms = match self.vm_infos().await {
+            Ok(vms) => vms,
+            Err(err) => {
+                warn!(%err, "listing vms for the heartbeat failed");
+                return;
+            }
+        };
+        let running = vms
+            .iter()
+            .filter(|v| v.state == hearth_messages::VmState::Running)
+            .count();
+        metrics::gauge!(m::VMS, "state" => "running").set(running as f64);
+        metrics::gauge!(m::VMS, "state" => "stopped").set((vms.len() - running) as f64);
+        let status = WorkerStatus {
+            worker_id: self.config.worker_id.clone(),
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            at_ms: now_ms(),
+            started_ms: self.started_ms,
+            provider: self.provider.name().to_owned(),
+            max_vms: self.config.max_vms,
+            used_vms: vms.len() as u32,
+            draining: self.draining.load(Ordering::SeqCst),
+            jobs_in_flight: self.jobs_in_flight.load(Ordering::Relaxed),
+            execs_in_flight: self.execs_in_flight.load(Ordering::Relaxed),
+            vms,
+            versions: Versions {
+                hearth: env!("CARGO_PKG_VERSION").to_owned(),
+                protocol: hearth_messages::subjects::PROTOCOL_VERSION.to_owned(),
+                provider: None,
+            },
+        };
+        let Ok(payload) = Encoding::MsgPack.encode(&status) else {
+            return;
+        };
+        let subject = self.config.subjects.worker_status(&self.config.worker_id);
+        if let Err(err) = self.nats.publish(subject, payload.into()).await {
+            warn!(%err, "publishing heartbeat failed");
+        }
+        metrics::counter!(m::HEARTBEATS_TOTAL).increment(1);
+    }
+
+    async fn vm_event(
+        &self,
+        vm_id: &VmId,
+        state: VmState,
+        renamed_from: Option<VmId>,
+        reason: Option<TerminationReason>,
+    ) {
+        let event = VmEvent {
+            worker_id: self.config.worker_id.clone(),
+            vm_id: vm_id.clone(),
+            state: match state {
+                VmState::Running => hearth_messages::VmState::Running,
+                VmState::Stopped => hearth_messages::VmState::Stopped,
+                VmState::Destroyed => hearth_messages::VmState::Destroyed,
+            },
+            renamed_from,
+            reason,
+            at_ms: now_ms(),
+        };
+        if let Ok(payload) = Encoding::MsgPack.encode(&event) {
+            let subject = self.config.subjects.vm_events(&self.config.worker_id);
+            if let Err(err) = self.nats.publish(subject, payload.into()).await {
+                warn!(%err, "publishing vm event failed");
+            }
+        }
+    }
+
+    /// Uploads a snapshot to the fleet's object store.
+    async fn publish_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), WireError> {
+        let (mut writer, mut reader) = tokio::io::duplex(256 * 1024);
+        let provider = self.provider.clone();
+        let id = snapshot_id.clone();
+        let export = tokio::spawn(async move {
+            let result = provider.export_snapshot(&id, &mut writer).await;
+            drop(writer);
+            result
+        });
+        let put = self.store.put(snapshot_id.as_str(), &mut reader).await;
+        let exported = export
+            .await
+            .map_err(|e| WireError::internal(format!("snapshot export task: {e}")))?;
+        exported.map_err(|e| wire_error(&e))?;
+        put.map_err(|e| WireError::internal(format!("uploading snapshot {snapshot_id}: {e}")))?;
+        Ok(())
+    }
+
+    /// Makes sure a snapshot is on this worker, fetching it from the object store once.
+    async fn ensure_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), WireError> {
+        let lock = self
+            .snapshot_fetch
+            .entry(snapshot_id.clone())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        if self
+            .provider
+            .get_snapshot(snapshot_id)
+            .await
+            .map_err(|e| wire_error(&e))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let mut object = self.store.get(snapshot_id.as_str()).await.map_err(|e| {
+            WireError::not_found(format!(
+                "snapshot {snapshot_id} is neither on this worker nor in the object store: {e}"
+            ))
+        })?;
+        let info = self
+            .provider
+            .import_snapshot(snapshot_id, &mut object)
+            .await
+            .map_err(|e| wire_error(&e))?;
+        metrics::counter!(m::SNAPSHOT_FETCH_BYTES_TOTAL).increment(info.size_bytes);
+        info!(%snapshot_id, bytes = info.size_bytes, "snapshot fetched from the object store");
+        Ok(())
+    }
+}
+
+async fn open_snapshot_store(
+    nats: &async_nats::Client,
+    config: &WorkerConfig,
+) -> Result<ObjectStore, WorkerError> {
+    let js = jetstream::new(nats.clone());
+    let bucket = config.subjects.bucket(Bucket::Snapshots);
+    if let Ok(store) = js.get_object_store(&bucket).await {
+        return Ok(store);
+    }
+    match js
+        .create_object_store(jetstream::object_store::Config {
+            bucket: bucket.clone(),
+            description: Some("Hearth template snapshots".into()),
+            num_replicas: config.store_replicas,
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(store) => Ok(store),
+        // Another worker created it first.
+        Err(create_err) => js
+            .get_object_store(&bucket)
+            .await
+            .map_err(|_| nats_err(format!("object store {bucket}: {create_err}"))),
+    }
+}
+
+async fn respond(request: &service::Request, reply: Reply) {
+    if let Err(err) = request
+        .respond_with_headers(Ok(reply.payload), reply.headers)
+        .await
+    {
+        debug!(%err, "reply not sent");
+    }
+}
+
+async fn forward_chunks(
+    nats: async_nats::Client,
+    reply_to: async_nats::Subject,
+    mut rx: mpsc::Receiver<crate::provider::OutputChunk>,
+) {
+    while let Some(chunk) = rx.recv().await {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            CHUNK_HEADER,
+            match chunk.stream {
+                OutputStream::Stdout => hearth_messages::data::CHUNK_STDOUT,
+                OutputStream::Stderr => hearth_messages::data::CHUNK_STDERR,
+            },
+        );
+        if nats
+            .publish_with_headers(reply_to.clone(), headers, chunk.data)
+            .await
+            .is_err()
+        {
+            // Keep draining so the command never blocks on us.
+            continue;
+        }
+    }
+}
+
+fn exec_spec(req: &ExecRequest) -> ExecSpec {
+    let program = match (&req.argv, &req.cmd) {
+        (Some(argv), _) => Program::Argv(argv.clone()),
+        (None, Some(cmd)) => Program::Shell(cmd.clone()),
+        (None, None) => Program::Argv(Vec::new()),
+    };
+    ExecSpec {
+        program,
+        env: req.env.clone(),
+        cwd: req.cwd.clone(),
+        stdin: req.stdin.as_ref().map(|b| b.as_bytes().to_vec()),
+        timeout: Duration::from_millis(req.timeout_ms()),
+        max_output_bytes: req.max_output_bytes() as usize,
+    }
+}
+
+/// Builds the reply, trimming output so the reply fits the server's max_payload.
+fn exec_result(outcome: ExecOutcome, budget: usize) -> ExecResult {
+    let ExecOutcome {
+        exit_code,
+        signal,
+        mut stdout,
+        mut stderr,
+        mut stdout_truncated,
+        mut stderr_truncated,
+        timed_out,
+        duration,
+    } = outcome;
+    if stdout.len() + stderr.len() > budget {
+        // Share the budget, giving what one stream does not need to the other.
+        let half = budget / 2;
+        let (out_keep, err_keep) = if stdout.len() <= half {
+            (stdout.len(), budget - stdout.len())
+        } else if stderr.len() <= half {
+            (budget - stderr.len(), stderr.len())
+        } else {
+            (half, budget - half)
+        };
+        if stdout.len() > out_keep {
+            stdout.truncate(out_keep);
+            stdout_truncated = true;
+        }
+        if stderr.len() > err_keep {
+            stderr.truncate(err_keep);
+            stderr_truncated = true;
+        }
+    }
+    ExecResult {
+        exit_code,
+        signal,
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+        stdout_truncated,
+        stderr_truncated,
+        timed_out,
+        duration_ms: duration.as_millis() as u64,
+    }
+}
+
+fn files_metric<T>(op: &'static str, result: &Result<T, WireError>) {
+    let label = match result {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => e.code.to_string(),
+    };
+    metrics::counter!(m::FILES_TOTAL, "op" => op, "result" => label).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_output_is_trimmed_to_the_budget_and_flagged() {
+        let outcome = ExecOutcome {
+            stdout: vec![b'a'; 900],
+            stderr: vec![b'b'; 50],
+            ..Default::default()
+        };
+        let r = exec_result(outcome, 500);
+        assert_eq!(r.stderr.len(), 50, "the small stream keeps everything");
+        assert_eq!(r.stdout.len(), 450);
+        assert!(r.stdout_truncated && !r.stderr_truncated);
+
+        let r = exec_result(
+            ExecOutcome {
+                stdout: vec![0; 10],
+                ..Default::default()
+            },
+            500,
+        );
+        assert!(!r.stdout_truncated);
+    }
+}

@@ -1,0 +1,856 @@
+//! The worker over a real nats-server with the process provider: every job type, the data plane,
+//! per-VM serialisation, timeouts, output caps, file confinement, idempotent jobs, restart
+//! reconcile, capacity, and every bad-input case answered with the right code.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hearth_messages::transport::decode_reply;
+use hearth_messages::*;
+use hearth_testkit::NatsServer;
+use hearth_worker::provider::{ProcessConfig, ProcessProvider, VmRuntime};
+use hearth_worker::{Worker, WorkerConfig};
+
+fn id<T: TryFrom<String>>(s: impl Into<String>) -> T
+where
+    T::Error: std::fmt::Debug,
+{
+    T::try_from(s.into()).unwrap()
+}
+
+struct Node {
+    _worker: Worker,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_worker(
+    nats: &async_nats::Client,
+    name: &str,
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut WorkerConfig),
+) -> (Worker, WorkerConfig) {
+    let mut config = WorkerConfig::new(id(name), dir);
+    config.heartbeat_interval = Duration::from_millis(200);
+    config.drain_grace = Duration::from_secs(5);
+    tweak(&mut config);
+    let provider: Arc<dyn VmRuntime> =
+        Arc::new(ProcessProvider::open(ProcessConfig::new(dir.join("process"))).unwrap());
+    let worker = Worker::start(config.clone(), nats.clone(), provider)
+        .await
+        .unwrap();
+    (worker, config)
+}
+
+async fn node(nats: &async_nats::Client, name: &str) -> Node {
+    node_with(nats, name, |_| {}).await
+}
+
+async fn node_with(
+    nats: &async_nats::Client,
+    name: &str,
+    tweak: impl FnOnce(&mut WorkerConfig),
+) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let (worker, _) = start_worker(nats, name, dir.path(), tweak).await;
+    Node {
+        _worker: worker,
+        _dir: dir,
+    }
+}
+
+/// Sends one job; a fresh job id unless given.
+async fn job(nats: &async_nats::Client, worker: &str, op: JobOp) -> Result<JobOutput, WireError> {
+    job_with_id(nats, worker, &format!("j-{}", uuid::Uuid::new_v4()), op).await
+}
+
+async fn job_with_id(
+    nats: &async_nats::Client,
+    worker: &str,
+    job_id: &str,
+    op: JobOp,
+) -> Result<JobOutput, WireError> {
+    let subject = Subjects::default().worker_jobs(&id(worker));
+    let request = JobRequest {
+        job_id: id(job_id),
+        op,
+    };
+    let payload = Encoding::MsgPack.encode(&request).unwrap();
+    let msg = tokio::time::timeout(
+        Duration::from_secs(60),
+        nats.request(subject, payload.into()),
+    )
+    .await
+    .expect("job reply in time")
+    .expect("job request");
+    decode_reply::<JobReply>(&msg).map(|r| {
+        assert_eq!(r.job_id.as_str(), job_id);
+        r.output
+    })
+}
+
+fn vm_of(out: JobOutput) -> VmInfo {
+    match out {
+        JobOutput::Vm { vm } => vm,
+        other => panic!("expected a vm, got {other:?}"),
+    }
+}
+
+async fn create_session(nats: &async_nats::Client, worker: &str, sid: &str) -> VmInfo {
+    vm_of(
+        job(
+            nats,
+            worker,
+            JobOp::CreateVm {
+                vm_id: id(sid),
+                session: true,
+            },
+        )
+        .await
+        .unwrap(),
+    )
+}
+
+async fn setup() -> (NatsServer, async_nats::Client, HearthClient) {
+    let server = NatsServer::start().unwrap();
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats.clone());
+    (server, nats, client)
+}
+
+#[tokio::test]
+async fn every_job_type_and_a_snapshot_restored_on_another_worker() {
+    let (_server, nats, client) = setup().await;
+    let a = node(&nats, "wa").await;
+    let b = node(&nats, "wb").await;
+
+    // A template-style cold create: base directory + bootstrap.
+    let base = tempfile::tempdir().unwrap();
+    std::fs::write(base.path().join("hello.txt"), "from base").unwrap();
+    let spec = VmSpec {
+        template: Some(id("t1")),
+        env: BTreeMap::from([("GREETING".into(), "hi".into())]),
+        base: Some(base.path().display().to_string()),
+        bootstrap: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "echo \"$GREETING\" > boot.txt".into(),
+        ]),
+        ..Default::default()
+    };
+    let vm = vm_of(
+        job(
+            &nats,
+            "wa",
+            JobOp::CreateVmWithSpec {
+                vm_id: id("tmpl-1"),
+                spec,
+                session: false,
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(vm.state, VmState::Running);
+    assert!(!vm.session);
+
+    let stopped = vm_of(
+        job(
+            &nats,
+            "wa",
+            JobOp::StopVm {
+                vm_id: id("tmpl-1"),
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(stopped.state, VmState::Stopped);
+    let started = vm_of(
+        job(
+            &nats,
+            "wa",
+            JobOp::StartVm {
+                vm_id: id("tmpl-1"),
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(started.state, VmState::Running);
+
+    let snap = match job(
+        &nats,
+        "wa",
+        JobOp::SnapshotVm {
+            vm_id: id("tmpl-1"),
+            snapshot_id: id("snap-t1"),
+            publish: true,
+        },
+    )
+    .await
+    .unwrap()
+    {
+        JobOutput::Snapshot { snapshot } => snapshot,
+        other => panic!("{other:?}"),
+    };
+    assert!(snap.published && snap.size_bytes > 0);
+
+    job(
+        &nats,
+        "wa",
+        JobOp::DestroyVm {
+            vm_id: id("tmpl-1"),
+            backup: false,
+            reason: None,
+        },
+    )
+    .await
+    .unwrap();
+
+    // Worker B never saw the snapshot: it fetches it from the object store.
+    let pooled = vm_of(
+        job(
+            &nats,
+            "wb",
+            JobOp::CreateVmWithSpec {
+                vm_id: id("pool-t1-1"),
+                spec: VmSpec {
+                    template: Some(id("t1")),
+                    restore_from: Some(id("snap-t1")),
+                    ..Default::default()
+                },
+                session: false,
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(pooled.restored_from, Some(id("snap-t1")));
+
+    // A pooled VM is not reachable by executors...
+    let err = client
+        .exec(&id("pool-t1-1"), &ExecRequest::cmd("true"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::NoResponders { .. }), "{err:?}");
+
+    // ...until it is renamed onto a session.
+    let claimed = vm_of(
+        job(
+            &nats,
+            "wb",
+            JobOp::RenameVm {
+                vm_id: id("pool-t1-1"),
+                new_vm_id: id("sess-1"),
+                session: true,
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(claimed.vm_id.as_str(), "sess-1");
+    assert!(claimed.session);
+    let out = client
+        .exec(&id("sess-1"), &ExecRequest::cmd("cat hello.txt boot.txt"))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout.as_bytes(), b"from basehi\n", "{out:?}");
+
+    let vms = match job(&nats, "wb", JobOp::ListVms {}).await.unwrap() {
+        JobOutput::Vms { vms } => vms,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        vms.iter().map(|v| v.vm_id.as_str()).collect::<Vec<_>>(),
+        vec!["sess-1"]
+    );
+    drop((a, b));
+}
+
+#[tokio::test]
+async fn exec_contract_on_the_process_provider() {
+    let (_server, nats, client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    create_session(&nats, "w1", "s1").await;
+    let sid: SessionId = id("s1");
+
+    let r = client
+        .exec(
+            &sid,
+            &ExecRequest {
+                env: BTreeMap::from([("X".into(), "42".into())]),
+                stdin: Some(Blob::from("piped")),
+                ..ExecRequest::cmd("mkdir -p sub && cd sub && echo $X; cat; echo err >&2; exit 3")
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 3);
+    assert_eq!(r.stdout.as_bytes(), b"42\npiped");
+    assert_eq!(r.stderr.as_bytes(), b"err\n");
+
+    let r = client
+        .exec(
+            &sid,
+            &ExecRequest {
+                cwd: Some("sub".into()),
+                ..ExecRequest::argv(["pwd"])
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        r.stdout.to_string_lossy().trim_end().ends_with("/sub"),
+        "{r:?}"
+    );
+
+    // Killed by a signal.
+    let r = client
+        .exec(&sid, &ExecRequest::cmd("kill -9 $$"))
+        .await
+        .unwrap();
+    assert_eq!((r.exit_code, r.signal), (137, Some(9)));
+
+    // Timeout kills the whole process tree.
+    let r = client
+        .exec(
+            &sid,
+            &ExecRequest {
+                timeout_ms: Some(500),
+                ..ExecRequest::cmd("sleep 300 & echo $! > bg.pid; sleep 300")
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.timed_out, "{r:?}");
+    let pid = client.get_file(&sid, "bg.pid").await.unwrap();
+    let pid = String::from_utf8(pid).unwrap();
+    let proc_path = format!("/proc/{}", pid.trim());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&proc_path).exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !std::path::Path::new(&proc_path).exists(),
+        "background sleep {pid} survived the timeout"
+    );
+
+    // Streaming: chunks in order, then a result without them.
+    let events: Vec<ExecEvent> = client
+        .exec_stream(
+            &sid,
+            &ExecRequest::cmd("echo one; echo two >&2; echo three"),
+        )
+        .await
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect()
+        .await;
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    for e in &events[..events.len() - 1] {
+        match e {
+            ExecEvent::Stdout(b) => out.extend_from_slice(b),
+            ExecEvent::Stderr(b) => err.extend_from_slice(b),
+            ExecEvent::Done(_) => panic!("done before the end"),
+        }
+    }
+    assert_eq!(out, b"one\nthree\n");
+    assert_eq!(err, b"two\n");
+    match events.last().unwrap() {
+        ExecEvent::Done(r) => {
+            assert_eq!(r.exit_code, 0);
+            assert!(r.stdout.is_empty() && r.stderr.is_empty(), "{r:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_100_mb_output_is_capped_and_memory_stays_flat() {
+    let (_server, nats, client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    create_session(&nats, "w1", "big").await;
+    let before = rss_kib();
+    let started = Instant::now();
+    let r = client
+        .exec(
+            &id("big"),
+            &ExecRequest::cmd("head -c 100000000 /dev/zero; echo done >&2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0);
+    assert!(r.stdout_truncated);
+    // Capped at max_output_bytes (1 MiB), and further so the reply fits the server's max_payload
+    // (1 MB by default here).
+    let max_payload = nats.server_info().max_payload;
+    assert!(r.stdout.len() <= 1 << 20 && r.stdout.len() < max_payload);
+    assert!(r.stdout.len() >= max_payload - 8192, "{}", r.stdout.len());
+    assert_eq!(r.stderr.as_bytes(), b"done\n");
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 64 * 1024,
+        "worker memory grew by {grown} KiB for a 100 MB output"
+    );
+    println!("100 MB capped in {:?}, rss +{grown} KiB", started.elapsed());
+}
+
+#[tokio::test]
+async fn execs_on_one_vm_run_one_at_a_time_in_order() {
+    let (_server, nats, client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    create_session(&nats, "w1", "fifo").await;
+    let sid: SessionId = id("fifo");
+    let mut handles = Vec::new();
+    for i in 0..6 {
+        let (client, sid) = (client.clone(), sid.clone());
+        handles.push(tokio::spawn(async move {
+            client
+                .exec(
+                    &sid,
+                    &ExecRequest::cmd(format!(
+                        "echo start {i} >> log; sleep 0.05; echo end {i} >> log"
+                    )),
+                )
+                .await
+                .unwrap()
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for h in handles {
+        assert_eq!(h.await.unwrap().exit_code, 0);
+    }
+    let log = String::from_utf8(client.get_file(&sid, "log").await.unwrap()).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 12);
+    for pair in lines.chunks(2) {
+        let start = pair[0].strip_prefix("start ").unwrap();
+        let end = pair[1].strip_prefix("end ").unwrap();
+        assert_eq!(start, end, "commands interleaved: {log}");
+    }
+    // Other VMs are not blocked by this one's lock.
+    create_session(&nats, "w1", "other").await;
+    let slow = {
+        let (client, sid) = (client.clone(), sid.clone());
+        tokio::spawn(async move { client.exec(&sid, &ExecRequest::cmd("sleep 1")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    client
+        .exec(&id("other"), &ExecRequest::cmd("true"))
+        .await
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "blocked by another vm"
+    );
+    slow.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn files_round_trip_and_are_confined_to_the_volume() {
+    let (_server, nats, client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    create_session(&nats, "w1", "f1").await;
+    let sid: SessionId = id("f1");
+    let data: Vec<u8> = (0..=255).collect();
+    assert_eq!(
+        client
+            .put_file(&sid, "dir/bin.dat", data.clone(), Some(0o600))
+            .await
+            .unwrap(),
+        256
+    );
+    assert_eq!(client.get_file(&sid, "dir/bin.dat").await.unwrap(), data);
+    let r = client
+        .exec(&sid, &ExecRequest::cmd("stat -c %a dir/bin.dat"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.as_bytes(), b"600\n");
+
+    client
+        .exec(&sid, &ExecRequest::cmd("ln -s /etc escape"))
+        .await
+        .unwrap();
+    for path in ["../x", "/etc/passwd", "escape/passwd", "a/../../x"] {
+        let err = client.get_file(&sid, path).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::BadRequest), "get {path}: {err}");
+        let err = client
+            .put_file(&sid, path, b"x".to_vec(), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::BadRequest), "put {path}: {err}");
+    }
+    let err = client.get_file(&sid, "missing").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    let err = client
+        .exec(
+            &sid,
+            &ExecRequest {
+                cwd: Some("../..".into()),
+                ..ExecRequest::cmd("pwd")
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest));
+}
+
+#[tokio::test]
+async fn a_retried_job_returns_the_first_outcome_and_runs_once() {
+    let (_server, nats, _client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    let op = JobOp::CreateVm {
+        vm_id: id("once"),
+        session: false,
+    };
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let (nats, op) = (nats.clone(), op.clone());
+        handles.push(tokio::spawn(async move {
+            job_with_id(&nats, "w1", "create-once", op).await
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for h in handles {
+        outcomes.push(h.await.unwrap().unwrap());
+    }
+    assert!(outcomes.windows(2).all(|w| w[0] == w[1]));
+    // Later, a retry still gets the success (a fresh job id would get 409).
+    let again = job_with_id(&nats, "w1", "create-once", op.clone()).await;
+    assert_eq!(again.unwrap(), outcomes[0]);
+    let fresh = job(&nats, "w1", op).await.unwrap_err();
+    assert_eq!(fresh.code, ErrorCode::Conflict);
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_right_code_and_the_worker_survives() {
+    let (_server, nats, client) = setup().await;
+    let _n = node_with(&nats, "w1", |c| {
+        c.max_vms = 2;
+        c.destroyed_grace = Duration::from_secs(30);
+    })
+    .await;
+    let jobs = Subjects::default().worker_jobs(&id("w1"));
+
+    // Malformed jobs.
+    for payload in [&b"\xc1"[..], b"{}", b"\x81\xa6job_id\xa1x"] {
+        let msg = nats
+            .request(jobs.clone(), payload.to_vec().into())
+            .await
+            .unwrap();
+        let err = decode_reply::<JobReply>(&msg).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest, "{payload:?}");
+    }
+    // Unknown VM.
+    let err = job(&nats, "w1", JobOp::StartVm { vm_id: id("ghost") })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    // Rename onto an existing id; rename of an unknown id.
+    create_session(&nats, "w1", "a").await;
+    job(
+        &nats,
+        "w1",
+        JobOp::CreateVm {
+            vm_id: id("b"),
+            session: false,
+        },
+    )
+    .await
+    .unwrap();
+    let err = job(
+        &nats,
+        "w1",
+        JobOp::RenameVm {
+            vm_id: id("b"),
+            new_vm_id: id("a"),
+            session: true,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Conflict);
+    let err = job(
+        &nats,
+        "w1",
+        JobOp::RenameVm {
+            vm_id: id("nope"),
+            new_vm_id: id("c"),
+            session: true,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    // At capacity, nothing stopped to evict: 503 with a hint.
+    let err = job(
+        &nats,
+        "w1",
+        JobOp::CreateVm {
+            vm_id: id("c"),
+            session: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NoCapacity);
+    assert!(err.retry_after_ms.is_some());
+    // Malformed exec and files requests.
+    let exec_subject = Subjects::default().session(&id("a"), SessionOp::Exec);
+    for payload in [&b"\xc1"[..], b"\x80", b"\x81\xa4argv\x90"] {
+        let msg = nats
+            .request(exec_subject.clone(), payload.to_vec().into())
+            .await
+            .unwrap();
+        assert_eq!(
+            decode_reply::<ExecResult>(&msg).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+    }
+    let err = client
+        .exec(
+            &id("a"),
+            &ExecRequest {
+                timeout_ms: Some(0),
+                ..ExecRequest::cmd("true")
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest));
+    // Exec on a destroyed session: 409, not silence.
+    job(
+        &nats,
+        "w1",
+        JobOp::DestroyVm {
+            vm_id: id("a"),
+            backup: false,
+            reason: Some(TerminationReason::Released),
+        },
+    )
+    .await
+    .unwrap();
+    let err = client
+        .exec(&id("a"), &ExecRequest::cmd("true"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err:?}");
+    // Still alive and serving.
+    create_session(&nats, "w1", "d").await;
+    let r = client
+        .exec(&id("d"), &ExecRequest::cmd("echo ok"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.as_bytes(), b"ok\n");
+}
+
+#[tokio::test]
+async fn stopped_vms_resume_on_exec_and_the_oldest_is_evicted_when_full() {
+    let (_server, nats, client) = setup().await;
+    let backups = tempfile::tempdir().unwrap();
+    let backup_dir = backups.path().to_owned();
+    let _n = node_with(&nats, "w1", |c| {
+        c.max_vms = 2;
+        c.backup_dir = Some(backup_dir);
+    })
+    .await;
+    let mut events = nats.subscribe("hearth.v1.events.vms.w1").await.unwrap();
+    create_session(&nats, "w1", "old").await;
+    create_session(&nats, "w1", "new").await;
+    client
+        .put_file(&id("old"), "keep.txt", b"state".to_vec(), None)
+        .await
+        .unwrap();
+    job(&nats, "w1", JobOp::StopVm { vm_id: id("old") })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    job(&nats, "w1", JobOp::StopVm { vm_id: id("new") })
+        .await
+        .unwrap();
+
+    // Exec resumes a stopped VM, state intact.
+    let r = client
+        .exec(&id("new"), &ExecRequest::cmd("echo back"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.as_bytes(), b"back\n");
+
+    // Full: the oldest stopped VM ("old") is evicted, with a backup.
+    create_session(&nats, "w1", "third").await;
+    let mut evicted = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !evicted {
+        let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(1), events.next()).await
+        else {
+            continue;
+        };
+        let ev: VmEvent = Encoding::MsgPack.decode(&msg.payload).unwrap();
+        evicted = ev.vm_id.as_str() == "old" && ev.reason == Some(TerminationReason::Evicted);
+    }
+    assert!(evicted, "no eviction event for the oldest stopped vm");
+    let backups: Vec<_> = std::fs::read_dir(backups.path()).unwrap().collect();
+    assert_eq!(backups.len(), 1, "one backup of the evicted volume");
+}
+
+#[tokio::test]
+async fn heartbeats_report_inventory_and_the_service_answers_srv() {
+    let (_server, nats, _client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    create_session(&nats, "w1", "hb").await;
+    let mut beats = nats.subscribe("hearth.v1.workers.w1.status").await.unwrap();
+    let status: WorkerStatus = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), beats.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let s: WorkerStatus = Encoding::MsgPack.decode(&msg.payload).unwrap();
+        if !s.vms.is_empty() {
+            break s;
+        }
+    };
+    assert_eq!(status.provider, "process");
+    assert_eq!(status.max_vms, 64);
+    assert_eq!(status.used_vms, 1);
+    assert!(status.vms[0].session && status.vms[0].last_activity_ms > 0);
+    assert_eq!(status.versions.protocol, "v1");
+
+    let ping = nats
+        .request("$SRV.PING.hearth-worker", "".into())
+        .await
+        .unwrap();
+    let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
+    assert_eq!(ping["name"], "hearth-worker");
+    let info = nats
+        .request("$SRV.INFO.hearth-worker", "".into())
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    let names: Vec<&str> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for name in ["jobs", "exec", "files-put", "files-get"] {
+        assert!(names.contains(&name), "{names:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_worker_finds_its_vms_and_serves_its_sessions() {
+    let (_server, nats, client) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (worker, _) = start_worker(&nats, "w1", dir.path(), |_| {}).await;
+    create_session(&nats, "w1", "persist").await;
+    job(
+        &nats,
+        "w1",
+        JobOp::CreateVm {
+            vm_id: id("pool-x"),
+            session: false,
+        },
+    )
+    .await
+    .unwrap();
+    client
+        .put_file(&id("persist"), "note", b"still here".to_vec(), None)
+        .await
+        .unwrap();
+    worker.drain().await;
+    drop(worker);
+
+    let (_again, _) = start_worker(&nats, "w1", dir.path(), |_| {}).await;
+    let vms = match job(&nats, "w1", JobOp::ListVms {}).await.unwrap() {
+        JobOutput::Vms { vms } => vms,
+        other => panic!("{other:?}"),
+    };
+    let ids: Vec<(&str, bool)> = vms.iter().map(|v| (v.vm_id.as_str(), v.session)).collect();
+    assert_eq!(ids, vec![("persist", true), ("pool-x", false)]);
+    assert_eq!(
+        client.get_file(&id("persist"), "note").await.unwrap(),
+        b"still here"
+    );
+    let err = client
+        .exec(&id("pool-x"), &ExecRequest::cmd("true"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::NoResponders { .. }));
+}
+
+#[tokio::test]
+async fn sigkilled_worker_binary_reconciles_on_restart() {
+    let (server, nats, client) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hearth-worker"))
+            .args([
+                "--nats-url",
+                server.url(),
+                "--worker-id",
+                "wk",
+                "--metrics-listen",
+                "off",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn();
+    let mut beats = nats.subscribe("hearth.v1.workers.wk.status").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), beats.next())
+        .await
+        .expect("first heartbeat");
+    create_session(&nats, "wk", "survivor").await;
+    client
+        .put_file(&id("survivor"), "f", b"1".to_vec(), None)
+        .await
+        .unwrap();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let mut child = spawn();
+    let status: WorkerStatus = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), beats.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let s: WorkerStatus = Encoding::MsgPack.decode(&msg.payload).unwrap();
+        if s.seq == 0 || !s.vms.is_empty() {
+            break s;
+        }
+    };
+    assert_eq!(status.vms.len(), 1, "{status:?}");
+    assert_eq!(status.vms[0].vm_id.as_str(), "survivor");
+    assert_eq!(client.get_file(&id("survivor"), "f").await.unwrap(), b"1");
+    // A config error exits 64 with one line.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-worker"))
+        .args(["--worker-id", "bad.id"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    // SIGTERM drains and exits 0.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
