@@ -1,1 +1,100 @@
-fn main() {}
+//! `hearth`: run the local stack (`hearth up`) and talk to it (`hearth session …`, `hearth exec …`,
+//! `hearth pool status`). Thin: every command is a call on `HearthClient` or a library's `run`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use hearth_messages::{HearthClient, Subjects};
+
+mod client_cmds;
+
+/// Hearth: warm microVM sessions over NATS.
+#[derive(Debug, Parser)]
+#[command(name = "hearth", version)]
+struct Cli {
+    /// NATS server URL.
+    #[arg(
+        long,
+        global = true,
+        env = "HEARTH_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// Subject prefix.
+    #[arg(long, global = true, env = "HEARTH_PREFIX", default_value = "hearth")]
+    prefix: String,
+    /// Request timeout in milliseconds.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Sessions: create, get, list, keepalive, release, snapshot.
+    #[command(subcommand)]
+    Session(client_cmds::SessionCmd),
+    /// Run a command in a session, streaming its output; exits with the command's exit code.
+    Exec(client_cmds::ExecArgs),
+    /// Warm pools.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// List templates.
+    Templates,
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCmd {
+    /// Ready / restoring / target / claimed per template.
+    Status,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("hearth: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("hearth: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn client(cli: &Cli) -> Result<HearthClient> {
+    let subjects = Subjects::new(&cli.prefix)?;
+    let nats = async_nats::ConnectOptions::new()
+        .name("hearth cli")
+        .connect(cli.nats_url.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", cli.nats_url))?;
+    Ok(HearthClient::new(nats)
+        .with_subjects(subjects)
+        .with_timeout(Duration::from_millis(cli.timeout_ms)))
+}
+
+async fn dispatch(cli: Cli) -> Result<u8> {
+    let hearth = client(&cli).await?;
+    match cli.command {
+        Command::Session(cmd) => client_cmds::session(&hearth, cmd).await?,
+        Command::Exec(args) => {
+            let code = client_cmds::exec(&hearth, args).await?;
+            return Ok(code.clamp(0, 255) as u8);
+        }
+        Command::Pool(PoolCmd::Status) => client_cmds::pool_status(&hearth).await?,
+        Command::Templates => client_cmds::templates(&hearth).await?,
+    }
+    Ok(0)
+}

@@ -1,0 +1,217 @@
+//! `hearth session …`, `hearth exec …`, `hearth pool status`, `hearth templates`: thin commands on
+//! [`HearthClient`] for people. Results print as JSON (pipe them to `jq`); errors print on one line.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use hearth_messages::{
+    CreateSessionRequest, ExecEvent, ExecRequest, HearthClient, ListSessionsRequest, SessionId,
+    TemplateName,
+};
+
+/// `hearth session …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum SessionCmd {
+    /// Claim a session (warm from the pool when one is ready).
+    Create {
+        /// Template to claim from.
+        #[arg(long, short)]
+        template: Option<String>,
+        /// Session id (an idempotency key); generated when absent.
+        #[arg(long)]
+        id: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// Idle timeout in seconds.
+        #[arg(long)]
+        idle_timeout: Option<u64>,
+        /// Labels, `key=value`, repeatable.
+        #[arg(long = "label", short = 'l', value_parser = parse_pair)]
+        labels: Vec<(String, String)>,
+        /// How long to wait for a cold restore when the pool is empty (ms).
+        #[arg(long)]
+        wait_ms: Option<u64>,
+    },
+    /// Show one session.
+    Get {
+        /// Session id.
+        session: String,
+    },
+    /// List sessions.
+    List {
+        /// Only this template.
+        #[arg(long, short)]
+        template: Option<String>,
+        /// Only sessions with these labels, `key=value`.
+        #[arg(long = "label", short = 'l', value_parser = parse_pair)]
+        labels: Vec<(String, String)>,
+    },
+    /// Extend a session's lifetime.
+    Keepalive {
+        /// Session id.
+        session: String,
+        /// New lifetime from now, seconds.
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// End a session now.
+    Release {
+        /// Session id.
+        session: String,
+    },
+    /// Capture a session as a new template.
+    Snapshot {
+        /// Session id.
+        session: String,
+        /// The new template's name.
+        template: String,
+        /// Warm pool size for the new template.
+        #[arg(long)]
+        min_ready: Option<u32>,
+    },
+}
+
+/// `hearth exec` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    /// Session id.
+    pub session: String,
+    /// Kill the command after this many milliseconds.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Working directory inside the VM's volume.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Environment, `KEY=value`, repeatable.
+    #[arg(long = "env", short = 'e', value_parser = parse_pair)]
+    pub env: Vec<(String, String)>,
+    /// Run through the VM's shell (`sh -c "<args joined>"`) instead of directly.
+    #[arg(long)]
+    pub shell: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(trailing_var_arg = true, required = true)]
+    pub argv: Vec<String>,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+fn sid(s: &str) -> Result<SessionId> {
+    SessionId::new(s).context("invalid session id")
+}
+
+fn template(s: &str) -> Result<TemplateName> {
+    TemplateName::new(s).context("invalid template name")
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Runs a `hearth session` command.
+pub async fn session(client: &HearthClient, cmd: SessionCmd) -> Result<()> {
+    match cmd {
+        SessionCmd::Create {
+            template: t,
+            id,
+            ttl,
+            idle_timeout,
+            labels,
+            wait_ms,
+        } => {
+            let request = CreateSessionRequest {
+                template: t.as_deref().map(template).transpose()?,
+                session_id: id.as_deref().map(sid).transpose()?,
+                ttl_s: ttl,
+                idle_timeout_s: idle_timeout,
+                labels: labels.into_iter().collect(),
+                wait_ms,
+            };
+            print_json(&client.create_session(&request).await?)
+        }
+        SessionCmd::Get { session } => print_json(&client.get_session(&sid(&session)?).await?),
+        SessionCmd::List {
+            template: t,
+            labels,
+        } => {
+            let request = ListSessionsRequest {
+                template: t.as_deref().map(template).transpose()?,
+                labels: labels.into_iter().collect(),
+            };
+            print_json(&client.list_sessions(&request).await?)
+        }
+        SessionCmd::Keepalive { session, ttl } => {
+            print_json(&client.keepalive(&sid(&session)?, ttl).await?)
+        }
+        SessionCmd::Release { session } => print_json(&client.release(&sid(&session)?).await?),
+        SessionCmd::Snapshot {
+            session,
+            template: t,
+            min_ready,
+        } => print_json(
+            &client
+                .snapshot_session(&sid(&session)?, template(&t)?, min_ready)
+                .await?,
+        ),
+    }
+}
+
+/// `hearth pool status`.
+pub async fn pool_status(client: &HearthClient) -> Result<()> {
+    print_json(&client.pool_status().await?)
+}
+
+/// `hearth templates`.
+pub async fn templates(client: &HearthClient) -> Result<()> {
+    print_json(&client.list_templates().await?)
+}
+
+/// `hearth exec`: streams the command's output to ours and returns its exit code.
+pub async fn exec(client: &HearthClient, args: ExecArgs) -> Result<i32> {
+    let session = sid(&args.session)?;
+    let base = if args.shell {
+        ExecRequest::cmd(args.argv.join(" "))
+    } else {
+        ExecRequest::argv(args.argv)
+    };
+    let request = ExecRequest {
+        env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
+        cwd: args.cwd,
+        timeout_ms: args.timeout_ms,
+        ..base
+    };
+    let mut stream = Box::pin(client.exec_stream(&session, &request).await?);
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    while let Some(event) = stream.next().await {
+        match event? {
+            ExecEvent::Stdout(bytes) => {
+                stdout.write_all(&bytes)?;
+                stdout.flush()?;
+            }
+            ExecEvent::Stderr(bytes) => {
+                stderr.write_all(&bytes)?;
+                stderr.flush()?;
+            }
+            ExecEvent::Done(result) => {
+                stdout.write_all(result.stdout.as_bytes())?;
+                stderr.write_all(result.stderr.as_bytes())?;
+                if result.stdout_truncated || result.stderr_truncated {
+                    eprintln!("hearth: output was truncated at the session's cap");
+                }
+                if result.timed_out {
+                    eprintln!("hearth: command timed out and was killed");
+                }
+                return Ok(result.exit_code);
+            }
+        }
+    }
+    bail!("the exec stream ended without a result")
+}
