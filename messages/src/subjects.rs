@@ -202,6 +202,11 @@ impl Subjects {
         format!("{}.events.vms.{}", self.root, worker_id)
     }
 
+    /// `<prefix>.v1.events.vms.*`: VM state changes on every worker.
+    pub fn vm_events_all(&self) -> String {
+        format!("{}.events.vms.*", self.root)
+    }
+
     /// `<prefix>.v1.events.>`: everything observers may watch.
     pub fn events_all(&self) -> String {
         format!("{}.events.>", self.root)
@@ -277,7 +282,10 @@ mod tests {
         assert_eq!(s.pools_status(), "acme.hearth.v1.pools.status");
         assert_eq!(s.prefix(), "acme.hearth");
         assert_eq!(s.bucket(Bucket::Snapshots), "acme_hearth_snapshots");
-        assert_eq!(Subjects::default().bucket(Bucket::Sessions), "hearth_sessions");
+        assert_eq!(
+            Subjects::default().bucket(Bucket::Sessions),
+            "hearth_sessions"
+        );
         for bad in ["", "a..b", "a.*", ">", "a b", ".a"] {
             assert!(Subjects::new(bad).is_err(), "{bad:?}");
         }

@@ -66,10 +66,9 @@ const SLOW: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
-/// Installs the Prometheus exporter with an HTTP listener on `listen` (serves `/metrics`).
-/// Must run inside a tokio runtime.
-pub fn install_exporter(listen: SocketAddr) -> Result<(), String> {
-    let mut builder = PrometheusBuilder::new().with_http_listener(listen);
+/// Sets the worker's histogram buckets on `builder` (a process running several Hearth components
+/// installs one exporter and lets each add its buckets).
+pub fn configure(mut builder: PrometheusBuilder) -> Result<PrometheusBuilder, String> {
     for (name, buckets) in [
         (JOB_DURATION, SLOW),
         (EXEC_DURATION, SLOW),
@@ -81,7 +80,15 @@ pub fn install_exporter(listen: SocketAddr) -> Result<(), String> {
             .set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)
             .map_err(|e| e.to_string())?;
     }
-    builder.install().map_err(|e| e.to_string())
+    Ok(builder)
+}
+
+/// Installs the Prometheus exporter with an HTTP listener on `listen` (serves `/metrics`).
+/// Must run inside a tokio runtime.
+pub fn install_exporter(listen: SocketAddr) -> Result<(), String> {
+    configure(PrometheusBuilder::new().with_http_listener(listen))?
+        .install()
+        .map_err(|e| e.to_string())
 }
 
 /// Registers descriptions so `/metrics` carries `# HELP` lines.
