@@ -9,19 +9,18 @@ use clap::{Parser, Subcommand};
 use hearth_messages::{HearthClient, Subjects};
 
 mod client_cmds;
+mod up;
+
+const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
 /// Hearth: warm microVM sessions over NATS.
 #[derive(Debug, Parser)]
 #[command(name = "hearth", version)]
 struct Cli {
-    /// NATS server URL.
-    #[arg(
-        long,
-        global = true,
-        env = "HEARTH_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    nats_url: String,
+    /// NATS server URL (default nats://127.0.0.1:4222). With `up`: use this server instead of
+    /// starting one.
+    #[arg(long, global = true, env = "HEARTH_NATS_URL")]
+    nats_url: Option<String>,
     /// Subject prefix.
     #[arg(long, global = true, env = "HEARTH_PREFIX", default_value = "hearth")]
     prefix: String,
@@ -34,6 +33,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the local stack: nats-server, the scheduler and one worker with a warm pool.
+    Up(up::UpArgs),
     /// Sessions: create, get, list, keepalive, release, snapshot.
     #[command(subcommand)]
     Session(client_cmds::SessionCmd),
@@ -73,21 +74,30 @@ fn main() -> ExitCode {
     }
 }
 
-async fn client(cli: &Cli) -> Result<HearthClient> {
-    let subjects = Subjects::new(&cli.prefix)?;
+async fn client(nats_url: Option<&str>, subjects: Subjects, timeout: Duration) -> Result<HearthClient> {
+    let url = nats_url.unwrap_or(DEFAULT_NATS_URL);
     let nats = async_nats::ConnectOptions::new()
         .name("hearth cli")
-        .connect(cli.nats_url.as_str())
+        .connect(url)
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", cli.nats_url))?;
+        .map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))?;
     Ok(HearthClient::new(nats)
         .with_subjects(subjects)
-        .with_timeout(Duration::from_millis(cli.timeout_ms)))
+        .with_timeout(timeout))
 }
 
 async fn dispatch(cli: Cli) -> Result<u8> {
-    let hearth = client(&cli).await?;
-    match cli.command {
+    let subjects = Subjects::new(&cli.prefix)?;
+    let timeout = Duration::from_millis(cli.timeout_ms);
+    let command = match cli.command {
+        Command::Up(args) => {
+            up::up(args, cli.nats_url, subjects).await?;
+            return Ok(0);
+        }
+        other => other,
+    };
+    let hearth = client(cli.nats_url.as_deref(), subjects, timeout).await?;
+    match command {
         Command::Session(cmd) => client_cmds::session(&hearth, cmd).await?,
         Command::Exec(args) => {
             let code = client_cmds::exec(&hearth, args).await?;
@@ -95,6 +105,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::Pool(PoolCmd::Status) => client_cmds::pool_status(&hearth).await?,
         Command::Templates => client_cmds::templates(&hearth).await?,
+        Command::Up(_) => {}
     }
     Ok(0)
 }
