@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use hearth_messages::{HearthClient, Subjects};
 
+mod bench;
 mod client_cmds;
 mod up;
 
@@ -35,6 +36,8 @@ struct Cli {
 enum Command {
     /// Run the local stack: nats-server, the scheduler and one worker with a warm pool.
     Up(up::UpArgs),
+    /// Measure claims, exec, cold claims, refill and memory against a same-run NATS baseline.
+    Bench(bench::BenchArgs),
     /// Sessions: create, get, list, keepalive, release, snapshot.
     #[command(subcommand)]
     Session(client_cmds::SessionCmd),
@@ -94,6 +97,10 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             up::up(args, cli.nats_url, subjects).await?;
             return Ok(0);
         }
+        Command::Bench(args) => {
+            bench::run(args, cli.nats_url, subjects).await?;
+            return Ok(0);
+        }
         other => other,
     };
     let hearth = client(cli.nats_url.as_deref(), subjects, timeout).await?;
@@ -105,7 +112,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::Pool(PoolCmd::Status) => client_cmds::pool_status(&hearth).await?,
         Command::Templates => client_cmds::templates(&hearth).await?,
-        Command::Up(_) => {}
+        Command::Up(_) | Command::Bench(_) => {}
     }
     Ok(0)
 }

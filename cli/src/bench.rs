@@ -1,0 +1,758 @@
+//! `hearth bench`: the numbers Hearth exists for, measured side by side with a bare NATS
+//! request/reply round trip taken in the same run (these machines are shared and noisy, so only
+//! same-run ratios are comparable).
+//!
+//! By default every scenario starts its own stack as separate processes, the way production runs:
+//! a nats-server, the `hearth-scheduler` and `hearth-worker` binaries found next to this one. With
+//! `--nats-url` it drives a running stack instead (its `default` template must be large enough).
+//! Percentiles come from an HDR histogram of microsecond samples; warm-up samples are dropped.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use hearth_messages::{
+    CreateSessionRequest, ExecRequest, HearthClient, SessionId, Subjects, TemplateName,
+};
+use hearth_testkit::{ChildProcess, NatsServer};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+/// Which measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Warm claim latency (sequential) and throughput (concurrent executors).
+    Claims,
+    /// Exec of `true`: latency on one session, throughput across many.
+    Exec,
+    /// Cold claims (empty pool) beside warm ones.
+    Cold,
+    /// Pool refill rate: restores per second per worker.
+    Refill,
+    /// Scheduler memory per live session.
+    Memory,
+    /// Every scenario, one after the other.
+    All,
+}
+
+/// `hearth bench` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// The scenario.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Print one JSON object per scenario instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Small sample counts: a smoke run (CI), not a measurement.
+    #[arg(long)]
+    pub quick: bool,
+    /// Measured samples for the latency parts (after warm-up).
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Concurrent executors for the throughput parts.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Claims in the throughput part of `claims`.
+    #[arg(long)]
+    pub claims: Option<usize>,
+    /// Execs in the throughput part of `exec`.
+    #[arg(long)]
+    pub execs: Option<usize>,
+    /// Live sessions for `memory`.
+    #[arg(long)]
+    pub sessions: Option<usize>,
+    /// Provider of the worker this bench starts (`memory` always uses `fake`: it measures the
+    /// scheduler, and 10,000 process VMs would measure the disk).
+    #[arg(long, value_enum, default_value = "process")]
+    pub provider: hearth_worker::ProviderKind,
+}
+
+struct Sizes {
+    warmup: usize,
+    samples: usize,
+    claims: usize,
+    execs: usize,
+    cold: usize,
+    refill: usize,
+    sessions: usize,
+}
+
+impl Sizes {
+    fn from(args: &BenchArgs) -> Self {
+        let q = args.quick;
+        Sizes {
+            warmup: if q { 10 } else { 100 },
+            samples: args.samples.unwrap_or(if q { 50 } else { 1000 }),
+            claims: args.claims.unwrap_or(if q { 200 } else { 4000 }),
+            execs: args.execs.unwrap_or(if q { 200 } else { 5000 }),
+            cold: if q { 10 } else { 100 },
+            refill: if q { 20 } else { 200 },
+            sessions: args.sessions.unwrap_or(if q { 500 } else { 10_000 }),
+        }
+    }
+}
+
+/// Runs the chosen scenario(s).
+pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) -> Result<()> {
+    let sizes = Sizes::from(&args);
+    let scenarios = match args.scenario {
+        Scenario::All => vec![
+            Scenario::Claims,
+            Scenario::Exec,
+            Scenario::Cold,
+            Scenario::Refill,
+            Scenario::Memory,
+        ],
+        one => vec![one],
+    };
+    for scenario in scenarios {
+        let report = match scenario {
+            Scenario::Claims => claims(&args, &sizes, nats_url.as_deref(), &subjects).await?,
+            Scenario::Exec => exec(&args, &sizes, nats_url.as_deref(), &subjects).await?,
+            Scenario::Cold => cold(&args, &sizes, nats_url.as_deref(), &subjects).await?,
+            Scenario::Refill => refill(&args, &sizes, nats_url.as_deref()).await?,
+            Scenario::Memory => memory(&args, &sizes, nats_url.as_deref()).await?,
+            Scenario::All => continue,
+        };
+        report.print(args.json);
+    }
+    Ok(())
+}
+
+// ----- the stack the bench starts ----------------------------------------------------------
+
+struct OwnStack {
+    _nats: NatsServer,
+    _dir: tempfile::TempDir,
+    scheduler: ChildProcess,
+    _worker: ChildProcess,
+    url: String,
+}
+
+fn sibling_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .map(|d| d.join(name))
+        .ok_or_else(|| anyhow!("cannot locate {name}"))?;
+    if !path.is_file() {
+        bail!(
+            "{} not found next to hearth: build all binaries (cargo build --release --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+impl OwnStack {
+    async fn start(
+        provider: hearth_worker::ProviderKind,
+        templates_toml: &str,
+        max_vms: usize,
+    ) -> Result<Self> {
+        let nats = tokio::task::spawn_blocking(|| {
+            NatsServer::builder().config("max_payload: 8MB\n").start()
+        })
+        .await??;
+        let dir = tempfile::Builder::new().prefix("hearth-bench-").tempdir()?;
+        let config = dir.path().join("scheduler.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "claim_wait_ms = 30000\nrefill_parallelism = 8\n\n[sessions]\ndefault_idle_timeout_s = 0\n\n{templates_toml}"
+            ),
+        )?;
+        let url = nats.url().to_owned();
+        let mut worker = Command::new(sibling_bin("hearth-worker")?);
+        worker
+            .args(["--nats-url", &url, "--worker-id", "bench-w1"])
+            .args(["--metrics-listen", "off"])
+            .args(["--max-vms", &max_vms.to_string()])
+            .args(["--job-concurrency", "32"])
+            .arg("--provider")
+            .arg(match provider {
+                hearth_worker::ProviderKind::Process => "process",
+                hearth_worker::ProviderKind::Fake => "fake",
+            })
+            .arg("--data-dir")
+            .arg(dir.path().join("worker"))
+            .env("RUST_LOG", "warn");
+        let worker = ChildProcess::spawn("worker", worker, dir.path())?;
+        let mut scheduler = Command::new(sibling_bin("hearth-scheduler")?);
+        scheduler
+            .args(["--nats-url", &url, "--metrics-listen", "off"])
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn");
+        let scheduler = ChildProcess::spawn("scheduler", scheduler, dir.path())?;
+        Ok(Self {
+            _nats: nats,
+            _dir: dir,
+            scheduler,
+            _worker: worker,
+            url,
+        })
+    }
+}
+
+async fn connect(url: &str, subjects: &Subjects) -> Result<HearthClient> {
+    let nats = async_nats::ConnectOptions::new()
+        .name("hearth bench")
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    Ok(HearthClient::new(nats)
+        .with_subjects(subjects.clone())
+        .with_timeout(Duration::from_secs(30)))
+}
+
+fn template_toml(name: &str, min_ready: usize) -> String {
+    format!(
+        "[[templates]]\nname = \"{name}\"\nmin_ready = {min_ready}\nmax_ready = {min_ready}\n\
+         bootstrap = [\"sh\", \"-c\", \"mkdir -p work && echo ready > .bench-template\"]\n\n"
+    )
+}
+
+/// Waits until `template` has `ready` VMs, with a progress bar.
+async fn wait_ready(client: &HearthClient, template: &str, ready: usize) -> Result<Duration> {
+    let bar = progress(ready as u64, &format!("filling pool {template}"));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        if let Ok(status) = client.pool_status().await
+            && let Some(p) = status.pools.iter().find(|p| p.template.as_str() == template)
+        {
+            bar.set_position(p.ready as u64);
+            if p.ready as usize >= ready {
+                bar.finish_and_clear();
+                return Ok(started.elapsed());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("pool {template} did not reach {ready} ready VMs in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn progress(len: u64, message: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{msg:>20} [{bar:40}] {pos}/{len} {per_sec}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(message.to_owned());
+    bar
+}
+
+// ----- measurements ------------------------------------------------------------------------
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn record(h: &mut Histogram<u64>, elapsed: Duration) {
+    let _ = h.record((elapsed.as_micros() as u64).max(1));
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+/// The floor: a bare request/reply through the same nats-server to a responder on its own
+/// connection, sequential, same payload size as a claim.
+async fn baseline(url: &str, samples: usize) -> Result<Histogram<u64>> {
+    let responder = async_nats::connect(url).await?;
+    let requester = async_nats::connect(url).await?;
+    let subject = format!("hearth-bench.echo.{}", std::process::id());
+    let mut sub = responder.subscribe(subject.clone()).await?;
+    responder.flush().await?;
+    let echo = tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = responder.publish(reply, msg.payload).await;
+            }
+        }
+    });
+    let payload = bytes_payload(200);
+    let mut h = histogram();
+    for i in 0..samples + samples / 10 {
+        let t = Instant::now();
+        requester
+            .request(subject.clone(), payload.clone())
+            .await
+            .context("baseline request")?;
+        if i >= samples / 10 {
+            record(&mut h, t.elapsed());
+        }
+    }
+    echo.abort();
+    Ok(h)
+}
+
+fn bytes_payload(n: usize) -> bytes::Bytes {
+    bytes::Bytes::from(vec![b'x'; n])
+}
+
+/// One scenario's results.
+struct Report {
+    scenario: &'static str,
+    fields: serde_json::Map<String, serde_json::Value>,
+    rows: Vec<(String, String)>,
+}
+
+impl Report {
+    fn new(scenario: &'static str) -> Self {
+        let mut fields = serde_json::Map::new();
+        fields.insert("scenario".into(), json!(scenario));
+        Report {
+            scenario,
+            fields,
+            rows: Vec::new(),
+        }
+    }
+
+    fn field(&mut self, key: &str, value: serde_json::Value, row: Option<String>) {
+        if let Some(row) = row {
+            self.rows.push((key.to_owned(), row));
+        }
+        self.fields.insert(key.to_owned(), value);
+    }
+
+    fn latency(&mut self, prefix: &str, h: &Histogram<u64>) {
+        for (name, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
+            let v = ms(h.value_at_quantile(q));
+            self.field(
+                &format!("{prefix}_{name}_ms"),
+                json!(round3(v)),
+                Some(format!("{v:.3} ms")),
+            );
+        }
+        let max = ms(h.max());
+        self.field(
+            &format!("{prefix}_max_ms"),
+            json!(round3(max)),
+            Some(format!("{max:.3} ms")),
+        );
+        self.field(
+            &format!("{prefix}_samples"),
+            json!(h.len()),
+            Some(h.len().to_string()),
+        );
+    }
+
+    fn baseline(&mut self, h: &Histogram<u64>) {
+        let p50 = ms(h.value_at_quantile(0.5));
+        let p99 = ms(h.value_at_quantile(0.99));
+        self.field(
+            "baseline_rtt_p50_ms",
+            json!(round3(p50)),
+            Some(format!("{p50:.3} ms (bare NATS request/reply, same run)")),
+        );
+        self.field("baseline_rtt_p99_ms", json!(round3(p99)), Some(format!("{p99:.3} ms")));
+    }
+
+    fn ratio(&mut self, key: &str, num: f64, den: f64) {
+        let r = if den > 0.0 { num / den } else { f64::NAN };
+        self.field(key, json!(round3(r)), Some(format!("{r:.2}×")));
+    }
+
+    fn print(&self, as_json: bool) {
+        if as_json {
+            println!("{}", serde_json::Value::Object(self.fields.clone()));
+            return;
+        }
+        println!("== {}", self.scenario);
+        let width = self.rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (k, v) in &self.rows {
+            println!("  {k:<width$}  {v}");
+        }
+        println!();
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Sequential claims; returns the latency histogram (warm-up dropped) and how many were cold.
+async fn sequential_claims(
+    client: &HearthClient,
+    template: &TemplateName,
+    warmup: usize,
+    samples: usize,
+    release_after: bool,
+) -> Result<(Histogram<u64>, usize, Vec<SessionId>)> {
+    let mut h = histogram();
+    let mut cold = 0;
+    let mut held = Vec::new();
+    let bar = progress((warmup + samples) as u64, "claims");
+    for i in 0..warmup + samples {
+        let request = CreateSessionRequest {
+            template: Some(template.clone()),
+            wait_ms: Some(30_000),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let session = client.create_session(&request).await?;
+        let elapsed = t.elapsed();
+        if i >= warmup {
+            record(&mut h, elapsed);
+            if !session.warm {
+                cold += 1;
+            }
+        }
+        if release_after {
+            client.release(&session.session_id).await?;
+        } else {
+            held.push(session.session_id);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok((h, cold, held))
+}
+
+/// `total` claims by `concurrency` executors; histogram, elapsed, cold count.
+async fn concurrent_claims(
+    client: &HearthClient,
+    template: &TemplateName,
+    total: usize,
+    concurrency: usize,
+) -> Result<(Histogram<u64>, Duration, usize)> {
+    let next = Arc::new(AtomicU64::new(0));
+    let cold = Arc::new(AtomicU64::new(0));
+    let bar = progress(total as u64, "concurrent claims");
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, template, next, cold, bar) = (
+                client.clone(),
+                template.clone(),
+                next.clone(),
+                cold.clone(),
+                bar.clone(),
+            );
+            tokio::spawn(async move {
+                let mut h = histogram();
+                while (next.fetch_add(1, Ordering::Relaxed) as usize) < total {
+                    let request = CreateSessionRequest {
+                        template: Some(template.clone()),
+                        wait_ms: Some(30_000),
+                        ..Default::default()
+                    };
+                    let t = Instant::now();
+                    let s = client.create_session(&request).await?;
+                    record(&mut h, t.elapsed());
+                    if !s.warm {
+                        cold.fetch_add(1, Ordering::Relaxed);
+                    }
+                    bar.inc(1);
+                }
+                Ok::<_, anyhow::Error>(h)
+            })
+        })
+        .collect();
+    let mut h = histogram();
+    for t in tasks {
+        h.add(t.await??)?;
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    Ok((h, elapsed, cold.load(Ordering::Relaxed) as usize))
+}
+
+async fn claims(
+    args: &BenchArgs,
+    sizes: &Sizes,
+    url: Option<&str>,
+    subjects: &Subjects,
+) -> Result<Report> {
+    let needed = sizes.warmup + sizes.samples + sizes.claims;
+    let stack = match url {
+        Some(_) => None,
+        None => Some(
+            OwnStack::start(
+                args.provider,
+                &template_toml("default", needed + 16),
+                needed + 64,
+            )
+            .await?,
+        ),
+    };
+    let url = url.or(stack.as_ref().map(|s| s.url.as_str())).unwrap_or_default();
+    let client = connect(url, subjects).await?;
+    let template = TemplateName::default_template();
+    if stack.is_some() {
+        wait_ready(&client, "default", needed).await?;
+    }
+    let base = baseline(url, sizes.samples).await?;
+    let (seq, seq_cold, _) =
+        sequential_claims(&client, &template, sizes.warmup, sizes.samples, false).await?;
+    let (conc, elapsed, conc_cold) =
+        concurrent_claims(&client, &template, sizes.claims, args.concurrency).await?;
+    let mut r = Report::new("claims");
+    r.baseline(&base);
+    r.latency("claim", &seq);
+    r.ratio(
+        "claim_p50_to_baseline",
+        seq.value_at_quantile(0.5) as f64,
+        base.value_at_quantile(0.5) as f64,
+    );
+    r.field("cold_in_sequential", json!(seq_cold), Some(seq_cold.to_string()));
+    let rate = sizes.claims as f64 / elapsed.as_secs_f64();
+    r.field(
+        "throughput_claims_per_s",
+        json!(rate.round()),
+        Some(format!("{rate:.0}/s with {} executors", args.concurrency)),
+    );
+    r.field("concurrency", json!(args.concurrency), None);
+    r.latency("throughput_claim", &conc);
+    r.field("cold_in_throughput", json!(conc_cold), Some(conc_cold.to_string()));
+    Ok(r)
+}
+
+async fn exec(
+    args: &BenchArgs,
+    sizes: &Sizes,
+    url: Option<&str>,
+    subjects: &Subjects,
+) -> Result<Report> {
+    const SESSIONS: usize = 32;
+    let stack = match url {
+        Some(_) => None,
+        None => Some(
+            OwnStack::start(args.provider, &template_toml("default", SESSIONS + 1), 128).await?,
+        ),
+    };
+    let url = url.or(stack.as_ref().map(|s| s.url.as_str())).unwrap_or_default();
+    let client = connect(url, subjects).await?;
+    if stack.is_some() {
+        wait_ready(&client, "default", SESSIONS).await?;
+    }
+    let template = TemplateName::default_template();
+    let (_, _, sessions) = sequential_claims(&client, &template, 0, SESSIONS, false).await?;
+    let base = baseline(url, sizes.samples).await?;
+    let request = ExecRequest::argv(["true"]);
+    let mut seq = histogram();
+    let bar = progress((sizes.warmup + sizes.samples) as u64, "exec true");
+    for i in 0..sizes.warmup + sizes.samples {
+        let t = Instant::now();
+        let r = client.exec(&sessions[0], &request).await?;
+        if r.exit_code != 0 {
+            bail!("exec true failed: {r:?}");
+        }
+        if i >= sizes.warmup {
+            record(&mut seq, t.elapsed());
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let next = Arc::new(AtomicU64::new(0));
+    let total = sizes.execs;
+    let bar = progress(total as u64, "concurrent execs");
+    let started = Instant::now();
+    let tasks: Vec<_> = sessions
+        .iter()
+        .cloned()
+        .map(|sid| {
+            let (client, next, request, bar) =
+                (client.clone(), next.clone(), request.clone(), bar.clone());
+            tokio::spawn(async move {
+                let mut h = histogram();
+                while (next.fetch_add(1, Ordering::Relaxed) as usize) < total {
+                    let t = Instant::now();
+                    client.exec(&sid, &request).await?;
+                    record(&mut h, t.elapsed());
+                    bar.inc(1);
+                }
+                Ok::<_, anyhow::Error>(h)
+            })
+        })
+        .collect();
+    let mut conc = histogram();
+    for t in tasks {
+        conc.add(t.await??)?;
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+
+    let mut r = Report::new("exec");
+    r.baseline(&base);
+    r.latency("exec", &seq);
+    r.ratio(
+        "exec_p50_to_baseline",
+        seq.value_at_quantile(0.5) as f64,
+        base.value_at_quantile(0.5) as f64,
+    );
+    let rate = total as f64 / elapsed.as_secs_f64();
+    r.field(
+        "throughput_execs_per_s",
+        json!(rate.round()),
+        Some(format!("{rate:.0}/s across {SESSIONS} sessions")),
+    );
+    r.latency("throughput_exec", &conc);
+    Ok(r)
+}
+
+async fn cold(
+    args: &BenchArgs,
+    sizes: &Sizes,
+    url: Option<&str>,
+    subjects: &Subjects,
+) -> Result<Report> {
+    if url.is_some() {
+        bail!("the cold scenario starts its own stack (it needs an empty-pool template)");
+    }
+    let warm_needed = sizes.warmup + sizes.cold;
+    let toml = format!(
+        "{}{}",
+        template_toml("default", warm_needed + 4),
+        template_toml("cold", 0)
+    );
+    let stack = OwnStack::start(args.provider, &toml, warm_needed + 64).await?;
+    let client = connect(&stack.url, subjects).await?;
+    wait_ready(&client, "default", warm_needed).await?;
+    wait_template_built(&client, "cold").await?;
+    let base = baseline(&stack.url, sizes.samples).await?;
+    let cold_template = TemplateName::new("cold")?;
+    let (cold_h, cold_count, _) =
+        sequential_claims(&client, &cold_template, 2, sizes.cold, true).await?;
+    let (warm_h, _, _) = sequential_claims(
+        &client,
+        &TemplateName::default_template(),
+        sizes.warmup,
+        sizes.cold,
+        true,
+    )
+    .await?;
+    let mut r = Report::new("cold");
+    r.baseline(&base);
+    r.latency("cold_claim", &cold_h);
+    r.latency("warm_claim", &warm_h);
+    r.field(
+        "cold_claims_served_cold",
+        json!(cold_count),
+        Some(cold_count.to_string()),
+    );
+    r.ratio(
+        "cold_to_warm_p50",
+        cold_h.value_at_quantile(0.5) as f64,
+        warm_h.value_at_quantile(0.5) as f64,
+    );
+    Ok(r)
+}
+
+async fn wait_template_built(client: &HearthClient, template: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(list) = client.list_templates().await
+            && list
+                .iter()
+                .any(|t| t.name.as_str() == template && t.snapshot_id.is_some())
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("template {template} was not built within 2 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn refill(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Report> {
+    if url.is_some() {
+        bail!("the refill scenario starts its own stack (it measures a pool filling from empty)");
+    }
+    let n = sizes.refill;
+    let stack = OwnStack::start(args.provider, &template_toml("default", n), n + 16).await?;
+    let client = connect(&stack.url, &Subjects::default()).await?;
+    wait_template_built(&client, "default").await?;
+    let elapsed = wait_ready(&client, "default", n).await?;
+    let rate = n as f64 / elapsed.as_secs_f64();
+    let mut r = Report::new("refill");
+    r.field("pool_vms", json!(n), Some(n.to_string()));
+    r.field(
+        "fill_seconds",
+        json!(round3(elapsed.as_secs_f64())),
+        Some(format!("{:.2} s", elapsed.as_secs_f64())),
+    );
+    r.field(
+        "restores_per_s_per_worker",
+        json!(round3(rate)),
+        Some(format!("{rate:.1}/s (1 worker, {:?} provider)", args.provider)),
+    );
+    Ok(r)
+}
+
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))?;
+    Ok(kib * 1024)
+}
+
+async fn memory(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Report> {
+    if url.is_some() {
+        bail!("the memory scenario starts its own stack (it reads the scheduler's RSS)");
+    }
+    let n = sizes.sessions;
+    let pool = 256;
+    let stack = OwnStack::start(
+        hearth_worker::ProviderKind::Fake,
+        &template_toml("default", pool),
+        n + pool + 64,
+    )
+    .await?;
+    let client = connect(&stack.url, &Subjects::default()).await?;
+    wait_ready(&client, "default", pool).await?;
+    let pid = stack
+        .scheduler
+        .pid()
+        .ok_or_else(|| anyhow!("scheduler not running"))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_bytes(pid)?;
+    let (_, elapsed, _) = concurrent_claims(
+        &client,
+        &TemplateName::default_template(),
+        n,
+        args.concurrency,
+    )
+    .await?;
+    wait_ready(&client, "default", pool).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes(pid)?;
+    let per = after.saturating_sub(before) as f64 / n as f64;
+    let mut r = Report::new("memory");
+    r.field("live_sessions", json!(n), Some(n.to_string()));
+    r.field(
+        "scheduler_rss_before_mib",
+        json!(round3(before as f64 / 1048576.0)),
+        Some(format!("{:.1} MiB", before as f64 / 1048576.0)),
+    );
+    r.field(
+        "scheduler_rss_after_mib",
+        json!(round3(after as f64 / 1048576.0)),
+        Some(format!("{:.1} MiB", after as f64 / 1048576.0)),
+    );
+    r.field(
+        "bytes_per_session",
+        json!(per.round()),
+        Some(format!("{per:.0} B (RSS delta / sessions; fake provider worker)")),
+    );
+    r.field(
+        "claim_seconds",
+        json!(round3(elapsed.as_secs_f64())),
+        None,
+    );
+    Ok(r)
+}
