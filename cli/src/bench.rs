@@ -226,7 +226,10 @@ async fn wait_ready(client: &HearthClient, template: &str, ready: usize) -> Resu
     let deadline = started + Duration::from_secs(600);
     loop {
         if let Ok(status) = client.pool_status().await
-            && let Some(p) = status.pools.iter().find(|p| p.template.as_str() == template)
+            && let Some(p) = status
+                .pools
+                .iter()
+                .find(|p| p.template.as_str() == template)
         {
             bar.set_position(p.ready as u64);
             if p.ready as usize >= ready {
@@ -354,7 +357,11 @@ impl Report {
             json!(round3(p50)),
             Some(format!("{p50:.3} ms (bare NATS request/reply, same run)")),
         );
-        self.field("baseline_rtt_p99_ms", json!(round3(p99)), Some(format!("{p99:.3} ms")));
+        self.field(
+            "baseline_rtt_p99_ms",
+            json!(round3(p99)),
+            Some(format!("{p99:.3} ms")),
+        );
     }
 
     fn ratio(&mut self, key: &str, num: f64, den: f64) {
@@ -485,7 +492,9 @@ async fn claims(
             .await?,
         ),
     };
-    let url = url.or(stack.as_ref().map(|s| s.url.as_str())).unwrap_or_default();
+    let url = url
+        .or(stack.as_ref().map(|s| s.url.as_str()))
+        .unwrap_or_default();
     let client = connect(url, subjects).await?;
     let template = TemplateName::default_template();
     if stack.is_some() {
@@ -504,7 +513,11 @@ async fn claims(
         seq.value_at_quantile(0.5) as f64,
         base.value_at_quantile(0.5) as f64,
     );
-    r.field("cold_in_sequential", json!(seq_cold), Some(seq_cold.to_string()));
+    r.field(
+        "cold_in_sequential",
+        json!(seq_cold),
+        Some(seq_cold.to_string()),
+    );
     let rate = sizes.claims as f64 / elapsed.as_secs_f64();
     r.field(
         "throughput_claims_per_s",
@@ -513,7 +526,11 @@ async fn claims(
     );
     r.field("concurrency", json!(args.concurrency), None);
     r.latency("throughput_claim", &conc);
-    r.field("cold_in_throughput", json!(conc_cold), Some(conc_cold.to_string()));
+    r.field(
+        "cold_in_throughput",
+        json!(conc_cold),
+        Some(conc_cold.to_string()),
+    );
     Ok(r)
 }
 
@@ -530,7 +547,9 @@ async fn exec(
             OwnStack::start(args.provider, &template_toml("default", SESSIONS + 1), 128).await?,
         ),
     };
-    let url = url.or(stack.as_ref().map(|s| s.url.as_str())).unwrap_or_default();
+    let url = url
+        .or(stack.as_ref().map(|s| s.url.as_str()))
+        .unwrap_or_default();
     let client = connect(url, subjects).await?;
     if stack.is_some() {
         wait_ready(&client, "default", SESSIONS).await?;
@@ -686,7 +705,10 @@ async fn refill(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Re
     r.field(
         "restores_per_s_per_worker",
         json!(round3(rate)),
-        Some(format!("{rate:.1}/s (1 worker, {:?} provider)", args.provider)),
+        Some(format!(
+            "{rate:.1}/s (1 worker, {:?} provider)",
+            args.provider
+        )),
     );
     Ok(r)
 }
@@ -747,12 +769,10 @@ async fn memory(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Re
     r.field(
         "bytes_per_session",
         json!(per.round()),
-        Some(format!("{per:.0} B (RSS delta / sessions; fake provider worker)")),
+        Some(format!(
+            "{per:.0} B (RSS delta / sessions; fake provider worker)"
+        )),
     );
-    r.field(
-        "claim_seconds",
-        json!(round3(elapsed.as_secs_f64())),
-        None,
-    );
+    r.field("claim_seconds", json!(round3(elapsed.as_secs_f64())), None);
     Ok(r)
 }

@@ -77,7 +77,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn client(nats_url: Option<&str>, subjects: Subjects, timeout: Duration) -> Result<HearthClient> {
+async fn client(
+    nats_url: Option<&str>,
+    subjects: Subjects,
+    timeout: Duration,
+) -> Result<HearthClient> {
     let url = nats_url.unwrap_or(DEFAULT_NATS_URL);
     let nats = async_nats::ConnectOptions::new()
         .name("hearth cli")

@@ -1,0 +1,414 @@
+//! Session lifetimes: TTL (running time only), idle stop, resume, prune (with optional backup),
+//! keepalive, release, and forgetting ended sessions after the retention.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_messages::{
+    JobOp, JobOutput, KeepaliveRequest, Session, SessionId, SessionState, TerminationReason,
+    WireError,
+};
+use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
+
+use super::state::SessionSlot;
+use super::{Core, store_error, unknown_session};
+use crate::metrics as m;
+use crate::store::{SessionRecord, StoreError};
+use crate::worker_api::job;
+
+/// How long a destroy without backup may take before the session is ended anyway.
+const BEST_EFFORT_DESTROY: Duration = Duration::from_secs(5);
+
+/// How a session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The client released it: destroy now.
+    Release,
+    /// Its TTL ran out: destroy.
+    Ttl,
+    /// Stopped longer than `prune_after`: destroy (with backup if configured).
+    Prune,
+    /// Its worker is lost: nothing to destroy.
+    WorkerLost,
+    /// Its VM is gone (vanished, failed, evicted by the worker).
+    VmGone(TerminationReason),
+}
+
+/// A lifetime action the periodic pass or a heartbeat decided on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    End(End),
+    /// Idle: stop the VM.
+    Stop,
+    /// The worker reports the VM stopped (not by us): record it.
+    MarkStopped {
+        activity_ms: u64,
+    },
+    /// The worker reports the stopped VM running again (an exec resumed it).
+    Resume,
+    /// Ended long enough ago: delete the record.
+    Forget,
+}
+
+impl Core {
+    pub(crate) async fn lifecycle_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.cfg.lifecycle_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.lifecycle_pass();
+            self.session_gauges();
+        }
+    }
+
+    /// Decides the due lifetime action of every session and runs them in the background.
+    pub(crate) fn lifecycle_pass(self: &Arc<Self>) {
+        let now_ms = self.clock.now_ms();
+        let now = Instant::now();
+        let s = &self.cfg.sessions;
+        let (slots, lost_workers) = {
+            let st = self.state.lock();
+            let slots: Vec<Arc<SessionSlot>> = st.sessions.values().cloned().collect();
+            let lost: std::collections::HashSet<_> = st
+                .workers
+                .iter()
+                .filter(|(_, w)| !w.live)
+                .map(|(id, _)| id.clone())
+                .collect();
+            (slots, lost)
+        };
+        for slot in slots {
+            let action = {
+                let d = slot.data.lock();
+                if d.retry_at.is_some_and(|t| t > now) {
+                    continue;
+                }
+                let r = &d.rec;
+                if d.is_live() && lost_workers.contains(&r.session.worker_id) {
+                    // Level-triggered: a session on a lost worker is lost, even if ending it
+                    // failed when the worker was first declared lost.
+                    drop(d);
+                    self.act(slot, Action::End(End::WorkerLost));
+                    continue;
+                }
+                match r.session.state {
+                    SessionState::Running => {
+                        let idle_for = now_ms.saturating_sub(d.idle_since_ms());
+                        if now_ms >= r.session.expires_ms {
+                            Some(Action::End(End::Ttl))
+                        } else if r
+                            .idle_timeout_s
+                            .is_some_and(|t| idle_for >= t.saturating_mul(1000))
+                        {
+                            Some(Action::Stop)
+                        } else {
+                            None
+                        }
+                    }
+                    SessionState::Stopped => {
+                        let since = r.stopped_ms.unwrap_or(now_ms);
+                        (now_ms.saturating_sub(since) >= s.prune_after.as_millis() as u64)
+                            .then_some(Action::End(End::Prune))
+                    }
+                    SessionState::Released | SessionState::Lost => {
+                        let since = r.ended_ms.unwrap_or(now_ms);
+                        (now_ms.saturating_sub(since) >= s.retention.as_millis() as u64)
+                            .then_some(Action::Forget)
+                    }
+                }
+            };
+            if let Some(action) = action {
+                self.act(slot, action);
+            }
+        }
+    }
+
+    /// Runs `action` on `slot` in the background, unless another operation holds the session.
+    pub(crate) fn act(self: &Arc<Self>, slot: Arc<SessionSlot>, action: Action) {
+        let Ok(guard) = slot.op.clone().try_lock_owned() else {
+            return;
+        };
+        let core = self.clone();
+        self.spawn(async move {
+            let sid = slot.data.lock().rec.session.session_id.clone();
+            let result = match action {
+                Action::End(end) => core.end_locked(&slot, &guard, end).await.map(|_| ()),
+                Action::Stop => core.stop_locked(&slot, &guard).await,
+                Action::MarkStopped { activity_ms } => core
+                    .mark_stopped_locked(&slot, &guard, activity_ms)
+                    .await
+                    .map_err(store_error),
+                Action::Resume => core.resume_locked(&slot, &guard).await.map_err(store_error),
+                Action::Forget => core.forget_locked(&slot, &guard).await.map_err(store_error),
+            };
+            if let Err(err) = result {
+                tracing::warn!(session_id = %sid, ?action, error = %err, "lifetime action failed; will retry");
+                slot.data.lock().retry_at = Some(Instant::now() + Duration::from_secs(10));
+            }
+            drop(guard);
+        });
+    }
+
+    /// Writes the session with `change` applied (compare-and-set on its revision). The caller
+    /// holds the session's op lock.
+    pub(crate) async fn persist(
+        &self,
+        slot: &SessionSlot,
+        change: impl FnOnce(&mut SessionRecord),
+    ) -> Result<Session, StoreError> {
+        let (mut rec, rev) = {
+            let d = slot.data.lock();
+            let mut rec = d.rec.clone();
+            rec.session.last_used_ms = rec.session.last_used_ms.max(d.last_used_ms);
+            (rec, d.rev)
+        };
+        change(&mut rec);
+        let new_rev = self.store.update_session(&rec, rev).await?;
+        let mut d = slot.data.lock();
+        d.rec = rec;
+        d.rev = new_rev;
+        d.retry_at = None;
+        Ok(d.view())
+    }
+
+    /// Ends a session (idempotent: an ended session is returned as it is).
+    pub(crate) async fn end_locked(
+        self: &Arc<Self>,
+        slot: &SessionSlot,
+        _guard: &OwnedMutexGuard<()>,
+        end: End,
+    ) -> Result<Session, WireError> {
+        let session = slot.view();
+        if session.state.is_terminal() {
+            return Ok(session);
+        }
+        let (state, reason, destroy, backup) = match end {
+            End::Release => (
+                SessionState::Released,
+                TerminationReason::Released,
+                true,
+                false,
+            ),
+            End::Ttl => (SessionState::Released, TerminationReason::Ttl, true, false),
+            End::Prune => (
+                SessionState::Released,
+                TerminationReason::Idle,
+                true,
+                self.cfg.sessions.backup_on_prune,
+            ),
+            End::WorkerLost => (
+                SessionState::Lost,
+                TerminationReason::WorkerLost,
+                false,
+                false,
+            ),
+            End::VmGone(reason) => {
+                let state = match reason {
+                    TerminationReason::Released
+                    | TerminationReason::Ttl
+                    | TerminationReason::Idle
+                    | TerminationReason::Evicted => SessionState::Released,
+                    _ => SessionState::Lost,
+                };
+                (state, reason, false, false)
+            }
+        };
+        if destroy {
+            let live = self.state.lock().worker_live(&session.worker_id);
+            if live {
+                let op = JobOp::DestroyVm {
+                    vm_id: session.session_id.clone().into(),
+                    backup,
+                    reason: Some(reason),
+                };
+                // Without a backup the destroy is best effort (reconcile removes a VM no session
+                // owns), so a wedged worker does not hold a release for long.
+                let timeout = if backup {
+                    self.cfg.jobs.lifecycle
+                } else {
+                    self.cfg.jobs.lifecycle.min(BEST_EFFORT_DESTROY)
+                };
+                match self.api.job(&session.worker_id, job(op), timeout).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_gone() => {}
+                    Err(e) if backup => {
+                        // Keep the session (and its volume) until the backup can be taken.
+                        return Err(WireError::internal(format!("destroy with backup: {e}")));
+                    }
+                    Err(e) => {
+                        // Reconcile destroys the VM once the session no longer owns it.
+                        tracing::warn!(session_id = %session.session_id, error = %e,
+                            "destroying the session's vm failed; reconcile will retry");
+                    }
+                }
+            } else if backup {
+                tracing::warn!(session_id = %session.session_id, "worker not live: pruned without backup");
+            }
+        }
+        let now = self.clock.now_ms();
+        let session = self
+            .persist(slot, |r| {
+                r.session.state = state;
+                r.reason = Some(reason);
+                r.ended_ms = Some(now);
+            })
+            .await
+            .map_err(store_error)?;
+        metrics::counter!(m::SESSION_TERMINATIONS_TOTAL, "reason" => reason.as_str()).increment(1);
+        tracing::info!(session_id = %session.session_id, state = ?state, reason = reason.as_str(), "session ended");
+        self.publish(&session, Some(reason));
+        Ok(session)
+    }
+
+    async fn stop_locked(
+        self: &Arc<Self>,
+        slot: &SessionSlot,
+        _guard: &OwnedMutexGuard<()>,
+    ) -> Result<(), WireError> {
+        let session = slot.view();
+        if session.state != SessionState::Running {
+            return Ok(());
+        }
+        if !self.state.lock().worker_live(&session.worker_id) {
+            return Ok(());
+        }
+        let op = JobOp::StopVm {
+            vm_id: session.session_id.clone().into(),
+        };
+        let activity = match self
+            .api
+            .job(&session.worker_id, job(op), self.cfg.jobs.lifecycle)
+            .await
+        {
+            Ok(JobOutput::Vm { vm }) => vm.last_activity_ms,
+            Ok(other) => return Err(WireError::internal(format!("stop answered {other:?}"))),
+            Err(e) => return Err(WireError::internal(format!("stop: {e}"))),
+        };
+        tracing::info!(session_id = %session.session_id, "idle session stopped");
+        self.mark_stopped_locked(slot, _guard, activity)
+            .await
+            .map_err(store_error)
+    }
+
+    async fn mark_stopped_locked(
+        self: &Arc<Self>,
+        slot: &SessionSlot,
+        _guard: &OwnedMutexGuard<()>,
+        activity_ms: u64,
+    ) -> Result<(), StoreError> {
+        if slot.view().state != SessionState::Running {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        let session = self
+            .persist(slot, |r| {
+                r.session.state = SessionState::Stopped;
+                r.stopped_ms = Some(now);
+                r.ttl_paused_ms = Some(now);
+                r.stop_activity_ms = Some(activity_ms);
+            })
+            .await?;
+        slot.data.lock().observed_activity = Some(activity_ms);
+        self.publish(&session, None);
+        Ok(())
+    }
+
+    async fn resume_locked(
+        self: &Arc<Self>,
+        slot: &SessionSlot,
+        _guard: &OwnedMutexGuard<()>,
+    ) -> Result<(), StoreError> {
+        if slot.view().state != SessionState::Stopped {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        let session = self
+            .persist(slot, |r| {
+                // Stopped time does not count against the TTL.
+                let paused = now.saturating_sub(r.ttl_paused_ms.unwrap_or(now));
+                r.session.expires_ms = r.session.expires_ms.saturating_add(paused);
+                r.session.state = SessionState::Running;
+                r.session.last_used_ms = now;
+                r.stopped_ms = None;
+                r.ttl_paused_ms = None;
+                r.stop_activity_ms = None;
+            })
+            .await?;
+        {
+            let mut d = slot.data.lock();
+            d.last_used_ms = now;
+            d.idle_base_ms = now;
+            d.observed_activity = None;
+        }
+        tracing::info!(session_id = %session.session_id, "stopped session resumed");
+        self.publish(&session, None);
+        Ok(())
+    }
+
+    async fn forget_locked(
+        self: &Arc<Self>,
+        slot: &Arc<SessionSlot>,
+        _guard: &OwnedMutexGuard<()>,
+    ) -> Result<(), StoreError> {
+        let sid = slot.data.lock().rec.session.session_id.clone();
+        self.store.delete_session(&sid).await?;
+        let mut st = self.state.lock();
+        if st.sessions.get(&sid).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            st.sessions.remove(&sid);
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn keepalive(
+        self: &Arc<Self>,
+        sid: &SessionId,
+        req: KeepaliveRequest,
+    ) -> Result<Session, WireError> {
+        if req.ttl_s == Some(0) {
+            return Err(WireError::bad_request("ttl_s must be positive"));
+        }
+        let slot = self.slot(sid).ok_or_else(|| unknown_session(sid))?;
+        let _guard = slot.op.lock().await;
+        let current = slot.view();
+        if current.state.is_terminal() {
+            return Err(WireError::conflict(format!(
+                "session {sid} has ended ({})",
+                state_name(current.state)
+            )));
+        }
+        let max = self.cfg.sessions.max_ttl.as_secs().max(1);
+        let ttl = req
+            .ttl_s
+            .unwrap_or_else(|| slot.data.lock().rec.ttl_s)
+            .clamp(1, max);
+        let now = self.clock.now_ms();
+        self.persist(&slot, |r| {
+            r.ttl_s = ttl;
+            r.session.expires_ms = now + ttl * 1000;
+            if r.session.state == SessionState::Stopped {
+                r.ttl_paused_ms = Some(now);
+            }
+        })
+        .await
+        .map_err(store_error)
+    }
+
+    pub(crate) async fn release(self: &Arc<Self>, sid: &SessionId) -> Result<Session, WireError> {
+        let slot = self.slot(sid).ok_or_else(|| unknown_session(sid))?;
+        let guard = slot.op.clone().lock_owned().await;
+        self.end_locked(&slot, &guard, End::Release).await
+    }
+}
+
+pub(crate) fn state_name(state: SessionState) -> &'static str {
+    match state {
+        SessionState::Running => "running",
+        SessionState::Stopped => "stopped",
+        SessionState::Released => "released",
+        SessionState::Lost => "lost",
+    }
+}

@@ -1,0 +1,551 @@
+//! The scheduler core: pools, placement, claims and session lifetimes. It decides; it does I/O only
+//! through [`WorkerApi`] (jobs), [`Store`] (KV) and [`EventSink`] (events), so it runs in logic
+//! tests with paused time, an in-memory store and in-process workers.
+//!
+//! Architecture invariants:
+//! - A pooled VM leaves the ready list only by being popped under the state lock; a popped VM is
+//!   never pushed back. Hence no VM is ever handed to two sessions.
+//! - The state lock ([`Core::state`]) is synchronous and never held across an `.await`. Operations
+//!   on one session are serialised by that session's async lock.
+//! - A session is written to the store before the client hears of it; a VM that was claimed but
+//!   could not be recorded is destroyed.
+//! - Every VM on a live worker is owned by a live session, a ready pool entry or a job in flight,
+//!   or it is destroyed as leaked (after a grace for young VMs).
+
+mod claim;
+mod lifetimes;
+mod observe;
+mod pool;
+pub(crate) mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_messages::{
+    CreateSessionRequest, KeepaliveRequest, ListSessionsRequest, PoolStatus, PoolsStatus, Session,
+    SessionEvent, SessionId, SessionList, SessionState, SnapshotSessionRequest, Template,
+    TemplateList, TemplateName, VmEvent, WireError, WorkerStatus,
+};
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::config::SchedulerConfig;
+use crate::metrics as m;
+use crate::store::{Store, StoreError, TemplateRecord};
+use crate::worker_api::{EventSink, WorkerApi};
+use state::{PoolVm, SessionData, SessionSlot, State, TemplateEntry, WorkerEntry};
+
+/// The shared core behind [`Scheduler`].
+pub(crate) struct Core {
+    cfg: Arc<SchedulerConfig>,
+    api: Arc<dyn WorkerApi>,
+    store: Store,
+    events: Arc<dyn EventSink>,
+    clock: Clock,
+    state: Mutex<State>,
+    /// Wakes the pool supervisor (claims, restores finishing, workers appearing).
+    pool_wake: Notify,
+    /// Bumped whenever a template's snapshot changes (cold claims wait on it).
+    templates_changed: watch::Sender<u64>,
+    /// Bumped on every heartbeat (startup waits on it).
+    heartbeats: watch::Sender<u64>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").finish_non_exhaustive()
+    }
+}
+
+/// The scheduler core: a cheap handle (clone it freely).
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    core: Arc<Core>,
+}
+
+impl Scheduler {
+    /// Loads every session, pool entry and template from `store` and merges the templates of the
+    /// config. Nothing runs until [`Scheduler::start_background`].
+    pub async fn load(
+        cfg: Arc<SchedulerConfig>,
+        api: Arc<dyn WorkerApi>,
+        store: Store,
+        events: Arc<dyn EventSink>,
+    ) -> Result<Self, StoreError> {
+        let loaded = store.load_all().await?;
+        for err in &loaded.corrupt {
+            tracing::error!(error = %err, "skipping a corrupt record");
+        }
+        let now = Instant::now();
+        let clock = Clock::new();
+        let mut st = State::default();
+        let mut template_writes = Vec::new();
+
+        // Templates: the stored ones, merged with the config (which wins on sizing).
+        for rec in loaded.templates {
+            st.templates.insert(
+                rec.template.name.clone(),
+                TemplateEntry {
+                    rec,
+                    config: None,
+                    building: false,
+                    needs_rebuild: false,
+                    build_failures: 0,
+                    build_backoff_until: None,
+                    reserved: false,
+                },
+            );
+        }
+        for tc in &cfg.templates {
+            let entry = st
+                .templates
+                .entry(tc.name.clone())
+                .or_insert_with(|| TemplateEntry {
+                    rec: TemplateRecord {
+                        template: Template {
+                            name: tc.name.clone(),
+                            snapshot_id: None,
+                            source_session: None,
+                            min_ready: 0,
+                            max_ready: 0,
+                            vcpus: 0,
+                            memory_mib: 0,
+                            created_ms: clock.now_ms(),
+                        },
+                        env: Default::default(),
+                        build: None,
+                    },
+                    config: None,
+                    building: false,
+                    needs_rebuild: false,
+                    build_failures: 0,
+                    build_backoff_until: None,
+                    reserved: false,
+                });
+            let before = entry.rec.clone();
+            let t = &mut entry.rec.template;
+            t.min_ready = tc.min_ready;
+            t.max_ready = tc.max_ready();
+            t.vcpus = tc.vcpus;
+            t.memory_mib = tc.memory_mib;
+            entry.rec.env = tc.env.clone();
+            entry.config = Some(tc.clone());
+            if entry.rec != before {
+                template_writes.push(entry.rec.clone());
+            }
+        }
+        for entry in st.templates.values_mut() {
+            if entry.config.is_none() && entry.rec.build.is_some() {
+                // A config template that is no longer configured: keep it claimable (cold), but
+                // keep no pool.
+                entry.rec.template.min_ready = 0;
+                entry.rec.template.max_ready = 0;
+            }
+        }
+
+        // Sessions.
+        for (rec, rev) in loaded.sessions {
+            let sid = rec.session.session_id.clone();
+            if !rec.session.state.is_terminal() {
+                st.workers
+                    .entry(rec.session.worker_id.clone())
+                    .or_insert_with(|| WorkerEntry::unconfirmed(now));
+            }
+            let mut data = SessionData::new(rec, rev, None);
+            // The idle timer restarts: activity since the last write is unknown.
+            data.idle_base_ms = clock.now_ms();
+            st.sessions.insert(sid, SessionSlot::new(data));
+        }
+
+        // Pool entries.
+        let mut pool_deletes = Vec::new();
+        for rec in loaded.pool {
+            if !st.templates.contains_key(&rec.template) {
+                pool_deletes.push(rec.vm_id.clone());
+                continue;
+            }
+            st.workers
+                .entry(rec.worker_id.clone())
+                .or_insert_with(|| WorkerEntry::unconfirmed(now));
+            st.pools
+                .entry(rec.template.clone())
+                .or_default()
+                .ready
+                .push_back(PoolVm {
+                    rec,
+                    missing_since: None,
+                });
+        }
+        for pool in st.pools.values_mut() {
+            pool.ready
+                .make_contiguous()
+                .sort_by_key(|e| e.rec.created_ms);
+        }
+        tracing::info!(
+            sessions = st.sessions.len(),
+            pool = st.pools.values().map(|p| p.ready.len()).sum::<usize>(),
+            templates = st.templates.len(),
+            "state loaded"
+        );
+
+        let core = Arc::new(Core {
+            cfg,
+            api,
+            store,
+            events,
+            clock,
+            state: Mutex::new(st),
+            pool_wake: Notify::new(),
+            templates_changed: watch::Sender::new(0),
+            heartbeats: watch::Sender::new(0),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        });
+        for rec in template_writes {
+            if let Err(err) = core.store.put_template(&rec).await {
+                tracing::warn!(error = %err, template = %rec.template.name, "saving template");
+            }
+        }
+        for vm in pool_deletes {
+            let _ = core.store.delete_pool(&vm).await;
+        }
+        Ok(Self { core })
+    }
+
+    /// Starts the background loops: pool supervisor, session lifetimes, worker liveness.
+    pub fn start_background(&self) {
+        let core = self.core.clone();
+        self.core.spawn(async move { core.pool_supervisor().await });
+        let core = self.core.clone();
+        self.core.spawn(async move { core.lifecycle_loop().await });
+        let core = self.core.clone();
+        self.core.spawn(async move { core.liveness_loop().await });
+    }
+
+    /// Waits until every worker the loaded state references has sent a heartbeat, or `timeout`.
+    /// Call before serving after a restart, so that claims see the fleet as it is.
+    pub async fn wait_for_workers(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut rx = self.core.heartbeats.subscribe();
+        loop {
+            let pending = self
+                .core
+                .state
+                .lock()
+                .workers
+                .values()
+                .any(|w| w.status.is_none());
+            if !pending {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Stops the background loops and waits (at most `grace`) for the tasks they spawned. The
+    /// gauges are zeroed: a standby must not report a fleet it no longer manages.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.core.cancel.cancel();
+        self.core.tasks.close();
+        {
+            let st = self.core.state.lock();
+            for name in st.templates.keys() {
+                let label = [("template", name.to_string())];
+                metrics::gauge!(m::POOL_READY, &label).set(0.0);
+                metrics::gauge!(m::POOL_RESTORING, &label).set(0.0);
+                metrics::gauge!(m::POOL_TARGET, &label).set(0.0);
+            }
+            for state in ["running", "stopped", "released", "lost"] {
+                metrics::gauge!(m::SESSIONS, "state" => state).set(0.0);
+            }
+            metrics::gauge!(m::WORKERS_UP).set(0.0);
+        }
+        if tokio::time::timeout(grace, self.core.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks still running after the grace period");
+        }
+    }
+
+    /// `sessions.create`: claim a warm VM, or restore one cold. Wakes the refill afterwards.
+    pub async fn create_session(&self, req: CreateSessionRequest) -> Result<Session, WireError> {
+        let result = self.core.clone().claim_session(req).await;
+        self.wake_refill();
+        result
+    }
+
+    /// `sessions.create` without waking the refill: the service replies first, then calls
+    /// [`Scheduler::wake_refill`].
+    pub async fn claim_session(&self, req: CreateSessionRequest) -> Result<Session, WireError> {
+        self.core.clone().claim_session(req).await
+    }
+
+    /// Wakes the pool supervisor (after a claim's reply).
+    pub fn wake_refill(&self) {
+        self.core.pool_wake.notify_one();
+    }
+
+    /// `sessions.<sid>.get`.
+    pub fn get_session(&self, sid: &SessionId) -> Result<Session, WireError> {
+        self.core
+            .slot(sid)
+            .map(|s| s.view())
+            .ok_or_else(|| unknown_session(sid))
+    }
+
+    /// `sessions.list`: live sessions matching the filter, by creation time.
+    pub fn list_sessions(&self, req: &ListSessionsRequest) -> SessionList {
+        let slots: Vec<_> = self.core.state.lock().sessions.values().cloned().collect();
+        let mut sessions: Vec<Session> = slots
+            .iter()
+            .map(|s| s.view())
+            .filter(|s| !s.state.is_terminal())
+            .filter(|s| req.template.as_ref().is_none_or(|t| &s.template == t))
+            .filter(|s| {
+                req.labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(k).is_some_and(|x| x == v))
+            })
+            .collect();
+        sessions.sort_by(|a, b| {
+            (a.created_ms, a.session_id.as_str()).cmp(&(b.created_ms, b.session_id.as_str()))
+        });
+        SessionList { sessions }
+    }
+
+    /// `sessions.<sid>.keepalive`.
+    pub async fn keepalive(
+        &self,
+        sid: &SessionId,
+        req: KeepaliveRequest,
+    ) -> Result<Session, WireError> {
+        self.core.keepalive(sid, req).await
+    }
+
+    /// `sessions.<sid>.release`: destroys the VM now. Releasing an ended session returns it.
+    pub async fn release(&self, sid: &SessionId) -> Result<Session, WireError> {
+        self.core.release(sid).await
+    }
+
+    /// `sessions.<sid>.snapshot`: captures the session's VM as a new template.
+    pub async fn snapshot_session(
+        &self,
+        sid: &SessionId,
+        req: SnapshotSessionRequest,
+    ) -> Result<Template, WireError> {
+        self.core.clone().snapshot_session(sid, req).await
+    }
+
+    /// `templates.list`.
+    pub fn list_templates(&self) -> TemplateList {
+        let st = self.core.state.lock();
+        TemplateList {
+            templates: st
+                .templates
+                .values()
+                .filter(|t| !t.reserved)
+                .map(|t| t.rec.template.clone())
+                .collect(),
+        }
+    }
+
+    /// `pools.status`.
+    pub fn pools_status(&self) -> PoolsStatus {
+        let st = self.core.state.lock();
+        let mut claimed: std::collections::HashMap<&TemplateName, u32> = Default::default();
+        let slots: Vec<_> = st.sessions.values().cloned().collect();
+        let views: Vec<Session> = slots.iter().map(|s| s.view()).collect();
+        for s in &views {
+            if !s.state.is_terminal() {
+                *claimed.entry(&s.template).or_default() += 1;
+            }
+        }
+        PoolsStatus {
+            pools: st
+                .templates
+                .values()
+                .filter(|t| !t.reserved)
+                .map(|t| {
+                    let name = &t.rec.template.name;
+                    let pool = st.pools.get(name);
+                    PoolStatus {
+                        template: name.clone(),
+                        ready: pool.map_or(0, |p| p.ready.len() as u32),
+                        restoring: pool.map_or(0, |p| p.restoring.len() as u32),
+                        target: t.rec.template.min_ready,
+                        claimed: claimed.get(name).copied().unwrap_or(0),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Feeds one worker heartbeat (observations, liveness, leak reconcile).
+    pub fn on_heartbeat(&self, status: WorkerStatus) {
+        self.core.clone().on_heartbeat(status);
+    }
+
+    /// Feeds one VM event from a worker.
+    pub fn on_vm_event(&self, event: VmEvent) {
+        self.core.clone().on_vm_event(event);
+    }
+
+    /// Runs one liveness pass now (tests; the background loop runs it periodically).
+    pub fn check_liveness(&self) {
+        self.core.clone().check_liveness();
+    }
+
+    /// Ready pooled VMs of `template` (tests and status).
+    pub fn ready_count(&self, template: &TemplateName) -> usize {
+        self.core
+            .state
+            .lock()
+            .pools
+            .get(template)
+            .map_or(0, |p| p.ready.len())
+    }
+
+    /// Ids and workers of the ready pooled VMs of `template`, oldest first (tests).
+    pub fn ready_vms(
+        &self,
+        template: &TemplateName,
+    ) -> Vec<(hearth_messages::VmId, hearth_messages::WorkerId)> {
+        self.core
+            .state
+            .lock()
+            .pools
+            .get(template)
+            .map(|p| {
+                p.ready
+                    .iter()
+                    .map(|e| (e.rec.vm_id.clone(), e.rec.worker_id.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Live workers.
+    pub fn live_workers(&self) -> Vec<hearth_messages::WorkerId> {
+        let st = self.core.state.lock();
+        st.workers
+            .iter()
+            .filter(|(_, w)| w.live && w.status.is_some())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The scheduler's clock (unix ms), which follows tokio's (paused in tests) time.
+    pub fn now_ms(&self) -> u64 {
+        self.core.clock.now_ms()
+    }
+}
+
+pub(crate) fn unknown_session(sid: &SessionId) -> WireError {
+    WireError::not_found(format!("unknown session {sid}"))
+}
+
+fn store_error(err: StoreError) -> WireError {
+    match err {
+        StoreError::Conflict { key } => {
+            WireError::conflict(format!("concurrent update of {key}; retry"))
+        }
+        other => WireError::no_capacity(other.to_string(), 1000),
+    }
+}
+
+impl Core {
+    /// Spawns a task owned by the core (cancelled on shutdown).
+    fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = fut => {}
+            }
+        });
+    }
+
+    fn slot(&self, sid: &SessionId) -> Option<Arc<SessionSlot>> {
+        self.state.lock().sessions.get(sid).cloned()
+    }
+
+    fn retry_after_ms(&self) -> u64 {
+        self.cfg.retry_after.as_millis() as u64
+    }
+
+    /// Publishes a session event in the background.
+    fn publish(
+        self: &Arc<Self>,
+        session: &Session,
+        reason: Option<hearth_messages::TerminationReason>,
+    ) {
+        let event = SessionEvent {
+            session_id: session.session_id.clone(),
+            state: session.state,
+            reason,
+            at_ms: self.clock.now_ms(),
+        };
+        let events = self.events.clone();
+        self.spawn(async move { events.session_event(event).await });
+    }
+
+    /// Sets the pool gauges of `template`.
+    fn pool_gauges(st: &State, template: &TemplateName) {
+        let (ready, restoring) = st
+            .pools
+            .get(template)
+            .map_or((0, 0), |p| (p.ready.len(), p.restoring.len()));
+        let target = st
+            .templates
+            .get(template)
+            .map_or(0, |t| t.rec.template.min_ready);
+        let label = [("template", template.to_string())];
+        metrics::gauge!(m::POOL_READY, &label).set(ready as f64);
+        metrics::gauge!(m::POOL_RESTORING, &label).set(restoring as f64);
+        metrics::gauge!(m::POOL_TARGET, &label).set(target as f64);
+    }
+
+    /// Sets the sessions-by-state gauge.
+    fn session_gauges(&self) {
+        let slots: Vec<_> = self.state.lock().sessions.values().cloned().collect();
+        let mut counts = [0u64; 4];
+        for s in &slots {
+            let i = match s.data.lock().rec.session.state {
+                SessionState::Running => 0,
+                SessionState::Stopped => 1,
+                SessionState::Released => 2,
+                SessionState::Lost => 3,
+            };
+            counts[i] += 1;
+        }
+        for (i, state) in ["running", "stopped", "released", "lost"]
+            .iter()
+            .enumerate()
+        {
+            metrics::gauge!(m::SESSIONS, "state" => *state).set(counts[i] as f64);
+        }
+    }
+
+    /// Live workers (for the gauge).
+    fn workers_up(st: &State) -> usize {
+        st.workers
+            .values()
+            .filter(|w| w.live && w.status.is_some())
+            .count()
+    }
+}

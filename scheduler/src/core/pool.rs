@@ -1,0 +1,536 @@
+//! Warm pools: the supervisor that keeps each template at its target, restores, template snapshot
+//! builds, and templates made from a session's snapshot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_messages::{
+    ErrorCode, JobOp, JobOutput, SessionId, SnapshotId, SnapshotSessionRequest, Template,
+    TemplateName, VmId, VmSpec, WireError, WorkerId,
+};
+use tokio::time::Instant;
+
+use super::claim::pool_vm_id;
+use super::state::{PoolVm, TemplateEntry};
+use super::{Core, store_error, unknown_session};
+use crate::metrics as m;
+use crate::store::{BuildSpec, PoolRecord, StoreError, TemplateRecord};
+use crate::worker_api::{JobError, job};
+
+/// A fresh snapshot id for `template`.
+fn snapshot_id(template: &TemplateName) -> SnapshotId {
+    let short: String = template.as_str().chars().take(100).collect();
+    let rand = uuid::Uuid::new_v4().simple().to_string();
+    SnapshotId::new(format!("{short}-{}", &rand[..16])).expect("a valid snapshot id")
+}
+
+impl Core {
+    /// Keeps every pool at its target: woken by claims, finished restores and heartbeats, and
+    /// every `reconcile_interval` as a level-triggered backstop.
+    pub(crate) async fn pool_supervisor(self: Arc<Self>) {
+        loop {
+            let next = self.maintain_pools();
+            let mut wake_at = Instant::now() + self.cfg.reconcile_interval;
+            if let Some(t) = next {
+                wake_at = wake_at.min(t);
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.pool_wake.notified() => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+        }
+    }
+
+    /// One pass over every template: builds, retirements, restores. Returns the earliest backoff
+    /// deadline, when the pass should run again.
+    pub(crate) fn maintain_pools(self: &Arc<Self>) -> Option<Instant> {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let mut soon = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        let mut builds = Vec::new();
+        let mut restores = Vec::new();
+        let mut retire = Vec::new();
+        {
+            let mut st = self.state.lock();
+            let names: Vec<TemplateName> = st.templates.keys().cloned().collect();
+            for name in names {
+                let Some(t) = st.templates.get_mut(&name) else {
+                    continue;
+                };
+                if t.reserved {
+                    continue;
+                }
+                if t.needs_build() && !t.building {
+                    match t.build_backoff_until {
+                        Some(until) if until > now => soon(until),
+                        _ => {
+                            t.building = true;
+                            builds.push(name.clone());
+                        }
+                    }
+                }
+                let building = t.building;
+                let Some(snapshot) = t.snapshot().cloned() else {
+                    Core::pool_gauges(&st, &name);
+                    continue;
+                };
+                let min_ready = t.rec.template.min_ready as usize;
+                let max_ready = t.rec.template.max_ready.max(t.rec.template.min_ready) as usize;
+                let pool = st.pools.entry(name.clone()).or_default();
+
+                // Retire VMs of a replaced snapshot, and VMs beyond max_ready (newest first).
+                let mut i = 0;
+                while i < pool.ready.len() {
+                    if pool.ready[i].rec.snapshot_id != snapshot {
+                        if let Some(e) = pool.ready.remove(i) {
+                            retire.push(e);
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                while pool.ready.len() + pool.restoring.len() > max_ready {
+                    match pool.ready.pop_back() {
+                        Some(e) => retire.push(e),
+                        None => break,
+                    }
+                }
+                let have = pool.ready.len() + pool.restoring.len();
+                if pool.ready.len() < min_ready {
+                    pool.below_target_since.get_or_insert(now);
+                }
+                if building {
+                    continue;
+                }
+                if let Some(until) = pool.backoff_until {
+                    if until > now {
+                        soon(until);
+                        continue;
+                    }
+                    pool.backoff_until = None;
+                }
+                let deficit = min_ready.saturating_sub(have);
+                let room = max_ready.saturating_sub(have);
+                let parallel =
+                    (self.cfg.refill_parallelism as usize).saturating_sub(pool.restoring.len());
+                let wanted = deficit.min(room).min(parallel);
+                for _ in 0..wanted {
+                    let vm_id = pool_vm_id("pool", &name);
+                    let Some(worker) = super::claim::pick_worker(&st, Some(&name), &[], now) else {
+                        break;
+                    };
+                    if let Some(w) = st.workers.get_mut(&worker) {
+                        w.pending += 1;
+                    }
+                    st.mark(&worker, &vm_id);
+                    st.pools
+                        .entry(name.clone())
+                        .or_default()
+                        .restoring
+                        .insert(vm_id.clone(), worker.clone());
+                    restores.push((name.clone(), vm_id, worker, snapshot.clone()));
+                }
+                Core::pool_gauges(&st, &name);
+            }
+        }
+        for e in retire {
+            tracing::info!(vm_id = %e.rec.vm_id, template = %e.rec.template, "retiring pooled vm");
+            let store = self.store.clone();
+            let id = e.rec.vm_id.clone();
+            self.spawn(async move {
+                let _ = store.delete_pool(&id).await;
+            });
+            self.destroy_detached(e.rec.worker_id, e.rec.vm_id, None);
+        }
+        for name in builds {
+            let core = self.clone();
+            self.spawn(async move { core.build_template(name).await });
+        }
+        for (name, vm_id, worker, snapshot) in restores {
+            let core = self.clone();
+            self.spawn(async move { core.restore_one(name, vm_id, worker, snapshot).await });
+        }
+        next
+    }
+
+    /// Restores one pooled VM; it enters the ready list once its worker replied (health-checked)
+    /// and its pool record is written.
+    async fn restore_one(
+        self: Arc<Self>,
+        template: TemplateName,
+        vm_id: VmId,
+        worker: WorkerId,
+        snapshot: SnapshotId,
+    ) {
+        let started = Instant::now();
+        let outcome = match self.restore_spec(&template, &snapshot) {
+            Some(spec) => {
+                let create = job(JobOp::CreateVmWithSpec {
+                    vm_id: vm_id.clone(),
+                    spec,
+                    session: false,
+                });
+                self.api.job(&worker, create, self.cfg.jobs.restore).await
+            }
+            None => Err(JobError::BadReply("template vanished".into())),
+        };
+        self.release_worker(&worker, outcome.is_ok());
+        let ok = match outcome {
+            Ok(JobOutput::Vm { .. }) => true,
+            Ok(other) => {
+                tracing::warn!(vm_id = %vm_id, "restore answered {other:?}");
+                false
+            }
+            Err(err) => {
+                tracing::warn!(template = %template, vm_id = %vm_id, worker_id = %worker,
+                    error = %err, "restoring a pooled vm failed");
+                self.note_restore_failure(&template, &worker, &err);
+                false
+            }
+        };
+        if !ok {
+            let mut st = self.state.lock();
+            if let Some(p) = st.pools.get_mut(&template) {
+                p.restoring.remove(&vm_id);
+            }
+            st.unmark(&worker, &vm_id);
+            Core::pool_gauges(&st, &template);
+            drop(st);
+            self.pool_wake.notify_one();
+            return;
+        }
+        metrics::histogram!(m::RESTORE_DURATION_SECONDS, "template" => template.to_string())
+            .record(started.elapsed().as_secs_f64());
+
+        let rec = PoolRecord {
+            vm_id: vm_id.clone(),
+            template: template.clone(),
+            worker_id: worker.clone(),
+            snapshot_id: snapshot.clone(),
+            created_ms: self.clock.now_ms(),
+        };
+        let wanted = {
+            let st = self.state.lock();
+            st.worker_usable(&worker)
+                && st
+                    .templates
+                    .get(&template)
+                    .is_some_and(|t| t.snapshot() == Some(&snapshot))
+        };
+        let stored = if wanted {
+            self.store.put_pool(&rec).await
+        } else {
+            Err(StoreError::Unavailable("no longer wanted".into()))
+        };
+        let mut st = self.state.lock();
+        if let Some(p) = st.pools.get_mut(&template) {
+            p.restoring.remove(&vm_id);
+        }
+        match stored {
+            Ok(()) => {
+                let min_ready =
+                    st.templates
+                        .get(&template)
+                        .map_or(0, |t| t.rec.template.min_ready) as usize;
+                let pool = st.pools.entry(template.clone()).or_default();
+                pool.ready.push_back(PoolVm {
+                    rec,
+                    missing_since: None,
+                });
+                pool.failures = 0;
+                if pool.ready.len() >= min_ready
+                    && let Some(since) = pool.below_target_since.take()
+                {
+                    metrics::histogram!(m::REFILL_DURATION_SECONDS, "template" => template.to_string())
+                        .record(since.elapsed().as_secs_f64());
+                }
+                st.unmark(&worker, &vm_id);
+                Core::pool_gauges(&st, &template);
+                tracing::debug!(vm_id = %vm_id, worker_id = %worker, template = %template, "pooled vm ready");
+            }
+            Err(err) => {
+                st.unmark(&worker, &vm_id);
+                Core::pool_gauges(&st, &template);
+                drop(st);
+                tracing::info!(vm_id = %vm_id, error = %err, "discarding a restored vm");
+                self.destroy_detached(worker, vm_id, None);
+            }
+        }
+        self.pool_wake.notify_one();
+    }
+
+    /// Builds a config template's snapshot: cold-create (with bootstrap) on the least-loaded
+    /// worker, snapshot with publish, destroy the build VM, record the template.
+    async fn build_template(self: Arc<Self>, name: TemplateName) {
+        let spec = {
+            let st = self.state.lock();
+            st.templates.get(&name).and_then(|t| {
+                t.config.as_ref().map(|c| {
+                    (
+                        VmSpec {
+                            template: Some(name.clone()),
+                            vcpus: Some(c.vcpus),
+                            memory_mib: Some(c.memory_mib),
+                            env: c.env.clone(),
+                            base: c.base.clone(),
+                            bootstrap: c.bootstrap.clone(),
+                            restore_from: None,
+                        },
+                        BuildSpec {
+                            base: c.base.clone(),
+                            bootstrap: c.bootstrap.clone(),
+                        },
+                    )
+                })
+            })
+        };
+        let Some((spec, build)) = spec else {
+            self.finish_build(&name, Err("template is not configured".into()));
+            return;
+        };
+        let vm_id = pool_vm_id("tmpl", &name);
+        let Some(worker) = self.reserve_worker(None, &[], &vm_id) else {
+            // No worker yet: retry soon, without counting a failure.
+            let mut st = self.state.lock();
+            if let Some(t) = st.templates.get_mut(&name) {
+                t.building = false;
+                t.build_backoff_until = Some(Instant::now() + Duration::from_millis(500));
+            }
+            return;
+        };
+        tracing::info!(template = %name, worker_id = %worker, vm_id = %vm_id, "building template snapshot");
+        let create = job(JobOp::CreateVmWithSpec {
+            vm_id: vm_id.clone(),
+            spec,
+            session: false,
+        });
+        let created = self.api.job(&worker, create, self.cfg.jobs.build).await;
+        self.release_worker(&worker, created.is_ok());
+        let result: Result<SnapshotId, String> = match created {
+            Ok(_) => {
+                let snap = snapshot_id(&name);
+                let op = JobOp::SnapshotVm {
+                    vm_id: vm_id.clone(),
+                    snapshot_id: snap.clone(),
+                    publish: true,
+                };
+                let taken = self.api.job(&worker, job(op), self.cfg.jobs.snapshot).await;
+                let destroy = JobOp::DestroyVm {
+                    vm_id: vm_id.clone(),
+                    backup: false,
+                    reason: None,
+                };
+                if let Err(e) = self
+                    .api
+                    .job(&worker, job(destroy), self.cfg.jobs.lifecycle)
+                    .await
+                {
+                    tracing::warn!(vm_id = %vm_id, error = %e, "destroying the template build vm failed");
+                }
+                match taken {
+                    Ok(JobOutput::Snapshot { .. }) => Ok(snap),
+                    Ok(other) => Err(format!("snapshot answered {other:?}")),
+                    Err(e) => Err(format!("snapshot: {e}")),
+                }
+            }
+            Err(e) => Err(format!("create: {e}")),
+        };
+        self.state.lock().unmark(&worker, &vm_id);
+        let result = match result {
+            Ok(snap) => {
+                let rec = {
+                    let st = self.state.lock();
+                    st.templates.get(&name).map(|t| {
+                        let mut rec = t.rec.clone();
+                        rec.template.snapshot_id = Some(snap.clone());
+                        rec.template.created_ms = self.clock.now_ms();
+                        rec.build = Some(build.clone());
+                        rec
+                    })
+                };
+                match rec {
+                    Some(rec) => match self.store.put_template(&rec).await {
+                        Ok(()) => Ok(rec),
+                        Err(e) => Err(format!("recording: {e}")),
+                    },
+                    None => Err("template vanished".into()),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        self.finish_build(&name, result);
+    }
+
+    fn finish_build(&self, name: &TemplateName, result: Result<TemplateRecord, String>) {
+        let label = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!(m::TEMPLATE_BUILDS_TOTAL, "template" => name.to_string(), "result" => label)
+            .increment(1);
+        {
+            let mut st = self.state.lock();
+            let Some(t) = st.templates.get_mut(name) else {
+                return;
+            };
+            t.building = false;
+            match result {
+                Ok(rec) => {
+                    tracing::info!(template = %name, snapshot_id = ?rec.template.snapshot_id, "template snapshot ready");
+                    t.rec = rec;
+                    t.needs_rebuild = false;
+                    t.build_failures = 0;
+                    t.build_backoff_until = None;
+                    let pool = st.pools.entry(name.clone()).or_default();
+                    pool.failures = 0;
+                    pool.backoff_until = None;
+                }
+                Err(err) => {
+                    t.build_failures += 1;
+                    let backoff = Duration::from_secs(1)
+                        .saturating_mul(1 << t.build_failures.min(6))
+                        .min(Duration::from_secs(60));
+                    t.build_backoff_until = Some(Instant::now() + backoff);
+                    tracing::error!(template = %name, error = %err, failures = t.build_failures,
+                        "building the template snapshot failed");
+                }
+            }
+        }
+        self.templates_changed.send_modify(|v| *v += 1);
+        self.pool_wake.notify_one();
+    }
+
+    /// `sessions.<sid>.snapshot`: a new template from the session's VM, claimable on any worker.
+    pub(crate) async fn snapshot_session(
+        self: Arc<Self>,
+        sid: &SessionId,
+        req: SnapshotSessionRequest,
+    ) -> Result<Template, WireError> {
+        let slot = self.slot(sid).ok_or_else(|| unknown_session(sid))?;
+        let name = req.template.clone();
+        // Reserve the name.
+        let source = {
+            let mut st = self.state.lock();
+            if st.templates.contains_key(&name) {
+                return Err(WireError::conflict(format!(
+                    "template {name} already exists"
+                )));
+            }
+            let session = slot.view();
+            let source = st.templates.get(&session.template).map(|t| t.rec.clone());
+            let min_ready = req.min_ready.unwrap_or(0);
+            let rec = TemplateRecord {
+                template: Template {
+                    name: name.clone(),
+                    snapshot_id: None,
+                    source_session: Some(sid.clone()),
+                    min_ready,
+                    max_ready: min_ready,
+                    vcpus: source.as_ref().map_or(0, |s| s.template.vcpus),
+                    memory_mib: source.as_ref().map_or(0, |s| s.template.memory_mib),
+                    created_ms: self.clock.now_ms(),
+                },
+                env: source.map(|s| s.env).unwrap_or_default(),
+                build: None,
+            };
+            st.templates.insert(
+                name.clone(),
+                TemplateEntry {
+                    rec: rec.clone(),
+                    config: None,
+                    building: false,
+                    needs_rebuild: false,
+                    build_failures: 0,
+                    build_backoff_until: None,
+                    reserved: true,
+                },
+            );
+            rec
+        };
+        let result = self.clone().take_snapshot(&slot, source).await;
+        let mut st = self.state.lock();
+        match result {
+            Ok(rec) => {
+                if let Some(t) = st.templates.get_mut(&name) {
+                    t.rec = rec.clone();
+                    t.reserved = false;
+                }
+                Core::pool_gauges(&st, &name);
+                drop(st);
+                self.templates_changed.send_modify(|v| *v += 1);
+                self.pool_wake.notify_one();
+                tracing::info!(session_id = %sid, template = %name, "session snapshot recorded as a template");
+                Ok(rec.template)
+            }
+            Err(e) => {
+                st.templates.remove(&name);
+                Err(e)
+            }
+        }
+    }
+
+    async fn take_snapshot(
+        self: Arc<Self>,
+        slot: &Arc<super::state::SessionSlot>,
+        mut rec: TemplateRecord,
+    ) -> Result<TemplateRecord, WireError> {
+        let _guard = slot.op.lock().await;
+        let session = slot.view();
+        if session.state.is_terminal() {
+            return Err(WireError::conflict(format!(
+                "session {} has ended",
+                session.session_id
+            )));
+        }
+        if !self.state.lock().worker_live(&session.worker_id) {
+            return Err(WireError::no_capacity(
+                format!(
+                    "worker {} of the session is not available",
+                    session.worker_id
+                ),
+                self.retry_after_ms(),
+            ));
+        }
+        let snap = snapshot_id(&rec.template.name);
+        let op = JobOp::SnapshotVm {
+            vm_id: session.session_id.clone().into(),
+            snapshot_id: snap.clone(),
+            publish: true,
+        };
+        match self
+            .api
+            .job(&session.worker_id, job(op), self.cfg.jobs.snapshot)
+            .await
+        {
+            Ok(JobOutput::Snapshot { .. }) => {}
+            Ok(other) => {
+                return Err(WireError::internal(format!("snapshot answered {other:?}")));
+            }
+            Err(JobError::Failed(e)) => {
+                return Err(match e.code {
+                    ErrorCode::NotFound | ErrorCode::Conflict => WireError::conflict(format!(
+                        "the session's vm cannot be snapshotted: {}",
+                        e.message
+                    )),
+                    _ => e,
+                });
+            }
+            Err(JobError::Timeout) => {
+                return Err(WireError::deadline("the snapshot did not finish in time"));
+            }
+            Err(e) => {
+                return Err(WireError::no_capacity(e.to_string(), self.retry_after_ms()));
+            }
+        }
+        rec.template.snapshot_id = Some(snap);
+        rec.template.created_ms = self.clock.now_ms();
+        self.store
+            .create_template(&rec)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict { .. } => {
+                    WireError::conflict(format!("template {} already exists", rec.template.name))
+                }
+                other => store_error(other),
+            })?;
+        Ok(rec)
+    }
+}

@@ -1,0 +1,273 @@
+//! The core's in-memory state. Everything here sits behind one short synchronous lock
+//! ([`super::Core::state`]) that is never held across an `.await`; per-session operations are
+//! serialised by each session's own async lock ([`SessionSlot::op`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use hearth_messages::{
+    Session, SessionId, SnapshotId, TemplateName, VmId, WireError, WorkerId, WorkerStatus,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::TemplateConfig;
+use crate::store::{BuildSpec, PoolRecord, SessionRecord, TemplateRecord};
+
+/// The outcome of a claim, shared with duplicate requests that wait for it.
+pub(crate) type ClaimResult = Option<Result<Session, WireError>>;
+
+/// Everything the core knows, under one lock.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// Every session still remembered (live, and ended ones within the retention).
+    pub sessions: HashMap<SessionId, Arc<SessionSlot>>,
+    /// Claims in progress by session id: duplicates wait for the first one's outcome.
+    pub claims: HashMap<SessionId, PendingClaim>,
+    /// Templates by name.
+    pub templates: BTreeMap<TemplateName, TemplateEntry>,
+    /// Warm pools by template.
+    pub pools: HashMap<TemplateName, Pool>,
+    /// Workers by id, from heartbeats (and from the loaded state until they report).
+    pub workers: BTreeMap<WorkerId, WorkerEntry>,
+    /// VMs that jobs in flight are creating, renaming or building: owned, never leaked. A count,
+    /// since two jobs may name the same VM (a rename names the pool id and the session id).
+    pub inflight: HashMap<(WorkerId, VmId), u32>,
+    /// Leaked VMs with a destroy job in flight (so each heartbeat does not send another).
+    pub destroying: HashSet<(WorkerId, VmId)>,
+    /// Successful claims per template since start: (warm, total).
+    pub claim_stats: HashMap<TemplateName, (u64, u64)>,
+}
+
+impl State {
+    /// Marks a VM as owned by a job in flight.
+    pub fn mark(&mut self, worker: &WorkerId, vm: &VmId) {
+        *self
+            .inflight
+            .entry((worker.clone(), vm.clone()))
+            .or_insert(0) += 1;
+    }
+
+    /// Ends one job's ownership of a VM.
+    pub fn unmark(&mut self, worker: &WorkerId, vm: &VmId) {
+        let key = (worker.clone(), vm.clone());
+        if let Some(n) = self.inflight.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.inflight.remove(&key);
+            }
+        }
+    }
+
+    /// Whether a live worker with a heartbeat holds this id.
+    pub fn worker_live(&self, worker: &WorkerId) -> bool {
+        self.workers
+            .get(worker)
+            .is_some_and(|w| w.live && w.status.is_some())
+    }
+
+    /// A worker that is live and accepts new work.
+    pub fn worker_usable(&self, worker: &WorkerId) -> bool {
+        self.workers
+            .get(worker)
+            .is_some_and(|w| w.live && w.status.as_ref().is_some_and(|s| !s.draining))
+    }
+
+    /// Ready and restoring VMs of `template` on `worker` (for spreading pools).
+    pub fn pool_vms_on(&self, template: &TemplateName, worker: &WorkerId) -> usize {
+        self.pools.get(template).map_or(0, |p| {
+            p.ready
+                .iter()
+                .filter(|e| &e.rec.worker_id == worker)
+                .count()
+                + p.restoring.values().filter(|w| *w == worker).count()
+        })
+    }
+}
+
+/// A claim in progress.
+#[derive(Debug)]
+pub(crate) struct PendingClaim {
+    pub template: TemplateName,
+    pub done: watch::Receiver<ClaimResult>,
+}
+
+/// One session: its async operation lock and its data.
+#[derive(Debug)]
+pub(crate) struct SessionSlot {
+    /// Serialises state-changing operations on the session (release, keepalive, stop, prune,
+    /// snapshot, ...). Held across the worker job on purpose: that is its job.
+    pub op: Arc<tokio::sync::Mutex<()>>,
+    /// The record and its runtime companions; a short synchronous lock.
+    pub data: parking_lot::Mutex<SessionData>,
+}
+
+impl SessionSlot {
+    pub fn new(data: SessionData) -> Arc<Self> {
+        Arc::new(Self {
+            op: Arc::new(tokio::sync::Mutex::new(())),
+            data: parking_lot::Mutex::new(data),
+        })
+    }
+
+    /// The session as clients see it.
+    pub fn view(&self) -> Session {
+        self.data.lock().view()
+    }
+}
+
+/// A session record plus what is tracked in memory only.
+#[derive(Debug)]
+pub(crate) struct SessionData {
+    /// As persisted.
+    pub rec: SessionRecord,
+    /// Its KV revision (for compare-and-set).
+    pub rev: u64,
+    /// Last observed activity (scheduler clock). Not persisted on every change: a restart resets
+    /// the idle timer instead.
+    pub last_used_ms: u64,
+    /// The idle timer runs from the later of this and `last_used_ms` (creation; a reload, since
+    /// activity between the last write and a restart is unknown).
+    pub idle_base_ms: u64,
+    /// The worker's `last_activity_ms` last seen; a change is activity.
+    pub observed_activity: Option<u64>,
+    /// Since when the VM is missing from its live worker's inventory.
+    pub missing_since: Option<Instant>,
+    /// A failed lifetime action (stop, prune) is retried no earlier than this.
+    pub retry_at: Option<Instant>,
+}
+
+impl SessionData {
+    pub fn new(rec: SessionRecord, rev: u64, observed_activity: Option<u64>) -> Self {
+        let last_used_ms = rec.session.last_used_ms;
+        Self {
+            rec,
+            rev,
+            last_used_ms,
+            idle_base_ms: last_used_ms,
+            observed_activity,
+            missing_since: None,
+            retry_at: None,
+        }
+    }
+
+    pub fn view(&self) -> Session {
+        let mut s = self.rec.session.clone();
+        s.last_used_ms = s.last_used_ms.max(self.last_used_ms);
+        s
+    }
+
+    /// Since when the session counts as idle.
+    pub fn idle_since_ms(&self) -> u64 {
+        self.last_used_ms
+            .max(self.idle_base_ms)
+            .max(self.rec.session.last_used_ms)
+    }
+
+    pub fn is_live(&self) -> bool {
+        !self.rec.session.state.is_terminal()
+    }
+}
+
+/// A template and the scheduler's bookkeeping about its snapshot.
+#[derive(Debug)]
+pub(crate) struct TemplateEntry {
+    pub rec: TemplateRecord,
+    /// Its `[[templates]]` entry, for templates in the current config (buildable).
+    pub config: Option<TemplateConfig>,
+    /// A build of its snapshot is running.
+    pub building: bool,
+    /// Restores kept failing: build a fresh snapshot.
+    pub needs_rebuild: bool,
+    pub build_failures: u32,
+    pub build_backoff_until: Option<Instant>,
+    /// A `sessions.<sid>.snapshot` is creating it: the name is taken but not claimable yet.
+    pub reserved: bool,
+}
+
+impl TemplateEntry {
+    pub fn snapshot(&self) -> Option<&SnapshotId> {
+        self.rec.template.snapshot_id.as_ref()
+    }
+
+    /// The build spec the config asks for, if this is a config template.
+    pub fn wanted_build(&self) -> Option<BuildSpec> {
+        self.config.as_ref().map(|c| BuildSpec {
+            base: c.base.clone(),
+            bootstrap: c.bootstrap.clone(),
+        })
+    }
+
+    /// Whether the snapshot must be (re)built now.
+    pub fn needs_build(&self) -> bool {
+        match self.wanted_build() {
+            None => false,
+            Some(wanted) => {
+                self.snapshot().is_none()
+                    || self.needs_rebuild
+                    || self.rec.build.as_ref() != Some(&wanted)
+            }
+        }
+    }
+}
+
+/// One template's warm pool.
+#[derive(Debug, Default)]
+pub(crate) struct Pool {
+    /// Ready VMs, oldest first.
+    pub ready: VecDeque<PoolVm>,
+    /// VMs being restored, by id, with their worker.
+    pub restoring: HashMap<VmId, WorkerId>,
+    /// Consecutive failed restores.
+    pub failures: u32,
+    /// No restores before this (after failures).
+    pub backoff_until: Option<Instant>,
+    /// Since when the pool is below its target (for the refill duration metric).
+    pub below_target_since: Option<Instant>,
+}
+
+/// A ready pooled VM.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolVm {
+    pub rec: PoolRecord,
+    /// Since when it is missing from its worker's inventory.
+    pub missing_since: Option<Instant>,
+}
+
+/// A worker as the scheduler sees it.
+#[derive(Debug)]
+pub(crate) struct WorkerEntry {
+    /// Its last heartbeat; `None` for a worker only known from the loaded state.
+    pub status: Option<WorkerStatus>,
+    pub last_seen: Instant,
+    /// Heard from within the heartbeat timeout.
+    pub live: bool,
+    /// Creates in flight to it.
+    pub pending: u32,
+    /// Creates that finished since its last heartbeat (not in `used_vms` yet).
+    pub created_since_heartbeat: u32,
+    /// It refused a create for lack of capacity: skip it until then.
+    pub refused_until: Option<Instant>,
+}
+
+impl WorkerEntry {
+    pub fn unconfirmed(now: Instant) -> Self {
+        Self {
+            status: None,
+            last_seen: now,
+            live: true,
+            pending: 0,
+            created_since_heartbeat: 0,
+            refused_until: None,
+        }
+    }
+
+    /// Free slots, counting creates in flight and those not yet in a heartbeat.
+    pub fn free(&self) -> u32 {
+        self.status.as_ref().map_or(0, |s| {
+            s.free_slots()
+                .saturating_sub(self.pending)
+                .saturating_sub(self.created_since_heartbeat)
+        })
+    }
+}

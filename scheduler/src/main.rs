@@ -1,0 +1,53 @@
+//! `hearth-scheduler`: parses configuration, starts logging and metrics, connects to NATS and runs
+//! the scheduler until SIGTERM/SIGINT (graceful drain, exit 0). A configuration error exits 64
+//! with a one-line message.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use hearth_scheduler::{SchedulerArgs, metrics, run, telemetry};
+
+fn main() -> ExitCode {
+    let config = match SchedulerArgs::parse().resolve() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("hearth-scheduler: {err}");
+            return ExitCode::from(64);
+        }
+    };
+    telemetry::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("hearth-scheduler: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        if let Some(listen) = config.metrics_listen {
+            metrics::install_exporter(listen)
+                .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
+            tracing::info!(%listen, "serving prometheus metrics");
+        }
+        let nats = async_nats::ConnectOptions::new()
+            .name(format!("hearth-scheduler {}", config.scheduler_id))
+            .retry_on_initial_connect()
+            .connect(config.nats_url.as_str())
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", config.nats_url))?;
+        tracing::info!(url = %config.nats_url, scheduler_id = %config.scheduler_id, "connected to nats");
+        run(config, nats, telemetry::shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("hearth-scheduler: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

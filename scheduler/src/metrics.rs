@@ -1,0 +1,128 @@
+//! The scheduler's Prometheus metrics: names, descriptions, histogram buckets and the exporter.
+//! Names follow `hearth_<thing>_<unit>`: `_total` for counters, `_seconds` for durations.
+
+use std::net::SocketAddr;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+
+/// Claims by `template`, `launch_type` (warm, cold, none) and `result` (ok, no_capacity,
+/// not_found, conflict, bad_request, error).
+pub const CLAIMS_TOTAL: &str = "hearth_claims_total";
+/// Claim latency by `template` and `launch_type` (successful claims).
+pub const CLAIM_DURATION_SECONDS: &str = "hearth_claim_duration_seconds";
+/// Ready pooled VMs by `template`.
+pub const POOL_READY: &str = "hearth_pool_ready";
+/// Pooled VMs being restored by `template`.
+pub const POOL_RESTORING: &str = "hearth_pool_restoring";
+/// The ready target (`min_ready`) by `template`.
+pub const POOL_TARGET: &str = "hearth_pool_target";
+/// Share of successful claims served warm since the scheduler started, by `template`.
+pub const WARM_HIT_RATIO: &str = "hearth_warm_hit_ratio";
+/// Time from a pool dropping below its target until it is back at it, by `template`.
+pub const REFILL_DURATION_SECONDS: &str = "hearth_refill_duration_seconds";
+/// Time one restore job took (pool refill or cold claim), by `template`.
+pub const RESTORE_DURATION_SECONDS: &str = "hearth_restore_duration_seconds";
+/// Failed restores by `template` and `reason` (no_capacity, unreachable, timeout, error).
+pub const RESTORE_FAILURES_TOTAL: &str = "hearth_restore_failures_total";
+/// Template snapshot builds by `template` and `result` (ok, error).
+pub const TEMPLATE_BUILDS_TOTAL: &str = "hearth_template_builds_total";
+/// Sessions by `state` (running, stopped, released, lost).
+pub const SESSIONS: &str = "hearth_sessions";
+/// Ended sessions by `reason`.
+pub const SESSION_TERMINATIONS_TOTAL: &str = "hearth_session_terminations_total";
+/// Live workers.
+pub const WORKERS_UP: &str = "hearth_workers_up";
+/// Leaked VMs the reconcile loop destroyed.
+pub const LEAKED_VMS_DESTROYED_TOTAL: &str = "hearth_leaked_vms_destroyed_total";
+/// 1 while this scheduler holds the leader lease.
+pub const SCHEDULER_LEADER: &str = "hearth_scheduler_leader";
+
+/// Every metric the scheduler emits (for dashboards and the test that checks they exist).
+pub const ALL: &[&str] = &[
+    CLAIMS_TOTAL,
+    CLAIM_DURATION_SECONDS,
+    POOL_READY,
+    POOL_RESTORING,
+    POOL_TARGET,
+    WARM_HIT_RATIO,
+    REFILL_DURATION_SECONDS,
+    RESTORE_DURATION_SECONDS,
+    RESTORE_FAILURES_TOTAL,
+    TEMPLATE_BUILDS_TOTAL,
+    SESSIONS,
+    SESSION_TERMINATIONS_TOTAL,
+    WORKERS_UP,
+    LEAKED_VMS_DESTROYED_TOTAL,
+    SCHEDULER_LEADER,
+];
+
+/// Buckets of the claim latency histogram: a warm claim is about a millisecond, a cold one
+/// seconds.
+pub const CLAIM_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Buckets of restore and refill histograms.
+pub const RESTORE_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Registers descriptions (shown as `# HELP`).
+pub fn describe() {
+    describe_counter!(CLAIMS_TOTAL, "Claims by template, launch type and result");
+    describe_histogram!(
+        CLAIM_DURATION_SECONDS,
+        Unit::Seconds,
+        "Latency of successful claims"
+    );
+    describe_gauge!(POOL_READY, "Ready pooled VMs");
+    describe_gauge!(POOL_RESTORING, "Pooled VMs being restored");
+    describe_gauge!(POOL_TARGET, "Ready target (min_ready) of the pool");
+    describe_gauge!(
+        WARM_HIT_RATIO,
+        "Share of successful claims served from the warm pool since start"
+    );
+    describe_histogram!(
+        REFILL_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from a pool dropping below target until it is back at target"
+    );
+    describe_histogram!(
+        RESTORE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of one successful restore job"
+    );
+    describe_counter!(RESTORE_FAILURES_TOTAL, "Failed restore jobs");
+    describe_counter!(TEMPLATE_BUILDS_TOTAL, "Template snapshot builds");
+    describe_gauge!(SESSIONS, "Sessions by state");
+    describe_counter!(SESSION_TERMINATIONS_TOTAL, "Ended sessions by reason");
+    describe_gauge!(WORKERS_UP, "Workers sending heartbeats");
+    describe_counter!(
+        LEAKED_VMS_DESTROYED_TOTAL,
+        "VMs destroyed by reconcile because nothing owned them"
+    );
+    describe_gauge!(SCHEDULER_LEADER, "1 while this scheduler holds the lease");
+}
+
+/// A Prometheus builder with the scheduler's histogram buckets (histograms, not summaries).
+pub fn builder() -> Result<PrometheusBuilder, BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(CLAIM_DURATION_SECONDS.into()), CLAIM_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(REFILL_DURATION_SECONDS.into()),
+            RESTORE_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(RESTORE_DURATION_SECONDS.into()),
+            RESTORE_BUCKETS,
+        )?
+        // Anything else timed (e.g. the NATS client's) gets the claim buckets.
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), CLAIM_BUCKETS)
+}
+
+/// Installs the global recorder with an HTTP `/metrics` listener on `listen`.
+pub fn install_exporter(listen: SocketAddr) -> Result<(), BuildError> {
+    builder()?.with_http_listener(listen).install()?;
+    describe();
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! How the core reaches the outside: [`WorkerApi`] (lifecycle jobs to one worker) and [`EventSink`]
+//! (session events for observers), with their NATS implementations. The core never touches NATS
+//! itself, so logic tests run it against in-process fakes with paused time.
+
+use std::time::Duration;
+
+use async_nats::RequestErrorKind;
+use async_trait::async_trait;
+use hearth_messages::transport::decode_reply;
+use hearth_messages::{
+    Encoding, ErrorCode, JobId, JobOp, JobOutput, JobReply, JobRequest, SessionEvent, Subjects,
+    WireError, WorkerId,
+};
+use tokio::time::Instant;
+
+/// Why a job did not produce an output.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JobError {
+    /// The worker answered with an error (404 unknown VM/snapshot, 409 wrong state or id taken,
+    /// 503 no capacity, 500 provider failure, ...).
+    #[error("worker error {0}")]
+    Failed(WireError),
+    /// Nobody answers on the worker's job subject: it is gone or restarting.
+    #[error("worker unreachable")]
+    Unreachable,
+    /// No answer in time. The job may still complete on the worker.
+    #[error("job timed out")]
+    Timeout,
+    /// The reply did not decode or did not fit the job.
+    #[error("unexpected reply: {0}")]
+    BadReply(String),
+}
+
+impl JobError {
+    /// The worker's error code, if the worker answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            JobError::Failed(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    /// The worker refused for lack of capacity (try another worker).
+    pub fn is_no_capacity(&self) -> bool {
+        self.code() == Some(ErrorCode::NoCapacity)
+    }
+
+    /// The VM (or snapshot) the job names does not exist there, or is already destroyed.
+    pub fn is_gone(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(ErrorCode::NotFound) | Some(ErrorCode::Conflict)
+        )
+    }
+}
+
+/// Sends lifecycle jobs to workers.
+///
+/// Implementations retry a job that timed out with the same `job_id` (workers answer a repeated id
+/// with the first outcome) until `timeout` has passed.
+#[async_trait]
+pub trait WorkerApi: Send + Sync + 'static {
+    /// Runs `job` on `worker` and waits at most `timeout` for its outcome.
+    async fn job(
+        &self,
+        worker: &WorkerId,
+        job: JobRequest,
+        timeout: Duration,
+    ) -> Result<JobOutput, JobError>;
+}
+
+/// A fresh job id.
+pub fn new_job_id() -> JobId {
+    JobId::new(uuid::Uuid::now_v7().simple().to_string()).expect("a uuid is a valid id")
+}
+
+/// A job with a fresh id.
+pub fn job(op: JobOp) -> JobRequest {
+    JobRequest {
+        job_id: new_job_id(),
+        op,
+    }
+}
+
+/// [`WorkerApi`] over NATS request/reply on `<prefix>.v1.workers.<wid>.jobs`.
+#[derive(Debug, Clone)]
+pub struct NatsWorkerApi {
+    client: async_nats::Client,
+    subjects: Subjects,
+}
+
+impl NatsWorkerApi {
+    /// Jobs over `client`.
+    pub fn new(client: async_nats::Client, subjects: Subjects) -> Self {
+        Self { client, subjects }
+    }
+}
+
+/// How long one attempt waits before the job is re-sent with the same id.
+fn attempt_timeout(total: Duration) -> Duration {
+    (total / 3).clamp(Duration::from_millis(500), Duration::from_secs(20))
+}
+
+#[async_trait]
+impl WorkerApi for NatsWorkerApi {
+    async fn job(
+        &self,
+        worker: &WorkerId,
+        job: JobRequest,
+        timeout: Duration,
+    ) -> Result<JobOutput, JobError> {
+        let subject = self.subjects.worker_jobs(worker);
+        let payload: bytes::Bytes = Encoding::MsgPack
+            .encode(&job)
+            .map_err(|e| JobError::BadReply(e.to_string()))?
+            .into();
+        let deadline = Instant::now() + timeout;
+        let per_attempt = attempt_timeout(timeout);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(JobError::Timeout);
+            }
+            let request = async_nats::Request::new()
+                .payload(payload.clone())
+                .timeout(Some(remaining.min(per_attempt)));
+            match self.client.send_request(subject.clone(), request).await {
+                Ok(message) => {
+                    let reply: JobReply = decode_reply(&message).map_err(|e| {
+                        if e.code == ErrorCode::Internal && e.message.starts_with("undecodable") {
+                            JobError::BadReply(e.message)
+                        } else {
+                            JobError::Failed(e)
+                        }
+                    })?;
+                    if reply.job_id != job.job_id {
+                        return Err(JobError::BadReply(format!(
+                            "reply for job {} to job {}",
+                            reply.job_id, job.job_id
+                        )));
+                    }
+                    return Ok(reply.output);
+                }
+                Err(err) => match err.kind() {
+                    RequestErrorKind::TimedOut => {
+                        tracing::debug!(worker = %worker, job = %job.job_id, op = job.op.name(),
+                            "job attempt timed out; re-sending with the same id");
+                        continue;
+                    }
+                    RequestErrorKind::NoResponders => return Err(JobError::Unreachable),
+                    _ => {
+                        // Connection trouble: wait a little and retry within the budget.
+                        tracing::debug!(worker = %worker, error = %err, "job request failed");
+                        tokio::time::sleep(Duration::from_millis(100).min(remaining)).await;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Where session events go.
+#[async_trait]
+pub trait EventSink: Send + Sync + 'static {
+    /// Publishes one event (best effort: observers may miss events; state lives in KV).
+    async fn session_event(&self, event: SessionEvent);
+}
+
+/// [`EventSink`] publishing MessagePack on `<prefix>.v1.events.sessions.<sid>`.
+#[derive(Debug, Clone)]
+pub struct NatsEvents {
+    client: async_nats::Client,
+    subjects: Subjects,
+}
+
+impl NatsEvents {
+    /// Events over `client`.
+    pub fn new(client: async_nats::Client, subjects: Subjects) -> Self {
+        Self { client, subjects }
+    }
+}
+
+#[async_trait]
+impl EventSink for NatsEvents {
+    async fn session_event(&self, event: SessionEvent) {
+        let subject = self.subjects.session_events(&event.session_id);
+        match Encoding::MsgPack.encode(&event) {
+            Ok(payload) => {
+                if let Err(err) = self.client.publish(subject, payload.into()).await {
+                    tracing::warn!(error = %err, "publishing a session event failed");
+                }
+            }
+            Err(err) => tracing::error!(error = %err, "encoding a session event failed"),
+        }
+    }
+}
+
+/// An [`EventSink`] that drops events.
+#[derive(Debug, Clone, Default)]
+pub struct NoEvents;
+
+#[async_trait]
+impl EventSink for NoEvents {
+    async fn session_event(&self, _event: SessionEvent) {}
+}

@@ -1,0 +1,524 @@
+//! The scheduler over a real `nats-server` (hearth-testkit) with real workers (the worker library
+//! with the fake provider): the micro service on every client subject, bad input, `$SRV`
+//! discovery, the KV store, the leader lease and recovery after a crash.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use hearth_messages::codec::{CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE};
+use hearth_messages::error::SERVICE_ERROR_CODE_HEADER;
+use hearth_messages::{
+    CreateSessionRequest, Encoding, ErrorCode, ExecRequest, HearthClient, SessionId, SessionState,
+    Subjects, TemplateName, WorkerId,
+};
+use hearth_scheduler::store::{Kv, NatsKv, StoreError, Table};
+use hearth_scheduler::{RunError, SchedulerConfig, TemplateConfig};
+use hearth_testkit::NatsServer;
+use hearth_worker::provider::FakeProvider;
+use hearth_worker::{ProviderKind, Worker, WorkerConfig};
+use tokio::task::JoinHandle;
+
+fn sid(s: &str) -> SessionId {
+    SessionId::new(s).unwrap()
+}
+
+fn tname(s: &str) -> TemplateName {
+    TemplateName::new(s).unwrap()
+}
+
+fn scheduler_config(server: &NatsServer, id: &str) -> SchedulerConfig {
+    SchedulerConfig {
+        nats_url: server.url().to_owned(),
+        scheduler_id: id.to_owned(),
+        heartbeat_timeout: Duration::from_millis(1500),
+        lease_ttl: Duration::from_millis(1500),
+        reconcile_interval: Duration::from_secs(1),
+        claim_wait: Duration::from_secs(5),
+        drain_grace: Duration::from_secs(2),
+        templates: vec![TemplateConfig::new(tname("default"), 2)],
+        ..SchedulerConfig::default()
+    }
+}
+
+async fn start_worker(server: &NatsServer, id: &str, dir: &std::path::Path) -> Worker {
+    let mut wc = WorkerConfig::new(WorkerId::new(id).unwrap(), dir.join(id));
+    wc.nats_url = server.url().to_owned();
+    wc.provider = ProviderKind::Fake;
+    wc.heartbeat_interval = Duration::from_millis(250);
+    wc.max_vms = 16;
+    wc.drain_grace = Duration::from_millis(200);
+    let client = server.connect().await.unwrap();
+    Worker::start(wc, client, Arc::new(FakeProvider::new()))
+        .await
+        .unwrap()
+}
+
+/// A scheduler running `hearth_scheduler::run` on its own connection.
+struct Running {
+    handle: JoinHandle<Result<(), RunError>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    client: async_nats::Client,
+}
+
+impl Running {
+    async fn start(server: &NatsServer, cfg: SchedulerConfig) -> Self {
+        let client = server.connect().await.unwrap();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(hearth_scheduler::run(cfg, client.clone(), async move {
+            let _ = rx.await;
+        }));
+        Self {
+            handle,
+            stop,
+            client,
+        }
+    }
+
+    /// SIGTERM: drain and release the lease.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.handle)
+            .await
+            .expect("scheduler stops within its drain grace")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// SIGKILL: the process vanishes (its connection closes, its lease stays until it expires).
+    async fn crash(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+        let _ = self.client.drain().await;
+    }
+}
+
+/// Every `$SRV.PING.hearth-scheduler` answer within a short window.
+async fn ping_all(client: &async_nats::Client) -> Vec<serde_json::Value> {
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply("$SRV.PING.hearth-scheduler", inbox, "".into())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        if msg.payload.is_empty() {
+            continue; // a no-responders status
+        }
+        out.push(serde_json::from_slice(&msg.payload).unwrap());
+    }
+    out
+}
+
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_pool(client: &HearthClient, template: &str, n: u32) {
+    wait_until(
+        &format!("{n} ready in {template}"),
+        Duration::from_secs(20),
+        || async {
+            client.pool_status().await.is_ok_and(|s| {
+                s.pools
+                    .iter()
+                    .any(|p| p.template.as_str() == template && p.ready == n)
+            })
+        },
+    )
+    .await;
+}
+
+fn create(id: &str) -> CreateSessionRequest {
+    CreateSessionRequest {
+        session_id: Some(sid(id)),
+        ..Default::default()
+    }
+}
+
+async fn raw(
+    client: &async_nats::Client,
+    subject: String,
+    headers: HeaderMap,
+    payload: &'static [u8],
+) -> async_nats::Message {
+    client
+        .request_with_headers(subject, headers, payload.into())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_service_answers_every_client_subject() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _w1 = start_worker(&server, "w1", dir.path()).await;
+    let sched = Running::start(&server, scheduler_config(&server, "s1")).await;
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats.clone()).with_timeout(Duration::from_secs(5));
+    wait_pool(&client, "default", 2).await;
+
+    // Discovery.
+    let pings = ping_all(&nats).await;
+    assert_eq!(pings.len(), 1);
+    assert_eq!(pings[0]["name"], "hearth-scheduler");
+    assert_eq!(pings[0]["metadata"]["scheduler_id"], "s1");
+    let info: serde_json::Value = serde_json::from_slice(
+        &nats
+            .request("$SRV.INFO.hearth-scheduler", "".into())
+            .await
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
+    assert_eq!(info["name"], "hearth-scheduler");
+    let subjects: Vec<String> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap().to_owned())
+        .collect();
+    for s in [
+        "hearth.v1.sessions.create",
+        "hearth.v1.sessions.list",
+        "hearth.v1.sessions.*.get",
+        "hearth.v1.sessions.*.keepalive",
+        "hearth.v1.sessions.*.release",
+        "hearth.v1.sessions.*.snapshot",
+        "hearth.v1.templates.list",
+        "hearth.v1.pools.status",
+    ] {
+        assert!(subjects.iter().any(|x| x == s), "{s} not in {subjects:?}");
+    }
+    let stats = nats
+        .request("$SRV.STATS.hearth-scheduler", "".into())
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&stats.payload).contains("stats_response"));
+
+    // The executor flow.
+    let s = client.create_session(&create("e1")).await.unwrap();
+    assert!(s.warm);
+    assert_eq!(s.worker_id.as_str(), "w1");
+    assert_eq!(client.get_session(&sid("e1")).await.unwrap(), s);
+    let out = client
+        .exec(&sid("e1"), &ExecRequest::argv(["echo", "hello"]))
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.stdout.to_string_lossy().trim(), "hello");
+    let listed = client.list_sessions(&Default::default()).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let k = client.keepalive(&sid("e1"), Some(7200)).await.unwrap();
+    assert!(k.expires_ms > s.expires_ms);
+    let t = client
+        .snapshot_session(&sid("e1"), tname("mine"), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(t.name.as_str(), "mine");
+    assert!(t.snapshot_id.is_some());
+    let names: Vec<String> = client
+        .list_templates()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert_eq!(names, ["default", "mine"]);
+    wait_pool(&client, "mine", 1).await;
+    let mut from_snap = create("e2");
+    from_snap.template = Some(tname("mine"));
+    assert!(client.create_session(&from_snap).await.unwrap().warm);
+    let released = client.release(&sid("e1")).await.unwrap();
+    assert_eq!(released.state, SessionState::Released);
+    assert_eq!(client.release(&sid("e1")).await.unwrap(), released);
+    assert_eq!(
+        client.get_session(&sid("e1")).await.unwrap().state,
+        SessionState::Released
+    );
+
+    // Errors carry their code in the headers and {code, message} in the body.
+    let e = client.get_session(&sid("ghost")).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotFound));
+    let mut bad_template = create("e3");
+    bad_template.template = Some(tname("nope"));
+    let e = client.create_session(&bad_template).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotFound));
+    let mut conflict = create("e2");
+    conflict.template = Some(tname("default"));
+    let e = client.create_session(&conflict).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Conflict));
+    let e = client
+        .snapshot_session(&sid("e2"), tname("mine"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Conflict));
+
+    let subjects = Subjects::default();
+    let garbage: &[(String, &[u8])] = &[
+        (subjects.sessions_create(), b"\xc1\xff"),
+        (subjects.sessions_list(), b"\x92\x01"),
+        ("hearth.v1.sessions.e2.keepalive".into(), b"\xc1"),
+        ("hearth.v1.sessions.e2.snapshot".into(), b"\x80"),
+        ("hearth.v1.sessions.bad%id.get".into(), b""),
+        (subjects.templates_list(), b"\xff"),
+        (subjects.pools_status(), b"\xff"),
+    ];
+    for (subject, payload) in garbage {
+        let msg = nats
+            .request_with_headers(subject.clone(), HeaderMap::new(), payload.to_vec().into())
+            .await
+            .unwrap();
+        let code = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(SERVICE_ERROR_CODE_HEADER))
+            .map(|v| v.as_str().to_owned());
+        assert_eq!(code.as_deref(), Some("400"), "{subject}");
+        let body: hearth_messages::WireError = Encoding::MsgPack.decode(&msg.payload).unwrap();
+        assert_eq!(body.code, ErrorCode::BadRequest, "{subject}");
+    }
+
+    // JSON in, JSON out (for `nats req` by hand).
+    let mut json = HeaderMap::new();
+    json.insert(CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE);
+    let msg = raw(&nats, subjects.pools_status(), json.clone(), b"{}").await;
+    let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert!(v["pools"].as_array().unwrap().len() == 2, "{v}");
+    let msg = raw(&nats, "hearth.v1.sessions.ghost.get".into(), json, b"{}").await;
+    let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(v["code"], 404);
+
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn kv_store_round_trip() {
+    let server = NatsServer::start().unwrap();
+    let nats = server.connect().await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let kv = NatsKv::open(&js, &Subjects::default(), 1).await.unwrap();
+    let r1 = kv
+        .create(Table::Sessions, "a", b"1".to_vec())
+        .await
+        .unwrap();
+    assert!(matches!(
+        kv.create(Table::Sessions, "a", b"x".to_vec()).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let r2 = kv
+        .update(Table::Sessions, "a", b"2".to_vec(), r1)
+        .await
+        .unwrap();
+    assert!(matches!(
+        kv.update(Table::Sessions, "a", b"3".to_vec(), r1).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    kv.put(Table::Pool, "p", b"p".to_vec()).await.unwrap();
+    kv.put(Table::Templates, "t", b"t".to_vec()).await.unwrap();
+    let loaded = kv.load(Table::Sessions).await.unwrap();
+    assert_eq!(loaded, vec![("a".to_owned(), b"2".to_vec(), r2)]);
+    kv.delete(Table::Sessions, "a").await.unwrap();
+    assert!(kv.load(Table::Sessions).await.unwrap().is_empty());
+    // A deleted key can be created again (create-if-absent sees through the marker).
+    kv.create(Table::Sessions, "a", b"again".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(kv.load(Table::Pool).await.unwrap().len(), 1);
+    assert_eq!(kv.load(Table::Templates).await.unwrap().len(), 1);
+    // Buckets are named by the contract.
+    for n in ["hearth_sessions", "hearth_pool", "hearth_templates"] {
+        assert!(js.get_key_value(n).await.is_ok(), "{n}");
+    }
+    // Opening again keeps the data; the leader bucket follows the configured lease length.
+    let again = NatsKv::open(&js, &Subjects::default(), 1).await.unwrap();
+    assert_eq!(again.load(Table::Pool).await.unwrap().len(), 1);
+    let subjects = Subjects::default();
+    for ttl in [Duration::from_secs(3), Duration::from_secs(7)] {
+        hearth_scheduler::lease::open_leader_bucket(&js, &subjects, 1, ttl)
+            .await
+            .unwrap();
+        let stream = js.get_stream("KV_hearth_leader").await.unwrap();
+        assert_eq!(stream.cached_info().config.max_age, ttl);
+    }
+}
+
+#[tokio::test]
+async fn the_lease_keeps_one_leader_and_a_standby_takes_over() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _w1 = start_worker(&server, "w1", dir.path()).await;
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats.clone()).with_timeout(Duration::from_secs(5));
+
+    let a = Running::start(&server, scheduler_config(&server, "a")).await;
+    wait_pool(&client, "default", 2).await;
+    let b = Running::start(&server, scheduler_config(&server, "b")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Only the leader serves.
+    let pings = ping_all(&nats).await;
+    assert_eq!(pings.len(), 1, "{pings:?}");
+    assert_eq!(pings[0]["metadata"]["scheduler_id"], "a");
+    let s = client.create_session(&create("keep")).await.unwrap();
+
+    // The leader dies without a word: the standby takes over once the lease lapses.
+    a.crash().await;
+    wait_until("b leads", Duration::from_secs(15), || async {
+        ping_all(&nats)
+            .await
+            .iter()
+            .any(|p| p["metadata"]["scheduler_id"] == "b")
+    })
+    .await;
+    assert_eq!(ping_all(&nats).await.len(), 1);
+    assert_eq!(client.get_session(&sid("keep")).await.unwrap(), s);
+    let s2 = client.create_session(&create("after")).await.unwrap();
+    assert_eq!(s2.state, SessionState::Running);
+
+    // A graceful stop hands the lease back at once.
+    b.stop().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    let leader = js.get_key_value("hearth_leader").await.unwrap();
+    assert!(leader.get("leader").await.unwrap().is_none());
+    let c = Running::start(&server, scheduler_config(&server, "c")).await;
+    wait_until("c leads", Duration::from_secs(5), || async {
+        ping_all(&nats)
+            .await
+            .iter()
+            .any(|p| p["metadata"]["scheduler_id"] == "c")
+    })
+    .await;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_scheduler_restarts_with_every_session() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _w1 = start_worker(&server, "w1", dir.path()).await;
+    let _w2 = start_worker(&server, "w2", dir.path()).await;
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats.clone()).with_timeout(Duration::from_secs(5));
+    let first = Running::start(&server, scheduler_config(&server, "one")).await;
+    wait_pool(&client, "default", 2).await;
+    let mut sessions = Vec::new();
+    for i in 0..5 {
+        sessions.push(
+            client
+                .create_session(&create(&format!("k{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    wait_pool(&client, "default", 2).await;
+    first.crash().await;
+
+    let second = Running::start(&server, scheduler_config(&server, "two")).await;
+    for s in &sessions {
+        let got = async {
+            loop {
+                match client.get_session(&s.session_id).await {
+                    Ok(got) => return got,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        };
+        let got = tokio::time::timeout(Duration::from_secs(15), got)
+            .await
+            .unwrap();
+        assert_eq!(&got, s);
+        // The VM is still there and still serves.
+        let out = client
+            .exec(&s.session_id, &ExecRequest::argv(["true"]))
+            .await
+            .unwrap();
+        assert_eq!(out.exit_code, 0);
+    }
+    // Pool entries were reloaded, not doubled; nothing owned was destroyed as leaked.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = client.pool_status().await.unwrap();
+    assert_eq!(status.pools[0].ready, 2);
+    assert_eq!(status.pools[0].claimed, 5);
+    for s in &sessions {
+        assert_eq!(
+            client.get_session(&s.session_id).await.unwrap().state,
+            SessionState::Running
+        );
+    }
+    assert_eq!(
+        client.release(&sessions[0].session_id).await.unwrap().state,
+        SessionState::Released
+    );
+    second.stop().await;
+}
+
+#[test]
+fn the_binary_exits_64_with_one_line_on_bad_config() {
+    let bin = env!("CARGO_BIN_EXE_hearth-scheduler");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[templates]]\nname = \"x\"\nmin_ready = 3\nmax_ready = 1\n",
+    )
+    .unwrap();
+    let cases: Vec<Vec<(&str, String)>> = vec![
+        vec![("HEARTH_SCHEDULER_CONFIG", "/nonexistent/hearth.toml".into())],
+        vec![("HEARTH_SCHEDULER_CONFIG", bad.display().to_string())],
+        vec![("HEARTH_PREFIX", "a..b".into())],
+        vec![("HEARTH_METRICS_LISTEN", "nowhere".into())],
+    ];
+    for env in cases {
+        let out = std::process::Command::new(bin)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{env:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{env:?}: {stderr}");
+        assert!(stderr.starts_with("hearth-scheduler: "), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn the_binary_serves_and_drains_on_sigterm() {
+    let server = NatsServer::start().unwrap();
+    let bin = env!("CARGO_BIN_EXE_hearth-scheduler");
+    let mut child = tokio::process::Command::new(bin)
+        .env("HEARTH_NATS_URL", server.url())
+        .env("HEARTH_SCHEDULER_ID", "bin")
+        .env("HEARTH_METRICS_LISTEN", "off")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let nats = server.connect().await.unwrap();
+    wait_until("the binary serves", Duration::from_secs(15), || async {
+        ping_all(&nats).await.len() == 1
+    })
+    .await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after draining")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(ping_all(&nats).await.is_empty());
+}

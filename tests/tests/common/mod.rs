@@ -1,0 +1,143 @@
+//! A whole Hearth stack as real processes for end-to-end tests: one nats-server, the
+//! `hearth-scheduler` binary and any number of `hearth-worker` binaries (process provider), each
+//! with its own data directory and log file.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hearth_messages::{HearthClient, PoolStatus, TemplateName};
+use hearth_testkit::{ChildProcess, NatsServer, workspace_bin};
+
+/// Scheduler settings tuned for tests: fast heartbeats, reconcile and lease.
+pub const FAST_SCHEDULER: &str = r#"
+heartbeat_timeout_ms = 1500
+reconcile_interval_ms = 300
+lifecycle_interval_ms = 200
+vm_missing_grace_ms = 1000
+leak_grace_ms = 2000
+lease_ttl_ms = 2000
+claim_wait_ms = 10000
+"#;
+
+pub struct Stack {
+    pub nats: NatsServer,
+    pub dir: tempfile::TempDir,
+    pub scheduler: Option<ChildProcess>,
+    pub workers: Vec<(String, ChildProcess)>,
+    pub client: HearthClient,
+    scheduler_config: PathBuf,
+}
+
+impl Stack {
+    /// nats-server, a scheduler with `scheduler_toml` (appended to [`FAST_SCHEDULER`]) and the
+    /// named workers.
+    pub async fn start(workers: &[&str], scheduler_toml: &str) -> Stack {
+        let nats = NatsServer::builder()
+            .config("max_payload: 8MB\n")
+            .start()
+            .expect("nats-server");
+        let dir = tempfile::tempdir().unwrap();
+        let scheduler_config = dir.path().join("scheduler.toml");
+        std::fs::write(
+            &scheduler_config,
+            format!("{FAST_SCHEDULER}\n{scheduler_toml}"),
+        )
+        .unwrap();
+        let client = HearthClient::new(nats.connect().await.unwrap());
+        let mut stack = Stack {
+            nats,
+            dir,
+            scheduler: None,
+            workers: Vec::new(),
+            client,
+            scheduler_config,
+        };
+        for w in workers {
+            stack.add_worker(w, 32);
+        }
+        stack.scheduler = Some(stack.spawn_scheduler("s1"));
+        stack
+    }
+
+    pub fn spawn_scheduler(&self, id: &str) -> ChildProcess {
+        let mut cmd = Command::new(workspace_bin("hearth-scheduler").unwrap());
+        cmd.args(["--nats-url", self.nats.url(), "--scheduler-id", id])
+            .args(["--metrics-listen", "off"])
+            .arg("--config")
+            .arg(&self.scheduler_config)
+            .env("RUST_LOG", "info");
+        ChildProcess::spawn(&format!("scheduler-{id}"), cmd, self.dir.path()).unwrap()
+    }
+
+    pub fn spawn_worker(&self, id: &str, max_vms: u32) -> ChildProcess {
+        let mut cmd = Command::new(workspace_bin("hearth-worker").unwrap());
+        cmd.args(["--nats-url", self.nats.url(), "--worker-id", id])
+            .args(["--metrics-listen", "off", "--heartbeat-ms", "200"])
+            .args(["--max-vms", &max_vms.to_string()])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(id))
+            .env("RUST_LOG", "info");
+        ChildProcess::spawn(&format!("worker-{id}"), cmd, self.dir.path()).unwrap()
+    }
+
+    pub fn add_worker(&mut self, id: &str, max_vms: u32) {
+        let child = self.spawn_worker(id, max_vms);
+        self.workers.push((id.to_owned(), child));
+    }
+
+    pub fn worker(&mut self, id: &str) -> &mut ChildProcess {
+        &mut self
+            .workers
+            .iter_mut()
+            .find(|(w, _)| w == id)
+            .expect("known worker")
+            .1
+    }
+
+    /// Everything the processes logged, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Some(s) = &self.scheduler {
+            out.push_str(&format!("--- scheduler\n{}\n", tail(&s.log())));
+        }
+        for (id, w) in &self.workers {
+            out.push_str(&format!("--- worker {id}\n{}\n", tail(&w.log())));
+        }
+        out
+    }
+
+    /// Waits until `template`'s pool satisfies `ok`.
+    pub async fn wait_pool(
+        &self,
+        template: &str,
+        timeout: Duration,
+        ok: impl Fn(&PoolStatus) -> bool,
+    ) -> PoolStatus {
+        let template = TemplateName::new(template).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Ok(status) = self.client.pool_status().await
+                && let Some(pool) = status.pools.into_iter().find(|p| p.template == template)
+            {
+                if ok(&pool) {
+                    return pool;
+                }
+                last = Some(pool);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "pool {template} never got there; last {last:?}\n{}",
+            self.logs()
+        );
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}

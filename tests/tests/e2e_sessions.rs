@@ -1,0 +1,377 @@
+//! End to end: real nats-server, real `hearth-scheduler` and `hearth-worker` processes with the
+//! process provider, driven through `HearthClient` the way an executor drives them.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::Stack;
+use futures::StreamExt;
+use hearth_messages::*;
+
+fn id<T: TryFrom<String>>(s: impl Into<String>) -> T
+where
+    T::Error: std::fmt::Debug,
+{
+    T::try_from(s.into()).unwrap()
+}
+
+const DEFAULT_TEMPLATE: &str = r#"
+[[templates]]
+name = "default"
+min_ready = 2
+max_ready = 4
+bootstrap = ["sh", "-c", "echo built-once > .template-marker"]
+"#;
+
+#[tokio::test]
+async fn executor_flow_create_exec_files_keepalive_release() {
+    let stack = Stack::start(&["w1"], DEFAULT_TEMPLATE).await;
+    let c = &stack.client;
+    stack
+        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 2)
+        .await;
+
+    let session = c
+        .create_session(&CreateSessionRequest {
+            labels: BTreeMap::from([("agent".into(), "e2e".into())]),
+            ttl_s: Some(60),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(session.warm, "{session:?}");
+    assert_eq!(session.state, SessionState::Running);
+    assert_eq!(session.worker_id.as_str(), "w1");
+    let sid = session.session_id.clone();
+
+    // The template's bootstrap ran once, before the snapshot the pool restores from.
+    let r = c
+        .exec(
+            &sid,
+            &ExecRequest::cmd("cat .template-marker; echo $((6*7))"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.as_bytes(), b"built-once\n42\n", "{r:?}");
+
+    c.put_file(&sid, "in/data.txt", b"payload".to_vec(), None)
+        .await
+        .unwrap();
+    let r = c
+        .exec(&sid, &ExecRequest::argv(["cat", "in/data.txt"]))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.as_bytes(), b"payload");
+    assert_eq!(c.get_file(&sid, "in/data.txt").await.unwrap(), b"payload");
+
+    let streamed: Vec<ExecEvent> = c
+        .exec_stream(&sid, &ExecRequest::cmd("echo a; echo b"))
+        .await
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect()
+        .await;
+    assert!(matches!(streamed.last(), Some(ExecEvent::Done(r)) if r.exit_code == 0));
+
+    // Listing and labels.
+    let listed = c
+        .list_sessions(&ListSessionsRequest {
+            labels: BTreeMap::from([("agent".into(), "e2e".into())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+
+    // Idempotent create: the same id returns the same session.
+    let again = c
+        .create_session(&CreateSessionRequest {
+            session_id: Some(sid.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.session_id, sid);
+    assert_eq!(again.created_ms, session.created_ms);
+
+    let kept = c.keepalive(&sid, Some(600)).await.unwrap();
+    assert!(kept.expires_ms > session.expires_ms);
+
+    let released = c.release(&sid).await.unwrap();
+    assert_eq!(released.state, SessionState::Released);
+    assert_eq!(
+        c.release(&sid).await.unwrap().state,
+        SessionState::Released,
+        "release is idempotent"
+    );
+    assert_eq!(
+        c.get_session(&sid).await.unwrap().state,
+        SessionState::Released
+    );
+    let err = c.exec(&sid, &ExecRequest::cmd("true")).await.unwrap_err();
+    assert!(
+        err.code() == Some(ErrorCode::Conflict) || matches!(err, ClientError::NoResponders { .. }),
+        "{err:?}"
+    );
+
+    // Caller errors.
+    let err = c
+        .create_session(&CreateSessionRequest {
+            template: Some(id("nope")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    let err = c.get_session(&id("never-was")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+
+    // The pool refills after the claim.
+    stack
+        .wait_pool("default", Duration::from_secs(20), |p| p.ready >= 2)
+        .await;
+}
+
+#[tokio::test]
+async fn cold_fallback_when_drained_and_503_without_capacity() {
+    let mut stack = Stack::start(
+        &[],
+        r#"
+[[templates]]
+name = "default"
+min_ready = 1
+max_ready = 1
+"#,
+    )
+    .await;
+    // Room for the three sessions plus the refill the warm claim triggers.
+    stack.add_worker("w1", 4);
+    stack
+        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 1)
+        .await;
+    let c = stack.client.clone();
+    // Three claims at once against a pool of one: one warm, the rest restored cold.
+    let claims = futures::future::join_all((0..3).map(|_| {
+        let c = c.clone();
+        async move {
+            c.create_session(&CreateSessionRequest {
+                wait_ms: Some(15_000),
+                ..Default::default()
+            })
+            .await
+        }
+    }))
+    .await;
+    let sessions: Vec<Session> = claims
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{e}\n{}", stack.logs())))
+        .collect();
+    let cold = sessions.iter().filter(|s| !s.warm).count();
+    assert!(cold >= 2, "{sessions:?}");
+    for s in &sessions {
+        let r = c
+            .exec(&s.session_id, &ExecRequest::cmd("true"))
+            .await
+            .unwrap();
+        assert_eq!(r.exit_code, 0);
+    }
+    // Keep claiming: once the worker is full (sessions + pool VM = 4), a claim gets 503 with a
+    // retry hint instead of waiting forever or crashing anything.
+    let mut held = sessions.len();
+    let err = loop {
+        match c
+            .create_session(&CreateSessionRequest {
+                wait_ms: Some(500),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => held += 1,
+            Err(err) => break err,
+        }
+        assert!(held <= 4, "more sessions than the worker has slots");
+    };
+    assert_eq!(err.code(), Some(ErrorCode::NoCapacity), "{err:?}");
+    assert!(err.is_retryable() && err.retry_after().is_some());
+}
+
+#[tokio::test]
+async fn a_session_snapshot_becomes_a_template_restored_on_another_worker() {
+    let mut stack = Stack::start(&["w1"], DEFAULT_TEMPLATE).await;
+    let c = stack.client.clone();
+    stack
+        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 2)
+        .await;
+    let s = c
+        .create_session(&CreateSessionRequest::default())
+        .await
+        .unwrap();
+    c.exec(
+        &s.session_id,
+        &ExecRequest::cmd("mkdir -p app && echo 'from the snapshot' > app/state"),
+    )
+    .await
+    .unwrap();
+    let template = c
+        .snapshot_session(&s.session_id, id("mine"), Some(1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.logs()));
+    assert_eq!(template.name.as_str(), "mine");
+
+    // Only a second worker remains: it must fetch the snapshot from the object store.
+    stack.add_worker("w2", 16);
+    stack.worker("w1").kill();
+    stack
+        .wait_pool("mine", Duration::from_secs(30), |p| p.ready >= 1)
+        .await;
+    let from_snapshot = c
+        .create_session(&CreateSessionRequest {
+            template: Some(id("mine")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(from_snapshot.worker_id.as_str(), "w2");
+    let r = c
+        .exec(
+            &from_snapshot.session_id,
+            &ExecRequest::cmd("cat app/state"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.as_bytes(), b"from the snapshot\n");
+    let templates = c.list_templates().await.unwrap();
+    assert!(templates.iter().any(|t| t.name.as_str() == "mine"));
+}
+
+#[tokio::test]
+async fn sigkill_of_the_scheduler_mid_load_loses_no_acknowledged_session() {
+    let mut stack = Stack::start(
+        &[],
+        r#"
+[[templates]]
+name = "default"
+min_ready = 4
+max_ready = 8
+"#,
+    )
+    .await;
+    stack.add_worker("w1", 512);
+    stack
+        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 4)
+        .await;
+    let stop_at = Instant::now() + Duration::from_secs(4);
+    let loaders: Vec<_> = (0..4)
+        .map(|n| {
+            let c = stack.client.clone();
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                let mut i = 0;
+                while Instant::now() < stop_at {
+                    i += 1;
+                    let request = CreateSessionRequest {
+                        session_id: Some(id(format!("load-{n}-{i}"))),
+                        wait_ms: Some(5000),
+                        ..Default::default()
+                    };
+                    // Retry the same request (same idempotency key) until it is acknowledged.
+                    loop {
+                        match c.create_session(&request).await {
+                            Ok(s) => {
+                                acknowledged.push(s.session_id);
+                                break;
+                            }
+                            Err(e) if e.is_retryable() => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                if Instant::now() > stop_at + Duration::from_secs(20) {
+                                    panic!("claim never acknowledged: {e}");
+                                }
+                            }
+                            Err(e) => panic!("caller error under load: {e}"),
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    stack.scheduler.as_mut().unwrap().kill(); // SIGKILL
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.scheduler = Some(stack.spawn_scheduler("s2"));
+    let mut acknowledged = Vec::new();
+    for l in loaders {
+        acknowledged.extend(l.await.unwrap());
+    }
+    assert!(acknowledged.len() >= 8, "too little load: {acknowledged:?}");
+    for sid in &acknowledged {
+        let s = stack
+            .client
+            .get_session(sid)
+            .await
+            .unwrap_or_else(|e| panic!("{sid}: {e}\n{}", stack.logs()));
+        assert_eq!(s.state, SessionState::Running, "{s:?}");
+        let r = stack
+            .client
+            .exec(sid, &ExecRequest::cmd("echo alive"))
+            .await
+            .unwrap_or_else(|e| panic!("{sid}: {e}\n{}", stack.logs()));
+        assert_eq!(r.stdout.as_bytes(), b"alive\n");
+    }
+    println!(
+        "{} sessions acknowledged across the crash",
+        acknowledged.len()
+    );
+}
+
+#[tokio::test]
+async fn sigkill_of_a_worker_marks_its_sessions_lost_and_pools_refill_elsewhere() {
+    let mut stack = Stack::start(&["w1", "w2"], DEFAULT_TEMPLATE).await;
+    stack
+        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 2)
+        .await;
+    let c = stack.client.clone();
+    let s = c
+        .create_session(&CreateSessionRequest::default())
+        .await
+        .unwrap();
+    let victim = s.worker_id.to_string();
+    let survivor = if victim == "w1" { "w2" } else { "w1" };
+    let mut events = c
+        .nats()
+        .subscribe(c.subjects().session_events(&s.session_id))
+        .await
+        .unwrap();
+    stack.worker(&victim).kill();
+
+    let lost = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let msg = events.next().await.unwrap();
+            let ev: SessionEvent = Encoding::MsgPack.decode(&msg.payload).unwrap();
+            if ev.state == SessionState::Lost {
+                return ev;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no lost event\n{}", stack.logs()));
+    assert_eq!(lost.reason, Some(TerminationReason::WorkerLost));
+    assert_eq!(
+        c.get_session(&s.session_id).await.unwrap().state,
+        SessionState::Lost
+    );
+    stack
+        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 2)
+        .await;
+    for _ in 0..2 {
+        let s = c
+            .create_session(&CreateSessionRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(s.worker_id.as_str(), survivor);
+        assert!(s.warm);
+    }
+}
