@@ -58,3 +58,29 @@ if ! command -v bwrap >/dev/null; then
   log "installing bubblewrap (optional sandboxing for the process provider)"
   apt_install bubblewrap || log "bubblewrap unavailable: bwrap tests will be skipped"
 fi
+
+# Deploy checks (tests/tests/deploy_configs.rs skip with a reason when these are missing):
+# promtool from Debian's `prometheus` package, unpacked into .tools/ rather than installed, so no
+# Prometheus server gets installed or started; `docker-compose` (1.29) validates the compose
+# files without a Docker engine.
+if ! command -v promtool >/dev/null && [ ! -x "$TOOLS/prometheus/usr/bin/promtool" ] \
+  && command -v apt-get >/dev/null; then
+  log "fetching promtool (Debian package prometheus) into $TOOLS/prometheus"
+  (
+    cd "$TOOLS"
+    apt-get download prometheus >/dev/null 2>&1 || {
+      as_root apt-get update -qq >/dev/null 2>&1 || true
+      apt-get download prometheus >/dev/null 2>&1
+    }
+    dpkg-deb -x prometheus_*.deb prometheus
+    rm -f prometheus_*.deb prometheus/usr/bin/prometheus
+  ) || log "promtool unavailable: the Prometheus rule checks will be skipped"
+fi
+if [ -x "$TOOLS/prometheus/usr/bin/promtool" ]; then
+  export PATH="$TOOLS/prometheus/usr/bin:$PATH"
+fi
+if ! command -v docker-compose >/dev/null; then
+  log "installing docker-compose (validates deploy/docker-compose*.yml; no engine needed)"
+  apt_install --no-install-recommends docker-compose \
+    || log "docker-compose unavailable: the compose checks will be skipped"
+fi

@@ -202,11 +202,8 @@ impl OwnStack {
 }
 
 async fn connect(url: &str, subjects: &Subjects) -> Result<HearthClient> {
-    let nats = async_nats::ConnectOptions::new()
-        .name("hearth bench")
-        .connect(url)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let auth = hearth_messages::transport::NatsAuth::from_env();
+    let nats = hearth_messages::transport::connect(url, "hearth bench", &auth, false).await?;
     Ok(HearthClient::new(nats)
         .with_subjects(subjects.clone())
         .with_timeout(Duration::from_secs(30)))
@@ -270,8 +267,10 @@ fn ms(us: u64) -> f64 {
 /// The floor: a bare request/reply through the same nats-server to a responder on its own
 /// connection, sequential, same payload size as a claim.
 async fn baseline(url: &str, samples: usize) -> Result<Histogram<u64>> {
-    let responder = async_nats::connect(url).await?;
-    let requester = async_nats::connect(url).await?;
+    let auth = hearth_messages::transport::NatsAuth::from_env();
+    let responder = hearth_messages::transport::connect(url, "bench echo", &auth, false).await?;
+    let requester =
+        hearth_messages::transport::connect(url, "bench requester", &auth, false).await?;
     let subject = format!("hearth-bench.echo.{}", std::process::id());
     let mut sub = responder.subscribe(subject.clone()).await?;
     responder.flush().await?;
@@ -283,6 +282,18 @@ async fn baseline(url: &str, samples: usize) -> Result<Histogram<u64>> {
         }
     });
     let payload = bytes_payload(200);
+    // The responder's interest reaches the server asynchronously: wait until it answers.
+    let ready_by = Instant::now() + Duration::from_secs(5);
+    while requester
+        .request(subject.clone(), payload.clone())
+        .await
+        .is_err()
+    {
+        if Instant::now() > ready_by {
+            bail!("the baseline echo responder never answered");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut h = histogram();
     for i in 0..samples + samples / 10 {
         let t = Instant::now();

@@ -83,11 +83,13 @@ async fn client(
     timeout: Duration,
 ) -> Result<HearthClient> {
     let url = nats_url.unwrap_or(DEFAULT_NATS_URL);
-    let nats = async_nats::ConnectOptions::new()
-        .name("hearth cli")
-        .connect(url)
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))?;
+    let nats = hearth_messages::transport::connect(
+        url,
+        "hearth cli",
+        &hearth_messages::transport::NatsAuth::from_env(),
+        false,
+    )
+    .await?;
     Ok(HearthClient::new(nats)
         .with_subjects(subjects)
         .with_timeout(timeout))

@@ -98,11 +98,13 @@ pub async fn up(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -> R
         hearth_scheduler::metrics::describe();
     }
 
-    let nats = async_nats::ConnectOptions::new()
-        .name("hearth up")
-        .connect(url.as_str())
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let nats = hearth_messages::transport::connect(
+        &url,
+        "hearth up",
+        &hearth_messages::transport::NatsAuth::from_env(),
+        false,
+    )
+    .await?;
 
     // The worker.
     let mut worker_config = WorkerConfig::new(WorkerId::new("local")?, data_dir.join("worker"));

@@ -85,6 +85,15 @@ pub enum JobOp {
     },
     /// Report every VM the worker holds (reconcile).
     ListVms {},
+    /// Delete a snapshot from this worker (garbage collection of a replaced template snapshot).
+    /// Idempotent: a snapshot the worker does not have is not an error.
+    DeleteSnapshot {
+        /// The snapshot.
+        snapshot_id: SnapshotId,
+        /// Also delete it from the fleet's object store (a missing object is not an error).
+        #[serde(default)]
+        unpublish: bool,
+    },
 }
 
 impl JobOp {
@@ -99,10 +108,12 @@ impl JobOp {
             JobOp::DestroyVm { .. } => "destroy_vm",
             JobOp::RenameVm { .. } => "rename_vm",
             JobOp::ListVms {} => "list_vms",
+            JobOp::DeleteSnapshot { .. } => "delete_snapshot",
         }
     }
 
-    /// The VM the job acts on (the per-VM lock it takes), if any. A rename locks the old id.
+    /// The VM the job acts on (the per-VM lock it takes), if any. A rename locks the old id;
+    /// `delete_snapshot` takes a per-snapshot lock instead.
     pub fn vm_id(&self) -> Option<&VmId> {
         match self {
             JobOp::CreateVm { vm_id, .. }
@@ -112,7 +123,7 @@ impl JobOp {
             | JobOp::SnapshotVm { vm_id, .. }
             | JobOp::DestroyVm { vm_id, .. }
             | JobOp::RenameVm { vm_id, .. } => Some(vm_id),
-            JobOp::ListVms {} => None,
+            JobOp::ListVms {} | JobOp::DeleteSnapshot { .. } => None,
         }
     }
 }
@@ -190,6 +201,10 @@ pub struct VmInfo {
     /// Restored from this snapshot.
     #[serde(default)]
     pub restored_from: Option<SnapshotId>,
+    /// True while a command, file transfer or lifecycle job holds the VM (or waits for it): the
+    /// VM is in use even if `last_activity_ms` is old, and the scheduler never idle-stops it.
+    #[serde(default)]
+    pub busy: bool,
 }
 
 /// A snapshot as a worker reports it.
@@ -242,7 +257,7 @@ pub enum JobOutput {
         /// The VMs.
         vms: Vec<VmInfo>,
     },
-    /// Done, nothing to report (destroy).
+    /// Done, nothing to report (destroy, delete_snapshot).
     Done {},
 }
 
@@ -266,6 +281,29 @@ mod tests {
         let back: JobRequest = serde_json::from_value(json).unwrap();
         assert_eq!(back, job);
         assert_eq!(back.op.vm_id().unwrap().as_str(), "pool-1");
+    }
+
+    #[test]
+    fn delete_snapshot_is_tagged_and_locks_no_vm() {
+        let op: JobOp =
+            serde_json::from_str(r#"{"kind":"delete_snapshot","snapshot_id":"snap-1"}"#).unwrap();
+        assert_eq!(
+            op,
+            JobOp::DeleteSnapshot {
+                snapshot_id: SnapshotId::new("snap-1").unwrap(),
+                unpublish: false,
+            }
+        );
+        assert_eq!(op.name(), "delete_snapshot");
+        assert!(op.vm_id().is_none());
+    }
+
+    #[test]
+    fn vm_info_without_busy_is_not_busy() {
+        // What a worker from before the field sends.
+        let vm: VmInfo = serde_json::from_str(r#"{"vm_id":"v","state":"running"}"#).unwrap();
+        assert!(!vm.busy);
+        assert_eq!(vm.last_activity_ms, 0);
     }
 
     #[test]

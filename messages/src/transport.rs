@@ -10,6 +10,124 @@ use serde::de::DeserializeOwned;
 use crate::codec::{CONTENT_TYPE_HEADER, Encoding};
 use crate::error::{ErrorCode, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER, WireError};
 
+/// How a Hearth process (or an executor) logs in to NATS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsAuth {
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// A token.
+    pub token: Option<String>,
+    /// A `.creds` file (JWT + NKey seed).
+    pub creds_file: Option<std::path::PathBuf>,
+}
+
+impl NatsAuth {
+    /// From the `HEARTH_NATS_USER` / `HEARTH_NATS_PASSWORD` / `HEARTH_NATS_TOKEN` /
+    /// `HEARTH_NATS_CREDS` environment variables.
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self {
+            user: var("HEARTH_NATS_USER"),
+            password: var("HEARTH_NATS_PASSWORD"),
+            token: var("HEARTH_NATS_TOKEN"),
+            creds_file: var("HEARTH_NATS_CREDS").map(Into::into),
+        }
+    }
+}
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL list is malformed.
+    #[error("invalid nats url {url:?}: {reason}")]
+    BadUrl {
+        /// The offending URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The credentials are incomplete or unreadable.
+    #[error("nats credentials: {0}")]
+    Credentials(String),
+    /// The server could not be reached or refused us.
+    #[error("connecting to {urls}: {reason}")]
+    Connect {
+        /// The URLs tried.
+        urls: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Parses a comma-separated list of NATS URLs (`nats://a:4222,nats://b:4222`).
+pub fn parse_urls(urls: &str) -> Result<Vec<async_nats::ServerAddr>, ConnectError> {
+    let list: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if list.is_empty() {
+        return Err(ConnectError::BadUrl {
+            url: urls.to_owned(),
+            reason: "no url given".into(),
+        });
+    }
+    list.into_iter()
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| ConnectError::BadUrl {
+                    url: u.to_owned(),
+                    reason: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+/// Connects to NATS the way every Hearth binary does: any of the comma-separated `urls`, logging
+/// in with `auth`, named `name` (shown by the server's monitoring), retrying the first connection
+/// when `retry` is set (a service started before its NATS server).
+pub async fn connect(
+    urls: &str,
+    name: &str,
+    auth: &NatsAuth,
+    retry: bool,
+) -> Result<async_nats::Client, ConnectError> {
+    let addrs = parse_urls(urls)?;
+    let mut options = async_nats::ConnectOptions::new().name(name);
+    match (&auth.user, &auth.password) {
+        (Some(user), Some(password)) => {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        (None, None) => {}
+        _ => {
+            return Err(ConnectError::Credentials(
+                "give both a user and a password".into(),
+            ));
+        }
+    }
+    if let Some(token) = &auth.token {
+        options = options.token(token.clone());
+    }
+    if let Some(path) = &auth.creds_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| ConnectError::Credentials(format!("{}: {e}", path.display())))?;
+    }
+    if retry {
+        options = options.retry_on_initial_connect();
+    }
+    options
+        .connect(addrs)
+        .await
+        .map_err(|e| ConnectError::Connect {
+            urls: urls.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
 /// The encoding a message asks for (its `Content-Type` header).
 pub fn encoding_of(headers: Option<&HeaderMap>) -> Encoding {
     Encoding::from_content_type(
@@ -143,6 +261,13 @@ pub fn decode_reply<T: DeserializeOwned>(message: &async_nats::Message) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_url_lists() {
+        assert_eq!(parse_urls("nats://a:1, nats://b:2").unwrap().len(), 2);
+        assert!(parse_urls("").is_err());
+        assert!(parse_urls("nats://a:notaport").is_err());
+    }
 
     #[test]
     fn error_headers_are_single_line() {

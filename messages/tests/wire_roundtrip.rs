@@ -47,6 +47,7 @@ fn vm_info() -> VmInfo {
         created_ms: 1,
         last_activity_ms: 2,
         restored_from: Some(id("snap-1")),
+        busy: true,
     }
 }
 
@@ -273,6 +274,10 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
             session: true,
         },
         JobOp::ListVms {},
+        JobOp::DeleteSnapshot {
+            snapshot_id: id("snap-1"),
+            unpublish: true,
+        },
     ];
     for op in ops {
         roundtrip(

@@ -32,12 +32,14 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
             tracing::info!(%listen, "serving prometheus metrics");
         }
-        let nats = async_nats::ConnectOptions::new()
-            .name(format!("hearth-scheduler {}", config.scheduler_id))
-            .retry_on_initial_connect()
-            .connect(config.nats_url.as_str())
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", config.nats_url))?;
+        let nats = hearth_messages::transport::connect(
+            &config.nats_url,
+            &format!("hearth-scheduler {}", config.scheduler_id),
+            &hearth_messages::transport::NatsAuth::from_env(),
+            true,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         tracing::info!(url = %config.nats_url, scheduler_id = %config.scheduler_id, "connected to nats");
         run(config, nats, telemetry::shutdown_signal())
             .await

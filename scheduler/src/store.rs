@@ -6,7 +6,8 @@
 //! - `<prefix>_sessions`, key = session id: [`SessionRecord`]. Written (create-if-absent) before the
 //!   client hears of the session, then updated with compare-and-set on every state change.
 //! - `<prefix>_pool`, key = VM id: [`PoolRecord`], one per ready pooled VM.
-//! - `<prefix>_templates`, key = template name: [`TemplateRecord`].
+//! - `<prefix>_templates`, key = template name: [`TemplateRecord`] (including the replaced snapshots
+//!   still to be garbage-collected).
 //! - `<prefix>_leader`, key `leader`: the lease (see [`crate::lease`]).
 
 use std::collections::{BTreeMap, HashMap};
@@ -159,6 +160,11 @@ pub struct TemplateRecord {
     /// from a session snapshot (they cannot be rebuilt).
     #[serde(default)]
     pub build: Option<BuildSpec>,
+    /// Snapshots this template no longer uses (replaced by a rebuild) that are not yet deleted
+    /// from every worker and the object store. Written in the same record as the replacement, so a
+    /// restarted scheduler still finishes the deletion; an entry is removed once it is done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_snapshots: Vec<SnapshotId>,
 }
 
 /// Typed access to the scheduler's tables over a [`Kv`].

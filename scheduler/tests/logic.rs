@@ -1017,3 +1017,200 @@ async fn changing_a_template_rebuilds_it_and_replaces_its_pool() {
         .collect();
     assert_eq!(builds.len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_vm_is_never_idle_stopped() {
+    let fleet = Fleet::new();
+    let w1 = fleet.add("w1", 10);
+    let h = Harness::start(config(2), fleet.clone()).await;
+    h.wait_ready("default", 2).await;
+    // One idle timeout well above the heartbeat interval, one at it.
+    for (name, idle_s) in [("long-cmd", 5), ("short-idle", 1)] {
+        let mut r = req(name);
+        r.idle_timeout_s = Some(idle_s);
+        h.sched.create_session(r).await.unwrap();
+        // A long command holds the VM: its activity stamp does not move while it runs.
+        w1.set_busy(name, true);
+    }
+
+    h.sleep(MINUTE).await;
+    for name in ["long-cmd", "short-idle"] {
+        let s = h.sched.get_session(&sid(name)).unwrap();
+        assert_eq!(s.state, SessionState::Running, "{name} stopped while busy");
+        assert!(
+            s.last_used_ms + 2000 >= h.sched.now_ms(),
+            "{name}: busy counts as activity ({} vs {})",
+            s.last_used_ms,
+            h.sched.now_ms()
+        );
+        assert_eq!(
+            w1.vms().await.get(&name.parse().unwrap()),
+            Some(&VmState::Running)
+        );
+    }
+    // Heartbeats late by more than the 1 s idle timeout (but not lost): the last one said busy.
+    w1.mute.store(true, Ordering::SeqCst);
+    h.sleep(Duration::from_millis(2500)).await;
+    w1.mute.store(false, Ordering::SeqCst);
+    h.sleep(Duration::from_secs(1)).await;
+    assert!(w1.ops("stop_vm").is_empty());
+
+    // The command ends: the idle timer runs from then, and the sessions stop.
+    let freed = h.sched.now_ms();
+    for name in ["long-cmd", "short-idle"] {
+        w1.set_busy(name, false);
+    }
+    h.sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        h.sched.get_session(&sid("long-cmd")).unwrap().state,
+        SessionState::Running,
+        "idle only from the end of the command"
+    );
+    h.wait_for("idle stops", Duration::from_secs(10), || {
+        ["long-cmd", "short-idle"]
+            .iter()
+            .all(|n| h.sched.get_session(&sid(n)).unwrap().state == SessionState::Stopped)
+    })
+    .await;
+    assert!(h.sched.now_ms() >= freed + 4000);
+}
+
+/// The template records in the store.
+async fn stored_templates(
+    kv: &std::sync::Arc<hearth_scheduler::store::MemKv>,
+) -> Vec<hearth_scheduler::store::TemplateRecord> {
+    hearth_scheduler::store::Store::new(kv.clone())
+        .load_all()
+        .await
+        .unwrap()
+        .templates
+}
+
+fn deletes(fleet: &Fleet) -> Vec<(hearth_messages::WorkerId, hearth_messages::SnapshotId, bool)> {
+    fleet
+        .ops("delete_snapshot")
+        .into_iter()
+        .map(|(w, op)| match op {
+            JobOp::DeleteSnapshot {
+                snapshot_id,
+                unpublish,
+            } => (w, snapshot_id, unpublish),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+/// Starts a scheduler over `kv` with the default template, then restarts it with the template's
+/// bootstrap changed (which rebuilds its snapshot). Returns the new harness and the old snapshot.
+async fn rebuild(
+    fleet: &std::sync::Arc<Fleet>,
+    kv: &std::sync::Arc<hearth_scheduler::store::MemKv>,
+) -> (Harness, hearth_messages::SnapshotId) {
+    let h = Harness::start_with(config(2), fleet.clone(), kv.clone()).await;
+    h.wait_ready("default", 2).await;
+    let old = h.sched.list_templates().templates[0]
+        .snapshot_id
+        .clone()
+        .unwrap();
+    h.sched.shutdown(Duration::from_millis(1)).await;
+    drop(h);
+    let mut cfg = config(2);
+    cfg.templates[0].bootstrap = Some(vec!["true".into()]);
+    let h = Harness::start_with(cfg, fleet.clone(), kv.clone()).await;
+    h.wait_for("rebuilt", MINUTE, || {
+        h.sched.list_templates().templates[0].snapshot_id.as_ref() != Some(&old)
+    })
+    .await;
+    (h, old)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rebuild_deletes_the_replaced_snapshot_on_every_worker_and_unpublishes_it_once() {
+    let fleet = Fleet::new();
+    let w1 = fleet.add("w1", 10);
+    let w2 = fleet.add("w2", 10);
+    let kv = std::sync::Arc::new(hearth_scheduler::store::MemKv::new());
+    let (h, old) = rebuild(&fleet, &kv).await;
+    // Both workers held the old snapshot (one built it, the other fetched it for its pool VM).
+    assert!(w1.has_snapshot(&old).await && w2.has_snapshot(&old).await);
+    assert!(fleet.objects.lock().contains_key(&old));
+    // Retired in the same write that replaced it.
+    let rec = &stored_templates(&kv).await[0];
+    assert_eq!(rec.retired_snapshots, vec![old.clone()]);
+    let new = rec.template.snapshot_id.clone().unwrap();
+
+    // Not within the grace for cold restores that read the old snapshot before the rebuild.
+    h.sleep(Duration::from_secs(30)).await;
+    assert!(deletes(&fleet).is_empty(), "deleted within the grace");
+    assert!(w1.has_snapshot(&old).await);
+
+    h.wait_for("old snapshot deleted everywhere", 2 * MINUTE, || {
+        !fleet.objects.lock().contains_key(&old) && deletes(&fleet).len() >= 2
+    })
+    .await;
+    h.sleep(Duration::from_secs(1)).await;
+    assert!(!w1.has_snapshot(&old).await && !w2.has_snapshot(&old).await);
+    let sent = deletes(&fleet);
+    assert!(sent.iter().all(|(_, s, _)| *s == old), "{sent:?}");
+    let workers: HashSet<_> = sent.iter().map(|(w, ..)| w.clone()).collect();
+    assert_eq!(workers.len(), 2, "every worker: {sent:?}");
+    assert_eq!(
+        sent.iter().filter(|(.., unpublish)| *unpublish).count(),
+        1,
+        "unpublished once: {sent:?}"
+    );
+    // The replacement is untouched and serves warm claims.
+    assert!(fleet.objects.lock().contains_key(&new));
+    h.wait_ready("default", 2).await;
+    assert!(h.sched.create_session(req("after")).await.unwrap().warm);
+
+    // Done: the record forgets it, and a restarted scheduler does not delete again.
+    let deadline = tokio::time::Instant::now() + MINUTE;
+    while !stored_templates(&kv).await[0].retired_snapshots.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "record not updated");
+        h.sleep(Duration::from_millis(100)).await;
+    }
+    let mut h = h;
+    h.restart().await;
+    h.sleep(3 * MINUTE).await;
+    assert_eq!(deletes(&fleet).len(), sent.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn snapshot_deletion_is_retried_until_every_worker_confirms_even_across_a_restart() {
+    let fleet = Fleet::new();
+    let w1 = fleet.add("w1", 10);
+    let w2 = fleet.add("w2", 10);
+    let kv = std::sync::Arc::new(hearth_scheduler::store::MemKv::new());
+    let (mut h, old) = rebuild(&fleet, &kv).await;
+    w2.fail_deletes.store(true, Ordering::SeqCst);
+
+    h.wait_for("deleted where it can be", 2 * MINUTE, || {
+        !fleet.objects.lock().contains_key(&old)
+    })
+    .await;
+    h.sleep(MINUTE).await;
+    assert!(!w1.has_snapshot(&old).await);
+    assert!(w2.has_snapshot(&old).await);
+    let tries = deletes(&fleet)
+        .iter()
+        .filter(|(w, ..)| w.as_str() == "w2")
+        .count();
+    assert!(tries >= 2, "retried: {tries}");
+    assert_eq!(
+        stored_templates(&kv).await[0].retired_snapshots,
+        vec![old.clone()],
+        "still pending"
+    );
+
+    // A restarted scheduler still knows, and finishes once the worker cooperates.
+    h.restart().await;
+    w2.fail_deletes.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + 5 * MINUTE;
+    while w2.has_snapshot(&old).await
+        || !stored_templates(&kv).await[0].retired_snapshots.is_empty()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never finished");
+        h.sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -54,8 +54,6 @@ pub struct WorkerConfig {
     pub drain_grace: Duration,
     /// Replicas of the snapshot object store when the worker has to create it.
     pub store_replicas: usize,
-    /// How long a destroyed session's data plane keeps answering 409 before it unsubscribes.
-    pub destroyed_grace: Duration,
     /// Largest file `files.get` returns.
     pub max_file_bytes: u64,
 }
@@ -77,7 +75,6 @@ impl WorkerConfig {
             backup_dir: None,
             drain_grace: Duration::from_secs(30),
             store_replicas: 1,
-            destroyed_grace: Duration::from_secs(60),
             max_file_bytes: hearth_messages::data::DEFAULT_MAX_FILE_BYTES,
         }
     }

@@ -20,6 +20,14 @@ impl VmLocks {
         mutex.lock_owned().await
     }
 
+    /// Whether someone holds the VM's lock (a command, file transfer or job runs on it, or a
+    /// waiter was just handed the lock). Never creates an entry.
+    pub(crate) fn is_busy(&self, vm_id: &VmId) -> bool {
+        self.locks
+            .get(vm_id)
+            .is_some_and(|mutex| mutex.try_lock().is_err())
+    }
+
     /// Forgets the VM's lock if nobody holds or awaits it (after a destroy or rename, with the
     /// guard already dropped).
     pub(crate) fn forget_if_idle(&self, vm_id: &VmId) {
@@ -60,6 +68,21 @@ mod tests {
             h.await.unwrap();
         }
         assert_eq!(*order.lock(), vec![0, 1, 2, 3, 4]);
+        locks.forget_if_idle(&vm);
+        assert_eq!(locks.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn busy_while_held_and_asking_creates_no_entry() {
+        let locks = VmLocks::default();
+        let vm = VmId::new("vm").unwrap();
+        assert!(!locks.is_busy(&vm));
+        assert_eq!(locks.len(), 0, "asking must not create an entry");
+        let guard = locks.lock(&vm).await;
+        assert!(locks.is_busy(&vm));
+        assert!(!locks.is_busy(&VmId::new("other").unwrap()));
+        drop(guard);
+        assert!(!locks.is_busy(&vm));
         locks.forget_if_idle(&vm);
         assert_eq!(locks.len(), 0);
     }

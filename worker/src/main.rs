@@ -32,12 +32,14 @@ fn main() -> ExitCode {
             metrics::describe();
         }
         let provider = open_provider(&config).map_err(|e| format!("provider: {e}"))?;
-        let nats = async_nats::ConnectOptions::new()
-            .name(format!("hearth-worker {}", config.worker_id))
-            .retry_on_initial_connect()
-            .connect(config.nats_url.as_str())
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", config.nats_url))?;
+        let nats = hearth_messages::transport::connect(
+            &config.nats_url,
+            &format!("hearth-worker {}", config.worker_id),
+            &hearth_messages::transport::NatsAuth::from_env(),
+            true,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         run(config, nats, provider, telemetry::shutdown_signal())
             .await
             .map_err(|e| e.to_string())

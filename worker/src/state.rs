@@ -1,44 +1,43 @@
 //! The worker's own durable state: which VMs are sessions (their data plane is served). Providers
-//! keep the VMs themselves; this file says which of them executors may reach, so a restarted worker
+//! keep the VMs themselves; this says which of them executors may reach, so a restarted worker
 //! serves exactly the sessions it served before and never exposes a pooled VM.
+//!
+//! One empty marker file per session under `<data_dir>/sessions/`: adding or removing a session
+//! costs one file operation whatever the number of sessions (this is on the claim path), and a crash
+//! leaves either the marker or not, never a torn file.
 
 use std::collections::BTreeSet;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use hearth_messages::VmId;
-use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct StateFile {
-    #[serde(default)]
-    sessions: BTreeSet<VmId>,
-}
-
-/// The session set, written through to a JSON file (temp file + rename, so a crash never leaves a
-/// torn file).
+/// The session set: in memory, written through to marker files.
 #[derive(Debug)]
 pub(crate) struct SessionSet {
-    path: PathBuf,
+    dir: PathBuf,
     sessions: parking_lot::Mutex<BTreeSet<VmId>>,
 }
 
 impl SessionSet {
-    /// Loads the set from `path` (missing = empty; unreadable = empty, with a warning).
-    pub(crate) fn load(path: &Path) -> Self {
-        let sessions = match std::fs::read(path) {
-            Ok(bytes) => match serde_json::from_slice::<StateFile>(&bytes) {
-                Ok(file) => file.sessions,
-                Err(err) => {
-                    tracing::warn!(path = %path.display(), %err, "worker state unreadable; starting empty");
-                    BTreeSet::new()
+    /// Loads the set from `dir`, creating it if needed. Entries that are not valid ids are
+    /// ignored with a warning.
+    pub(crate) fn load(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut sessions = BTreeSet::new();
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            match name.to_str().map(VmId::new) {
+                Some(Ok(id)) => {
+                    sessions.insert(id);
                 }
-            },
-            Err(_) => BTreeSet::new(),
-        };
-        Self {
-            path: path.to_owned(),
-            sessions: parking_lot::Mutex::new(sessions),
+                _ => tracing::warn!(?name, "ignoring a stray file among the session markers"),
+            }
         }
+        Ok(Self {
+            dir: dir.to_owned(),
+            sessions: parking_lot::Mutex::new(sessions),
+        })
     }
 
     /// The ids in the set.
@@ -51,17 +50,20 @@ impl SessionSet {
         self.sessions.lock().contains(vm_id)
     }
 
-    /// Applies a change and writes the file.
-    pub(crate) fn update(&self, f: impl FnOnce(&mut BTreeSet<VmId>)) -> std::io::Result<()> {
-        let mut sessions = self.sessions.lock();
-        f(&mut sessions);
-        let file = StateFile {
-            sessions: sessions.clone(),
-        };
-        let bytes = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, &self.path)
+    /// Marks `vm_id` as a session (idempotent).
+    pub(crate) fn insert(&self, vm_id: &VmId) -> io::Result<()> {
+        std::fs::write(self.dir.join(vm_id.as_str()), b"")?;
+        self.sessions.lock().insert(vm_id.clone());
+        Ok(())
+    }
+
+    /// Unmarks `vm_id` (idempotent).
+    pub(crate) fn remove(&self, vm_id: &VmId) -> io::Result<()> {
+        self.sessions.lock().remove(vm_id);
+        match std::fs::remove_file(self.dir.join(vm_id.as_str())) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -70,17 +72,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn survives_a_reload() {
+    fn survives_a_reload_and_ignores_strays() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.json");
-        let set = SessionSet::load(&path);
-        set.update(|s| {
-            s.insert(VmId::new("a").unwrap());
-        })
-        .unwrap();
-        let again = SessionSet::load(&path);
-        assert!(again.contains(&VmId::new("a").unwrap()));
-        std::fs::write(&path, b"garbage").unwrap();
-        assert!(SessionSet::load(&path).ids().is_empty());
+        let set = SessionSet::load(dir.path()).unwrap();
+        let (a, b) = (VmId::new("a").unwrap(), VmId::new("b").unwrap());
+        set.insert(&a).unwrap();
+        set.insert(&b).unwrap();
+        set.remove(&b).unwrap();
+        set.remove(&b).unwrap();
+        std::fs::write(dir.path().join("not.an.id"), b"").unwrap();
+        let again = SessionSet::load(dir.path()).unwrap();
+        assert_eq!(again.ids(), vec![a]);
     }
 }

@@ -163,7 +163,12 @@ impl Worker {
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await
             .map_err(nats_err)?;
-        let sessions = SessionSet::load(&config.data_dir.join("worker-state.json"));
+        let sessions = SessionSet::load(&config.data_dir.join("sessions")).map_err(|source| {
+            WorkerError::Io {
+                context: "loading the session markers".into(),
+                source,
+            }
+        })?;
         let inner = Arc::new(Inner {
             job_slots: Semaphore::new(config.job_concurrency),
             config,
@@ -242,16 +247,12 @@ impl Worker {
             .into_iter()
             .filter(|id| !live.contains(id))
             .collect();
-        if !stale.is_empty() {
+        for id in &stale {
             inner
                 .sessions
-                .update(|s| {
-                    for id in &stale {
-                        s.remove(id);
-                    }
-                })
+                .remove(id)
                 .map_err(|source| WorkerError::Io {
-                    context: "writing worker state".into(),
+                    context: "removing a stale session marker".into(),
                     source,
                 })?;
         }
@@ -451,7 +452,7 @@ impl Worker {
                 let old_guard = inner.locks.lock(&vm_id).await;
                 let _new_guard = inner.locks.lock(&new_vm_id).await;
                 let view = provider.rename_vm(&vm_id, &new_vm_id).await.map_err(werr)?;
-                self.unserve(&vm_id, false);
+                self.unserve(&vm_id);
                 if session {
                     self.make_session(&new_vm_id).await?;
                 }
@@ -465,6 +466,10 @@ impl Worker {
                 })
             }
             JobOp::ListVms {} => unreachable_list(),
+            JobOp::DeleteSnapshot {
+                snapshot_id,
+                unpublish,
+            } => inner.delete_snapshot(&snapshot_id, unpublish).await,
         }
     }
 
@@ -613,7 +618,7 @@ impl Worker {
             .destroy_vm(vm_id)
             .await
             .map_err(|e| wire_error(&e))?;
-        self.unserve(vm_id, true);
+        self.unserve(vm_id);
         inner
             .vm_event(vm_id, VmState::Destroyed, None, reason)
             .await;
@@ -625,10 +630,8 @@ impl Worker {
     async fn make_session(&self, vm_id: &VmId) -> Result<(), WireError> {
         self.inner
             .sessions
-            .update(|s| {
-                s.insert(vm_id.clone());
-            })
-            .map_err(|e| WireError::internal(format!("writing worker state: {e}")))?;
+            .insert(vm_id)
+            .map_err(|e| WireError::internal(format!("writing the session marker: {e}")))?;
         self.serve(vm_id.clone()).await
     }
 
@@ -684,32 +687,18 @@ impl Worker {
         Ok(())
     }
 
-    /// Stops serving a session's data plane. After a destroy, it keeps answering 409 for
-    /// `destroyed_grace` so executors get a clear error instead of "no responders".
-    fn unserve(&self, vm_id: &VmId, destroyed: bool) {
+    /// Stops serving a session's data plane at once. No "ended" responder lingers: the session id
+    /// may be claimed again (a retried claim) on this or another worker, and a stale responder in
+    /// the same queue group would answer half of the new session's requests. An exec already
+    /// queued behind a destroy still gets 409 from the VM's state.
+    fn unserve(&self, vm_id: &VmId) {
         let inner = &self.inner;
-        if !inner.sessions.contains(vm_id) && !inner.served.contains_key(vm_id) {
-            return;
+        if inner.sessions.contains(vm_id)
+            && let Err(err) = inner.sessions.remove(vm_id)
+        {
+            warn!(%vm_id, %err, "removing the session marker");
         }
-        if let Err(err) = inner.sessions.update(|s| {
-            s.remove(vm_id);
-        }) {
-            warn!(%vm_id, %err, "writing worker state");
-        }
-        let Some((_, served)) = inner.served.remove(vm_id) else {
-            return;
-        };
-        if destroyed && !inner.config.destroyed_grace.is_zero() {
-            let grace = inner.config.destroyed_grace;
-            let stop = inner.stop.clone();
-            inner.tasks.spawn(async move {
-                tokio::select! {
-                    _ = tokio::time::sleep(grace) => {}
-                    _ = stop.cancelled() => {}
-                }
-                served.cancel.cancel();
-            });
-        } else {
+        if let Some((_, served)) = inner.served.remove(vm_id) {
             served.cancel.cancel();
         }
     }
@@ -913,6 +902,8 @@ impl Inner {
     fn vm_info(&self, view: VmView) -> VmInfo {
         VmInfo {
             session: self.sessions.contains(&view.vm_id),
+            // Held by a command, file transfer or job (in a job's own reply: by that job).
+            busy: self.locks.is_busy(&view.vm_id),
             vm_id: view.vm_id,
             state: match view.state {
                 VmState::Running => hearth_messages::VmState::Running,
@@ -1023,6 +1014,39 @@ impl Inner {
         exported.map_err(|e| wire_error(&e))?;
         put.map_err(|e| WireError::internal(format!("uploading snapshot {snapshot_id}: {e}")))?;
         Ok(())
+    }
+
+    /// Deletes a snapshot from this worker and, with `unpublish`, from the object store. Both are
+    /// idempotent (missing is success). Runs under the snapshot's lock, so it never interleaves
+    /// with a fetch of the same snapshot.
+    async fn delete_snapshot(&self, snapshot_id: &SnapshotId, unpublish: bool) -> Outcome {
+        let lock = self
+            .snapshot_fetch
+            .entry(snapshot_id.clone())
+            .or_default()
+            .clone();
+        let guard = lock.lock().await;
+        match self.provider.delete_snapshot(snapshot_id).await {
+            Ok(()) => info!(%snapshot_id, "snapshot deleted"),
+            Err(ProviderError::NotFound(_)) => debug!(%snapshot_id, "snapshot already gone"),
+            Err(err) => return Err(wire_error(&err)),
+        }
+        if unpublish {
+            match self.store.delete(snapshot_id.as_str()).await {
+                Ok(()) => info!(%snapshot_id, "snapshot removed from the object store"),
+                Err(err) if err.kind() == jetstream::object_store::DeleteErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(WireError::internal(format!(
+                        "removing snapshot {snapshot_id} from the object store: {err}"
+                    )));
+                }
+            }
+        }
+        drop(guard);
+        drop(lock);
+        self.snapshot_fetch
+            .remove_if(snapshot_id, |_, m| Arc::strong_count(m) == 1);
+        Ok(JobOutput::Done {})
     }
 
     /// Makes sure a snapshot is on this worker, fetching it from the object store once.

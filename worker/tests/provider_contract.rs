@@ -118,6 +118,7 @@ contract_tests!(
     file_errors,
     exec_cwd_is_confined,
     exec_exit_codes_output_and_stdin,
+    exec_bumps_activity_when_it_starts_and_when_it_ends,
     exec_output_cap_and_streaming,
     bootstrap_failure_leaves_nothing,
     backup_writes_the_volume_as_tar_zst,
@@ -524,6 +525,40 @@ async fn exec_exit_codes_output_and_stdin(h: Harness) {
                 .await
         ),
         ProviderErrorKind::InvalidArgument
+    );
+}
+
+/// Unix ms now (the providers stamp activity with the wall clock).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn exec_bumps_activity_when_it_starts_and_when_it_ends(h: Harness) {
+    let id = h.running_vm("act").await;
+    let activity = |rt: Arc<dyn VmRuntime>, id: VmId| async move {
+        rt.get_vm(&id).await.unwrap().unwrap().last_activity_ms
+    };
+    // Let the create's own stamp age, so a bump is visible.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let before = wall_ms();
+    let running = {
+        let (rt, id) = (h.rt.clone(), id.clone());
+        tokio::spawn(async move { rt.exec(&id, ExecSpec::argv(["sleep", "0.4"]), None).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let during = activity(h.rt.clone(), id.clone()).await;
+    assert!(during >= before, "bumped at the start: {during} < {before}");
+    let outcome = running.await.unwrap().unwrap();
+    assert!(outcome.success(), "{outcome:?}");
+    let ended = wall_ms();
+    let after = activity(h.rt.clone(), id.clone()).await;
+    assert!(
+        after >= before + 400 && after <= ended,
+        "bumped at the end: {after} not in [{}, {ended}]",
+        before + 400
     );
 }
 

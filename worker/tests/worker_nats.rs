@@ -540,7 +540,6 @@ async fn bad_input_gets_the_right_code_and_the_worker_survives() {
     let (_server, nats, client) = setup().await;
     let _n = node_with(&nats, "w1", |c| {
         c.max_vms = 2;
-        c.destroyed_grace = Duration::from_secs(30);
     })
     .await;
     let jobs = Subjects::default().worker_jobs(&id("w1"));
@@ -631,23 +630,41 @@ async fn bad_input_gets_the_right_code_and_the_worker_survives() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::BadRequest));
-    // Exec on a destroyed session: 409, not silence.
-    job(
-        &nats,
-        "w1",
-        JobOp::DestroyVm {
-            vm_id: id("a"),
-            backup: false,
-            reason: Some(TerminationReason::Released),
-        },
-    )
-    .await
-    .unwrap();
+    // An exec queued behind a destroy (per-VM FIFO) finds the VM destroyed: 409, not silence.
+    let running = {
+        let client = client.clone();
+        tokio::spawn(async move { client.exec(&id("a"), &ExecRequest::cmd("sleep 0.5")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let destroy = {
+        let nats = nats.clone();
+        tokio::spawn(async move {
+            job(
+                &nats,
+                "w1",
+                JobOp::DestroyVm {
+                    vm_id: id("a"),
+                    backup: false,
+                    reason: Some(TerminationReason::Released),
+                },
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let err = client
         .exec(&id("a"), &ExecRequest::cmd("true"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err:?}");
+    assert_eq!(running.await.unwrap().unwrap().exit_code, 0);
+    destroy.await.unwrap().unwrap();
+    // Afterwards the session's subjects are gone: nobody answers for it any more.
+    let err = client
+        .exec(&id("a"), &ExecRequest::cmd("true"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::NoResponders { .. }), "{err:?}");
     // Still alive and serving.
     create_session(&nats, "w1", "d").await;
     let r = client
@@ -747,6 +764,136 @@ async fn heartbeats_report_inventory_and_the_service_answers_srv() {
         .collect();
     for name in ["jobs", "exec", "files-put", "files-get"] {
         assert!(names.contains(&name), "{names:?}");
+    }
+}
+
+/// The next heartbeat's entry for `vm` (skipping heartbeats without it).
+async fn next_beat_of(beats: &mut async_nats::Subscriber, vm: &str) -> VmInfo {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), beats.next())
+            .await
+            .expect("a heartbeat in time")
+            .unwrap();
+        let s: WorkerStatus = Encoding::MsgPack.decode(&msg.payload).unwrap();
+        if let Some(v) = s.vms.into_iter().find(|v| v.vm_id.as_str() == vm) {
+            return v;
+        }
+    }
+}
+
+#[tokio::test]
+async fn heartbeats_show_a_vm_busy_while_a_command_runs() {
+    let (_server, nats, client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    create_session(&nats, "w1", "busy").await;
+    let mut beats = nats.subscribe("hearth.v1.workers.w1.status").await.unwrap();
+    assert!(
+        !next_beat_of(&mut beats, "busy").await.busy,
+        "idle at first"
+    );
+
+    let started = now_ms();
+    let running = {
+        let client = client.clone();
+        tokio::spawn(async move { client.exec(&id("busy"), &ExecRequest::cmd("sleep 1")).await })
+    };
+    // Heartbeats every 200 ms: several fall inside the command.
+    let mut seen_busy = None;
+    while !running.is_finished() {
+        let vm = next_beat_of(&mut beats, "busy").await;
+        if vm.busy {
+            seen_busy = Some(vm);
+            break;
+        }
+    }
+    let busy = seen_busy.expect("a heartbeat during `sleep 1` says busy");
+    assert!(
+        busy.last_activity_ms >= started,
+        "the start of the command is activity"
+    );
+    let result = running.await.unwrap().unwrap();
+    assert_eq!(result.exit_code, 0);
+    let ended = now_ms();
+
+    // Afterwards: not busy, and the end of the command was activity too.
+    let vm = loop {
+        let vm = next_beat_of(&mut beats, "busy").await;
+        if !vm.busy {
+            break vm;
+        }
+    };
+    assert!(
+        vm.last_activity_ms >= started + 1000 && vm.last_activity_ms <= ended,
+        "activity stamped when the command ended: {} not in [{}, {ended}]",
+        vm.last_activity_ms,
+        started + 1000
+    );
+}
+
+#[tokio::test]
+async fn delete_snapshot_removes_it_locally_and_from_the_object_store_idempotently() {
+    let (_server, nats, _client) = setup().await;
+    let _a = node(&nats, "wa").await;
+    let _b = node(&nats, "wb").await;
+    let store = async_nats::jetstream::new(nats.clone())
+        .get_object_store("hearth_snapshots")
+        .await
+        .unwrap();
+    create_session(&nats, "wa", "src").await;
+    job(
+        &nats,
+        "wa",
+        JobOp::SnapshotVm {
+            vm_id: id("src"),
+            snapshot_id: id("snap-gc"),
+            publish: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(store.get("snap-gc").await.is_ok(), "published");
+    let restore = |vm: &str| JobOp::CreateVmWithSpec {
+        vm_id: id(vm),
+        spec: VmSpec {
+            restore_from: Some(id("snap-gc")),
+            ..Default::default()
+        },
+        session: false,
+    };
+    let delete = |unpublish| JobOp::DeleteSnapshot {
+        snapshot_id: id("snap-gc"),
+        unpublish,
+    };
+
+    // A worker that never had it: success (nothing to do).
+    assert_eq!(
+        job(&nats, "wb", delete(false)).await.unwrap(),
+        JobOutput::Done {}
+    );
+    // Local only: gone from wa, still in the object store (a restore fetches it again).
+    assert_eq!(
+        job(&nats, "wa", delete(false)).await.unwrap(),
+        JobOutput::Done {}
+    );
+    assert!(store.get("snap-gc").await.is_ok(), "still published");
+    job(&nats, "wa", restore("again")).await.unwrap();
+
+    // With unpublish: gone locally and from the object store.
+    assert_eq!(
+        job(&nats, "wa", delete(true)).await.unwrap(),
+        JobOutput::Done {}
+    );
+    assert!(store.get("snap-gc").await.is_err(), "unpublished");
+    for (worker, vm) in [("wa", "after-a"), ("wb", "after-b")] {
+        let err = job(&nats, worker, restore(vm)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound, "{worker}: {err:?}");
+    }
+    // Idempotent: deleting again (a fresh job, not a cached reply) still succeeds.
+    for worker in ["wa", "wb"] {
+        assert_eq!(
+            job(&nats, worker, delete(true)).await.unwrap(),
+            JobOutput::Done {}
+        );
     }
 }
 

@@ -597,30 +597,42 @@ impl Core {
         };
         let vm_sid: VmId = sid.clone().into();
         let written = self.store.create_session(&rec).await;
-        let mut st = self.state.lock();
-        for id in also_unmark {
-            st.unmark(worker, id);
-        }
-        match written {
-            Ok(rev) => {
-                let session = rec.session.clone();
-                let data = SessionData::new(rec, rev, vm.map(|v| v.last_activity_ms));
-                st.sessions.insert(sid.clone(), SessionSlot::new(data));
-                st.unmark(worker, &vm_sid);
-                drop(st);
-                self.publish(&session, None);
-                Ok(session)
+        let err = {
+            let mut st = self.state.lock();
+            for id in also_unmark {
+                st.unmark(worker, id);
             }
-            Err(err) => {
-                st.unmark(worker, &vm_sid);
-                drop(st);
-                tracing::error!(session_id = %sid, error = %err, "recording the session failed");
-                if !matches!(err, StoreError::Conflict { .. }) {
-                    self.destroy_detached(worker.clone(), vm_sid, None);
+            match written {
+                Ok(rev) => {
+                    let session = rec.session.clone();
+                    let data = SessionData::new(rec, rev, vm.map(|v| v.last_activity_ms));
+                    st.sessions.insert(sid.clone(), SessionSlot::new(data));
+                    st.unmark(worker, &vm_sid);
+                    drop(st);
+                    self.publish(&session, None);
+                    return Ok(session);
                 }
-                Err(store_error(err))
+                Err(err) => err,
+            }
+        };
+        tracing::error!(session_id = %sid, error = %err, "recording the session failed");
+        if !matches!(err, StoreError::Conflict { .. }) {
+            // Undo before answering: the client retries with the same session id, and a destroy
+            // still in flight could then hit the retried claim's VM on this worker.
+            let op = JobOp::DestroyVm {
+                vm_id: vm_sid.clone(),
+                backup: false,
+                reason: None,
+            };
+            if let Err(e) = self.api.job(worker, job(op), self.cfg.jobs.lifecycle).await
+                && !e.is_gone()
+            {
+                tracing::warn!(session_id = %sid, worker_id = %worker, error = %e,
+                    "undoing the unrecorded claim failed; reconcile will destroy the vm");
             }
         }
+        self.state.lock().unmark(worker, &vm_sid);
+        Err(store_error(err))
     }
 
     /// Destroys a VM in the background (best effort; reconcile repairs what this misses).

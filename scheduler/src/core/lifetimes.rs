@@ -100,9 +100,9 @@ impl Core {
                         let idle_for = now_ms.saturating_sub(d.idle_since_ms());
                         if now_ms >= r.session.expires_ms {
                             Some(Action::End(End::Ttl))
-                        } else if r
-                            .idle_timeout_s
-                            .is_some_and(|t| idle_for >= t.saturating_mul(1000))
+                        } else if !d.busy
+                            && r.idle_timeout_s
+                                .is_some_and(|t| idle_for >= t.saturating_mul(1000))
                         {
                             Some(Action::Stop)
                         } else {
@@ -270,7 +270,7 @@ impl Core {
         _guard: &OwnedMutexGuard<()>,
     ) -> Result<(), WireError> {
         let session = slot.view();
-        if session.state != SessionState::Running {
+        if session.state != SessionState::Running || slot.data.lock().busy {
             return Ok(());
         }
         if !self.state.lock().worker_live(&session.worker_id) {

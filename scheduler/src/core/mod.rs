@@ -11,6 +11,10 @@
 //!   could not be recorded is destroyed.
 //! - Every VM on a live worker is owned by a live session, a ready pool entry or a job in flight,
 //!   or it is destroyed as leaked (after a grace for young VMs).
+//! - A replaced template snapshot stays listed in its template record until it is deleted from
+//!   every live worker and the object store; it is not deleted while a pool entry or a pool
+//!   restore uses it, nor within a grace after its replacement (cold restores that read it).
+//! - A session whose VM its worker reports `busy` is never idle-stopped.
 
 mod claim;
 mod lifetimes;
@@ -53,6 +57,9 @@ pub(crate) struct Core {
     templates_changed: watch::Sender<u64>,
     /// Bumped on every heartbeat (startup waits on it).
     heartbeats: watch::Sender<u64>,
+    /// Serialises read-modify-write of template records (a build recording its snapshot, snapshot
+    /// GC removing a retired one), so neither overwrites the other's change with a stale record.
+    template_writes: tokio::sync::Mutex<()>,
     tasks: TaskTracker,
     cancel: CancellationToken,
 }
@@ -89,45 +96,28 @@ impl Scheduler {
 
         // Templates: the stored ones, merged with the config (which wins on sizing).
         for rec in loaded.templates {
-            st.templates.insert(
-                rec.template.name.clone(),
-                TemplateEntry {
-                    rec,
-                    config: None,
-                    building: false,
-                    needs_rebuild: false,
-                    build_failures: 0,
-                    build_backoff_until: None,
-                    reserved: false,
-                },
-            );
+            st.templates
+                .insert(rec.template.name.clone(), TemplateEntry::new(rec, None));
         }
         for tc in &cfg.templates {
-            let entry = st
-                .templates
-                .entry(tc.name.clone())
-                .or_insert_with(|| TemplateEntry {
-                    rec: TemplateRecord {
-                        template: Template {
-                            name: tc.name.clone(),
-                            snapshot_id: None,
-                            source_session: None,
-                            min_ready: 0,
-                            max_ready: 0,
-                            vcpus: 0,
-                            memory_mib: 0,
-                            created_ms: clock.now_ms(),
-                        },
-                        env: Default::default(),
-                        build: None,
+            let entry = st.templates.entry(tc.name.clone()).or_insert_with(|| {
+                let rec = TemplateRecord {
+                    template: Template {
+                        name: tc.name.clone(),
+                        snapshot_id: None,
+                        source_session: None,
+                        min_ready: 0,
+                        max_ready: 0,
+                        vcpus: 0,
+                        memory_mib: 0,
+                        created_ms: clock.now_ms(),
                     },
-                    config: None,
-                    building: false,
-                    needs_rebuild: false,
-                    build_failures: 0,
-                    build_backoff_until: None,
-                    reserved: false,
-                });
+                    env: Default::default(),
+                    build: None,
+                    retired_snapshots: Vec::new(),
+                };
+                TemplateEntry::new(rec, None)
+            });
             let before = entry.rec.clone();
             let t = &mut entry.rec.template;
             t.min_ready = tc.min_ready;
@@ -204,6 +194,7 @@ impl Scheduler {
             pool_wake: Notify::new(),
             templates_changed: watch::Sender::new(0),
             heartbeats: watch::Sender::new(0),
+            template_writes: tokio::sync::Mutex::new(()),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
         });

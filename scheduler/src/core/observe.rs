@@ -99,6 +99,7 @@ impl Core {
                 let vm_id: VmId = d.rec.session.session_id.clone().into();
                 match inventory.get(&vm_id) {
                     None => {
+                        d.busy = false;
                         let since = *d.missing_since.get_or_insert(now);
                         if now.duration_since(since) >= grace {
                             actions.push((
@@ -109,11 +110,15 @@ impl Core {
                     }
                     Some(vm) => {
                         d.missing_since = None;
+                        d.busy = vm.busy;
                         match (d.rec.session.state, vm.state) {
-                            (SessionState::Running, VmState::Running)
-                                if d.observed_activity != Some(vm.last_activity_ms) =>
-                            {
-                                if d.observed_activity.is_some() {
+                            (SessionState::Running, VmState::Running) => {
+                                // A held VM is in use (a long command bumps its activity stamp
+                                // only when it starts and ends); a changed stamp is activity.
+                                let changed = d
+                                    .observed_activity
+                                    .is_some_and(|seen| seen != vm.last_activity_ms);
+                                if vm.busy || changed {
                                     d.last_used_ms = now_ms;
                                 }
                                 d.observed_activity = Some(vm.last_activity_ms);
@@ -152,7 +157,7 @@ impl Core {
                     st.pools
                         .values()
                         .flat_map(|p| p.restoring.iter())
-                        .filter(|(_, w)| **w == worker)
+                        .filter(|(_, r)| r.worker == worker)
                         .map(|(id, _)| id),
                 )
                 .collect();

@@ -11,11 +11,28 @@ use hearth_messages::{
 use tokio::time::Instant;
 
 use super::claim::pool_vm_id;
-use super::state::{PoolVm, TemplateEntry};
+use super::state::{PoolVm, Restoring, RetiredSnapshot, TemplateEntry};
 use super::{Core, store_error, unknown_session};
 use crate::metrics as m;
 use crate::store::{BuildSpec, PoolRecord, StoreError, TemplateRecord};
 use crate::worker_api::{JobError, job};
+
+/// Adds `snapshot` to the record's snapshots to delete (once).
+fn retire(rec: &mut TemplateRecord, snapshot: SnapshotId) {
+    if rec.template.snapshot_id.as_ref() != Some(&snapshot)
+        && !rec.retired_snapshots.contains(&snapshot)
+    {
+        rec.retired_snapshots.push(snapshot);
+    }
+}
+
+/// Delete jobs for one retired snapshot: each worker with whether it also unpublishes.
+#[derive(Debug)]
+struct Deletion {
+    template: TemplateName,
+    snapshot: SnapshotId,
+    targets: Vec<(WorkerId, bool)>,
+}
 
 /// A fresh snapshot id for `template`.
 fn snapshot_id(template: &TemplateName) -> SnapshotId {
@@ -30,8 +47,9 @@ impl Core {
     pub(crate) async fn pool_supervisor(self: Arc<Self>) {
         loop {
             let next = self.maintain_pools();
+            let gc_next = self.collect_snapshots();
             let mut wake_at = Instant::now() + self.cfg.reconcile_interval;
-            if let Some(t) = next {
+            for t in next.into_iter().chain(gc_next) {
                 wake_at = wake_at.min(t);
             }
             tokio::select! {
@@ -124,11 +142,13 @@ impl Core {
                         w.pending += 1;
                     }
                     st.mark(&worker, &vm_id);
-                    st.pools
-                        .entry(name.clone())
-                        .or_default()
-                        .restoring
-                        .insert(vm_id.clone(), worker.clone());
+                    st.pools.entry(name.clone()).or_default().restoring.insert(
+                        vm_id.clone(),
+                        Restoring {
+                            worker: worker.clone(),
+                            snapshot: snapshot.clone(),
+                        },
+                    );
                     restores.push((name.clone(), vm_id, worker, snapshot.clone()));
                 }
                 Core::pool_gauges(&st, &name);
@@ -152,6 +172,196 @@ impl Core {
             self.spawn(async move { core.restore_one(name, vm_id, worker, snapshot).await });
         }
         next
+    }
+
+    /// One pass of snapshot garbage collection: every retired template snapshot that nothing
+    /// uses any more (no ready pool entry, no pool restore, not a template's current snapshot,
+    /// and past the grace for cold restores that read it before it was replaced) is deleted on
+    /// every live worker and, once, from the object store. Best effort: failures are retried by
+    /// later passes (with backoff); when every live worker and the object store confirmed, the
+    /// snapshot leaves the template record. Returns when the next pass is due.
+    pub(crate) fn collect_snapshots(self: &Arc<Self>) -> Option<Instant> {
+        let now = Instant::now();
+        // A cold claim restores the snapshot it read for at most its wait (claim_wait by default),
+        // each attempt at most a restore timeout.
+        let grace = self.cfg.jobs.restore + self.cfg.claim_wait;
+        let mut next: Option<Instant> = None;
+        let mut deletions = Vec::new();
+        let mut finished = Vec::new();
+        {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let workers: Vec<WorkerId> = st
+                .workers
+                .keys()
+                .filter(|id| st.worker_usable(id))
+                .cloned()
+                .collect();
+            let in_use: std::collections::HashSet<&SnapshotId> = st
+                .pools
+                .values()
+                .flat_map(|p| {
+                    p.ready
+                        .iter()
+                        .map(|e| &e.rec.snapshot_id)
+                        .chain(p.restoring.values().map(|r| &r.snapshot))
+                })
+                .chain(st.templates.values().filter_map(|t| t.snapshot()))
+                .collect();
+            let mut blocked = Vec::new();
+            for t in st.templates.values() {
+                for snap in &t.rec.retired_snapshots {
+                    if in_use.contains(snap) {
+                        blocked.push(snap.clone());
+                    }
+                }
+            }
+            for (name, t) in st.templates.iter_mut() {
+                let retired = &t.rec.retired_snapshots;
+                t.gc.retain(|snap, _| retired.contains(snap));
+                for snap in retired {
+                    let gc =
+                        t.gc.entry(snap.clone())
+                            .or_insert_with(|| RetiredSnapshot::new(now + grace));
+                    if gc.running || blocked.contains(snap) {
+                        continue;
+                    }
+                    if gc.not_before > now {
+                        next = Some(next.map_or(gc.not_before, |n| n.min(gc.not_before)));
+                        continue;
+                    }
+                    let pending: Vec<&WorkerId> = workers
+                        .iter()
+                        .filter(|w| !gc.deleted_on.contains(*w))
+                        .collect();
+                    if gc.unpublished && pending.is_empty() {
+                        gc.running = true;
+                        finished.push((name.clone(), snap.clone()));
+                        continue;
+                    }
+                    // Unpublished once, by the first worker asked (any live one if all are done).
+                    let unpublisher: Option<&WorkerId> = if gc.unpublished {
+                        None
+                    } else {
+                        pending.first().copied().or(workers.first())
+                    };
+                    let mut targets: Vec<(WorkerId, bool)> = pending
+                        .iter()
+                        .map(|w| ((*w).clone(), Some(*w) == unpublisher))
+                        .collect();
+                    if let Some(w) = unpublisher
+                        && !pending.contains(&w)
+                    {
+                        targets.push((w.clone(), true));
+                    }
+                    if targets.is_empty() {
+                        continue; // no live worker to act through
+                    }
+                    gc.running = true;
+                    deletions.push(Deletion {
+                        template: name.clone(),
+                        snapshot: snap.clone(),
+                        targets,
+                    });
+                }
+            }
+        }
+        for deletion in deletions {
+            let core = self.clone();
+            self.spawn(async move { core.delete_retired(deletion).await });
+        }
+        for (template, snapshot) in finished {
+            let core = self.clone();
+            self.spawn(async move { core.forget_retired(template, snapshot).await });
+        }
+        next
+    }
+
+    /// Sends one round of delete jobs for a retired snapshot and records who confirmed.
+    async fn delete_retired(self: Arc<Self>, deletion: Deletion) {
+        let Deletion {
+            template,
+            snapshot,
+            targets,
+        } = deletion;
+        let results = futures::future::join_all(targets.iter().map(|(worker, unpublish)| {
+            let op = JobOp::DeleteSnapshot {
+                snapshot_id: snapshot.clone(),
+                unpublish: *unpublish,
+            };
+            self.api.job(worker, job(op), self.cfg.jobs.lifecycle)
+        }))
+        .await;
+        let mut st = self.state.lock();
+        let Some(gc) = st
+            .templates
+            .get_mut(&template)
+            .and_then(|t| t.gc.get_mut(&snapshot))
+        else {
+            return;
+        };
+        gc.running = false;
+        let mut failed = false;
+        for ((worker, unpublish), result) in targets.iter().zip(results) {
+            match result {
+                Ok(_) => {
+                    gc.deleted_on.insert(worker.clone());
+                    gc.unpublished |= *unpublish;
+                }
+                Err(err) => {
+                    failed = true;
+                    tracing::warn!(snapshot_id = %snapshot, worker_id = %worker, error = %err,
+                        "deleting a retired snapshot failed; will retry");
+                }
+            }
+        }
+        if failed {
+            gc.attempts += 1;
+            let backoff = self
+                .cfg
+                .reconcile_interval
+                .saturating_mul(1 << gc.attempts.min(6))
+                .min(Duration::from_secs(300));
+            gc.not_before = Instant::now() + backoff;
+        } else {
+            gc.attempts = 0;
+            drop(st);
+            // The next pass sees it done and forgets it.
+            self.pool_wake.notify_one();
+        }
+    }
+
+    /// Removes a snapshot that is deleted everywhere from its template record.
+    async fn forget_retired(self: Arc<Self>, template: TemplateName, snapshot: SnapshotId) {
+        let _writes = self.template_writes.lock().await;
+        let rec = self.state.lock().templates.get(&template).map(|t| {
+            let mut rec = t.rec.clone();
+            rec.retired_snapshots.retain(|s| s != &snapshot);
+            rec
+        });
+        let Some(rec) = rec else {
+            return;
+        };
+        let written = self.store.put_template(&rec).await;
+        let mut st = self.state.lock();
+        let Some(t) = st.templates.get_mut(&template) else {
+            return;
+        };
+        match written {
+            Ok(()) => {
+                t.rec.retired_snapshots.retain(|s| s != &snapshot);
+                t.gc.remove(&snapshot);
+                tracing::info!(template = %template, snapshot_id = %snapshot,
+                    "replaced template snapshot deleted from every worker and the object store");
+            }
+            Err(err) => {
+                tracing::warn!(template = %template, error = %err, "recording a deleted snapshot failed; will retry");
+                if let Some(gc) = t.gc.get_mut(&snapshot) {
+                    gc.running = false;
+                    gc.not_before = Instant::now() + self.cfg.reconcile_interval;
+                }
+            }
+        }
     }
 
     /// Restores one pooled VM; it enters the ready list once its worker replied (health-checked)
@@ -307,9 +517,12 @@ impl Core {
         });
         let created = self.api.job(&worker, create, self.cfg.jobs.build).await;
         self.release_worker(&worker, created.is_ok());
+        // The snapshot id once the snapshot job was sent: it may exist even if the build fails.
+        let mut taken = None;
         let result: Result<SnapshotId, String> = match created {
             Ok(_) => {
                 let snap = snapshot_id(&name);
+                taken = Some(snap.clone());
                 let op = JobOp::SnapshotVm {
                     vm_id: vm_id.clone(),
                     snapshot_id: snap.clone(),
@@ -337,13 +550,18 @@ impl Core {
             Err(e) => Err(format!("create: {e}")),
         };
         self.state.lock().unmark(&worker, &vm_id);
+        // Read, change and write the record (and apply it) without a snapshot GC write between.
+        let _writes = self.template_writes.lock().await;
         let result = match result {
             Ok(snap) => {
                 let rec = {
                     let st = self.state.lock();
                     st.templates.get(&name).map(|t| {
                         let mut rec = t.rec.clone();
-                        rec.template.snapshot_id = Some(snap.clone());
+                        // The replaced snapshot is retired in the same write that replaces it.
+                        if let Some(old) = rec.template.snapshot_id.replace(snap.clone()) {
+                            retire(&mut rec, old);
+                        }
                         rec.template.created_ms = self.clock.now_ms();
                         rec.build = Some(build.clone());
                         rec
@@ -359,6 +577,15 @@ impl Core {
             }
             Err(e) => Err(e),
         };
+        if result.is_err()
+            && let Some(snap) = taken
+        {
+            // A snapshot that may exist but is not the template's: collect it like a replaced
+            // one (durable with the template's next write; deleting a missing one is harmless).
+            if let Some(t) = self.state.lock().templates.get_mut(&name) {
+                retire(&mut t.rec, snap);
+            }
+        }
         self.finish_build(&name, result);
     }
 
@@ -430,19 +657,11 @@ impl Core {
                 },
                 env: source.map(|s| s.env).unwrap_or_default(),
                 build: None,
+                retired_snapshots: Vec::new(),
             };
-            st.templates.insert(
-                name.clone(),
-                TemplateEntry {
-                    rec: rec.clone(),
-                    config: None,
-                    building: false,
-                    needs_rebuild: false,
-                    build_failures: 0,
-                    build_backoff_until: None,
-                    reserved: true,
-                },
-            );
+            let mut entry = TemplateEntry::new(rec.clone(), None);
+            entry.reserved = true;
+            st.templates.insert(name.clone(), entry);
             rec
         };
         let result = self.clone().take_snapshot(&slot, source).await;

@@ -2,7 +2,7 @@
 //! ([`super::Core::state`]) that is never held across an `.await`; per-session operations are
 //! serialised by each session's own async lock ([`SessionSlot::op`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use hearth_messages::{
@@ -80,7 +80,7 @@ impl State {
                 .iter()
                 .filter(|e| &e.rec.worker_id == worker)
                 .count()
-                + p.restoring.values().filter(|w| *w == worker).count()
+                + p.restoring.values().filter(|r| &r.worker == worker).count()
         })
     }
 }
@@ -131,6 +131,8 @@ pub(crate) struct SessionData {
     pub idle_base_ms: u64,
     /// The worker's `last_activity_ms` last seen; a change is activity.
     pub observed_activity: Option<u64>,
+    /// The last heartbeat said a command, file transfer or job holds the VM: never idle-stopped.
+    pub busy: bool,
     /// Since when the VM is missing from its live worker's inventory.
     pub missing_since: Option<Instant>,
     /// A failed lifetime action (stop, prune) is retried no earlier than this.
@@ -146,6 +148,7 @@ impl SessionData {
             last_used_ms,
             idle_base_ms: last_used_ms,
             observed_activity,
+            busy: false,
             missing_since: None,
             retry_at: None,
         }
@@ -183,9 +186,26 @@ pub(crate) struct TemplateEntry {
     pub build_backoff_until: Option<Instant>,
     /// A `sessions.<sid>.snapshot` is creating it: the name is taken but not claimable yet.
     pub reserved: bool,
+    /// Deletion progress of the snapshots in `rec.retired_snapshots` (in memory: after a restart
+    /// the deletion simply starts over, which is idempotent).
+    pub gc: BTreeMap<SnapshotId, RetiredSnapshot>,
 }
 
 impl TemplateEntry {
+    /// A template with no build or deletion in progress.
+    pub fn new(rec: TemplateRecord, config: Option<TemplateConfig>) -> Self {
+        Self {
+            rec,
+            config,
+            building: false,
+            needs_rebuild: false,
+            build_failures: 0,
+            build_backoff_until: None,
+            reserved: false,
+            gc: BTreeMap::new(),
+        }
+    }
+
     pub fn snapshot(&self) -> Option<&SnapshotId> {
         self.rec.template.snapshot_id.as_ref()
     }
@@ -211,19 +231,55 @@ impl TemplateEntry {
     }
 }
 
+/// Deletion progress of one retired template snapshot.
+#[derive(Debug)]
+pub(crate) struct RetiredSnapshot {
+    /// Nothing is sent before this: restores that read the snapshot before it was replaced get to
+    /// finish first, and failed attempts back off.
+    pub not_before: Instant,
+    /// Workers that confirmed the local delete.
+    pub deleted_on: BTreeSet<WorkerId>,
+    /// Removed from the object store.
+    pub unpublished: bool,
+    /// Failed attempts so far (for the backoff).
+    pub attempts: u32,
+    /// Delete jobs (or the final template write) are in flight.
+    pub running: bool,
+}
+
+impl RetiredSnapshot {
+    pub fn new(not_before: Instant) -> Self {
+        Self {
+            not_before,
+            deleted_on: BTreeSet::new(),
+            unpublished: false,
+            attempts: 0,
+            running: false,
+        }
+    }
+}
+
 /// One template's warm pool.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     /// Ready VMs, oldest first.
     pub ready: VecDeque<PoolVm>,
-    /// VMs being restored, by id, with their worker.
-    pub restoring: HashMap<VmId, WorkerId>,
+    /// VMs being restored, by id.
+    pub restoring: HashMap<VmId, Restoring>,
     /// Consecutive failed restores.
     pub failures: u32,
     /// No restores before this (after failures).
     pub backoff_until: Option<Instant>,
     /// Since when the pool is below its target (for the refill duration metric).
     pub below_target_since: Option<Instant>,
+}
+
+/// A pooled VM being restored.
+#[derive(Debug, Clone)]
+pub(crate) struct Restoring {
+    pub worker: WorkerId,
+    /// What it is restored from (a retired snapshot is not deleted while a restore reads it).
+    pub snapshot: SnapshotId,
 }
 
 /// A ready pooled VM.

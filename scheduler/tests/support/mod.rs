@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -52,11 +52,17 @@ pub struct FleetWorker {
     pub max_vms: AtomicU32,
     /// No heartbeats, jobs unreachable (a crashed host).
     pub down: AtomicBool,
+    /// No heartbeats, but jobs still answer (late or lost heartbeats).
+    pub mute: AtomicBool,
     /// Jobs never answer (a wedged worker).
     pub hang: AtomicBool,
     /// Creates are refused with 503 although heartbeats show free slots.
     pub refuse: AtomicBool,
     pub draining: AtomicBool,
+    /// `delete_snapshot` jobs fail (500).
+    pub fail_deletes: AtomicBool,
+    /// VMs reported busy (a command holds them) in heartbeats.
+    busy: Mutex<HashSet<VmId>>,
     started_ms: AtomicU64,
     seq: AtomicU64,
     meta: Mutex<HashMap<VmId, Meta>>,
@@ -74,9 +80,12 @@ impl FleetWorker {
             provider: Arc::new(FakeProvider::with_config(config)),
             max_vms: AtomicU32::new(max_vms),
             down: AtomicBool::new(false),
+            mute: AtomicBool::new(false),
             hang: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            fail_deletes: AtomicBool::new(false),
+            busy: Mutex::new(HashSet::new()),
             started_ms: AtomicU64::new(now),
             seq: AtomicU64::new(0),
             meta: Mutex::new(HashMap::new()),
@@ -137,7 +146,28 @@ impl FleetWorker {
             created_ms: meta.created_ms,
             last_activity_ms: meta.activity_ms,
             restored_from: view.restored_from,
+            busy: self.busy.lock().contains(vm_id),
         })
+    }
+
+    /// Reports `vm` busy (a long command holds it) or not, without touching its activity stamp.
+    pub fn set_busy(&self, vm: &str, busy: bool) {
+        let id = VmId::new(vm).unwrap();
+        let mut set = self.busy.lock();
+        if busy {
+            set.insert(id);
+        } else {
+            set.remove(&id);
+        }
+    }
+
+    /// Whether the worker holds the snapshot locally.
+    pub async fn has_snapshot(&self, snapshot: &SnapshotId) -> bool {
+        self.provider
+            .get_snapshot(snapshot)
+            .await
+            .unwrap()
+            .is_some()
     }
 
     fn touch(&self, vm_id: &VmId, now: u64) {
@@ -252,6 +282,22 @@ impl FleetWorker {
                 Ok(JobOutput::Vm {
                     vm: self.info(&new_vm_id).await.unwrap(),
                 })
+            }
+            JobOp::DeleteSnapshot {
+                snapshot_id,
+                unpublish,
+            } => {
+                if self.fail_deletes.load(Ordering::SeqCst) {
+                    return Err(WireError::internal("delete failed (test)"));
+                }
+                match p.delete_snapshot(&snapshot_id).await {
+                    Ok(()) | Err(ProviderError::NotFound(_)) => {}
+                    Err(e) => return Err(wire(e)),
+                }
+                if unpublish {
+                    fleet.objects.lock().remove(&snapshot_id);
+                }
+                Ok(JobOutput::Done {})
             }
             JobOp::ListVms {} => {
                 let mut vms = Vec::new();
@@ -564,7 +610,7 @@ async fn boot(
         tokio::spawn(async move {
             loop {
                 for w in fleet.all() {
-                    if !w.down.load(Ordering::SeqCst) {
+                    if !w.down.load(Ordering::SeqCst) && !w.mute.load(Ordering::SeqCst) {
                         sched.on_heartbeat(w.status(fleet.clock.now_ms()).await);
                     }
                 }

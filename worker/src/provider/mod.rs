@@ -2,7 +2,8 @@
 //! domain types they speak (plain Rust, not wire types) and `ProviderError`.
 //!
 //! Adapters: [`fake`] (in memory, for scheduler logic tests) and [`process`] (a volume directory plus
-//! commands run by a shell in it, optionally inside bubblewrap namespaces; the embedded default).
+//! commands run by a shell in it, optionally inside bubblewrap namespaces; the embedded default);
+//! [`qemu`] (real microVMs under QEMU `-M microvm`, with the Hearth guest agent inside).
 //!
 //! Architecture invariant: the caller (the worker's NATS layer) serialises operations per VM with a
 //! per-VM async lock and enforces capacity. Providers are still internally thread-safe: operations on
@@ -75,6 +76,8 @@ pub trait VmProvider: Send + Sync + 'static {
     /// Runs one command in a running VM. With `chunks`, output is streamed as it arrives and the
     /// outcome's `stdout`/`stderr` hold only what could not be delivered. `InvalidState` unless the VM
     /// is running. A command that fails to start is not an error: it yields exit code 127.
+    /// Activity: `last_activity_ms` is bumped when the command starts **and** when it ends, so a
+    /// long command never looks idle the moment it finishes (file transfers bump it too).
     async fn exec(
         &self,
         vm_id: &VmId,
@@ -449,6 +452,9 @@ pub enum ProviderError {
     /// The provider cannot work on this host (e.g. bubblewrap configured but missing).
     #[error("{0}")]
     Unavailable(String),
+    /// A deadline passed: the VM (its guest agent) did not answer in time.
+    #[error("{0}")]
+    Timeout(String),
 }
 
 /// The class of a [`ProviderError`], for mapping onto wire error codes.
@@ -462,11 +468,12 @@ pub enum ProviderErrorKind {
     Io,
     CommandFailed,
     Unavailable,
+    Timeout,
 }
 
 impl ProviderErrorKind {
     /// The wire error code: 404 unknown, 409 conflict, 400 bad request, 500 internal, 503 no
-    /// capacity.
+    /// capacity, 504 deadline.
     pub fn status_code(self) -> u16 {
         match self {
             ProviderErrorKind::NotFound => 404,
@@ -474,6 +481,7 @@ impl ProviderErrorKind {
             ProviderErrorKind::InvalidArgument | ProviderErrorKind::Unsupported => 400,
             ProviderErrorKind::Io | ProviderErrorKind::CommandFailed => 500,
             ProviderErrorKind::Unavailable => 503,
+            ProviderErrorKind::Timeout => 504,
         }
     }
 }
@@ -489,6 +497,7 @@ impl ProviderError {
             ProviderError::Io { .. } => ProviderErrorKind::Io,
             ProviderError::CommandFailed(_) => ProviderErrorKind::CommandFailed,
             ProviderError::Unavailable(_) => ProviderErrorKind::Unavailable,
+            ProviderError::Timeout(_) => ProviderErrorKind::Timeout,
         }
     }
 
@@ -689,11 +698,12 @@ mod tests {
             ProviderError::io("x", std::io::Error::other("y")),
             ProviderError::CommandFailed(String::new()),
             ProviderError::Unavailable(String::new()),
+            ProviderError::Timeout(String::new()),
         ]
         .iter()
         .map(ProviderError::status_code)
         .collect();
-        assert_eq!(codes, [404, 409, 409, 400, 400, 500, 500, 503]);
+        assert_eq!(codes, [404, 409, 409, 400, 400, 500, 500, 503, 504]);
     }
 
     #[test]
