@@ -179,6 +179,7 @@ impl OwnStack {
             .arg(match provider {
                 hearth_worker::ProviderKind::Process => "process",
                 hearth_worker::ProviderKind::Fake => "fake",
+                hearth_worker::ProviderKind::Qemu => "qemu",
             })
             .arg("--data-dir")
             .arg(dir.path().join("worker"))
@@ -306,6 +307,67 @@ async fn baseline(url: &str, samples: usize) -> Result<Histogram<u64>> {
         }
     }
     echo.abort();
+    Ok(h)
+}
+
+/// The durable write of a claim, alone: sequential KV creates on a scratch bucket.
+async fn kv_floor(url: &str, samples: usize) -> Result<Histogram<u64>> {
+    let auth = hearth_messages::transport::NatsAuth::from_env();
+    let nats = hearth_messages::transport::connect(url, "bench kv", &auth, false).await?;
+    let js = async_nats::jetstream::new(nats);
+    let bucket = format!("hearth_bench_{}", std::process::id());
+    let kv = js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: bucket.clone(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .context("creating the scratch KV bucket")?;
+    let value = bytes_payload(300);
+    let mut h = histogram();
+    for i in 0..samples + samples / 10 {
+        let t = Instant::now();
+        kv.create(format!("k{i}"), value.clone())
+            .await
+            .context("kv create")?;
+        if i >= samples / 10 {
+            record(&mut h, t.elapsed());
+        }
+    }
+    let _ = js.delete_key_value(&bucket).await;
+    Ok(h)
+}
+
+/// The worker hop of a claim without its work: a job the worker answers at once (404 for a VM
+/// that does not exist) — request decode, dispatch, per-VM lock, provider lookup, reply.
+async fn worker_hop_floor(
+    client: &HearthClient,
+    worker: &str,
+    samples: usize,
+) -> Result<Histogram<u64>> {
+    let subject = client
+        .subjects()
+        .worker_jobs(&hearth_messages::WorkerId::new(worker)?);
+    let mut h = histogram();
+    for i in 0..samples + samples / 10 {
+        let request = hearth_messages::JobRequest {
+            job_id: hearth_messages::JobId::new(format!("bench-probe-{i}"))?,
+            op: hearth_messages::JobOp::StartVm {
+                vm_id: hearth_messages::VmId::new("bench-probe-missing")?,
+            },
+        };
+        let t = Instant::now();
+        let reply: Result<hearth_messages::JobReply, _> = client
+            .request(subject.clone(), &request, Duration::from_secs(5))
+            .await;
+        if !matches!(&reply, Err(e) if e.code() == Some(hearth_messages::ErrorCode::NotFound)) {
+            bail!("the worker probe expected a 404, got {reply:?}");
+        }
+        if i >= samples / 10 {
+            record(&mut h, t.elapsed());
+        }
+    }
     Ok(h)
 }
 
@@ -512,6 +574,11 @@ async fn claims(
         wait_ready(&client, "default", needed).await?;
     }
     let base = baseline(url, sizes.samples).await?;
+    let kv = kv_floor(url, sizes.samples).await?;
+    let hop = match &stack {
+        Some(_) => Some(worker_hop_floor(&client, "bench-w1", sizes.samples).await?),
+        None => None,
+    };
     let (seq, seq_cold, _) =
         sequential_claims(&client, &template, sizes.warmup, sizes.samples, false).await?;
     let (conc, elapsed, conc_cold) =
@@ -529,6 +596,30 @@ async fn claims(
         json!(seq_cold),
         Some(seq_cold.to_string()),
     );
+    let kv_p50 = ms(kv.value_at_quantile(0.5));
+    r.field(
+        "kv_create_p50_ms",
+        json!(round3(kv_p50)),
+        Some(format!("{kv_p50:.3} ms (JetStream KV create, same run)")),
+    );
+    if let Some(hop) = &hop {
+        let hop_p50 = ms(hop.value_at_quantile(0.5));
+        r.field(
+            "worker_hop_p50_ms",
+            json!(round3(hop_p50)),
+            Some(format!(
+                "{hop_p50:.3} ms (a worker job answered at once, same run)"
+            )),
+        );
+        // A warm claim is the client's request, one worker job and one KV create, in sequence.
+        let floor = ms(base.value_at_quantile(0.5)) + hop_p50 + kv_p50;
+        r.field(
+            "floor_p50_ms",
+            json!(round3(floor)),
+            Some(format!("{floor:.3} ms (baseline + worker hop + KV create)")),
+        );
+        r.ratio("claim_p50_to_floor", ms(seq.value_at_quantile(0.5)), floor);
+    }
     let rate = sizes.claims as f64 / elapsed.as_secs_f64();
     r.field(
         "throughput_claims_per_s",
@@ -646,7 +737,9 @@ async fn cold(
         template_toml("default", warm_needed + 4),
         template_toml("cold", 0)
     );
-    let stack = OwnStack::start(args.provider, &toml, warm_needed + 64).await?;
+    // Room for the warm pool plus every cold session: the scheduler counts a released VM's slot
+    // free only once a heartbeat reports it gone, so releases do not hand slots back at once.
+    let stack = OwnStack::start(args.provider, &toml, warm_needed + sizes.cold + 64).await?;
     let client = connect(&stack.url, subjects).await?;
     wait_ready(&client, "default", warm_needed).await?;
     wait_template_built(&client, "cold").await?;

@@ -36,6 +36,9 @@ pub struct UpArgs {
     /// Prometheus `/metrics` of both components; "off" disables it.
     #[arg(long, default_value = "127.0.0.1:9100")]
     pub metrics_listen: String,
+    /// Guest image (vmlinuz + initrd.img) for `--provider qemu`; `scripts/setup-qemu.sh` builds it.
+    #[arg(long)]
+    pub qemu_image: Option<PathBuf>,
     /// A scheduler TOML file (templates, lifetimes); replaces the built-in `default` template.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -55,7 +58,13 @@ fn default_template(min_ready: u32) -> TemplateConfig {
 
 /// Runs the stack until Ctrl-C / SIGTERM.
 pub async fn up(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -> Result<()> {
-    hearth_worker::telemetry::init_tracing();
+    let telemetry = hearth_messages::telemetry::init("hearth");
+    let result = run_stack(args, nats_url, subjects).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let data_dir = args
@@ -114,6 +123,9 @@ pub async fn up(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -> R
     worker_config.bwrap = args.bwrap.clone();
     worker_config.max_vms = args.max_vms;
     worker_config.backup_dir = Some(data_dir.join("backups"));
+    worker_config.qemu.image = args.qemu_image.clone().unwrap_or_else(|| {
+        hearth_testkit::workspace_root().join(".tools/images/current")
+    });
     let provider = hearth_worker::open_provider(&worker_config).context("opening the provider")?;
     let worker = Worker::start(worker_config, nats.clone(), provider)
         .await
@@ -159,7 +171,7 @@ pub async fn up(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -> R
 
     let mut scheduler = scheduler;
     tokio::select! {
-        _ = hearth_worker::telemetry::shutdown_signal() => {}
+        _ = hearth_messages::telemetry::shutdown_signal() => {}
         joined = &mut scheduler => {
             // The scheduler stopped on its own: an error worth showing.
             worker.drain().await;

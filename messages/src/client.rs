@@ -2,6 +2,8 @@
 //!
 //! It speaks MessagePack, sends a fresh `session_id` with every create so a retry after a timeout
 //! cannot create a second session, and returns [`ClientError`]s that say whether a retry may help.
+//! With feature `otel`, every request carries the current span's W3C `traceparent` (see
+//! [`crate::trace`]).
 
 use std::time::Duration;
 
@@ -27,6 +29,9 @@ use crate::transport::{check_reply, decode_reply};
 
 /// Default timeout for control requests (create adds its `wait_ms`).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The scheduler's default `wait_ms` (its `claim_wait_ms`): a create that names no `wait_ms` may
+/// legitimately take this long before its 503, so the client waits for it.
+pub const DEFAULT_CLAIM_WAIT: Duration = Duration::from_secs(10);
 /// How long, beyond the command's own timeout, an exec may wait for its VM's lock and the reply.
 pub const DEFAULT_EXEC_GRACE: Duration = Duration::from_secs(30);
 
@@ -157,7 +162,10 @@ impl HearthClient {
         if request.session_id.is_none() {
             request.session_id = Some(new_session_id());
         }
-        let timeout = self.timeout + Duration::from_millis(request.wait_ms.unwrap_or(0));
+        let wait = request
+            .wait_ms
+            .map_or(DEFAULT_CLAIM_WAIT, Duration::from_millis);
+        let timeout = self.timeout + wait;
         self.request(self.subjects.sessions_create(), &request, timeout)
             .await
     }
@@ -272,12 +280,7 @@ impl HearthClient {
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         self.nats
-            .publish_with_reply_and_headers(
-                subject.clone(),
-                inbox,
-                HeaderMap::new(),
-                payload.into(),
-            )
+            .publish_with_reply_and_headers(subject.clone(), inbox, trace_headers(), payload.into())
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         // Between two messages we wait at most the whole budget: output may pause for long.
@@ -366,6 +369,7 @@ impl HearthClient {
                 subject.clone(),
                 async_nats::Request::new()
                     .payload(payload.into())
+                    .headers(trace_headers())
                     .timeout(Some(timeout)),
             )
             .await
@@ -389,6 +393,19 @@ impl HearthClient {
                 ClientError::Service(err)
             }
         })
+    }
+}
+
+/// Headers for a request: the current trace context (feature `otel`) or none. An empty
+/// [`HeaderMap`] does not allocate.
+fn trace_headers() -> HeaderMap {
+    #[cfg(feature = "otel")]
+    {
+        crate::trace::headers()
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        HeaderMap::new()
     }
 }
 

@@ -1,9 +1,12 @@
 //! Hearth's v1 wire contract: subjects, request/response types, error model, codec and (feature
-//! `client`) the typed [`HearthClient`] an executor embeds.
+//! `client`) the typed [`HearthClient`] an executor embeds. Feature `otel` (default) carries W3C
+//! trace context in NATS headers ([`trace`]); feature `telemetry` is the binaries' logging and
+//! OTLP setup.
 //!
 //! Everything that crosses a process boundary is defined here and nowhere else. The types carry
 //! no business logic; servers and clients both depend on this crate.
 
+pub mod agent;
 pub mod api;
 pub mod blob;
 pub mod codec;
@@ -16,6 +19,10 @@ pub mod subjects;
 
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
+#[cfg(feature = "otel")]
+pub mod trace;
 #[cfg(feature = "client")]
 pub mod transport;
 

@@ -14,6 +14,8 @@
 //! - [`service`]: the `hearth-scheduler` micro service (decode, call the core, reply).
 //! - [`lease`]: the leader lease.
 //! - [`metrics`]: metric names and the Prometheus exporter.
+//!
+//! Logging, OTLP export and the shutdown signal live in `hearth_messages::telemetry`.
 
 #![forbid(unsafe_code)]
 
@@ -24,7 +26,6 @@ pub mod lease;
 pub mod metrics;
 pub mod service;
 pub mod store;
-pub mod telemetry;
 pub mod worker_api;
 
 use std::future::Future;

@@ -5,7 +5,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use hearth_scheduler::{SchedulerArgs, metrics, run, telemetry};
+use hearth_messages::telemetry;
+use hearth_scheduler::{SchedulerArgs, metrics, run};
 
 fn main() -> ExitCode {
     let config = match SchedulerArgs::parse().resolve() {
@@ -15,7 +16,6 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    telemetry::init_tracing();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -27,23 +27,11 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        if let Some(listen) = config.metrics_listen {
-            metrics::install_exporter(listen)
-                .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
-            tracing::info!(%listen, "serving prometheus metrics");
-        }
-        let nats = hearth_messages::transport::connect(
-            &config.nats_url,
-            &format!("hearth-scheduler {}", config.scheduler_id),
-            &hearth_messages::transport::NatsAuth::from_env(),
-            true,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        tracing::info!(url = %config.nats_url, scheduler_id = %config.scheduler_id, "connected to nats");
-        run(config, nats, telemetry::shutdown_signal())
-            .await
-            .map_err(|e| e.to_string())
+        // Inside the runtime: an OTLP exporter's gRPC channel lives on it.
+        let telemetry = telemetry::init("hearth-scheduler");
+        let result = serve(config).await;
+        telemetry.shutdown().await;
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -52,4 +40,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn serve(config: hearth_scheduler::SchedulerConfig) -> Result<(), String> {
+    if let Some(listen) = config.metrics_listen {
+        metrics::install_exporter(listen)
+            .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
+        tracing::info!(%listen, "serving prometheus metrics");
+    }
+    let nats = hearth_messages::transport::connect(
+        &config.nats_url,
+        &format!("hearth-scheduler {}", config.scheduler_id),
+        &hearth_messages::transport::NatsAuth::from_env(),
+        true,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::info!(url = %config.nats_url, scheduler_id = %config.scheduler_id, "connected to nats");
+    run(config, nats, telemetry::shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -10,7 +10,7 @@ use async_nats::service::ServiceExt;
 use futures::{FutureExt, StreamExt};
 use hearth_messages::transport::{Reply, decode_message};
 use hearth_messages::{
-    CreateSessionRequest, Empty, KeepaliveRequest, ListSessionsRequest, SessionOp,
+    CreateSessionRequest, Empty, KeepaliveRequest, ListSessionsRequest, Session, SessionOp,
     SnapshotSessionRequest, Subjects, WireError,
 };
 use tokio_util::sync::CancellationToken;
@@ -58,36 +58,19 @@ pub async fn serve(
         .await
         .map_err(|e| ServiceError(e.to_string()))?;
     let mut routes = vec![
-        (
-            "sessions-create",
-            subjects.sessions_create(),
-            Endpoint::Create,
-        ),
-        ("sessions-list", subjects.sessions_list(), Endpoint::List),
-        (
-            "templates-list",
-            subjects.templates_list(),
-            Endpoint::Templates,
-        ),
-        ("pools-status", subjects.pools_status(), Endpoint::Pools),
+        (subjects.sessions_create(), Endpoint::Create),
+        (subjects.sessions_list(), Endpoint::List),
+        (subjects.templates_list(), Endpoint::Templates),
+        (subjects.pools_status(), Endpoint::Pools),
     ];
     for op in SessionOp::CONTROL {
-        routes.push((
-            match op {
-                SessionOp::Get => "sessions-get",
-                SessionOp::Keepalive => "sessions-keepalive",
-                SessionOp::Release => "sessions-release",
-                _ => "sessions-snapshot",
-            },
-            subjects.session_wildcard(op),
-            Endpoint::Session(op),
-        ));
+        routes.push((subjects.session_wildcard(op), Endpoint::Session(op)));
     }
     let mut streams = Vec::new();
-    for (name, subject, endpoint) in routes {
+    for (subject, endpoint) in routes {
         let ep = service
             .endpoint_builder()
-            .name(name)
+            .name(endpoint.name())
             .add(subject)
             .await
             .map_err(|e| ServiceError(e.to_string()))?;
@@ -129,14 +112,42 @@ pub async fn serve(
     Ok(())
 }
 
+impl Endpoint {
+    /// The endpoint's name (in `$SRV.INFO` and as the span's OpenTelemetry name).
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Create => "sessions-create",
+            Endpoint::List => "sessions-list",
+            Endpoint::Templates => "templates-list",
+            Endpoint::Pools => "pools-status",
+            Endpoint::Session(SessionOp::Get) => "sessions-get",
+            Endpoint::Session(SessionOp::Keepalive) => "sessions-keepalive",
+            Endpoint::Session(SessionOp::Release) => "sessions-release",
+            Endpoint::Session(_) => "sessions-snapshot",
+        }
+    }
+}
+
 async fn handle(
     scheduler: Scheduler,
     subjects: Subjects,
     endpoint: Endpoint,
     request: async_nats::service::Request,
 ) {
-    let span = tracing::debug_span!("request", subject = %request.message.subject);
-    async {
+    // The request's span: a child of the caller's span when the request carries a `traceparent`,
+    // so the jobs it sends to workers (which inject this span's context) join the caller's trace.
+    let span = tracing::info_span!(
+        "request",
+        otel.name = endpoint.name(),
+        otel.kind = "server",
+        endpoint = endpoint.name(),
+        session_id = tracing::field::Empty,
+        vm_id = tracing::field::Empty,
+        worker_id = tracing::field::Empty,
+        template = tracing::field::Empty,
+    );
+    let remote = hearth_messages::trace::set_parent(&span, request.message.headers.as_ref());
+    let work = async {
         let encoding = hearth_messages::transport::encoding_of(request.message.headers.as_ref());
         let reply = AssertUnwindSafe(dispatch(&scheduler, &subjects, endpoint, &request.message))
             .catch_unwind()
@@ -156,8 +167,19 @@ async fn handle(
             scheduler.wake_refill();
         }
     }
-    .instrument(span)
-    .await
+    .instrument(span);
+    hearth_messages::trace::with_remote(remote, work).await
+}
+
+/// Records a session's ids on the current (request) span. A session's VM id is its session id.
+fn record_session(result: &Result<Session, WireError>) {
+    if let Ok(session) = result {
+        let span = tracing::Span::current();
+        span.record("session_id", tracing::field::display(&session.session_id));
+        span.record("vm_id", tracing::field::display(&session.session_id));
+        span.record("worker_id", tracing::field::display(&session.worker_id));
+        span.record("template", tracing::field::display(&session.template));
+    }
 }
 
 async fn dispatch(
@@ -170,9 +192,19 @@ async fn dispatch(
         Endpoint::Create => {
             let (enc, req) = decode_message::<CreateSessionRequest>(message);
             let result = match req {
-                Ok(req) => s.claim_session(req).await,
+                Ok(req) => {
+                    let span = tracing::Span::current();
+                    if let Some(template) = &req.template {
+                        span.record("template", tracing::field::display(template));
+                    }
+                    if let Some(sid) = &req.session_id {
+                        span.record("session_id", tracing::field::display(sid));
+                    }
+                    s.claim_session(req).await
+                }
                 Err(e) => Err(e),
             };
+            record_session(&result);
             Reply::from_result(enc, &result)
         }
         Endpoint::List => {
@@ -196,10 +228,15 @@ async fn dispatch(
                 }
                 Err(e) => return Reply::error(enc, &e.into()),
             };
+            let span = tracing::Span::current();
+            span.record("session_id", tracing::field::display(&sid));
+            span.record("vm_id", tracing::field::display(&sid));
             match op {
                 SessionOp::Get => {
                     let (enc, req) = decode_message::<Empty>(message);
-                    Reply::from_result(enc, &req.and_then(|_| s.get_session(&sid)))
+                    let result = req.and_then(|_| s.get_session(&sid));
+                    record_session(&result);
+                    Reply::from_result(enc, &result)
                 }
                 SessionOp::Keepalive => {
                     let (enc, req) = decode_message::<KeepaliveRequest>(message);
@@ -207,6 +244,7 @@ async fn dispatch(
                         Ok(req) => s.keepalive(&sid, req).await,
                         Err(e) => Err(e),
                     };
+                    record_session(&result);
                     Reply::from_result(enc, &result)
                 }
                 SessionOp::Release => {
@@ -215,12 +253,16 @@ async fn dispatch(
                         Ok(_) => s.release(&sid).await,
                         Err(e) => Err(e),
                     };
+                    record_session(&result);
                     Reply::from_result(enc, &result)
                 }
                 SessionOp::Snapshot => {
                     let (enc, req) = decode_message::<SnapshotSessionRequest>(message);
                     let result = match req {
-                        Ok(req) => s.snapshot_session(&sid, req).await,
+                        Ok(req) => {
+                            span.record("template", tracing::field::display(&req.template));
+                            s.snapshot_session(&sid, req).await
+                        }
                         Err(e) => Err(e),
                     };
                     Reply::from_result(enc, &result)

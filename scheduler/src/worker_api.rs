@@ -12,6 +12,7 @@ use hearth_messages::{
     WireError, WorkerId,
 };
 use tokio::time::Instant;
+use tracing::Instrument;
 
 /// Why a job did not produce an output.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -109,7 +110,33 @@ impl WorkerApi for NatsWorkerApi {
         job: JobRequest,
         timeout: Duration,
     ) -> Result<JobOutput, JobError> {
+        let span = tracing::info_span!(
+            "job",
+            otel.name = job.op.name(),
+            otel.kind = "client",
+            worker_id = %worker,
+            job_id = %job.job_id,
+            op = job.op.name(),
+            vm_id = tracing::field::Empty,
+        );
+        if let Some(vm_id) = job.op.vm_id() {
+            span.record("vm_id", tracing::field::display(vm_id));
+        }
+        self.send_job(worker, job, timeout).instrument(span).await
+    }
+}
+
+impl NatsWorkerApi {
+    async fn send_job(
+        &self,
+        worker: &WorkerId,
+        job: JobRequest,
+        timeout: Duration,
+    ) -> Result<JobOutput, JobError> {
         let subject = self.subjects.worker_jobs(worker);
+        // The job span's trace context (nothing when no OpenTelemetry layer records it); every
+        // attempt carries the same one.
+        let headers = hearth_messages::trace::headers();
         let payload: bytes::Bytes = Encoding::MsgPack
             .encode(&job)
             .map_err(|e| JobError::BadReply(e.to_string()))?
@@ -123,6 +150,7 @@ impl WorkerApi for NatsWorkerApi {
             }
             let request = async_nats::Request::new()
                 .payload(payload.clone())
+                .headers(headers.clone())
                 .timeout(Some(remaining.min(per_attempt)));
             match self.client.send_request(subject.clone(), request).await {
                 Ok(message) => {

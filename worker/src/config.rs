@@ -8,7 +8,7 @@ use std::time::Duration;
 use hearth_messages::{Subjects, WorkerId};
 use serde::Deserialize;
 
-use crate::provider::{Isolation, ProcessConfig};
+use crate::provider::{Accel, Isolation, ProcessConfig, QemuConfig};
 
 /// A configuration error: the binary prints it on one line and exits 64.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +23,8 @@ pub enum ProviderKind {
     Process,
     /// In memory; for tests and demos only, nothing runs for real.
     Fake,
+    /// Real microVMs: QEMU `-M microvm` with the Hearth guest agent (settings under `[qemu]`).
+    Qemu,
 }
 
 /// Everything the worker needs, resolved.
@@ -56,6 +58,8 @@ pub struct WorkerConfig {
     pub store_replicas: usize,
     /// Largest file `files.get` returns.
     pub max_file_bytes: u64,
+    /// The qemu provider's settings (`[qemu]` in the file); an empty `root` is `<data_dir>/qemu`.
+    pub qemu: QemuConfig,
 }
 
 impl WorkerConfig {
@@ -76,6 +80,7 @@ impl WorkerConfig {
             drain_grace: Duration::from_secs(30),
             store_replicas: 1,
             max_file_bytes: hearth_messages::data::DEFAULT_MAX_FILE_BYTES,
+            qemu: QemuConfig::default(),
         }
     }
 
@@ -86,6 +91,15 @@ impl WorkerConfig {
             config.isolation = Isolation::Bubblewrap {
                 bwrap: bwrap.clone(),
             };
+        }
+        config
+    }
+
+    /// The qemu provider's configuration, its root defaulting to `<data_dir>/qemu`.
+    pub fn qemu_config(&self) -> QemuConfig {
+        let mut config = self.qemu.clone();
+        if config.root.as_os_str().is_empty() {
+            config.root = self.data_dir.join("qemu");
         }
         config
     }
@@ -141,6 +155,12 @@ pub struct WorkerArgs {
     /// Replicas for the snapshot object store.
     #[arg(long, env = "HEARTH_STORE_REPLICAS")]
     pub store_replicas: Option<usize>,
+    /// Guest image directory of the qemu provider (vmlinuz, initrd.img).
+    #[arg(long, env = "HEARTH_QEMU_IMAGE")]
+    pub qemu_image: Option<PathBuf>,
+    /// Accelerator of the qemu provider.
+    #[arg(long, env = "HEARTH_QEMU_ACCEL", value_enum)]
+    pub qemu_accel: Option<Accel>,
 }
 
 /// The TOML file's shape (every key optional).
@@ -160,6 +180,7 @@ struct WorkerFile {
     backup_dir: Option<PathBuf>,
     drain_grace_s: Option<u64>,
     store_replicas: Option<usize>,
+    qemu: Option<QemuConfig>,
 }
 
 fn read_file(path: &Path) -> Result<WorkerFile, ConfigError> {
@@ -230,6 +251,15 @@ impl WorkerArgs {
             config.provider = provider;
         }
         config.bwrap = self.bwrap.or(file.bwrap);
+        if let Some(qemu) = file.qemu {
+            config.qemu = qemu;
+        }
+        if let Some(image) = self.qemu_image {
+            config.qemu.image = image;
+        }
+        if let Some(accel) = self.qemu_accel {
+            config.qemu.accel = accel;
+        }
         if let Some(max_vms) = self.max_vms.or(file.max_vms) {
             if max_vms == 0 {
                 return Err(ConfigError("max_vms must be at least 1".into()));
@@ -312,5 +342,29 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.to_string().contains("worker_id"), "{err}");
+    }
+
+    #[test]
+    fn the_qemu_section_and_flags_configure_the_qemu_provider() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(
+            &path,
+            "[qemu]\nimage = \"/img\"\nagent_timeout_ms = 3000\naccel = \"kvm\"\n",
+        )
+        .unwrap();
+        let config = WorkerArgs {
+            config: Some(path),
+            data_dir: Some(dir.path().to_path_buf()),
+            qemu_accel: Some(Accel::Tcg),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let qemu = config.qemu_config();
+        assert_eq!(qemu.image, PathBuf::from("/img"));
+        assert_eq!(qemu.agent_timeout_ms, 3000);
+        assert_eq!(qemu.accel, Accel::Tcg, "the flag wins over the file");
+        assert_eq!(qemu.root, dir.path().join("qemu"));
     }
 }

@@ -11,7 +11,6 @@ mod locks;
 pub mod metrics;
 pub mod provider;
 mod state;
-pub mod telemetry;
 mod worker;
 
 pub use config::{ConfigError, ProviderKind, WorkerArgs, WorkerConfig};
@@ -28,5 +27,6 @@ pub fn open_provider(
             Arc::new(provider::ProcessProvider::open(config.process_config())?)
         }
         ProviderKind::Fake => Arc::new(provider::FakeProvider::default()),
+        ProviderKind::Qemu => Arc::new(provider::QemuProvider::open(config.qemu_config())?),
     })
 }

@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use hearth_worker::{WorkerArgs, metrics, open_provider, run, telemetry};
+use hearth_messages::telemetry;
+use hearth_worker::{WorkerArgs, WorkerConfig, metrics, open_provider, run};
 
 fn main() -> ExitCode {
     let config = match WorkerArgs::parse().resolve() {
@@ -14,7 +15,6 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    telemetry::init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -26,23 +26,11 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        if let Some(listen) = config.metrics_listen {
-            metrics::install_exporter(listen)
-                .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
-            metrics::describe();
-        }
-        let provider = open_provider(&config).map_err(|e| format!("provider: {e}"))?;
-        let nats = hearth_messages::transport::connect(
-            &config.nats_url,
-            &format!("hearth-worker {}", config.worker_id),
-            &hearth_messages::transport::NatsAuth::from_env(),
-            true,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        run(config, nats, provider, telemetry::shutdown_signal())
-            .await
-            .map_err(|e| e.to_string())
+        // Inside the runtime: an OTLP exporter's gRPC channel lives on it.
+        let telemetry = telemetry::init("hearth-worker");
+        let result = serve(config).await;
+        telemetry.shutdown().await;
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,4 +39,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn serve(config: WorkerConfig) -> Result<(), String> {
+    if let Some(listen) = config.metrics_listen {
+        metrics::install_exporter(listen)
+            .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
+        metrics::describe();
+    }
+    let provider = open_provider(&config).map_err(|e| format!("provider: {e}"))?;
+    let nats = hearth_messages::transport::connect(
+        &config.nats_url,
+        &format!("hearth-worker {}", config.worker_id),
+        &hearth_messages::transport::NatsAuth::from_env(),
+        true,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    run(config, nats, provider, telemetry::shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -2,68 +2,96 @@
 //! keep the VMs themselves; this says which of them executors may reach, so a restarted worker
 //! serves exactly the sessions it served before and never exposes a pooled VM.
 //!
-//! One empty marker file per session under `<data_dir>/sessions/`: adding or removing a session
-//! costs one file operation whatever the number of sessions (this is on the claim path), and a crash
-//! leaves either the marker or not, never a torn file.
+//! An append-only journal, `<data_dir>/sessions.journal`: one `+<id>` or `-<id>` line per change,
+//! written with a single `write(2)` on an open file (this is on the claim path, and creating a file
+//! costs ~0.2 ms on ext4). Like every other worker write it is not fsynced: it survives the worker
+//! being killed, not the host losing power. Loading replays it (a torn last line is ignored) and
+//! compacts it (temp file + rename).
 
 use std::collections::BTreeSet;
-use std::io;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use hearth_messages::VmId;
 
-/// The session set: in memory, written through to marker files.
+/// The session set: in memory, written through to the journal.
 #[derive(Debug)]
 pub(crate) struct SessionSet {
-    dir: PathBuf,
-    sessions: parking_lot::Mutex<BTreeSet<VmId>>,
+    inner: parking_lot::Mutex<Journal>,
+}
+
+#[derive(Debug)]
+struct Journal {
+    sessions: BTreeSet<VmId>,
+    file: File,
 }
 
 impl SessionSet {
-    /// Loads the set from `dir`, creating it if needed. Entries that are not valid ids are
-    /// ignored with a warning.
-    pub(crate) fn load(dir: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+    /// Loads and compacts the journal at `path`.
+    pub(crate) fn load(path: &Path) -> io::Result<Self> {
         let mut sessions = BTreeSet::new();
-        for entry in std::fs::read_dir(dir)? {
-            let name = entry?.file_name();
-            match name.to_str().map(VmId::new) {
-                Some(Ok(id)) => {
-                    sessions.insert(id);
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                for line in text.lines() {
+                    let (add, id) = match line.split_at_checked(1) {
+                        Some(("+", id)) => (true, id),
+                        Some(("-", id)) => (false, id),
+                        _ => continue,
+                    };
+                    let Ok(id) = VmId::new(id) else { continue };
+                    if add {
+                        sessions.insert(id);
+                    } else {
+                        sessions.remove(&id);
+                    }
                 }
-                _ => tracing::warn!(?name, "ignoring a stray file among the session markers"),
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
+        let tmp: PathBuf = path.with_extension("journal.tmp");
+        let mut compact = String::new();
+        for id in &sessions {
+            compact.push('+');
+            compact.push_str(id.as_str());
+            compact.push('\n');
+        }
+        std::fs::write(&tmp, compact)?;
+        std::fs::rename(&tmp, path)?;
+        let file = OpenOptions::new().append(true).open(path)?;
         Ok(Self {
-            dir: dir.to_owned(),
-            sessions: parking_lot::Mutex::new(sessions),
+            inner: parking_lot::Mutex::new(Journal { sessions, file }),
         })
     }
 
     /// The ids in the set.
     pub(crate) fn ids(&self) -> Vec<VmId> {
-        self.sessions.lock().iter().cloned().collect()
+        self.inner.lock().sessions.iter().cloned().collect()
     }
 
     /// Whether `vm_id` is a session.
     pub(crate) fn contains(&self, vm_id: &VmId) -> bool {
-        self.sessions.lock().contains(vm_id)
+        self.inner.lock().sessions.contains(vm_id)
     }
 
     /// Marks `vm_id` as a session (idempotent).
     pub(crate) fn insert(&self, vm_id: &VmId) -> io::Result<()> {
-        std::fs::write(self.dir.join(vm_id.as_str()), b"")?;
-        self.sessions.lock().insert(vm_id.clone());
+        let mut j = self.inner.lock();
+        if !j.sessions.contains(vm_id) {
+            j.file.write_all(format!("+{vm_id}\n").as_bytes())?;
+            j.sessions.insert(vm_id.clone());
+        }
         Ok(())
     }
 
     /// Unmarks `vm_id` (idempotent).
     pub(crate) fn remove(&self, vm_id: &VmId) -> io::Result<()> {
-        self.sessions.lock().remove(vm_id);
-        match std::fs::remove_file(self.dir.join(vm_id.as_str())) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        let mut j = self.inner.lock();
+        if j.sessions.remove(vm_id) {
+            j.file.write_all(format!("-{vm_id}\n").as_bytes())?;
         }
+        Ok(())
     }
 }
 
@@ -72,16 +100,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn survives_a_reload_and_ignores_strays() {
+    fn survives_a_reload_compacts_and_ignores_a_torn_line() {
         let dir = tempfile::tempdir().unwrap();
-        let set = SessionSet::load(dir.path()).unwrap();
+        let path = dir.path().join("sessions.journal");
+        let set = SessionSet::load(&path).unwrap();
         let (a, b) = (VmId::new("a").unwrap(), VmId::new("b").unwrap());
         set.insert(&a).unwrap();
         set.insert(&b).unwrap();
         set.remove(&b).unwrap();
         set.remove(&b).unwrap();
-        std::fs::write(dir.path().join("not.an.id"), b"").unwrap();
-        let again = SessionSet::load(dir.path()).unwrap();
+        drop(set);
+        // A crash mid-write leaves a partial line.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"+c.d").unwrap();
+        let again = SessionSet::load(&path).unwrap();
         assert_eq!(again.ids(), vec![a]);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "+a\n");
     }
 }

@@ -163,12 +163,13 @@ impl Worker {
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await
             .map_err(nats_err)?;
-        let sessions = SessionSet::load(&config.data_dir.join("sessions")).map_err(|source| {
-            WorkerError::Io {
-                context: "loading the session markers".into(),
-                source,
-            }
-        })?;
+        let sessions =
+            SessionSet::load(&config.data_dir.join("sessions.journal")).map_err(|source| {
+                WorkerError::Io {
+                    context: "loading the session journal".into(),
+                    source,
+                }
+            })?;
         let inner = Arc::new(Inner {
             job_slots: Semaphore::new(config.job_concurrency),
             config,
@@ -310,22 +311,37 @@ impl Worker {
     // ----- lifecycle jobs -------------------------------------------------------------------
 
     async fn handle_job(&self, request: service::Request) {
+        // The job's span, parented from the scheduler's `traceparent` when it sent one.
+        let span = info_span!(
+            "job",
+            otel.kind = "server",
+            worker_id = %self.inner.config.worker_id,
+            job_id = tracing::field::Empty,
+            op = tracing::field::Empty,
+            vm_id = tracing::field::Empty,
+            session_id = tracing::field::Empty,
+            template = tracing::field::Empty,
+        );
+        let remote = hearth_messages::trace::set_parent(&span, request.message.headers.as_ref());
+        let reply =
+            hearth_messages::trace::with_remote(remote, self.job_reply(&request).instrument(span))
+                .await;
+        respond(&request, reply).await;
+    }
+
+    async fn job_reply(&self, request: &service::Request) -> Reply {
         let (encoding, job) = decode_message::<JobRequest>(&request.message);
-        let reply = match job {
+        match job {
             Err(err) => {
                 metrics::counter!(m::BAD_REQUESTS_TOTAL, "endpoint" => "jobs").increment(1);
                 Reply::error(encoding, &err)
             }
             Ok(job) => {
                 let op_name = job.op.name();
-                let span = info_span!("job", job_id = %job.job_id, op = op_name,
-                    vm_id = job.op.vm_id().map(|v| v.to_string()).unwrap_or_default());
+                record_job(&job);
                 let started = Instant::now();
                 let cell = self.inner.jobs.cell(&job.job_id);
-                let outcome = cell
-                    .get_or_init(|| self.run_job(job.op).instrument(span))
-                    .await
-                    .clone();
+                let outcome = cell.get_or_init(|| self.run_job(job.op)).await.clone();
                 let result = match &outcome {
                     Ok(_) => "ok".to_owned(),
                     Err(e) => e.code.to_string(),
@@ -344,8 +360,7 @@ impl Worker {
                     Err(err) => Reply::error(encoding, &err),
                 }
             }
-        };
-        respond(&request, reply).await;
+        }
     }
 
     async fn run_job(&self, op: JobOp) -> Outcome {
@@ -556,14 +571,19 @@ impl Worker {
     async fn admit(&self, creating: &VmId) -> Result<Reservation, WireError> {
         let inner = &self.inner;
         let _admission = inner.admission.lock().await;
-        let vms = inner
+        let held = inner
             .provider
-            .list_vms()
+            .count_vms()
             .await
-            .map_err(|e| wire_error(&e))?;
-        let held = vms.iter().filter(|v| v.state != VmState::Destroyed).count() as u32;
+            .map_err(|e| wire_error(&e))? as u32;
         let used = held + inner.reserved.load(Ordering::SeqCst);
         if used >= inner.config.max_vms {
+            // Full: only now is the whole inventory worth listing, to pick a victim.
+            let vms = inner
+                .provider
+                .list_vms()
+                .await
+                .map_err(|e| wire_error(&e))?;
             let victim = vms
                 .iter()
                 .filter(|v| v.state == VmState::Stopped && &v.vm_id != creating)
@@ -704,7 +724,18 @@ impl Worker {
     }
 
     async fn handle_data(&self, op: SessionOp, vm_id: VmId, request: service::Request) {
-        let span = info_span!("data", session_id = %vm_id, op = op.suffix());
+        // The data-plane span, parented from the executor's `traceparent` when it sent one. A
+        // session's VM id is its session id.
+        let span = info_span!(
+            "data",
+            otel.name = op.suffix(),
+            otel.kind = "server",
+            session_id = %vm_id,
+            vm_id = %vm_id,
+            worker_id = %self.inner.config.worker_id,
+            op = op.suffix(),
+        );
+        let remote = hearth_messages::trace::set_parent(&span, request.message.headers.as_ref());
         let reply = async {
             match op {
                 SessionOp::Exec => self.exec(&vm_id, &request).await,
@@ -716,8 +747,8 @@ impl Worker {
                 ),
             }
         }
-        .instrument(span)
-        .await;
+        .instrument(span);
+        let reply = hearth_messages::trace::with_remote(remote, reply).await;
         respond(&request, reply).await;
     }
 
@@ -1106,6 +1137,45 @@ async fn open_snapshot_store(
             .get_object_store(&bucket)
             .await
             .map_err(|_| nats_err(format!("object store {bucket}: {create_err}"))),
+    }
+}
+
+/// Records a job's ids on the current (job) span: the VM, the session it serves (a session's VM id
+/// is its session id) and the template it is built from, where the job names them.
+fn record_job(job: &JobRequest) {
+    let span = tracing::Span::current();
+    span.record("job_id", tracing::field::display(&job.job_id));
+    span.record("op", job.op.name());
+    if let Some(vm_id) = job.op.vm_id() {
+        span.record("vm_id", tracing::field::display(vm_id));
+    }
+    match &job.op {
+        JobOp::CreateVm {
+            vm_id,
+            session: true,
+        } => {
+            span.record("session_id", tracing::field::display(vm_id));
+        }
+        JobOp::CreateVmWithSpec {
+            vm_id,
+            spec,
+            session,
+        } => {
+            if *session {
+                span.record("session_id", tracing::field::display(vm_id));
+            }
+            if let Some(template) = &spec.template {
+                span.record("template", tracing::field::display(template));
+            }
+        }
+        JobOp::RenameVm {
+            new_vm_id,
+            session: true,
+            ..
+        } => {
+            span.record("session_id", tracing::field::display(new_vm_id));
+        }
+        _ => {}
     }
 }
 

@@ -1,18 +1,26 @@
-//! The provider contract: one suite, written once, run against every adapter (`fake` and `process`),
-//! so the fake the scheduler tests rely on cannot drift from the real thing.
+//! The provider contract: one suite, written once, run against every adapter (`fake`, `process`,
+//! `qemu` and `firecracker`), so the fake the scheduler tests rely on cannot drift from the real
+//! thing. The qemu instances skip, with the reason printed, where QEMU or the guest image is
+//! missing; the firecracker ones unless `FIRECRACKER_BIN`, `FIRECRACKER_KERNEL` and
+//! `FIRECRACKER_ROOTFS` are set and `/dev/kvm` exists.
+
+mod qemu_support;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use hearth_worker::provider::{
-    ExecSpec, FakeProvider, OutputStream, ProcessConfig, ProcessProvider, ProviderErrorKind,
-    SnapshotId, TemplateName, VmId, VmRuntime, VmSpec, VmState,
+    ExecSpec, FakeProvider, FirecrackerConfig, FirecrackerProvider, OutputStream, ProcessConfig,
+    ProcessProvider, ProviderErrorKind, QemuProvider, SnapshotId, TemplateName, VmId, VmRuntime,
+    VmSpec, VmState,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Fake,
     Process,
+    Qemu,
+    Firecracker,
 }
 
 /// One provider instance plus the scratch directory it (and the test) may use.
@@ -24,14 +32,38 @@ struct Harness {
 
 impl Harness {
     fn new(kind: Kind) -> Self {
+        Self::try_new(kind).expect("the adapter can run here")
+    }
+
+    /// `None`, with the reason printed, when the adapter cannot run on this host.
+    fn try_new(kind: Kind) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let rt: Arc<dyn VmRuntime> = match kind {
             Kind::Fake => Arc::new(FakeProvider::new()),
             Kind::Process => Arc::new(
                 ProcessProvider::open(ProcessConfig::new(dir.path().join("root"))).unwrap(),
             ),
+            Kind::Qemu => Arc::new(
+                QemuProvider::open(qemu_support::config(dir.path().join("qemu"))?).unwrap(),
+            ),
+            Kind::Firecracker => {
+                let config = match FirecrackerConfig::from_env(dir.path().join("fc")) {
+                    Ok(config) => config,
+                    Err(reason) => {
+                        eprintln!("skipping firecracker test: {reason}");
+                        return None;
+                    }
+                };
+                Arc::new(
+                    FirecrackerProvider::open(FirecrackerConfig {
+                        kill_on_drop: true,
+                        ..config
+                    })
+                    .unwrap(),
+                )
+            }
         };
-        Self { kind, rt, dir }
+        Some(Self { kind, rt, dir })
     }
 
     /// A second, independent instance of the same adapter (another worker).
@@ -96,6 +128,26 @@ macro_rules! contract_tests {
                 #[tokio::test]
                 async fn $name() {
                     super::$name(super::Harness::new(super::Kind::Process)).await;
+                }
+            )*
+        }
+        mod qemu {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(h) = super::Harness::try_new(super::Kind::Qemu) else { return };
+                    super::$name(h).await;
+                }
+            )*
+        }
+        mod firecracker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(h) = super::Harness::try_new(super::Kind::Firecracker) else {
+                        return;
+                    };
+                    super::$name(h).await;
                 }
             )*
         }

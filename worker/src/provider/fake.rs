@@ -687,6 +687,10 @@ impl VmQuery for FakeProvider {
         Ok(views)
     }
 
+    async fn count_vms(&self) -> Result<usize, ProviderError> {
+        Ok(self.state.lock().vms.len())
+    }
+
     async fn get_vm(&self, vm_id: &VmId) -> Result<Option<VmView>, ProviderError> {
         let state = self.state.lock();
         Ok(match state.vms.get(vm_id) {

@@ -3,7 +3,8 @@
 //!
 //! Adapters: [`fake`] (in memory, for scheduler logic tests) and [`process`] (a volume directory plus
 //! commands run by a shell in it, optionally inside bubblewrap namespaces; the embedded default);
-//! [`qemu`] (real microVMs under QEMU `-M microvm`, with the Hearth guest agent inside).
+//! [`qemu`] (real microVMs under QEMU `-M microvm`, with the Hearth guest agent inside) and
+//! [`firecracker`] (Firecracker microVMs on hosts with KVM, the agent over vsock).
 //!
 //! Architecture invariant: the caller (the worker's NATS layer) serialises operations per VM with a
 //! per-VM async lock and enforces capacity. Providers are still internally thread-safe: operations on
@@ -21,12 +22,19 @@ use tokio::sync::mpsc;
 
 pub use hearth_messages::{SnapshotId, TemplateName, VmId};
 
+mod agent;
 pub mod fake;
+pub mod firecracker;
 mod paths;
 pub mod process;
+pub mod qemu;
+mod snapshot_archive;
+mod vmm;
 
 pub use fake::{FakeConfig, FakeOp, FakeProvider};
+pub use firecracker::{FirecrackerConfig, FirecrackerMmds, FirecrackerProvider};
 pub use process::{Isolation, ProcessConfig, ProcessProvider};
+pub use qemu::{Accel, QemuConfig, QemuProvider};
 
 /// State-changing operations on VMs, executed by lifecycle jobs and the data plane.
 #[async_trait]
@@ -135,6 +143,17 @@ pub trait VmProvider: Send + Sync + 'static {
 pub trait VmQuery: Send + Sync + 'static {
     /// Every known VM, including `Destroyed` tombstones, sorted by id.
     async fn list_vms(&self) -> Result<Vec<VmView>, ProviderError>;
+
+    /// Number of VMs that are not destroyed: what counts against capacity. Adapters answer from
+    /// their index; the default counts [`list_vms`](Self::list_vms).
+    async fn count_vms(&self) -> Result<usize, ProviderError> {
+        Ok(self
+            .list_vms()
+            .await?
+            .iter()
+            .filter(|v| v.state != VmState::Destroyed)
+            .count())
+    }
 
     /// One VM (possibly a `Destroyed` tombstone), or `None` if unknown.
     async fn get_vm(&self, vm_id: &VmId) -> Result<Option<VmView>, ProviderError>;

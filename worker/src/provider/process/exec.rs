@@ -48,6 +48,24 @@ pub(crate) struct Invocation {
     pub stdin: Option<Vec<u8>>,
 }
 
+/// Finds `program` on `path` (the child's PATH) like `execvp` would: names containing a `/` are
+/// used as they are; `None` when nothing executable is found (the spawn then reports it).
+fn resolve_program(program: &std::ffi::OsStr, path: Option<&str>) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    if program.as_bytes().contains(&b'/') {
+        return None;
+    }
+    let path = path.unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    path.split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// Time and size limits of one exec.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -147,8 +165,18 @@ pub(crate) async fn run(
     let Some((program, args)) = inv.argv.split_first() else {
         return spawn_failed("", "empty argv", started);
     };
-    let mut cmd = Command::new(program);
-    cmd.args(args)
+    // Resolve a bare program name against the child's PATH here: std can spawn with posix_spawn
+    // (vfork, no copy of the worker's page tables) only when the program is a path; otherwise it
+    // falls back to fork + exec, which costs time proportional to the worker's memory on every
+    // command. argv[0] keeps the name as given.
+    let resolved = resolve_program(program, inv.env.get("PATH").map(String::as_str));
+    let mut cmd = Command::new(
+        resolved
+            .as_ref()
+            .map_or(program.as_os_str(), |p| p.as_os_str()),
+    );
+    cmd.arg0(program)
+        .args(args)
         .env_clear()
         .envs(&inv.env)
         .current_dir(&inv.cwd)

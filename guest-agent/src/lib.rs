@@ -1,0 +1,367 @@
+//! The Hearth guest agent: runs inside a microVM as its init service and serves the
+//! [agent protocol](hearth_messages::agent) over the VMM's host↔guest channel — exec with the wire
+//! contract's semantics, file put/get confined to a work directory, a health ping, identity reset
+//! (host name, machine id, session env, RNG reseed, clock) and clock sync.
+//!
+//! Shape: one blocking thread owns the channel — it opens it, reads frames and hands each request
+//! to a task on a small tokio runtime; replies go through an in-order write queue drained by a
+//! writer thread. When the channel ends (the host disconnected, the VM was restored from a
+//! snapshot) both threads let go of it and the reader reopens it after a short pause; requests
+//! still running finish and their replies are dropped.
+//!
+//! The agent expects to be supervised (busybox `init` respawns it), not to be PID 1 itself: it does
+//! not reap orphans.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hearth_messages::agent::{
+    AgentError, AgentErrorKind, AgentFrame, AgentReply, FrameError, HostFrame, PROTOCOL_VERSION,
+    Pong, encode_frame, read_frame,
+};
+use hearth_messages::data::{DEFAULT_MAX_FILE_BYTES, Program};
+use hearth_messages::{ExecRequest, FileGetResult, FilePutResult};
+
+pub mod channel;
+pub mod exec;
+pub mod files;
+pub mod identity;
+mod rng;
+pub mod vsock;
+
+pub use channel::Channel;
+
+/// Pause before reopening a channel that ended or could not be opened.
+const REOPEN_PAUSE: Duration = Duration::from_millis(10);
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the host is.
+    pub channel: Channel,
+    /// The work directory: commands' default cwd and `HOME`, the root of file paths.
+    pub workdir: PathBuf,
+    /// Where `machine-id` and `hostname` are written (`/etc` in a guest).
+    pub etc: PathBuf,
+    /// Change the system on identity reset and clock sync (clock, RNG, host name). Off only for
+    /// tests on a host.
+    pub system: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            channel: Channel::default(),
+            workdir: PathBuf::from("/work"),
+            etc: PathBuf::from("/etc"),
+            system: true,
+        }
+    }
+}
+
+/// Logs one line to stderr (the guest console).
+macro_rules! log {
+    ($($arg:tt)*) => { eprintln!("hearth-agent: {}", format_args!($($arg)*)) };
+}
+
+/// Runs the agent forever (until the process is killed).
+pub fn run(config: Config) -> io::Result<()> {
+    std::fs::create_dir_all(&config.workdir)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let agent = Arc::new(Agent {
+        workdir: config.workdir.canonicalize()?,
+        config,
+        identity: Mutex::new(identity::IdentityState::default()),
+    });
+    let handle = runtime.handle().clone();
+    log!(
+        "version {} serving {:?}",
+        env!("CARGO_PKG_VERSION"),
+        agent.config.channel
+    );
+    let port = std::thread::Builder::new()
+        .name("channel".into())
+        .spawn(move || agent.serve_forever(&handle))?;
+    runtime.block_on(async {
+        while !port.is_finished() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    Err(io::Error::other("channel thread ended"))
+}
+
+/// The in-order reply queue of one connection. Closed when the connection ends; sends after that
+/// are dropped.
+#[derive(Clone, Debug)]
+struct Outbox(Arc<Mutex<Option<std::sync::mpsc::Sender<Vec<u8>>>>>);
+
+impl Outbox {
+    fn send(&self, id: u64, reply: AgentReply) {
+        let bytes = match encode_frame(&AgentFrame { id, reply }) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let reply = AgentReply::Error(AgentError::new(
+                    AgentErrorKind::Io,
+                    format!("cannot encode the reply: {e}"),
+                ));
+                match encode_frame(&AgentFrame { id, reply }) {
+                    Ok(bytes) => bytes,
+                    Err(_) => return,
+                }
+            }
+        };
+        if let Some(tx) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = tx.send(bytes);
+        }
+    }
+
+    fn close(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+#[derive(Debug)]
+struct Agent {
+    config: Config,
+    /// `config.workdir`, canonical.
+    workdir: PathBuf,
+    identity: Mutex<identity::IdentityState>,
+}
+
+impl Agent {
+    fn serve_forever(self: Arc<Self>, handle: &tokio::runtime::Handle) {
+        let mut last_error: Option<String> = None;
+        loop {
+            match self.config.channel.open() {
+                Ok(connection) => {
+                    if last_error.take().is_some() {
+                        log!("channel open");
+                    }
+                    self.serve_connection(connection, handle);
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    if last_error.as_deref() != Some(&text) {
+                        log!("cannot open the channel (retrying): {text}");
+                        last_error = Some(text);
+                    }
+                }
+            }
+            std::thread::sleep(REOPEN_PAUSE);
+        }
+    }
+
+    /// Serves one open channel until it is gone for good.
+    ///
+    /// On a virtio-serial port, end-of-file only means that no host is connected right now (at
+    /// boot, across a restore, while a worker restarts): the port stays open and reading resumes
+    /// after a pause. Closing and reopening it instead would race with QEMU, which does not look at
+    /// its chardev socket again when the guest reopens the port, so a host's first bytes could sit
+    /// unread. A frame cut short by a disconnect is dropped. On a Unix socket, end-of-file is final.
+    fn serve_connection(
+        self: &Arc<Self>,
+        connection: channel::Connection,
+        handle: &tokio::runtime::Handle,
+    ) {
+        let channel::Connection {
+            mut reader,
+            mut writer,
+            transient_eof,
+        } = connection;
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let outbox = Outbox(Arc::new(Mutex::new(Some(tx))));
+        // While no host is connected, a write to a virtio port blocks until one is: replies then
+        // reach the next host, which ignores ids it did not send.
+        let writer_thread = std::thread::spawn(move || {
+            for bytes in rx {
+                if writer
+                    .write_all(&bytes)
+                    .and_then(|()| writer.flush())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let mut host_present = true;
+        loop {
+            match read_frame::<_, HostFrame>(&mut reader) {
+                Ok(Some(frame)) => {
+                    host_present = true;
+                    let agent = self.clone();
+                    let outbox = outbox.clone();
+                    handle.spawn(async move { agent.handle(frame, outbox).await });
+                }
+                // The length was fine, so the stream is still in step: skip the frame.
+                Err(FrameError::Malformed(e)) => log!("skipping a malformed request: {e}"),
+                Ok(None) | Err(FrameError::Truncated) if transient_eof => {
+                    if host_present {
+                        log!("host disconnected; waiting for the next one");
+                        host_present = false;
+                    }
+                    std::thread::sleep(REOPEN_PAUSE);
+                }
+                // Out of step with this host: drop what it sends until it goes away.
+                Err(FrameError::TooLarge(len)) if transient_eof => {
+                    log!("frame of {len} bytes refused; discarding until the host reconnects");
+                    drain_until_eof(&mut reader);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log!("channel error, reopening: {e}");
+                    break;
+                }
+            }
+        }
+        outbox.close();
+        drop(reader);
+        let _ = writer_thread.join();
+    }
+
+    async fn handle(self: Arc<Self>, frame: HostFrame, outbox: Outbox) {
+        use hearth_messages::agent::AgentRequest as R;
+        let id = frame.id;
+        let result = match frame.request {
+            R::Ping {} => Ok(AgentReply::Pong(Pong {
+                protocol: PROTOCOL_VERSION,
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: std::process::id(),
+                hostname: nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            })),
+            R::Exec(req) => self.exec(id, req, &outbox).await,
+            R::PutFile(req) => {
+                let root = self.workdir.clone();
+                blocking(move || {
+                    files::put(&root, &req.path, req.data.as_bytes(), req.mode)
+                        .map(|size| AgentReply::FileWritten(FilePutResult { size }))
+                })
+                .await
+            }
+            R::GetFile(req) => {
+                let root = self.workdir.clone();
+                blocking(move || {
+                    let max = req.max_bytes.unwrap_or(DEFAULT_MAX_FILE_BYTES);
+                    files::get(&root, &req.path, max).map(|data| {
+                        AgentReply::FileRead(FileGetResult {
+                            size: data.len() as u64,
+                            data: data.into(),
+                        })
+                    })
+                })
+                .await
+            }
+            R::ResetIdentity(identity) => {
+                let agent = self.clone();
+                blocking(move || {
+                    let state = identity::apply(&identity, agent.config.system, &agent.config.etc)?;
+                    *agent.identity.lock().unwrap_or_else(|e| e.into_inner()) = state;
+                    Ok(AgentReply::IdentitySet {
+                        hostname: identity.hostname,
+                    })
+                })
+                .await
+            }
+            R::SetClock { now_ms } => {
+                if self.config.system {
+                    identity::set_clock(now_ms).map(|()| AgentReply::ClockSet {})
+                } else {
+                    Ok(AgentReply::ClockSet {})
+                }
+            }
+        };
+        outbox.send(id, result.unwrap_or_else(AgentReply::Error));
+    }
+
+    async fn exec(
+        &self,
+        id: u64,
+        req: ExecRequest,
+        outbox: &Outbox,
+    ) -> Result<AgentReply, AgentError> {
+        let invalid = |m: String| AgentError::new(AgentErrorKind::InvalidArgument, m);
+        let argv: Vec<OsString> = match req.program().map_err(|e| invalid(e.message))? {
+            Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
+            Program::Shell(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+        };
+        let rel_cwd = files::relative_path("cwd", req.cwd.as_deref().unwrap_or(""))?;
+        let cwd = files::resolve_dir(&self.workdir, &rel_cwd)?;
+        let env = self.command_env(&req.env);
+        let sink: Option<exec::ChunkSink> = req.stream.then(|| {
+            let outbox = outbox.clone();
+            Arc::new(move |stream, data: &[u8]| {
+                outbox.send(
+                    id,
+                    AgentReply::Output {
+                        stream,
+                        data: data.to_vec().into(),
+                    },
+                );
+            }) as exec::ChunkSink
+        });
+        let inv = exec::Invocation {
+            argv,
+            env,
+            cwd,
+            stdin: req.stdin.as_ref().map(|b| b.as_bytes().to_vec()),
+        };
+        let result = exec::run(
+            inv,
+            Duration::from_millis(req.timeout_ms()),
+            req.max_output_bytes() as usize,
+            sink,
+        )
+        .await;
+        Ok(AgentReply::Exited(result))
+    }
+
+    /// Defaults, then the identity's env, then the request's.
+    fn command_env(&self, request: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::from([
+            (
+                "PATH".to_owned(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+            ),
+            (
+                "HOME".to_owned(),
+                self.workdir.to_string_lossy().into_owned(),
+            ),
+        ]);
+        let identity = self
+            .identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !identity.session_id.is_empty() {
+            env.insert("HEARTH_SESSION_ID".to_owned(), identity.session_id);
+        }
+        env.extend(identity.env);
+        env.extend(request.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env
+    }
+}
+
+/// Reads and discards until end-of-file (the host went away) or an error.
+fn drain_until_eof(reader: &mut Box<dyn channel::ReadHalf>) {
+    let mut buf = [0u8; 64 * 1024];
+    while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+}
+
+async fn blocking<F>(f: F) -> Result<AgentReply, AgentError>
+where
+    F: FnOnce() -> Result<AgentReply, AgentError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(AgentError::new(
+            AgentErrorKind::Io,
+            format!("request task failed: {e}"),
+        ))
+    })
+}

@@ -1,0 +1,684 @@
+//! The host side of the guest agent protocol ([`hearth_messages::agent`]), shared by the VM
+//! adapters: over QEMU's virtio-serial chardev socket, or over Firecracker's vsock socket after its
+//! `CONNECT <port>` handshake (see [`Connector`]).
+//!
+//! [`AgentConn`] is one socket connection: a reader task routes reply frames to the requests
+//! waiting for them by id. [`AgentLink`] is the VM's agent as the provider sees it: it (re)connects
+//! on demand and only hands out a connection whose agent answered a ping, so it survives what
+//! interrupts the channel (a snapshot restore, a worker restart, a lost port-open notification).
+//!
+//! Everything read from the guest is bounded: frames by [`hearth_messages::agent::MAX_FRAME_BYTES`], exec output by the
+//! exec's cap, every wait by a deadline.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hearth_messages::ExecRequest;
+use hearth_messages::agent::{
+    AgentError, AgentFrame, AgentReply, AgentRequest, FrameError, HostFrame, OutputStreamName,
+    PROTOCOL_VERSION, decode_frame, encode_frame, frame_len,
+};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::provider::{ExecOutcome, OutputChunk, OutputStream};
+
+/// How long a handshake ping waits before the connection is dropped and made again.
+const PING_RETRY: [Duration; 3] = [
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+
+/// While a handshake ping waits, how often the VMM is nudged (see [`Poke`]).
+const POKE_EVERY: Duration = Duration::from_millis(50);
+
+/// Nudges the VMM while a ping waits. QEMU reads the chardev socket only when its main loop sees
+/// that the guest can take data, and a guest opening its port does not wake that loop: host bytes
+/// sent before the guest was ready can sit unread until something else happens. Any QMP command
+/// is such an event.
+pub(crate) type Poke = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// Request ids are unique across connections and provider instances, so a late reply to a request
+/// of an earlier connection can never be taken for the answer to a new one.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn next_id() -> u64 {
+    if NEXT_ID.load(Ordering::Relaxed) == 0 {
+        let seed = crate::provider::now_ms() << 20 | u64::from(std::process::id() & 0xfffff);
+        let _ = NEXT_ID.compare_exchange(0, seed, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// How to reach the agent's byte stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Connector {
+    /// A Unix socket that is the channel itself (QEMU's chardev socket).
+    Unix(PathBuf),
+    /// Firecracker's host side of a vsock device: connect to `uds`, send `CONNECT <port>\n`, and
+    /// after `OK <host port>\n` the socket carries the guest port's stream.
+    FirecrackerVsock { uds: PathBuf, port: u32 },
+}
+
+impl Connector {
+    fn path(&self) -> &Path {
+        match self {
+            Connector::Unix(path) => path,
+            Connector::FirecrackerVsock { uds, .. } => uds,
+        }
+    }
+
+    async fn connect(&self) -> std::io::Result<UnixStream> {
+        let mut stream = UnixStream::connect(self.path()).await?;
+        if let Connector::FirecrackerVsock { port, .. } = self {
+            stream
+                .write_all(format!("CONNECT {port}\n").as_bytes())
+                .await?;
+            let line = tokio::time::timeout(Duration::from_secs(2), read_line(&mut stream))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            if !line.starts_with("OK ") {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    format!("vsock handshake refused: {:?}", line.trim()),
+                ));
+            }
+        }
+        Ok(stream)
+    }
+}
+
+/// Reads one `\n`-terminated line byte by byte (nothing past it is consumed), at most 64 bytes.
+async fn read_line(stream: &mut UnixStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    while line.len() < 64 {
+        let byte = stream.read_u8().await?;
+        if byte == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(byte);
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "vsock handshake line too long",
+    ))
+}
+
+/// A failed call to the agent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AgentCallError {
+    /// No final reply before the deadline (the agent is hung, or the guest is).
+    #[error("guest agent did not answer {what} within {after:?}")]
+    Timeout { what: &'static str, after: Duration },
+    /// The channel ended (QEMU exited) while waiting.
+    #[error("guest agent connection lost")]
+    Closed,
+    /// The agent refused the request.
+    #[error("{0}")]
+    Agent(AgentError),
+    /// The agent said something that makes no sense (a bug or a hostile guest).
+    #[error("guest agent protocol error: {0}")]
+    Protocol(String),
+    #[error("guest agent channel: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    pending: Mutex<HashMap<u64, mpsc::UnboundedSender<AgentReply>>>,
+    closed: CancellationToken,
+}
+
+/// One connection to the agent socket.
+#[derive(Debug)]
+pub(crate) struct AgentConn {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    shared: Arc<Shared>,
+    reader: AbortHandle,
+}
+
+impl Drop for AgentConn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Replies to one request, in order; the last one is final.
+pub(crate) struct Pending {
+    id: u64,
+    rx: mpsc::UnboundedReceiver<AgentReply>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.shared.pending.lock().remove(&self.id);
+    }
+}
+
+impl Pending {
+    /// The next reply, or `Closed` when the connection ended first.
+    async fn next(&mut self) -> Result<AgentReply, AgentCallError> {
+        self.rx.recv().await.ok_or(AgentCallError::Closed)
+    }
+}
+
+impl AgentConn {
+    async fn connect(connector: &Connector) -> std::io::Result<AgentConn> {
+        let stream = connector.connect().await?;
+        let (read, write) = stream.into_split();
+        let shared = Arc::new(Shared::default());
+        let reader = tokio::spawn(read_loop(read, shared.clone())).abort_handle();
+        Ok(AgentConn {
+            writer: tokio::sync::Mutex::new(write),
+            shared,
+            reader,
+        })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.shared.closed.is_cancelled()
+    }
+
+    /// Sends `request`; its replies arrive on the returned [`Pending`].
+    pub(crate) async fn send(&self, request: AgentRequest) -> Result<Pending, AgentCallError> {
+        if self.is_closed() {
+            return Err(AgentCallError::Closed);
+        }
+        let id = next_id();
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared.pending.lock().insert(id, tx);
+        let pending = Pending {
+            id,
+            rx,
+            shared: self.shared.clone(),
+        };
+        let bytes = encode_frame(&HostFrame { id, request })
+            .map_err(|e| AgentCallError::Protocol(e.to_string()))?;
+        let mut writer = self.writer.lock().await;
+        writer.write_all(&bytes).await?;
+        writer.flush().await?;
+        Ok(pending)
+    }
+
+    /// Sends `request` and waits for its final reply until `deadline`.
+    async fn call(
+        &self,
+        request: AgentRequest,
+        what: &'static str,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<AgentReply, AgentCallError> {
+        let mut pending = self.send(request).await?;
+        loop {
+            let reply = tokio::time::timeout_at(deadline, pending.next())
+                .await
+                .map_err(|_| AgentCallError::Timeout {
+                    what,
+                    after: deadline - started,
+                })??;
+            if reply.is_final() {
+                return match reply {
+                    AgentReply::Error(e) => Err(AgentCallError::Agent(e)),
+                    reply => Ok(reply),
+                };
+            }
+        }
+    }
+}
+
+async fn read_loop(mut read: OwnedReadHalf, shared: Arc<Shared>) {
+    loop {
+        match read_frame(&mut read).await {
+            Ok(frame) => {
+                let is_final = frame.reply.is_final();
+                let mut pending = shared.pending.lock();
+                if let Some(tx) = pending.get(&frame.id) {
+                    let _ = tx.send(frame.reply);
+                    if is_final {
+                        pending.remove(&frame.id);
+                    }
+                }
+            }
+            // The frame's length was fine, so the stream is still in step.
+            Err(FrameError::Malformed(e)) => debug!(error = %e, "skipping a malformed agent frame"),
+            Err(e) => {
+                debug!(error = %e, "agent connection ended");
+                break;
+            }
+        }
+    }
+    shared.closed.cancel();
+    shared.pending.lock().clear();
+}
+
+async fn read_frame(read: &mut OwnedReadHalf) -> Result<AgentFrame, FrameError> {
+    let mut header = [0u8; 4];
+    read.read_exact(&mut header).await?;
+    let len = frame_len(header)?;
+    // Grows as bytes arrive: a lying length costs nothing up front.
+    let mut body = Vec::with_capacity(len.min(1 << 20));
+    (&mut *read).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(FrameError::Truncated);
+    }
+    decode_frame(&body)
+}
+
+/// The agent of one VM, reached through its chardev socket.
+pub(crate) struct AgentLink {
+    connector: Connector,
+    conn: tokio::sync::Mutex<Option<Arc<AgentConn>>>,
+    poke: Option<Poke>,
+}
+
+impl std::fmt::Debug for AgentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentLink")
+            .field("connector", &self.connector)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentLink {
+    pub(crate) fn new(connector: Connector, poke: Option<Poke>) -> Self {
+        Self {
+            connector,
+            conn: tokio::sync::Mutex::new(None),
+            poke,
+        }
+    }
+
+    /// Closes the connection without waiting (the provider is going away; the next worker
+    /// connects). Best effort: a call in flight keeps it until it is done.
+    pub(crate) fn detach(&self) {
+        if let Ok(mut conn) = self.conn.try_lock() {
+            conn.take();
+        }
+    }
+
+    /// Drops the current connection; the next call makes a new one (after a restore, or when a
+    /// call timed out and the channel may be stuck).
+    pub(crate) async fn reset(&self) {
+        self.conn.lock().await.take();
+    }
+
+    /// A connection whose agent answered a ping, reusing the current one while it is open.
+    /// Connecting is retried until `deadline`; a ping that stays unanswered drops the connection
+    /// and makes a new one (the host reconnecting re-announces the port to the guest).
+    pub(crate) async fn ready(&self, deadline: Instant) -> Result<Arc<AgentConn>, AgentCallError> {
+        let started = Instant::now();
+        let mut conn_slot = self.conn.lock().await;
+        if let Some(conn) = conn_slot.as_ref()
+            && !conn.is_closed()
+        {
+            return Ok(conn.clone());
+        }
+        conn_slot.take();
+        let mut attempt = 0usize;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(AgentCallError::Timeout {
+                    what: "a ping",
+                    after: deadline - started,
+                });
+            }
+            let conn = match AgentConn::connect(&self.connector).await {
+                Ok(conn) => conn,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+            };
+            let wait = PING_RETRY[attempt.min(PING_RETRY.len() - 1)];
+            attempt += 1;
+            let ping_deadline = (now + wait).min(deadline);
+            let ping = conn.call(AgentRequest::Ping {}, "a ping", ping_deadline, now);
+            let answer = match &self.poke {
+                Some(poke) => {
+                    tokio::pin!(ping);
+                    loop {
+                        tokio::select! {
+                            answer = &mut ping => break answer,
+                            _ = tokio::time::sleep(POKE_EVERY) => poke().await,
+                        }
+                    }
+                }
+                None => ping.await,
+            };
+            match answer {
+                Ok(AgentReply::Pong(pong)) => {
+                    if pong.protocol != PROTOCOL_VERSION {
+                        return Err(AgentCallError::Protocol(format!(
+                            "agent {} speaks protocol {}, expected {PROTOCOL_VERSION}",
+                            pong.agent_version, pong.protocol
+                        )));
+                    }
+                    let conn = Arc::new(conn);
+                    *conn_slot = Some(conn.clone());
+                    return Ok(conn);
+                }
+                Ok(other) => {
+                    return Err(AgentCallError::Protocol(format!(
+                        "unexpected answer to a ping: {other:?}"
+                    )));
+                }
+                Err(AgentCallError::Timeout { .. } | AgentCallError::Closed) => {
+                    debug!(socket = %self.connector.path().display(), attempt, "agent not answering yet, reconnecting");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One request/final-reply exchange, connecting first if needed; everything by `deadline`.
+    pub(crate) async fn call(
+        &self,
+        request: AgentRequest,
+        what: &'static str,
+        deadline: Instant,
+    ) -> Result<AgentReply, AgentCallError> {
+        let started = Instant::now();
+        let conn = self.ready(deadline).await?;
+        let result = conn.call(request, what, deadline, started).await;
+        if matches!(result, Err(AgentCallError::Timeout { .. })) {
+            self.reset().await;
+        }
+        result
+    }
+
+    /// Runs `req` in the guest, streaming its output to `chunks` (if given) and keeping at most
+    /// `cap` bytes per stream whatever the guest sends. Reaching the agent may take
+    /// `limits.handshake`; it then has the command's own timeout plus `limits.grace` to answer
+    /// before the call fails with `Timeout`.
+    pub(crate) async fn exec(
+        &self,
+        mut req: ExecRequest,
+        cap: usize,
+        chunks: Option<mpsc::Sender<OutputChunk>>,
+        limits: ExecLimits,
+    ) -> Result<ExecOutcome, AgentCallError> {
+        let conn = self.ready(Instant::now() + limits.handshake).await?;
+        let started = Instant::now();
+        let deadline = started
+            .checked_add(Duration::from_millis(req.timeout_ms()) + limits.grace)
+            .unwrap_or_else(|| started + Duration::from_secs(365 * 24 * 3600));
+        req.stream = true;
+        let mut pending = conn.send(AgentRequest::Exec(req)).await?;
+        let mut collector = Collector::new(cap, chunks);
+        let result = loop {
+            let reply = match tokio::time::timeout_at(deadline, pending.next()).await {
+                Ok(reply) => reply,
+                Err(_) => {
+                    drop(pending);
+                    self.reset().await;
+                    return Err(AgentCallError::Timeout {
+                        what: "an exec",
+                        after: deadline - started,
+                    });
+                }
+            }?;
+            match reply {
+                AgentReply::Output { stream, data } => {
+                    collector.push(stream, data.into_vec()).await
+                }
+                AgentReply::Exited(result) => break result,
+                AgentReply::Error(e) => return Err(AgentCallError::Agent(e)),
+                other => {
+                    return Err(AgentCallError::Protocol(format!(
+                        "unexpected answer to an exec: {other:?}"
+                    )));
+                }
+            }
+        };
+        let mut outcome = ExecOutcome {
+            exit_code: result.exit_code,
+            signal: result.signal,
+            stdout_truncated: result.stdout_truncated,
+            stderr_truncated: result.stderr_truncated,
+            timed_out: result.timed_out,
+            duration: Duration::from_millis(result.duration_ms),
+            ..ExecOutcome::default()
+        };
+        // We asked for streaming, but an agent may still return output in the result.
+        collector
+            .push(OutputStreamName::Stdout, result.stdout.into_vec())
+            .await;
+        collector
+            .push(OutputStreamName::Stderr, result.stderr.into_vec())
+            .await;
+        collector.finish(&mut outcome);
+        Ok(outcome)
+    }
+}
+
+/// How long an exec may take beyond the command itself.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ExecLimits {
+    /// To reach an agent that answers a ping (only when not connected yet).
+    pub handshake: Duration,
+    /// For the agent to answer past the command's own timeout.
+    pub grace: Duration,
+}
+
+/// Applies the cap and delivers output: to the caller's channel while it takes chunks, else into
+/// the outcome.
+struct Collector {
+    cap: usize,
+    sink: Option<mpsc::Sender<OutputChunk>>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    kept: [usize; 2],
+    truncated: [bool; 2],
+}
+
+impl Collector {
+    fn new(cap: usize, sink: Option<mpsc::Sender<OutputChunk>>) -> Self {
+        Self {
+            cap,
+            sink,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            kept: [0; 2],
+            truncated: [false; 2],
+        }
+    }
+
+    async fn push(&mut self, stream: OutputStreamName, mut data: Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
+        let i = usize::from(stream == OutputStreamName::Stderr);
+        let room = self.cap - self.kept[i];
+        if data.len() > room {
+            data.truncate(room);
+            self.truncated[i] = true;
+        }
+        if data.is_empty() {
+            return;
+        }
+        self.kept[i] += data.len();
+        let stream = match stream {
+            OutputStreamName::Stdout => OutputStream::Stdout,
+            OutputStreamName::Stderr => OutputStream::Stderr,
+        };
+        if let Some(sink) = &self.sink {
+            let chunk = OutputChunk {
+                stream,
+                data: Bytes::from(data),
+            };
+            match sink.send(chunk).await {
+                Ok(()) => return,
+                // The receiver is gone: keep the rest for the outcome.
+                Err(mpsc::error::SendError(chunk)) => {
+                    self.sink = None;
+                    data = chunk.data.to_vec();
+                }
+            }
+        }
+        match stream {
+            OutputStream::Stdout => self.stdout.extend_from_slice(&data),
+            OutputStream::Stderr => self.stderr.extend_from_slice(&data),
+        }
+    }
+
+    fn finish(self, outcome: &mut ExecOutcome) {
+        outcome.stdout = self.stdout;
+        outcome.stderr = self.stderr;
+        outcome.stdout_truncated |= self.truncated[0];
+        outcome.stderr_truncated |= self.truncated[1];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_messages::agent::Pong;
+    use hearth_messages::{Blob, ExecResult};
+    use tokio::net::UnixListener;
+
+    async fn reply(stream: &mut UnixStream, id: u64, reply: AgentReply) {
+        let bytes = encode_frame(&AgentFrame { id, reply }).unwrap();
+        stream.write_all(&bytes).await.unwrap();
+    }
+
+    async fn request(stream: &mut UnixStream) -> Option<HostFrame> {
+        let mut header = [0u8; 4];
+        stream.read_exact(&mut header).await.ok()?;
+        let mut body = vec![0u8; frame_len(header).unwrap()];
+        stream.read_exact(&mut body).await.ok()?;
+        Some(decode_frame(&body).unwrap())
+    }
+
+    fn pong() -> AgentReply {
+        AgentReply::Pong(Pong {
+            protocol: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            pid: 1,
+            hostname: "h".into(),
+        })
+    }
+
+    /// A fake agent: ignores the first connection's ping (a stuck channel), then answers pings and
+    /// floods an exec with more output than its cap, preceded by a stale reply to an unknown id.
+    async fn fake_agent(listener: UnixListener) {
+        let (mut first, _) = listener.accept().await.unwrap();
+        let _ = request(&mut first).await;
+        let (mut stream, _) = listener.accept().await.unwrap();
+        drop(first);
+        while let Some(frame) = request(&mut stream).await {
+            match frame.request {
+                AgentRequest::Ping {} => reply(&mut stream, frame.id, pong()).await,
+                AgentRequest::Exec(req) => {
+                    assert!(req.stream);
+                    reply(&mut stream, 12345, pong()).await;
+                    for _ in 0..4 {
+                        let data = Blob(vec![b'x'; 1000]);
+                        let output = AgentReply::Output {
+                            stream: OutputStreamName::Stdout,
+                            data,
+                        };
+                        reply(&mut stream, frame.id, output).await;
+                    }
+                    let result = ExecResult {
+                        exit_code: 3,
+                        stderr: Blob(b"tail".to_vec()),
+                        ..ExecResult::default()
+                    };
+                    reply(&mut stream, frame.id, AgentReply::Exited(result)).await;
+                }
+                _ => {} // never answered: the caller times out
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_firecracker_vsock_handshake_precedes_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            // Firecracker's side: the CONNECT line, then OK, then the guest's stream.
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let line = read_line(&mut stream).await.unwrap();
+            assert_eq!(line, "CONNECT 1024");
+            stream.write_all(b"OK 1073741824\n").await.unwrap();
+            while let Some(frame) = request(&mut stream).await {
+                reply(&mut stream, frame.id, pong()).await;
+            }
+        });
+        let link = AgentLink::new(
+            Connector::FirecrackerVsock {
+                uds: path,
+                port: 1024,
+            },
+            None,
+        );
+        link.ready(Instant::now() + Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn reconnects_past_a_stuck_channel_caps_output_and_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(fake_agent(listener));
+        let link = AgentLink::new(Connector::Unix(path), None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        link.ready(deadline).await.unwrap();
+
+        let (tx, mut rx) = mpsc::channel(16);
+        let outcome = link
+            .exec(
+                ExecRequest::cmd("x"),
+                2500,
+                Some(tx),
+                ExecLimits {
+                    handshake: Duration::from_secs(5),
+                    grace: Duration::from_secs(5),
+                },
+            )
+            .await
+            .unwrap();
+        let (mut stdout, mut stderr) = (0, Vec::new());
+        while let Ok(chunk) = rx.try_recv() {
+            match chunk.stream {
+                OutputStream::Stdout => stdout += chunk.data.len(),
+                OutputStream::Stderr => stderr.extend_from_slice(&chunk.data),
+            }
+        }
+        assert_eq!(stdout, 2500, "the host enforces the cap too");
+        assert!(outcome.stdout_truncated);
+        assert_eq!(outcome.exit_code, 3);
+        assert_eq!(stderr, b"tail", "output in the result is delivered too");
+        assert!(outcome.stdout.is_empty() && outcome.stderr.is_empty());
+
+        let started = Instant::now();
+        let err = link
+            .call(
+                AgentRequest::SetClock { now_ms: 1 },
+                "set clock",
+                Instant::now() + Duration::from_millis(300),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AgentCallError::Timeout { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+}

@@ -1,0 +1,2164 @@
+//! The qemu adapter: every VM is a real Linux guest in its own QEMU process (`-M microvm`), driven
+//! over QMP, with the Hearth guest agent inside reached over a virtio-serial port.
+//!
+//! - **create** cold-boots the guest image (a Debian kernel and a busybox initramfs whose init
+//!   service is the agent, built by `deploy/images/build.sh`), waits for the agent, pushes the VM's
+//!   identity and runs `bootstrap`;
+//! - **snapshot** pauses the VM (QMP `stop`), migrates device and memory state to a file
+//!   (`migrate exec:cat > FILE`, QEMU 7.2 has no `file:` URI) and resumes it;
+//! - **restore** (`restore_from`) starts a new QEMU with `-S -incoming defer`, loads the state with
+//!   `migrate-incoming`, checks the state's SHA-256, `cont`s, and resets the identity (host name =
+//!   VM id, fresh machine id, host entropy into the kernel RNG, clock) before the VM is reported;
+//! - **stop/start** are QMP `stop`/`cont` (the guest's memory stays; the clock is re-set on start);
+//! - **rename** resets the identity in the guest and moves the index entry: memory is untouched;
+//! - **destroy** kills QEMU and removes every file of the VM;
+//! - **exec/files** go through the agent, every call under a deadline (a hung agent is `Timeout`,
+//!   504, never a hang).
+//!
+//! On disk, under `root`:
+//! ```text
+//! vms/<vm_id>/meta.json        VmMeta: state, template, times, env, machine spec, QEMU instance
+//! run/<instance>/              one QEMU process: qmp.sock, agent.sock, qemu.pid, console.log, qemu.log
+//! snapshots/<id>/meta.json     SnapshotMeta: machine spec, QEMU version, state SHA-256 and size
+//! snapshots/<id>/state         the raw migration stream
+//! tmp/                         staging; emptied by `open`
+//! lock                         flock held while open: one provider per root
+//! ```
+//! Sockets live under `run/<instance>` (short, and untouched by a rename) so the Unix socket path
+//! limit holds for any VM id.
+//!
+//! **Restarts.** QEMU processes are not tied to the worker: they run in their own process group and
+//! survive a worker crash or restart. `open` adopts every VM whose QEMU is still alive (pid file,
+//! checked against `/proc/<pid>/cmdline`), reconnects QMP and the agent, and brings its run state
+//! back in line with `meta.json`; a VM whose QEMU is gone is reported gone (its files removed), and
+//! QEMU processes no VM owns are killed. So sessions survive a worker restart, and nothing is left
+//! behind by one. [`QemuConfig::kill_on_drop`] (tests) kills every VM when the provider is dropped.
+//!
+//! **Failure.** A QEMU process that exits on its own (killed, crashed, guest panic) is noticed when
+//! its QMP connection ends: the VM is removed and tombstoned with the reason, so an exec answers
+//! 409 `vm … failed: …` and the VM disappears from heartbeats (the scheduler marks its session
+//! `lost`, `vm_failed`).
+//!
+//! Known limits: a snapshot restores only on the same QEMU version, accelerator, CPU model, memory
+//! size and guest image (checked, with a clear error); a process in the guest that seeded a
+//! userspace PRNG before the snapshot keeps its state in every clone (the kernel RNG is reseeded);
+//! backups go through the agent (`tar` in the guest) and are limited to 64 MiB.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hearth_messages::agent::{AgentReply, AgentRequest};
+use hearth_messages::{ExecRequest, FileGetRequest, FilePutRequest};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::paths;
+use super::snapshot_archive as archive;
+use super::vmm::{
+    self, Failures, blocking, exec_request, new_identity, process_alive, read_json,
+    remove_dir_logged, rename_noreplace, transfer_allowance, unexpected, unique_name,
+    write_json_atomic,
+};
+use super::{
+    ExecOutcome, ExecSpec, OutputChunk, ProviderError, SnapshotId, SnapshotInfo, TemplateName,
+    Tombstones, VmId, VmProvider, VmQuery, VmSpec, VmState, VmView, lifecycle, now_ms, tail_lossy,
+};
+
+mod machine;
+mod qmp;
+
+use super::agent::{self, AgentCallError, AgentLink, Connector, ExecLimits};
+pub use machine::Accel;
+use machine::{DigestCache, MachineSpec, RunPaths};
+use qmp::{Qmp, QmpError};
+
+/// Version of the `meta.json` formats written here.
+const META_FORMAT: u32 = 1;
+/// The compressed state's name in an export stream.
+const STATE_ENTRY: &str = "state.zst";
+/// File names of a guest image directory.
+pub const IMAGE_KERNEL: &str = "vmlinuz";
+pub const IMAGE_INITRD: &str = "initrd.img";
+/// How long a bootstrap command may run.
+const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(600);
+/// Output kept from a bootstrap command for the error message.
+const BOOTSTRAP_OUTPUT_BYTES: usize = 64 * 1024;
+/// Longest `root` path: socket paths (`<root>/run/<16>/agent.sock`) must fit `sun_path` (108).
+const MAX_ROOT_LEN: usize = 72;
+
+/// Configuration of the qemu adapter; deserialisable from the worker's TOML (`[qemu]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuConfig {
+    /// Where VMs, snapshots, sockets and staging live (one filesystem, at most 72 bytes, no `,`
+    /// or `'`). Empty: `<worker data_dir>/qemu`.
+    pub root: PathBuf,
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// The guest image directory (`vmlinuz`, `initrd.img`), as built by `deploy/images/build.sh`.
+    pub image: PathBuf,
+    /// Accelerator; `auto` picks KVM only where hardware KVM works.
+    pub accel: Accel,
+    /// `-cpu` model; default `max` under TCG and `host` under KVM.
+    pub cpu: Option<String>,
+    /// The host TSC rate for `tsc_early_khz=` under TCG; default read from `/proc/cpuinfo`.
+    pub tsc_khz: Option<u32>,
+    /// Appended to the guest kernel command line.
+    pub extra_cmdline: String,
+    /// Keep each VM's serial console in `run/<instance>/console.log` (boot failures quote it).
+    /// The guest can write there without limit: turn it off where guests are hostile and disk
+    /// matters more than diagnostics.
+    pub console_log: bool,
+    /// Cold boot until the agent answers.
+    pub boot_timeout_ms: u64,
+    /// Every other agent exchange (restore handshake, identity, files, clock) and QMP command.
+    pub agent_timeout_ms: u64,
+    /// How long past an exec's own timeout the agent may take to answer.
+    pub exec_grace_ms: u64,
+    /// Saving or loading a snapshot's state.
+    pub migrate_timeout_ms: u64,
+    /// Check a snapshot's SHA-256 on every restore (in parallel with loading it).
+    pub verify_snapshots: bool,
+    /// zstd level of exported snapshots.
+    pub snapshot_compression_level: i32,
+    /// Added to the environment of every command in every VM (under the VM's and the request's).
+    pub env: BTreeMap<String, String>,
+    /// Kill every VM and delete its files when the provider is dropped (tests). Off in production:
+    /// VMs outlive a worker restart and are adopted by the next `open`.
+    pub kill_on_drop: bool,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::new(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            image: PathBuf::from("/var/lib/hearth/images/current"),
+            accel: Accel::Auto,
+            cpu: None,
+            tsc_khz: None,
+            extra_cmdline: String::new(),
+            console_log: true,
+            boot_timeout_ms: 60_000,
+            agent_timeout_ms: 10_000,
+            exec_grace_ms: 10_000,
+            migrate_timeout_ms: 120_000,
+            verify_snapshots: true,
+            snapshot_compression_level: 3,
+            env: BTreeMap::new(),
+            kill_on_drop: false,
+        }
+    }
+}
+
+impl QemuConfig {
+    /// Defaults with `root` and `image` set.
+    pub fn new(root: impl Into<PathBuf>, image: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            image: image.into(),
+            ..Self::default()
+        }
+    }
+
+    fn agent_timeout(&self) -> Duration {
+        Duration::from_millis(self.agent_timeout_ms)
+    }
+}
+
+/// A VM's `meta.json`. The directory name, not `vm_id`, is authoritative on reopen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmMeta {
+    format: u32,
+    vm_id: VmId,
+    state: VmState,
+    template: Option<TemplateName>,
+    created_ms: u64,
+    last_activity_ms: u64,
+    stopped_ms: Option<u64>,
+    restored_from: Option<SnapshotId>,
+    env: BTreeMap<String, String>,
+    machine: MachineSpec,
+    /// The QEMU process: `run/<instance>`.
+    instance: String,
+    /// Renamed while stopped: the guest gets its new identity on the next start.
+    #[serde(default)]
+    identity_pending: bool,
+}
+
+impl VmMeta {
+    fn view(&self) -> VmView {
+        VmView {
+            vm_id: self.vm_id.clone(),
+            state: self.state,
+            template: self.template.clone(),
+            created_ms: self.created_ms,
+            last_activity_ms: self.last_activity_ms,
+            stopped_ms: self.stopped_ms,
+            restored_from: self.restored_from.clone(),
+        }
+    }
+}
+
+/// A snapshot's `meta.json`, also the metadata entry of an export stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotMeta {
+    format: u32,
+    snapshot_id: SnapshotId,
+    source_vm: Option<VmId>,
+    template: Option<TemplateName>,
+    created_ms: u64,
+    env: BTreeMap<String, String>,
+    machine: MachineSpec,
+    /// `qemu --version`: state only loads into the same build.
+    qemu_version: String,
+    state_sha256: String,
+    state_bytes: u64,
+}
+
+impl SnapshotMeta {
+    fn info(&self) -> SnapshotInfo {
+        SnapshotInfo {
+            snapshot_id: self.snapshot_id.clone(),
+            source_vm: self.source_vm.clone(),
+            template: self.template.clone(),
+            created_ms: self.created_ms,
+            size_bytes: self.state_bytes,
+        }
+    }
+}
+
+/// One QEMU process.
+#[derive(Debug)]
+struct Machine {
+    instance: String,
+    run: RunPaths,
+    pid: i32,
+    /// Connected at launch, or lazily for a VM adopted after a restart.
+    qmp: tokio::sync::OnceCell<Qmp>,
+    agent: AgentLink,
+    /// Set when the provider itself ends the process (destroy, drop): not a failure.
+    ending: AtomicBool,
+    /// Fired once the process is known to be gone.
+    dead: CancellationToken,
+    /// How the process ended, when known (exit status of a child, or why it was given up).
+    exit: Mutex<Option<String>>,
+    /// The worker's own child: reaped by a task that fires `reaped`.
+    child: bool,
+    reaped: CancellationToken,
+    /// Fired when the provider lets go of the process (dropped without killing it).
+    detached: CancellationToken,
+    owner: Weak<Inner>,
+}
+
+impl Machine {
+    fn new(
+        instance: String,
+        run: RunPaths,
+        pid: i32,
+        child: bool,
+        owner: Weak<Inner>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me: &Weak<Machine>| {
+            let me = me.clone();
+            let poke: agent::Poke = Arc::new(move || {
+                let me = me.clone();
+                Box::pin(async move {
+                    if let Some(machine) = me.upgrade()
+                        && let Some(qmp) = machine.qmp.get()
+                    {
+                        let _ = qmp
+                            .execute("query-status", json!({}), Duration::from_secs(1))
+                            .await;
+                    }
+                })
+            });
+            Self {
+                agent: AgentLink::new(Connector::Unix(run.agent()), Some(poke)),
+                instance,
+                run,
+                pid,
+                qmp: tokio::sync::OnceCell::new(),
+                ending: AtomicBool::new(false),
+                dead: CancellationToken::new(),
+                exit: Mutex::new(None),
+                child,
+                reaped: CancellationToken::new(),
+                detached: CancellationToken::new(),
+                owner,
+            }
+        })
+    }
+
+    /// The QMP connection, made on first use (adopted VMs) and watched for the process's end.
+    async fn qmp(self: &Arc<Self>, deadline: Instant) -> Result<&Qmp, QmpError> {
+        self.qmp
+            .get_or_try_init(|| async {
+                let qmp = Qmp::connect(&self.run.qmp(), deadline).await?;
+                // The deadline is for the handshake; commands get their own timeouts.
+                qmp.execute(
+                    "migrate-set-parameters",
+                    json!({"max-bandwidth": 64u64 << 30}),
+                    Duration::from_secs(10),
+                )
+                .await?;
+                tokio::spawn(watch(self.clone(), qmp.closed()));
+                Ok(qmp)
+            })
+            .await
+    }
+
+    fn exit_reason(&self) -> String {
+        self.exit
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "qemu exited".to_owned())
+    }
+
+    /// SIGKILLs the process (if it still is ours) and waits until it is gone.
+    async fn kill(&self) {
+        self.ending.store(true, Ordering::SeqCst);
+        if !self.dead.is_cancelled() || self.child && !self.reaped.is_cancelled() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let gone = async {
+            if self.child {
+                self.reaped.cancelled().await;
+            } else {
+                while process_alive(self.pid) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), gone)
+            .await
+            .is_err()
+        {
+            warn!(pid = self.pid, "qemu did not exit after SIGKILL");
+        }
+    }
+
+    /// Lets go of the process without ending it: closes QMP and the agent connection so that the
+    /// next provider on this root can adopt it, and stops watching it.
+    fn detach(&self) {
+        self.ending.store(true, Ordering::SeqCst);
+        self.detached.cancel();
+        if let Some(qmp) = self.qmp.get() {
+            qmp.detach();
+        }
+        self.agent.detach();
+    }
+
+    /// The same, synchronously and without waiting (Drop).
+    fn kill_now(&self) {
+        self.ending.store(true, Ordering::SeqCst);
+        if !self.reaped.is_cancelled() && is_our_qemu(self.pid, &self.run.dir) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Waits for the QMP connection of `machine` to end, then reports the process dead.
+async fn watch(machine: Arc<Machine>, closed: CancellationToken) {
+    tokio::select! {
+        _ = closed.cancelled() => {}
+        _ = machine.detached.cancelled() => return,
+    }
+    if machine.child {
+        // Give the reaper a moment, so the reason carries the exit status.
+        let _ = tokio::time::timeout(Duration::from_millis(500), machine.reaped.cancelled()).await;
+    }
+    machine.dead.cancel();
+    if machine.ending.load(Ordering::SeqCst) {
+        return;
+    }
+    if let Some(inner) = machine.owner.upgrade() {
+        inner.machine_died(&machine);
+    }
+}
+
+/// Whether `pid` is a QEMU process started for the run directory `run_dir`.
+fn is_our_qemu(pid: i32, run_dir: &Path) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let needle = run_dir.join("qmp.sock");
+    let needle = needle.to_string_lossy();
+    String::from_utf8_lossy(&cmdline).contains(needle.as_ref())
+}
+
+fn read_pid(run: &RunPaths) -> Option<i32> {
+    std::fs::read_to_string(run.pidfile())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// One live VM. Lock order: the provider's index, then a record.
+#[derive(Debug)]
+struct VmRecord {
+    slot: Mutex<VmSlot>,
+}
+
+#[derive(Debug)]
+struct VmSlot {
+    dir: PathBuf,
+    meta: VmMeta,
+    machine: Arc<Machine>,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    vms: BTreeMap<VmId, Arc<VmRecord>>,
+    /// Ids being created or renamed to: taken, not visible yet.
+    creating: HashSet<VmId>,
+    tombstones: Tombstones,
+    failures: Failures,
+    snapshots: BTreeMap<SnapshotId, SnapshotMeta>,
+    snapshotting: HashSet<SnapshotId>,
+}
+
+impl Index {
+    fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
+        if let Some(record) = self.vms.get(vm_id) {
+            return Ok(record.clone());
+        }
+        if self.tombstones.get(vm_id).is_some() {
+            return Err(match self.failures.reasons.get(vm_id) {
+                Some(reason) => ProviderError::InvalidState(format!("vm {vm_id} failed: {reason}")),
+                None => ProviderError::vm_destroyed(vm_id),
+            });
+        }
+        Err(ProviderError::vm_not_found(vm_id))
+    }
+
+    fn vm_taken(&self, vm_id: &VmId) -> bool {
+        self.vms.contains_key(vm_id) || self.creating.contains(vm_id)
+    }
+
+    fn snapshot_taken(&self, snapshot_id: &SnapshotId) -> bool {
+        self.snapshots.contains_key(snapshot_id) || self.snapshotting.contains(snapshot_id)
+    }
+
+    /// Removes `vm_id` and leaves a tombstone (with a failure reason, if any).
+    fn bury(&mut self, vm_id: &VmId, mut view: VmView, failure: Option<String>) {
+        self.vms.remove(vm_id);
+        view.last_activity_ms = now_ms();
+        self.tombstones.insert(view);
+        match failure {
+            Some(reason) => self.failures.insert(vm_id.clone(), reason),
+            None => self.failures.remove(vm_id),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Held for the provider's lifetime: one provider per root.
+    _root_lock: nix::fcntl::Flock<std::fs::File>,
+    config: QemuConfig,
+    accel: Accel,
+    cpu: String,
+    tsc_khz: Option<u32>,
+    qemu_version: String,
+    vms_dir: PathBuf,
+    snapshots_dir: PathBuf,
+    run_dir: PathBuf,
+    tmp_dir: PathBuf,
+    index: Mutex<Index>,
+    digests: Arc<DigestCache>,
+}
+
+/// The qemu adapter. Cheap to share behind an `Arc<dyn VmRuntime>`.
+#[derive(Debug)]
+pub struct QemuProvider {
+    inner: Arc<Inner>,
+}
+
+impl Drop for QemuProvider {
+    fn drop(&mut self) {
+        let records: Vec<Arc<VmRecord>> = self.inner.index.lock().vms.values().cloned().collect();
+        for record in records {
+            let slot = record.slot.lock();
+            if self.inner.config.kill_on_drop {
+                slot.machine.kill_now();
+                remove_dir_logged(&slot.machine.run.dir);
+                remove_dir_logged(&slot.dir);
+            } else {
+                slot.machine.detach();
+            }
+        }
+    }
+}
+
+/// The last lines of a QEMU log, for error messages.
+fn log_tail(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| tail_lossy(&b, 600))
+        .unwrap_or_default()
+}
+
+fn qmp_error(vm_id: &VmId, machine: &Machine, what: &str, e: QmpError) -> ProviderError {
+    if machine.dead.is_cancelled() || matches!(e, QmpError::Closed) {
+        return ProviderError::InvalidState(format!(
+            "vm {vm_id} failed: {}",
+            machine.exit_reason()
+        ));
+    }
+    match e {
+        QmpError::Timeout(..) => ProviderError::Timeout(format!("vm {vm_id}: {what}: {e}")),
+        e => ProviderError::io(
+            format!("vm {vm_id}: {what}"),
+            io::Error::other(e.to_string()),
+        ),
+    }
+}
+
+/// Maps a failed agent call onto the provider's errors, knowing whether QEMU died.
+async fn agent_error(vm_id: &VmId, machine: &Machine, e: AgentCallError) -> ProviderError {
+    vmm::agent_error(vm_id, e, &machine.dead, &|| machine.exit_reason()).await
+}
+
+/// Kills a half-launched QEMU and removes its run directory unless disarmed.
+struct LaunchGuard {
+    machine: Option<Arc<Machine>>,
+}
+
+impl LaunchGuard {
+    fn disarm(mut self) -> Arc<Machine> {
+        self.machine.take().expect("armed guard")
+    }
+}
+
+impl Drop for LaunchGuard {
+    fn drop(&mut self) {
+        if let Some(machine) = self.machine.take() {
+            machine.ending.store(true, Ordering::SeqCst);
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    handle.spawn(async move {
+                        machine.kill().await;
+                        let dir = machine.run.dir.clone();
+                        let _ = tokio::task::spawn_blocking(move || remove_dir_logged(&dir)).await;
+                    });
+                }
+                Err(_) => {
+                    machine.kill_now();
+                    remove_dir_logged(&machine.run.dir);
+                }
+            }
+        }
+    }
+}
+
+/// Releases a reserved VM id unless disarmed.
+struct IdReservation {
+    inner: Arc<Inner>,
+    vm_id: Option<VmId>,
+}
+
+impl Drop for IdReservation {
+    fn drop(&mut self) {
+        if let Some(vm_id) = self.vm_id.take() {
+            self.inner.index.lock().creating.remove(&vm_id);
+        }
+    }
+}
+
+/// Releases a reserved snapshot id and removes its staging directory.
+struct SnapshotGuard {
+    inner: Arc<Inner>,
+    snapshot_id: SnapshotId,
+    staging: PathBuf,
+}
+
+impl Drop for SnapshotGuard {
+    fn drop(&mut self) {
+        self.inner
+            .index
+            .lock()
+            .snapshotting
+            .remove(&self.snapshot_id);
+        let staging = std::mem::take(&mut self.staging);
+        if staging.as_os_str().is_empty() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(move || remove_dir_logged(&staging));
+            }
+            Err(_) => remove_dir_logged(&staging),
+        }
+    }
+}
+
+impl QemuProvider {
+    /// Opens (creating if needed) the state under `config.root` and reconciles it with the QEMU
+    /// processes that are still running (see the module docs). Blocking, but must be called inside
+    /// a tokio runtime: adopted VMs are reconnected by a background task. `Unavailable` if QEMU
+    /// cannot run or the root is unusable.
+    pub fn open(config: QemuConfig) -> Result<Self, ProviderError> {
+        let qemu_version = qemu_version(&config.qemu)?;
+        let (accel, why) = machine::choose_accel(
+            config.accel,
+            Path::new("/sys/module"),
+            Path::new("/dev/kvm"),
+        );
+        info!(accel = accel.as_str(), reason = %why, qemu = %qemu_version, "qemu provider accelerator");
+        let cpu = config.cpu.clone().unwrap_or_else(|| {
+            match accel {
+                Accel::Kvm => "host",
+                _ => "max",
+            }
+            .to_owned()
+        });
+        let tsc_khz = match accel {
+            Accel::Kvm => None,
+            _ => config.tsc_khz.or_else(machine::host_tsc_khz),
+        };
+        for dir in ["vms", "snapshots", "run", "tmp"] {
+            let dir = config.root.join(dir);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ProviderError::io(format!("cannot create {}", dir.display()), e))?;
+        }
+        let root = config.root.canonicalize().map_err(|e| {
+            ProviderError::io(format!("cannot resolve {}", config.root.display()), e)
+        })?;
+        let root_text = root.to_string_lossy();
+        if root_text.len() > MAX_ROOT_LEN || root_text.contains([',', '\'', '\n']) {
+            return Err(ProviderError::Unavailable(format!(
+                "qemu root {root_text:?} must be at most {MAX_ROOT_LEN} bytes without ',' or '\\''"
+            )));
+        }
+        let image = config.image.join(IMAGE_KERNEL);
+        if !image.is_file() {
+            warn!(image = %config.image.display(), "guest image not found: cold boots will fail until it is built (deploy/images/build.sh)");
+        }
+        let lock_path = root.join("lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| ProviderError::io(format!("cannot open {}", lock_path.display()), e))?;
+        let root_lock =
+            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, errno)| {
+                    ProviderError::Unavailable(format!(
+                        "{} is in use by another provider: {errno}",
+                        root.display()
+                    ))
+                })?;
+        let inner = Arc::new(Inner {
+            _root_lock: root_lock,
+            vms_dir: root.join("vms"),
+            snapshots_dir: root.join("snapshots"),
+            run_dir: root.join("run"),
+            tmp_dir: root.join("tmp"),
+            config,
+            accel,
+            cpu,
+            tsc_khz,
+            qemu_version,
+            index: Mutex::new(Index::default()),
+            digests: Arc::new(DigestCache::default()),
+        });
+        let adopted = Inner::reconcile(&inner)?;
+        if !adopted.is_empty() {
+            let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+                ProviderError::Unavailable(
+                    "the qemu provider must be opened inside a tokio runtime".into(),
+                )
+            })?;
+            handle.spawn(Inner::adopt(inner.clone(), adopted));
+        }
+        Ok(Self { inner })
+    }
+
+    /// The configuration this provider was opened with.
+    pub fn config(&self) -> &QemuConfig {
+        &self.inner.config
+    }
+
+    /// The accelerator in use (after `auto` was resolved).
+    pub fn accel(&self) -> Accel {
+        self.inner.accel
+    }
+
+    /// Process id of a VM's QEMU (for tests and diagnostics).
+    pub fn qemu_pid(&self, vm_id: &VmId) -> Option<i32> {
+        let record = self.inner.index.lock().vms.get(vm_id).cloned()?;
+        let pid = record.slot.lock().machine.pid;
+        Some(pid)
+    }
+
+    /// Where a VM's QEMU keeps its sockets, pid file and logs (for tests and diagnostics).
+    pub fn run_dir(&self, vm_id: &VmId) -> Option<PathBuf> {
+        let record = self.inner.index.lock().vms.get(vm_id).cloned()?;
+        let dir = record.slot.lock().machine.run.dir.clone();
+        Some(dir)
+    }
+
+    /// The path of a snapshot's raw state file (for tests and diagnostics).
+    pub fn snapshot_state_path(&self, snapshot_id: &SnapshotId) -> PathBuf {
+        self.inner.snapshot_dir(snapshot_id).join("state")
+    }
+}
+
+/// `qemu --version`'s first line; `Unavailable` if QEMU cannot run.
+fn qemu_version(qemu: &Path) -> Result<String, ProviderError> {
+    let output = std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .map_err(|e| ProviderError::Unavailable(format!("cannot run {}: {e}", qemu.display())))?;
+    if !output.status.success() {
+        return Err(ProviderError::Unavailable(format!(
+            "{} --version fails: {}",
+            qemu.display(),
+            tail_lossy(&output.stderr, 300)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
+}
+
+impl Inner {
+    fn snapshot_dir(&self, snapshot_id: &SnapshotId) -> PathBuf {
+        self.snapshots_dir.join(snapshot_id.as_str())
+    }
+
+    fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
+        self.index.lock().record(vm_id)
+    }
+
+    /// A running VM's record and machine; bumps its activity.
+    fn running(&self, vm_id: &VmId) -> Result<(Arc<VmRecord>, Arc<Machine>), ProviderError> {
+        let record = self.record(vm_id)?;
+        let machine = {
+            let mut slot = record.slot.lock();
+            lifecycle::require_running(vm_id, slot.meta.state)?;
+            slot.meta.last_activity_ms = now_ms();
+            slot.machine.clone()
+        };
+        Ok((record, machine))
+    }
+
+    fn exec_limits(&self) -> ExecLimits {
+        ExecLimits {
+            handshake: self.config.agent_timeout(),
+            grace: Duration::from_millis(self.config.exec_grace_ms),
+        }
+    }
+
+    fn agent_deadline(&self) -> Instant {
+        Instant::now() + self.config.agent_timeout()
+    }
+
+    /// Rebuilds the index from disk and the live QEMU processes; returns the machines to adopt.
+    fn reconcile(this: &Arc<Self>) -> Result<Vec<Arc<Machine>>, ProviderError> {
+        let list = |dir: &Path| {
+            std::fs::read_dir(dir)
+                .map_err(|e| ProviderError::io(format!("cannot list {}", dir.display()), e))
+        };
+        for entry in list(&this.tmp_dir)?.flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_dir_logged(&path);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let mut adopted = Vec::new();
+        let mut owned_runs = HashSet::new();
+        let mut index = this.index.lock();
+        for entry in list(&this.vms_dir)?.flatten() {
+            let dir = entry.path();
+            let Some(vm_id) = entry.file_name().to_str().and_then(|n| VmId::new(n).ok()) else {
+                warn!(path = %dir.display(), "ignoring entry that is not a vm id");
+                continue;
+            };
+            let _ = std::fs::remove_file(dir.join("meta.json.tmp"));
+            let mut meta: VmMeta = match read_json(&dir.join("meta.json")) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    info!(%vm_id, error = %e, "removing vm without readable metadata");
+                    remove_dir_logged(&dir);
+                    continue;
+                }
+            };
+            let run = RunPaths {
+                dir: this.run_dir.join(&meta.instance),
+            };
+            let pid = read_pid(&run).filter(|&pid| is_our_qemu(pid, &run.dir));
+            let Some(pid) = pid.filter(|_| meta.state != VmState::Destroyed) else {
+                warn!(%vm_id, "vm lost while the provider was down: its qemu is not running");
+                remove_dir_logged(&dir);
+                continue;
+            };
+            if meta.vm_id != vm_id {
+                meta.vm_id = vm_id.clone();
+                write_json_atomic(&dir.join("meta.json"), &meta)?;
+            }
+            owned_runs.insert(meta.instance.clone());
+            let machine =
+                Machine::new(meta.instance.clone(), run, pid, false, Arc::downgrade(this));
+            adopted.push(machine.clone());
+            info!(%vm_id, pid, state = %meta.state, "adopting running vm");
+            index.vms.insert(
+                vm_id,
+                Arc::new(VmRecord {
+                    slot: Mutex::new(VmSlot { dir, meta, machine }),
+                }),
+            );
+        }
+        // QEMU processes (and run directories) no VM owns: half-created VMs, leftovers.
+        for entry in list(&this.run_dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if owned_runs.contains(&name) {
+                continue;
+            }
+            let run = RunPaths { dir: entry.path() };
+            if let Some(pid) = read_pid(&run).filter(|&pid| is_our_qemu(pid, &run.dir)) {
+                info!(pid, "killing a qemu process no vm owns");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            remove_dir_logged(&run.dir);
+        }
+        for entry in list(&this.snapshots_dir)?.flatten() {
+            let dir = entry.path();
+            let Some(snapshot_id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| SnapshotId::new(n).ok())
+            else {
+                continue;
+            };
+            let meta: SnapshotMeta = match read_json(&dir.join("meta.json")) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    warn!(%snapshot_id, error = %e, "ignoring snapshot with unreadable meta.json");
+                    continue;
+                }
+            };
+            match std::fs::metadata(dir.join("state")) {
+                Ok(m) if m.len() == meta.state_bytes => {}
+                _ => {
+                    warn!(%snapshot_id, "ignoring snapshot whose state file is missing or the wrong size");
+                    continue;
+                }
+            }
+            index.snapshots.insert(
+                snapshot_id.clone(),
+                SnapshotMeta {
+                    snapshot_id,
+                    ..meta
+                },
+            );
+        }
+        info!(
+            vms = index.vms.len(),
+            snapshots = index.snapshots.len(),
+            "qemu provider reconciled"
+        );
+        Ok(adopted)
+    }
+
+    /// Reconnects adopted VMs and puts their run state in line with their metadata; a VM whose
+    /// QEMU does not answer is killed and reported failed.
+    async fn adopt(this: Arc<Self>, machines: Vec<Arc<Machine>>) {
+        for machine in machines {
+            let deadline = Instant::now() + this.config.agent_timeout();
+            let status = match machine.qmp(deadline).await {
+                Ok(qmp) => qmp
+                    .execute("query-status", json!({}), this.config.agent_timeout())
+                    .await
+                    .map(|s| s["status"].as_str().unwrap_or_default().to_owned()),
+                Err(e) => Err(e),
+            };
+            let Some((vm_id, want)) = this.vm_of(&machine) else {
+                continue;
+            };
+            match status {
+                Ok(status) => {
+                    let running = status == "running";
+                    let fix = match (want, running) {
+                        (VmState::Running, false) => Some("cont"),
+                        (VmState::Stopped, true) => Some("stop"),
+                        _ => None,
+                    };
+                    if let Some(command) = fix
+                        && let Some(qmp) = machine.qmp.get()
+                    {
+                        info!(%vm_id, status, command, "adopted vm: bringing its run state in line");
+                        let _ = qmp
+                            .execute(command, json!({}), this.config.agent_timeout())
+                            .await;
+                    }
+                    debug!(%vm_id, status, "adopted vm reconnected");
+                }
+                Err(e) => {
+                    warn!(%vm_id, error = %e, "adopted vm does not answer on qmp: killing it");
+                    *machine.exit.lock() =
+                        Some(format!("qemu did not answer after a restart: {e}"));
+                    machine.kill_now();
+                    this.machine_died(&machine);
+                }
+            }
+        }
+    }
+
+    /// The id and recorded state of the VM running on `machine`, if it is still indexed.
+    fn vm_of(&self, machine: &Arc<Machine>) -> Option<(VmId, VmState)> {
+        let index = self.index.lock();
+        index.vms.iter().find_map(|(id, record)| {
+            let slot = record.slot.lock();
+            Arc::ptr_eq(&slot.machine, machine).then(|| (id.clone(), slot.meta.state))
+        })
+    }
+
+    /// A VM's QEMU went away on its own: remove the VM, remember why, delete its files.
+    fn machine_died(self: &Arc<Self>, machine: &Arc<Machine>) {
+        let reason = machine.exit_reason();
+        let buried = {
+            let mut index = self.index.lock();
+            let found = index.vms.iter().find_map(|(id, record)| {
+                let slot = record.slot.lock();
+                Arc::ptr_eq(&slot.machine, machine)
+                    .then(|| (id.clone(), slot.meta.view(), slot.dir.clone()))
+            });
+            if let Some((vm_id, view, dir)) = found {
+                index.bury(&vm_id, view, Some(reason.clone()));
+                Some((vm_id, dir))
+            } else {
+                None
+            }
+        };
+        let run_dir = machine.run.dir.clone();
+        match &buried {
+            Some((vm_id, _)) => warn!(%vm_id, reason, "vm failed: its qemu process is gone"),
+            None => debug!(instance = %machine.instance, "qemu exited for a vm no longer indexed"),
+        }
+        let dir = buried.map(|(_, dir)| dir);
+        let cleanup = move || {
+            if let Some(dir) = dir {
+                remove_dir_logged(&dir);
+            }
+            remove_dir_logged(&run_dir);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(cleanup);
+            }
+            Err(_) => cleanup(),
+        }
+    }
+
+    /// The kernel command line of new VMs.
+    fn cmdline(&self) -> String {
+        let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=t");
+        if let Some(khz) = self.tsc_khz {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        if !self.config.extra_cmdline.trim().is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(self.config.extra_cmdline.trim());
+        }
+        cmdline
+    }
+
+    /// The kernel and initrd of a cold boot: `base` (an image directory) or the configured image.
+    fn image_for(&self, base: Option<&Path>) -> Result<(PathBuf, PathBuf), ProviderError> {
+        let dir = base.unwrap_or(&self.config.image);
+        let kernel = dir.join(IMAGE_KERNEL);
+        let initrd = dir.join(IMAGE_INITRD);
+        if !kernel.is_file() || !initrd.is_file() {
+            let message = format!(
+                "guest image {} must hold {IMAGE_KERNEL} and {IMAGE_INITRD} (build one with deploy/images/build.sh)",
+                dir.display()
+            );
+            return Err(match base {
+                Some(_) => ProviderError::InvalidArgument(message),
+                None => ProviderError::Unavailable(message),
+            });
+        }
+        Ok((kernel, initrd))
+    }
+
+    /// Starts a QEMU process for `spec` and connects QMP. `incoming` leaves it paused, waiting for
+    /// a migration stream.
+    async fn launch(
+        self: &Arc<Self>,
+        spec: &MachineSpec,
+        incoming: bool,
+        deadline: Instant,
+    ) -> Result<LaunchGuard, ProviderError> {
+        let instance = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+        let run = RunPaths {
+            dir: self.run_dir.join(&instance),
+        };
+        let log = {
+            let run = run.clone();
+            blocking(move || {
+                std::fs::create_dir(&run.dir)
+                    .map_err(|e| ProviderError::io("cannot create the run directory", e))?;
+                std::fs::File::create(run.log())
+                    .map_err(|e| ProviderError::io("cannot create the qemu log", e))
+            })
+            .await?
+        };
+        let log_err = log
+            .try_clone()
+            .map_err(|e| ProviderError::io("cannot open the qemu log", e))?;
+        let argv = machine::argv(spec, &run, incoming, self.config.console_log);
+        let mut command = tokio::process::Command::new(&self.config.qemu);
+        command
+            .args(&argv)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // Its own process group: terminal signals to the worker do not reach it, and it
+            // outlives a worker restart (adopted by the next open).
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                remove_dir_logged(&run.dir);
+                return Err(ProviderError::Unavailable(format!(
+                    "cannot start {}: {e}",
+                    self.config.qemu.display()
+                )));
+            }
+        };
+        let pid = child.id().map_or(0, |p| p as i32);
+        let machine = Machine::new(instance, run, pid, true, Arc::downgrade(self));
+        let guard = LaunchGuard {
+            machine: Some(machine.clone()),
+        };
+        {
+            let machine = machine.clone();
+            tokio::spawn(async move {
+                let status = child.wait().await;
+                let reason = match status {
+                    Ok(status) => match std::os::unix::process::ExitStatusExt::signal(&status) {
+                        Some(signal) => format!("qemu was killed by signal {signal}"),
+                        None => format!("qemu exited with {status}"),
+                    },
+                    Err(e) => format!("qemu could not be waited for: {e}"),
+                };
+                machine.exit.lock().get_or_insert(reason);
+                machine.reaped.cancel();
+            });
+        }
+        let qmp = tokio::select! {
+            qmp = machine.qmp(deadline) => qmp.map(drop),
+            // QEMU refused the command line: say why instead of waiting for the deadline.
+            _ = machine.reaped.cancelled() => Err(QmpError::Closed),
+        };
+        if let Err(e) = qmp {
+            // Let the log be flushed by a process that just exited.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(200), machine.reaped.cancelled()).await;
+            return Err(ProviderError::Unavailable(format!(
+                "qemu did not start ({e}): {}",
+                log_tail(&machine.run.log())
+            )));
+        }
+        Ok(guard)
+    }
+
+    /// Pushes a new identity into the guest.
+    async fn reset_identity(
+        &self,
+        vm_id: &VmId,
+        machine: &Machine,
+        env: &BTreeMap<String, String>,
+        deadline: Instant,
+    ) -> Result<(), ProviderError> {
+        let mut full_env = self.config.env.clone();
+        full_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let identity = new_identity(vm_id, full_env)?;
+        match machine
+            .agent
+            .call(
+                AgentRequest::ResetIdentity(identity),
+                "an identity reset",
+                deadline,
+            )
+            .await
+        {
+            Ok(AgentReply::IdentitySet { .. }) => Ok(()),
+            Ok(other) => Err(ProviderError::io(
+                format!("vm {vm_id}"),
+                io::Error::other(format!("unexpected answer to an identity reset: {other:?}")),
+            )),
+            Err(e) => Err(agent_error(vm_id, machine, e).await),
+        }
+    }
+
+    /// Sets the guest clock after a pause; failures are only logged.
+    async fn sync_clock(&self, vm_id: &VmId, machine: &Machine) {
+        let request = AgentRequest::SetClock { now_ms: now_ms() };
+        if let Err(e) = machine
+            .agent
+            .call(request, "a clock sync", self.agent_deadline())
+            .await
+        {
+            warn!(%vm_id, error = %e, "cannot set the guest clock");
+        }
+    }
+
+    /// Runs the bootstrap argv of a cold boot; any failure fails the create.
+    async fn bootstrap(
+        &self,
+        vm_id: &VmId,
+        machine: &Machine,
+        argv: &[String],
+    ) -> Result<(), ProviderError> {
+        let mut req = ExecRequest::argv(argv.iter().cloned());
+        req.timeout_ms = Some(BOOTSTRAP_TIMEOUT.as_millis() as u64);
+        req.max_output_bytes = Some(BOOTSTRAP_OUTPUT_BYTES as u64);
+        let outcome = match machine
+            .agent
+            .exec(req, BOOTSTRAP_OUTPUT_BYTES, None, self.exec_limits())
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(e) => return Err(agent_error(vm_id, machine, e).await),
+        };
+        if outcome.success() {
+            return Ok(());
+        }
+        let how = if outcome.timed_out {
+            format!("timed out after {}s", BOOTSTRAP_TIMEOUT.as_secs())
+        } else {
+            format!("exited with code {}", outcome.exit_code)
+        };
+        let tail = if outcome.stderr.is_empty() {
+            tail_lossy(&outcome.stdout, 2000)
+        } else {
+            tail_lossy(&outcome.stderr, 2000)
+        };
+        Err(ProviderError::CommandFailed(format!(
+            "bootstrap of vm {vm_id} {how}: {tail}"
+        )))
+    }
+
+    /// Loads a snapshot's state into a freshly launched, paused QEMU and checks its checksum (in
+    /// parallel: a mismatch fails the restore as soon as it is known).
+    async fn load_state(
+        &self,
+        vm_id: &VmId,
+        machine: &Arc<Machine>,
+        snapshot: &SnapshotMeta,
+    ) -> Result<(), ProviderError> {
+        let snapshot_id = &snapshot.snapshot_id;
+        let state = self.snapshot_dir(snapshot_id).join("state");
+        let corrupt = |detail: String| {
+            ProviderError::InvalidArgument(format!(
+                "snapshot {snapshot_id} cannot be restored: {detail}"
+            ))
+        };
+        // QEMU 7.2 waits forever on an empty stream and exits on a bad one: check what can be
+        // checked first, and turn an exit into the snapshot's fault.
+        match std::fs::metadata(&state) {
+            Ok(m) if m.len() == snapshot.state_bytes => {}
+            Ok(m) => {
+                return Err(corrupt(format!(
+                    "its state file is {} bytes, expected {}",
+                    m.len(),
+                    snapshot.state_bytes
+                )));
+            }
+            Err(e) => return Err(corrupt(format!("its state file is unreadable: {e}"))),
+        }
+        let verify = async {
+            if !self.config.verify_snapshots {
+                return Ok(());
+            }
+            let path = state.clone();
+            let digest = tokio::task::spawn_blocking(move || machine::sha256_file(&path))
+                .await
+                .map_err(|e| ProviderError::io("checksum task failed", io::Error::other(e)))?
+                .map_err(|e| ProviderError::io("cannot read snapshot state", e))?;
+            if digest == snapshot.state_sha256 {
+                Ok(())
+            } else {
+                Err(ProviderError::InvalidArgument(format!(
+                    "snapshot {snapshot_id} is corrupt: its state does not match its checksum"
+                )))
+            }
+        };
+        let timeout = Duration::from_millis(self.config.migrate_timeout_ms);
+        let load = async {
+            let qmp = machine
+                .qmp(Instant::now() + timeout)
+                .await
+                .map_err(|e| qmp_error(vm_id, machine, "connecting", e))?;
+            let uri = format!("exec:cat '{}'", state.display());
+            qmp.execute("migrate-incoming", json!({ "uri": uri }), timeout)
+                .await
+                .map_err(|e| qmp_error(vm_id, machine, "migrate-incoming", e))?;
+            self.wait_migration(vm_id, machine, qmp, timeout).await
+        };
+        tokio::pin!(verify, load);
+        let mut verified = false;
+        let loaded = loop {
+            tokio::select! {
+                loaded = &mut load => break loaded,
+                checked = &mut verify, if !verified => {
+                    checked?;
+                    verified = true;
+                }
+            }
+        };
+        match loaded {
+            Ok(()) => {}
+            Err(ProviderError::CommandFailed(desc)) => return Err(corrupt(desc)),
+            Err(ProviderError::InvalidState(_)) => {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(300), machine.reaped.cancelled())
+                        .await;
+                return Err(corrupt(format!(
+                    "qemu refused its state: {}",
+                    log_tail(&machine.run.log())
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+        if !verified {
+            verify.await?;
+        }
+        Ok(())
+    }
+
+    /// Polls `query-migrate` until the migration completes; `CommandFailed(desc)` if it failed.
+    async fn wait_migration(
+        &self,
+        vm_id: &VmId,
+        machine: &Machine,
+        qmp: &Qmp,
+        timeout: Duration,
+    ) -> Result<(), ProviderError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = qmp
+                .execute("query-migrate", json!({}), timeout)
+                .await
+                .map_err(|e| qmp_error(vm_id, machine, "query-migrate", e))?;
+            match status["status"].as_str().unwrap_or_default() {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let desc = status["error-desc"]
+                        .as_str()
+                        .unwrap_or("migration failed")
+                        .to_owned();
+                    return Err(ProviderError::CommandFailed(desc));
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(ProviderError::Timeout(format!(
+                    "vm {vm_id}: migration did not finish within {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Creates a VM: cold boot or restore, identity, bootstrap; the VM is indexed on success and
+    /// nothing is left on failure.
+    async fn create(
+        self: &Arc<Self>,
+        vm_id: &VmId,
+        spec: &VmSpec,
+    ) -> Result<VmView, ProviderError> {
+        spec.validate()?;
+        let snapshot = {
+            let mut index = self.index.lock();
+            let snapshot = match &spec.restore_from {
+                Some(id) => Some(
+                    index
+                        .snapshots
+                        .get(id)
+                        .cloned()
+                        .ok_or_else(|| ProviderError::snapshot_not_found(id))?,
+                ),
+                None => None,
+            };
+            if index.vm_taken(vm_id) {
+                return Err(ProviderError::vm_exists(vm_id));
+            }
+            index.creating.insert(vm_id.clone());
+            snapshot
+        };
+        let mut reservation = IdReservation {
+            inner: self.clone(),
+            vm_id: Some(vm_id.clone()),
+        };
+        info!(%vm_id, restore_from = ?spec.restore_from, "creating vm");
+
+        let mut env = snapshot.as_ref().map(|s| s.env.clone()).unwrap_or_default();
+        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let machine_spec = match &snapshot {
+            Some(snapshot) => self.restore_spec(snapshot).await?,
+            None => self.boot_spec(spec).await?,
+        };
+        let guard = match &snapshot {
+            Some(snapshot) => {
+                let guard = self
+                    .launch(&machine_spec, true, self.agent_deadline())
+                    .await?;
+                let machine = guard.machine.clone().expect("armed");
+                self.load_state(vm_id, &machine, snapshot).await?;
+                let qmp = machine
+                    .qmp(self.agent_deadline())
+                    .await
+                    .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
+                qmp.execute("cont", json!({}), self.config.agent_timeout())
+                    .await
+                    .map_err(|e| qmp_error(vm_id, &machine, "cont", e))?;
+                self.reset_identity(vm_id, &machine, &env, self.agent_deadline())
+                    .await?;
+                guard
+            }
+            None => {
+                let deadline = Instant::now() + Duration::from_millis(self.config.boot_timeout_ms);
+                let guard = self.launch(&machine_spec, false, deadline).await?;
+                let machine = guard.machine.clone().expect("armed");
+                self.reset_identity(vm_id, &machine, &env, deadline)
+                    .await
+                    .map_err(|e| match e {
+                        ProviderError::Timeout(m) => ProviderError::Timeout(format!(
+                            "{m} (cold boot; console: {})",
+                            log_tail(&machine.run.console())
+                        )),
+                        e => e,
+                    })?;
+                if let Some(argv) = &spec.bootstrap {
+                    self.bootstrap(vm_id, &machine, argv).await?;
+                }
+                guard
+            }
+        };
+        let machine = guard.machine.clone().expect("armed");
+        let now = now_ms();
+        let meta = VmMeta {
+            format: META_FORMAT,
+            vm_id: vm_id.clone(),
+            state: VmState::Running,
+            template: spec
+                .template
+                .clone()
+                .or_else(|| snapshot.as_ref().and_then(|s| s.template.clone())),
+            created_ms: now,
+            last_activity_ms: now,
+            stopped_ms: None,
+            restored_from: spec.restore_from.clone(),
+            env,
+            machine: machine_spec,
+            instance: machine.instance.clone(),
+            identity_pending: false,
+        };
+        let dir = self.vms_dir.join(vm_id.as_str());
+        {
+            // Writing meta.json is the commit point.
+            let (dir, meta) = (dir.clone(), meta.clone());
+            blocking(move || {
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir(&dir).map_err(|e| {
+                    ProviderError::io(format!("cannot create {}", dir.display()), e)
+                })?;
+                write_json_atomic(&dir.join("meta.json"), &meta)
+            })
+            .await?;
+        }
+        let machine = guard.disarm();
+        let view = meta.view();
+        {
+            let mut index = self.index.lock();
+            reservation.vm_id = None;
+            index.creating.remove(vm_id);
+            index.tombstones.remove(vm_id);
+            index.failures.remove(vm_id);
+            index.vms.insert(
+                vm_id.clone(),
+                Arc::new(VmRecord {
+                    slot: Mutex::new(VmSlot {
+                        dir,
+                        meta,
+                        machine: machine.clone(),
+                    }),
+                }),
+            );
+        }
+        if machine.dead.is_cancelled() {
+            // Died between the last check and indexing: the watcher found nothing to bury.
+            self.machine_died(&machine);
+        }
+        Ok(view)
+    }
+
+    async fn boot_spec(&self, spec: &VmSpec) -> Result<MachineSpec, ProviderError> {
+        if !(1..=64).contains(&spec.vcpus) {
+            return Err(ProviderError::InvalidArgument(format!(
+                "vcpus must be in 1..=64, got {}",
+                spec.vcpus
+            )));
+        }
+        if !(128..=1 << 20).contains(&spec.memory_mib) {
+            return Err(ProviderError::InvalidArgument(format!(
+                "memory_mib must be in 128..=1048576, got {}",
+                spec.memory_mib
+            )));
+        }
+        let (kernel, initrd) = self.image_for(spec.base.as_deref())?;
+        let (kernel_sha256, initrd_sha256) = {
+            let (kernel, initrd) = (kernel.clone(), initrd.clone());
+            let inner = self.digest_handle();
+            blocking(move || Ok((inner.digest(&kernel)?, inner.digest(&initrd)?))).await?
+        };
+        Ok(MachineSpec {
+            accel: self.accel,
+            cpu: self.cpu.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel,
+            initrd,
+            kernel_sha256,
+            initrd_sha256,
+            cmdline: self.cmdline(),
+        })
+    }
+
+    /// The machine a snapshot must be restored into, with its image files located and checked.
+    async fn restore_spec(&self, snapshot: &SnapshotMeta) -> Result<MachineSpec, ProviderError> {
+        if snapshot.qemu_version != self.qemu_version {
+            return Err(ProviderError::Unavailable(format!(
+                "snapshot {} was taken with {:?}; this worker runs {:?}",
+                snapshot.snapshot_id, snapshot.qemu_version, self.qemu_version
+            )));
+        }
+        if snapshot.machine.accel != self.accel {
+            return Err(ProviderError::Unavailable(format!(
+                "snapshot {} was taken under {}; this worker uses {}",
+                snapshot.snapshot_id,
+                snapshot.machine.accel.as_str(),
+                self.accel.as_str()
+            )));
+        }
+        let mut spec = snapshot.machine.clone();
+        let inner = self.digest_handle();
+        let recorded = spec.clone();
+        let (kernel, initrd) = blocking(move || {
+            Ok((
+                inner.find_image_file(&recorded.kernel, &recorded.kernel_sha256, IMAGE_KERNEL)?,
+                inner.find_image_file(&recorded.initrd, &recorded.initrd_sha256, IMAGE_INITRD)?,
+            ))
+        })
+        .await?;
+        spec.kernel = kernel;
+        spec.initrd = initrd;
+        Ok(spec)
+    }
+
+    /// A shareable handle for blocking work that needs the digest cache and configuration.
+    fn digest_handle(&self) -> Arc<ImageFinder> {
+        Arc::new(ImageFinder {
+            image: self.config.image.clone(),
+            digests: self.digests.clone(),
+        })
+    }
+}
+
+/// Digest lookups off the async threads.
+#[derive(Debug)]
+struct ImageFinder {
+    image: PathBuf,
+    digests: Arc<DigestCache>,
+}
+
+impl ImageFinder {
+    fn digest(&self, path: &Path) -> Result<String, ProviderError> {
+        self.digests.digest(path)
+    }
+
+    fn find_image_file(
+        &self,
+        recorded: &Path,
+        sha256: &str,
+        name: &str,
+    ) -> Result<PathBuf, ProviderError> {
+        for candidate in [recorded.to_path_buf(), self.image.join(name)] {
+            if candidate.is_file() && self.digests.digest(&candidate)? == sha256 {
+                return Ok(candidate);
+            }
+        }
+        Err(ProviderError::Unavailable(format!(
+            "the guest {name} this snapshot was taken with (sha256 {sha256}) is neither at {} nor in {}",
+            recorded.display(),
+            self.image.display()
+        )))
+    }
+}
+
+#[async_trait]
+impl VmProvider for QemuProvider {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn create_vm_with_spec(
+        &self,
+        vm_id: &VmId,
+        spec: &VmSpec,
+    ) -> Result<VmView, ProviderError> {
+        self.inner.create(vm_id, spec).await
+    }
+
+    async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
+        let inner = &self.inner;
+        let record = inner.record(vm_id)?;
+        let (machine, pending, env) = {
+            let slot = record.slot.lock();
+            lifecycle::check_start(vm_id, slot.meta.state)?;
+            (
+                slot.machine.clone(),
+                slot.meta.identity_pending,
+                slot.meta.env.clone(),
+            )
+        };
+        let qmp = machine
+            .qmp(inner.agent_deadline())
+            .await
+            .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
+        qmp.execute("cont", json!({}), inner.config.agent_timeout())
+            .await
+            .map_err(|e| qmp_error(vm_id, &machine, "cont", e))?;
+        if pending {
+            // Renamed while stopped: the guest learns its new name now (this also sets the clock).
+            inner
+                .reset_identity(vm_id, &machine, &env, inner.agent_deadline())
+                .await?;
+        } else {
+            inner.sync_clock(vm_id, &machine).await;
+        }
+        let (meta, dir) = {
+            let mut slot = record.slot.lock();
+            slot.meta.state = VmState::Running;
+            slot.meta.stopped_ms = None;
+            slot.meta.identity_pending = false;
+            slot.meta.last_activity_ms = now_ms();
+            (slot.meta.clone(), slot.dir.clone())
+        };
+        blocking(move || write_json_atomic(&dir.join("meta.json"), &meta)).await?;
+        info!(%vm_id, "started vm");
+        Ok(record.slot.lock().meta.view())
+    }
+
+    async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
+        let inner = &self.inner;
+        let record = inner.record(vm_id)?;
+        let machine = {
+            let slot = record.slot.lock();
+            lifecycle::check_stop(vm_id, slot.meta.state)?;
+            slot.machine.clone()
+        };
+        let qmp = machine
+            .qmp(inner.agent_deadline())
+            .await
+            .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
+        qmp.execute("stop", json!({}), inner.config.agent_timeout())
+            .await
+            .map_err(|e| qmp_error(vm_id, &machine, "stop", e))?;
+        let (meta, dir) = {
+            let mut slot = record.slot.lock();
+            let now = now_ms();
+            slot.meta.state = VmState::Stopped;
+            slot.meta.stopped_ms = Some(now);
+            slot.meta.last_activity_ms = now;
+            (slot.meta.clone(), slot.dir.clone())
+        };
+        blocking(move || write_json_atomic(&dir.join("meta.json"), &meta)).await?;
+        info!(%vm_id, "stopped vm");
+        Ok(record.slot.lock().meta.view())
+    }
+
+    async fn snapshot_vm(
+        &self,
+        vm_id: &VmId,
+        snapshot_id: &SnapshotId,
+    ) -> Result<SnapshotInfo, ProviderError> {
+        let inner = self.inner.clone();
+        let (machine, was_running, meta) = {
+            let mut index = inner.index.lock();
+            let record = index.record(vm_id)?;
+            if index.snapshot_taken(snapshot_id) {
+                return Err(ProviderError::snapshot_exists(snapshot_id));
+            }
+            index.snapshotting.insert(snapshot_id.clone());
+            let slot = record.slot.lock();
+            let meta = SnapshotMeta {
+                format: META_FORMAT,
+                snapshot_id: snapshot_id.clone(),
+                source_vm: Some(vm_id.clone()),
+                template: slot.meta.template.clone(),
+                created_ms: now_ms(),
+                env: slot.meta.env.clone(),
+                machine: slot.meta.machine.clone(),
+                qemu_version: inner.qemu_version.clone(),
+                state_sha256: String::new(),
+                state_bytes: 0,
+            };
+            (
+                slot.machine.clone(),
+                slot.meta.state == VmState::Running,
+                meta,
+            )
+        };
+        let staging = inner.tmp_dir.join(unique_name("snapshot"));
+        let mut guard = SnapshotGuard {
+            inner: inner.clone(),
+            snapshot_id: snapshot_id.clone(),
+            staging: staging.clone(),
+        };
+        {
+            let staging = staging.clone();
+            blocking(move || {
+                std::fs::create_dir(&staging)
+                    .map_err(|e| ProviderError::io("cannot create staging directory", e))
+            })
+            .await?;
+        }
+        info!(%vm_id, %snapshot_id, "snapshotting vm");
+        let timeout = Duration::from_millis(inner.config.migrate_timeout_ms);
+        let qmp = machine
+            .qmp(inner.agent_deadline())
+            .await
+            .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
+        if was_running {
+            qmp.execute("stop", json!({}), inner.config.agent_timeout())
+                .await
+                .map_err(|e| qmp_error(vm_id, &machine, "stop", e))?;
+        }
+        let state = staging.join("state");
+        let uri = format!("exec:cat > '{}'", state.display());
+        let saved = async {
+            qmp.execute("migrate", json!({ "uri": uri }), timeout)
+                .await
+                .map_err(|e| qmp_error(vm_id, &machine, "migrate", e))?;
+            inner
+                .wait_migration(vm_id, &machine, qmp, timeout)
+                .await
+                .map_err(|e| match e {
+                    ProviderError::CommandFailed(desc) => ProviderError::io(
+                        format!("vm {vm_id}: saving its state"),
+                        io::Error::other(desc),
+                    ),
+                    e => e,
+                })
+        }
+        .await;
+        if was_running {
+            // Resume whatever happened: a failed snapshot must not leave the VM paused.
+            let resumed = qmp
+                .execute("cont", json!({}), inner.config.agent_timeout())
+                .await;
+            if let Err(e) = resumed {
+                warn!(%vm_id, error = %e, "cannot resume the vm after its snapshot");
+            } else {
+                inner.sync_clock(vm_id, &machine).await;
+            }
+        }
+        saved?;
+        let entry = {
+            let inner = inner.clone();
+            blocking(move || {
+                let state_bytes = std::fs::metadata(&state)
+                    .map_err(|e| ProviderError::io("cannot inspect the saved state", e))?
+                    .len();
+                let state_sha256 = machine::sha256_file(&state)
+                    .map_err(|e| ProviderError::io("cannot read the saved state", e))?;
+                let meta = SnapshotMeta {
+                    state_sha256,
+                    state_bytes,
+                    ..meta
+                };
+                write_json_atomic(&staging.join("meta.json"), &meta)?;
+                rename_noreplace(&staging, &inner.snapshot_dir(&meta.snapshot_id))
+                    .map_err(|e| ProviderError::io("cannot publish snapshot", e))?;
+                Ok(meta)
+            })
+            .await?
+        };
+        guard.staging = PathBuf::new();
+        let info = entry.info();
+        inner
+            .index
+            .lock()
+            .snapshots
+            .insert(snapshot_id.clone(), entry);
+        drop(guard);
+        info!(%vm_id, %snapshot_id, bytes = info.size_bytes, "snapshot taken");
+        Ok(info)
+    }
+
+    async fn destroy_vm(&self, vm_id: &VmId) -> Result<(), ProviderError> {
+        let inner = &self.inner;
+        let (machine, dir) = {
+            let mut index = inner.index.lock();
+            let Some(record) = index.vms.get(vm_id).cloned() else {
+                if index.tombstones.get(vm_id).is_some() {
+                    return Ok(());
+                }
+                return Err(ProviderError::vm_not_found(vm_id));
+            };
+            let mut slot = record.slot.lock();
+            slot.meta.state = VmState::Destroyed;
+            slot.machine.ending.store(true, Ordering::SeqCst);
+            let view = slot.meta.view();
+            let found = (slot.machine.clone(), slot.dir.clone());
+            drop(slot);
+            index.bury(vm_id, view, None);
+            found
+        };
+        // Gone from the index first; then the process and every file.
+        let trash = inner.tmp_dir.join(unique_name("destroy"));
+        {
+            let (dir, trash) = (dir.clone(), trash.clone());
+            blocking(move || {
+                if std::fs::rename(&dir, &trash).is_err() {
+                    remove_dir_logged(&dir);
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        machine.kill().await;
+        let run = machine.run.dir.clone();
+        blocking(move || {
+            remove_dir_logged(&trash);
+            remove_dir_logged(&run);
+            Ok(())
+        })
+        .await?;
+        info!(%vm_id, "destroyed vm");
+        Ok(())
+    }
+
+    async fn rename_vm(&self, old: &VmId, new: &VmId) -> Result<VmView, ProviderError> {
+        let inner = self.inner.clone();
+        let record = {
+            let mut index = inner.index.lock();
+            let record = index.record(old)?;
+            if index.vm_taken(new) {
+                return Err(ProviderError::vm_exists(new));
+            }
+            index.creating.insert(new.clone());
+            record
+        };
+        let _reservation = IdReservation {
+            inner: inner.clone(),
+            vm_id: Some(new.clone()),
+        };
+        let (machine, running, env) = {
+            let slot = record.slot.lock();
+            (
+                slot.machine.clone(),
+                slot.meta.state == VmState::Running,
+                slot.meta.env.clone(),
+            )
+        };
+        // The guest takes its new name first: a VM whose agent does not answer is not handed out.
+        if running {
+            inner
+                .reset_identity(new, &machine, &env, inner.agent_deadline())
+                .await?;
+        }
+        let (meta, new_dir) = {
+            let mut index = inner.index.lock();
+            let mut slot = record.slot.lock();
+            if slot.meta.state == VmState::Destroyed || !index.vms.contains_key(old) {
+                return Err(ProviderError::vm_destroyed(old));
+            }
+            let new_dir = inner.vms_dir.join(new.as_str());
+            rename_noreplace(&slot.dir, &new_dir)
+                .map_err(|e| ProviderError::io(format!("cannot rename vm {old} to {new}"), e))?;
+            slot.dir = new_dir.clone();
+            slot.meta.vm_id = new.clone();
+            slot.meta.last_activity_ms = now_ms();
+            slot.meta.identity_pending = !running;
+            index.vms.remove(old);
+            index.creating.remove(new);
+            index.tombstones.remove(new);
+            index.failures.remove(new);
+            index.vms.insert(new.clone(), record.clone());
+            (slot.meta.clone(), new_dir)
+        };
+        // The directory name is authoritative; a failed rewrite is repaired on reopen.
+        if let Err(e) = blocking(move || write_json_atomic(&new_dir.join("meta.json"), &meta)).await
+        {
+            warn!(vm_id = %new, error = %e, "cannot rewrite meta.json after rename");
+        }
+        info!(%old, %new, "renamed vm");
+        Ok(record.slot.lock().meta.view())
+    }
+
+    async fn exec(
+        &self,
+        vm_id: &VmId,
+        spec: ExecSpec,
+        chunks: Option<mpsc::Sender<OutputChunk>>,
+    ) -> Result<ExecOutcome, ProviderError> {
+        spec.validate()?;
+        paths::relative_path("cwd", spec.cwd.as_deref().unwrap_or(""))?;
+        let (record, machine) = self.inner.running(vm_id)?;
+        let result = machine
+            .agent
+            .exec(
+                exec_request(&spec),
+                spec.max_output_bytes,
+                chunks,
+                self.inner.exec_limits(),
+            )
+            .await;
+        record.slot.lock().meta.last_activity_ms = now_ms();
+        match result {
+            Ok(outcome) => {
+                debug!(%vm_id, exit_code = outcome.exit_code, timed_out = outcome.timed_out, "exec finished");
+                Ok(outcome)
+            }
+            Err(e) => Err(agent_error(vm_id, &machine, e).await),
+        }
+    }
+
+    async fn put_file(
+        &self,
+        vm_id: &VmId,
+        path: &str,
+        data: &[u8],
+        mode: Option<u32>,
+    ) -> Result<u64, ProviderError> {
+        paths::file_path(path)?;
+        let (record, machine) = self.inner.running(vm_id)?;
+        let request = AgentRequest::PutFile(FilePutRequest {
+            path: path.to_owned(),
+            data: data.to_vec().into(),
+            mode,
+        });
+        let deadline = self.inner.agent_deadline() + transfer_allowance(data.len() as u64);
+        let result = machine.agent.call(request, "a file put", deadline).await;
+        record.slot.lock().meta.last_activity_ms = now_ms();
+        match result {
+            Ok(AgentReply::FileWritten(r)) => Ok(r.size),
+            Ok(other) => Err(unexpected(vm_id, &other)),
+            Err(e) => Err(agent_error(vm_id, &machine, e).await),
+        }
+    }
+
+    async fn get_file(
+        &self,
+        vm_id: &VmId,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, ProviderError> {
+        paths::file_path(path)?;
+        let (record, machine) = self.inner.running(vm_id)?;
+        let request = AgentRequest::GetFile(FileGetRequest {
+            path: path.to_owned(),
+            max_bytes: Some(max_bytes),
+        });
+        let deadline = self.inner.agent_deadline() + transfer_allowance(max_bytes);
+        let result = machine.agent.call(request, "a file get", deadline).await;
+        record.slot.lock().meta.last_activity_ms = now_ms();
+        match result {
+            Ok(AgentReply::FileRead(r)) if r.data.len() as u64 <= max_bytes => {
+                Ok(r.data.into_vec())
+            }
+            Ok(AgentReply::FileRead(_)) => Err(ProviderError::InvalidArgument(format!(
+                "file {path:?} is more than the limit of {max_bytes} bytes"
+            ))),
+            Ok(other) => Err(unexpected(vm_id, &other)),
+            Err(e) => Err(agent_error(vm_id, &machine, e).await),
+        }
+    }
+
+    async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
+        let inner = &self.inner;
+        let record = inner.record(vm_id)?;
+        let (machine, stopped) = {
+            let slot = record.slot.lock();
+            (slot.machine.clone(), slot.meta.state == VmState::Stopped)
+        };
+        let qmp = machine
+            .qmp(inner.agent_deadline())
+            .await
+            .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
+        if stopped {
+            // The agent archives the volume, so a stopped VM runs for the length of the backup.
+            qmp.execute("cont", json!({}), inner.config.agent_timeout())
+                .await
+                .map_err(|e| qmp_error(vm_id, &machine, "cont", e))?;
+        }
+        let result = self.backup_running(vm_id, &machine, dest_dir).await;
+        if stopped
+            && let Err(e) = qmp
+                .execute("stop", json!({}), inner.config.agent_timeout())
+                .await
+        {
+            warn!(%vm_id, error = %e, "cannot pause the vm again after its backup");
+        }
+        result
+    }
+
+    async fn export_snapshot(
+        &self,
+        snapshot_id: &SnapshotId,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Result<u64, ProviderError> {
+        let inner = &self.inner;
+        let meta = inner
+            .index
+            .lock()
+            .snapshots
+            .get(snapshot_id)
+            .cloned()
+            .ok_or_else(|| ProviderError::snapshot_not_found(snapshot_id))?;
+        let meta_bytes = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| ProviderError::io("cannot encode metadata", io::Error::other(e)))?;
+        let state = inner.snapshot_dir(snapshot_id).join("state");
+        let zst = inner.tmp_dir.join(unique_name("export"));
+        let level = inner.config.snapshot_compression_level;
+        {
+            let zst = zst.clone();
+            blocking(move || {
+                archive::compress(&state, &zst, level)
+                    .map_err(|e| ProviderError::io("cannot compress snapshot state", e))
+            })
+            .await?;
+        }
+        let written = archive::write_export(&meta_bytes, &[(STATE_ENTRY, &zst)], out).await;
+        let _ = tokio::fs::remove_file(&zst).await;
+        written.map_err(|e| ProviderError::io(format!("cannot export snapshot {snapshot_id}"), e))
+    }
+
+    async fn import_snapshot(
+        &self,
+        snapshot_id: &SnapshotId,
+        input: &mut (dyn AsyncRead + Unpin + Send),
+    ) -> Result<SnapshotInfo, ProviderError> {
+        let inner = self.inner.clone();
+        {
+            let mut index = inner.index.lock();
+            if index.snapshot_taken(snapshot_id) {
+                return Err(ProviderError::snapshot_exists(snapshot_id));
+            }
+            index.snapshotting.insert(snapshot_id.clone());
+        }
+        let staging = inner.tmp_dir.join(unique_name("import"));
+        let mut guard = SnapshotGuard {
+            inner: inner.clone(),
+            snapshot_id: snapshot_id.clone(),
+            staging: staging.clone(),
+        };
+        tokio::fs::create_dir(&staging)
+            .await
+            .map_err(|e| ProviderError::io("cannot create staging directory", e))?;
+        let zst = staging.join(STATE_ENTRY);
+        let meta_bytes = archive::read_export(input, &[STATE_ENTRY], &staging).await?;
+        let meta: SnapshotMeta =
+            serde_json::from_slice(&meta_bytes).map_err(ProviderError::corrupt_snapshot)?;
+        if meta.format != META_FORMAT {
+            return Err(ProviderError::corrupt_snapshot(format!(
+                "unsupported format {}",
+                meta.format
+            )));
+        }
+        let meta = SnapshotMeta {
+            snapshot_id: snapshot_id.clone(),
+            ..meta
+        };
+        let meta = {
+            let inner = inner.clone();
+            blocking(move || {
+                let state = staging.join("state");
+                let (sha256, size) =
+                    archive::decompress(&zst, &state).map_err(ProviderError::corrupt_snapshot)?;
+                if sha256 != meta.state_sha256 || size != meta.state_bytes {
+                    return Err(ProviderError::corrupt_snapshot(
+                        "the state does not match its checksum",
+                    ));
+                }
+                let _ = std::fs::remove_file(&zst);
+                write_json_atomic(&staging.join("meta.json"), &meta)?;
+                rename_noreplace(&staging, &inner.snapshot_dir(&meta.snapshot_id))
+                    .map_err(|e| ProviderError::io("cannot publish snapshot", e))?;
+                Ok(meta)
+            })
+            .await?
+        };
+        guard.staging = PathBuf::new();
+        let info = meta.info();
+        inner
+            .index
+            .lock()
+            .snapshots
+            .insert(snapshot_id.clone(), meta);
+        drop(guard);
+        info!(%snapshot_id, size_bytes = info.size_bytes, "imported snapshot");
+        Ok(info)
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), ProviderError> {
+        let inner = self.inner.clone();
+        let snapshot_id = snapshot_id.clone();
+        blocking(move || {
+            let trash = inner.tmp_dir.join(unique_name("delete"));
+            {
+                let mut index = inner.index.lock();
+                if !index.snapshots.contains_key(&snapshot_id) {
+                    return Err(ProviderError::snapshot_not_found(&snapshot_id));
+                }
+                std::fs::rename(inner.snapshot_dir(&snapshot_id), &trash)
+                    .map_err(|e| ProviderError::io("cannot remove snapshot", e))?;
+                index.snapshots.remove(&snapshot_id);
+            }
+            info!(%snapshot_id, "deleted snapshot");
+            remove_dir_logged(&trash);
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl QemuProvider {
+    /// Archives the guest's work directory (see [`vmm::backup_via_agent`]).
+    async fn backup_running(
+        &self,
+        vm_id: &VmId,
+        machine: &Machine,
+        dest_dir: &Path,
+    ) -> Result<PathBuf, ProviderError> {
+        let level = self.inner.config.snapshot_compression_level;
+        let result = vmm::backup_via_agent(
+            vm_id,
+            &machine.agent,
+            self.inner.exec_limits(),
+            dest_dir,
+            level,
+        )
+        .await;
+        match result {
+            Err(vmm::BackupError::Agent(e)) => Err(agent_error(vm_id, machine, e).await),
+            Err(vmm::BackupError::Provider(e)) => Err(e),
+            Ok(path) => Ok(path),
+        }
+    }
+}
+
+#[async_trait]
+impl VmQuery for QemuProvider {
+    async fn list_vms(&self) -> Result<Vec<VmView>, ProviderError> {
+        let index = self.inner.index.lock();
+        let mut views: Vec<VmView> = index
+            .vms
+            .values()
+            .map(|r| r.slot.lock().meta.view())
+            .chain(index.tombstones.views().cloned())
+            .collect();
+        views.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        Ok(views)
+    }
+
+    async fn get_vm(&self, vm_id: &VmId) -> Result<Option<VmView>, ProviderError> {
+        let index = self.inner.index.lock();
+        Ok(match index.vms.get(vm_id) {
+            Some(record) => Some(record.slot.lock().meta.view()),
+            None => index.tombstones.get(vm_id).cloned(),
+        })
+    }
+
+    async fn list_snapshots(&self, vm_id: &VmId) -> Result<Option<Vec<SnapshotId>>, ProviderError> {
+        let index = self.inner.index.lock();
+        if !index.vms.contains_key(vm_id) && index.tombstones.get(vm_id).is_none() {
+            return Ok(None);
+        }
+        Ok(Some(
+            index
+                .snapshots
+                .values()
+                .filter(|s| s.source_vm.as_ref() == Some(vm_id))
+                .map(|s| s.snapshot_id.clone())
+                .collect(),
+        ))
+    }
+
+    async fn get_snapshot(
+        &self,
+        snapshot_id: &SnapshotId,
+    ) -> Result<Option<SnapshotInfo>, ProviderError> {
+        Ok(self
+            .inner
+            .index
+            .lock()
+            .snapshots
+            .get(snapshot_id)
+            .map(SnapshotMeta::info))
+    }
+
+    async fn list_all_snapshots(&self) -> Result<Vec<SnapshotInfo>, ProviderError> {
+        Ok(self
+            .inner
+            .index
+            .lock()
+            .snapshots
+            .values()
+            .map(SnapshotMeta::info)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_deserialises_with_defaults_and_rejects_typos() {
+        let config: QemuConfig =
+            serde_json::from_str(r#"{"image": "/img", "accel": "tcg"}"#).unwrap();
+        assert_eq!(config.image, PathBuf::from("/img"));
+        assert_eq!(config.accel, Accel::Tcg);
+        assert_eq!(config.qemu, PathBuf::from("qemu-system-x86_64"));
+        assert!(config.verify_snapshots);
+        assert!(!config.kill_on_drop);
+        assert!(serde_json::from_str::<QemuConfig>(r#"{"imagee": "/x"}"#).is_err());
+    }
+}

@@ -1,0 +1,337 @@
+//! Helpers shared by the VM adapters (`qemu`, `firecracker`): metadata files, staging, host
+//! randomness and identities, mapping agent failures onto [`ProviderError`], and the exec request
+//! sent to a guest agent.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hearth_messages::ExecRequest;
+use hearth_messages::agent::{AgentReply, Identity};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use tokio::sync::mpsc;
+
+use super::agent::{AgentCallError, AgentLink, ExecLimits};
+use super::{ExecSpec, OutputChunk, OutputStream, Program, ProviderError, VmId, now_ms};
+
+/// Hex SHA-256 of a file, streamed.
+pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    Ok(hex(ctx.finish().as_ref()))
+}
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Largest backup: the agent's output cap.
+pub(crate) const BACKUP_MAX_BYTES: usize = hearth_messages::data::MAX_OUTPUT_BYTES as usize;
+
+/// A backup that failed in the agent call itself, or anywhere else.
+#[derive(Debug)]
+pub(crate) enum BackupError {
+    Agent(AgentCallError),
+    Provider(ProviderError),
+}
+
+/// Archives the guest's work directory through its agent (`tar -cf - .` in the guest, streamed
+/// and compressed on the host) into `<dest_dir>/<vm_id>-<unix_ms>.tar.zst`; at most
+/// [`BACKUP_MAX_BYTES`] of tar. Nothing is left on failure.
+pub(crate) async fn backup_via_agent(
+    vm_id: &VmId,
+    agent: &AgentLink,
+    limits: ExecLimits,
+    dest_dir: &Path,
+    level: i32,
+) -> Result<PathBuf, BackupError> {
+    let name = format!("{vm_id}-{}.tar.zst", now_ms());
+    let dest = dest_dir.join(&name);
+    let partial = dest_dir.join(format!(".{name}.partial"));
+    let (tx, mut rx) = mpsc::channel::<OutputChunk>(64);
+    let writer = {
+        let partial = partial.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            std::fs::create_dir_all(partial.parent().unwrap_or(Path::new(".")))?;
+            let file = std::fs::File::create(&partial)?;
+            let mut encoder = zstd::Encoder::new(io::BufWriter::new(file), level)?;
+            encoder.include_checksum(true)?;
+            let mut total = 0u64;
+            while let Some(chunk) = rx.blocking_recv() {
+                if chunk.stream == OutputStream::Stdout {
+                    io::Write::write_all(&mut encoder, &chunk.data)?;
+                    total += chunk.data.len() as u64;
+                }
+            }
+            let mut out = encoder.finish()?;
+            io::Write::flush(&mut out)?;
+            Ok(total)
+        })
+    };
+    let mut req = ExecRequest::argv(["tar", "-cf", "-", "."]);
+    req.timeout_ms = Some(600_000);
+    req.max_output_bytes = Some(BACKUP_MAX_BYTES as u64);
+    let outcome = agent.exec(req, BACKUP_MAX_BYTES, Some(tx), limits).await;
+    let written = writer
+        .await
+        .map_err(|e| ProviderError::io("backup writer failed", io::Error::other(e)))
+        .and_then(|r| r.map_err(|e| ProviderError::io("cannot write backup", e)));
+    let fail = |e: BackupError| {
+        let _ = std::fs::remove_file(&partial);
+        e
+    };
+    let outcome = outcome.map_err(|e| fail(BackupError::Agent(e)))?;
+    written.map_err(|e| fail(BackupError::Provider(e)))?;
+    if !outcome.success() || outcome.stdout_truncated {
+        return Err(fail(BackupError::Provider(ProviderError::CommandFailed(
+            format!(
+                "backup of vm {vm_id} failed (exit {}{}): {}",
+                outcome.exit_code,
+                if outcome.stdout_truncated {
+                    ", larger than 64 MiB"
+                } else {
+                    ""
+                },
+                super::tail_lossy(&outcome.stderr, 500)
+            ),
+        ))));
+    }
+    tokio::fs::rename(&partial, &dest).await.map_err(|e| {
+        fail(BackupError::Provider(ProviderError::io(
+            "cannot write backup",
+            e,
+        )))
+    })?;
+    Ok(dest)
+}
+
+/// How many failure reasons of dead VMs are remembered (like tombstones).
+pub(crate) const FAILURE_CAPACITY: usize = super::TOMBSTONE_CAPACITY;
+/// Bytes of host entropy pushed into a guest's RNG on every identity reset.
+pub(crate) const ENTROPY_BYTES: usize = 64;
+
+/// Why recently failed VMs failed, for their error messages (bounded like tombstones).
+#[derive(Debug, Default)]
+pub(crate) struct Failures {
+    order: VecDeque<VmId>,
+    pub(crate) reasons: HashMap<VmId, String>,
+}
+
+impl Failures {
+    pub(crate) fn insert(&mut self, vm_id: VmId, reason: String) {
+        if self.reasons.insert(vm_id.clone(), reason).is_none() {
+            self.order.push_back(vm_id);
+        }
+        while self.order.len() > FAILURE_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.reasons.remove(&old);
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, vm_id: &VmId) {
+        if self.reasons.remove(vm_id).is_some() {
+            self.order.retain(|id| id != vm_id);
+        }
+    }
+}
+
+pub(crate) fn remove_dir_logged(path: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        warn!(path = %path.display(), error = %e, "cannot remove directory");
+    }
+}
+
+pub(crate) fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), ProviderError> {
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| ProviderError::io("cannot encode metadata", io::Error::other(e)))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| ProviderError::io(format!("cannot write {}", path.display()), e))
+}
+
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> io::Result<T> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// `rename(2)` that fails instead of replacing an existing target.
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use nix::errno::Errno;
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(Errno::EINVAL) | Err(Errno::ENOSYS) => {
+            if std::fs::symlink_metadata(to).is_ok() {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            std::fs::rename(from, to)
+        }
+        Err(errno) => Err(io::Error::from(errno)),
+    }
+}
+
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ProviderError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ProviderError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ProviderError::io("blocking task failed", io::Error::other(e.to_string())))?
+}
+
+/// `len` bytes from the host's kernel RNG.
+pub(crate) fn host_random(len: usize) -> Result<Vec<u8>, ProviderError> {
+    let mut bytes = vec![0u8; len];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| ProviderError::io("cannot read /dev/urandom", e))?;
+    Ok(bytes)
+}
+
+/// A fresh identity for `vm_id`: host name = the id (at most 64 bytes), a random machine id.
+pub(crate) fn new_identity(
+    vm_id: &VmId,
+    env: BTreeMap<String, String>,
+) -> Result<Identity, ProviderError> {
+    Ok(Identity {
+        hostname: vm_id.as_str().chars().take(64).collect(),
+        machine_id: hex(&host_random(16)?),
+        session_id: vm_id.to_string(),
+        env,
+        entropy: host_random(ENTROPY_BYTES)?.into(),
+        now_ms: now_ms(),
+    })
+}
+
+pub(crate) fn process_alive(pid: i32) -> bool {
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Maps a failed agent call onto the provider's errors.
+///
+/// `dead` fires when the VMM process is known to be gone; `exit_reason` then says how.
+pub(crate) async fn agent_error(
+    vm_id: &VmId,
+    e: AgentCallError,
+    dead: &CancellationToken,
+    exit_reason: &(dyn Fn() -> String + Send + Sync),
+) -> ProviderError {
+    use hearth_messages::agent::AgentErrorKind as K;
+    match e {
+        AgentCallError::Timeout { .. } => ProviderError::Timeout(format!("vm {vm_id}: {e}")),
+        AgentCallError::Agent(err) => match err.kind {
+            K::InvalidArgument => ProviderError::InvalidArgument(err.message),
+            K::NotFound => ProviderError::NotFound(err.message),
+            K::Unsupported => ProviderError::Unsupported(err.message),
+            K::Io | K::Other => ProviderError::io(
+                format!("vm {vm_id}: in the guest"),
+                io::Error::other(err.message),
+            ),
+        },
+        e => {
+            // A lost channel usually means the VMM died: wait for its watcher to say so.
+            let _ = tokio::time::timeout(Duration::from_millis(500), dead.cancelled()).await;
+            if dead.is_cancelled() {
+                ProviderError::InvalidState(format!("vm {vm_id} failed: {}", exit_reason()))
+            } else {
+                ProviderError::io(format!("vm {vm_id}"), io::Error::other(e.to_string()))
+            }
+        }
+    }
+}
+
+pub(crate) fn exec_request(spec: &ExecSpec) -> ExecRequest {
+    let mut req = match &spec.program {
+        Program::Shell(cmd) => ExecRequest::cmd(cmd.clone()),
+        Program::Argv(argv) => ExecRequest::argv(argv.iter().cloned()),
+    };
+    req.env = spec.env.clone();
+    req.cwd = spec.cwd.clone();
+    req.stdin = spec.stdin.clone().map(Into::into);
+    let max_timeout = hearth_messages::data::MAX_EXEC_TIMEOUT_MS;
+    req.timeout_ms = Some((spec.timeout.as_millis() as u64).clamp(1, max_timeout));
+    req.max_output_bytes =
+        Some((spec.max_output_bytes as u64).min(hearth_messages::data::MAX_OUTPUT_BYTES));
+    req
+}
+
+/// Extra time for moving `bytes` through an agent channel (about 4 MiB/s, generous for a serial
+/// port under TCG).
+pub(crate) fn transfer_allowance(bytes: u64) -> Duration {
+    Duration::from_millis(bytes / 4096)
+}
+
+pub(crate) fn unexpected(vm_id: &VmId, reply: &AgentReply) -> ProviderError {
+    ProviderError::io(
+        format!("vm {vm_id}"),
+        io::Error::other(format!("unexpected answer from the guest agent: {reply:?}")),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_requests_carry_the_spec_within_the_wire_limits() {
+        let spec = ExecSpec::shell("echo hi")
+            .with_env("A", "b")
+            .with_cwd("sub")
+            .with_stdin(b"in".to_vec())
+            .with_timeout(Duration::ZERO)
+            .with_max_output_bytes(usize::MAX);
+        let req = exec_request(&spec);
+        assert_eq!(req.cmd.as_deref(), Some("echo hi"));
+        assert_eq!(req.timeout_ms, Some(1), "zero is not a valid wire timeout");
+        assert_eq!(
+            req.max_output_bytes,
+            Some(hearth_messages::data::MAX_OUTPUT_BYTES)
+        );
+        assert_eq!(req.cwd.as_deref(), Some("sub"));
+        assert!(req.program().is_ok());
+    }
+
+    #[test]
+    fn identities_are_fresh_and_valid() {
+        let id = VmId::new("x".repeat(100)).unwrap();
+        let a = new_identity(&id, BTreeMap::new()).unwrap();
+        let b = new_identity(&id, BTreeMap::new()).unwrap();
+        assert_eq!(a.hostname.len(), 64);
+        assert_eq!(a.machine_id.len(), 32);
+        assert_ne!(a.machine_id, b.machine_id);
+        assert_ne!(a.entropy, b.entropy);
+        assert_eq!(a.entropy.len(), ENTROPY_BYTES);
+    }
+
+    #[test]
+    fn failures_are_bounded() {
+        let mut f = Failures::default();
+        for i in 0..FAILURE_CAPACITY + 5 {
+            f.insert(VmId::new(format!("vm-{i}")).unwrap(), "x".into());
+        }
+        assert_eq!(f.reasons.len(), FAILURE_CAPACITY);
+        assert!(!f.reasons.contains_key(&VmId::new("vm-0").unwrap()));
+    }
+}
