@@ -123,9 +123,10 @@ async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -
     worker_config.bwrap = args.bwrap.clone();
     worker_config.max_vms = args.max_vms;
     worker_config.backup_dir = Some(data_dir.join("backups"));
-    worker_config.qemu.image = args.qemu_image.clone().unwrap_or_else(|| {
-        hearth_testkit::workspace_root().join(".tools/images/current")
-    });
+    worker_config.qemu.image = args
+        .qemu_image
+        .clone()
+        .unwrap_or_else(|| hearth_testkit::workspace_root().join(".tools/images/current"));
     let provider = hearth_worker::open_provider(&worker_config).context("opening the provider")?;
     let worker = Worker::start(worker_config, nats.clone(), provider)
         .await
