@@ -9,7 +9,7 @@
 //!   heartbeats — without a single permission error, driven by a `scheduler` and an `executor`;
 //!   so does the real scheduler (in process, as `scheduler`) serving a claim, exec and release.
 //!   (In process because the binaries cannot log in yet: see permissions.conf.)
-//! - Connections without credentials get `hearth-internal` (the binaries' stop-gap).
+//! - Connections without credentials are refused.
 //! - The 3-node cluster (cluster-{a,b,c}.conf) forms on loopback ports, holds an R3 KV bucket
 //!   and keeps accepting writes after one node is killed.
 
@@ -588,38 +588,13 @@ async fn the_real_scheduler_serves_claims_under_the_scheduler_role() {
 }
 
 #[tokio::test]
-async fn clients_without_credentials_act_as_hearth_internal() {
-    // The Hearth binaries cannot log in yet (see permissions.conf), so single.conf maps
-    // unauthenticated connections to `hearth-internal`: Hearth subjects yes, anything else no.
+async fn clients_without_credentials_are_refused() {
+    // No anonymous access: the Hearth binaries log in with HEARTH_NATS_USER / _PASSWORD.
     let server = secure_server();
-    let (tx, mut errors) = mpsc::unbounded_channel();
     let anonymous = async_nats::ConnectOptions::new()
-        .event_callback(move |event| {
-            let tx = tx.clone();
-            async move {
-                if let async_nats::Event::ServerError(err) = event {
-                    let _ = tx.send(err.to_string());
-                }
-            }
-        })
         .connect(server.url())
-        .await
-        .unwrap();
-    let mut sub = anonymous
-        .subscribe("hearth.v1.workers.*.jobs")
-        .await
-        .unwrap();
-    anonymous.flush().await.unwrap();
-    anonymous
-        .publish("hearth.v1.workers.w9.jobs", "job".into())
-        .await
-        .unwrap();
-    assert!(sub.next().await.is_some());
-    anonymous
-        .publish("other.subject", "x".into())
-        .await
-        .unwrap();
-    expect_violation(&mut errors, "publish", "other.subject").await;
+        .await;
+    assert!(anonymous.is_err(), "an anonymous connection was accepted");
 }
 
 /// Free loopback ports (bound, then released for the servers to take).

@@ -138,14 +138,16 @@ async fn claim_exec_release_across_a_nats_cluster_survive_losing_a_node() {
     }
     let _ = js.delete_key_value("hearth_probe").await;
 
-    // Hearth: scheduler on node a, worker-1 on node b, worker-2 on node c. (They connect without
-    // credentials, as hearth-internal: see deploy/nats/permissions.conf.)
+    // Hearth: scheduler on node a, worker-1 on node b, worker-2 on node c, each logged in as its
+    // own role (deploy/nats/permissions.conf).
     let mut scheduler_cmd = std::process::Command::new(&scheduler_bin);
     scheduler_cmd
         .arg("--config")
         .arg(workspace_root().join("deploy/hearth/scheduler.toml"))
         .args(["--nats-url", &url(0), "--kv-replicas", "3"])
         .args(["--metrics-listen", "off", "--reconcile-interval-ms", "200"])
+        .env("HEARTH_NATS_USER", "scheduler")
+        .env("HEARTH_NATS_PASSWORD", password("scheduler"))
         .env("RUST_LOG", "warn");
     let mut scheduler = ChildProcess::spawn("scheduler", scheduler_cmd, dir.path()).unwrap();
     let mut workers = Vec::new();
@@ -156,6 +158,8 @@ async fn claim_exec_release_across_a_nats_cluster_survive_losing_a_node() {
             .args(["--metrics-listen", "off"])
             .arg("--data-dir")
             .arg(dir.path().join(worker_id))
+            .env("HEARTH_NATS_USER", worker_id)
+            .env("HEARTH_NATS_PASSWORD", password(worker_id))
             .env("RUST_LOG", "warn");
         workers.push(ChildProcess::spawn(worker_id, cmd, dir.path()).unwrap());
     }
