@@ -35,7 +35,8 @@ for tool in dpkg-deb apt-get objcopy strip sha256sum python3; do
 done
 mkdir -p "$DEBS"
 
-newest() { ls -1 $1 2>/dev/null | sort -V | tail -n 1; }
+# Newest file matching a glob, or nothing (no match is not an error: the cache may be empty).
+newest() { { ls -1 $1 2>/dev/null || true; } | sort -V | tail -n 1; }
 
 # --- 1. Debian packages (downloaded once, then cached) ------------------------------------------
 kernel_deb="$(newest "$DEBS/linux-image-*-cloud-amd64_*.deb")"
