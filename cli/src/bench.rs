@@ -36,6 +36,9 @@ pub enum Scenario {
     Refill,
     /// Scheduler memory per live session.
     Memory,
+    /// Real microVMs (qemu provider): cold boot, snapshot, restore, warm claim, exec, RSS. Needs a
+    /// guest image (`scripts/setup-qemu.sh`); not part of `all`.
+    Microvm,
     /// Every scenario, one after the other.
     All,
 }
@@ -68,9 +71,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub sessions: Option<usize>,
     /// Provider of the worker this bench starts (`memory` always uses `fake`: it measures the
-    /// scheduler, and 10,000 process VMs would measure the disk).
+    /// scheduler, and 10,000 process VMs would measure the disk; `microvm` always uses `qemu`).
     #[arg(long, value_enum, default_value = "process")]
     pub provider: hearth_worker::ProviderKind,
+    /// Guest image for `microvm` (default: $HEARTH_QEMU_IMAGE, else .tools/images/current).
+    #[arg(long)]
+    pub qemu_image: Option<PathBuf>,
 }
 
 struct Sizes {
@@ -118,6 +124,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
             Scenario::Cold => cold(&args, &sizes, nats_url.as_deref(), &subjects).await?,
             Scenario::Refill => refill(&args, &sizes, nats_url.as_deref()).await?,
             Scenario::Memory => memory(&args, &sizes, nats_url.as_deref()).await?,
+            Scenario::Microvm => microvm(&args, &sizes, nats_url.as_deref()).await?,
             Scenario::All => continue,
         };
         report.print(args.json);
@@ -156,6 +163,15 @@ impl OwnStack {
         templates_toml: &str,
         max_vms: usize,
     ) -> Result<Self> {
+        Self::start_with(provider, templates_toml, max_vms, None).await
+    }
+
+    async fn start_with(
+        provider: hearth_worker::ProviderKind,
+        templates_toml: &str,
+        max_vms: usize,
+        qemu_image: Option<&std::path::Path>,
+    ) -> Result<Self> {
         let nats = tokio::task::spawn_blocking(|| {
             NatsServer::builder().config("max_payload: 8MB\n").start()
         })
@@ -184,6 +200,9 @@ impl OwnStack {
             .arg("--data-dir")
             .arg(dir.path().join("worker"))
             .env("RUST_LOG", "warn");
+        if let Some(image) = qemu_image {
+            worker.arg("--qemu-image").arg(image);
+        }
         let worker = ChildProcess::spawn("worker", worker, dir.path())?;
         let mut scheduler = Command::new(sibling_bin("hearth-scheduler")?);
         scheduler
@@ -878,5 +897,228 @@ async fn memory(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Re
         )),
     );
     r.field("claim_seconds", json!(round3(elapsed.as_secs_f64())), None);
+    Ok(r)
+}
+
+/// One lifecycle job straight to the bench's worker, timed.
+async fn timed_job(
+    client: &HearthClient,
+    op: hearth_messages::JobOp,
+) -> Result<(Duration, hearth_messages::JobOutput)> {
+    let subject = client
+        .subjects()
+        .worker_jobs(&hearth_messages::WorkerId::new("bench-w1")?);
+    let request = hearth_messages::JobRequest {
+        job_id: hearth_messages::JobId::new(uuid_like())?,
+        op,
+    };
+    let t = Instant::now();
+    let reply: hearth_messages::JobReply = client
+        .request(subject, &request, Duration::from_secs(180))
+        .await?;
+    Ok((t.elapsed(), reply.output))
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "bench-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// RSS of every running QEMU process, MiB.
+fn qemu_rss_mib() -> Vec<f64> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+        })
+        .filter_map(|pid| rss_bytes(pid).ok())
+        .map(|b| b as f64 / 1048576.0)
+        .collect()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Report> {
+    use hearth_messages::{JobOp, JobOutput, SnapshotId, VmId, VmSpec};
+    if url.is_some() {
+        bail!("the microvm scenario starts its own stack (it times jobs on its own worker)");
+    }
+    let image = args
+        .qemu_image
+        .clone()
+        .or_else(|| std::env::var_os("HEARTH_QEMU_IMAGE").map(PathBuf::from))
+        .unwrap_or_else(|| hearth_testkit::workspace_root().join(".tools/images/current"));
+    if !image.join("vmlinuz").is_file() {
+        bail!(
+            "no guest image at {} (run scripts/setup-qemu.sh or pass --qemu-image)",
+            image.display()
+        );
+    }
+    let rounds = if args.quick { 1 } else { 3 };
+    let claims = sizes.cold.min(if args.quick { 2 } else { 10 });
+    let stack = OwnStack::start_with(
+        hearth_worker::ProviderKind::Qemu,
+        &template_toml("default", claims + 1),
+        claims * 2 + rounds + 8,
+        Some(&image),
+    )
+    .await?;
+    let client = connect(&stack.url, &Subjects::default()).await?;
+    wait_template_built(&client, "default").await?;
+    let base = baseline(&stack.url, 200).await?;
+
+    // Cold boot -> agent answers (the worker health-checks before replying).
+    let mut cold = Vec::new();
+    for i in 0..rounds {
+        let (t, _) = timed_job(
+            &client,
+            JobOp::CreateVmWithSpec {
+                vm_id: VmId::new(format!("bench-cold-{i}"))?,
+                spec: VmSpec::default(),
+                session: false,
+            },
+        )
+        .await?;
+        cold.push(t.as_secs_f64());
+    }
+    // Snapshot one of them.
+    let (snap_t, out) = timed_job(
+        &client,
+        JobOp::SnapshotVm {
+            vm_id: VmId::new("bench-cold-0")?,
+            snapshot_id: SnapshotId::new("bench-snap")?,
+            publish: false,
+        },
+    )
+    .await?;
+    let snap_bytes = match out {
+        JobOutput::Snapshot { snapshot } => snapshot.size_bytes,
+        other => bail!("snapshot answered {other:?}"),
+    };
+    // Restore -> agent answers (identity reset included).
+    let mut restore = Vec::new();
+    for i in 0..rounds {
+        let (t, _) = timed_job(
+            &client,
+            JobOp::CreateVmWithSpec {
+                vm_id: VmId::new(format!("bench-restored-{i}"))?,
+                spec: VmSpec {
+                    restore_from: Some(SnapshotId::new("bench-snap")?),
+                    ..VmSpec::default()
+                },
+                session: false,
+            },
+        )
+        .await?;
+        restore.push(t.as_secs_f64());
+    }
+    let rss = qemu_rss_mib();
+    for i in 0..rounds {
+        for id in [format!("bench-cold-{i}"), format!("bench-restored-{i}")] {
+            let _ = timed_job(
+                &client,
+                JobOp::DestroyVm {
+                    vm_id: VmId::new(id)?,
+                    backup: false,
+                    reason: None,
+                },
+            )
+            .await;
+        }
+    }
+    // Warm claims from the pool, then exec `true` in one session.
+    wait_ready(&client, "default", claims).await?;
+    let (warm, _, sessions) =
+        sequential_claims(&client, &TemplateName::default_template(), 0, claims, false).await?;
+    let mut exec = histogram();
+    for _ in 0..if args.quick { 5 } else { 50 } {
+        let t = Instant::now();
+        client
+            .exec(&sessions[0], &ExecRequest::argv(["true"]))
+            .await?;
+        record(&mut exec, t.elapsed());
+    }
+    // QEMU VMs outlive their worker by design: stop the scheduler (no more refills), then destroy
+    // every VM through the worker before the stack goes away.
+    // Restores already sent finish after the scheduler is gone, so repeat until none is left.
+    let mut stack = stack;
+    stack.scheduler.kill();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let Ok((_, JobOutput::Vms { vms })) = timed_job(&client, JobOp::ListVms {}).await else {
+            break;
+        };
+        if vms.is_empty() {
+            break;
+        }
+        for vm in vms {
+            let _ = timed_job(
+                &client,
+                JobOp::DestroyVm {
+                    vm_id: vm.vm_id,
+                    backup: false,
+                    reason: None,
+                },
+            )
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let (cold_s, restore_s) = (median(cold), median(restore));
+    let warm_ms = ms(warm.value_at_quantile(0.5));
+    let mut r = Report::new("microvm");
+    r.baseline(&base);
+    r.field(
+        "cold_boot_p50_s",
+        json!(round3(cold_s)),
+        Some(format!(
+            "{cold_s:.3} s (boot -> guest agent answers; {rounds} runs)"
+        )),
+    );
+    r.field(
+        "restore_p50_s",
+        json!(round3(restore_s)),
+        Some(format!(
+            "{restore_s:.3} s (restore + identity reset -> agent answers)"
+        )),
+    );
+    r.field(
+        "snapshot_s",
+        json!(round3(snap_t.as_secs_f64())),
+        Some(format!("{:.3} s", snap_t.as_secs_f64())),
+    );
+    r.field(
+        "snapshot_mib",
+        json!(round3(snap_bytes as f64 / 1048576.0)),
+        Some(format!("{:.1} MiB", snap_bytes as f64 / 1048576.0)),
+    );
+    r.latency("warm_claim", &warm);
+    r.latency("exec", &exec);
+    let rss_mib = median(rss);
+    r.field(
+        "rss_per_vm_mib",
+        json!(round3(rss_mib)),
+        Some(format!(
+            "{rss_mib:.0} MiB (median over running QEMU processes)"
+        )),
+    );
+    r.ratio("cold_to_restore", cold_s, restore_s);
+    r.ratio("restore_to_warm_claim", restore_s * 1000.0, warm_ms);
     Ok(r)
 }
