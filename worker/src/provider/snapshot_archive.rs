@@ -1,4 +1,6 @@
-//! The VM adapters' snapshot export format (`qemu`, `firecracker`), for the fleet's object store.
+//! The VM adapters' snapshot export format (`qemu`, `firecracker`), for the fleet's object store,
+//! and the tar framing every adapter's export shares (the process adapter's format is its own, built
+//! from the same primitives in `process/archive.rs`).
 //!
 //! A plain tar stream of regular files in a fixed order: `meta.json` (the snapshot's metadata, at
 //! most [`MAX_META_BYTES`], including the SHA-256 and size of every raw file), then the adapter's
@@ -17,7 +19,8 @@ use crate::provider::ProviderError;
 pub(crate) const META_ENTRY: &str = "meta.json";
 /// Largest `meta.json` accepted on import.
 pub(crate) const MAX_META_BYTES: u64 = 1024 * 1024;
-const BLOCK: usize = 512;
+/// A tar block.
+pub(crate) const BLOCK: usize = 512;
 
 /// Compresses `state` into `dest` (zstd with a content checksum). Blocking.
 pub(crate) fn compress(state: &Path, dest: &Path, level: i32) -> io::Result<u64> {
@@ -51,7 +54,8 @@ pub(crate) fn decompress(src: &Path, dest: &Path) -> io::Result<(String, u64)> {
     Ok((super::vmm::hex(ctx.finish().as_ref()), size))
 }
 
-fn entry_header(name: &str, size: u64) -> io::Result<tar::Header> {
+/// A ustar header for a regular file entry.
+pub(crate) fn entry_header(name: &str, size: u64) -> io::Result<tar::Header> {
     let mut header = tar::Header::new_ustar();
     header.set_path(name)?;
     header.set_size(size);
@@ -62,7 +66,8 @@ fn entry_header(name: &str, size: u64) -> io::Result<tar::Header> {
     Ok(header)
 }
 
-fn padding(size: u64) -> usize {
+/// Zero bytes after an entry of `size` bytes, up to the next block.
+pub(crate) fn padding(size: u64) -> usize {
     (BLOCK - (size % BLOCK as u64) as usize) % BLOCK
 }
 
@@ -97,7 +102,8 @@ pub(crate) async fn write_export(
     Ok(written + zeros.len() as u64)
 }
 
-fn read_error(e: io::Error) -> ProviderError {
+/// A read failure of an import stream: early EOF is a corrupt snapshot, anything else I/O.
+pub(crate) fn read_error(e: io::Error) -> ProviderError {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         ProviderError::corrupt_snapshot("stream ends early")
     } else {
@@ -105,7 +111,8 @@ fn read_error(e: io::Error) -> ProviderError {
     }
 }
 
-async fn read_entry_header(
+/// Reads one entry header and checks its checksum, type and name; returns the entry's size.
+pub(crate) async fn read_entry_header(
     input: &mut (dyn AsyncRead + Unpin + Send),
     expected: &str,
 ) -> Result<u64, ProviderError> {
@@ -133,7 +140,8 @@ async fn read_entry_header(
     header.size().map_err(ProviderError::corrupt_snapshot)
 }
 
-async fn skip_padding(
+/// Skips the padding after an entry of `size` bytes.
+pub(crate) async fn skip_padding(
     input: &mut (dyn AsyncRead + Unpin + Send),
     size: u64,
 ) -> Result<(), ProviderError> {

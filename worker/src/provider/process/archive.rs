@@ -17,15 +17,14 @@ use std::path::Path;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::provider::ProviderError;
+use crate::provider::snapshot_archive::{
+    BLOCK, entry_header, padding, read_entry_header, read_error, skip_padding,
+};
 
-/// Name of the metadata entry in an export stream.
-pub(crate) const META_ENTRY: &str = "meta.json";
+/// Name of the metadata entry in an export stream, and the limit on its size.
+pub(crate) use crate::provider::snapshot_archive::{MAX_META_BYTES, META_ENTRY};
 /// Name of the volume archive, in a snapshot directory and in an export stream.
 pub(crate) const VOLUME_ENTRY: &str = "volume.tar.zst";
-/// Largest `meta.json` accepted on import.
-pub(crate) const MAX_META_BYTES: u64 = 1024 * 1024;
-
-const BLOCK: usize = 512;
 
 /// Archives the contents of `src_dir` into a new `dest` file as tar + zstd (with a checksum).
 /// Symlinks are stored as symlinks, never followed. Returns the archive's size in bytes.
@@ -119,21 +118,6 @@ pub(crate) fn copy_tree(src: &Path, dest: &Path) -> io::Result<()> {
     Ok(())
 }
 
-fn entry_header(name: &str, size: u64) -> io::Result<tar::Header> {
-    let mut header = tar::Header::new_ustar();
-    header.set_path(name)?;
-    header.set_size(size);
-    header.set_mode(0o644);
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_mtime(crate::provider::now_ms() / 1000);
-    header.set_cksum();
-    Ok(header)
-}
-
-fn padding(size: u64) -> usize {
-    (BLOCK - (size % BLOCK as u64) as usize) % BLOCK
-}
-
 /// Writes an export stream: `meta` then the file at `volume`. Returns the bytes written.
 pub(crate) async fn write_export(
     meta: &[u8],
@@ -168,56 +152,6 @@ pub(crate) async fn write_export(
 }
 
 /// Maps a read error on an import stream: running out of bytes means a truncated (corrupt) stream.
-fn import_read_error(e: io::Error) -> ProviderError {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        ProviderError::corrupt_snapshot("stream ends early")
-    } else {
-        ProviderError::io("cannot read snapshot stream", e)
-    }
-}
-
-/// Reads one entry header and checks its checksum, type and name; returns the entry's size.
-async fn read_entry_header(
-    input: &mut (dyn AsyncRead + Unpin + Send),
-    expected: &str,
-) -> Result<u64, ProviderError> {
-    let mut block = [0u8; BLOCK];
-    input
-        .read_exact(&mut block)
-        .await
-        .map_err(import_read_error)?;
-    let stored: u32 = block[..148]
-        .iter()
-        .chain([b' '; 8].iter())
-        .chain(block[156..].iter())
-        .map(|&b| u32::from(b))
-        .sum();
-    let header = tar::Header::from_byte_slice(&block);
-    if header.cksum().ok() != Some(stored) {
-        return Err(ProviderError::corrupt_snapshot(format!(
-            "bad header checksum for {expected}"
-        )));
-    }
-    let path = header.path().map_err(ProviderError::corrupt_snapshot)?;
-    if path != Path::new(expected) || header.entry_type() != tar::EntryType::Regular {
-        return Err(ProviderError::corrupt_snapshot(format!(
-            "expected entry {expected}, found {}",
-            path.display()
-        )));
-    }
-    header.size().map_err(ProviderError::corrupt_snapshot)
-}
-
-async fn skip_padding(
-    input: &mut (dyn AsyncRead + Unpin + Send),
-    size: u64,
-) -> Result<(), ProviderError> {
-    let mut pad = [0u8; BLOCK];
-    let pad = &mut pad[..padding(size)];
-    input.read_exact(pad).await.map_err(import_read_error)?;
-    Ok(())
-}
-
 /// Reads an export stream: returns the `meta.json` bytes and streams the volume archive into the new
 /// file `volume_dest`. Checks the framing only; the caller verifies the archive itself.
 pub(crate) async fn read_export(
@@ -231,10 +165,7 @@ pub(crate) async fn read_export(
         )));
     }
     let mut meta = vec![0u8; meta_size as usize];
-    input
-        .read_exact(&mut meta)
-        .await
-        .map_err(import_read_error)?;
+    input.read_exact(&mut meta).await.map_err(read_error)?;
     skip_padding(input, meta_size).await?;
 
     let volume_size = read_entry_header(input, VOLUME_ENTRY).await?;
@@ -253,10 +184,7 @@ pub(crate) async fn read_export(
     skip_padding(input, volume_size).await?;
 
     let mut end = [0u8; BLOCK * 2];
-    input
-        .read_exact(&mut end)
-        .await
-        .map_err(import_read_error)?;
+    input.read_exact(&mut end).await.map_err(read_error)?;
     if end.iter().any(|&b| b != 0) {
         return Err(ProviderError::corrupt_snapshot(
             "unexpected data after the volume",
