@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use hearth_messages::{Subjects, TemplateName, WorkerId};
 use hearth_scheduler::{SchedulerConfig, TemplateConfig};
+use hearth_worker::provider::Isolation;
 use hearth_worker::{ProviderKind, Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +31,11 @@ pub struct UpArgs {
     /// VM backend of the worker.
     #[arg(long, value_enum, default_value = "process")]
     pub provider: ProviderKind,
-    /// Run commands inside bubblewrap at this path (e.g. /usr/bin/bwrap).
+    /// Isolation of the process provider: `sandbox` (hardened bubblewrap, the default) or
+    /// `none` (commands run as your user on this machine: only for code you trust).
+    #[arg(long, default_value = "sandbox", value_parser = parse_isolation)]
+    pub isolation: Isolation,
+    /// bubblewrap binary of the sandbox (default /usr/bin/bwrap).
     #[arg(long)]
     pub bwrap: Option<PathBuf>,
     /// Prometheus `/metrics` of both components; "off" disables it.
@@ -42,6 +47,10 @@ pub struct UpArgs {
     /// A scheduler TOML file (templates, lifetimes); replaces the built-in `default` template.
     #[arg(long)]
     pub config: Option<PathBuf>,
+}
+
+fn parse_isolation(value: &str) -> std::result::Result<Isolation, String> {
+    Isolation::parse(value).ok_or_else(|| format!("{value:?} is not sandbox or none"))
 }
 
 /// The built-in template: small, with a bootstrap that shows it ran once, at template build time.
@@ -120,7 +129,10 @@ async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -
     worker_config.nats_url = url.clone();
     worker_config.subjects = subjects.clone();
     worker_config.provider = args.provider;
-    worker_config.bwrap = args.bwrap.clone();
+    worker_config.isolation = args.isolation;
+    if let Some(bwrap) = &args.bwrap {
+        worker_config.sandbox.bwrap = bwrap.clone();
+    }
     worker_config.max_vms = args.max_vms;
     worker_config.backup_dir = Some(data_dir.join("backups"));
     worker_config.qemu.image = args

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::WireError;
+use crate::events::IsolationReport;
 use crate::ids::{SessionId, SnapshotId, TemplateName, WorkerId};
 
 /// Labels: free-form string pairs an executor attaches to a session and filters on.
@@ -175,6 +176,9 @@ pub struct Session {
     /// Labels given at create.
     #[serde(default)]
     pub labels: Labels,
+    /// The isolation its worker enforces (absent from records written before it was reported).
+    #[serde(default)]
+    pub isolation: Option<IsolationReport>,
 }
 
 /// A template: a snapshot sessions are restored from.
@@ -200,6 +204,15 @@ pub struct Template {
     /// Memory per VM, MiB.
     #[serde(default)]
     pub memory_mib: u32,
+    /// Disk quota of a VM's volume, MiB (0 = none).
+    #[serde(default)]
+    pub disk_mib: u32,
+    /// Most processes at once in a VM (0 = no limit).
+    #[serde(default)]
+    pub max_processes: u32,
+    /// `none` (the default) or `egress` (outbound access, never to the host).
+    #[serde(default)]
+    pub network: Option<String>,
     /// When the template was created (unix ms).
     #[serde(default)]
     pub created_ms: u64,
@@ -226,6 +239,9 @@ pub struct PoolStatus {
     pub target: u32,
     /// Live sessions claimed from this template.
     pub claimed: u32,
+    /// The isolation of the workers holding its ready VMs (one entry per distinct kind).
+    #[serde(default)]
+    pub isolation: Vec<IsolationReport>,
 }
 
 /// Reply to `pools.status`.

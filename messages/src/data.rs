@@ -172,6 +172,10 @@ pub struct ExecResult {
     /// Wall time of the command itself (not the lock wait), ms.
     #[serde(default)]
     pub duration_ms: u64,
+    /// The command (or something it started) hit the session's memory limit and was killed by
+    /// the kernel's OOM killer.
+    #[serde(default)]
+    pub oom_killed: bool,
 }
 
 impl ExecResult {

@@ -29,6 +29,8 @@ pub enum ErrorCode {
     NoCapacity,
     /// 504: a deadline passed before the work finished.
     Deadline,
+    /// 507: the session's disk quota is full (a write that did not fit).
+    InsufficientStorage,
     /// A code this version does not know (from a newer peer). Kept, not rejected.
     Other(u16),
 }
@@ -44,6 +46,7 @@ impl ErrorCode {
             ErrorCode::Internal => 500,
             ErrorCode::NoCapacity => 503,
             ErrorCode::Deadline => 504,
+            ErrorCode::InsufficientStorage => 507,
             ErrorCode::Other(code) => code,
         }
     }
@@ -58,6 +61,7 @@ impl ErrorCode {
             500 => ErrorCode::Internal,
             503 => ErrorCode::NoCapacity,
             504 => ErrorCode::Deadline,
+            507 => ErrorCode::InsufficientStorage,
             other => ErrorCode::Other(other),
         }
     }

@@ -89,6 +89,24 @@ pub struct Versions {
     pub provider: Option<String>,
 }
 
+/// What separates a worker's sessions from the host and from each other, as the worker enforces
+/// it. Reported in heartbeats and copied onto each `Session` and pool status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IsolationReport {
+    /// `sandbox` (process provider: hardened namespaces, seccomp, no capabilities), `vm`
+    /// (qemu, firecracker: guest code never runs on the host), `none` (the operator turned
+    /// isolation off: commands run as host processes), `fake` (nothing runs).
+    #[serde(default)]
+    pub mode: String,
+    /// How per-session memory, process and CPU limits are enforced: `cgroup_v2`, `cgroup_v1`,
+    /// `rlimit` (memory only), `vm` (the VM's own size), `none`.
+    #[serde(default)]
+    pub limits: String,
+    /// How the disk quota (`disk_mib`) is enforced: `loop_ext4`, `vm`, `none`.
+    #[serde(default)]
+    pub disk: String,
+}
+
 /// A worker's heartbeat, published every interval on `<prefix>.v1.workers.<wid>.status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerStatus {
@@ -121,6 +139,9 @@ pub struct WorkerStatus {
     /// Software versions.
     #[serde(default)]
     pub versions: Versions,
+    /// The isolation its sessions get.
+    #[serde(default)]
+    pub isolation: IsolationReport,
 }
 
 impl WorkerStatus {

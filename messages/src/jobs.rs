@@ -140,6 +140,15 @@ pub struct VmSpec {
     /// Memory in MiB (providers that cannot limit it ignore it).
     #[serde(default)]
     pub memory_mib: Option<u32>,
+    /// Disk quota of the VM's volume in MiB (0 = none; providers that cannot limit it ignore it).
+    #[serde(default)]
+    pub disk_mib: Option<u32>,
+    /// Most processes at once (0 = no limit).
+    #[serde(default)]
+    pub max_processes: Option<u32>,
+    /// `none` or `egress`.
+    #[serde(default)]
+    pub network: Option<String>,
     /// Environment for every command in the VM.
     #[serde(default)]
     pub env: BTreeMap<String, String>,

@@ -37,7 +37,9 @@ pub use data::{
     ExecRequest, ExecResult, FileGetRequest, FileGetResult, FilePutRequest, FilePutResult,
 };
 pub use error::{ErrorCode, WireError};
-pub use events::{SessionEvent, TerminationReason, Versions, VmEvent, WorkerStatus};
+pub use events::{
+    IsolationReport, SessionEvent, TerminationReason, Versions, VmEvent, WorkerStatus,
+};
 pub use ids::{IdError, JobId, SessionId, SnapshotId, TemplateName, VmId, WorkerId};
 pub use jobs::{JobOp, JobOutput, JobReply, JobRequest, SnapshotInfo, VmInfo, VmSpec, VmState};
 pub use subjects::{Bucket, SessionOp, Subjects};

@@ -35,6 +35,15 @@ fn session() -> Session {
         expires_ms: 1_700_000_600_000,
         last_used_ms: 1_700_000_000_001,
         labels: BTreeMap::from([("team".into(), "agents".into())]),
+        isolation: Some(isolation()),
+    }
+}
+
+fn isolation() -> IsolationReport {
+    IsolationReport {
+        mode: "sandbox".into(),
+        limits: "cgroup_v1".into(),
+        disk: "loop_ext4".into(),
     }
 }
 
@@ -160,6 +169,9 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
         max_ready: 8,
         vcpus: 1,
         memory_mib: 256,
+        disk_mib: 1024,
+        max_processes: 64,
+        network: Some("egress".into()),
         created_ms: 5,
     };
     roundtrip(&c, template.clone()).await;
@@ -179,6 +191,7 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
                 restoring: 1,
                 target: 4,
                 claimed: 7,
+                isolation: vec![isolation()],
             }],
         },
     )
@@ -208,6 +221,7 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
             stderr_truncated: false,
             timed_out: true,
             duration_ms: 1234,
+            oom_killed: true,
         },
     )
     .await;
@@ -241,6 +255,9 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
         template: Some(id("default")),
         vcpus: Some(2),
         memory_mib: Some(512),
+        disk_mib: Some(2048),
+        max_processes: Some(100),
+        network: Some("none".into()),
         env: BTreeMap::from([("X".into(), "y".into())]),
         base: Some("/srv/base.tar.zst".into()),
         bootstrap: Some(vec!["sh".into(), "-c".into(), "echo boot".into()]),
@@ -328,6 +345,7 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
             jobs_in_flight: 0,
             execs_in_flight: 2,
             vms: vec![vm_info()],
+            isolation: isolation(),
             versions: Versions {
                 hearth: "0.1.0".into(),
                 protocol: "v1".into(),

@@ -30,9 +30,18 @@ pub struct TemplateConfig {
     /// vCPUs per VM.
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
-    /// Memory per VM, MiB.
+    /// Memory per VM, MiB (enforced by the process provider with cgroups where the host allows).
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u32,
+    /// Disk quota of a VM's volume, MiB (0 = none).
+    #[serde(default = "default_disk_mib")]
+    pub disk_mib: u32,
+    /// Most processes at once in a VM (0 = no limit).
+    #[serde(default = "default_max_processes")]
+    pub max_processes: u32,
+    /// `none` (the default: no network) or `egress` (outbound access, never to the host).
+    #[serde(default = "default_network")]
+    pub network: String,
     /// Provider-specific base image on the worker (process provider: a directory or tarball).
     #[serde(default)]
     pub base: Option<String>,
@@ -53,6 +62,15 @@ fn default_vcpus() -> u32 {
 fn default_memory_mib() -> u32 {
     512
 }
+fn default_disk_mib() -> u32 {
+    4096
+}
+fn default_max_processes() -> u32 {
+    512
+}
+fn default_network() -> String {
+    "none".into()
+}
 
 impl TemplateConfig {
     /// A template with default sizing and `min_ready` warm VMs.
@@ -63,6 +81,9 @@ impl TemplateConfig {
             max_ready: None,
             vcpus: default_vcpus(),
             memory_mib: default_memory_mib(),
+            disk_mib: default_disk_mib(),
+            max_processes: default_max_processes(),
+            network: default_network(),
             base: None,
             bootstrap: None,
             env: BTreeMap::new(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use hearth_messages::{Subjects, WorkerId};
 use serde::Deserialize;
 
-use crate::provider::{Accel, Isolation, ProcessConfig, QemuConfig};
+use crate::provider::{Accel, Isolation, ProcessConfig, QemuConfig, SandboxConfig};
 
 /// A configuration error: the binary prints it on one line and exits 64.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +40,12 @@ pub struct WorkerConfig {
     pub provider: ProviderKind,
     /// Where the process provider keeps VMs and snapshots, and the worker its own state.
     pub data_dir: PathBuf,
-    /// Run commands inside bubblewrap namespaces (process provider).
-    pub bwrap: Option<PathBuf>,
+    /// How the process provider isolates commands: `sandbox` (default) or `none`.
+    pub isolation: Isolation,
+    /// The process provider's sandbox tools and host identity (`[sandbox]` in the file).
+    pub sandbox: SandboxConfig,
+    /// The `hearth-guest-agent` binary the process provider runs in each sandbox.
+    pub agent: Option<PathBuf>,
     /// Most VMs held at once; beyond it the oldest stopped VM is evicted, else 503.
     pub max_vms: u32,
     /// Most lifecycle jobs running at once (jobs on one VM are serialised anyway).
@@ -71,7 +75,9 @@ impl WorkerConfig {
             worker_id,
             provider: ProviderKind::Process,
             data_dir: data_dir.into(),
-            bwrap: None,
+            isolation: Isolation::Sandbox,
+            sandbox: SandboxConfig::default(),
+            agent: None,
             max_vms: 64,
             job_concurrency: 16,
             heartbeat_interval: Duration::from_secs(1),
@@ -87,11 +93,9 @@ impl WorkerConfig {
     /// The process provider's configuration derived from this one.
     pub fn process_config(&self) -> ProcessConfig {
         let mut config = ProcessConfig::new(self.data_dir.join("process"));
-        if let Some(bwrap) = &self.bwrap {
-            config.isolation = Isolation::Bubblewrap {
-                bwrap: bwrap.clone(),
-            };
-        }
+        config.isolation = self.isolation;
+        config.sandbox = self.sandbox.clone();
+        config.agent = self.agent.clone();
         config
     }
 
@@ -131,9 +135,16 @@ pub struct WorkerArgs {
     /// Data directory (VMs, snapshots, worker state).
     #[arg(long, env = "HEARTH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Run commands inside bubblewrap at this path (e.g. /usr/bin/bwrap).
+    /// Isolation of the process provider: `sandbox` (the default: hardened bubblewrap) or `none`
+    /// (commands run as host processes; only for trusted code).
+    #[arg(long, env = "HEARTH_ISOLATION", value_parser = parse_isolation)]
+    pub isolation: Option<Isolation>,
+    /// bubblewrap binary of the sandbox (default /usr/bin/bwrap).
     #[arg(long, env = "HEARTH_BWRAP")]
     pub bwrap: Option<PathBuf>,
+    /// The hearth-guest-agent binary (default: next to this executable, or on PATH).
+    #[arg(long, env = "HEARTH_AGENT_BIN")]
+    pub agent: Option<PathBuf>,
     /// Most VMs held at once.
     #[arg(long, env = "HEARTH_MAX_VMS")]
     pub max_vms: Option<u32>,
@@ -172,7 +183,10 @@ struct WorkerFile {
     worker_id: Option<String>,
     provider: Option<ProviderKind>,
     data_dir: Option<PathBuf>,
+    isolation: Option<Isolation>,
     bwrap: Option<PathBuf>,
+    agent: Option<PathBuf>,
+    sandbox: Option<SandboxConfig>,
     max_vms: Option<u32>,
     job_concurrency: Option<usize>,
     heartbeat_ms: Option<u64>,
@@ -193,6 +207,11 @@ fn read_file(path: &Path) -> Result<WorkerFile, ConfigError> {
             e.to_string().replace('\n', " ")
         ))
     })
+}
+
+/// Parses `--isolation`.
+fn parse_isolation(value: &str) -> Result<Isolation, String> {
+    Isolation::parse(value).ok_or_else(|| format!("{value:?} is not sandbox or none"))
 }
 
 /// Parses a metrics listen setting: an address, or `off`.
@@ -250,7 +269,16 @@ impl WorkerArgs {
         if let Some(provider) = self.provider.or(file.provider) {
             config.provider = provider;
         }
-        config.bwrap = self.bwrap.or(file.bwrap);
+        if let Some(isolation) = self.isolation.or(file.isolation) {
+            config.isolation = isolation;
+        }
+        if let Some(sandbox) = file.sandbox {
+            config.sandbox = sandbox;
+        }
+        if let Some(bwrap) = self.bwrap.or(file.bwrap) {
+            config.sandbox.bwrap = bwrap;
+        }
+        config.agent = self.agent.or(file.agent);
         if let Some(qemu) = file.qemu {
             config.qemu = qemu;
         }

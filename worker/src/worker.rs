@@ -511,7 +511,19 @@ impl Worker {
         let provider_spec = crate::provider::VmSpec {
             template: spec.template,
             vcpus: spec.vcpus.unwrap_or(1),
-            memory_mib: spec.memory_mib.unwrap_or(512),
+            memory_mib: spec
+                .memory_mib
+                .unwrap_or(crate::provider::DEFAULT_MEMORY_MIB),
+            disk_mib: spec.disk_mib.unwrap_or(crate::provider::DEFAULT_DISK_MIB),
+            max_processes: spec
+                .max_processes
+                .unwrap_or(crate::provider::DEFAULT_MAX_PROCESSES),
+            network: match spec.network.as_deref() {
+                None => crate::provider::NetworkMode::None,
+                Some(text) => {
+                    crate::provider::NetworkMode::parse(text).map_err(|e| wire_error(&e))?
+                }
+            },
             env: spec.env,
             base: spec.base.map(Into::into),
             bootstrap: spec.bootstrap,
@@ -990,6 +1002,7 @@ impl Inner {
                 protocol: hearth_messages::subjects::PROTOCOL_VERSION.to_owned(),
                 provider: None,
             },
+            isolation: self.provider.isolation(),
         };
         let Ok(payload) = Encoding::MsgPack.encode(&status) else {
             return;
@@ -1240,6 +1253,7 @@ fn exec_result(outcome: ExecOutcome, budget: usize) -> ExecResult {
         mut stderr_truncated,
         timed_out,
         duration,
+        oom_killed,
     } = outcome;
     if stdout.len() + stderr.len() > budget {
         // Share the budget, giving what one stream does not need to the other.
@@ -1269,6 +1283,7 @@ fn exec_result(outcome: ExecOutcome, budget: usize) -> ExecResult {
         stderr_truncated,
         timed_out,
         duration_ms: duration.as_millis() as u64,
+        oom_killed,
     }
 }
 

@@ -467,6 +467,9 @@ impl Core {
             template: Some(template.clone()),
             vcpus: Some(t.rec.template.vcpus).filter(|v| *v > 0),
             memory_mib: Some(t.rec.template.memory_mib).filter(|v| *v > 0),
+            disk_mib: Some(t.rec.template.disk_mib).filter(|v| *v > 0),
+            max_processes: Some(t.rec.template.max_processes).filter(|v| *v > 0),
+            network: t.rec.template.network.clone(),
             env: t.rec.env.clone(),
             base: None,
             bootstrap: None,
@@ -575,6 +578,13 @@ impl Core {
         let idle_timeout_s = req
             .idle_timeout_s
             .or(s.default_idle_timeout.map(|d| d.as_secs().max(1)));
+        let isolation = self
+            .state
+            .lock()
+            .workers
+            .get(worker)
+            .and_then(|w| w.status.as_ref())
+            .map(|s| s.isolation.clone());
         let rec = SessionRecord {
             session: Session {
                 session_id: sid.clone(),
@@ -586,6 +596,7 @@ impl Core {
                 expires_ms: now + ttl_s * 1000,
                 last_used_ms: now,
                 labels: req.labels.clone(),
+                isolation,
             },
             ttl_s,
             idle_timeout_s,

@@ -110,6 +110,9 @@ impl Scheduler {
                         max_ready: 0,
                         vcpus: 0,
                         memory_mib: 0,
+                        disk_mib: 0,
+                        max_processes: 0,
+                        network: None,
                         created_ms: clock.now_ms(),
                     },
                     env: Default::default(),
@@ -124,6 +127,9 @@ impl Scheduler {
             t.max_ready = tc.max_ready();
             t.vcpus = tc.vcpus;
             t.memory_mib = tc.memory_mib;
+            t.disk_mib = tc.disk_mib;
+            t.max_processes = tc.max_processes;
+            t.network = Some(tc.network.clone());
             entry.rec.env = tc.env.clone();
             entry.config = Some(tc.clone());
             if entry.rec != before {
@@ -371,7 +377,16 @@ impl Scheduler {
                 .map(|t| {
                     let name = &t.rec.template.name;
                     let pool = st.pools.get(name);
+                    let mut isolation: Vec<_> = pool
+                        .into_iter()
+                        .flat_map(|p| p.ready.iter().map(|e| &e.rec.worker_id))
+                        .filter_map(|w| st.workers.get(w)?.status.as_ref())
+                        .map(|s| s.isolation.clone())
+                        .collect();
+                    isolation.sort();
+                    isolation.dedup();
                     PoolStatus {
+                        isolation,
                         template: name.clone(),
                         ready: pool.map_or(0, |p| p.ready.len() as u32),
                         restoring: pool.map_or(0, |p| p.restoring.len() as u32),

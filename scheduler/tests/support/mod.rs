@@ -197,6 +197,7 @@ impl FleetWorker {
             execs_in_flight: 0,
             vms,
             versions: Default::default(),
+            isolation: self.provider.isolation(),
         }
     }
 
@@ -344,6 +345,7 @@ impl FleetWorker {
             base: spec.base.map(Into::into),
             bootstrap: spec.bootstrap,
             restore_from: spec.restore_from,
+            ..VmSpec::default()
         };
         p.create_vm_with_spec(&vm_id, &provider_spec)
             .await

@@ -177,15 +177,19 @@ impl Pending {
 
 impl AgentConn {
     async fn connect(connector: &Connector) -> std::io::Result<AgentConn> {
-        let stream = connector.connect().await?;
+        Ok(Self::over(connector.connect().await?))
+    }
+
+    /// A connection over a stream that is already open (one end of a socketpair).
+    fn over(stream: UnixStream) -> AgentConn {
         let (read, write) = stream.into_split();
         let shared = Arc::new(Shared::default());
         let reader = tokio::spawn(read_loop(read, shared.clone())).abort_handle();
-        Ok(AgentConn {
+        AgentConn {
             writer: tokio::sync::Mutex::new(write),
             shared,
             reader,
-        })
+        }
     }
 
     fn is_closed(&self) -> bool {
@@ -277,9 +281,10 @@ async fn read_frame(read: &mut OwnedReadHalf) -> Result<AgentFrame, FrameError> 
     decode_frame(&body)
 }
 
-/// The agent of one VM, reached through its chardev socket.
+/// The agent of one VM, reached through its chardev socket, or through one stream it was handed at
+/// start (a sandbox's socketpair: when that closes, the agent is gone for good).
 pub(crate) struct AgentLink {
-    connector: Connector,
+    connector: Option<Connector>,
     conn: tokio::sync::Mutex<Option<Arc<AgentConn>>>,
     poke: Option<Poke>,
 }
@@ -295,9 +300,27 @@ impl std::fmt::Debug for AgentLink {
 impl AgentLink {
     pub(crate) fn new(connector: Connector, poke: Option<Poke>) -> Self {
         Self {
-            connector,
+            connector: Some(connector),
             conn: tokio::sync::Mutex::new(None),
             poke,
+        }
+    }
+
+    /// A link over `stream`, an agent's only channel: no reconnects, and once it closes every
+    /// call fails with `Closed`. Needs a runtime (the reader task starts here).
+    pub(crate) fn attached(stream: UnixStream) -> Self {
+        Self {
+            connector: None,
+            conn: tokio::sync::Mutex::new(Some(Arc::new(AgentConn::over(stream)))),
+            poke: None,
+        }
+    }
+
+    /// The channel closed (an attached agent exited).
+    pub(crate) fn is_closed(&self) -> bool {
+        match self.conn.try_lock() {
+            Ok(conn) => conn.as_ref().is_none_or(|c| c.is_closed()),
+            Err(_) => false,
         }
     }
 
@@ -312,7 +335,9 @@ impl AgentLink {
     /// Drops the current connection; the next call makes a new one (after a restore, or when a
     /// call timed out and the channel may be stuck).
     pub(crate) async fn reset(&self) {
-        self.conn.lock().await.take();
+        if self.connector.is_some() {
+            self.conn.lock().await.take();
+        }
     }
 
     /// A connection whose agent answered a ping, reusing the current one while it is open.
@@ -327,6 +352,9 @@ impl AgentLink {
             return Ok(conn.clone());
         }
         conn_slot.take();
+        let Some(connector) = &self.connector else {
+            return Err(AgentCallError::Closed);
+        };
         let mut attempt = 0usize;
         loop {
             let now = Instant::now();
@@ -336,7 +364,7 @@ impl AgentLink {
                     after: deadline - started,
                 });
             }
-            let conn = match AgentConn::connect(&self.connector).await {
+            let conn = match AgentConn::connect(connector).await {
                 Ok(conn) => conn,
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -377,7 +405,7 @@ impl AgentLink {
                     )));
                 }
                 Err(AgentCallError::Timeout { .. } | AgentCallError::Closed) => {
-                    debug!(socket = %self.connector.path().display(), attempt, "agent not answering yet, reconnecting");
+                    debug!(socket = %connector.path().display(), attempt, "agent not answering yet, reconnecting");
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err(e) => return Err(e),

@@ -304,6 +304,14 @@ impl VmProvider for FakeProvider {
         "fake"
     }
 
+    fn isolation(&self) -> hearth_messages::IsolationReport {
+        hearth_messages::IsolationReport {
+            mode: "fake".into(),
+            limits: "none".into(),
+            disk: "none".into(),
+        }
+    }
+
     async fn create_vm_with_spec(
         &self,
         vm_id: &VmId,

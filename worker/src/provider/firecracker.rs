@@ -982,6 +982,10 @@ impl VmProvider for FirecrackerProvider {
         "firecracker"
     }
 
+    fn isolation(&self) -> hearth_messages::IsolationReport {
+        super::vm_isolation()
+    }
+
     async fn create_vm_with_spec(
         &self,
         vm_id: &VmId,

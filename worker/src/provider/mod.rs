@@ -33,7 +33,7 @@ mod vmm;
 
 pub use fake::{FakeConfig, FakeOp, FakeProvider};
 pub use firecracker::{FirecrackerConfig, FirecrackerMmds, FirecrackerProvider};
-pub use process::{Isolation, ProcessConfig, ProcessProvider};
+pub use process::{Isolation, ProcessConfig, ProcessProvider, SandboxConfig, WORKSPACE};
 pub use qemu::{Accel, QemuConfig, QemuProvider};
 
 /// State-changing operations on VMs, executed by lifecycle jobs and the data plane.
@@ -41,6 +41,9 @@ pub use qemu::{Accel, QemuConfig, QemuProvider};
 pub trait VmProvider: Send + Sync + 'static {
     /// Short adapter name for logs and heartbeats: `"fake"`, `"process"`.
     fn name(&self) -> &'static str;
+
+    /// What separates this provider's VMs from the host and from each other, as enforced.
+    fn isolation(&self) -> hearth_messages::IsolationReport;
 
     /// Creates and boots a VM with default settings (empty volume). The VM is `Running` on return.
     /// `AlreadyExists` if `vm_id` is in use (a destroyed VM's tombstone does not count).
@@ -222,9 +225,16 @@ pub struct VmView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
     pub template: Option<TemplateName>,
-    /// Sizing hints; the process adapter records but does not enforce them.
+    /// Size of the VM; the process adapter enforces them with cgroups where the host allows
+    /// (0 = no limit there).
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// Disk quota of the volume, MiB (0 = none).
+    pub disk_mib: u32,
+    /// Most processes at once (0 = no limit).
+    pub max_processes: u32,
+    /// Network access of the VM's commands.
+    pub network: NetworkMode,
     /// Environment added to every command run in the VM (under the request's own `env`).
     pub env: BTreeMap<String, String>,
     /// A directory, `.tar` or `.tar.zst` copied into the volume on a cold boot.
@@ -236,12 +246,63 @@ pub struct VmSpec {
     pub restore_from: Option<SnapshotId>,
 }
 
+/// The isolation of a real VM: guest code runs only in the guest, sized by the VM itself.
+pub(crate) fn vm_isolation() -> hearth_messages::IsolationReport {
+    hearth_messages::IsolationReport {
+        mode: "vm".into(),
+        limits: "vm".into(),
+        disk: "vm".into(),
+    }
+}
+
+/// Memory of a VM when its template does not say.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// Disk quota of a VM when its template does not say (a sparse file: unused space costs nothing).
+pub const DEFAULT_DISK_MIB: u32 = 4096;
+/// Process limit of a VM when its template does not say.
+pub const DEFAULT_MAX_PROCESSES: u32 = 512;
+
+/// Network access of a VM's commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// No network at all (only a loopback of its own).
+    #[default]
+    None,
+    /// Outbound connections through a user-mode network stack, never to the host's own
+    /// addresses, its loopback or link-local (metadata) addresses.
+    Egress,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::None => "none",
+            NetworkMode::Egress => "egress",
+        }
+    }
+
+    /// Parses `none` or `egress`.
+    pub fn parse(text: &str) -> Result<Self, ProviderError> {
+        match text {
+            "none" => Ok(NetworkMode::None),
+            "egress" => Ok(NetworkMode::Egress),
+            other => Err(ProviderError::InvalidArgument(format!(
+                "network {other:?} is not none or egress"
+            ))),
+        }
+    }
+}
+
 impl Default for VmSpec {
     fn default() -> Self {
         Self {
             template: None,
             vcpus: 1,
-            memory_mib: 512,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            disk_mib: DEFAULT_DISK_MIB,
+            max_processes: DEFAULT_MAX_PROCESSES,
+            network: NetworkMode::None,
             env: BTreeMap::new(),
             base: None,
             bootstrap: None,
@@ -435,6 +496,8 @@ pub struct ExecOutcome {
     /// The command outlived its timeout and its process group was killed.
     pub timed_out: bool,
     pub duration: Duration,
+    /// The VM's memory limit was hit while the command ran and the kernel killed a process.
+    pub oom_killed: bool,
 }
 
 impl ExecOutcome {
@@ -655,17 +718,6 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// The default environment under every command: a sane `PATH` and `HOME` = the volume.
-pub(crate) fn default_env(home: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (
-            "PATH".to_owned(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
-        ),
-        ("HOME".to_owned(), home.to_owned()),
-    ])
 }
 
 /// The last `max` bytes of `bytes`, lossily decoded, for error messages.

@@ -1,12 +1,13 @@
-//! The process adapter (the embedded default): a "VM" is a volume directory plus commands run by a
-//! shell in it, optionally inside bubblewrap namespaces.
+//! The process adapter (the embedded default): a "VM" is a volume directory plus a long-lived
+//! sandbox (see [`sandbox`]) whose agent runs the VM's commands and file transfers.
 //!
 //! On disk, under `root`:
 //! ```text
-//! vms/<vm_id>/meta.json            VmMeta: state, template, times, restored_from, env
-//! vms/<vm_id>/volume/              the VM's disk; commands run with cwd = volume
+//! vms/<vm_id>/meta.json            VmMeta: state, template, times, restored_from, env, limits
+//! vms/<vm_id>/volume/              the VM's disk (`/workspace` inside the sandbox)
 //! snapshots/<snapshot_id>/meta.json
 //! snapshots/<snapshot_id>/volume.tar.zst
+//! sandbox-etc/                     the generated /etc files every sandbox sees
 //! tmp/                             staging (snapshots, imports, deletes); emptied by `open`
 //! lock                             flock held while open: one provider per root
 //! ```
@@ -15,17 +16,14 @@
 //! destroy renames the VM directory into `tmp/` before deleting it; rename is one `rename(2)`, and the
 //! directory name is the source of truth.
 //!
-//! Known limits: commands run as the worker's user (root in production), so without bubblewrap a
-//! command can touch the host; a process that calls `setsid` escapes the process-group kill unless
-//! bubblewrap's pid namespace holds it; absolute paths written into a volume (e.g. a virtualenv's
-//! shebangs) break when the VM is renamed or restored under another id, because the volume's path
-//! contains the id; under bubblewrap a command killed by a signal shows as exit code 128+N with
-//! `signal: None` (bwrap reports it as an exit status), except when the sandbox itself is killed.
+//! Sandboxes: a running VM's sandbox is started when the VM is created (before it can join a
+//! pool, so a claim never waits for one) or started again, and killed — with every process in
+//! it — when the VM stops or is destroyed. Sandboxes die with the worker; after a restart a
+//! running VM gets a new one on its next use. Everything a command wrote to the volume stays;
+//! processes do not.
 
 use std::collections::{BTreeMap, HashSet};
-use std::ffi::OsString;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,19 +33,26 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use hearth_messages::agent::{AgentErrorKind, AgentReply, AgentRequest};
+use hearth_messages::{FileGetRequest, FilePutRequest};
+
+use super::agent::{AgentCallError, ExecLimits};
 use super::paths;
+use super::vmm::{exec_request, transfer_allowance, unexpected};
 use super::{
     ExecOutcome, ExecSpec, OutputChunk, Program, ProviderError, SnapshotId, SnapshotInfo,
-    TemplateName, Tombstones, VmId, VmProvider, VmQuery, VmSpec, VmState, VmView, default_env,
-    lifecycle, now_ms, tail_lossy,
+    TemplateName, Tombstones, VmId, VmProvider, VmQuery, VmSpec, VmState, VmView, lifecycle,
+    now_ms, tail_lossy,
 };
 
 mod archive;
-mod exec;
+pub mod sandbox;
 
-use exec::{GroupTracker, Invocation, Limits, Untracked};
+pub use sandbox::{Isolation, SandboxConfig, WORKSPACE};
+use sandbox::{LaunchSpec, Launcher, Sandbox};
 
 /// How long a bootstrap command may run.
 const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(600);
@@ -56,24 +61,10 @@ const BOOTSTRAP_OUTPUT_BYTES: usize = 64 * 1024;
 /// Version of the `meta.json` formats written here.
 const META_FORMAT: u32 = 1;
 
-/// How commands are isolated from the host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Isolation {
-    /// Commands run as plain host processes in the volume directory.
-    #[default]
-    None,
-    /// Each command runs under `bwrap` with its own pid, net, uts and ipc namespaces, the host
-    /// read-only and the volume the only writable path (plus a private `/tmp`).
-    Bubblewrap {
-        #[serde(default = "default_bwrap")]
-        bwrap: PathBuf,
-    },
-}
-
-fn default_bwrap() -> PathBuf {
-    PathBuf::from("/usr/bin/bwrap")
-}
+/// How long an agent may take to answer a file transfer or to come up for an exec.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent may answer after a command's own timeout.
+const EXEC_GRACE: Duration = Duration::from_secs(5);
 
 /// Configuration of the process adapter; deserialisable from the worker's TOML with defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,7 +76,13 @@ pub struct ProcessConfig {
     pub shell: PathBuf,
     /// Added to every command's environment (under the VM's and the request's own env).
     pub env: BTreeMap<String, String>,
+    /// `sandbox` (the default) or `none` (commands run as host processes: an explicit choice).
     pub isolation: Isolation,
+    /// The sandbox's tools and host identity.
+    pub sandbox: SandboxConfig,
+    /// The `hearth-guest-agent` binary; found next to the worker's executable or on `PATH` when
+    /// unset.
+    pub agent: Option<PathBuf>,
     /// zstd level for snapshots and backups.
     pub snapshot_compression_level: i32,
 }
@@ -96,7 +93,9 @@ impl Default for ProcessConfig {
             root: PathBuf::from("/var/lib/hearth/process"),
             shell: PathBuf::from("/bin/sh"),
             env: BTreeMap::new(),
-            isolation: Isolation::None,
+            isolation: Isolation::Sandbox,
+            sandbox: SandboxConfig::default(),
+            agent: None,
             snapshot_compression_level: 3,
         }
     }
@@ -160,14 +159,25 @@ struct SnapshotMeta {
 #[derive(Debug)]
 struct VmRecord {
     slot: Mutex<VmSlot>,
+    /// Held while a sandbox is being started, so two callers never start two.
+    launching: tokio::sync::Mutex<()>,
+}
+
+impl VmRecord {
+    fn new(dir: PathBuf, meta: VmMeta, sandbox: Option<Arc<Sandbox>>) -> Arc<Self> {
+        Arc::new(VmRecord {
+            slot: Mutex::new(VmSlot { dir, meta, sandbox }),
+            launching: tokio::sync::Mutex::new(()),
+        })
+    }
 }
 
 #[derive(Debug)]
 struct VmSlot {
     dir: PathBuf,
     meta: VmMeta,
-    /// Process groups of the execs running in the VM, killed by stop and destroy.
-    groups: HashSet<i32>,
+    /// The running sandbox; `None` while stopped, and after a worker restart until first use.
+    sandbox: Option<Arc<Sandbox>>,
 }
 
 impl VmSlot {
@@ -175,25 +185,11 @@ impl VmSlot {
         self.dir.join("volume")
     }
 
-    fn kill_all(&mut self) {
-        for pgid in self.groups.drain() {
-            exec::kill_group(pgid);
+    /// Ends the sandbox and every process in it.
+    fn kill_sandbox(&mut self) {
+        if let Some(sandbox) = self.sandbox.take() {
+            sandbox.kill();
         }
-    }
-}
-
-impl GroupTracker for VmRecord {
-    fn started(&self, pgid: i32) -> bool {
-        let mut slot = self.slot.lock();
-        if slot.meta.state != VmState::Running {
-            return false;
-        }
-        slot.groups.insert(pgid);
-        true
-    }
-
-    fn finished(&self, pgid: i32) {
-        self.slot.lock().groups.remove(&pgid);
     }
 }
 
@@ -252,6 +248,7 @@ struct Inner {
     /// Held for the provider's lifetime: one provider per root (reconcile deletes staging files).
     _root_lock: nix::fcntl::Flock<std::fs::File>,
     config: ProcessConfig,
+    launcher: Launcher,
     vms_dir: PathBuf,
     snapshots_dir: PathBuf,
     tmp_dir: PathBuf,
@@ -270,9 +267,6 @@ impl ProcessProvider {
     /// removed. Blocking; call it at startup. `Unavailable` if bubblewrap is configured but missing
     /// or cannot create namespaces.
     pub fn open(config: ProcessConfig) -> Result<Self, ProviderError> {
-        if let Isolation::Bubblewrap { bwrap } = &config.isolation {
-            probe_bwrap(bwrap, &config.shell)?;
-        }
         let root = &config.root;
         let vms_dir = root.join("vms");
         let snapshots_dir = root.join("snapshots");
@@ -299,8 +293,21 @@ impl ProcessProvider {
                         root.display()
                     ))
                 })?;
+        let launcher = Launcher::open(
+            config.isolation,
+            config.sandbox.clone(),
+            config.agent.as_deref(),
+            &root,
+        )?;
+        if config.isolation == Isolation::None {
+            warn!(
+                "isolation is off: commands run as host processes with the worker's privileges \
+                 (--isolation none)"
+            );
+        }
         let inner = Inner {
             _root_lock: root_lock,
+            launcher,
             vms_dir: root.join("vms"),
             snapshots_dir: root.join("snapshots"),
             tmp_dir: root.join("tmp"),
@@ -317,85 +324,11 @@ impl ProcessProvider {
     pub fn config(&self) -> &ProcessConfig {
         &self.inner.config
     }
-}
 
-/// Checks that `bwrap` exists and can create the namespaces commands will use.
-fn probe_bwrap(bwrap: &Path, shell: &Path) -> Result<(), ProviderError> {
-    if !bwrap.is_file() {
-        return Err(ProviderError::Unavailable(format!(
-            "bubblewrap isolation configured but bwrap not found at {}",
-            bwrap.display()
-        )));
+    /// The isolation in force.
+    pub fn isolation(&self) -> Isolation {
+        self.inner.launcher.isolation()
     }
-    let mut argv = sandbox_prefix(bwrap, Path::new("/"), Path::new("/"), "hearth-probe");
-    argv.extend([shell.into(), "-c".into(), "true".into()]);
-    let output = std::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| {
-            ProviderError::Unavailable(format!(
-                "bubblewrap isolation configured but {} cannot run: {e}",
-                bwrap.display()
-            ))
-        })?;
-    if !output.status.success() {
-        return Err(ProviderError::Unavailable(format!(
-            "bubblewrap isolation configured but {} fails: {}",
-            bwrap.display(),
-            tail_lossy(&output.stderr, 500)
-        )));
-    }
-    Ok(())
-}
-
-/// `bwrap` and its flags up to `--`: own pid/net/uts/ipc namespaces, host read-only, the volume
-/// the only writable path, a private `/tmp`, hostname = the VM id.
-///
-/// `--die-with-parent` is tied to the spawning *thread* (PR_SET_PDEATHSIG): commands must be spawned
-/// from async code on runtime worker threads, never from `spawn_blocking` threads, which exit when
-/// idle and would take the sandbox with them.
-fn sandbox_prefix(bwrap: &Path, volume: &Path, cwd: &Path, hostname: &str) -> Vec<OsString> {
-    let mut argv: Vec<OsString> = vec![bwrap.into()];
-    argv.extend(
-        [
-            "--die-with-parent",
-            "--unshare-pid",
-            "--unshare-net",
-            "--unshare-uts",
-            "--unshare-ipc",
-            "--ro-bind",
-            "/",
-            "/",
-            "--dev",
-            "/dev",
-            "--proc",
-            "/proc",
-            "--tmpfs",
-            "/tmp",
-        ]
-        .map(OsString::from),
-    );
-    argv.extend([
-        "--bind".into(),
-        volume.into(),
-        volume.into(),
-        "--chdir".into(),
-        cwd.into(),
-        "--hostname".into(),
-        // sethostname(2) takes at most 64 bytes; ids are ASCII.
-        hostname.chars().take(64).collect::<String>().into(),
-        "--".into(),
-    ]);
-    argv
-}
-
-/// Where a command runs: the VM, its volume and env, and who tracks its process group.
-struct RunTarget<'a> {
-    vm_id: &'a VmId,
-    volume: &'a Path,
-    vm_env: &'a BTreeMap<String, String>,
-    tracker: &'a dyn GroupTracker,
 }
 
 /// Runs a blocking closure on the blocking pool.
@@ -569,16 +502,7 @@ impl Inner {
                 write_json_atomic(&meta_path, &meta)?;
             }
             debug!(%vm_id, state = %meta.state, "reconciled vm");
-            index.vms.insert(
-                vm_id,
-                Arc::new(VmRecord {
-                    slot: Mutex::new(VmSlot {
-                        dir,
-                        meta,
-                        groups: HashSet::new(),
-                    }),
-                }),
-            );
+            index.vms.insert(vm_id, VmRecord::new(dir, meta, None));
         }
 
         for entry in list(&self.snapshots_dir)?.flatten() {
@@ -625,99 +549,130 @@ impl Inner {
         self.index.lock().record(vm_id)
     }
 
-    /// The record and volume path of a running VM (exec and file transfer); bumps its activity.
-    fn running(&self, vm_id: &VmId) -> Result<(Arc<VmRecord>, PathBuf), ProviderError> {
+    /// The record and the sandbox of a running VM (exec and file transfer), starting the sandbox
+    /// if it is not running (first use after a worker restart, or its agent died); bumps the
+    /// VM's activity.
+    async fn running(&self, vm_id: &VmId) -> Result<(Arc<VmRecord>, Arc<Sandbox>), ProviderError> {
         let record = self.record(vm_id)?;
-        let volume = {
+        let live = |record: &VmRecord| -> Result<Option<Arc<Sandbox>>, ProviderError> {
             let mut slot = record.slot.lock();
             lifecycle::require_running(vm_id, slot.meta.state)?;
             slot.meta.last_activity_ms = now_ms();
-            slot.volume()
+            Ok(slot.sandbox.clone().filter(|s| !s.is_dead()))
         };
-        Ok((record, volume))
-    }
-
-    /// The complete environment of a command: defaults, provider, VM, request.
-    fn command_env(
-        &self,
-        volume: &Path,
-        vm_env: &BTreeMap<String, String>,
-        request_env: &BTreeMap<String, String>,
-    ) -> BTreeMap<String, String> {
-        let mut env = default_env(&volume.to_string_lossy());
-        for layer in [&self.config.env, vm_env, request_env] {
-            env.extend(layer.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(sandbox) = live(&record)? {
+            return Ok((record, sandbox));
         }
-        env
+        let owner = record.clone();
+        let _launching = owner.launching.lock().await;
+        if let Some(sandbox) = live(&record)? {
+            return Ok((record, sandbox));
+        }
+        let (volume, memory_mib) = {
+            let slot = record.slot.lock();
+            (slot.volume(), slot.meta.memory_mib)
+        };
+        let sandbox = self.launch(vm_id, &volume, memory_mib).await?;
+        {
+            let mut slot = record.slot.lock();
+            // Stopped or destroyed meanwhile: that wins, and the new sandbox dies with this scope.
+            lifecycle::require_running(vm_id, slot.meta.state)?;
+            if let Some(old) = slot.sandbox.replace(sandbox.clone()) {
+                old.kill();
+            }
+        }
+        Ok((record, sandbox))
     }
 
-    /// The argv that runs `program` in `volume` at `cwd`, wrapped in bubblewrap if configured.
-    fn command_argv(
+    /// Starts a sandbox around `volume`.
+    async fn launch(
         &self,
         vm_id: &VmId,
         volume: &Path,
-        cwd: &Path,
-        program: &Program,
-    ) -> Vec<OsString> {
-        let shell: OsString = self.config.shell.clone().into();
-        match &self.config.isolation {
-            Isolation::None => match program {
-                Program::Shell(cmd) => vec![shell, "-c".into(), cmd.into()],
-                Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
-            },
-            Isolation::Bubblewrap { bwrap } => {
-                let mut argv = sandbox_prefix(bwrap, volume, cwd, vm_id.as_str());
-                match program {
-                    Program::Shell(cmd) => argv.extend([shell, "-c".into(), cmd.into()]),
-                    Program::Argv(inner) => {
-                        // Through the shell's `exec`, so a missing program is exit 127 as without
-                        // isolation (bwrap itself would exit 1).
-                        argv.extend([
-                            shell,
-                            "-c".into(),
-                            "exec \"$@\"".into(),
-                            "hearth-exec".into(),
-                        ]);
-                        argv.extend(inner.iter().map(OsString::from));
-                    }
-                }
-                argv
-            }
+        memory_mib: u32,
+    ) -> Result<Arc<Sandbox>, ProviderError> {
+        self.launcher
+            .launch(LaunchSpec {
+                vm_id,
+                volume,
+                enter_limits: None,
+                tmp_bytes: u64::from(memory_mib) << 20,
+            })
+            .await
+    }
+
+    fn isolation_report(&self) -> hearth_messages::IsolationReport {
+        hearth_messages::IsolationReport {
+            mode: self.launcher.isolation().as_str().into(),
+            limits: "none".into(),
+            disk: "none".into(),
         }
     }
 
-    async fn run_in_volume(
+    /// The agent request running `spec` with the provider's shell and environment layers.
+    fn exec_request(
         &self,
-        target: RunTarget<'_>,
-        spec: ExecSpec,
-        limits: Limits,
+        spec: &ExecSpec,
+        vm_env: &BTreeMap<String, String>,
+    ) -> hearth_messages::ExecRequest {
+        let mut req = exec_request(spec);
+        if let Program::Shell(cmd) = &spec.program {
+            let shell = self.config.shell.to_string_lossy().into_owned();
+            req.argv = Some(vec![shell, "-c".into(), cmd.clone()]);
+            req.cmd = None;
+        }
+        let mut env = self.config.env.clone();
+        env.extend(vm_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        req.env = env;
+        req
+    }
+
+    /// Runs `spec` in `sandbox`.
+    async fn exec_in(
+        &self,
+        vm_id: &VmId,
+        sandbox: &Sandbox,
+        spec: &ExecSpec,
+        vm_env: &BTreeMap<String, String>,
         chunks: Option<mpsc::Sender<OutputChunk>>,
     ) -> Result<ExecOutcome, ProviderError> {
-        let RunTarget {
-            vm_id,
-            volume,
-            vm_env,
-            tracker,
-        } = target;
-        spec.validate()?;
-        let rel_cwd = paths::relative_path("cwd", spec.cwd.as_deref().unwrap_or(""))?;
-        let cwd = {
-            let volume = volume.to_path_buf();
-            blocking(move || {
-                let volume = volume
-                    .canonicalize()
-                    .map_err(|e| ProviderError::io("cannot resolve volume", e))?;
-                paths::resolve_dir(&volume, &rel_cwd)
-            })
-            .await?
+        let req = self.exec_request(spec, vm_env);
+        let limits = ExecLimits {
+            handshake: AGENT_TIMEOUT,
+            grace: EXEC_GRACE,
         };
-        let inv = Invocation {
-            argv: self.command_argv(vm_id, volume, &cwd, &spec.program),
-            env: self.command_env(volume, vm_env, &spec.env),
-            cwd,
-            stdin: spec.stdin,
-        };
-        Ok(exec::run(inv, limits, chunks, tracker).await)
+        sandbox
+            .link
+            .exec(req, spec.max_output_bytes, chunks, limits)
+            .await
+            .map_err(|e| self.agent_error(vm_id, e))
+    }
+
+    /// Maps a failed agent call onto the provider's errors.
+    fn agent_error(&self, vm_id: &VmId, e: AgentCallError) -> ProviderError {
+        match e {
+            AgentCallError::Timeout { .. } => ProviderError::Timeout(format!("vm {vm_id}: {e}")),
+            AgentCallError::Agent(err) => match err.kind {
+                AgentErrorKind::InvalidArgument => ProviderError::InvalidArgument(err.message),
+                AgentErrorKind::NotFound => ProviderError::NotFound(err.message),
+                AgentErrorKind::Unsupported => ProviderError::Unsupported(err.message),
+                _ => ProviderError::io(format!("vm {vm_id}"), io::Error::other(err.message)),
+            },
+            AgentCallError::Closed => {
+                let state = self.record(vm_id).map(|r| r.slot.lock().meta.state);
+                match state {
+                    Ok(VmState::Running) => ProviderError::io(
+                        format!("vm {vm_id}"),
+                        io::Error::other("the sandbox ended while the command ran"),
+                    ),
+                    _ => ProviderError::InvalidState(format!(
+                        "vm {vm_id} was stopped or destroyed while the command ran"
+                    )),
+                }
+            }
+            e => ProviderError::io(format!("vm {vm_id}"), io::Error::other(e.to_string())),
+        }
     }
 
     fn snapshot_dir(&self, snapshot_id: &SnapshotId) -> PathBuf {
@@ -749,6 +704,10 @@ impl Inner {
             (None, Some(base)) => archive::seed_from_base(base, &volume)?,
             (None, None) => {}
         }
+        if let Some((uid, gid)) = self.launcher.owner() {
+            archive::chown_tree(&volume, uid, gid)
+                .map_err(|e| ProviderError::io("cannot hand the volume to the sandbox user", e))?;
+        }
         Ok(())
     }
 }
@@ -757,6 +716,10 @@ impl Inner {
 impl VmProvider for ProcessProvider {
     fn name(&self) -> &'static str {
         "process"
+    }
+
+    fn isolation(&self) -> hearth_messages::IsolationReport {
+        self.inner.isolation_report()
     }
 
     async fn create_vm_with_spec(
@@ -815,16 +778,17 @@ impl VmProvider for ProcessProvider {
             blocking(move || inner.populate_vm_dir(&dir, &spec, restore.as_ref())).await?;
         }
 
+        // The sandbox starts now, so the VM is ready the moment it is listed (and pooled).
+        let sandbox = inner
+            .launch(vm_id, &dir.join("volume"), spec.memory_mib)
+            .await?;
         if let (None, Some(bootstrap)) = (&restore, &spec.bootstrap) {
-            let exec_spec = ExecSpec::argv(bootstrap.clone());
-            let limits = Limits::new(BOOTSTRAP_TIMEOUT, BOOTSTRAP_OUTPUT_BYTES);
-            let target = RunTarget {
-                vm_id,
-                volume: &dir.join("volume"),
-                vm_env: &env,
-                tracker: &Untracked,
-            };
-            let outcome = inner.run_in_volume(target, exec_spec, limits, None).await?;
+            let exec_spec = ExecSpec::argv(bootstrap.clone())
+                .with_timeout(BOOTSTRAP_TIMEOUT)
+                .with_max_output_bytes(BOOTSTRAP_OUTPUT_BYTES);
+            let outcome = inner
+                .exec_in(vm_id, &sandbox, &exec_spec, &env, None)
+                .await?;
             if !outcome.success() {
                 let how = if outcome.timed_out {
                     format!("timed out after {}s", BOOTSTRAP_TIMEOUT.as_secs())
@@ -871,16 +835,9 @@ impl VmProvider for ProcessProvider {
             guard.armed = false;
             index.creating.remove(vm_id);
             index.tombstones.remove(vm_id);
-            index.vms.insert(
-                vm_id.clone(),
-                Arc::new(VmRecord {
-                    slot: Mutex::new(VmSlot {
-                        dir,
-                        meta,
-                        groups: HashSet::new(),
-                    }),
-                }),
-            );
+            index
+                .vms
+                .insert(vm_id.clone(), VmRecord::new(dir, meta, Some(sandbox)));
         }
         Ok(view)
     }
@@ -888,7 +845,9 @@ impl VmProvider for ProcessProvider {
     async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
         let inner = self.inner.clone();
         let vm_id = vm_id.clone();
-        blocking(move || {
+        let id = vm_id.clone();
+        let view = blocking(move || {
+            let vm_id = id;
             let record = inner.record(&vm_id)?;
             let mut slot = record.slot.lock();
             lifecycle::check_start(&vm_id, slot.meta.state)?;
@@ -901,7 +860,10 @@ impl VmProvider for ProcessProvider {
             info!(%vm_id, "started vm");
             Ok(slot.meta.view())
         })
-        .await
+        .await?;
+        // The sandbox now, so the first command after a resume does not wait for it.
+        self.inner.running(&vm_id).await?;
+        Ok(view)
     }
 
     async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
@@ -918,7 +880,7 @@ impl VmProvider for ProcessProvider {
             meta.last_activity_ms = now;
             write_json_atomic(&slot.dir.join("meta.json"), &meta)?;
             slot.meta = meta;
-            slot.kill_all();
+            slot.kill_sandbox();
             info!(%vm_id, "stopped vm");
             Ok(slot.meta.view())
         })
@@ -1001,9 +963,9 @@ impl VmProvider for ProcessProvider {
                 if let Err(e) = std::fs::rename(&slot.dir, &trash) {
                     return Err(ProviderError::io("cannot remove vm directory", e));
                 }
-                // Marked under the slot lock, so an exec spawning right now kills its own group.
+                // Marked under the slot lock, so a sandbox starting right now is not kept.
                 slot.meta.state = VmState::Destroyed;
-                slot.kill_all();
+                slot.kill_sandbox();
                 let mut view = slot.meta.view();
                 view.last_activity_ms = now_ms();
                 drop(slot);
@@ -1055,16 +1017,11 @@ impl VmProvider for ProcessProvider {
         spec.validate()?;
         paths::relative_path("cwd", spec.cwd.as_deref().unwrap_or(""))?;
         let inner = &self.inner;
-        let (record, volume) = inner.running(vm_id)?;
+        let (record, sandbox) = inner.running(vm_id).await?;
         let vm_env = record.slot.lock().meta.env.clone();
-        let limits = Limits::new(spec.timeout, spec.max_output_bytes);
-        let target = RunTarget {
-            vm_id,
-            volume: &volume,
-            vm_env: &vm_env,
-            tracker: record.as_ref(),
-        };
-        let outcome = inner.run_in_volume(target, spec, limits, chunks).await?;
+        let outcome = inner
+            .exec_in(vm_id, &sandbox, &spec, &vm_env, chunks)
+            .await?;
         record.slot.lock().meta.last_activity_ms = now_ms();
         debug!(%vm_id, exit_code = outcome.exit_code, timed_out = outcome.timed_out, "exec finished");
         Ok(outcome)
@@ -1077,37 +1034,21 @@ impl VmProvider for ProcessProvider {
         data: &[u8],
         mode: Option<u32>,
     ) -> Result<u64, ProviderError> {
-        let rel = paths::file_path(path)?;
-        let (_record, volume) = self.inner.running(vm_id)?;
-        let data = data.to_vec();
-        blocking(move || {
-            let volume = volume
-                .canonicalize()
-                .map_err(|e| ProviderError::io("cannot resolve volume", e))?;
-            let (dir, name) = paths::prepare_write(&volume, &rel)?;
-            let target = dir.join(&name);
-            let keep_mode = std::fs::symlink_metadata(&target)
-                .ok()
-                .filter(|m| m.is_file())
-                .map(|m| m.permissions().mode());
-            let tmp = dir.join(format!(".hearth-put-{}", uuid::Uuid::new_v4().simple()));
-            let written = (|| {
-                std::fs::write(&tmp, &data)?;
-                if let Some(mode) = mode.map(|m| m & 0o777).or(keep_mode) {
-                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-                }
-                std::fs::rename(&tmp, &target)
-            })();
-            if let Err(e) = written {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(ProviderError::io(
-                    format!("cannot write {path:?}", path = rel),
-                    e,
-                ));
-            }
-            Ok(data.len() as u64)
-        })
-        .await
+        paths::file_path(path)?;
+        let (record, sandbox) = self.inner.running(vm_id).await?;
+        let request = AgentRequest::PutFile(FilePutRequest {
+            path: path.to_owned(),
+            data: data.to_vec().into(),
+            mode,
+        });
+        let deadline = Instant::now() + AGENT_TIMEOUT + transfer_allowance(data.len() as u64);
+        let result = sandbox.link.call(request, "a file put", deadline).await;
+        record.slot.lock().meta.last_activity_ms = now_ms();
+        match result {
+            Ok(AgentReply::FileWritten(r)) => Ok(r.size),
+            Ok(other) => Err(unexpected(vm_id, &other)),
+            Err(e) => Err(self.inner.agent_error(vm_id, e)),
+        }
     }
 
     async fn get_file(
@@ -1116,47 +1057,25 @@ impl VmProvider for ProcessProvider {
         path: &str,
         max_bytes: u64,
     ) -> Result<Vec<u8>, ProviderError> {
-        let rel = paths::file_path(path)?;
-        let (_record, volume) = self.inner.running(vm_id)?;
-        let path = path.to_owned();
-        blocking(move || {
-            let volume = volume
-                .canonicalize()
-                .map_err(|e| ProviderError::io("cannot resolve volume", e))?;
-            let resolved = paths::resolve_existing_file(&volume, &rel)?;
-            let meta = std::fs::metadata(&resolved)
-                .map_err(|e| ProviderError::io(format!("cannot inspect {path:?}"), e))?;
-            if meta.is_dir() {
-                return Err(ProviderError::InvalidArgument(format!(
-                    "path {path:?} is a directory"
-                )));
+        paths::file_path(path)?;
+        let (record, sandbox) = self.inner.running(vm_id).await?;
+        let request = AgentRequest::GetFile(FileGetRequest {
+            path: path.to_owned(),
+            max_bytes: Some(max_bytes),
+        });
+        let deadline = Instant::now() + AGENT_TIMEOUT + transfer_allowance(max_bytes);
+        let result = sandbox.link.call(request, "a file get", deadline).await;
+        record.slot.lock().meta.last_activity_ms = now_ms();
+        match result {
+            Ok(AgentReply::FileRead(r)) if r.data.len() as u64 <= max_bytes => {
+                Ok(r.data.into_vec())
             }
-            if !meta.is_file() {
-                // Opening a fifo would block forever.
-                return Err(ProviderError::InvalidArgument(format!(
-                    "path {path:?} is not a regular file"
-                )));
-            }
-            let file = std::fs::File::open(&resolved)
-                .map_err(|e| ProviderError::io(format!("cannot open {path:?}"), e))?;
-            if meta.len() > max_bytes {
-                return Err(ProviderError::InvalidArgument(format!(
-                    "file {path:?} is {} bytes, more than the limit of {max_bytes}",
-                    meta.len()
-                )));
-            }
-            // The size is re-checked while reading: the file may grow.
-            let mut data = Vec::with_capacity(meta.len() as usize);
-            io::Read::read_to_end(&mut io::Read::take(file, max_bytes + 1), &mut data)
-                .map_err(|e| ProviderError::io(format!("cannot read {path:?}"), e))?;
-            if data.len() as u64 > max_bytes {
-                return Err(ProviderError::InvalidArgument(format!(
-                    "file {path:?} is more than the limit of {max_bytes} bytes"
-                )));
-            }
-            Ok(data)
-        })
-        .await
+            Ok(AgentReply::FileRead(_)) => Err(ProviderError::InvalidArgument(format!(
+                "file {path:?} is more than the limit of {max_bytes} bytes"
+            ))),
+            Ok(other) => Err(unexpected(vm_id, &other)),
+            Err(e) => Err(self.inner.agent_error(vm_id, e)),
+        }
     }
 
     async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
@@ -1365,18 +1284,22 @@ mod tests {
         let config: ProcessConfig = serde_json::from_str(r#"{"root": "/srv/hearth"}"#).unwrap();
         assert_eq!(config.root, PathBuf::from("/srv/hearth"));
         assert_eq!(config.shell, PathBuf::from("/bin/sh"));
-        assert_eq!(config.isolation, Isolation::None);
-        assert_eq!(config.snapshot_compression_level, 3);
-
-        let config: ProcessConfig =
-            serde_json::from_str(r#"{"isolation": {"mode": "bubblewrap"}}"#).unwrap();
         assert_eq!(
             config.isolation,
-            Isolation::Bubblewrap {
-                bwrap: PathBuf::from("/usr/bin/bwrap")
-            }
+            Isolation::Sandbox,
+            "isolation is the default"
         );
+        assert_eq!(config.snapshot_compression_level, 3);
+
+        let config: ProcessConfig = serde_json::from_str(
+            r#"{"isolation": "none", "sandbox": {"bwrap": "/opt/bwrap", "uid": 7}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.isolation, Isolation::None);
+        assert_eq!(config.sandbox.bwrap, PathBuf::from("/opt/bwrap"));
+        assert_eq!(config.sandbox.uid, 7);
         assert!(serde_json::from_str::<ProcessConfig>(r#"{"rooot": "/x"}"#).is_err());
+        assert!(serde_json::from_str::<ProcessConfig>(r#"{"isolation": "bwrap"}"#).is_err());
     }
 
     #[test]
@@ -1390,36 +1313,21 @@ mod tests {
     }
 
     #[test]
-    fn missing_bwrap_is_unavailable() {
+    fn a_missing_sandbox_tool_is_unavailable_and_says_how_to_fix_it() {
         let tmp = tempfile::tempdir().unwrap();
-        let config = ProcessConfig {
-            isolation: Isolation::Bubblewrap {
-                bwrap: tmp.path().join("no-bwrap"),
-            },
-            ..ProcessConfig::new(tmp.path())
-        };
+        let mut config = ProcessConfig::new(tmp.path());
+        config.sandbox.bwrap = tmp.path().join("no-bwrap");
         let err = ProcessProvider::open(config).unwrap_err();
         assert!(matches!(err, ProviderError::Unavailable(_)), "{err}");
-        assert!(err.to_string().contains("bwrap not found at"), "{err}");
-    }
-
-    #[test]
-    fn bubblewrap_argv_binds_only_the_volume_writable() {
-        let argv = sandbox_prefix(
-            Path::new("/usr/bin/bwrap"),
-            Path::new("/r/vms/a/volume"),
-            Path::new("/r/vms/a/volume/sub"),
-            &"x".repeat(100),
-        );
-        let argv: Vec<String> = argv.into_iter().map(|a| a.into_string().unwrap()).collect();
-        let joined = argv.join(" ");
-        assert!(joined.contains("--ro-bind / / "), "{joined}");
         assert!(
-            joined.contains("--bind /r/vms/a/volume /r/vms/a/volume --chdir /r/vms/a/volume/sub"),
-            "{joined}"
+            err.to_string().contains("apt-get install bubblewrap"),
+            "{err}"
         );
-        let host = &argv[argv.iter().position(|a| a == "--hostname").unwrap() + 1];
-        assert_eq!(host.len(), 64);
-        assert_eq!(argv.last().unwrap(), "--");
+        assert!(err.to_string().contains("--isolation none"), "{err}");
+
+        let mut config = ProcessConfig::new(tmp.path());
+        config.agent = Some(tmp.path().join("no-agent"));
+        let err = ProcessProvider::open(config).unwrap_err();
+        assert!(err.to_string().contains("hearth-guest-agent"), "{err}");
     }
 }

@@ -1536,6 +1536,10 @@ impl VmProvider for QemuProvider {
         "qemu"
     }
 
+    fn isolation(&self) -> hearth_messages::IsolationReport {
+        super::vm_isolation()
+    }
+
     async fn create_vm_with_spec(
         &self,
         vm_id: &VmId,

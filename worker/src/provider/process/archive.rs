@@ -96,6 +96,24 @@ pub(crate) fn seed_from_base(base: &Path, dest: &Path) -> Result<(), ProviderErr
     result.map_err(|e| ProviderError::io(format!("cannot seed volume from {}", base.display()), e))
 }
 
+/// Gives `dir` and everything under it to `uid:gid`, never following a symlink (a volume's
+/// contents are the guest's: a link may point anywhere on the host).
+pub(crate) fn chown_tree(dir: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Copies the contents of `src` into the existing directory `dest`: files (with permissions),
 /// directories and symlinks (as symlinks). Sockets, fifos and devices are skipped.
 pub(crate) fn copy_tree(src: &Path, dest: &Path) -> io::Result<()> {
