@@ -8,6 +8,10 @@
 //! - A vsock port the agent listens on (Firecracker): one host connection at a time; when it
 //!   ends, the next one is accepted.
 //! - A Unix socket the agent connects to (tests on a host; serial-over-socket setups).
+//! - `stdio`: the agent's fd 0 is already a connected Unix stream socket (the process provider
+//!   starts the agent with one end of a socketpair as its stdin). The agent takes CLOEXEC
+//!   duplicates of it and points fd 0 at `/dev/null`, so no command can inherit the channel.
+//!   There is only ever this one connection: its end-of-file is final and the agent exits.
 //!
 //! - `auto` (the default): the virtio-serial port if the VM has one, else vsock if it has
 //!   `/dev/vsock` — so one image works under QEMU and under Firecracker.
@@ -33,6 +37,8 @@ pub enum Channel {
     Vsock(u32),
     /// The named virtio-serial port if present, else vsock on the given port.
     Auto { port_name: String, vsock_port: u32 },
+    /// fd 0, a connected Unix stream socket; opened once, and the agent ends with it.
+    Stdio,
 }
 
 /// One open connection: a reader and a writer of the same channel.
@@ -53,11 +59,13 @@ pub trait WriteHalf: io::Write + Send + std::fmt::Debug {}
 impl<T: io::Write + Send + std::fmt::Debug> WriteHalf for T {}
 
 impl Channel {
-    /// Parses `auto`, `vport:NAME`, `unix:PATH`, `vsock:PORT`, or a plain port name / `/dev/...`
-    /// path.
+    /// Parses `auto`, `stdio`, `vport:NAME`, `unix:PATH`, `vsock:PORT`, or a plain port name /
+    /// `/dev/...` path.
     pub fn parse(text: &str) -> Channel {
         if text == "auto" {
             Channel::default()
+        } else if text == "stdio" {
+            Channel::Stdio
         } else if let Some(port) = text.strip_prefix("vsock:").and_then(|p| p.parse().ok()) {
             Channel::Vsock(port)
         } else if let Some(path) = text.strip_prefix("unix:") {
@@ -69,9 +77,23 @@ impl Channel {
         }
     }
 
-    /// Opens the channel once; the caller retries.
+    /// Whether the end of a connection is the end of the agent (nothing can ever be reopened).
+    pub fn is_final(&self) -> bool {
+        matches!(self, Channel::Stdio)
+    }
+
+    /// Opens the channel once; the caller retries (except for [`Channel::Stdio`], see
+    /// [`Channel::is_final`]).
     pub fn open(&self) -> io::Result<Connection> {
         match self {
+            Channel::Stdio => {
+                let stream = take_stdin_socket()?;
+                Ok(Connection {
+                    writer: Box::new(stream.try_clone()?),
+                    reader: Box::new(stream),
+                    transient_eof: false,
+                })
+            }
             Channel::Auto {
                 port_name,
                 vsock_port,
@@ -128,6 +150,27 @@ impl Default for Channel {
     }
 }
 
+/// Takes the socket on fd 0: returns a CLOEXEC duplicate and points fd 0 at `/dev/null`. Fails
+/// if fd 0 is not a Unix stream socket (or was taken already).
+fn take_stdin_socket() -> io::Result<UnixStream> {
+    use std::os::fd::AsFd;
+    let stdin = io::stdin();
+    let fd = stdin.as_fd();
+    let kind = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType)
+        .map_err(|e| io::Error::other(format!("stdin is not a socket: {e}")))?;
+    if kind != nix::sys::socket::SockType::Stream {
+        return Err(io::Error::other(format!(
+            "stdin is a {kind:?} socket, not a stream"
+        )));
+    }
+    // `try_clone_to_owned` duplicates with F_DUPFD_CLOEXEC.
+    let stream = UnixStream::from(fd.try_clone_to_owned()?);
+    let null = File::open("/dev/null")?;
+    nix::unistd::dup2_stdin(&null)
+        .map_err(|e| io::Error::other(format!("cannot detach stdin: {e}")))?;
+    Ok(stream)
+}
+
 /// The device path of the virtio-serial port `name` (or `name` itself if it is a path).
 fn find_port(name: &str) -> io::Result<PathBuf> {
     if name.starts_with('/') {
@@ -153,6 +196,8 @@ mod tests {
     #[test]
     fn channels_parse() {
         assert_eq!(Channel::parse("auto"), Channel::default());
+        assert_eq!(Channel::parse("stdio"), Channel::Stdio);
+        assert!(Channel::Stdio.is_final() && !Channel::default().is_final());
         assert_eq!(Channel::parse("vsock:1024"), Channel::Vsock(1024));
         assert_eq!(
             Channel::parse("unix:/tmp/a.sock"),

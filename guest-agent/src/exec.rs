@@ -9,7 +9,10 @@
 //! - when the main child exits, a background process still holding the pipes gets a short grace,
 //!   then the group is killed; the group is always killed at the end;
 //! - a command that cannot be spawned yields exit code 127 with the reason on stderr, like a shell;
-//! - dropping the future kills the group too.
+//! - dropping the future kills the group too;
+//! - with [`Invocation::kill_leftovers`] (`--sandbox` only), once the exec is over — normal exit,
+//!   timeout or the future dropped — every other process of the sandbox is killed as well, so a
+//!   `setsid` or double-forked child cannot outlive its exec (see [`crate::sandbox`]).
 //!
 //! Unlike the host engine, streamed chunks never wait on a slow receiver: they go straight into the
 //! connection's unbounded write queue (bounded in bytes by the cap), in order, before the result.
@@ -43,6 +46,10 @@ pub struct Invocation {
     pub env: BTreeMap<String, String>,
     pub cwd: PathBuf,
     pub stdin: Option<Vec<u8>>,
+    /// When the exec is over, kill every process but pid 1 and the agent
+    /// ([`crate::sandbox::kill_leftovers`]). Only in `--sandbox` mode, where the agent is alone in
+    /// its pid namespace and commands run one at a time; never in a VM guest.
+    pub kill_leftovers: bool,
 }
 
 /// Receives streamed output chunks (each at most [`OUTPUT_CHUNK_BYTES`]); must not block.
@@ -55,18 +62,30 @@ fn kill_group(pgid: i32) {
     }
 }
 
-/// Kills the group and aborts the helper tasks when dropped (also when the exec future is).
+/// Kills the group (and in the sandbox every leftover process) and aborts the helper tasks when
+/// dropped (also when the exec future is).
 struct GroupGuard {
     pgid: i32,
+    kill_leftovers: bool,
     tasks: Vec<AbortHandle>,
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         kill_group(self.pgid);
+        if self.kill_leftovers {
+            sweep();
+        }
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+/// Kills the sandbox's leftover processes, logging a failure (the next exec tries again).
+fn sweep() {
+    if let Err(e) = crate::sandbox::kill_leftovers() {
+        eprintln!("hearth-agent: {e}");
     }
 }
 
@@ -90,6 +109,8 @@ pub async fn run(
     let Some((program, args)) = inv.argv.split_first() else {
         return spawn_failed("", "empty argv", started);
     };
+    // A command that could not even start leaves nothing behind; one that could always goes
+    // through the guard below.
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
@@ -111,6 +132,7 @@ pub async fn run(
     let pgid = child.id().map_or(0, |pid| pid as i32);
     let mut guard = GroupGuard {
         pgid,
+        kill_leftovers: inv.kill_leftovers,
         tasks: Vec::new(),
     };
     if let (Some(mut stdin), Some(data)) = (child.stdin.take(), inv.stdin) {
@@ -286,6 +308,8 @@ mod tests {
             env: BTreeMap::from([("PATH".into(), "/usr/bin:/bin".into())]),
             cwd: std::env::temp_dir(),
             stdin: None,
+            // Never in unit tests: they do not run in a sandbox of their own.
+            kill_leftovers: false,
         }
     }
 

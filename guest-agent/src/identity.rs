@@ -62,9 +62,13 @@ pub fn validate(identity: &Identity) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Applies `identity`. With `system` false (tests on a host), only the files under `etc` and the
-/// returned state change: no clock, RNG or host name.
-pub fn apply(identity: &Identity, system: bool, etc: &Path) -> Result<IdentityState, AgentError> {
+/// Applies `identity`. With `system` false (tests on a host, `--sandbox`), only the files under
+/// `etc` (if any) and the returned state change: no clock, RNG or host name.
+pub fn apply(
+    identity: &Identity,
+    system: bool,
+    etc: Option<&Path>,
+) -> Result<IdentityState, AgentError> {
     validate(identity)?;
     if system {
         set_clock(identity.now_ms)?;
@@ -75,14 +79,16 @@ pub fn apply(identity: &Identity, system: bool, etc: &Path) -> Result<IdentitySt
         nix::unistd::sethostname(&identity.hostname)
             .map_err(|e| io_err("cannot set the hostname", e))?;
     }
-    write_atomic(
-        &etc.join("machine-id"),
-        format!("{}\n", identity.machine_id).as_bytes(),
-    )?;
-    write_atomic(
-        &etc.join("hostname"),
-        format!("{}\n", identity.hostname).as_bytes(),
-    )?;
+    if let Some(etc) = etc {
+        write_atomic(
+            &etc.join("machine-id"),
+            format!("{}\n", identity.machine_id).as_bytes(),
+        )?;
+        write_atomic(
+            &etc.join("hostname"),
+            format!("{}\n", identity.hostname).as_bytes(),
+        )?;
+    }
     Ok(IdentityState {
         session_id: identity.session_id.clone(),
         env: identity.env.clone(),
@@ -117,12 +123,14 @@ mod tests {
     #[test]
     fn identity_files_are_written_and_bad_identities_refused() {
         let tmp = tempfile::tempdir().unwrap();
-        let state = apply(&identity(), false, tmp.path()).unwrap();
+        let state = apply(&identity(), false, Some(tmp.path())).unwrap();
         assert_eq!(state.session_id, "vm-1");
         assert_eq!(
             std::fs::read_to_string(tmp.path().join("machine-id")).unwrap(),
             "0123456789abcdef0123456789abcdef\n"
         );
+        let state = apply(&identity(), false, None).unwrap();
+        assert_eq!(state.env["A"], "b", "without etc, the env is still kept");
         for bad in [
             Identity {
                 hostname: "a b".into(),
@@ -142,7 +150,7 @@ mod tests {
             },
         ] {
             assert_eq!(
-                apply(&bad, false, tmp.path()).unwrap_err().kind,
+                apply(&bad, false, Some(tmp.path())).unwrap_err().kind,
                 AgentErrorKind::InvalidArgument
             );
         }

@@ -11,6 +11,17 @@
 //!
 //! The agent expects to be supervised (busybox `init` respawns it), not to be PID 1 itself: it does
 //! not reap orphans.
+//!
+//! The same binary is the init-side process of the process provider's sandboxes:
+//!
+//! - `--channel stdio`: the host's end of a socketpair is the agent's fd 0; when the host closes
+//!   it the agent exits (status 0) and the sandbox ends with it;
+//! - `--workdir-from-cwd`: the work directory is the agent's current directory, looked up again
+//!   for every request (the host may rename a VM's volume directory while the agent runs);
+//! - `--sandbox`: before reading any request the agent installs a seccomp deny-list that every
+//!   command inherits and makes itself undumpable; identity reset leaves the host name, clock and
+//!   RNG alone (no privileges); and after every exec all processes but the sandbox's init and the
+//!   agent are killed. See [`sandbox`].
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -31,6 +42,7 @@ pub mod exec;
 pub mod files;
 pub mod identity;
 mod rng;
+pub mod sandbox;
 pub mod vsock;
 
 pub use channel::Channel;
@@ -43,13 +55,20 @@ const REOPEN_PAUSE: Duration = Duration::from_millis(10);
 pub struct Config {
     /// Where the host is.
     pub channel: Channel,
-    /// The work directory: commands' default cwd and `HOME`, the root of file paths.
+    /// The work directory: commands' default cwd and `HOME`, the root of file paths. Created
+    /// and canonicalised at start (unless `workdir_from_cwd`).
     pub workdir: PathBuf,
-    /// Where `machine-id` and `hostname` are written (`/etc` in a guest).
-    pub etc: PathBuf,
+    /// Ignore `workdir`: the work directory is the current directory, resolved again for every
+    /// request, so that it follows renames of the directory.
+    pub workdir_from_cwd: bool,
+    /// Where `machine-id` and `hostname` are written on identity reset (`/etc` in a guest);
+    /// `None` writes neither.
+    pub etc: Option<PathBuf>,
     /// Change the system on identity reset and clock sync (clock, RNG, host name). Off only for
-    /// tests on a host.
+    /// tests on a host, and in effect off in `sandbox` mode.
     pub system: bool,
+    /// Run as the init-side process of a bubblewrap sandbox ([`sandbox`]).
+    pub sandbox: bool,
 }
 
 impl Default for Config {
@@ -57,8 +76,10 @@ impl Default for Config {
         Self {
             channel: Channel::default(),
             workdir: PathBuf::from("/work"),
-            etc: PathBuf::from("/etc"),
+            workdir_from_cwd: false,
+            etc: Some(PathBuf::from("/etc")),
             system: true,
+            sandbox: false,
         }
     }
 }
@@ -68,14 +89,28 @@ macro_rules! log {
     ($($arg:tt)*) => { eprintln!("hearth-agent: {}", format_args!($($arg)*)) };
 }
 
-/// Runs the agent forever (until the process is killed).
+/// How long requests still running get once a final channel ended (their commands are killed).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs the agent: forever (until the process is killed), or until the host closes a final
+/// channel ([`Channel::is_final`]), which returns `Ok`.
 pub fn run(config: Config) -> io::Result<()> {
-    std::fs::create_dir_all(&config.workdir)?;
+    if config.sandbox {
+        // Before any thread exists and before any request is read.
+        sandbox::lock_down()?;
+        log!("sandbox: seccomp filter on, agent not dumpable");
+    }
+    let workdir = if config.workdir_from_cwd {
+        None
+    } else {
+        std::fs::create_dir_all(&config.workdir)?;
+        Some(config.workdir.canonicalize()?)
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let agent = Arc::new(Agent {
-        workdir: config.workdir.canonicalize()?,
+        workdir,
         config,
         identity: Mutex::new(identity::IdentityState::default()),
     });
@@ -85,15 +120,21 @@ pub fn run(config: Config) -> io::Result<()> {
         env!("CARGO_PKG_VERSION"),
         agent.config.channel
     );
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let port = std::thread::Builder::new()
         .name("channel".into())
-        .spawn(move || agent.serve_forever(&handle))?;
-    runtime.block_on(async {
-        while !port.is_finished() {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
-    Err(io::Error::other("channel thread ended"))
+        .spawn(move || {
+            let result = agent.serve_forever(&handle);
+            let _ = done_tx.send(());
+            result
+        })?;
+    let _ = runtime.block_on(done_rx);
+    let result = port
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("channel thread panicked")));
+    // Drops the requests still running: their exec guards kill what they started.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }
 
 /// The in-order reply queue of one connection. Closed when the connection ends; sends after that
@@ -129,13 +170,34 @@ impl Outbox {
 #[derive(Debug)]
 struct Agent {
     config: Config,
-    /// `config.workdir`, canonical.
-    workdir: PathBuf,
+    /// `config.workdir`, canonical; `None` with `config.workdir_from_cwd`.
+    workdir: Option<PathBuf>,
     identity: Mutex<identity::IdentityState>,
 }
 
 impl Agent {
-    fn serve_forever(self: Arc<Self>, handle: &tokio::runtime::Handle) {
+    /// The work directory now, canonical.
+    fn workdir(&self) -> Result<PathBuf, AgentError> {
+        match &self.workdir {
+            Some(dir) => Ok(dir.clone()),
+            None => std::env::current_dir()
+                .and_then(|dir| dir.canonicalize())
+                .map_err(|e| {
+                    AgentError::new(
+                        AgentErrorKind::Io,
+                        format!("cannot resolve the work directory (the current directory): {e}"),
+                    )
+                }),
+        }
+    }
+
+    /// Whether identity reset and clock sync may change the system (host name, clock, RNG).
+    fn system(&self) -> bool {
+        self.config.system && !self.config.sandbox
+    }
+
+    /// Serves the channel: forever, or until a final channel ends (`Ok`) or cannot be opened.
+    fn serve_forever(self: Arc<Self>, handle: &tokio::runtime::Handle) -> io::Result<()> {
         let mut last_error: Option<String> = None;
         loop {
             match self.config.channel.open() {
@@ -144,6 +206,13 @@ impl Agent {
                         log!("channel open");
                     }
                     self.serve_connection(connection, handle);
+                    if self.config.channel.is_final() {
+                        log!("host closed the channel; exiting");
+                        return Ok(());
+                    }
+                }
+                Err(e) if self.config.channel.is_final() => {
+                    return Err(io::Error::other(format!("cannot open the channel: {e}")));
                 }
                 Err(e) => {
                     let text = e.to_string();
@@ -238,16 +307,18 @@ impl Agent {
             })),
             R::Exec(req) => self.exec(id, req, &outbox).await,
             R::PutFile(req) => {
-                let root = self.workdir.clone();
+                let root = self.workdir();
                 blocking(move || {
+                    let root = root?;
                     files::put(&root, &req.path, req.data.as_bytes(), req.mode)
                         .map(|size| AgentReply::FileWritten(FilePutResult { size }))
                 })
                 .await
             }
             R::GetFile(req) => {
-                let root = self.workdir.clone();
+                let root = self.workdir();
                 blocking(move || {
+                    let root = root?;
                     let max = req.max_bytes.unwrap_or(DEFAULT_MAX_FILE_BYTES);
                     files::get(&root, &req.path, max).map(|data| {
                         AgentReply::FileRead(FileGetResult {
@@ -261,7 +332,8 @@ impl Agent {
             R::ResetIdentity(identity) => {
                 let agent = self.clone();
                 blocking(move || {
-                    let state = identity::apply(&identity, agent.config.system, &agent.config.etc)?;
+                    let state =
+                        identity::apply(&identity, agent.system(), agent.config.etc.as_deref())?;
                     *agent.identity.lock().unwrap_or_else(|e| e.into_inner()) = state;
                     Ok(AgentReply::IdentitySet {
                         hostname: identity.hostname,
@@ -270,7 +342,7 @@ impl Agent {
                 .await
             }
             R::SetClock { now_ms } => {
-                if self.config.system {
+                if self.system() {
                     identity::set_clock(now_ms).map(|()| AgentReply::ClockSet {})
                 } else {
                     Ok(AgentReply::ClockSet {})
@@ -292,8 +364,9 @@ impl Agent {
             Program::Shell(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.into()],
         };
         let rel_cwd = files::relative_path("cwd", req.cwd.as_deref().unwrap_or(""))?;
-        let cwd = files::resolve_dir(&self.workdir, &rel_cwd)?;
-        let env = self.command_env(&req.env);
+        let workdir = self.workdir()?;
+        let cwd = files::resolve_dir(&workdir, &rel_cwd)?;
+        let env = self.command_env(&workdir, &req.env);
         let sink: Option<exec::ChunkSink> = req.stream.then(|| {
             let outbox = outbox.clone();
             Arc::new(move |stream, data: &[u8]| {
@@ -311,6 +384,7 @@ impl Agent {
             env,
             cwd,
             stdin: req.stdin.as_ref().map(|b| b.as_bytes().to_vec()),
+            kill_leftovers: self.config.sandbox,
         };
         let result = exec::run(
             inv,
@@ -323,16 +397,17 @@ impl Agent {
     }
 
     /// Defaults, then the identity's env, then the request's.
-    fn command_env(&self, request: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    fn command_env(
+        &self,
+        workdir: &std::path::Path,
+        request: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
         let mut env = BTreeMap::from([
             (
                 "PATH".to_owned(),
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
             ),
-            (
-                "HOME".to_owned(),
-                self.workdir.to_string_lossy().into_owned(),
-            ),
+            ("HOME".to_owned(), workdir.to_string_lossy().into_owned()),
         ]);
         let identity = self
             .identity

@@ -215,6 +215,9 @@ pub enum AgentErrorKind {
     Unsupported,
     /// The guest could not do it (I/O error, permission).
     Io,
+    /// A write ran out of space: the volume's file system is full or its quota is used up
+    /// (`ENOSPC`, `EDQUOT`). Hosts answer it as 507 Insufficient Storage.
+    NoSpace,
     /// Anything a newer agent may send that this version does not know.
     #[serde(other)]
     Other,
@@ -368,6 +371,7 @@ mod tests {
             },
             AgentReply::ClockSet {},
             AgentReply::Error(AgentError::new(AgentErrorKind::NotFound, "no such file")),
+            AgentReply::Error(AgentError::new(AgentErrorKind::NoSpace, "disk full")),
         ] {
             let is_final = reply.is_final();
             assert_eq!(is_final, !matches!(reply, AgentReply::Output { .. }));
