@@ -46,6 +46,8 @@ use super::{
 
 mod archive;
 mod exec;
+#[allow(dead_code)] // used once the per-VM sandbox lands
+mod limits;
 
 use exec::{GroupTracker, Invocation, Limits, Untracked};
 
