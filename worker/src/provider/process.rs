@@ -45,6 +45,8 @@ use super::{
 };
 
 mod archive;
+#[allow(dead_code)] // used once the per-VM sandbox lands
+mod disk;
 mod exec;
 #[allow(dead_code)] // used once the per-VM sandbox lands
 mod limits;
