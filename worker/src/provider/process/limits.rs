@@ -13,6 +13,10 @@
 //! Every function here blocks (file writes to cgroupfs, short sleeps while killing and removing):
 //! callers on an async runtime use `spawn_blocking`.
 //!
+//! An OOM kill takes one process (the kernel's pick), not the whole sandbox: `memory.oom.group` is
+//! left off so a long-lived sandbox survives one runaway command; [`SandboxCgroup::oom_kills`]
+//! counts them.
+//!
 //! Known limits: under v2 the parent is a fixed `/sys/fs/cgroup/<parent>` created by a root worker;
 //! a worker run by systemd with `Delegate=yes` should rather use its own delegated subtree. Under
 //! [`LimitsMechanism::Rlimit`] only memory is limited (`ulimit -v`, address space, not resident
@@ -183,7 +187,7 @@ impl Cgroups {
 
     /// Creates the cgroup(s) of sandbox `name` (a uuid-like token) and writes `spec` into them. An
     /// existing cgroup of that name is reused with its limits rewritten (a restarted worker). On
-    /// failure nothing this call created is left behind. Under rlimits, nothing is created and the
+    /// failure the sandbox's cgroup(s) are removed again (a reused one too, killing what ran in it). Under rlimits, nothing is created and the
     /// limits live in the [`enter_script`](SandboxCgroup::enter_script).
     pub(crate) fn create(
         &self,
@@ -479,17 +483,22 @@ fn detect_v2(root: &Path, parent: &str) -> Result<Layout, String> {
             ));
         }
     }
-    let cpu = available.contains("cpu");
-    let enable = if cpu {
-        "+memory +pids +cpu"
-    } else {
-        "+memory +pids"
-    };
     // The root cgroup is exempt from "no internal processes"; `<parent>` holds none of its own.
-    write_knob(root, "cgroup.subtree_control", enable).map_err(|e| e.to_string())?;
+    // cpu is optional: the kernel refuses to enable it in some setups (realtime tasks outside the
+    // root with RT group scheduling), which must not cost us memory and pids.
     let dir = root.join(parent);
-    mkdir_ok_if_exists(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    write_knob(&dir, "cgroup.subtree_control", enable).map_err(|e| e.to_string())?;
+    let delegate = |enable: &str| -> Result<(), String> {
+        write_knob(root, "cgroup.subtree_control", enable).map_err(|e| e.to_string())?;
+        mkdir_ok_if_exists(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        write_knob(&dir, "cgroup.subtree_control", enable).map_err(|e| e.to_string())
+    };
+    let cpu = available.contains("cpu")
+        && delegate("+memory +pids +cpu")
+            .inspect_err(|e| warn!(error = %e, "cgroup v2 cpu unusable; vcpus not enforced"))
+            .is_ok();
+    if !cpu {
+        delegate("+memory +pids")?;
+    }
     probe_child(&dir)?;
     Ok(Layout::V2 { parent: dir, cpu })
 }
