@@ -939,6 +939,80 @@ mod tests {
         sandbox.remove().unwrap();
     }
 
+    /// The composition the provider will use: enter, then exec a hardened bubblewrap (user, pid
+    /// and cgroup namespaces, caps dropped, uid 1000). Limits still hold inside it.
+    #[test]
+    fn limits_hold_inside_hardened_bwrap() {
+        let Some(t) = TestParent::new() else { return };
+        let bwrap = Path::new("/usr/bin/bwrap");
+        if !bwrap.exists() {
+            eprintln!("skipping: {} not installed", bwrap.display());
+            return;
+        }
+        let spec = LimitSpec {
+            memory_mib: 64,
+            max_processes: 20,
+            vcpus: 0,
+        };
+        let sandbox = t.cgroups.create("bwrap", &spec).unwrap();
+        let script = "id -u; head -c 400M /dev/zero | tail > /dev/null; echo hog=$?; \
+                      for i in $(seq 50); do sleep 30 >/dev/null 2>&1 & done; wait";
+        let out = Command::new("sh")
+            .process_group(0)
+            .arg("-c")
+            .arg(format!("{} && exec \"$@\"", sandbox.enter_script()))
+            .arg("sh")
+            .arg(bwrap)
+            .args([
+                "--unshare-all",
+                "--unshare-user",
+                "--uid",
+                "1000",
+                "--gid",
+                "1000",
+            ])
+            .args(["--cap-drop", "ALL", "--die-with-parent", "--new-session"])
+            .args(["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin"])
+            .args([
+                "--symlink",
+                "usr/lib",
+                "/lib",
+                "--symlink",
+                "usr/lib64",
+                "/lib64",
+            ])
+            .args([
+                "--proc",
+                "/proc",
+                "--dev",
+                "/dev",
+                "--tmpfs",
+                "/tmp",
+                "--clearenv",
+            ])
+            .args(["--setenv", "PATH", "/usr/bin", "--", "sh", "-c", script])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with("1000\n"),
+            "not the sandbox uid: {stdout}"
+        );
+        assert!(
+            stdout.contains("hog=137"),
+            "the hog was not SIGKILLed: {stdout}"
+        );
+        assert!(sandbox.oom_kills() >= 1);
+        let pids_dir = sandbox.dirs.get(1).unwrap_or(&sandbox.dirs[0]);
+        let events = std::fs::read_to_string(pids_dir.join("pids.events")).unwrap();
+        assert!(
+            keyed_value(&events, "max").unwrap() >= 1,
+            "no fork refused: {events}"
+        );
+        assert!(sandbox.pids().len() <= 20);
+        sandbox.remove().unwrap();
+    }
+
     #[test]
     fn remove_stale_keeps_only_the_named() {
         let Some(t) = TestParent::new() else { return };
