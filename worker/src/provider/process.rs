@@ -49,6 +49,8 @@ use super::{
 };
 
 mod archive;
+mod disk;
+mod limits;
 pub mod sandbox;
 
 pub use sandbox::{Isolation, SandboxConfig, WORKSPACE};
