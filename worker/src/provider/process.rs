@@ -46,6 +46,8 @@ use super::{
 
 mod archive;
 mod exec;
+#[allow(dead_code)] // wired into the provider by the sandbox rebuild
+pub(crate) mod network;
 
 use exec::{GroupTracker, Invocation, Limits, Untracked};
 
