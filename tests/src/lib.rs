@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub mod netns;
+
 /// Oldest nats-server accepted.
 pub const MIN_NATS_SERVER: (u32, u32) = (2, 10);
 

@@ -51,6 +51,7 @@ use super::{
 mod archive;
 mod disk;
 mod limits;
+pub(crate) mod network;
 pub mod sandbox;
 
 pub use sandbox::{Isolation, SandboxConfig, WORKSPACE};
