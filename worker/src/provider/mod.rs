@@ -537,6 +537,9 @@ pub enum ProviderError {
     /// A deadline passed: the VM (its guest agent) did not answer in time.
     #[error("{0}")]
     Timeout(String),
+    /// The VM's disk quota is full: the write did not fit.
+    #[error("{0}")]
+    NoSpace(String),
 }
 
 /// The class of a [`ProviderError`], for mapping onto wire error codes.
@@ -551,11 +554,12 @@ pub enum ProviderErrorKind {
     CommandFailed,
     Unavailable,
     Timeout,
+    NoSpace,
 }
 
 impl ProviderErrorKind {
     /// The wire error code: 404 unknown, 409 conflict, 400 bad request, 500 internal, 503 no
-    /// capacity, 504 deadline.
+    /// capacity, 504 deadline, 507 disk quota full.
     pub fn status_code(self) -> u16 {
         match self {
             ProviderErrorKind::NotFound => 404,
@@ -564,6 +568,7 @@ impl ProviderErrorKind {
             ProviderErrorKind::Io | ProviderErrorKind::CommandFailed => 500,
             ProviderErrorKind::Unavailable => 503,
             ProviderErrorKind::Timeout => 504,
+            ProviderErrorKind::NoSpace => 507,
         }
     }
 }
@@ -580,6 +585,7 @@ impl ProviderError {
             ProviderError::CommandFailed(_) => ProviderErrorKind::CommandFailed,
             ProviderError::Unavailable(_) => ProviderErrorKind::Unavailable,
             ProviderError::Timeout(_) => ProviderErrorKind::Timeout,
+            ProviderError::NoSpace(_) => ProviderErrorKind::NoSpace,
         }
     }
 

@@ -660,6 +660,7 @@ impl Inner {
                 AgentErrorKind::InvalidArgument => ProviderError::InvalidArgument(err.message),
                 AgentErrorKind::NotFound => ProviderError::NotFound(err.message),
                 AgentErrorKind::Unsupported => ProviderError::Unsupported(err.message),
+                AgentErrorKind::NoSpace => ProviderError::NoSpace(err.message),
                 _ => ProviderError::io(format!("vm {vm_id}"), io::Error::other(err.message)),
             },
             AgentCallError::Closed => {

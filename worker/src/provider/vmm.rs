@@ -249,11 +249,7 @@ pub(crate) async fn agent_error(
                 format!("vm {vm_id}: in the guest"),
                 io::Error::other(err.message),
             ),
-            // Until the providers grow a "no space" error (507), keep the class in the io error.
-            K::NoSpace => ProviderError::io(
-                format!("vm {vm_id}: in the guest"),
-                io::Error::new(io::ErrorKind::StorageFull, err.message),
-            ),
+            K::NoSpace => ProviderError::NoSpace(err.message),
         },
         e => {
             // A lost channel usually means the VMM died: wait for its watcher to say so.
