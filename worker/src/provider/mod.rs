@@ -263,7 +263,7 @@ pub const DEFAULT_DISK_MIB: u32 = 4096;
 pub const DEFAULT_MAX_PROCESSES: u32 = 512;
 
 /// Network access of a VM's commands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkMode {
     /// No network at all (only a loopback of its own).
@@ -274,7 +274,14 @@ pub enum NetworkMode {
     Egress,
 }
 
+impl std::fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl NetworkMode {
+    /// `"none"` or `"egress"`, as in templates.
     pub fn as_str(self) -> &'static str {
         match self {
             NetworkMode::None => "none",

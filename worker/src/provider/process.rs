@@ -54,6 +54,10 @@ mod limits;
 pub(crate) mod network;
 pub mod sandbox;
 
+use disk::Disks;
+use limits::{Cgroups, LimitSpec};
+pub use network::EgressConfig;
+use network::{Egress, NetworkMode};
 pub use sandbox::{Isolation, SandboxConfig, WORKSPACE};
 use sandbox::{LaunchSpec, Launcher, Sandbox};
 
@@ -83,6 +87,8 @@ pub struct ProcessConfig {
     pub isolation: Isolation,
     /// The sandbox's tools and host identity.
     pub sandbox: SandboxConfig,
+    /// How sandboxes of `network = "egress"` templates reach out.
+    pub egress: EgressConfig,
     /// The `hearth-guest-agent` binary; found next to the worker's executable or on `PATH` when
     /// unset.
     pub agent: Option<PathBuf>,
@@ -98,6 +104,7 @@ impl Default for ProcessConfig {
             env: BTreeMap::new(),
             isolation: Isolation::Sandbox,
             sandbox: SandboxConfig::default(),
+            egress: EgressConfig::default(),
             agent: None,
             snapshot_compression_level: 3,
         }
@@ -129,6 +136,22 @@ struct VmMeta {
     env: BTreeMap<String, String>,
     vcpus: u32,
     memory_mib: u32,
+    #[serde(default)]
+    disk_mib: u32,
+    #[serde(default)]
+    max_processes: u32,
+    #[serde(default)]
+    network: NetworkMode,
+}
+
+impl VmMeta {
+    fn limits(&self) -> LimitSpec {
+        LimitSpec {
+            memory_mib: self.memory_mib,
+            max_processes: self.max_processes,
+            vcpus: self.vcpus,
+        }
+    }
 }
 
 impl VmMeta {
@@ -156,6 +179,10 @@ struct SnapshotMeta {
     /// The source VM's env, inherited by VMs restored from the snapshot.
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// SHA-256 (hex) of `volume.tar.zst`, checked before every restore: a snapshot changed on
+    /// disk after it was taken is refused, never restored.
+    #[serde(default)]
+    sha256: Option<String>,
 }
 
 /// One live VM. Lock order: the provider's index, then a record.
@@ -252,6 +279,10 @@ struct Inner {
     _root_lock: nix::fcntl::Flock<std::fs::File>,
     config: ProcessConfig,
     launcher: Launcher,
+    /// Per-sandbox cgroups (or the rlimit fallback).
+    cgroups: Cgroups,
+    /// Loop-mounted volumes with a size (disk quotas), where the host allows.
+    disks: Disks,
     vms_dir: PathBuf,
     snapshots_dir: PathBuf,
     tmp_dir: PathBuf,
@@ -302,6 +333,19 @@ impl ProcessProvider {
             config.agent.as_deref(),
             &root,
         )?;
+        let cgroups = Cgroups::detect(&cgroup_parent(&root));
+        if let Some(reason) = cgroups.reason() {
+            warn!(mechanism = %cgroups.mechanism(), reason, "per-session limits fall back");
+        }
+        // Sandboxes die with the worker: whatever cgroups are left under our parent are stale.
+        cgroups.remove_stale(&HashSet::new());
+        let disks = Disks::detect();
+        if let Some(reason) = disks.reason() {
+            warn!(reason, "disk quotas unavailable: disk_mib is not enforced");
+        }
+        if let Err(reason) = Egress::probe(&config.egress.slirp4netns) {
+            warn!(reason, "egress networking unavailable: templates with network = \"egress\" fail");
+        }
         if config.isolation == Isolation::None {
             warn!(
                 "isolation is off: commands run as host processes with the worker's privileges \
@@ -311,6 +355,8 @@ impl ProcessProvider {
         let inner = Inner {
             _root_lock: root_lock,
             launcher,
+            cgroups,
+            disks,
             vms_dir: root.join("vms"),
             snapshots_dir: root.join("snapshots"),
             tmp_dir: root.join("tmp"),
@@ -416,11 +462,12 @@ impl Drop for CreateGuard {
             Err(_) => self.dir.clone(),
         };
         self.inner.index.lock().creating.remove(&self.vm_id);
+        let inner = self.inner.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn_blocking(move || remove_dir_logged(&doomed));
+                handle.spawn_blocking(move || inner.discard_vm_dir(&doomed));
             }
-            Err(_) => remove_dir_logged(&doomed),
+            Err(_) => inner.discard_vm_dir(&doomed),
         }
     }
 }
@@ -452,7 +499,42 @@ impl Drop for SnapshotGuard {
     }
 }
 
+/// The cgroup parent of one provider root: distinct per root, so providers on one host (tests,
+/// several workers) never remove each other's cgroups.
+fn cgroup_parent(root: &Path) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, root.as_os_str().as_encoded_bytes());
+    let hex: String = digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("hearth-{hex}")
+}
+
+/// SHA-256 of a file, hex.
+fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = io::Read::read(&mut file, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    Ok(ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 impl Inner {
+    /// Deletes a VM directory that is out of the index (a failed create, a destroyed VM, a
+    /// leftover), unmounting its volume first if it has a disk of its own. Blocking.
+    fn discard_vm_dir(&self, dir: &Path) {
+        if disk::is_mounted(&dir.join("volume"))
+            && let Err(e) = self.disks.unmount(dir)
+        {
+            warn!(path = %dir.display(), error = %e, "cannot unmount a discarded volume");
+            return;
+        }
+        remove_dir_logged(dir);
+    }
+
     /// Rebuilds the index from disk; see [`ProcessProvider::open`].
     fn reconcile(&self) -> Result<(), ProviderError> {
         let list = |dir: &Path| {
@@ -463,7 +545,7 @@ impl Inner {
             info!(path = %entry.path().display(), "removing staging leftover");
             let path = entry.path();
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_dir_logged(&path);
+                self.discard_vm_dir(&path);
             } else {
                 let _ = std::fs::remove_file(&path);
             }
@@ -480,7 +562,7 @@ impl Inner {
             let meta_path = dir.join("meta.json");
             if !meta_path.exists() {
                 info!(%vm_id, "removing half-created vm");
-                remove_dir_logged(&dir);
+                self.discard_vm_dir(&dir);
                 continue;
             }
             let mut meta: VmMeta = match read_json(&meta_path) {
@@ -490,13 +572,19 @@ impl Inner {
                     continue;
                 }
             };
-            if !dir.join("volume").is_dir() {
-                warn!(%vm_id, "ignoring vm without a volume directory");
-                continue;
-            }
             if meta.state == VmState::Destroyed {
                 info!(%vm_id, "removing vm recorded as destroyed");
-                remove_dir_logged(&dir);
+                self.discard_vm_dir(&dir);
+                continue;
+            }
+            if disk::has_image(&dir)
+                && let Err(e) = self.disks.ensure_mounted(&dir)
+            {
+                warn!(%vm_id, error = %e, "ignoring vm whose disk cannot be mounted");
+                continue;
+            }
+            if !dir.join("volume").is_dir() {
+                warn!(%vm_id, "ignoring vm without a volume directory");
                 continue;
             }
             if meta.vm_id != vm_id {
@@ -571,11 +659,11 @@ impl Inner {
         if let Some(sandbox) = live(&record)? {
             return Ok((record, sandbox));
         }
-        let (volume, memory_mib) = {
+        let (volume, limits, network) = {
             let slot = record.slot.lock();
-            (slot.volume(), slot.meta.memory_mib)
+            (slot.volume(), slot.meta.limits(), slot.meta.network)
         };
-        let sandbox = self.launch(vm_id, &volume, memory_mib).await?;
+        let sandbox = self.launch(vm_id, &volume, limits, network).await?;
         {
             let mut slot = record.slot.lock();
             // Stopped or destroyed meanwhile: that wins, and the new sandbox dies with this scope.
@@ -587,28 +675,57 @@ impl Inner {
         Ok((record, sandbox))
     }
 
-    /// Starts a sandbox around `volume`.
+    /// Starts a sandbox around `volume`, inside its cgroup, with its network.
     async fn launch(
         &self,
         vm_id: &VmId,
         volume: &Path,
-        memory_mib: u32,
+        limits: LimitSpec,
+        network: NetworkMode,
     ) -> Result<Arc<Sandbox>, ProviderError> {
-        self.launcher
+        let cgroup = if limits == LimitSpec::default() {
+            None
+        } else {
+            let name = uuid::Uuid::new_v4().simple().to_string();
+            let cgroups = self.cgroups.clone();
+            Some(blocking(move || cgroups.create(&name, &limits)).await?)
+        };
+        let sandbox = self
+            .launcher
             .launch(LaunchSpec {
                 vm_id,
                 volume,
-                enter_limits: None,
-                tmp_bytes: u64::from(memory_mib) << 20,
+                limits: cgroup,
+                tmp_bytes: u64::from(limits.memory_mib) << 20,
             })
-            .await
+            .await?;
+        if network == NetworkMode::Egress {
+            let attached = match self.launcher.isolation() {
+                Isolation::Sandbox => match network::sandbox_init_pid(sandbox.pid).await {
+                    Some(pid) => Egress::attach(pid, &self.config.egress).await,
+                    None => Err(ProviderError::Unavailable(format!(
+                        "the sandbox of vm {vm_id} ended before its network was set up"
+                    ))),
+                },
+                // Without isolation commands share the host's network anyway.
+                Isolation::None => return Ok(sandbox),
+            };
+            match attached {
+                Ok(egress) => sandbox.set_egress(egress),
+                Err(e) => {
+                    sandbox.kill();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(sandbox)
     }
 
     fn isolation_report(&self) -> hearth_messages::IsolationReport {
         hearth_messages::IsolationReport {
             mode: self.launcher.isolation().as_str().into(),
-            limits: "none".into(),
-            disk: "none".into(),
+            limits: self.cgroups.mechanism().as_str().into(),
+            disk: self.disks.mechanism().as_str().into(),
         }
     }
 
@@ -645,11 +762,14 @@ impl Inner {
             handshake: AGENT_TIMEOUT,
             grace: EXEC_GRACE,
         };
-        sandbox
+        let ooms = sandbox.oom_kills();
+        let mut outcome = sandbox
             .link
             .exec(req, spec.max_output_bytes, chunks, limits)
             .await
-            .map_err(|e| self.agent_error(vm_id, e))
+            .map_err(|e| self.agent_error(vm_id, e))?;
+        outcome.oom_killed = sandbox.oom_kills() > ooms;
+        Ok(outcome)
     }
 
     /// Maps a failed agent call onto the provider's errors.
@@ -691,13 +811,38 @@ impl Inner {
         restore: Option<&SnapshotMetaEntry>,
     ) -> Result<(), ProviderError> {
         let volume = dir.join("volume");
-        std::fs::create_dir(&volume)
-            .map_err(|e| ProviderError::io("cannot create volume directory", e))?;
+        let owner = self.launcher.owner().unwrap_or_else(|| {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        });
+        if spec.disk_mib > 0 && self.disks.mechanism() == disk::DiskMechanism::LoopExt4 {
+            self.disks.create(dir, spec.disk_mib, owner)?;
+        } else {
+            std::fs::create_dir(&volume)
+                .map_err(|e| ProviderError::io("cannot create volume directory", e))?;
+        }
         match (restore, &spec.base) {
             (Some(snapshot), _) => {
                 let archive = self
                     .snapshot_dir(&snapshot.meta.snapshot_id)
                     .join(archive::VOLUME_ENTRY);
+                if let Some(expected) = &snapshot.meta.sha256 {
+                    let actual = sha256_file(&archive).map_err(|e| {
+                        ProviderError::io(
+                            format!("cannot read snapshot {}", snapshot.meta.snapshot_id),
+                            e,
+                        )
+                    })?;
+                    if &actual != expected {
+                        return Err(ProviderError::InvalidArgument(format!(
+                            "snapshot {} is corrupt: its archive changed on disk since it was \
+                             taken (checksum mismatch)",
+                            snapshot.meta.snapshot_id
+                        )));
+                    }
+                }
                 archive::unpack_tar_zst(&archive, &volume).map_err(|e| {
                     ProviderError::io(
                         format!("cannot restore snapshot {}", snapshot.meta.snapshot_id),
@@ -783,8 +928,13 @@ impl VmProvider for ProcessProvider {
         }
 
         // The sandbox starts now, so the VM is ready the moment it is listed (and pooled).
+        let limits = LimitSpec {
+            memory_mib: spec.memory_mib,
+            max_processes: spec.max_processes,
+            vcpus: spec.vcpus,
+        };
         let sandbox = inner
-            .launch(vm_id, &dir.join("volume"), spec.memory_mib)
+            .launch(vm_id, &dir.join("volume"), limits, spec.network)
             .await?;
         if let (None, Some(bootstrap)) = (&restore, &spec.bootstrap) {
             let exec_spec = ExecSpec::argv(bootstrap.clone())
@@ -826,6 +976,9 @@ impl VmProvider for ProcessProvider {
             env,
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
+            disk_mib: spec.disk_mib,
+            max_processes: spec.max_processes,
+            network: spec.network,
         };
         {
             // Writing meta.json is the commit point.
@@ -912,6 +1065,7 @@ impl VmProvider for ProcessProvider {
                 template: slot.meta.template.clone(),
                 created_ms: now_ms(),
                 env: slot.meta.env.clone(),
+                sha256: None,
             };
             (slot.volume(), meta)
         };
@@ -928,9 +1082,16 @@ impl VmProvider for ProcessProvider {
                 std::fs::create_dir(&staging)
                     .map_err(|e| ProviderError::io("cannot create staging directory", e))?;
                 let level = inner.config.snapshot_compression_level;
-                let size_bytes =
-                    archive::pack_dir(&volume, &staging.join(archive::VOLUME_ENTRY), level)
-                        .map_err(|e| ProviderError::io("cannot archive volume", e))?;
+                let packed = staging.join(archive::VOLUME_ENTRY);
+                let size_bytes = archive::pack_dir(&volume, &packed, level)
+                    .map_err(|e| ProviderError::io("cannot archive volume", e))?;
+                let meta = SnapshotMeta {
+                    sha256: Some(
+                        sha256_file(&packed)
+                            .map_err(|e| ProviderError::io("cannot checksum the snapshot", e))?,
+                    ),
+                    ..meta
+                };
                 write_json_atomic(&staging.join(archive::META_ENTRY), &meta)?;
                 let dest = inner.snapshot_dir(&meta.snapshot_id);
                 rename_noreplace(&staging, &dest)
@@ -977,7 +1138,7 @@ impl VmProvider for ProcessProvider {
                 index.tombstones.insert(view);
             }
             info!(%vm_id, "destroyed vm");
-            remove_dir_logged(&trash);
+            inner.discard_vm_dir(&trash);
             Ok(())
         })
         .await
@@ -1172,6 +1333,15 @@ impl VmProvider for ProcessProvider {
                 let size_bytes = std::fs::metadata(&volume)
                     .map_err(|e| ProviderError::io("cannot inspect snapshot", e))?
                     .len();
+                let sha256 = sha256_file(&volume)
+                    .map_err(|e| ProviderError::io("cannot checksum the snapshot", e))?;
+                if meta.sha256.as_ref().is_some_and(|s| *s != sha256) {
+                    return Err(ProviderError::corrupt_snapshot("checksum mismatch"));
+                }
+                let meta = SnapshotMeta {
+                    sha256: Some(sha256),
+                    ..meta
+                };
                 write_json_atomic(&staging.join(archive::META_ENTRY), &meta)?;
                 rename_noreplace(&staging, &inner.snapshot_dir(&meta.snapshot_id))
                     .map_err(|e| ProviderError::io("cannot publish snapshot", e))?;

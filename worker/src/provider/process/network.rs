@@ -60,31 +60,7 @@ const INIT_PID_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the supervisor checks that the sandbox still exists.
 pub(crate) const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 
-/// A template's network: `"none"` (the default: only a loopback) or `"egress"` (outbound access
-/// through slirp4netns, the host itself unreachable).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NetworkMode {
-    #[default]
-    None,
-    Egress,
-}
-
-impl NetworkMode {
-    /// `"none"` or `"egress"`, as in templates.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NetworkMode::None => "none",
-            NetworkMode::Egress => "egress",
-        }
-    }
-}
-
-impl fmt::Display for NetworkMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::provider::NetworkMode;
 
 /// An address block (`10.0.0.0/8`, `fd00::/8`, or a bare address meaning /32 or /128), checked
 /// when parsed so a bad entry fails at config load, not at attach.

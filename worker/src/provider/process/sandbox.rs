@@ -36,6 +36,8 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::limits::SandboxCgroup;
+use super::network::Egress;
 use crate::provider::agent::{AgentCallError, AgentLink};
 use crate::provider::{ProviderError, VmId};
 
@@ -146,9 +148,9 @@ pub(crate) struct LaunchSpec<'a> {
     pub vm_id: &'a VmId,
     /// The volume on the host.
     pub volume: &'a Path,
-    /// Shell commands that move the current shell into the VM's cgroup (or set rlimits); run
-    /// before bubblewrap starts, so everything in the sandbox is inside the limits from birth.
-    pub enter_limits: Option<String>,
+    /// The VM's cgroup (or rlimits): bubblewrap starts inside it, so everything in the sandbox
+    /// is inside the limits from birth. Owned by the sandbox from then on.
+    pub limits: Option<SandboxCgroup>,
     /// Size of the private `/tmp` in bytes (0 = the kernel's default).
     pub tmp_bytes: u64,
 }
@@ -162,6 +164,10 @@ pub(crate) struct Sandbox {
     /// Host pid of `child`.
     pub pid: u32,
     pub link: AgentLink,
+    /// The cgroup the sandbox runs in (killed and removed with it).
+    limits: Option<SandboxCgroup>,
+    /// The sandbox's user-mode network, for egress templates.
+    egress: parking_lot::Mutex<Option<Egress>>,
 }
 
 impl Sandbox {
@@ -170,9 +176,25 @@ impl Sandbox {
         self.link.is_closed()
     }
 
+    /// OOM kills in the sandbox's cgroup so far (0 without a memory cgroup).
+    pub(crate) fn oom_kills(&self) -> u64 {
+        self.limits.as_ref().map_or(0, SandboxCgroup::oom_kills)
+    }
+
+    /// Gives the sandbox its network (egress templates).
+    pub(crate) fn set_egress(&self, egress: Egress) {
+        *self.egress.lock() = Some(egress);
+    }
+
     /// Kills the process tree now (SIGKILL to the outermost process; bubblewrap's pid namespace
-    /// and `--die-with-parent` take everything inside with it).
+    /// and `--die-with-parent` take everything inside with it, and the cgroup catches anything
+    /// that left the tree); ends the sandbox's network.
     pub(crate) fn kill(&self) {
+        self.egress.lock().take();
+        if let Some(limits) = &self.limits {
+            // Without isolation, a command may have left the agent's process group.
+            limits.kill_all();
+        }
         if let Some(mut child) = self.child.lock().take() {
             let _ = child.start_kill();
             // Reaped in the background; bounded by the kill.
@@ -377,7 +399,7 @@ impl Launcher {
         let (host_end, agent_end) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| ProviderError::io("cannot create the agent channel", e))?;
         let mut argv: Vec<OsString> = Vec::new();
-        if let Some(script) = &spec.enter_limits {
+        if let Some(script) = spec.limits.as_ref().map(SandboxCgroup::enter_script) {
             argv.extend([
                 "/bin/sh".into(),
                 "-c".into(),
@@ -452,6 +474,8 @@ impl Launcher {
             child: parking_lot::Mutex::new(Some(child)),
             pid,
             link: AgentLink::attached(stream),
+            limits: spec.limits,
+            egress: parking_lot::Mutex::new(None),
         });
         match sandbox.link.ready(Instant::now() + START_TIMEOUT).await {
             Ok(_) => {
