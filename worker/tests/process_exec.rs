@@ -2,7 +2,7 @@
 //! bounded output, streaming, no hangs), bootstrap and bases, reconcile on reopen, symlink
 //! confinement and the default sandbox (the attacks on it are in `escape.rs`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use hearth_worker::provider::{
@@ -166,7 +166,11 @@ async fn timeout_kills_the_whole_process_tree() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(sleepers(&s, &id).await, 0, "a background sleep survived the timeout");
+    assert_eq!(
+        sleepers(&s, &id).await,
+        0,
+        "a background sleep survived the timeout"
+    );
 }
 
 #[tokio::test]
@@ -183,15 +187,25 @@ async fn background_child_holding_the_pipes_does_not_hang_the_exec() {
     assert_eq!(outcome.exit_code, 0);
     assert!(!outcome.timed_out);
     assert_eq!(outcome.stdout, b"done\n");
-    assert_eq!(sleepers(&s, &id).await, 0, "nothing from an exec outlives it");
+    assert_eq!(
+        sleepers(&s, &id).await,
+        0,
+        "nothing from an exec outlives it"
+    );
 }
 
 /// `sleep` processes running in the VM's sandbox (seen from inside: its own pid namespace).
 async fn sleepers(s: &Setup, id: &VmId) -> usize {
     let outcome = s
-        .sh(id, "for p in /proc/[0-9]*; do cat $p/comm 2>/dev/null; done")
+        .sh(
+            id,
+            "for p in /proc/[0-9]*; do cat $p/comm 2>/dev/null; done",
+        )
         .await;
-    text(&outcome.stdout).lines().filter(|l| *l == "sleep").count()
+    text(&outcome.stdout)
+        .lines()
+        .filter(|l| *l == "sleep")
+        .count()
 }
 
 #[tokio::test]
@@ -298,7 +312,11 @@ async fn dropping_an_exec_kills_its_process_group() {
         _ = exec => panic!("the exec should not finish"),
         _ = wait_for_pid => {}
     }
-    assert_eq!(sleepers(&s, &id).await, 0, "a cancelled exec left its sleep running");
+    assert_eq!(
+        sleepers(&s, &id).await,
+        0,
+        "a cancelled exec left its sleep running"
+    );
 }
 
 #[tokio::test]

@@ -89,6 +89,9 @@ pub struct ProcessConfig {
     pub sandbox: SandboxConfig,
     /// How sandboxes of `network = "egress"` templates reach out.
     pub egress: EgressConfig,
+    /// How per-VM limits are enforced: `auto` (cgroups v2 or v1 where writable, else rlimits),
+    /// `rlimit`, or `off` (for hosts where something else confines the worker).
+    pub limits: LimitsMode,
     /// The `hearth-guest-agent` binary; found next to the worker's executable or on `PATH` when
     /// unset.
     pub agent: Option<PathBuf>,
@@ -105,6 +108,7 @@ impl Default for ProcessConfig {
             isolation: Isolation::Sandbox,
             sandbox: SandboxConfig::default(),
             egress: EgressConfig::default(),
+            limits: LimitsMode::Auto,
             agent: None,
             snapshot_compression_level: 3,
         }
@@ -119,6 +123,19 @@ impl ProcessConfig {
             ..Self::default()
         }
     }
+}
+
+/// How per-VM limits are enforced (`limits` in the process provider's configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitsMode {
+    /// cgroups v2, else v1, where the worker can write them; else rlimits.
+    #[default]
+    Auto,
+    /// Only rlimits (address space).
+    Rlimit,
+    /// None: something outside Hearth confines the worker and its sandboxes.
+    Off,
 }
 
 /// A VM's `meta.json`. The directory name, not `vm_id`, is authoritative on reopen.
@@ -333,7 +350,11 @@ impl ProcessProvider {
             config.agent.as_deref(),
             &root,
         )?;
-        let cgroups = Cgroups::detect(&cgroup_parent(&root));
+        let cgroups = match config.limits {
+            LimitsMode::Auto => Cgroups::detect(&cgroup_parent(&root)),
+            LimitsMode::Rlimit => Cgroups::rlimit("limits = \"rlimit\" in the configuration"),
+            LimitsMode::Off => Cgroups::disabled(),
+        };
         if let Some(reason) = cgroups.reason() {
             warn!(mechanism = %cgroups.mechanism(), reason, "per-session limits fall back");
         }
@@ -344,7 +365,10 @@ impl ProcessProvider {
             warn!(reason, "disk quotas unavailable: disk_mib is not enforced");
         }
         if let Err(reason) = Egress::probe(&config.egress.slirp4netns) {
-            warn!(reason, "egress networking unavailable: templates with network = \"egress\" fail");
+            warn!(
+                reason,
+                "egress networking unavailable: templates with network = \"egress\" fail"
+            );
         }
         if config.isolation == Isolation::None {
             warn!(
@@ -503,7 +527,10 @@ impl Drop for SnapshotGuard {
 /// several workers) never remove each other's cgroups.
 fn cgroup_parent(root: &Path) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, root.as_os_str().as_encoded_bytes());
-    let hex: String = digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("hearth-{hex}")
 }
 
@@ -519,7 +546,12 @@ fn sha256_file(path: &Path) -> io::Result<String> {
         }
         ctx.update(&buf[..n]);
     }
-    Ok(ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 impl Inner {
@@ -688,7 +720,9 @@ impl Inner {
         } else {
             let name = uuid::Uuid::new_v4().simple().to_string();
             let cgroups = self.cgroups.clone();
-            Some(blocking(move || cgroups.create(&name, &limits)).await?)
+            let cgroup = blocking(move || cgroups.create(&name, &limits)).await?;
+            debug!(%vm_id, cgroup = cgroup.name(), mechanism = %cgroup.mechanism(), "sandbox limits");
+            Some(cgroup)
         };
         let sandbox = self
             .launcher
@@ -711,7 +745,17 @@ impl Inner {
                 Isolation::None => return Ok(sandbox),
             };
             match attached {
-                Ok(egress) => sandbox.set_egress(egress),
+                Ok(egress) => {
+                    debug!(
+                        %vm_id,
+                        slirp_pid = egress.slirp_pid(),
+                        sandbox_pid = egress.target_pid(),
+                        blocked = egress.blocked().routes.len(),
+                        dns = egress.blocked().dns,
+                        "egress attached"
+                    );
+                    sandbox.set_egress(egress);
+                }
                 Err(e) => {
                     sandbox.kill();
                     return Err(e);

@@ -43,7 +43,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::provider::ProviderError;
 
@@ -193,6 +193,8 @@ pub struct Egress {
     /// slirp4netns's `--exit-fd`: closing it makes slirp4netns exit by itself (also when the
     /// worker dies, where `kill_on_drop` cannot help).
     exit_fd: Option<ChildStdin>,
+    /// Held while slirp4netns should run: sending on it, or dropping it, ends the supervisor.
+    #[cfg_attr(not(test), allow(dead_code))]
     stop: Option<oneshot::Sender<()>>,
     /// Owns the child (`kill_on_drop`); aborted on drop.
     supervisor: Option<JoinHandle<()>>,
@@ -350,7 +352,9 @@ impl Egress {
         &self.blocked
     }
 
-    /// Ends slirp4netns and waits (briefly) until it is reaped.
+    /// Ends slirp4netns and waits (briefly) until it is reaped. (The provider just drops an
+    /// `Egress`; waiting is for tests.)
+    #[cfg(test)]
     pub async fn stop(mut self) {
         self.exit_fd.take();
         if let Some(stop) = self.stop.take() {
@@ -361,7 +365,7 @@ impl Egress {
                 .await
                 .is_err()
         {
-            warn!(
+            tracing::warn!(
                 slirp_pid = self.slirp_pid,
                 "slirp4netns did not stop in time"
             );
