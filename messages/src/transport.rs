@@ -21,11 +21,17 @@ pub struct NatsAuth {
     pub token: Option<String>,
     /// A `.creds` file (JWT + NKey seed).
     pub creds_file: Option<std::path::PathBuf>,
+    /// A file holding the password (read at connect, so the secret is never in the process's
+    /// environment, where `/proc/<pid>/environ` would show it).
+    pub password_file: Option<std::path::PathBuf>,
+    /// A file holding the token (likewise).
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl NatsAuth {
     /// From the `HEARTH_NATS_USER` / `HEARTH_NATS_PASSWORD` / `HEARTH_NATS_TOKEN` /
-    /// `HEARTH_NATS_CREDS` environment variables.
+    /// `HEARTH_NATS_CREDS` environment variables, and `HEARTH_NATS_PASSWORD_FILE` /
+    /// `HEARTH_NATS_TOKEN_FILE` (preferred: secrets in files stay out of the environment).
     pub fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         Self {
@@ -33,7 +39,27 @@ impl NatsAuth {
             password: var("HEARTH_NATS_PASSWORD"),
             token: var("HEARTH_NATS_TOKEN"),
             creds_file: var("HEARTH_NATS_CREDS").map(Into::into),
+            password_file: var("HEARTH_NATS_PASSWORD_FILE").map(Into::into),
+            token_file: var("HEARTH_NATS_TOKEN_FILE").map(Into::into),
         }
+    }
+
+    /// The password and token, read from their files where given.
+    fn secrets(&self) -> Result<(Option<String>, Option<String>), ConnectError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+                .map_err(|e| ConnectError::Credentials(format!("{}: {e}", path.display())))
+        };
+        let password = match &self.password_file {
+            Some(path) => Some(read(path)?),
+            None => self.password.clone(),
+        };
+        let token = match &self.token_file {
+            Some(path) => Some(read(path)?),
+            None => self.token.clone(),
+        };
+        Ok((password, token))
     }
 }
 
@@ -96,7 +122,8 @@ pub async fn connect(
 ) -> Result<async_nats::Client, ConnectError> {
     let addrs = parse_urls(urls)?;
     let mut options = async_nats::ConnectOptions::new().name(name);
-    match (&auth.user, &auth.password) {
+    let (password, token) = auth.secrets()?;
+    match (&auth.user, &password) {
         (Some(user), Some(password)) => {
             options = options.user_and_password(user.clone(), password.clone());
         }
@@ -107,7 +134,7 @@ pub async fn connect(
             ));
         }
     }
-    if let Some(token) = &auth.token {
+    if let Some(token) = &token {
         options = options.token(token.clone());
     }
     if let Some(path) = &auth.creds_file {

@@ -1,5 +1,6 @@
 //! `hearth-worker`: parses configuration, starts logging and metrics, connects to NATS and runs the
-//! worker until SIGTERM/SIGINT. A configuration error exits 64 with a one-line message.
+//! worker until SIGTERM/SIGINT. A configuration error, or a host that cannot give the configured
+//! isolation, exits 64 with a one-line message saying what to install or change.
 
 use std::process::ExitCode;
 
@@ -34,20 +35,40 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("hearth-worker: {err}");
-            ExitCode::FAILURE
+        Err(Failure { code, message }) => {
+            eprintln!("hearth-worker: {message}");
+            ExitCode::from(code)
         }
     }
 }
 
-async fn serve(config: WorkerConfig) -> Result<(), String> {
+/// Why the worker stopped, and its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure { code: 1, message }
+    }
+}
+
+async fn serve(config: WorkerConfig) -> Result<(), Failure> {
     if let Some(listen) = config.metrics_listen {
         metrics::install_exporter(listen)
             .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
         metrics::describe();
     }
-    let provider = open_provider(&config).map_err(|e| format!("provider: {e}"))?;
+    let provider = open_provider(&config).map_err(|e| Failure {
+        // The host cannot do what the configuration asks (no bubblewrap, no agent binary, …).
+        code: if e.kind() == hearth_worker::provider::ProviderErrorKind::Unavailable {
+            64
+        } else {
+            1
+        },
+        message: format!("provider: {e}"),
+    })?;
     let nats = hearth_messages::transport::connect(
         &config.nats_url,
         &format!("hearth-worker {}", config.worker_id),
@@ -58,5 +79,5 @@ async fn serve(config: WorkerConfig) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     run(config, nats, provider, telemetry::shutdown_signal())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| Failure::from(e.to_string()))
 }
