@@ -97,8 +97,9 @@ pub async fn connect(
         options
             .ping_interval(PING_INTERVAL)
             .reconnect_delay_callback(move |attempt| {
+                // Called before every attempt, the first one (1) included.
                 let delay = reconnect_delay(attempt);
-                if attempt > 0 {
+                if attempt > 1 {
                     tracing::warn!(urls = %target, attempt, retry_in_ms = delay.as_millis() as u64,
                         "nats unavailable; retrying");
                 }
