@@ -300,3 +300,38 @@ async fn scheduler_killed_a_standby_takes_over_and_loses_nothing() {
         takeover.as_millis()
     );
 }
+
+#[tokio::test]
+async fn a_scheduler_started_before_nats_waits_and_comes_up() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut cmd =
+        std::process::Command::new(hearth_testkit::workspace_bin("hearth-scheduler").unwrap());
+    cmd.args(["--nats-url", &url, "--scheduler-id", "early"])
+        .args(["--metrics-listen", "off"])
+        .env("RUST_LOG", "info");
+    let mut scheduler = hearth_testkit::ChildProcess::spawn("scheduler", cmd, dir.path()).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        scheduler.is_running(),
+        "exited without nats:\n{}",
+        scheduler.log()
+    );
+    assert!(
+        scheduler.log().contains("nats unavailable; retrying"),
+        "no log line per attempt:\n{}",
+        scheduler.log()
+    );
+    let nats = hearth_testkit::NatsServer::builder()
+        .port(port)
+        .start()
+        .unwrap();
+    let client = HearthClient::new(nats.connect().await.unwrap());
+    wait_api(&client, Duration::from_secs(15)).await;
+    assert!(scheduler.is_running());
+}
