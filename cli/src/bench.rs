@@ -375,6 +375,7 @@ async fn worker_hop_floor(
             op: hearth_messages::JobOp::StartVm {
                 vm_id: hearth_messages::VmId::new("bench-probe-missing")?,
             },
+            lease_revision: 0,
         };
         let t = Instant::now();
         let reply: Result<hearth_messages::JobReply, _> = client
@@ -911,6 +912,7 @@ async fn timed_job(
     let request = hearth_messages::JobRequest {
         job_id: hearth_messages::JobId::new(uuid_like())?,
         op,
+        lease_revision: 0,
     };
     let t = Instant::now();
     let reply: hearth_messages::JobReply = client

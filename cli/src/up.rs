@@ -116,13 +116,17 @@ async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -
         hearth_scheduler::metrics::describe();
     }
 
-    let nats = hearth_messages::transport::connect(
+    // Connection events logged and counted; NATS or JetStream not up yet is waited for.
+    let nats = hearth_messages::connection::connect(
         &url,
         "hearth up",
         &hearth_messages::transport::NatsAuth::from_env(),
-        false,
     )
     .await?;
+    tokio::select! {
+        _ = hearth_messages::connection::wait_for_jetstream(&nats) => {}
+        _ = hearth_messages::telemetry::shutdown_signal() => return Ok(()),
+    }
 
     // The worker.
     let mut worker_config = WorkerConfig::new(WorkerId::new("local")?, data_dir.join("worker"));

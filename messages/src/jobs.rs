@@ -17,6 +17,12 @@ pub struct JobRequest {
     pub job_id: JobId,
     /// What to do.
     pub op: JobOp,
+    /// Fencing token: the revision of the leader lease the sending scheduler holds. A worker
+    /// refuses (409) a job whose revision is older than the newest it has seen, so a deposed
+    /// leader cannot act. 0 (absent) says the sender holds no lease (operator tools, tests): such a
+    /// job is not fenced and does not raise the worker's newest revision.
+    #[serde(default)]
+    pub lease_revision: u64,
 }
 
 /// The lifecycle operations, mirroring the provider trait.
@@ -283,6 +289,7 @@ mod tests {
                 new_vm_id: VmId::new("s1").unwrap(),
                 session: true,
             },
+            lease_revision: 0,
         };
         let json = serde_json::to_value(&job).unwrap();
         assert_eq!(json["op"]["kind"], "rename_vm");

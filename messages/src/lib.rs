@@ -1,7 +1,7 @@
 //! Hearth's v1 wire contract: subjects, request/response types, error model, codec and (feature
 //! `client`) the typed [`HearthClient`] an executor embeds. Feature `otel` (default) carries W3C
 //! trace context in NATS headers ([`trace`]); feature `telemetry` is the binaries' logging and
-//! OTLP setup.
+//! OTLP setup and their NATS connection hygiene (`connection`).
 //!
 //! Everything that crosses a process boundary is defined here and nowhere else. The types carry
 //! no business logic; servers and clients both depend on this crate.
@@ -19,6 +19,8 @@ pub mod subjects;
 
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "telemetry")]
+pub mod connection;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 #[cfg(feature = "otel")]

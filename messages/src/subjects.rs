@@ -207,6 +207,26 @@ impl Subjects {
         format!("{}.events.vms.*", self.root)
     }
 
+    /// The worker a heartbeat subject (`<prefix>.v1.workers.<wid>.status`) belongs to; `None`
+    /// for any other subject or an invalid id. The subject, not the body, names the sender: NATS
+    /// permissions confine a worker's credentials to its own subjects.
+    pub fn parse_worker_status(&self, subject: &str) -> Option<WorkerId> {
+        let wid = subject
+            .strip_prefix(self.root.as_str())?
+            .strip_prefix(".workers.")?
+            .strip_suffix(".status")?;
+        WorkerId::new(wid).ok()
+    }
+
+    /// The worker a VM event subject (`<prefix>.v1.events.vms.<wid>`) belongs to; `None` for any
+    /// other subject or an invalid id.
+    pub fn parse_vm_events(&self, subject: &str) -> Option<WorkerId> {
+        let wid = subject
+            .strip_prefix(self.root.as_str())?
+            .strip_prefix(".events.vms.")?;
+        WorkerId::new(wid).ok()
+    }
+
     /// `<prefix>.v1.events.>`: everything observers may watch.
     pub fn events_all(&self) -> String {
         format!("{}.events.>", self.root)
@@ -288,6 +308,24 @@ mod tests {
         );
         for bad in ["", "a..b", "a.*", ">", "a b", ".a"] {
             assert!(Subjects::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_worker_subjects() {
+        let s = Subjects::new("acme.hearth").unwrap();
+        let w = WorkerId::new("w-1").unwrap();
+        assert_eq!(s.parse_worker_status(&s.worker_status(&w)), Some(w.clone()));
+        assert_eq!(s.parse_vm_events(&s.vm_events(&w)), Some(w.clone()));
+        for bad in [
+            "acme.hearth.v1.workers.w-1.jobs",
+            "acme.hearth.v1.workers.a.b.status",
+            "hearth.v1.workers.w-1.status",
+            "acme.hearth.v1.events.vms.a.b",
+            "acme.hearth.v1.events.sessions.w-1",
+        ] {
+            assert_eq!(s.parse_worker_status(bad), None, "{bad}");
+            assert_eq!(s.parse_vm_events(bad), None, "{bad}");
         }
     }
 

@@ -120,6 +120,18 @@ pub async fn connect(
     auth: &NatsAuth,
     retry: bool,
 ) -> Result<async_nats::Client, ConnectError> {
+    connect_with(urls, name, auth, retry, |options| options).await
+}
+
+/// [`connect`] with more options: `customize` sees the options after the name, credentials and
+/// retry are set (the binaries add their event callback and reconnect backoff here).
+pub async fn connect_with(
+    urls: &str,
+    name: &str,
+    auth: &NatsAuth,
+    retry: bool,
+    customize: impl FnOnce(async_nats::ConnectOptions) -> async_nats::ConnectOptions,
+) -> Result<async_nats::Client, ConnectError> {
     let addrs = parse_urls(urls)?;
     let mut options = async_nats::ConnectOptions::new().name(name);
     let (password, token) = auth.secrets()?;
@@ -146,7 +158,7 @@ pub async fn connect(
     if retry {
         options = options.retry_on_initial_connect();
     }
-    options
+    customize(options)
         .connect(addrs)
         .await
         .map_err(|e| ConnectError::Connect {

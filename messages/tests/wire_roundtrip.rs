@@ -302,6 +302,7 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
             JobRequest {
                 job_id: id("job-1"),
                 op,
+                lease_revision: 0,
             },
         )
         .await;

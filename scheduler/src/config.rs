@@ -166,8 +166,12 @@ pub struct SchedulerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Replicas of the KV buckets when the scheduler creates them (3 on a JetStream cluster).
     pub kv_replicas: usize,
-    /// A worker silent for this long is lost (3 × the worker's 1 s heartbeat).
+    /// A worker silent for this long is *suspect* (3 × the worker's 1 s heartbeat): nothing new is
+    /// placed on it, its sessions stay as they are and none of its VMs counts as leaked.
     pub heartbeat_timeout: Duration,
+    /// A worker silent for this long is *lost*: its sessions end `lost` (`worker_lost`). Long on
+    /// purpose, so a NATS blip or a stalled process never ends a session.
+    pub worker_lost_grace: Duration,
     /// Period of the level-triggered passes (pool targets, template builds, liveness).
     pub reconcile_interval: Duration,
     /// Period of the session lifetime pass (TTL, idle stop, prune, retention).
@@ -205,6 +209,7 @@ impl Default for SchedulerConfig {
             metrics_listen: None,
             kv_replicas: 1,
             heartbeat_timeout: Duration::from_secs(3),
+            worker_lost_grace: Duration::from_secs(60),
             reconcile_interval: Duration::from_secs(5),
             lifecycle_interval: Duration::from_secs(1),
             vm_missing_grace: Duration::from_secs(5),
@@ -251,6 +256,7 @@ impl SchedulerConfig {
         }
         let positive = [
             ("heartbeat_timeout_ms", self.heartbeat_timeout),
+            ("worker_lost_grace_ms", self.worker_lost_grace),
             ("reconcile_interval_ms", self.reconcile_interval),
             ("lifecycle_interval_ms", self.lifecycle_interval),
             ("lease_ttl_ms", self.lease_ttl),
@@ -263,6 +269,13 @@ impl SchedulerConfig {
             if value.is_zero() {
                 return Err(ConfigError(format!("{name} must be positive")));
             }
+        }
+        if self.worker_lost_grace < self.heartbeat_timeout {
+            return Err(ConfigError(format!(
+                "worker_lost_grace_ms ({}) is below heartbeat_timeout_ms ({})",
+                self.worker_lost_grace.as_millis(),
+                self.heartbeat_timeout.as_millis()
+            )));
         }
         if self.kv_replicas == 0 || self.kv_replicas > 5 {
             return Err(ConfigError("kv_replicas must be between 1 and 5".into()));
@@ -306,9 +319,12 @@ pub struct SchedulerArgs {
     /// Replicas of the KV buckets.
     #[arg(long, env = "HEARTH_KV_REPLICAS")]
     pub kv_replicas: Option<usize>,
-    /// Milliseconds without a heartbeat after which a worker is lost.
+    /// Milliseconds without a heartbeat after which a worker is suspect (no new placements).
     #[arg(long, env = "HEARTH_HEARTBEAT_TIMEOUT_MS")]
     pub heartbeat_timeout_ms: Option<u64>,
+    /// Milliseconds without a heartbeat after which a worker is lost (its sessions end `lost`).
+    #[arg(long, env = "HEARTH_WORKER_LOST_GRACE_MS")]
+    pub worker_lost_grace_ms: Option<u64>,
     /// Milliseconds between reconcile passes.
     #[arg(long, env = "HEARTH_RECONCILE_INTERVAL_MS")]
     pub reconcile_interval_ms: Option<u64>,
@@ -354,6 +370,7 @@ struct SchedulerFile {
     metrics_listen: Option<String>,
     kv_replicas: Option<usize>,
     heartbeat_timeout_ms: Option<u64>,
+    worker_lost_grace_ms: Option<u64>,
     reconcile_interval_ms: Option<u64>,
     lifecycle_interval_ms: Option<u64>,
     vm_missing_grace_ms: Option<u64>,
@@ -450,6 +467,9 @@ fn resolve(args: SchedulerArgs, file: SchedulerFile) -> Result<SchedulerConfig, 
     if let Some(v) = args.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms) {
         c.heartbeat_timeout = ms(v);
     }
+    if let Some(v) = args.worker_lost_grace_ms.or(file.worker_lost_grace_ms) {
+        c.worker_lost_grace = ms(v);
+    }
     if let Some(v) = args.reconcile_interval_ms.or(file.reconcile_interval_ms) {
         c.reconcile_interval = ms(v);
     }
@@ -530,6 +550,7 @@ mod tests {
     fn empty_file_gives_the_defaults() {
         let c = from_toml("").unwrap();
         assert_eq!(c.heartbeat_timeout, Duration::from_secs(3));
+        assert_eq!(c.worker_lost_grace, Duration::from_secs(60));
         assert_eq!(c.templates.len(), 1);
         assert_eq!(c.templates[0].name.as_str(), "default");
         assert_eq!(c.subjects.prefix(), "hearth");
@@ -580,6 +601,8 @@ mod tests {
             "kv_replicas = 0",
             "[sessions]\ndefault_ttl_s = 100\nmax_ttl_s = 10",
             "metrics_listen = \"nowhere\"",
+            "worker_lost_grace_ms = 0",
+            "heartbeat_timeout_ms = 5000\nworker_lost_grace_ms = 4000",
         ] {
             let err = from_toml(bad).unwrap_err().to_string();
             assert!(!err.contains('\n'), "{bad:?} -> {err}");

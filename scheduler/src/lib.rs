@@ -69,10 +69,6 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let cfg = Arc::new(config);
     let js = jetstream::new(client.clone());
-    let kv = NatsKv::open(&js, &cfg.subjects, cfg.kv_replicas).await?;
-    let leader_kv =
-        lease::open_leader_bucket(&js, &cfg.subjects, cfg.kv_replicas, cfg.lease_ttl).await?;
-    let store = Store::new(Arc::new(kv));
 
     let quit = CancellationToken::new();
     let quit_on_signal = {
@@ -85,18 +81,50 @@ pub async fn run(
     tokio::pin!(quit_on_signal);
     let work = async {
         ::metrics::gauge!(crate::metrics::SCHEDULER_LEADER).set(0.0);
+        // JetStream may not be up yet (the scheduler started first, or NATS is restarting): wait
+        // for it, a log line per attempt, instead of exiting.
+        let opened = async {
+            let kv = hearth_messages::connection::retry("opening the state buckets", || {
+                NatsKv::open(&js, &cfg.subjects, cfg.kv_replicas)
+            })
+            .await;
+            let leader_kv = hearth_messages::connection::retry("opening the leader bucket", || {
+                lease::open_leader_bucket(&js, &cfg.subjects, cfg.kv_replicas, cfg.lease_ttl)
+            })
+            .await;
+            (kv, leader_kv)
+        };
+        let (kv, leader_kv) = tokio::select! {
+            _ = quit.cancelled() => return Ok(()),
+            opened = opened => opened,
+        };
+        let store = Store::new(Arc::new(kv));
+        // One holder value for the life of the process: after a NATS outage the lease it wrote is
+        // recognised as its own.
+        let holder = lease::LeaseHolder::new(&cfg.scheduler_id);
         loop {
             let Some(lease) =
-                lease::Lease::acquire(leader_kv.clone(), &cfg.scheduler_id, cfg.lease_ttl, &quit)
-                    .await
+                lease::Lease::acquire(leader_kv.clone(), &holder, cfg.lease_ttl, &quit).await
             else {
                 return Ok(());
             };
             ::metrics::gauge!(crate::metrics::SCHEDULER_LEADER).set(1.0);
             let term = quit.child_token();
+            let lost = CancellationToken::new();
             let renew_stop = CancellationToken::new();
-            let renewer = tokio::spawn(lease.keep(renew_stop.clone(), term.clone()));
-            let result = lead(cfg.clone(), client.clone(), store.clone(), term.clone()).await;
+            let lease_revision = lease.term();
+            let renewer = tokio::spawn(lease.keep(renew_stop.clone(), lost.clone()));
+            let result = lead(
+                cfg.clone(),
+                client.clone(),
+                store.clone(),
+                Term {
+                    end: term.clone(),
+                    lost: lost.clone(),
+                    lease_revision,
+                },
+            )
+            .await;
             term.cancel();
             renew_stop.cancel();
             ::metrics::gauge!(crate::metrics::SCHEDULER_LEADER).set(0.0);
@@ -119,13 +147,30 @@ pub async fn run(
     work.await
 }
 
-/// One leader term: until `term` is cancelled.
+/// One leader term.
+struct Term {
+    /// Ends the term (shutdown, or the lease lost).
+    end: CancellationToken,
+    /// Cancelled by the renewer when the lease is lost: stop acting at once.
+    lost: CancellationToken,
+    /// The term's fencing token, carried by every job.
+    lease_revision: u64,
+}
+
+/// One leader term: until `term.end` is cancelled. When the lease is lost the core is deposed
+/// first: no job is sent or awaited and nothing is written after that, so claims in flight end
+/// with 503 and nothing is recorded half.
 async fn lead(
     cfg: Arc<SchedulerConfig>,
     client: async_nats::Client,
     store: Store,
-    term: CancellationToken,
+    term: Term,
 ) -> Result<(), RunError> {
+    let Term {
+        end: term,
+        lost,
+        lease_revision,
+    } = term;
     let subjects = cfg.subjects.clone();
     // Subscribe before loading, so no heartbeat falls between the two.
     let mut heartbeats = client
@@ -136,13 +181,28 @@ async fn lead(
         .subscribe(subjects.vm_events_all())
         .await
         .map_err(|e| RunError::Subscribe(e.to_string()))?;
+    let api =
+        NatsWorkerApi::new(client.clone(), subjects.clone()).fenced(lease_revision, lost.clone());
     let scheduler = Scheduler::load(
         cfg.clone(),
-        Arc::new(NatsWorkerApi::new(client.clone(), subjects.clone())),
+        Arc::new(api),
         store,
         Arc::new(NatsEvents::new(client.clone(), subjects.clone())),
     )
     .await?;
+    let deposer = {
+        let scheduler = scheduler.clone();
+        let term = term.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = lost.cancelled() => {
+                    scheduler.depose();
+                    term.cancel();
+                }
+                _ = term.cancelled() => {}
+            }
+        })
+    };
     let feeder = {
         let scheduler = scheduler.clone();
         let term = term.clone();
@@ -151,14 +211,23 @@ async fn lead(
                 tokio::select! {
                     _ = term.cancelled() => return,
                     Some(msg) = heartbeats.next() => {
+                        // The sender is the worker the subject names, never the body's claim.
+                        let Some(from) = subjects.parse_worker_status(&msg.subject) else {
+                            tracing::debug!(subject = %msg.subject, "heartbeat on an unexpected subject");
+                            continue;
+                        };
                         match encoding_of(msg.headers.as_ref()).decode::<WorkerStatus>(&msg.payload) {
-                            Ok(status) => scheduler.on_heartbeat(status),
+                            Ok(status) => { scheduler.on_heartbeat_from(&from, status); }
                             Err(e) => tracing::debug!(subject = %msg.subject, error = %e, "bad heartbeat"),
                         }
                     }
                     Some(msg) = vm_events.next() => {
+                        let Some(from) = subjects.parse_vm_events(&msg.subject) else {
+                            tracing::debug!(subject = %msg.subject, "vm event on an unexpected subject");
+                            continue;
+                        };
                         match encoding_of(msg.headers.as_ref()).decode::<VmEvent>(&msg.payload) {
-                            Ok(event) => scheduler.on_vm_event(event),
+                            Ok(event) => { scheduler.on_vm_event_from(&from, event); }
                             Err(e) => tracing::debug!(subject = %msg.subject, error = %e, "bad vm event"),
                         }
                     }
@@ -179,7 +248,7 @@ async fn lead(
         service::serve(
             scheduler.clone(),
             client.clone(),
-            subjects,
+            cfg.subjects.clone(),
             &cfg.scheduler_id,
             term.clone(),
             cfg.drain_grace,
@@ -188,6 +257,7 @@ async fn lead(
         .map_err(RunError::from)
     };
     feeder.abort();
+    deposer.abort();
     scheduler.shutdown(cfg.drain_grace).await;
     result
 }

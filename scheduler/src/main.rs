@@ -48,15 +48,16 @@ async fn serve(config: hearth_scheduler::SchedulerConfig) -> Result<(), String> 
             .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
         tracing::info!(%listen, "serving prometheus metrics");
     }
-    let nats = hearth_messages::transport::connect(
+    // Connection events logged and counted; a NATS server that is not up yet is waited for
+    // (and so is JetStream, in `run`).
+    let nats = hearth_messages::connection::connect(
         &config.nats_url,
         &format!("hearth-scheduler {}", config.scheduler_id),
         &hearth_messages::transport::NatsAuth::from_env(),
-        true,
     )
     .await
     .map_err(|e| e.to_string())?;
-    tracing::info!(url = %config.nats_url, scheduler_id = %config.scheduler_id, "connected to nats");
+    tracing::info!(url = %config.nats_url, scheduler_id = %config.scheduler_id, "nats client started");
     run(config, nats, telemetry::shutdown_signal())
         .await
         .map_err(|e| e.to_string())

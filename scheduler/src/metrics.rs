@@ -31,8 +31,15 @@ pub const TEMPLATE_BUILDS_TOTAL: &str = "hearth_template_builds_total";
 pub const SESSIONS: &str = "hearth_sessions";
 /// Ended sessions by `reason`.
 pub const SESSION_TERMINATIONS_TOTAL: &str = "hearth_session_terminations_total";
-/// Live workers.
+/// Healthy workers (heartbeating; neither suspect nor lost).
 pub const WORKERS_UP: &str = "hearth_workers_up";
+/// Workers silent past `heartbeat_timeout` but not yet past `worker_lost_grace`.
+pub const WORKERS_SUSPECT: &str = "hearth_workers_suspect";
+/// Heartbeats and VM events dropped because the body names another worker than the subject,
+/// by `kind` (heartbeat, vm_event).
+pub const SPOOFED_MESSAGES_TOTAL: &str = "hearth_spoofed_messages_total";
+/// Leader terms lost (lease taken over or not renewable in time).
+pub const LEASE_LOST_TOTAL: &str = "hearth_lease_lost_total";
 /// Leaked VMs the reconcile loop destroyed.
 pub const LEAKED_VMS_DESTROYED_TOTAL: &str = "hearth_leaked_vms_destroyed_total";
 /// 1 while this scheduler holds the leader lease.
@@ -53,6 +60,9 @@ pub const ALL: &[&str] = &[
     SESSIONS,
     SESSION_TERMINATIONS_TOTAL,
     WORKERS_UP,
+    WORKERS_SUSPECT,
+    SPOOFED_MESSAGES_TOTAL,
+    LEASE_LOST_TOTAL,
     LEAKED_VMS_DESTROYED_TOTAL,
     SCHEDULER_LEADER,
 ];
@@ -96,7 +106,23 @@ pub fn describe() {
     describe_counter!(TEMPLATE_BUILDS_TOTAL, "Template snapshot builds");
     describe_gauge!(SESSIONS, "Sessions by state");
     describe_counter!(SESSION_TERMINATIONS_TOTAL, "Ended sessions by reason");
-    describe_gauge!(WORKERS_UP, "Workers sending heartbeats");
+    describe_gauge!(WORKERS_UP, "Healthy workers (heartbeating)");
+    describe_gauge!(
+        WORKERS_SUSPECT,
+        "Workers silent past heartbeat_timeout, not yet lost"
+    );
+    describe_counter!(
+        SPOOFED_MESSAGES_TOTAL,
+        "Heartbeats and VM events dropped: the body names another worker than the subject"
+    );
+    for kind in ["heartbeat", "vm_event"] {
+        metrics::counter!(SPOOFED_MESSAGES_TOTAL, "kind" => kind).absolute(0);
+    }
+    describe_counter!(
+        LEASE_LOST_TOTAL,
+        "Leader terms that ended by losing the lease"
+    );
+    metrics::counter!(LEASE_LOST_TOTAL).absolute(0);
     describe_counter!(
         LEAKED_VMS_DESTROYED_TOTAL,
         "VMs destroyed by reconcile because nothing owned them"

@@ -12,6 +12,7 @@ use hearth_messages::{
     WireError, WorkerId,
 };
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// Why a job did not produce an output.
@@ -30,6 +31,9 @@ pub enum JobError {
     /// The reply did not decode or did not fit the job.
     #[error("unexpected reply: {0}")]
     BadReply(String),
+    /// This scheduler lost the leader lease: it sends no more jobs and stops waiting for replies.
+    #[error("this scheduler is no longer the leader")]
+    Deposed,
 }
 
 impl JobError {
@@ -76,10 +80,12 @@ pub fn new_job_id() -> JobId {
 }
 
 /// A job with a fresh id.
+/// A job with a fresh id (the [`WorkerApi`] stamps the lease revision).
 pub fn job(op: JobOp) -> JobRequest {
     JobRequest {
         job_id: new_job_id(),
         op,
+        lease_revision: 0,
     }
 }
 
@@ -88,12 +94,29 @@ pub fn job(op: JobOp) -> JobRequest {
 pub struct NatsWorkerApi {
     client: async_nats::Client,
     subjects: Subjects,
+    /// The leader term's fencing token, stamped on every job.
+    lease_revision: u64,
+    /// Cancelled when the term ends by losing the lease: no job is sent or waited for after it.
+    deposed: CancellationToken,
 }
 
 impl NatsWorkerApi {
-    /// Jobs over `client`.
+    /// Jobs over `client`, unfenced (no lease; tests and tools).
     pub fn new(client: async_nats::Client, subjects: Subjects) -> Self {
-        Self { client, subjects }
+        Self {
+            client,
+            subjects,
+            lease_revision: 0,
+            deposed: CancellationToken::new(),
+        }
+    }
+
+    /// Jobs of one leader term: each carries `lease_revision` (workers refuse older ones), and
+    /// none is sent or awaited once `deposed` is cancelled.
+    pub fn fenced(mut self, lease_revision: u64, deposed: CancellationToken) -> Self {
+        self.lease_revision = lease_revision;
+        self.deposed = deposed;
+        self
     }
 }
 
@@ -122,7 +145,17 @@ impl WorkerApi for NatsWorkerApi {
         if let Some(vm_id) = job.op.vm_id() {
             span.record("vm_id", tracing::field::display(vm_id));
         }
-        self.send_job(worker, job, timeout).instrument(span).await
+        if self.deposed.is_cancelled() {
+            return Err(JobError::Deposed);
+        }
+        let job = JobRequest {
+            lease_revision: self.lease_revision,
+            ..job
+        };
+        tokio::select! {
+            _ = self.deposed.cancelled() => Err(JobError::Deposed),
+            result = self.send_job(worker, job, timeout).instrument(span) => result,
+        }
     }
 }
 

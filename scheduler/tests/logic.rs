@@ -546,7 +546,9 @@ async fn worker_loss_loses_its_sessions_and_refills_elsewhere_then_reconciles_it
     let fleet = Fleet::new();
     fleet.add("w1", 10);
     fleet.add("w2", 10);
-    let h = Harness::start(config(4), fleet.clone()).await;
+    let mut cfg = config(4);
+    cfg.worker_lost_grace = Duration::from_secs(20);
+    let h = Harness::start(cfg, fleet.clone()).await;
     h.wait_ready("default", 4).await;
     // Claim until a session sits on w1.
     let mut on_w1 = None;
@@ -562,7 +564,19 @@ async fn worker_loss_loses_its_sessions_and_refills_elsewhere_then_reconciles_it
 
     let w1 = fleet.worker("w1");
     w1.down.store(true, Ordering::SeqCst);
-    h.wait_for("session lost", Duration::from_secs(10), || {
+    // Past the heartbeat timeout it is only suspect: its session is still running.
+    h.wait_for("w1 suspect", Duration::from_secs(5), || {
+        h.sched.live_workers() == vec![wid("w2")]
+    })
+    .await;
+    h.sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        h.sched.get_session(&s.session_id).unwrap().state,
+        SessionState::Running,
+        "a suspect worker's sessions stay running"
+    );
+    // Lost only past the grace.
+    h.wait_for("session lost", Duration::from_secs(15), || {
         h.sched.get_session(&s.session_id).unwrap().state == SessionState::Lost
     })
     .await;
@@ -593,6 +607,205 @@ async fn worker_loss_loses_its_sessions_and_refills_elsewhere_then_reconciles_it
     }
     // And nothing on w2 was touched.
     assert!(fleet.worker("w2").vms().await.len() >= 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_worker_is_suspect_and_comes_back_with_nothing_destroyed() {
+    let fleet = Fleet::new();
+    let w1 = fleet.add("w1", 10);
+    fleet.add("w2", 10);
+    let mut cfg = config(4);
+    cfg.leak_grace = Duration::from_secs(5);
+    let h = Harness::start(cfg, fleet.clone()).await;
+    h.wait_ready("default", 4).await;
+    let mut mine = Vec::new();
+    for i in 0..4 {
+        let s = h.sched.create_session(req(&format!("b{i}"))).await.unwrap();
+        if s.worker_id.as_str() == "w1" {
+            mine.push(s.session_id);
+        }
+    }
+    assert!(!mine.is_empty(), "a session on w1");
+    h.wait_ready("default", 4).await;
+    let before = w1.vms().await;
+
+    // A blip far longer than the heartbeat timeout (but within the grace): heartbeats stop and
+    // jobs go unanswered.
+    w1.down.store(true, Ordering::SeqCst);
+    h.wait_for("w1 suspect", Duration::from_secs(5), || {
+        h.sched.live_workers() == vec![wid("w2")]
+    })
+    .await;
+    // Nothing new lands on a suspect worker: claims go to w2.
+    for i in 0..3 {
+        let s = h.sched.create_session(req(&format!("n{i}"))).await.unwrap();
+        assert_eq!(s.worker_id.as_str(), "w2", "placed on a suspect worker");
+    }
+    h.sleep(Duration::from_secs(20)).await;
+    for sid in &mine {
+        assert_eq!(
+            h.sched.get_session(sid).unwrap().state,
+            SessionState::Running
+        );
+    }
+
+    // Back: healthy again, nothing of it destroyed, no session lost, reconcile resumes only after
+    // a fresh inventory (a list_vms sent after its return).
+    let ops_before = w1.log.lock().len();
+    w1.down.store(false, Ordering::SeqCst);
+    h.wait_for("w1 healthy", Duration::from_secs(5), || {
+        h.sched.live_workers().len() == 2
+    })
+    .await;
+    h.sleep(Duration::from_secs(15)).await;
+    for sid in &mine {
+        assert_eq!(
+            h.sched.get_session(sid).unwrap().state,
+            SessionState::Running
+        );
+        assert!(w1.has_vm(sid.as_str()).await, "{sid}'s vm destroyed");
+    }
+    for vm in before.keys() {
+        assert!(w1.has_vm(vm.as_str()).await, "{vm} destroyed after a blip");
+    }
+    let after: Vec<JobOp> = w1.log.lock()[ops_before..].to_vec();
+    assert!(
+        after.iter().any(|op| matches!(op, JobOp::ListVms {})),
+        "a fresh inventory asked for: {after:?}"
+    );
+    assert!(
+        !after.iter().any(|op| matches!(op, JobOp::DestroyVm { .. })),
+        "destroyed after a blip: {after:?}"
+    );
+    assert!(
+        h.events
+            .for_session(mine[0].as_str())
+            .iter()
+            .all(|e| e.reason.is_none())
+    );
+
+    // Reconcile does run again: a stray VM on w1 is destroyed.
+    use hearth_worker::provider::{VmProvider, VmSpec};
+    w1.provider
+        .create_vm_with_spec(&"stray".parse().unwrap(), &VmSpec::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + MINUTE;
+    while w1.has_vm("stray").await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stray vm not destroyed"
+        );
+        h.sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_worker_gets_no_new_vms() {
+    let fleet = Fleet::new();
+    let w1 = fleet.add("w1", 10);
+    fleet.add("w2", 10);
+    let h = Harness::start(config(4), fleet.clone()).await;
+    h.wait_ready("default", 4).await;
+    let creates_before = w1.ops("create_vm_with_spec").len() + w1.ops("rename_vm").len();
+    w1.draining.store(true, Ordering::SeqCst);
+    h.sleep(Duration::from_secs(2)).await;
+    for i in 0..6 {
+        let s = h.sched.create_session(req(&format!("d{i}"))).await.unwrap();
+        assert_eq!(s.worker_id.as_str(), "w2");
+    }
+    h.wait_ready("default", 4).await;
+    assert_eq!(
+        w1.ops("create_vm_with_spec").len() + w1.ops("rename_vm").len(),
+        creates_before,
+        "work placed on a draining worker"
+    );
+    // Draining is not silence: it stays healthy (not suspect) while it heartbeats.
+    h.sleep(Duration::from_secs(10)).await;
+    assert_eq!(h.sched.live_workers().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn spoofed_heartbeats_and_vm_events_change_nothing() {
+    let fleet = Fleet::new();
+    let w1 = fleet.add("w1", 10);
+    let w2 = fleet.add("w2", 10);
+    let h = Harness::start(config(2), fleet.clone()).await;
+    h.wait_ready("default", 2).await;
+    let s = h.sched.create_session(req("victim")).await.unwrap();
+    let (victim_worker, other) = if s.worker_id.as_str() == "w1" {
+        (w1.clone(), w2.clone())
+    } else {
+        (w2.clone(), w1.clone())
+    };
+    // `other` claims, on its own subject, that the victim's VM was destroyed and that the
+    // victim worker has no VMs and is draining.
+    let event = hearth_messages::VmEvent {
+        worker_id: victim_worker.id.clone(),
+        vm_id: "victim".parse().unwrap(),
+        state: VmState::Destroyed,
+        renamed_from: None,
+        reason: Some(TerminationReason::VmFailed),
+        at_ms: h.sched.now_ms(),
+    };
+    assert!(!h.sched.on_vm_event_from(&other.id, event));
+    let mut status = victim_worker.status(h.sched.now_ms()).await;
+    status.vms.clear();
+    status.draining = true;
+    status.seq += 1000;
+    assert!(!h.sched.on_heartbeat_from(&other.id, status.clone()));
+    // And the other way round: a body naming `other` on the victim's subject.
+    status.worker_id = other.id.clone();
+    assert!(!h.sched.on_heartbeat_from(&victim_worker.id, status));
+    h.sleep(Duration::from_secs(15)).await;
+    assert_eq!(
+        h.sched.get_session(&sid("victim")).unwrap().state,
+        SessionState::Running
+    );
+    assert!(victim_worker.has_vm("victim").await);
+    assert_eq!(h.sched.live_workers().len(), 2);
+    // A genuine message on its own subject is accepted.
+    let own = victim_worker.status(h.sched.now_ms()).await;
+    assert!(h.sched.on_heartbeat_from(&victim_worker.id, own));
+}
+
+#[tokio::test(start_paused = true)]
+async fn huge_wait_ttl_and_idle_values_are_clamped() {
+    let fleet = Fleet::new();
+    fleet.add("w1", 10);
+    let mut cfg = config(1);
+    cfg.sessions.max_ttl = Duration::from_secs(3600);
+    cfg.sessions.default_ttl = Duration::from_secs(600);
+    let h = Harness::start(cfg, fleet.clone()).await;
+    h.wait_ready("default", 1).await;
+    let mut r = req("huge");
+    r.wait_ms = Some(u64::MAX);
+    r.ttl_s = Some(u64::MAX);
+    r.idle_timeout_s = Some(u64::MAX);
+    let now = h.sched.now_ms();
+    let s = h.sched.create_session(r).await.unwrap();
+    assert!(
+        s.expires_ms <= now + 3600 * 1000 + 1000,
+        "ttl capped at max_ttl_s"
+    );
+    assert!(s.expires_ms >= now + 3599 * 1000);
+    // Another claim with an unbounded wait: no panic, no overflow.
+    let mut r = req("huge-cold");
+    r.wait_ms = Some(u64::MAX);
+    let s = h.sched.create_session(r).await.unwrap();
+    assert_eq!(s.state, SessionState::Running);
+    // Keepalive with u64::MAX is capped too.
+    let s = h
+        .sched
+        .keepalive(
+            &sid("huge"),
+            hearth_messages::KeepaliveRequest {
+                ttl_s: Some(u64::MAX),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(s.expires_ms <= h.sched.now_ms() + 3600 * 1000 + 1000);
 }
 
 #[tokio::test(start_paused = true)]

@@ -522,3 +522,131 @@ async fn the_binary_serves_and_drains_on_sigterm() {
     assert!(exit.success(), "{exit:?}");
     assert!(ping_all(&nats).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_scheduler_takes_its_own_lease_back_and_each_term_fences_the_last() {
+    use hearth_scheduler::lease::{Lease, LeaseHolder, open_leader_bucket};
+    let server = NatsServer::start().unwrap();
+    let nats = server.connect().await.unwrap();
+    let js = async_nats::jetstream::new(nats.clone());
+    let ttl = Duration::from_secs(30);
+    let kv = open_leader_bucket(&js, &Subjects::default(), 1, ttl)
+        .await
+        .unwrap();
+    let never = tokio_util::sync::CancellationToken::new();
+    let a = LeaseHolder::new("a");
+    let first = Lease::acquire(kv.clone(), &a, ttl, &never).await.unwrap();
+    let t1 = first.term();
+    // The term ends without a release (renewals failed across a NATS outage, say): the key still
+    // names this process, long before it would expire. The same process takes it back at once,
+    // as a new, higher term.
+    drop(first);
+    let again = tokio::time::timeout(
+        Duration::from_secs(2),
+        Lease::acquire(kv.clone(), &a, ttl, &never),
+    )
+    .await
+    .expect("own lease recognised at once")
+    .unwrap();
+    assert!(again.term() > t1, "{} > {t1}", again.term());
+    // Another process with the same scheduler id is another holder: it stands by.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let other = LeaseHolder::new("a");
+    let standby = {
+        let (kv, stop) = (kv.clone(), stop.clone());
+        tokio::spawn(async move { Lease::acquire(kv, &other, ttl, &stop).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !standby.is_finished(),
+        "a second holder acquired a held lease"
+    );
+    stop.cancel();
+    assert!(standby.await.unwrap().is_none());
+    again.release().await;
+}
+
+#[tokio::test]
+async fn heartbeats_and_vm_events_spoofing_another_worker_change_nothing() {
+    use hearth_messages::{VmEvent, VmState, WorkerStatus};
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _w1 = start_worker(&server, "w1", dir.path()).await;
+    let _w2 = start_worker(&server, "w2", dir.path()).await;
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats.clone()).with_timeout(Duration::from_secs(5));
+    let sched = Running::start(&server, scheduler_config(&server, "a")).await;
+    wait_pool(&client, "default", 2).await;
+    let s = client.create_session(&create("victim")).await.unwrap();
+    let victim = s.worker_id.clone();
+    let other = WorkerId::new(if victim.as_str() == "w1" { "w2" } else { "w1" }).unwrap();
+    let subjects = Subjects::default();
+
+    // The other worker's credentials may publish on its own subjects only; with them it claims
+    // the victim's VM was destroyed and the victim worker is empty and draining.
+    let event = VmEvent {
+        worker_id: victim.clone(),
+        vm_id: "victim".parse().unwrap(),
+        state: VmState::Destroyed,
+        renamed_from: None,
+        reason: Some(hearth_messages::TerminationReason::VmFailed),
+        at_ms: hearth_messages::now_ms(),
+    };
+    let fake_status = |worker: &WorkerId, seq: u64| WorkerStatus {
+        worker_id: worker.clone(),
+        seq,
+        at_ms: hearth_messages::now_ms(),
+        started_ms: 1,
+        provider: "fake".into(),
+        max_vms: 16,
+        used_vms: 0,
+        draining: true,
+        jobs_in_flight: 0,
+        execs_in_flight: 0,
+        vms: Vec::new(),
+        versions: Default::default(),
+        isolation: Default::default(),
+    };
+    for round in 0..8u64 {
+        nats.publish(
+            subjects.vm_events(&other),
+            Encoding::MsgPack.encode(&event).unwrap().into(),
+        )
+        .await
+        .unwrap();
+        // Victim's body on the other's subject, and the other's body on the victim's subject.
+        for (subject_worker, body_worker) in [(&other, &victim), (&victim, &other)] {
+            nats.publish(
+                subjects.worker_status(subject_worker),
+                Encoding::MsgPack
+                    .encode(&fake_status(body_worker, 1_000_000 + round))
+                    .unwrap()
+                    .into(),
+            )
+            .await
+            .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Nothing changed: the session runs on its worker, which still gets new work.
+    let now = client.get_session(&sid("victim")).await.unwrap();
+    assert_eq!(now.state, SessionState::Running);
+    assert_eq!(now.worker_id, victim);
+    let listed = client.list_sessions(&Default::default()).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let mut placed = std::collections::BTreeSet::new();
+    for i in 0..6 {
+        placed.insert(
+            client
+                .create_session(&create(&format!("n{i}")))
+                .await
+                .unwrap()
+                .worker_id,
+        );
+    }
+    assert!(
+        placed.contains(&victim),
+        "the spoofed 'draining' was believed: {placed:?}"
+    );
+    sched.stop().await;
+}

@@ -278,6 +278,8 @@ impl NatsServerBuilder {
             log,
             store,
             dir,
+            options: self,
+            earlier: Vec::new(),
         };
         server.wait_ready(&ports_dir)?;
         Ok(server)
@@ -293,6 +295,11 @@ pub struct NatsServer {
     log: PathBuf,
     store: PathBuf,
     dir: tempfile::TempDir,
+    /// How it was started (for [`NatsServer::restart`]).
+    options: NatsServerBuilder,
+    /// Earlier runs, without their process: their temp dirs (a restart keeps the store, which
+    /// may live in one).
+    earlier: Vec<NatsServer>,
 }
 
 impl NatsServer {
@@ -350,6 +357,54 @@ impl NatsServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open but nothing is answered, as a stalled
+    /// host or a long GC pause would.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Thaws a [`NatsServer::pause`]d server (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .context("the server is not running")?;
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{name} {pid}: {status}");
+        }
+        Ok(())
+    }
+
+    /// Starts the server again (after [`NatsServer::kill`], or killing it first) on the same port
+    /// with the same store and options, as an operator restarting it would.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let again = self
+            .options
+            .clone()
+            .port(self.port)
+            .store_dir(self.store.clone())
+            .start()?;
+        let mut again = again;
+        // Take the new process and its temp dir; keep the old dir (it may hold the store) alive
+        // in the emptied husk.
+        self.child = again.child.take();
+        std::mem::swap(&mut self.log, &mut again.log);
+        std::mem::swap(&mut self.dir, &mut again.dir);
+        self.earlier.push(again);
+        Ok(())
     }
 
     fn wait_ready(&mut self, ports_dir: &Path) -> Result<()> {
@@ -424,6 +479,44 @@ mod tests {
             .unwrap();
         kv.put("k", "v".into()).await.unwrap();
         assert_eq!(kv.get("k").await.unwrap().unwrap(), "v");
+    }
+
+    #[tokio::test]
+    async fn restarts_on_the_same_port_with_its_store() {
+        let mut server = NatsServer::start().unwrap();
+        let port = server.port();
+        let js = async_nats::jetstream::new(server.connect().await.unwrap());
+        let kv = js
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: "kept".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        kv.put("k", "v".into()).await.unwrap();
+        server.restart().unwrap();
+        assert_eq!(server.port(), port);
+        let js = async_nats::jetstream::new(server.connect().await.unwrap());
+        let kv = js.get_key_value("kept").await.unwrap();
+        assert_eq!(kv.get("k").await.unwrap().unwrap(), "v");
+    }
+
+    #[tokio::test]
+    async fn a_paused_server_answers_nothing_until_resumed() {
+        let server = NatsServer::start().unwrap();
+        use futures::StreamExt;
+        let client = server.connect().await.unwrap();
+        let mut sub = client.subscribe("probe").await.unwrap();
+        client.flush().await.unwrap();
+        server.pause().unwrap();
+        client.publish("probe", "x".into()).await.unwrap();
+        let stalled = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+        assert!(stalled.is_err(), "a paused server delivered");
+        server.resume().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("delivered after resume")
+            .expect("a message");
     }
 
     #[tokio::test]

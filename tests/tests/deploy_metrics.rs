@@ -198,6 +198,7 @@ impl Jobs {
         let request = JobRequest {
             job_id: id(&format!("metrics-job-{}", self.n)),
             op,
+            lease_revision: 0,
         };
         let payload = Encoding::MsgPack.encode(&request).unwrap();
         let msg = tokio::time::timeout(

@@ -338,6 +338,7 @@ async fn job(nats: &async_nats::Client, worker: &str, n: &mut u32, op: JobOp) ->
     let request = JobRequest {
         job_id: id(&format!("job-{n}")),
         op,
+        lease_revision: 0,
     };
     let payload = Encoding::MsgPack.encode(&request).unwrap();
     let msg = tokio::time::timeout(

@@ -329,7 +329,9 @@ max_ready = 8
 
 #[tokio::test]
 async fn sigkill_of_a_worker_marks_its_sessions_lost_and_pools_refill_elsewhere() {
-    let mut stack = Stack::start(&["w1", "w2"], DEFAULT_TEMPLATE).await;
+    // Suspect after 1.5 s of silence, lost after 5 s (60 s by default).
+    let config = format!("worker_lost_grace_ms = 5000\n{DEFAULT_TEMPLATE}");
+    let mut stack = Stack::start(&["w1", "w2"], &config).await;
     stack
         .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 2)
         .await;
@@ -346,6 +348,14 @@ async fn sigkill_of_a_worker_marks_its_sessions_lost_and_pools_refill_elsewhere(
         .await
         .unwrap();
     stack.worker(&victim).kill();
+    // Suspect first: nothing placed on it, but its session is not lost yet.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        c.get_session(&s.session_id).await.unwrap().state,
+        SessionState::Running,
+        "lost before the grace\n{}",
+        stack.logs()
+    );
 
     let lost = tokio::time::timeout(Duration::from_secs(15), async {
         loop {

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use hearth_messages::telemetry;
+use hearth_messages::{connection, telemetry};
 use hearth_worker::{WorkerArgs, WorkerConfig, metrics, open_provider, run};
 
 fn main() -> ExitCode {
@@ -69,15 +69,21 @@ async fn serve(config: WorkerConfig) -> Result<(), Failure> {
         },
         message: format!("provider: {e}"),
     })?;
-    let nats = hearth_messages::transport::connect(
+    let nats = connection::connect(
         &config.nats_url,
         &format!("hearth-worker {}", config.worker_id),
         &hearth_messages::transport::NatsAuth::from_env(),
-        true,
     )
     .await
     .map_err(|e| e.to_string())?;
-    run(config, nats, provider, telemetry::shutdown_signal())
+    // NATS or JetStream may not be up yet: wait (logging each attempt) instead of exiting.
+    let shutdown = telemetry::shutdown_signal();
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = connection::wait_for_jetstream(&nats) => {}
+        _ = &mut shutdown => return Ok(()),
+    }
+    run(config, nats, provider, shutdown)
         .await
         .map_err(|e| Failure::from(e.to_string()))
 }

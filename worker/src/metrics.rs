@@ -37,6 +37,9 @@ pub const SNAPSHOT_FETCH_BYTES_TOTAL: &str = "hearth_worker_snapshot_fetch_bytes
 pub const HEARTBEATS_TOTAL: &str = "hearth_worker_heartbeats_total";
 /// Requests answered with 400 because they could not be decoded or were invalid.
 pub const BAD_REQUESTS_TOTAL: &str = "hearth_worker_bad_requests_total";
+/// Jobs refused (409) because they carry an older lease revision than one already seen: sent by a
+/// deposed scheduler.
+pub const JOBS_FENCED_TOTAL: &str = "hearth_worker_jobs_fenced_total";
 
 /// Every metric the worker emits (the dashboard check compares against this list).
 pub const ALL: &[&str] = &[
@@ -56,6 +59,7 @@ pub const ALL: &[&str] = &[
     SNAPSHOT_FETCH_BYTES_TOTAL,
     HEARTBEATS_TOTAL,
     BAD_REQUESTS_TOTAL,
+    JOBS_FENCED_TOTAL,
 ];
 
 const FAST: &[f64] = &[
@@ -135,4 +139,9 @@ pub fn describe() {
         BAD_REQUESTS_TOTAL,
         "Requests rejected as malformed or invalid"
     );
+    describe_counter!(
+        JOBS_FENCED_TOTAL,
+        "Jobs refused because a newer scheduler lease was already seen (a deposed leader)"
+    );
+    metrics::counter!(JOBS_FENCED_TOTAL).absolute(0);
 }

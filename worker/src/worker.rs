@@ -113,8 +113,12 @@ struct Inner {
     jobs_in_flight: AtomicU32,
     execs_in_flight: AtomicU32,
     draining: AtomicBool,
+    /// The newest scheduler lease revision a job carried; older ones are a deposed leader's.
+    newest_lease: AtomicU64,
     tasks: TaskTracker,
     stop: CancellationToken,
+    /// Stops heartbeats: only when the drain is over, so the scheduler sees `draining` until then.
+    heartbeat_stop: CancellationToken,
 }
 
 impl std::fmt::Debug for Inner {
@@ -189,8 +193,10 @@ impl Worker {
             jobs_in_flight: AtomicU32::new(0),
             execs_in_flight: AtomicU32::new(0),
             draining: AtomicBool::new(false),
+            newest_lease: AtomicU64::new(0),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
+            heartbeat_stop: CancellationToken::new(),
         });
         let worker = Worker { inner };
         worker.reconcile_on_start().await?;
@@ -219,7 +225,8 @@ impl Worker {
         for entry in inner.served.iter() {
             entry.value().cancel.cancel();
         }
-        // One last heartbeat saying so, so the scheduler stops placing work here.
+        // A heartbeat saying so at once, so the scheduler stops placing work here; the heartbeat
+        // loop keeps saying it until the drain is over (silence would make the worker suspect).
         inner.publish_heartbeat().await;
         inner.tasks.close();
         if tokio::time::timeout(inner.config.drain_grace, inner.tasks.wait())
@@ -231,6 +238,7 @@ impl Worker {
                 "drain grace elapsed with work still running"
             );
         }
+        inner.heartbeat_stop.cancel();
         let _ = inner.nats.flush().await;
     }
 
@@ -294,14 +302,16 @@ impl Worker {
         Ok(())
     }
 
+    /// Heartbeats until the drain ends (not on `tasks`: the drain waits for those, and heartbeats
+    /// must go on while it does; `heartbeat_stop` owns this task).
     fn start_heartbeats(&self) {
         let inner = self.inner.clone();
-        self.inner.tasks.spawn(async move {
+        tokio::spawn(async move {
             let mut tick = tokio::time::interval(inner.config.heartbeat_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = inner.stop.cancelled() => break,
+                    _ = inner.heartbeat_stop.cancelled() => break,
                     _ = tick.tick() => inner.publish_heartbeat().await,
                 }
             }
@@ -339,6 +349,11 @@ impl Worker {
             Ok(job) => {
                 let op_name = job.op.name();
                 record_job(&job);
+                if let Err(err) = self.fence(job.lease_revision) {
+                    metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => err.code.to_string())
+                        .increment(1);
+                    return Reply::error(encoding, &err);
+                }
                 let started = Instant::now();
                 let cell = self.inner.jobs.cell(&job.job_id);
                 let outcome = cell.get_or_init(|| self.run_job(job.op)).await.clone();
@@ -361,6 +376,26 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Refuses a job from a deposed scheduler: one whose lease revision is older than the newest
+    /// seen. A job without a revision (0: tools, tests) is not fenced.
+    fn fence(&self, revision: u64) -> Result<(), WireError> {
+        if revision == 0 {
+            return Ok(());
+        }
+        let newest = self
+            .inner
+            .newest_lease
+            .fetch_max(revision, Ordering::SeqCst);
+        if revision < newest {
+            metrics::counter!(m::JOBS_FENCED_TOTAL).increment(1);
+            warn!(revision, newest, "refusing a job from a deposed scheduler");
+            return Err(WireError::conflict(format!(
+                "job from a deposed scheduler: lease revision {revision} is older than {newest}"
+            )));
+        }
+        Ok(())
     }
 
     async fn run_job(&self, op: JobOp) -> Outcome {

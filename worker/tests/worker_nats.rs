@@ -75,6 +75,7 @@ async fn job_with_id(
     let request = JobRequest {
         job_id: id(job_id),
         op,
+        lease_revision: 0,
     };
     let payload = Encoding::MsgPack.encode(&request).unwrap();
     let msg = tokio::time::timeout(
@@ -533,6 +534,87 @@ async fn a_retried_job_returns_the_first_outcome_and_runs_once() {
     assert_eq!(again.unwrap(), outcomes[0]);
     let fresh = job(&nats, "w1", op).await.unwrap_err();
     assert_eq!(fresh.code, ErrorCode::Conflict);
+}
+
+/// A job carrying a lease revision (the fencing token of the scheduler that sends it).
+async fn fenced_job(
+    nats: &async_nats::Client,
+    worker: &str,
+    revision: u64,
+) -> Result<JobOutput, WireError> {
+    let subject = Subjects::default().worker_jobs(&id(worker));
+    let request = JobRequest {
+        job_id: id(format!("f-{}", uuid::Uuid::new_v4())),
+        op: JobOp::ListVms {},
+        lease_revision: revision,
+    };
+    let payload = Encoding::MsgPack.encode(&request).unwrap();
+    let msg = nats.request(subject, payload.into()).await.unwrap();
+    decode_reply::<JobReply>(&msg).map(|r| r.output)
+}
+
+#[tokio::test]
+async fn jobs_of_a_deposed_scheduler_are_refused() {
+    let (_server, nats, _client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    fenced_job(&nats, "w1", 5).await.unwrap();
+    // An older revision is a deposed leader: 409, nothing run.
+    let err = fenced_job(&nats, "w1", 3).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Conflict);
+    assert!(err.message.contains("deposed"), "{err:?}");
+    // The same term and newer terms go on; a newer one fences the one before it.
+    fenced_job(&nats, "w1", 5).await.unwrap();
+    fenced_job(&nats, "w1", 9).await.unwrap();
+    assert_eq!(
+        fenced_job(&nats, "w1", 5).await.unwrap_err().code,
+        ErrorCode::Conflict
+    );
+    // Jobs without a lease (tools, tests) are not fenced.
+    fenced_job(&nats, "w1", 0).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_draining_worker_heartbeats_draining_until_it_is_done() {
+    let (_server, nats, client) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (worker, _) = start_worker(&nats, "w1", dir.path(), |_| {}).await;
+    create_session(&nats, "w1", "long").await;
+    let mut status = nats
+        .subscribe(Subjects::default().worker_status(&id("w1")))
+        .await
+        .unwrap();
+    let exec = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .exec(&id("long"), &ExecRequest::cmd("sleep 1.5"))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let drain = tokio::spawn(async move { worker.drain().await });
+    let mut draining = 0;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(3), status.next()).await {
+        let hb: WorkerStatus = Encoding::MsgPack.decode(&msg.payload).unwrap();
+        if hb.draining {
+            draining += 1;
+        }
+        if drain.is_finished() {
+            break;
+        }
+    }
+    drain.await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the drain waited for the command"
+    );
+    assert!(exec.await.unwrap().is_ok(), "the running command finished");
+    // 200 ms heartbeats through a ~1.2 s drain: several, all flagged, none stopped early.
+    assert!(
+        draining >= 3,
+        "only {draining} draining heartbeats during the drain"
+    );
 }
 
 #[tokio::test]

@@ -17,6 +17,14 @@ use crate::metrics as m;
 use crate::store::{SessionRecord, StoreError};
 use crate::worker_api::{JobError, job};
 
+/// The longest a claim waits (`wait_ms` beyond it is clamped).
+pub(crate) const MAX_CLAIM_WAIT: Duration = Duration::from_secs(300);
+
+/// When a session with `ttl_s` seconds of lifetime left at `now_ms` expires (saturating).
+pub(crate) fn expiry_ms(now_ms: u64, ttl_s: u64) -> u64 {
+    now_ms.saturating_add(ttl_s.saturating_mul(1000))
+}
+
 /// What the idempotency check decided.
 enum Begin {
     /// Answer now (existing session, or a conflict).
@@ -107,10 +115,12 @@ impl Core {
             return result;
         }
         let sid = req.session_id.clone().unwrap_or_else(new_session_id);
+        // Clamped: a client's `wait_ms` (up to u64::MAX) must not overflow the deadline.
         let wait = req
             .wait_ms
             .map(Duration::from_millis)
-            .unwrap_or(self.cfg.claim_wait);
+            .unwrap_or(self.cfg.claim_wait)
+            .min(MAX_CLAIM_WAIT);
         let deadline = started + wait;
 
         let guard = match self.begin_claim(&sid, &template) {
@@ -243,6 +253,13 @@ impl Core {
         // A worker that timed out or is unreachable is skipped for the rest of this claim, which
         // bounds the warm phase by the number of workers.
         while let Some(entry) = self.pop_ready(template, &vm_sid, &exclude) {
+            if self.deposed.is_cancelled() {
+                self.state
+                    .lock()
+                    .unmark(&entry.rec.worker_id, &entry.rec.vm_id);
+                self.state.lock().unmark(&entry.rec.worker_id, &vm_sid);
+                return (Launch::None, Err(self.not_leader()));
+            }
             let worker = entry.rec.worker_id.clone();
             let rename = job(JobOp::RenameVm {
                 vm_id: entry.rec.vm_id.clone(),
@@ -317,6 +334,9 @@ impl Core {
             }
         };
         loop {
+            if self.deposed.is_cancelled() {
+                return (Launch::Cold, Err(self.not_leader()));
+            }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return (
@@ -381,6 +401,13 @@ impl Core {
         }
     }
 
+    fn not_leader(&self) -> WireError {
+        WireError::no_capacity(
+            "this scheduler is no longer the leader; retry",
+            self.retry_after_ms(),
+        )
+    }
+
     fn no_capacity(&self, template: &TemplateName, why: &str) -> WireError {
         WireError::no_capacity(
             format!("no capacity for template {template}: {why}"),
@@ -400,9 +427,7 @@ impl Core {
         let usable: Vec<WorkerId> = st
             .workers
             .iter()
-            .filter(|(id, w)| {
-                w.live && !exclude.contains(id) && w.status.as_ref().is_some_and(|s| !s.draining)
-            })
+            .filter(|(id, w)| w.usable() && !exclude.contains(id))
             .map(|(id, _)| id.clone())
             .collect();
         let pool = st.pools.get_mut(template)?;
@@ -575,9 +600,11 @@ impl Core {
             .ttl_s
             .unwrap_or(s.default_ttl.as_secs())
             .clamp(1, max_ttl);
+        // An idle timeout longer than the longest lifetime never fires: clamp it there.
         let idle_timeout_s = req
             .idle_timeout_s
-            .or(s.default_idle_timeout.map(|d| d.as_secs().max(1)));
+            .or(s.default_idle_timeout.map(|d| d.as_secs().max(1)))
+            .map(|t| t.clamp(1, max_ttl));
         let isolation = self
             .state
             .lock()
@@ -593,7 +620,7 @@ impl Core {
                 worker_id: worker.clone(),
                 warm,
                 created_ms: now,
-                expires_ms: now + ttl_s * 1000,
+                expires_ms: expiry_ms(now, ttl_s),
                 last_used_ms: now,
                 labels: req.labels.clone(),
                 isolation,
@@ -607,7 +634,12 @@ impl Core {
             ended_ms: None,
         };
         let vm_sid: VmId = sid.clone().into();
-        let written = self.store.create_session(&rec).await;
+        // A deposed leader records nothing: the renamed VM is left to the new leader's reconcile
+        // (no record names it), the client gets 503 and retries against the new leader.
+        let written = match self.check_leader() {
+            Ok(()) => self.store.create_session(&rec).await,
+            Err(e) => Err(e),
+        };
         let err = {
             let mut st = self.state.lock();
             for id in also_unmark {
@@ -627,7 +659,7 @@ impl Core {
             }
         };
         tracing::error!(session_id = %sid, error = %err, "recording the session failed");
-        if !matches!(err, StoreError::Conflict { .. }) {
+        if !matches!(err, StoreError::Conflict { .. }) && !self.deposed.is_cancelled() {
             // Undo before answering: the client retries with the same session id, and a destroy
             // still in flight could then hit the retried claim's VM on this worker.
             let op = JobOp::DestroyVm {
@@ -688,7 +720,7 @@ fn conflict(sid: &SessionId, existing: &TemplateName) -> WireError {
     ))
 }
 
-/// Placement: the live, non-draining worker with the most free slots (counting creates in flight),
+/// Placement: the healthy (not suspect), non-draining worker with the most free slots (counting creates in flight),
 /// then the fewest pooled VMs of the template (spread), then the fewest jobs in flight.
 pub(crate) fn pick_worker(
     st: &State,
@@ -699,10 +731,7 @@ pub(crate) fn pick_worker(
     st.workers
         .iter()
         .filter(|(id, w)| {
-            w.live
-                && !exclude.contains(id)
-                && w.refused_until.is_none_or(|t| t <= now)
-                && w.status.as_ref().is_some_and(|s| !s.draining)
+            w.usable() && !exclude.contains(id) && w.refused_until.is_none_or(|t| t <= now)
         })
         .filter_map(|(id, w)| {
             let free = w.free();

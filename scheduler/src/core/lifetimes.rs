@@ -167,6 +167,7 @@ impl Core {
             (rec, d.rev)
         };
         change(&mut rec);
+        self.check_leader()?;
         let new_rev = self.store.update_session(&rec, rev).await?;
         let mut d = slot.data.lock();
         d.rec = rec;
@@ -388,7 +389,7 @@ impl Core {
         let now = self.clock.now_ms();
         self.persist(&slot, |r| {
             r.ttl_s = ttl;
-            r.session.expires_ms = now + ttl * 1000;
+            r.session.expires_ms = super::claim::expiry_ms(now, ttl);
             if r.session.state == SessionState::Stopped {
                 r.ttl_paused_ms = Some(now);
             }

@@ -28,7 +28,7 @@ use std::time::Duration;
 use hearth_messages::{
     CreateSessionRequest, KeepaliveRequest, ListSessionsRequest, PoolStatus, PoolsStatus, Session,
     SessionEvent, SessionId, SessionList, SessionState, SnapshotSessionRequest, Template,
-    TemplateList, TemplateName, VmEvent, WireError, WorkerStatus,
+    TemplateList, TemplateName, VmEvent, WireError, WorkerId, WorkerStatus,
 };
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
@@ -62,6 +62,9 @@ pub(crate) struct Core {
     template_writes: tokio::sync::Mutex<()>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    /// Cancelled when this scheduler lost the lease: from then on it writes nothing (claims in
+    /// flight end with 503 before recording).
+    deposed: CancellationToken,
 }
 
 impl std::fmt::Debug for Core {
@@ -203,6 +206,7 @@ impl Scheduler {
             template_writes: tokio::sync::Mutex::new(()),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
+            deposed: CancellationToken::new(),
         });
         for rec in template_writes {
             if let Err(err) = core.store.put_template(&rec).await {
@@ -250,6 +254,14 @@ impl Scheduler {
         }
     }
 
+    /// This scheduler lost the leader lease: stop acting at once. Background loops stop, and
+    /// requests in flight write nothing more (a claim not yet recorded answers 503).
+    pub fn depose(&self) {
+        tracing::warn!("deposed: acting no more");
+        self.core.deposed.cancel();
+        self.core.cancel.cancel();
+    }
+
     /// Stops the background loops and waits (at most `grace`) for the tasks they spawned. The
     /// gauges are zeroed: a standby must not report a fleet it no longer manages.
     pub async fn shutdown(&self, grace: Duration) {
@@ -267,6 +279,7 @@ impl Scheduler {
                 metrics::gauge!(m::SESSIONS, "state" => state).set(0.0);
             }
             metrics::gauge!(m::WORKERS_UP).set(0.0);
+            metrics::gauge!(m::WORKERS_SUSPECT).set(0.0);
         }
         if tokio::time::timeout(grace, self.core.tasks.wait())
             .await
@@ -398,14 +411,35 @@ impl Scheduler {
         }
     }
 
-    /// Feeds one worker heartbeat (observations, liveness, leak reconcile).
+    /// Feeds one worker heartbeat (observations, liveness, leak reconcile). Trusts the body's
+    /// worker id: for in-process callers; NATS messages go through [`Scheduler::on_heartbeat_from`].
     pub fn on_heartbeat(&self, status: WorkerStatus) {
         self.core.clone().on_heartbeat(status);
     }
 
-    /// Feeds one VM event from a worker.
+    /// Feeds one VM event from a worker (trusting the body; see [`Scheduler::on_vm_event_from`]).
     pub fn on_vm_event(&self, event: VmEvent) {
         self.core.clone().on_vm_event(event);
+    }
+
+    /// Feeds a heartbeat that arrived on worker `from`'s subject. A body naming another worker is
+    /// a spoof: dropped, counted and logged, never acted on. Returns whether it was accepted.
+    pub fn on_heartbeat_from(&self, from: &WorkerId, status: WorkerStatus) -> bool {
+        if !same_sender(from, &status.worker_id, "heartbeat") {
+            return false;
+        }
+        self.core.clone().on_heartbeat(status);
+        true
+    }
+
+    /// Feeds a VM event that arrived on worker `from`'s subject (spoofs dropped as for
+    /// heartbeats). Returns whether it was accepted.
+    pub fn on_vm_event_from(&self, from: &WorkerId, event: VmEvent) -> bool {
+        if !same_sender(from, &event.worker_id, "vm_event") {
+            return false;
+        }
+        self.core.clone().on_vm_event(event);
+        true
     }
 
     /// Runs one liveness pass now (tests; the background loop runs it periodically).
@@ -442,12 +476,12 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
-    /// Live workers.
+    /// Healthy workers (heartbeating, not suspect).
     pub fn live_workers(&self) -> Vec<hearth_messages::WorkerId> {
         let st = self.core.state.lock();
         st.workers
             .iter()
-            .filter(|(_, w)| w.live && w.status.is_some())
+            .filter(|(_, w)| w.healthy())
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -456,6 +490,17 @@ impl Scheduler {
     pub fn now_ms(&self) -> u64 {
         self.core.clock.now_ms()
     }
+}
+
+/// Whether a message's body speaks for the worker whose subject it came on.
+fn same_sender(from: &WorkerId, body: &WorkerId, kind: &'static str) -> bool {
+    if from == body {
+        return true;
+    }
+    metrics::counter!(m::SPOOFED_MESSAGES_TOTAL, "kind" => kind).increment(1);
+    tracing::warn!(subject_worker = %from, body_worker = %body, kind,
+        "dropping a message whose body names another worker than its subject");
+    false
 }
 
 pub(crate) fn unknown_session(sid: &SessionId) -> WireError {
@@ -488,6 +533,16 @@ impl Core {
 
     fn slot(&self, sid: &SessionId) -> Option<Arc<SessionSlot>> {
         self.state.lock().sessions.get(sid).cloned()
+    }
+
+    /// An error if this scheduler lost the lease (nothing may be written any more).
+    fn check_leader(&self) -> Result<(), StoreError> {
+        if self.deposed.is_cancelled() {
+            return Err(StoreError::Unavailable(
+                "this scheduler is no longer the leader".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn retry_after_ms(&self) -> u64 {
@@ -547,11 +602,15 @@ impl Core {
         }
     }
 
-    /// Live workers (for the gauge).
+    /// Healthy workers (for the gauge).
     fn workers_up(st: &State) -> usize {
-        st.workers
-            .values()
-            .filter(|w| w.live && w.status.is_some())
-            .count()
+        st.workers.values().filter(|w| w.healthy()).count()
+    }
+
+    /// Sets the worker gauges (healthy, suspect).
+    fn worker_gauges(st: &State) {
+        metrics::gauge!(m::WORKERS_UP).set(Core::workers_up(st) as f64);
+        let suspect = st.workers.values().filter(|w| w.live && w.suspect).count();
+        metrics::gauge!(m::WORKERS_SUSPECT).set(suspect as f64);
     }
 }

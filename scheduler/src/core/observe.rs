@@ -1,12 +1,17 @@
-//! What workers report, and the level-triggered repairs it drives: liveness (lost workers and their
-//! sessions), session state observed in heartbeats (activity, stop, resume, vanished VMs), pool
-//! entries that vanished, and leaked VMs.
+//! What workers report, and the level-triggered repairs it drives: liveness (suspect and lost
+//! workers, the sessions of lost ones), session state observed in heartbeats (activity, stop,
+//! resume, vanished VMs), pool entries that vanished, and leaked VMs.
+//!
+//! A fault is not a death: a silent worker is only *suspect* (nothing placed on it, nothing of it
+//! compared or destroyed) until `worker_lost_grace`; when it heartbeats again it is healthy, and
+//! its inventory drives reconcile again once it answered a fresh `list_vms`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use hearth_messages::{
-    SessionState, TerminationReason, VmEvent, VmId, VmInfo, VmState, WorkerId, WorkerStatus,
+    JobOp, JobOutput, SessionState, TerminationReason, VmEvent, VmId, VmInfo, VmState, WorkerId,
+    WorkerStatus,
 };
 use tokio::time::Instant;
 
@@ -14,6 +19,7 @@ use super::Core;
 use super::lifetimes::{Action, End};
 use super::state::{SessionSlot, WorkerEntry};
 use crate::metrics as m;
+use crate::worker_api::job;
 
 impl Core {
     pub(crate) fn on_heartbeat(self: Arc<Self>, status: WorkerStatus) {
@@ -24,6 +30,7 @@ impl Core {
         let mut leaked: Vec<VmId> = Vec::new();
         let mut dropped_pool: Vec<VmId> = Vec::new();
         let wake;
+        let mut refresh: Option<u64> = None;
         {
             let mut st = self.state.lock();
             let entry = st
@@ -37,21 +44,34 @@ impl Core {
                 return; // out of order
             }
             let came_back = !entry.live || entry.status.is_none();
+            let recovered = entry.live && entry.suspect;
             let restarted = entry
                 .status
                 .as_ref()
                 .is_some_and(|p| p.started_ms != status.started_ms);
             if came_back {
                 tracing::info!(worker_id = %worker, max_vms = status.max_vms, used_vms = status.used_vms, "worker up");
-            } else if restarted {
+            } else if recovered {
+                tracing::info!(worker_id = %worker, silent_ms = now.duration_since(entry.last_seen).as_millis() as u64,
+                    "suspect worker is heartbeating again; healthy");
+            }
+            if restarted {
                 tracing::warn!(worker_id = %worker, "worker restarted");
             }
             let draining = status.draining;
             entry.status = Some(status);
             entry.last_seen = now;
             entry.live = true;
+            entry.suspect = false;
             entry.created_since_heartbeat = 0;
-            wake = came_back || restarted;
+            // After a silence, compare nothing until the worker answered a `list_vms` sent now:
+            // heartbeats buffered across the outage describe the past.
+            let fresh = entry.inventory_fresh;
+            if !fresh && !entry.inventory_check {
+                entry.inventory_check = true;
+                refresh = Some(entry.silences);
+            }
+            wake = came_back || recovered || restarted;
 
             let st = &mut *st;
             let status = st.workers[&worker].status.as_ref().expect("just set");
@@ -77,6 +97,9 @@ impl Core {
                         e.missing_since = None;
                         return true;
                     }
+                    if !fresh {
+                        return true;
+                    }
                     let since = *e.missing_since.get_or_insert(now);
                     if now.duration_since(since) >= grace {
                         tracing::warn!(vm_id = %e.rec.vm_id, worker_id = %worker, "pooled vm vanished");
@@ -98,6 +121,7 @@ impl Core {
                 }
                 let vm_id: VmId = d.rec.session.session_id.clone().into();
                 match inventory.get(&vm_id) {
+                    None if !fresh => {}
                     None => {
                         d.busy = false;
                         let since = *d.missing_since.get_or_insert(now);
@@ -163,8 +187,17 @@ impl Core {
                 .collect();
             let leak_grace = self.cfg.leak_grace.as_millis() as u64;
             for vm in inventory.values() {
+                if !fresh {
+                    break;
+                }
                 let key = (worker.clone(), vm.vm_id.clone());
-                if owned.contains(&vm.vm_id)
+                // Never a VM that a live session names, whichever worker its record says.
+                let live_session = st
+                    .sessions
+                    .get(&vm.vm_id.clone().into())
+                    .is_some_and(|slot| slot.data.lock().is_live());
+                if live_session
+                    || owned.contains(&vm.vm_id)
                     || pool_owned.contains(&vm.vm_id)
                     || st.inflight.contains_key(&key)
                     || st.destroying.contains(&key)
@@ -176,6 +209,9 @@ impl Core {
             }
         }
         self.heartbeats.send_modify(|v| *v += 1);
+        if let Some(silences) = refresh {
+            self.refresh_inventory(worker.clone(), silences);
+        }
 
         for vm in dropped_pool {
             let store = self.store.clone();
@@ -195,7 +231,7 @@ impl Core {
             self.pool_wake.notify_one();
         }
         let st = self.state.lock();
-        metrics::gauge!(m::WORKERS_UP).set(Core::workers_up(&st) as f64);
+        Core::worker_gauges(&st);
         let below = st.pools.iter().any(|(name, p)| {
             st.templates.get(name).is_some_and(|t| {
                 p.ready.len() + p.restoring.len() < t.rec.template.min_ready as usize
@@ -258,24 +294,73 @@ impl Core {
         }
     }
 
-    /// Marks workers silent for `heartbeat_timeout` lost: their sessions become `lost`, their pool
-    /// VMs are forgotten and the pools refill elsewhere.
+    /// Asks `worker` for its inventory after a silence; once it answers (and has not gone silent
+    /// again since, `silences` unchanged), its heartbeats drive reconcile again.
+    fn refresh_inventory(self: &Arc<Self>, worker: WorkerId, silences: u64) {
+        let core = self.clone();
+        self.spawn(async move {
+            let outcome = core
+                .api
+                .job(&worker, job(JobOp::ListVms {}), core.cfg.jobs.rename)
+                .await;
+            let mut st = core.state.lock();
+            let Some(w) = st.workers.get_mut(&worker) else {
+                return;
+            };
+            w.inventory_check = false;
+            match outcome {
+                Ok(JobOutput::Vms { vms }) if w.healthy() && w.silences == silences => {
+                    w.inventory_fresh = true;
+                    tracing::info!(worker_id = %worker, vms = vms.len(),
+                        "fresh inventory after a silence; reconcile resumes on this worker");
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(worker_id = %worker, error = %err,
+                        "asking for a fresh inventory failed; retrying on the next heartbeat");
+                }
+            }
+        });
+    }
+
+    /// Liveness: a worker silent for `heartbeat_timeout` becomes *suspect* (no placements, no
+    /// jobs, no inventory comparisons; its sessions stay as they are); one silent for
+    /// `worker_lost_grace` is *lost*: its sessions become `lost`, its pool VMs are forgotten and the
+    /// pools refill elsewhere.
     pub(crate) fn check_liveness(self: Arc<Self>) {
         let now = Instant::now();
         let mut lost: Vec<WorkerId> = Vec::new();
+        let mut suspect: Vec<(WorkerId, std::time::Duration)> = Vec::new();
         let mut actions = Vec::new();
         let mut dropped_pool = Vec::new();
         {
             let mut st = self.state.lock();
             for (id, w) in st.workers.iter_mut() {
-                if w.live && now.duration_since(w.last_seen) >= self.cfg.heartbeat_timeout {
+                if !w.live {
+                    continue;
+                }
+                let silent = now.duration_since(w.last_seen);
+                if silent >= self.cfg.worker_lost_grace {
                     w.live = false;
+                    w.suspect = false;
+                    w.inventory_fresh = false;
                     w.pending = 0;
                     lost.push(id.clone());
+                } else if silent >= self.cfg.heartbeat_timeout && !w.suspect {
+                    w.suspect = true;
+                    w.inventory_fresh = false;
+                    w.silences += 1;
+                    suspect.push((id.clone(), silent));
                 }
             }
             if lost.is_empty() {
-                metrics::gauge!(m::WORKERS_UP).set(Core::workers_up(&st) as f64);
+                Core::worker_gauges(&st);
+                drop(st);
+                for (w, silent) in &suspect {
+                    tracing::warn!(worker_id = %w, silent_ms = silent.as_millis() as u64,
+                        lost_in_ms = self.cfg.worker_lost_grace.saturating_sub(*silent).as_millis() as u64,
+                        "worker suspect: no heartbeat within the timeout; nothing placed on it");
+                }
                 return;
             }
             for pool in st.pools.values_mut() {
@@ -297,10 +382,15 @@ impl Core {
             for name in names {
                 Core::pool_gauges(&st, &name);
             }
-            metrics::gauge!(m::WORKERS_UP).set(Core::workers_up(&st) as f64);
+            Core::worker_gauges(&st);
+        }
+        for (w, silent) in &suspect {
+            tracing::warn!(worker_id = %w, silent_ms = silent.as_millis() as u64,
+                "worker suspect: no heartbeat within the timeout; nothing placed on it");
         }
         for w in &lost {
-            tracing::warn!(worker_id = %w, "worker lost: no heartbeat within the timeout");
+            tracing::warn!(worker_id = %w, grace_ms = self.cfg.worker_lost_grace.as_millis() as u64,
+                "worker lost: no heartbeat within the grace; its sessions are lost");
         }
         for vm in dropped_pool {
             let store = self.store.clone();

@@ -59,18 +59,14 @@ impl State {
         }
     }
 
-    /// Whether a live worker with a heartbeat holds this id.
+    /// Whether this worker is healthy (heartbeating, neither suspect nor lost): jobs are sent to it.
     pub fn worker_live(&self, worker: &WorkerId) -> bool {
-        self.workers
-            .get(worker)
-            .is_some_and(|w| w.live && w.status.is_some())
+        self.workers.get(worker).is_some_and(WorkerEntry::healthy)
     }
 
-    /// A worker that is live and accepts new work.
+    /// A healthy worker that accepts new work (not draining).
     pub fn worker_usable(&self, worker: &WorkerId) -> bool {
-        self.workers
-            .get(worker)
-            .is_some_and(|w| w.live && w.status.as_ref().is_some_and(|s| !s.draining))
+        self.workers.get(worker).is_some_and(WorkerEntry::usable)
     }
 
     /// Ready and restoring VMs of `template` on `worker` (for spreading pools).
@@ -296,8 +292,19 @@ pub(crate) struct WorkerEntry {
     /// Its last heartbeat; `None` for a worker only known from the loaded state.
     pub status: Option<WorkerStatus>,
     pub last_seen: Instant,
-    /// Heard from within the heartbeat timeout.
+    /// Not lost: heard from within `worker_lost_grace`. Its sessions stay as they are.
     pub live: bool,
+    /// Silent past `heartbeat_timeout` (but still `live`): nothing new is placed on it, no job is
+    /// sent to it, none of its VMs counts as leaked. A heartbeat makes it healthy again.
+    pub suspect: bool,
+    /// Its inventory may be compared with the scheduler's state (leaks, vanished VMs). False from
+    /// the moment it is suspect or lost until a `list_vms` answered after it came back: heartbeats
+    /// buffered across an outage describe the past.
+    pub inventory_fresh: bool,
+    /// A `list_vms` to refresh the inventory is in flight.
+    pub inventory_check: bool,
+    /// Times it went silent (suspect); an inventory asked for before the latest silence is stale.
+    pub silences: u64,
     /// Creates in flight to it.
     pub pending: u32,
     /// Creates that finished since its last heartbeat (not in `used_vms` yet).
@@ -312,10 +319,24 @@ impl WorkerEntry {
             status: None,
             last_seen: now,
             live: true,
+            suspect: false,
+            inventory_fresh: true,
+            inventory_check: false,
+            silences: 0,
             pending: 0,
             created_since_heartbeat: 0,
             refused_until: None,
         }
+    }
+
+    /// Heartbeating: known from a heartbeat, neither suspect nor lost.
+    pub fn healthy(&self) -> bool {
+        self.live && !self.suspect && self.status.is_some()
+    }
+
+    /// Healthy and not draining: new VMs may be placed on it.
+    pub fn usable(&self) -> bool {
+        self.healthy() && self.status.as_ref().is_some_and(|s| !s.draining)
     }
 
     /// Free slots, counting creates in flight and those not yet in a heartbeat.
