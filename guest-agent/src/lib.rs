@@ -9,6 +9,12 @@
 //! snapshot) both threads let go of it and the reader reopens it after a short pause; requests
 //! still running finish and their replies are dropped.
 //!
+//! Each connection tracks its requests still running (id → abort handle of their task). A
+//! `Cancel` from the host, answered right on the reader thread, aborts the task: dropping an exec
+//! kills its process group (and in `--sandbox` mode every leftover process). Frames for a request
+//! only go out while it is tracked, so a cancelled request's final reply is the `cancelled` error
+//! and nothing follows it.
+//!
 //! The agent expects to be supervised (busybox `init` respawns it), not to be PID 1 itself: it does
 //! not reap orphans.
 //!
@@ -23,7 +29,7 @@
 //!   RNG alone (no privileges); and after every exec all processes but the sandbox's init and the
 //!   agent are killed. See [`sandbox`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -31,11 +37,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hearth_messages::agent::{
-    AgentError, AgentErrorKind, AgentFrame, AgentReply, FrameError, HostFrame, PROTOCOL_VERSION,
-    Pong, encode_frame, read_frame,
+    AgentError, AgentErrorKind, AgentFrame, AgentReply, AgentRequest, FrameError, HostFrame,
+    PROTOCOL_VERSION, Pong, decode_frame, encode_frame, host_frame_id, read_frame_body,
 };
 use hearth_messages::data::{DEFAULT_MAX_FILE_BYTES, Program};
 use hearth_messages::{ExecRequest, FileGetResult, FilePutResult};
+use tokio::task::AbortHandle;
 
 pub mod channel;
 pub mod exec;
@@ -167,6 +174,50 @@ impl Outbox {
     }
 }
 
+/// The requests of one connection still running: the abort handles of their tasks, by request id.
+/// Every frame for a tracked request goes out under this lock and only while it is tracked, so
+/// whoever takes a request out (its task finishing, or a `Cancel`) sends its final reply, and no
+/// frame for it follows.
+#[derive(Clone, Debug, Default)]
+struct Inflight(Arc<Mutex<HashMap<u64, AbortHandle>>>);
+
+impl Inflight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, AbortHandle>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends a non-final reply for `id` if it is still running.
+    fn send(&self, outbox: &Outbox, id: u64, reply: AgentReply) {
+        let running = self.lock();
+        if running.contains_key(&id) {
+            outbox.send(id, reply);
+        }
+    }
+
+    /// Sends the final reply for `id` and stops tracking it, unless it was cancelled.
+    fn finish(&self, outbox: &Outbox, id: u64, reply: AgentReply) {
+        let mut running = self.lock();
+        if running.remove(&id).is_some() {
+            outbox.send(id, reply);
+        }
+    }
+
+    /// Cancels `id` if it is still running: aborts its task (dropping an exec kills its process
+    /// group) and sends its final `cancelled` error. Whether it was running.
+    fn cancel(&self, outbox: &Outbox, id: u64) -> bool {
+        let mut running = self.lock();
+        let Some(task) = running.remove(&id) else {
+            return false;
+        };
+        task.abort();
+        outbox.send(
+            id,
+            AgentReply::Error(AgentError::new(AgentErrorKind::Cancelled, "cancelled")),
+        );
+        true
+    }
+}
+
 #[derive(Debug)]
 struct Agent {
     config: Config,
@@ -258,14 +309,23 @@ impl Agent {
                 }
             }
         });
+        let inflight = Inflight::default();
         let mut host_present = true;
         loop {
-            match read_frame::<_, HostFrame>(&mut reader) {
+            let frame = read_frame_body(&mut reader).and_then(|body| match body {
+                Some(body) => match decode_frame::<HostFrame>(&body) {
+                    Ok(frame) => Ok(Some(frame)),
+                    Err(e) => {
+                        refuse_undecodable(&body, &e, &outbox, &inflight);
+                        Err(e)
+                    }
+                },
+                None => Ok(None),
+            });
+            match frame {
                 Ok(Some(frame)) => {
                     host_present = true;
-                    let agent = self.clone();
-                    let outbox = outbox.clone();
-                    handle.spawn(async move { agent.handle(frame, outbox).await });
+                    self.dispatch(frame, &outbox, &inflight, handle);
                 }
                 // The length was fine, so the stream is still in step: skip the frame.
                 Err(FrameError::Malformed(e)) => log!("skipping a malformed request: {e}"),
@@ -293,7 +353,33 @@ impl Agent {
         let _ = writer_thread.join();
     }
 
-    async fn handle(self: Arc<Self>, frame: HostFrame, outbox: Outbox) {
+    /// Starts a request's task, tracked in `inflight`; a `Cancel` is answered right here.
+    fn dispatch(
+        self: &Arc<Self>,
+        frame: HostFrame,
+        outbox: &Outbox,
+        inflight: &Inflight,
+        handle: &tokio::runtime::Handle,
+    ) {
+        let id = frame.id;
+        if let AgentRequest::Cancel { id: target } = frame.request {
+            let running = inflight.cancel(outbox, target);
+            outbox.send(id, AgentReply::Cancelled { running });
+            return;
+        }
+        // Locked until the task is tracked, so that it cannot finish untracked.
+        let mut running = inflight.lock();
+        if running.contains_key(&id) {
+            log!("refusing request {id}: a request with that id is still running");
+            return;
+        }
+        let agent = self.clone();
+        let (outbox, tracked) = (outbox.clone(), inflight.clone());
+        let task = handle.spawn(async move { agent.handle(frame, outbox, tracked).await });
+        running.insert(id, task.abort_handle());
+    }
+
+    async fn handle(self: Arc<Self>, frame: HostFrame, outbox: Outbox, inflight: Inflight) {
         use hearth_messages::agent::AgentRequest as R;
         let id = frame.id;
         let result = match frame.request {
@@ -305,7 +391,7 @@ impl Agent {
                     .map(|h| h.to_string_lossy().into_owned())
                     .unwrap_or_default(),
             })),
-            R::Exec(req) => self.exec(id, req, &outbox).await,
+            R::Exec(req) => self.exec(id, req, &outbox, &inflight).await,
             R::PutFile(req) => {
                 let root = self.workdir();
                 blocking(move || {
@@ -348,8 +434,10 @@ impl Agent {
                     Ok(AgentReply::ClockSet {})
                 }
             }
+            // Answered by `dispatch`, never spawned.
+            R::Cancel { .. } => Ok(AgentReply::Cancelled { running: false }),
         };
-        outbox.send(id, result.unwrap_or_else(AgentReply::Error));
+        inflight.finish(&outbox, id, result.unwrap_or_else(AgentReply::Error));
     }
 
     async fn exec(
@@ -357,6 +445,7 @@ impl Agent {
         id: u64,
         req: ExecRequest,
         outbox: &Outbox,
+        inflight: &Inflight,
     ) -> Result<AgentReply, AgentError> {
         let invalid = |m: String| AgentError::new(AgentErrorKind::InvalidArgument, m);
         let argv: Vec<OsString> = match req.program().map_err(|e| invalid(e.message))? {
@@ -368,9 +457,10 @@ impl Agent {
         let cwd = files::resolve_dir(&workdir, &rel_cwd)?;
         let env = self.command_env(&workdir, &req.env);
         let sink: Option<exec::ChunkSink> = req.stream.then(|| {
-            let outbox = outbox.clone();
+            let (outbox, inflight) = (outbox.clone(), inflight.clone());
             Arc::new(move |stream, data: &[u8]| {
-                outbox.send(
+                inflight.send(
+                    &outbox,
                     id,
                     AgentReply::Output {
                         stream,
@@ -421,6 +511,22 @@ impl Agent {
         env.extend(request.iter().map(|(k, v)| (k.clone(), v.clone())));
         env
     }
+}
+
+/// Answers a request that could not be decoded (an `op` from a newer host) with `Unsupported`, if
+/// its id can be read and is not that of a request still running.
+fn refuse_undecodable(body: &[u8], error: &FrameError, outbox: &Outbox, inflight: &Inflight) {
+    let Some(id) = host_frame_id(body) else {
+        return;
+    };
+    if inflight.lock().contains_key(&id) {
+        return;
+    }
+    let message = format!("request not supported by this agent: {error}");
+    outbox.send(
+        id,
+        AgentReply::Error(AgentError::new(AgentErrorKind::Unsupported, message)),
+    );
 }
 
 /// Reads and discards until end-of-file (the host went away) or an error.

@@ -221,6 +221,117 @@ t = threading.Thread(target=lambda: None); t.start(); t.join()
 print("thread 0")
 "#;
 
+/// Whether `pid` is a live process (a zombie is not: it is dead, only not reaped yet).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn cancel_kills_a_running_exec_and_answers_both_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let mut agent = StdioAgent::spawn(agent_cmd(&[
+        "--workdir",
+        work.to_str().unwrap(),
+        "--no-system",
+    ]));
+    let mut req = ExecRequest::cmd("echo $$ > sleep.pid; touch started; exec sleep 300");
+    req.stream = true;
+    let host = agent.host.as_mut().unwrap();
+    let request = AgentRequest::Exec(req);
+    write_frame(host, &HostFrame { id: 1, request }).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !work.join("started").exists() {
+        assert!(Instant::now() < deadline, "the command did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid: u32 = std::fs::read_to_string(work.join("sleep.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The shell that wrote the marker becomes the sleep.
+    while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap() != "sleep\n" {
+        assert!(
+            Instant::now() < deadline,
+            "the command did not become the sleep"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(alive(pid));
+
+    let cancelled = Instant::now();
+    let request = AgentRequest::Cancel { id: 1 };
+    write_frame(host, &HostFrame { id: 2, request }).unwrap();
+    // The exec's final reply, then the Cancel's answer; nothing else for the exec.
+    let frame: AgentFrame = read_frame(host).unwrap().unwrap();
+    assert_eq!(frame.id, 1, "{frame:?}");
+    match frame.reply {
+        AgentReply::Error(e) => assert_eq!(e.kind, AgentErrorKind::Cancelled, "{e}"),
+        other => panic!("expected the cancelled error, got {other:?}"),
+    }
+    let frame: AgentFrame = read_frame(host).unwrap().unwrap();
+    assert_eq!(
+        frame,
+        AgentFrame {
+            id: 2,
+            reply: AgentReply::Cancelled { running: true }
+        }
+    );
+    while alive(pid) {
+        assert!(
+            cancelled.elapsed() < Duration::from_secs(1),
+            "the command still runs 1 s after the cancel"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // An id no longer running: nothing to do. The agent serves on.
+    agent.next = 3;
+    assert_eq!(
+        agent.call(AgentRequest::Cancel { id: 1 }),
+        AgentReply::Cancelled { running: false }
+    );
+    let r = agent.sh("echo ok");
+    assert_eq!(text(&r.stdout), "ok\n");
+    // tokio reaps a dropped child lazily: the zombie is gone once the agent ran another command.
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "not reaped");
+}
+
+#[test]
+fn a_request_from_a_newer_host_is_answered_unsupported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = StdioAgent::spawn(agent_cmd(&[
+        "--workdir",
+        dir.path().to_str().unwrap(),
+        "--no-system",
+    ]));
+    // {"id": 5, "request": {"op": "teleport"}} in MessagePack.
+    let mut body = vec![0x82, 0xa2, b'i', b'd', 0x05, 0xa7];
+    body.extend_from_slice(b"request");
+    body.extend_from_slice(&[0x81, 0xa2, b'o', b'p', 0xa8]);
+    body.extend_from_slice(b"teleport");
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let host = agent.host.as_mut().unwrap();
+    std::io::Write::write_all(host, &frame).unwrap();
+    let reply: AgentFrame = read_frame(host).unwrap().unwrap();
+    assert_eq!(reply.id, 5);
+    match reply.reply {
+        AgentReply::Error(e) => assert_eq!(e.kind, AgentErrorKind::Unsupported, "{e}"),
+        other => panic!("expected unsupported, got {other:?}"),
+    }
+    assert!(matches!(
+        agent.call(AgentRequest::Ping {}),
+        AgentReply::Pong(_)
+    ));
+}
+
 #[test]
 fn sandbox_mode_denies_escapes_to_commands() {
     let dir = tempfile::tempdir().unwrap();

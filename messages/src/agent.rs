@@ -12,6 +12,16 @@
 //! be pipelined and are answered in any order. Ids are per connection: after a reconnect (a
 //! snapshot restore, a worker restart) the host ignores replies to ids it no longer waits for.
 //!
+//! A host that stops waiting for a request (its caller went away, a timeout) sends
+//! [`AgentRequest::Cancel`] for it, so that the guest stops the work too: a command is killed with
+//! its process group. The cancelled request still gets exactly one final reply, and nothing after
+//! it: its own, if it finished first, else [`AgentErrorKind::Cancelled`].
+//!
+//! Compatibility: a request the agent cannot decode (an `op` it does not know, from a newer host)
+//! is answered with [`AgentErrorKind::Unsupported`] when its `id` can be read. Agents older than
+//! `Cancel` only log and skip such a frame without answering, so a host never waits for the
+//! answer to a `Cancel`.
+//!
 //! Exec, files and their results reuse the data-plane types ([`ExecRequest`], [`ExecResult`],
 //! [`FilePutRequest`], …), so the agent implements exactly the exec contract of the wire API.
 //!
@@ -86,6 +96,15 @@ pub enum AgentRequest {
         /// Host time, unix milliseconds.
         now_ms: u64,
     },
+    /// Cancels the request with this id (of this connection) if it is still running: an exec's
+    /// process group is killed (under `--sandbox` every leftover process too); a file operation
+    /// already under way may still complete, but its reply is dropped. The cancelled request gets
+    /// a final [`AgentErrorKind::Cancelled`] error and nothing after it. An id that is unknown or
+    /// already answered is fine. Answered, after that error, with [`AgentReply::Cancelled`].
+    Cancel {
+        /// The id of the request to cancel.
+        id: u64,
+    },
 }
 
 impl AgentRequest {
@@ -98,6 +117,7 @@ impl AgentRequest {
             AgentRequest::GetFile(_) => "get_file",
             AgentRequest::ResetIdentity(_) => "reset_identity",
             AgentRequest::SetClock { .. } => "set_clock",
+            AgentRequest::Cancel { .. } => "cancel",
         }
     }
 }
@@ -149,6 +169,13 @@ pub enum AgentReply {
     },
     /// The clock was set (final).
     ClockSet {},
+    /// Answer to [`AgentRequest::Cancel`] (final).
+    Cancelled {
+        /// Whether the request was still running, and so was cancelled here; `false` for an id
+        /// that is unknown or already answered.
+        #[serde(default)]
+        running: bool,
+    },
     /// The request failed (final).
     Error(AgentError),
 }
@@ -218,6 +245,8 @@ pub enum AgentErrorKind {
     /// A write ran out of space: the volume's file system is full or its quota is used up
     /// (`ENOSPC`, `EDQUOT`). Hosts answer it as 507 Insufficient Storage.
     NoSpace,
+    /// The request was cancelled by an [`AgentRequest::Cancel`] before it finished.
+    Cancelled,
     /// Anything a newer agent may send that this version does not know.
     #[serde(other)]
     Other,
@@ -270,6 +299,15 @@ pub fn decode_frame<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 /// Reads one frame from a blocking reader. `Ok(None)` on a clean end of stream between frames.
 /// The body buffer grows as bytes arrive, so a lying length prefix costs no memory up front.
 pub fn read_frame<R: Read, T: DeserializeOwned>(reader: &mut R) -> Result<Option<T>, FrameError> {
+    match read_frame_body(reader)? {
+        Some(body) => decode_frame(&body).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads one frame's body (without its length prefix) from a blocking reader, undecoded, like
+/// [`read_frame`].
+pub fn read_frame_body<R: Read>(reader: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
     let mut header = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -287,7 +325,17 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(reader: &mut R) -> Result<Option
     if body.len() < len {
         return Err(FrameError::Truncated);
     }
-    decode_frame(&body).map(Some)
+    Ok(Some(body))
+}
+
+/// The `id` of a host frame body whose request could not be decoded (an `op` from a newer host),
+/// so that it can be answered with an error; `None` if not even that can be read.
+pub fn host_frame_id(body: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: u64,
+    }
+    decode_frame::<IdOnly>(body).ok().map(|f| f.id)
 }
 
 /// Writes one frame to a blocking writer and flushes it.
@@ -341,6 +389,7 @@ mod tests {
                 now_ms: 1_700_000_000_000,
             }),
             AgentRequest::SetClock { now_ms: 5 },
+            AgentRequest::Cancel { id: 7 },
         ] {
             round_trip(HostFrame { id: 9, request });
         }
@@ -370,7 +419,9 @@ mod tests {
                 hostname: "vm-1".into(),
             },
             AgentReply::ClockSet {},
+            AgentReply::Cancelled { running: true },
             AgentReply::Error(AgentError::new(AgentErrorKind::NotFound, "no such file")),
+            AgentReply::Error(AgentError::new(AgentErrorKind::Cancelled, "cancelled")),
             AgentReply::Error(AgentError::new(AgentErrorKind::NoSpace, "disk full")),
         ] {
             let is_final = reply.is_final();
@@ -402,6 +453,30 @@ mod tests {
         .unwrap();
         let err: AgentError = decode_frame(&body).unwrap();
         assert_eq!(err.kind, AgentErrorKind::Other);
+    }
+
+    #[test]
+    fn an_unknown_op_is_malformed_but_its_id_is_readable() {
+        #[derive(Serialize)]
+        struct Request<'a> {
+            op: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Frame<'a> {
+            id: u64,
+            request: Request<'a>,
+        }
+        let body = rmp_serde::to_vec_named(&Frame {
+            id: 17,
+            request: Request { op: "teleport" },
+        })
+        .unwrap();
+        assert!(matches!(
+            decode_frame::<HostFrame>(&body),
+            Err(FrameError::Malformed(_))
+        ));
+        assert_eq!(host_frame_id(&body), Some(17));
+        assert_eq!(host_frame_id(b"\xc1"), None);
     }
 
     #[test]

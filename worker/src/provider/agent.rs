@@ -9,6 +9,10 @@
 //!
 //! Everything read from the guest is bounded: frames by [`hearth_messages::agent::MAX_FRAME_BYTES`], exec output by the
 //! exec's cap, every wait by a deadline.
+//!
+//! A request whose [`Pending`] is dropped before its final reply (the caller's future was dropped,
+//! or it timed out) is cancelled in the guest: a task sends `Cancel { id }` on the same connection,
+//! so a command stops instead of running on until it ends by itself.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +44,9 @@ const PING_RETRY: [Duration; 3] = [
     Duration::from_secs(1),
     Duration::from_secs(2),
 ];
+
+/// How long sending a `Cancel` for a dropped request may wait for the connection's writer.
+const CANCEL_SEND: Duration = Duration::from_secs(2);
 
 /// While a handshake ping waits, how often the VMM is nudged (see [`Poke`]).
 const POKE_EVERY: Duration = Duration::from_millis(50);
@@ -155,23 +162,38 @@ impl Drop for AgentConn {
     }
 }
 
-/// Replies to one request, in order; the last one is final.
+/// Replies to one request, in order; the last one is final. Dropped before the final reply
+/// arrived, it cancels the request in the guest.
 pub(crate) struct Pending {
     id: u64,
     rx: mpsc::UnboundedReceiver<AgentReply>,
     shared: Arc<Shared>,
+    /// Set once the request is sent (unless it is a ping), until its final reply arrives or the
+    /// connection ends: the connection to send the `Cancel` on.
+    cancel_on_drop: Option<Arc<AgentConn>>,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
         self.shared.pending.lock().remove(&self.id);
+        if let Some(conn) = self.cancel_on_drop.take()
+            && !conn.is_closed()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let id = self.id;
+            runtime.spawn(async move { conn.cancel(id).await });
+        }
     }
 }
 
 impl Pending {
     /// The next reply, or `Closed` when the connection ended first.
     async fn next(&mut self) -> Result<AgentReply, AgentCallError> {
-        self.rx.recv().await.ok_or(AgentCallError::Closed)
+        let reply = self.rx.recv().await;
+        if reply.as_ref().is_none_or(AgentReply::is_final) {
+            self.cancel_on_drop = None;
+        }
+        reply.ok_or(AgentCallError::Closed)
     }
 }
 
@@ -196,30 +218,60 @@ impl AgentConn {
         self.shared.closed.is_cancelled()
     }
 
-    /// Sends `request`; its replies arrive on the returned [`Pending`].
-    pub(crate) async fn send(&self, request: AgentRequest) -> Result<Pending, AgentCallError> {
+    /// Sends `request`; its replies arrive on the returned [`Pending`], which cancels the request
+    /// in the guest if dropped before the final reply (pings excepted: nothing to stop).
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        request: AgentRequest,
+    ) -> Result<Pending, AgentCallError> {
         if self.is_closed() {
             return Err(AgentCallError::Closed);
         }
         let id = next_id();
         let (tx, rx) = mpsc::unbounded_channel();
         self.shared.pending.lock().insert(id, tx);
-        let pending = Pending {
+        let mut pending = Pending {
             id,
             rx,
             shared: self.shared.clone(),
+            cancel_on_drop: None,
         };
+        let cancellable = !matches!(request, AgentRequest::Ping {});
         let bytes = encode_frame(&HostFrame { id, request })
             .map_err(|e| AgentCallError::Protocol(e.to_string()))?;
-        let mut writer = self.writer.lock().await;
-        writer.write_all(&bytes).await?;
-        writer.flush().await?;
+        self.write(&bytes).await?;
+        if cancellable {
+            pending.cancel_on_drop = Some(self.clone());
+        }
         Ok(pending)
+    }
+
+    async fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut writer = self.writer.lock().await;
+        writer.write_all(bytes).await?;
+        writer.flush().await
+    }
+
+    /// Asks the agent to cancel request `id`, without waiting for its answer (an agent older than
+    /// `Cancel` does not answer) and giving up after [`CANCEL_SEND`]: best effort.
+    async fn cancel(&self, id: u64) {
+        let frame = HostFrame {
+            id: next_id(),
+            request: AgentRequest::Cancel { id },
+        };
+        let Ok(bytes) = encode_frame(&frame) else {
+            return;
+        };
+        match tokio::time::timeout(CANCEL_SEND, self.write(&bytes)).await {
+            Ok(Ok(())) => debug!(id, "asked the agent to cancel a request"),
+            Ok(Err(e)) => debug!(id, error = %e, "cannot cancel an agent request"),
+            Err(_) => debug!(id, "cannot cancel an agent request: the channel is stuck"),
+        }
     }
 
     /// Sends `request` and waits for its final reply until `deadline`.
     async fn call(
-        &self,
+        self: &Arc<Self>,
         request: AgentRequest,
         what: &'static str,
         deadline: Instant,
@@ -365,7 +417,7 @@ impl AgentLink {
                 });
             }
             let conn = match AgentConn::connect(connector).await {
-                Ok(conn) => conn,
+                Ok(conn) => Arc::new(conn),
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;
@@ -395,7 +447,6 @@ impl AgentLink {
                             pong.agent_version, pong.protocol
                         )));
                     }
-                    let conn = Arc::new(conn);
                     *conn_slot = Some(conn.clone());
                     return Ok(conn);
                 }
@@ -432,7 +483,8 @@ impl AgentLink {
     /// Runs `req` in the guest, streaming its output to `chunks` (if given) and keeping at most
     /// `cap` bytes per stream whatever the guest sends. Reaching the agent may take
     /// `limits.handshake`; it then has the command's own timeout plus `limits.grace` to answer
-    /// before the call fails with `Timeout`.
+    /// before the call fails with `Timeout`. On that timeout, or when this future is dropped before
+    /// the command's result arrived, the agent is asked to cancel the command (kill it).
     pub(crate) async fn exec(
         &self,
         mut req: ExecRequest,
@@ -452,6 +504,7 @@ impl AgentLink {
             let reply = match tokio::time::timeout_at(deadline, pending.next()).await {
                 Ok(reply) => reply,
                 Err(_) => {
+                    // Cancels the command in the guest.
                     drop(pending);
                     self.reset().await;
                     return Err(AgentCallError::Timeout {
@@ -708,5 +761,72 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, AgentCallError::Timeout { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    /// The next request the fake agent receives, within 5 s.
+    async fn next_request(stream: &mut UnixStream) -> HostFrame {
+        tokio::time::timeout(Duration::from_secs(5), request(stream))
+            .await
+            .expect("no request within 5 s")
+            .expect("the host closed the channel")
+    }
+
+    #[tokio::test]
+    async fn an_exec_dropped_or_timed_out_is_cancelled_in_the_guest() {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let link = AgentLink::attached(host);
+        let limits = ExecLimits {
+            handshake: Duration::from_secs(5),
+            grace: Duration::from_millis(100),
+        };
+
+        // Dropped while the command runs (after its first output): the agent gets a Cancel.
+        let (tx, mut rx) = mpsc::channel(4);
+        let exec = link.exec(ExecRequest::cmd("sleep 300"), 100, Some(tx), limits);
+        let running = async {
+            let frame = next_request(&mut agent).await;
+            assert!(matches!(frame.request, AgentRequest::Exec(_)), "{frame:?}");
+            let output = AgentReply::Output {
+                stream: OutputStreamName::Stdout,
+                data: Blob(b"started".to_vec()),
+            };
+            reply(&mut agent, frame.id, output).await;
+            rx.recv().await.expect("the output chunk");
+            frame.id
+        };
+        let exec_id = tokio::select! {
+            outcome = exec => panic!("the exec ended: {outcome:?}"),
+            id = running => id,
+        };
+        let frame = next_request(&mut agent).await;
+        assert_eq!(frame.request, AgentRequest::Cancel { id: exec_id });
+        assert_ne!(frame.id, exec_id);
+
+        // A finished exec is not cancelled: the next frame is the next exec.
+        let mut finished = ExecRequest::cmd("true");
+        finished.timeout_ms = Some(100);
+        let exec = link.exec(finished.clone(), 100, None, limits);
+        let answer = async {
+            let frame = next_request(&mut agent).await;
+            let result = AgentReply::Exited(ExecResult::default());
+            reply(&mut agent, frame.id, result).await;
+        };
+        let (outcome, ()) = tokio::join!(exec, answer);
+        assert_eq!(outcome.unwrap().exit_code, 0);
+
+        // Timed out (no answer within the command's timeout plus the grace): cancelled too.
+        let exec = link.exec(finished, 100, None, limits);
+        let unanswered = async {
+            let frame = next_request(&mut agent).await;
+            assert!(matches!(frame.request, AgentRequest::Exec(_)), "{frame:?}");
+            frame.id
+        };
+        let (outcome, exec_id) = tokio::join!(exec, unanswered);
+        assert!(
+            matches!(outcome, Err(AgentCallError::Timeout { .. })),
+            "{outcome:?}"
+        );
+        let frame = next_request(&mut agent).await;
+        assert_eq!(frame.request, AgentRequest::Cancel { id: exec_id });
     }
 }

@@ -245,7 +245,7 @@ pub(crate) async fn agent_error(
             K::InvalidArgument => ProviderError::InvalidArgument(err.message),
             K::NotFound => ProviderError::NotFound(err.message),
             K::Unsupported => ProviderError::Unsupported(err.message),
-            K::Io | K::Other => ProviderError::io(
+            K::Io | K::Cancelled | K::Other => ProviderError::io(
                 format!("vm {vm_id}: in the guest"),
                 io::Error::other(err.message),
             ),
