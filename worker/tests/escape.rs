@@ -34,9 +34,10 @@
 //! 9. `ptrace_and_friends_are_refused`: `PTRACE_ATTACH` on pid 1 and the agent, `PTRACE_TRACEME`,
 //!    `process_vm_readv`, `/proc/<agent>/mem`, `pidfd_getfd` of the agent's and of pid 1's file
 //!    descriptors (the agent channel), `strace` and `gdb` all fail.
-//! 10. `setsid_and_double_forked_children_die_with_the_exec_and_the_vm`: `setsid`, `nohup` and
-//!     double-forked sleeps are gone by the next exec, and a sandbox destroyed mid-exec leaves no
-//!     process of the sandbox's host uid within 1 s.
+//! 10. `setsid_and_double_forked_children_die_with_the_exec_and_the_vm`: `setsid`, `nohup`,
+//!     double-forked sleeps and a pid-hopping forker (fork, parent exits, repeat) are gone by the
+//!     next exec, and a sandbox destroyed mid-exec leaves no process of the sandbox's host uid
+//!     within 1 s.
 //! 11. `fork_storm_is_capped_by_max_processes` (needs the cgroup limits): with `max_processes = 50`
 //!     a bounded fork loop gets fewer than 50 processes; the host and the VM are fine afterwards.
 //! 12. `memory_hog_is_oom_killed` and `tmpfs_writes_count_against_memory_mib` (need the cgroup
@@ -998,6 +999,30 @@ async fn setsid_and_double_forked_children_die_with_the_exec_and_the_vm() {
             "a child of the previous exec survived: {outcome:?}"
         );
     }
+
+    // A process that keeps changing its pid (fork, parent exits) so a scan-then-kill pass never
+    // finds it where it was; bounded to 20 s by itself.
+    let hopper = r#"
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    end = time.time() + 20
+    while time.time() < end:
+        if os.fork() != 0:
+            os._exit(0)
+    os._exit(0)
+time.sleep(0.2)
+print("hopping")
+"#;
+    let outcome = s.py(&id, hopper).await;
+    assert_eq!(outcome.stdout, b"hopping\n", "{outcome:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let outcome = s.sh(&id, "ps -eo args | grep -c '^python3' ; true").await;
+    assert_eq!(
+        text(&outcome.stdout).trim(),
+        "0",
+        "a pid-hopping child of the previous exec survived it: {outcome:?}"
+    );
 
     // Released mid-exec: nothing of the sandbox survives on the host.
     let long = base + 5;
