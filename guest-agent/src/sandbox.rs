@@ -107,6 +107,14 @@ mod filter {
             libc::SYS_io_uring_setup,
             libc::SYS_io_uring_enter,
             libc::SYS_io_uring_register,
+            // Stealing another process's descriptors (bubblewrap's init holds the agent's
+            // channel), and comparing them.
+            libc::SYS_pidfd_getfd,
+            libc::SYS_kcmp,
+            // Kernel keyring and mount-API leftovers with no use in a sandbox.
+            libc::SYS_lookup_dcookie,
+            libc::SYS_nfsservctl,
+            libc::SYS_uselib,
         ];
         // Port I/O exists on x86 only.
         #[cfg(target_arch = "x86_64")]

@@ -807,13 +807,30 @@ impl Inner {
             grace: EXEC_GRACE,
         };
         let ooms = sandbox.oom_kills();
-        let mut outcome = sandbox
+        let started = std::time::Instant::now();
+        let result = sandbox
             .link
             .exec(req, spec.max_output_bytes, chunks, limits)
-            .await
-            .map_err(|e| self.agent_error(vm_id, e))?;
-        outcome.oom_killed = sandbox.oom_kills() > ooms;
-        Ok(outcome)
+            .await;
+        let oom_killed = sandbox.oom_kills() > ooms;
+        match result {
+            Ok(mut outcome) => {
+                outcome.oom_killed = oom_killed;
+                Ok(outcome)
+            }
+            // The OOM killer took the sandbox's agent (memory pinned by tmpfs files leaves it
+            // nothing else to kill): the command died of the limit, as far as the caller is
+            // concerned. The next command gets a fresh sandbox, with /tmp emptied.
+            Err(AgentCallError::Closed) if oom_killed => Ok(ExecOutcome {
+                exit_code: 128 + 9,
+                signal: Some(9),
+                stderr: b"killed: the VM's memory limit was exceeded\n".to_vec(),
+                duration: started.elapsed(),
+                oom_killed: true,
+                ..ExecOutcome::default()
+            }),
+            Err(e) => Err(self.agent_error(vm_id, e)),
+        }
     }
 
     /// Maps a failed agent call onto the provider's errors.

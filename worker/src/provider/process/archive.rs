@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -27,20 +28,116 @@ pub(crate) use crate::provider::snapshot_archive::{MAX_META_BYTES, META_ENTRY};
 pub(crate) const VOLUME_ENTRY: &str = "volume.tar.zst";
 
 /// Archives the contents of `src_dir` into a new `dest` file as tar + zstd (with a checksum).
-/// Symlinks are stored as symlinks, never followed. Returns the archive's size in bytes.
+/// Symlinks are stored as symlinks, never followed; fifos, sockets and devices are skipped.
+/// Returns the archive's size in bytes.
+///
+/// The volume belongs to the guest, and a process in it may swap a file for a symlink to a host
+/// path while this runs. So the walk never resolves a path: every directory and file is opened
+/// relative to its parent's descriptor with `O_NOFOLLOW`, and what is archived is what the
+/// opened descriptor is (`fstat`), never what a path pointed to a moment earlier.
 pub(crate) fn pack_dir(src_dir: &Path, dest: &Path, level: i32) -> io::Result<u64> {
     let file = File::create(dest)?;
     let mut encoder = zstd::Encoder::new(BufWriter::new(file), level)?;
     encoder.include_checksum(true)?;
     let mut builder = tar::Builder::new(encoder);
-    builder.follow_symlinks(false);
-    builder.append_dir_all(".", src_dir)?;
+    let root = File::open(src_dir)?;
+    append_tree(&mut builder, root, Path::new("."))?;
     let encoder = builder.into_inner()?;
     let mut writer = encoder.finish()?;
     writer.flush()?;
     let file = writer.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     Ok(file.metadata()?.len())
+}
+
+/// Appends the directory open as `dir` (named `name` in the archive) and everything under it.
+fn append_tree<W: Write>(builder: &mut tar::Builder<W>, dir: File, name: &Path) -> io::Result<()> {
+    use nix::fcntl::{OFlag, openat, readlinkat};
+    use nix::sys::stat::{Mode, SFlag};
+
+    let meta = dir.metadata()?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+    builder.append_data(&mut header, name, io::empty())?;
+
+    let entries: Vec<std::ffi::OsString> = {
+        let mut listing = nix::dir::Dir::from_fd(dir.try_clone()?.into())?;
+        listing
+            .iter()
+            .filter_map(Result::ok)
+            .map(|e| std::ffi::OsStr::from_bytes(e.file_name().to_bytes()).to_owned())
+            .filter(|n| n != "." && n != "..")
+            .collect()
+    };
+    for entry in entries {
+        let path = name.join(&entry);
+        let stat = match nix::sys::stat::fstatat(
+            &dir,
+            entry.as_os_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(stat) => stat,
+            // Gone meanwhile.
+            Err(nix::errno::Errno::ENOENT) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let kind = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits());
+        let open = |extra: OFlag| {
+            openat(
+                &dir,
+                entry.as_os_str(),
+                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | extra,
+                Mode::empty(),
+            )
+        };
+        match kind {
+            SFlag::S_IFDIR => match open(OFlag::O_DIRECTORY) {
+                Ok(fd) => append_tree(builder, File::from(fd), &path)?,
+                // Swapped for something else meanwhile: skipped, never followed.
+                Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => {}
+                Err(nix::errno::Errno::ELOOP) => {}
+                Err(e) => return Err(e.into()),
+            },
+            SFlag::S_IFREG => {
+                let file = match open(OFlag::O_NONBLOCK) {
+                    Ok(fd) => File::from(fd),
+                    Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ELOOP) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                let meta = file.metadata()?;
+                if !meta.is_file() {
+                    continue;
+                }
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+                let size = meta.len();
+                // Exactly `size` bytes whatever the file does meanwhile: cut if it grew,
+                // zero-padded if it shrank.
+                let data = file.take(size).chain(io::repeat(0)).take(size);
+                builder.append_data(&mut header, &path, data)?;
+            }
+            SFlag::S_IFLNK => {
+                let target = match readlinkat(&dir, entry.as_os_str()) {
+                    Ok(target) => target,
+                    Err(nix::errno::Errno::ENOENT | nix::errno::Errno::EINVAL) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                let mut header = tar::Header::new_gnu();
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                header.set_mode(0o777);
+                header.set_uid(u64::from(stat.st_uid));
+                header.set_gid(u64::from(stat.st_gid));
+                header.set_mtime(u64::try_from(stat.st_mtime).unwrap_or(0));
+                builder.append_link(&mut header, &path, &target)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Extracts a `tar.zst` archive into the existing directory `dest`. Entries that would land outside
