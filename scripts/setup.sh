@@ -53,10 +53,18 @@ if [ -z "${NATS_SERVER_BIN:-}" ]; then
 fi
 export PATH="$TOOLS/venv/bin:$PATH"
 
-# Optional isolation for the process provider; its tests skip with a reason when absent.
-if ! command -v bwrap >/dev/null; then
-  log "installing bubblewrap (optional sandboxing for the process provider)"
-  apt_install bubblewrap || log "bubblewrap unavailable: bwrap tests will be skipped"
+# The process provider's default sandbox: bubblewrap and setpriv (util-linux) for the namespaces,
+# e2fsprogs for disk quotas (loop-mounted ext4), slirp4netns + iproute2 for `network = "egress"`.
+need_pkgs=()
+command -v bwrap >/dev/null || need_pkgs+=(bubblewrap)
+command -v setpriv >/dev/null || need_pkgs+=(util-linux)
+command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || need_pkgs+=(e2fsprogs)
+command -v slirp4netns >/dev/null || need_pkgs+=(slirp4netns)
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_pkgs+=(iproute2)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+  log "installing the sandbox's tools: ${need_pkgs[*]}"
+  apt_install "${need_pkgs[@]}" || log "could not install ${need_pkgs[*]}: the sandbox needs them \
+(hearth-worker exits 64 and says what is missing; --isolation none runs without it)"
 fi
 
 # Deploy checks (tests/tests/deploy_configs.rs skip with a reason when these are missing):

@@ -163,7 +163,13 @@ impl OwnStack {
         templates_toml: &str,
         max_vms: usize,
     ) -> Result<Self> {
-        Self::start_with(provider, templates_toml, max_vms, None).await
+        Self::start_with(provider, templates_toml, max_vms, None, None).await
+    }
+
+    /// A stack whose worker runs with `--isolation <isolation>` (process provider).
+    async fn start_isolated(templates_toml: &str, isolation: &str) -> Result<Self> {
+        let provider = hearth_worker::ProviderKind::Process;
+        Self::start_with(provider, templates_toml, 16, None, Some(isolation)).await
     }
 
     async fn start_with(
@@ -171,6 +177,7 @@ impl OwnStack {
         templates_toml: &str,
         max_vms: usize,
         qemu_image: Option<&std::path::Path>,
+        isolation: Option<&str>,
     ) -> Result<Self> {
         let nats = tokio::task::spawn_blocking(|| {
             NatsServer::builder().config("max_payload: 8MB\n").start()
@@ -202,6 +209,9 @@ impl OwnStack {
             .env("RUST_LOG", "warn");
         if let Some(image) = qemu_image {
             worker.arg("--qemu-image").arg(image);
+        }
+        if let Some(isolation) = isolation {
+            worker.args(["--isolation", isolation]);
         }
         let worker = ChildProcess::spawn("worker", worker, dir.path())?;
         let mut scheduler = Command::new(sibling_bin("hearth-scheduler")?);
@@ -732,6 +742,38 @@ async fn exec(
         seq.value_at_quantile(0.5) as f64,
         base.value_at_quantile(0.5) as f64,
     );
+    if stack.is_some() && args.provider == hearth_worker::ProviderKind::Process {
+        // The price of isolation, same run: the default sandbox against `--isolation none`,
+        // sampled in alternation so both see the same noise.
+        let plain = OwnStack::start_isolated(&template_toml("default", 2), "none").await?;
+        let plain_client = connect(&plain.url, subjects).await?;
+        wait_ready(&plain_client, "default", 1).await?;
+        let (_, _, plain_sessions) =
+            sequential_claims(&plain_client, &template, 0, 1, false).await?;
+        let (mut sandboxed, mut unsandboxed) = (histogram(), histogram());
+        let bar = progress((sizes.warmup + sizes.samples) as u64, "exec true, sandbox vs none");
+        for i in 0..sizes.warmup + sizes.samples {
+            let t = Instant::now();
+            client.exec(&sessions[0], &request).await?;
+            let in_sandbox = t.elapsed();
+            let t = Instant::now();
+            plain_client.exec(&plain_sessions[0], &request).await?;
+            let without = t.elapsed();
+            if i >= sizes.warmup {
+                record(&mut sandboxed, in_sandbox);
+                record(&mut unsandboxed, without);
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        r.latency("exec_sandbox", &sandboxed);
+        r.latency("exec_isolation_none", &unsandboxed);
+        r.ratio(
+            "exec_sandbox_p50_to_none",
+            sandboxed.value_at_quantile(0.5) as f64,
+            unsandboxed.value_at_quantile(0.5) as f64,
+        );
+    }
     let rate = total as f64 / elapsed.as_secs_f64();
     r.field(
         "throughput_execs_per_s",
@@ -978,6 +1020,7 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
         &template_toml("default", claims + 1),
         claims * 2 + rounds + 8,
         Some(&image),
+        None,
     )
     .await?;
     let client = connect(&stack.url, &Subjects::default()).await?;
