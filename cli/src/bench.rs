@@ -751,7 +751,10 @@ async fn exec(
         let (_, _, plain_sessions) =
             sequential_claims(&plain_client, &template, 0, 1, false).await?;
         let (mut sandboxed, mut unsandboxed) = (histogram(), histogram());
-        let bar = progress((sizes.warmup + sizes.samples) as u64, "exec true, sandbox vs none");
+        let bar = progress(
+            (sizes.warmup + sizes.samples) as u64,
+            "exec true, sandbox vs none",
+        );
         for i in 0..sizes.warmup + sizes.samples {
             let t = Instant::now();
             client.exec(&sessions[0], &request).await?;

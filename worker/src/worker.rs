@@ -108,6 +108,9 @@ struct Inner {
     snapshot_fetch: DashMap<SnapshotId, Arc<Mutex<()>>>,
     sessions: SessionSet,
     served: DashMap<VmId, Served>,
+    /// Per VM, cancelled when its session ends (destroy, stop): running and queued execs and file
+    /// transfers on it give up at once, and the command is killed in the VM.
+    endings: DashMap<VmId, CancellationToken>,
     started_ms: u64,
     seq: AtomicU64,
     jobs_in_flight: AtomicU32,
@@ -188,6 +191,7 @@ impl Worker {
             snapshot_fetch: DashMap::new(),
             sessions,
             served: DashMap::new(),
+            endings: DashMap::new(),
             started_ms: now_ms(),
             seq: AtomicU64::new(0),
             jobs_in_flight: AtomicU32::new(0),
@@ -447,6 +451,7 @@ impl Worker {
                 })
             }
             JobOp::StopVm { vm_id } => {
+                inner.end_work(&vm_id);
                 let _guard = inner.locks.lock(&vm_id).await;
                 let view = provider.stop_vm(&vm_id).await.map_err(werr)?;
                 inner
@@ -488,6 +493,8 @@ impl Worker {
                 backup,
                 reason,
             } => {
+                // Running and queued commands end now, so the lock comes at once.
+                inner.end_work(&vm_id);
                 let guard = inner.locks.lock(&vm_id).await;
                 self.destroy_locked(&vm_id, backup, reason).await?;
                 drop(guard);
@@ -858,22 +865,37 @@ impl Worker {
     ) -> Reply {
         let inner = &self.inner;
         let spec = exec_spec(&req);
-        let guard = match self.lock_running(vm_id).await {
-            Ok(guard) => guard,
-            Err(err) => return Reply::error(encoding, &err),
+        let ending = inner.ending(vm_id);
+        let guard = tokio::select! {
+            guard = self.lock_running(vm_id) => match guard {
+                Ok(guard) => guard,
+                Err(err) => return Reply::error(encoding, &err),
+            },
+            () = ending.cancelled() => return Reply::error(encoding, &session_ended(vm_id)),
         };
         let outcome = match (req.stream, request.message.reply.clone()) {
             (true, Some(reply_to)) => {
                 let (tx, rx) = mpsc::channel(64);
                 let forward = tokio::spawn(forward_chunks(inner.nats.clone(), reply_to, rx));
-                let outcome = inner.provider.exec(vm_id, spec, Some(tx)).await;
+                // Dropping the exec (the session ended) cancels the command in the VM.
+                let outcome = tokio::select! {
+                    outcome = inner.provider.exec(vm_id, spec, Some(tx)) => Some(outcome),
+                    () = ending.cancelled() => None,
+                };
                 // Every chunk is published before the final result.
                 let _ = forward.await;
                 outcome
             }
-            _ => inner.provider.exec(vm_id, spec, None).await,
+            _ => tokio::select! {
+                outcome = inner.provider.exec(vm_id, spec, None) => Some(outcome),
+                () = ending.cancelled() => None,
+            },
         };
         drop(guard);
+        let Some(outcome) = outcome else {
+            metrics::counter!(m::EXECS_TOTAL, "result" => "error").increment(1);
+            return Reply::error(encoding, &session_ended(vm_id));
+        };
         match outcome {
             Ok(outcome) => {
                 let result = exec_result(outcome, inner.max_reply_bytes());
@@ -907,6 +929,7 @@ impl Worker {
                 return Reply::error(encoding, &err);
             }
         };
+        let ending = self.inner.ending(vm_id);
         let result = async {
             let _guard = self.lock_running(vm_id).await?;
             self.inner
@@ -915,8 +938,11 @@ impl Worker {
                 .await
                 .map(|size| FilePutResult { size })
                 .map_err(|e| wire_error(&e))
-        }
-        .await;
+        };
+        let result = tokio::select! {
+            result = result => result,
+            () = ending.cancelled() => Err(session_ended(vm_id)),
+        };
         files_metric("put", &result);
         Reply::from_result(encoding, &result)
     }
@@ -936,6 +962,7 @@ impl Worker {
             .unwrap_or(DEFAULT_MAX_FILE_BYTES)
             .min(inner.config.max_file_bytes)
             .min(inner.max_reply_bytes() as u64);
+        let ending = inner.ending(vm_id);
         let result = async {
             let _guard = self.lock_running(vm_id).await?;
             inner
@@ -947,11 +974,22 @@ impl Worker {
                     data: data.into(),
                 })
                 .map_err(|e| wire_error(&e))
-        }
-        .await;
+        };
+        let result = tokio::select! {
+            result = result => result,
+            () = ending.cancelled() => Err(session_ended(vm_id)),
+        };
         files_metric("get", &result);
         Reply::from_result(encoding, &result)
     }
+}
+
+/// The answer to an exec or file transfer whose session ended (released, expired, pruned,
+/// stopped) while it ran or waited.
+fn session_ended(vm_id: &VmId) -> WireError {
+    WireError::conflict(format!(
+        "session_ended: session {vm_id} ended while the request ran or waited; its command was killed"
+    ))
 }
 
 fn unreachable_list() -> Outcome {
@@ -969,6 +1007,18 @@ impl Drop for Reservation {
 
 impl Inner {
     /// Largest output a reply may carry and still fit the server's max_payload.
+    /// The token that ends work on `vm_id` (see `endings`).
+    fn ending(&self, vm_id: &VmId) -> CancellationToken {
+        self.endings.entry(vm_id.clone()).or_default().clone()
+    }
+
+    /// Ends every exec and file transfer running on or waiting for `vm_id`.
+    fn end_work(&self, vm_id: &VmId) {
+        if let Some((_, token)) = self.endings.remove(vm_id) {
+            token.cancel();
+        }
+    }
+
     fn max_reply_bytes(&self) -> usize {
         self.nats
             .server_info()

@@ -712,12 +712,17 @@ async fn bad_input_gets_the_right_code_and_the_worker_survives() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::BadRequest));
-    // An exec queued behind a destroy (per-VM FIFO) finds the VM destroyed: 409, not silence.
+    // A destroy (release, TTL, prune) ends the session's work at once: the running command is
+    // killed and its caller told `session_ended` (409); a later exec finds no session.
     let running = {
         let client = client.clone();
-        tokio::spawn(async move { client.exec(&id("a"), &ExecRequest::cmd("sleep 0.5")).await })
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = client.exec(&id("a"), &ExecRequest::cmd("sleep 30")).await;
+            (result, started.elapsed())
+        })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let destroy = {
         let nats = nats.clone();
         tokio::spawn(async move {
@@ -733,13 +738,23 @@ async fn bad_input_gets_the_right_code_and_the_worker_survives() {
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (result, took) = running.await.unwrap();
+    let err = result.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err:?}");
+    assert!(err.to_string().contains("session_ended"), "{err}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the command was not ended: {took:?}"
+    );
     let err = client
         .exec(&id("a"), &ExecRequest::cmd("true"))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err:?}");
-    assert_eq!(running.await.unwrap().unwrap().exit_code, 0);
+    assert!(
+        matches!(err.code(), Some(ErrorCode::Conflict))
+            || err.to_string().contains("no responders"),
+        "{err:?}"
+    );
     destroy.await.unwrap().unwrap();
     // Afterwards the session's subjects are gone: nobody answers for it any more.
     let err = client

@@ -186,11 +186,27 @@ impl Sandbox {
         *self.egress.lock() = Some(egress);
     }
 
-    /// Kills the process tree now (SIGKILL to the outermost process; bubblewrap's pid namespace
-    /// and `--die-with-parent` take everything inside with it, and the cgroup catches anything
-    /// that left the tree); ends the sandbox's network.
+    /// Kills the process tree now: SIGKILL to the sandbox's init (the pid namespace dies with
+    /// it, taking every process inside) and to the outermost process, and to whatever is left in
+    /// the cgroup; ends the sandbox's network. (bubblewrap's `--die-with-parent` does not hold
+    /// for the init once it has entered its user namespace: the credential change clears the
+    /// parent-death signal, so it is killed by pid here.)
     pub(crate) fn kill(&self) {
         self.egress.lock().take();
+        if self.pid > 0
+            && let Ok(children) =
+                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+        {
+            for pid in children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
         if let Some(limits) = &self.limits {
             // Without isolation, a command may have left the agent's process group.
             limits.kill_all();

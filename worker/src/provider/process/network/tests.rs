@@ -266,6 +266,16 @@ impl Sandbox {
 
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // bwrap's init does not die with bwrap (entering its user namespace cleared its
+            // parent-death signal): kill it, and the pid namespace with it.
+            let pid = child.id();
+            if let Ok(children) =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            {
+                for init in children.split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", init]).status();
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
