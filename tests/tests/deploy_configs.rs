@@ -438,7 +438,17 @@ fn dockerfile_builds_the_workspace_binaries_into_a_slim_runtime() {
     assert_eq!(from.len(), 2, "multi-stage: {from:?}");
     assert!(from[0].starts_with("rust:1.95-bookworm"), "{from:?}");
     assert!(from[1].starts_with("debian:bookworm-slim"), "{from:?}");
-    for pkg in ["tini", "bubblewrap", "ca-certificates"] {
+    // The process provider's default sandbox needs bubblewrap + setpriv (util-linux), disk quotas
+    // mkfs.ext4 (e2fsprogs), egress slirp4netns + ip (iproute2).
+    for pkg in [
+        "tini",
+        "bubblewrap",
+        "util-linux",
+        "e2fsprogs",
+        "slirp4netns",
+        "iproute2",
+        "ca-certificates",
+    ] {
         assert!(dockerfile.contains(pkg), "runtime image lacks {pkg}");
     }
     assert!(dockerfile.contains(r#"ENTRYPOINT ["/usr/bin/tini", "--"]"#));
@@ -476,10 +486,16 @@ fn dockerfile_builds_the_workspace_binaries_into_a_slim_runtime() {
         .filter(|w| w[0] == "--bin")
         .map(|w| w[1].to_owned())
         .collect();
-    let want: BTreeSet<String> = ["hearth", "hearth-scheduler", "hearth-worker"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    // The sandbox's first process is the agent, found next to hearth-worker.
+    let want: BTreeSet<String> = [
+        "hearth",
+        "hearth-scheduler",
+        "hearth-worker",
+        "hearth-guest-agent",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(built, want);
     for bin in &built {
         assert!(

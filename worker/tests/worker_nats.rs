@@ -1098,3 +1098,100 @@ async fn sigkilled_worker_binary_reconciles_on_restart() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// Host processes whose command line is exactly `sleep 600`.
+fn host_sleepers() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| c == b"sleep\0600\0")
+        .count()
+}
+
+#[tokio::test]
+async fn releasing_sessions_with_running_commands_ends_them_and_the_worker_keeps_serving() {
+    let (_server, nats, client) = setup().await;
+    let _w = node(&nats, "w1").await;
+    const N: usize = 20;
+    for i in 0..N {
+        create_session(&nats, "w1", &format!("busy-{i}")).await;
+    }
+    let before = host_sleepers();
+    let mut runs = Vec::new();
+    for i in 0..N {
+        let client = client.clone();
+        runs.push(tokio::spawn(async move {
+            let sid: SessionId = id(format!("busy-{i}"));
+            let mut req = ExecRequest::cmd("touch started; exec sleep 600");
+            req.timeout_ms = Some(600_000);
+            let result = client.exec(&sid, &req).await;
+            (result, Instant::now())
+        }));
+    }
+    // Every command is running.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while host_sleepers() < before + N {
+        assert!(Instant::now() < deadline, "the commands did not all start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let released_at = Instant::now();
+    let releases: Vec<_> = (0..N)
+        .map(|i| {
+            let nats = nats.clone();
+            tokio::spawn(async move {
+                job(
+                    &nats,
+                    "w1",
+                    JobOp::DestroyVm {
+                        vm_id: id(format!("busy-{i}")),
+                        backup: false,
+                        reason: Some(TerminationReason::Released),
+                    },
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut slowest_release = Duration::ZERO;
+    for r in releases {
+        r.await.unwrap().unwrap();
+        slowest_release = slowest_release.max(released_at.elapsed());
+    }
+    let mut slowest_answer = Duration::ZERO;
+    for run in runs {
+        let (result, at) = run.await.unwrap();
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("session_ended"), "{err}");
+        slowest_answer = slowest_answer.max(at.duration_since(released_at));
+    }
+    eprintln!(
+        "{N} releases with running commands: all released in {slowest_release:?}, \
+         every exec answered in {slowest_answer:?}"
+    );
+    // A hang detector, not a benchmark: the commands ran for 600 s.
+    assert!(
+        slowest_release < Duration::from_secs(10),
+        "{slowest_release:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host_sleepers() > before {
+        assert!(
+            Instant::now() < deadline,
+            "a released session's sleep 600 survived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The worker serves creates and execs as before.
+    create_session(&nats, "w1", "after").await;
+    let started = Instant::now();
+    let r = client
+        .exec(&id("after"), &ExecRequest::cmd("echo ok"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.as_bytes(), b"ok\n");
+    eprintln!("exec after the releases: {:?}", started.elapsed());
+}
