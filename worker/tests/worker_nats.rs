@@ -1106,7 +1106,7 @@ fn host_sleepers() -> usize {
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| c == b"sleep\0600\0")
+        .filter(|c| c == b"sleep\x00600\x00")
         .count()
 }
 
