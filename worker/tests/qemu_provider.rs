@@ -459,3 +459,49 @@ fn rss_kib(p: &QemuProvider, id: &str) -> u64 {
         .and_then(|kb| kb.parse().ok())
         .unwrap_or(0)
 }
+
+/// The attacks of `escape.rs` that apply to a VM: guest code sees nothing of the host (files,
+/// network, the worker's environment), and what a request's `env` carries runs in the guest only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_code_cannot_reach_the_host() {
+    let Some((p, dir)) = qemu_support::provider() else {
+        return;
+    };
+    let secret = std::env::temp_dir().join(format!("hearth-qemu-escape-{}", std::process::id()));
+    std::fs::write(&secret, "host secret").unwrap();
+    let marker = std::env::temp_dir().join(format!("hearth-qemu-marker-{}", std::process::id()));
+    let id = vm("attacker");
+    p.create_vm(&id).await.unwrap();
+
+    // The host's files: not there, by path or through /proc.
+    let probe = format!(
+        "cat {} 2>/dev/null || echo absent; cat /proc/1/environ | tr '\\0' '\\n' | grep -c NATS || true",
+        secret.display()
+    );
+    let out = sh(&p, &id, &probe).await;
+    assert!(out.starts_with("absent"), "{out}");
+    assert!(!out.contains("host secret"), "{out}");
+    // No network device but loopback: NATS on the host's 127.0.0.1 is the guest's own loopback.
+    let interfaces = sh(&p, &id, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '").await;
+    assert_eq!(interfaces, "lo", "only loopback in the guest");
+    // A request's env (LD_PRELOAD and friends) reaches the guest's command only.
+    let outcome = p
+        .exec(
+            &id,
+            ExecSpec::shell(format!("echo x > {}; true", marker.display()))
+                .with_env("LD_PRELOAD", "/nonexistent/evil.so")
+                .with_env("LD_LIBRARY_PATH", "/nonexistent"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(outcome.stderr.len() < 4096, "{outcome:?}");
+    assert!(!marker.exists(), "a guest command wrote on the host");
+    // Writing "outside" in the guest changes nothing on the host.
+    sh(&p, &id, &format!("echo guest > {} || true", secret.display())).await;
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host secret");
+
+    let _ = std::fs::remove_file(&secret);
+    p.destroy_vm(&id).await.unwrap();
+    assert_nothing_left(&dir.path().join("qemu"));
+}
