@@ -569,6 +569,60 @@ async fn a_full_vm_queue_answers_429_with_a_retry_hint_and_the_admitted_run_in_o
 }
 
 #[tokio::test]
+async fn pruning_backs_up_and_the_backup_dir_keeps_only_the_newest() {
+    let (_server, nats, client) = setup().await;
+    let backups = tempfile::tempdir().unwrap();
+    let backup_dir = backups.path().to_owned();
+    let _n = node_with(&nats, "wb", |c| {
+        c.backup_dir = Some(backup_dir);
+        c.backup_retention.keep = 2;
+    })
+    .await;
+    // Someone else's file, and a backup older than the age limit.
+    std::fs::write(backups.path().join("notes.txt"), "keep me").unwrap();
+    let ancient = backups.path().join("gone-1.tar.zst");
+    std::fs::write(&ancient, "x").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&ancient)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(30 * 24 * 3600))
+        .unwrap();
+    for i in 0..4 {
+        let sid = format!("bk{i}");
+        create_session(&nats, "wb", &sid).await;
+        client
+            .put_file(&id(sid.as_str()), "f", vec![b'a'; 1000], None)
+            .await
+            .unwrap();
+        job(
+            &nats,
+            "wb",
+            JobOp::DestroyVm {
+                vm_id: id(sid.as_str()),
+                backup: true,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+        // Distinct modification times, so "oldest" is well defined.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut names: Vec<String> = std::fs::read_dir(backups.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(
+        names[0].starts_with("bk2-") && names[1].starts_with("bk3-"),
+        "{names:?}"
+    );
+    assert_eq!(names[2], "notes.txt");
+}
+
+#[tokio::test]
 async fn execs_on_one_vm_run_one_at_a_time_in_order() {
     let (_server, nats, client) = setup().await;
     let _n = node(&nats, "w1").await;
