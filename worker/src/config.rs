@@ -27,6 +27,33 @@ pub enum ProviderKind {
     Qemu,
 }
 
+/// Default of `max_queued_per_vm`.
+pub const DEFAULT_MAX_QUEUED_PER_VM: usize = 32;
+/// Default of `max_queued_bytes_per_vm` (64 MiB).
+pub const DEFAULT_MAX_QUEUED_BYTES_PER_VM: u64 = 64 << 20;
+
+/// How many backups `backup_dir` keeps. Each limit is off at 0; the backup just written is always
+/// kept, the others go oldest first until every limit holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupRetention {
+    /// Most backups kept (all sessions together).
+    pub keep: usize,
+    /// Backups older than this are deleted.
+    pub max_age: Option<Duration>,
+    /// Most bytes of backups kept.
+    pub max_bytes: u64,
+}
+
+impl Default for BackupRetention {
+    fn default() -> Self {
+        Self {
+            keep: 256,
+            max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+            max_bytes: 10 << 30,
+        }
+    }
+}
+
 /// Everything the worker needs, resolved.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -56,6 +83,14 @@ pub struct WorkerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Where volumes are backed up before a prune (`DestroyVm{backup: true}`); none = no backups.
     pub backup_dir: Option<PathBuf>,
+    /// What `backup_dir` keeps: pruned after every backup, oldest first.
+    pub backup_retention: BackupRetention,
+    /// Most exec and file requests held per VM at once (running plus waiting for its lock);
+    /// beyond it a request is answered 429 with `retry_after_ms`.
+    pub max_queued_per_vm: usize,
+    /// Most request payload bytes held per VM at once (running plus waiting); beyond it 429. A VM
+    /// holding nothing always admits one request, whatever its size.
+    pub max_queued_bytes_per_vm: u64,
     /// How long SIGTERM waits for running commands and jobs.
     pub drain_grace: Duration,
     /// Replicas of the snapshot object store when the worker has to create it.
@@ -83,6 +118,9 @@ impl WorkerConfig {
             heartbeat_interval: Duration::from_secs(1),
             metrics_listen: None,
             backup_dir: None,
+            backup_retention: BackupRetention::default(),
+            max_queued_per_vm: DEFAULT_MAX_QUEUED_PER_VM,
+            max_queued_bytes_per_vm: DEFAULT_MAX_QUEUED_BYTES_PER_VM,
             drain_grace: Duration::from_secs(30),
             store_replicas: 1,
             max_file_bytes: hearth_messages::data::DEFAULT_MAX_FILE_BYTES,
@@ -160,6 +198,21 @@ pub struct WorkerArgs {
     /// Backup destination for pruned volumes.
     #[arg(long, env = "HEARTH_BACKUP_DIR")]
     pub backup_dir: Option<PathBuf>,
+    /// Most backups kept in the backup dir (0: no limit).
+    #[arg(long, env = "HEARTH_BACKUP_KEEP")]
+    pub backup_keep: Option<usize>,
+    /// Backups older than this many seconds are deleted (0: no limit).
+    #[arg(long, env = "HEARTH_BACKUP_MAX_AGE_S")]
+    pub backup_max_age_s: Option<u64>,
+    /// Most bytes of backups kept (0: no limit).
+    #[arg(long, env = "HEARTH_BACKUP_MAX_BYTES")]
+    pub backup_max_bytes: Option<u64>,
+    /// Most exec/file requests held per VM (running plus queued); beyond it 429.
+    #[arg(long, env = "HEARTH_MAX_QUEUED_PER_VM")]
+    pub max_queued_per_vm: Option<usize>,
+    /// Most request payload bytes held per VM (running plus queued); beyond it 429.
+    #[arg(long, env = "HEARTH_MAX_QUEUED_BYTES_PER_VM")]
+    pub max_queued_bytes_per_vm: Option<u64>,
     /// Seconds SIGTERM waits for running work.
     #[arg(long, env = "HEARTH_DRAIN_GRACE_S")]
     pub drain_grace_s: Option<u64>,
@@ -192,6 +245,11 @@ struct WorkerFile {
     heartbeat_ms: Option<u64>,
     metrics_listen: Option<String>,
     backup_dir: Option<PathBuf>,
+    backup_keep: Option<usize>,
+    backup_max_age_s: Option<u64>,
+    backup_max_bytes: Option<u64>,
+    max_queued_per_vm: Option<usize>,
+    max_queued_bytes_per_vm: Option<u64>,
     drain_grace_s: Option<u64>,
     store_replicas: Option<usize>,
     qemu: Option<QemuConfig>,
@@ -311,6 +369,32 @@ impl WorkerArgs {
             None => Some(SocketAddr::from(([0, 0, 0, 0], 9102))),
         };
         config.backup_dir = self.backup_dir.or(file.backup_dir);
+        if let Some(n) = self.backup_keep.or(file.backup_keep) {
+            config.backup_retention.keep = n;
+        }
+        if let Some(s) = self.backup_max_age_s.or(file.backup_max_age_s) {
+            config.backup_retention.max_age = (s > 0).then(|| Duration::from_secs(s));
+        }
+        if let Some(n) = self.backup_max_bytes.or(file.backup_max_bytes) {
+            config.backup_retention.max_bytes = n;
+        }
+        if let Some(n) = self.max_queued_per_vm.or(file.max_queued_per_vm) {
+            if n == 0 {
+                return Err(ConfigError("max_queued_per_vm must be at least 1".into()));
+            }
+            config.max_queued_per_vm = n;
+        }
+        if let Some(n) = self
+            .max_queued_bytes_per_vm
+            .or(file.max_queued_bytes_per_vm)
+        {
+            if n == 0 {
+                return Err(ConfigError(
+                    "max_queued_bytes_per_vm must be at least 1".into(),
+                ));
+            }
+            config.max_queued_bytes_per_vm = n;
+        }
         if let Some(s) = self.drain_grace_s.or(file.drain_grace_s) {
             config.drain_grace = Duration::from_secs(s);
         }
@@ -348,6 +432,48 @@ mod tests {
         assert_eq!(config.max_vms, 3);
         assert_eq!(config.subjects.prefix(), "acme");
         assert_eq!(config.metrics_listen, None);
+    }
+
+    #[test]
+    fn bounds_have_defaults_and_are_configurable() {
+        let config = WorkerArgs::default().resolve().unwrap();
+        assert_eq!(config.max_queued_per_vm, DEFAULT_MAX_QUEUED_PER_VM);
+        assert_eq!(
+            config.max_queued_bytes_per_vm,
+            DEFAULT_MAX_QUEUED_BYTES_PER_VM
+        );
+        assert_eq!(config.backup_retention, BackupRetention::default());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(
+            &path,
+            "max_queued_per_vm = 8\nmax_queued_bytes_per_vm = 1024\nbackup_keep = 3\nbackup_max_age_s = 0\nbackup_max_bytes = 5\n",
+        )
+        .unwrap();
+        let config = WorkerArgs {
+            config: Some(path),
+            backup_keep: Some(4),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.max_queued_per_vm, 8);
+        assert_eq!(config.max_queued_bytes_per_vm, 1024);
+        assert_eq!(
+            config.backup_retention,
+            BackupRetention {
+                keep: 4,
+                max_age: None,
+                max_bytes: 5
+            }
+        );
+        let err = WorkerArgs {
+            max_queued_per_vm: Some(0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("max_queued_per_vm"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Entry points: [`run`] (what the `hearth-worker` binary calls), [`Worker::start`] for embedding
 //! (the `hearth up` stack, tests), and the provider traits in [`provider`].
 
+mod backups;
 pub mod config;
 mod jobs;
 mod locks;

@@ -40,6 +40,14 @@ pub const BAD_REQUESTS_TOTAL: &str = "hearth_worker_bad_requests_total";
 /// Jobs refused (409) because they carry an older lease revision than one already seen: sent by a
 /// deposed scheduler.
 pub const JOBS_FENCED_TOTAL: &str = "hearth_worker_jobs_fenced_total";
+/// Exec and file requests refused (429) because their VM already holds `max_queued_per_vm`
+/// requests or `max_queued_bytes_per_vm` payload bytes, by `endpoint`.
+pub const QUEUE_REJECTIONS_TOTAL: &str = "hearth_worker_queue_rejections_total";
+/// Old backups deleted by the backup retention.
+pub const BACKUPS_PRUNED_TOTAL: &str = "hearth_worker_backups_pruned_total";
+
+/// Data-plane endpoints (the `endpoint` label of queue rejections).
+pub const DATA_ENDPOINTS: &[&str] = &["exec", "files-put", "files-get"];
 
 /// Every metric the worker emits (the dashboard check compares against this list).
 pub const ALL: &[&str] = &[
@@ -60,6 +68,8 @@ pub const ALL: &[&str] = &[
     HEARTBEATS_TOTAL,
     BAD_REQUESTS_TOTAL,
     JOBS_FENCED_TOTAL,
+    QUEUE_REJECTIONS_TOTAL,
+    BACKUPS_PRUNED_TOTAL,
 ];
 
 const FAST: &[f64] = &[
@@ -144,4 +154,16 @@ pub fn describe() {
         "Jobs refused because a newer scheduler lease was already seen (a deposed leader)"
     );
     metrics::counter!(JOBS_FENCED_TOTAL).absolute(0);
+    describe_counter!(
+        QUEUE_REJECTIONS_TOTAL,
+        "Exec and file requests refused (429) because their VM's queue was full, by endpoint"
+    );
+    for endpoint in DATA_ENDPOINTS {
+        metrics::counter!(QUEUE_REJECTIONS_TOTAL, "endpoint" => *endpoint).absolute(0);
+    }
+    describe_counter!(
+        BACKUPS_PRUNED_TOTAL,
+        "Old backups deleted by the retention limits"
+    );
+    metrics::counter!(BACKUPS_PRUNED_TOTAL).absolute(0);
 }

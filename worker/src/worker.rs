@@ -16,7 +16,7 @@ use async_nats::service::{self, ServiceExt};
 use dashmap::DashMap;
 use futures::StreamExt;
 use hearth_messages::data::{CHUNK_HEADER, DEFAULT_MAX_FILE_BYTES};
-use hearth_messages::transport::{Reply, decode_message};
+use hearth_messages::transport::{Reply, decode_message, encoding_of};
 use hearth_messages::{
     Bucket, Encoding, ExecRequest, ExecResult, FileGetRequest, FileGetResult, FilePutRequest,
     FilePutResult, JobOp, JobOutput, JobReply, JobRequest, SessionId, SessionOp, SnapshotId,
@@ -46,6 +46,8 @@ const REPLY_OVERHEAD: usize = 4096;
 const JOB_CACHE: usize = 8192;
 /// Retry hint on 503 (at capacity).
 const RETRY_AFTER_MS: u64 = 1000;
+/// Retry hint on 429 (the VM's data-plane queue is full).
+const QUEUE_RETRY_AFTER_MS: u64 = 500;
 
 /// Errors that stop the worker from starting.
 #[derive(Debug, thiserror::Error)]
@@ -686,6 +688,7 @@ impl Worker {
                 .await
                 .map_err(|e| wire_error(&e))?;
             info!(%vm_id, path = %path.display(), "volume backed up");
+            inner.prune_backups(dir, path).await;
         }
         inner
             .provider
@@ -733,6 +736,11 @@ impl Worker {
             endpoints.push(endpoint.map(move |r| (op, r)));
         }
         let cancel = inner.stop.child_token();
+        let queue = Arc::new(DataQueue::default());
+        let (max_held, max_bytes) = (
+            inner.config.max_queued_per_vm,
+            inner.config.max_queued_bytes_per_vm,
+        );
         inner.served.insert(
             vm_id.clone(),
             Served {
@@ -747,8 +755,17 @@ impl Worker {
                     _ = cancel.cancelled() => break,
                     next = requests.next() => {
                         let Some((op, request)) = next else { break };
+                        let bytes = request.message.payload.len() as u64;
+                        let Some(permit) = queue.admit(bytes, max_held, max_bytes) else {
+                            // Answered here, without a task: a flood costs no memory.
+                            reject_queue_full(&vm_id, op, &request, max_held, max_bytes).await;
+                            continue;
+                        };
                         let (w, vm) = (worker.clone(), vm_id.clone());
-                        worker.inner.tasks.spawn(async move { w.handle_data(op, vm, request).await });
+                        worker.inner.tasks.spawn(async move {
+                            w.handle_data(op, vm, request).await;
+                            drop(permit);
+                        });
                     }
                 }
             }
@@ -864,7 +881,15 @@ impl Worker {
         req: ExecRequest,
     ) -> Reply {
         let inner = &self.inner;
-        let spec = exec_spec(&req);
+        let mut spec = exec_spec(&req);
+        let streamed = req.stream && request.message.reply.is_some();
+        if !streamed {
+            // Never capture more than the reply can carry: each stream is capped at the whole
+            // reply budget (so the budget's split between the streams, and the truncated flags,
+            // are exactly what trimming a full capture would give), and the rest is dropped in
+            // the VM instead of being buffered here. Wanting more means streaming.
+            spec.max_output_bytes = spec.max_output_bytes.min(inner.max_reply_bytes());
+        }
         let ending = inner.ending(vm_id);
         let guard = tokio::select! {
             guard = self.lock_running(vm_id) => match guard {
@@ -996,6 +1021,78 @@ fn unreachable_list() -> Outcome {
     Err(WireError::internal("list_vms is answered before locking"))
 }
 
+/// The exec and file requests one session's VM holds: running, or waiting for its lock. Admission
+/// happens only in the session's serve loop; permits give their share back when dropped.
+#[derive(Debug, Default)]
+struct DataQueue {
+    /// (requests, payload bytes) held.
+    held: parking_lot::Mutex<(usize, u64)>,
+}
+
+/// One admitted request's share of its [`DataQueue`].
+struct QueuePermit {
+    queue: Arc<DataQueue>,
+    bytes: u64,
+}
+
+impl DataQueue {
+    /// Admits a request of `bytes` if the VM then holds at most `max_held` requests and
+    /// `max_bytes` payload bytes. A VM holding nothing admits any one request (a single request
+    /// is bounded by the server's max_payload).
+    fn admit(self: &Arc<Self>, bytes: u64, max_held: usize, max_bytes: u64) -> Option<QueuePermit> {
+        let mut held = self.held.lock();
+        let (count, total) = *held;
+        if count > 0 && (count >= max_held || total.saturating_add(bytes) > max_bytes) {
+            return None;
+        }
+        *held = (count + 1, total.saturating_add(bytes));
+        Some(QueuePermit {
+            queue: self.clone(),
+            bytes,
+        })
+    }
+
+    #[cfg(test)]
+    fn held(&self) -> (usize, u64) {
+        *self.held.lock()
+    }
+}
+
+impl Drop for QueuePermit {
+    fn drop(&mut self) {
+        let mut held = self.queue.held.lock();
+        held.0 -= 1;
+        held.1 -= self.bytes;
+    }
+}
+
+/// Answers a request its VM's queue has no room for: 429 with a retry hint.
+async fn reject_queue_full(
+    vm_id: &VmId,
+    op: SessionOp,
+    request: &service::Request,
+    max_held: usize,
+    max_bytes: u64,
+) {
+    let endpoint = match op {
+        SessionOp::Exec => "exec",
+        SessionOp::FilesPut => "files-put",
+        _ => "files-get",
+    };
+    metrics::counter!(m::QUEUE_REJECTIONS_TOTAL, "endpoint" => endpoint).increment(1);
+    debug!(%vm_id, endpoint, "data-plane queue full: 429");
+    let mut err = WireError::new(
+        hearth_messages::ErrorCode::Quota,
+        format!(
+            "session {vm_id} has too much work queued (at most {max_held} requests and \
+             {max_bytes} payload bytes at once); retry later"
+        ),
+    );
+    err.retry_after_ms = Some(QUEUE_RETRY_AFTER_MS);
+    let reply = Reply::error(encoding_of(request.message.headers.as_ref()), &err);
+    respond(request, reply).await;
+}
+
 /// Releases a capacity reservation when dropped.
 struct Reservation(Arc<Inner>);
 
@@ -1016,6 +1113,27 @@ impl Inner {
     fn end_work(&self, vm_id: &VmId) {
         if let Some((_, token)) = self.endings.remove(vm_id) {
             token.cancel();
+        }
+    }
+
+    /// Applies the backup retention to `dir` after `newest` was written there. A failure is
+    /// logged: the backup itself succeeded.
+    async fn prune_backups(&self, dir: &std::path::Path, newest: std::path::PathBuf) {
+        let retention = self.config.backup_retention;
+        let dir = dir.to_path_buf();
+        let pruned = tokio::task::spawn_blocking(move || {
+            crate::backups::prune(&dir, &retention, &newest, std::time::SystemTime::now())
+        })
+        .await;
+        match pruned {
+            Ok(Ok(deleted)) => {
+                for path in &deleted {
+                    info!(path = %path.display(), "old backup deleted (retention)");
+                }
+                metrics::counter!(m::BACKUPS_PRUNED_TOTAL).increment(deleted.len() as u64);
+            }
+            Ok(Err(err)) => warn!(%err, "pruning the backup directory failed"),
+            Err(err) => warn!(%err, "pruning the backup directory panicked"),
         }
     }
 
@@ -1404,5 +1522,76 @@ mod tests {
             500,
         );
         assert!(!r.stdout_truncated);
+    }
+
+    /// What a capture capped at `cap` per stream holds of `len` bytes, and whether it says so.
+    fn captured(len: usize, cap: usize) -> (Vec<u8>, bool) {
+        (vec![b'x'; len.min(cap)], len > cap)
+    }
+
+    #[test]
+    fn capping_the_capture_at_the_reply_budget_changes_no_reply() {
+        let budget = 1000;
+        let max_output = 64 * 1024;
+        let lens = [
+            0,
+            1,
+            400,
+            499,
+            500,
+            501,
+            999,
+            1000,
+            1001,
+            5000,
+            max_output,
+            max_output + 1,
+        ];
+        for &out in &lens {
+            for &err in &lens {
+                let reply = |cap: usize| {
+                    let (stdout, stdout_truncated) = captured(out, cap);
+                    let (stderr, stderr_truncated) = captured(err, cap);
+                    let r = exec_result(
+                        ExecOutcome {
+                            stdout,
+                            stderr,
+                            stdout_truncated,
+                            stderr_truncated,
+                            ..Default::default()
+                        },
+                        budget,
+                    );
+                    (r.stdout, r.stderr, r.stdout_truncated, r.stderr_truncated)
+                };
+                let full = reply(max_output);
+                let capped = reply(max_output.min(budget));
+                assert_eq!(full, capped, "stdout {out}, stderr {err}");
+                assert!(full.0.len() + full.1.len() <= budget);
+                assert_eq!(full.2, full.0.len() < out, "stdout {out}, stderr {err}");
+                assert_eq!(full.3, full.1.len() < err, "stdout {out}, stderr {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_data_queue_bounds_requests_and_bytes_and_admits_one_into_an_empty_queue() {
+        let queue = Arc::new(DataQueue::default());
+        let big = queue
+            .admit(10_000, 3, 100)
+            .expect("an empty queue admits anything");
+        assert!(queue.admit(1, 3, 100).is_none(), "bytes");
+        drop(big);
+        assert_eq!(queue.held(), (0, 0));
+        let permits: Vec<_> = (0..3).map(|_| queue.admit(10, 3, 100).unwrap()).collect();
+        assert!(queue.admit(0, 3, 100).is_none(), "count");
+        assert_eq!(queue.held(), (3, 30));
+        drop(permits);
+        assert_eq!(queue.held(), (0, 0));
+        let a = queue.admit(60, 3, 100).unwrap();
+        assert!(queue.admit(41, 3, 100).is_none());
+        let b = queue.admit(40, 3, 100).unwrap();
+        drop((a, b));
+        assert_eq!(queue.held(), (0, 0));
     }
 }

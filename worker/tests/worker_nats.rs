@@ -408,6 +408,220 @@ async fn a_100_mb_output_is_capped_and_memory_stays_flat() {
     println!("100 MB capped in {:?}, rss +{grown} KiB", started.elapsed());
 }
 
+/// `field` (e.g. `VmRSS`, `VmHWM`) of `/proc/<pid>/status`, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// The memory bound of the README's worker section: 8 parallel execs each printing 200 MB with
+/// `max_output_bytes` = 64 MiB grow the `hearth-worker` process's peak RSS by less than this.
+const EIGHT_BIG_EXECS_RSS_BOUND_KIB: u64 = 128 * 1024;
+
+#[tokio::test]
+async fn eight_parallel_200_mb_execs_keep_the_worker_binary_rss_bounded() {
+    let (server, nats, client) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-worker"))
+        .args([
+            "--nats-url",
+            server.url(),
+            "--worker-id",
+            "wrss",
+            "--metrics-listen",
+            "off",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut beats = nats
+        .subscribe("hearth.v1.workers.wrss.status")
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), beats.next())
+        .await
+        .expect("first heartbeat");
+    drop(beats);
+    for i in 0..8 {
+        create_session(&nats, "wrss", &format!("big{i}")).await;
+    }
+    let before = status_kib(pid, "VmRSS");
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..8 {
+        let client = client.clone();
+        handles.push(tokio::spawn(async move {
+            client
+                .exec(
+                    &id(format!("big{i}")),
+                    &ExecRequest {
+                        max_output_bytes: Some(64 << 20),
+                        ..ExecRequest::cmd("head -c 200000000 /dev/zero; echo done >&2")
+                    },
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    let max_payload = nats.server_info().max_payload;
+    for h in handles {
+        let r = h.await.unwrap();
+        assert_eq!(r.exit_code, 0, "{:?}", r.stderr);
+        assert!(r.stdout_truncated && !r.stderr_truncated);
+        assert_eq!(r.stderr.as_bytes(), b"done\n");
+        assert!(r.stdout.len() + r.stderr.len() < max_payload);
+        assert!(r.stdout.len() >= max_payload - 8192, "{}", r.stdout.len());
+    }
+    let elapsed = started.elapsed();
+    let peak = status_kib(pid, "VmHWM");
+    let grown = peak.saturating_sub(before);
+    println!(
+        "8 x 200 MB execs (max_output_bytes 64 MiB) in {elapsed:?}: worker rss {before} KiB \
+         before, peak {peak} KiB, growth {grown} KiB (bound {EIGHT_BIG_EXECS_RSS_BOUND_KIB} KiB)"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        grown < EIGHT_BIG_EXECS_RSS_BOUND_KIB,
+        "worker peak rss grew by {grown} KiB for 8 x 200 MB outputs"
+    );
+}
+
+#[tokio::test]
+async fn a_full_vm_queue_answers_429_with_a_retry_hint_and_the_admitted_run_in_order() {
+    let (_server, nats, client) = setup().await;
+    let _n = node_with(&nats, "wq", |c| {
+        c.max_queued_per_vm = 8;
+        c.max_queued_bytes_per_vm = 64 * 1024;
+    })
+    .await;
+    create_session(&nats, "wq", "q").await;
+    let sid: SessionId = id("q");
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..40 {
+        let (client, sid) = (client.clone(), sid.clone());
+        handles.push(tokio::spawn(async move {
+            client
+                .exec(&sid, &ExecRequest::cmd(format!("echo {i} >> log; sleep 1")))
+                .await
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut ok = Vec::new();
+    let mut rejected = 0;
+    for (i, h) in handles.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(60), h)
+            .await
+            .expect("no exec hangs")
+            .unwrap()
+        {
+            Ok(r) => {
+                assert_eq!(r.exit_code, 0);
+                ok.push(i);
+            }
+            Err(ClientError::Service(err)) => {
+                assert_eq!(err.code, ErrorCode::Quota, "{err:?}");
+                assert!(err.retry_after_ms.is_some_and(|ms| ms > 0), "{err:?}");
+                rejected += 1;
+            }
+            Err(other) => panic!("exec {i}: {other:?}"),
+        }
+    }
+    assert_eq!(ok.len(), 8, "the running exec and 7 queued: {ok:?}");
+    assert_eq!(rejected, 32);
+    let log = String::from_utf8(client.get_file(&sid, "log").await.unwrap()).unwrap();
+    let ran: Vec<usize> = log.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(ran, ok, "the admitted execs ran in arrival order");
+    println!(
+        "40 execs, 8 admitted, 32 refused, done in {:?}",
+        started.elapsed()
+    );
+
+    // Bytes: with a command running, a payload past the byte bound is refused; the same payload
+    // into an idle VM is taken (an empty queue admits any one request).
+    let slow = {
+        let (client, sid) = (client.clone(), sid.clone());
+        tokio::spawn(async move { client.exec(&sid, &ExecRequest::cmd("sleep 1")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let big = vec![7u8; 100 * 1024];
+    match client.put_file(&sid, "big", big.clone(), None).await {
+        Err(ClientError::Service(err)) => {
+            assert_eq!(err.code, ErrorCode::Quota, "{err:?}");
+            assert!(err.retry_after_ms.is_some(), "{err:?}");
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    slow.await.unwrap().unwrap();
+    client
+        .put_file(&sid, "big", big.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(client.get_file(&sid, "big").await.unwrap(), big);
+}
+
+#[tokio::test]
+async fn pruning_backs_up_and_the_backup_dir_keeps_only_the_newest() {
+    let (_server, nats, client) = setup().await;
+    let backups = tempfile::tempdir().unwrap();
+    let backup_dir = backups.path().to_owned();
+    let _n = node_with(&nats, "wb", |c| {
+        c.backup_dir = Some(backup_dir);
+        c.backup_retention.keep = 2;
+    })
+    .await;
+    // Someone else's file, and a backup older than the age limit.
+    std::fs::write(backups.path().join("notes.txt"), "keep me").unwrap();
+    let ancient = backups.path().join("gone-1.tar.zst");
+    std::fs::write(&ancient, "x").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&ancient)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(30 * 24 * 3600))
+        .unwrap();
+    for i in 0..4 {
+        let sid = format!("bk{i}");
+        create_session(&nats, "wb", &sid).await;
+        client
+            .put_file(&id(sid.as_str()), "f", vec![b'a'; 1000], None)
+            .await
+            .unwrap();
+        job(
+            &nats,
+            "wb",
+            JobOp::DestroyVm {
+                vm_id: id(sid.as_str()),
+                backup: true,
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+        // Distinct modification times, so "oldest" is well defined.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut names: Vec<String> = std::fs::read_dir(backups.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(
+        names[0].starts_with("bk2-") && names[1].starts_with("bk3-"),
+        "{names:?}"
+    );
+    assert_eq!(names[2], "notes.txt");
+}
+
 #[tokio::test]
 async fn execs_on_one_vm_run_one_at_a_time_in_order() {
     let (_server, nats, client) = setup().await;

@@ -75,6 +75,7 @@ use super::{
     Tombstones, VmId, VmProvider, VmQuery, VmSpec, VmState, VmView, lifecycle, now_ms, tail_lossy,
 };
 
+mod console;
 mod machine;
 mod qmp;
 
@@ -94,6 +95,8 @@ pub const IMAGE_INITRD: &str = "initrd.img";
 const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(600);
 /// Output kept from a bootstrap command for the error message.
 const BOOTSTRAP_OUTPUT_BYTES: usize = 64 * 1024;
+/// How long a new or adopted VM's console socket may take to appear before its log is given up.
+const CONSOLE_PATIENCE: Duration = Duration::from_secs(30);
 /// Longest `root` path: socket paths (`<root>/run/<16>/agent.sock`) must fit `sun_path` (108).
 const MAX_ROOT_LEN: usize = 72;
 
@@ -117,9 +120,11 @@ pub struct QemuConfig {
     /// Appended to the guest kernel command line.
     pub extra_cmdline: String,
     /// Keep each VM's serial console in `run/<instance>/console.log` (boot failures quote it).
-    /// The guest can write there without limit: turn it off where guests are hostile and disk
-    /// matters more than diagnostics.
+    /// The worker writes it from a socket chardev, capped at `console_log_max_bytes` with one
+    /// rotation (`console.log.1`), so a guest can fill at most twice that per VM.
     pub console_log: bool,
+    /// Largest `console.log` before it is rotated (at least 4096).
+    pub console_log_max_bytes: u64,
     /// Cold boot until the agent answers.
     pub boot_timeout_ms: u64,
     /// Every other agent exchange (restore handshake, identity, files, clock) and QMP command.
@@ -150,6 +155,7 @@ impl Default for QemuConfig {
             tsc_khz: None,
             extra_cmdline: String::new(),
             console_log: true,
+            console_log_max_bytes: 8 << 20,
             boot_timeout_ms: 60_000,
             agent_timeout_ms: 10_000,
             exec_grace_ms: 10_000,
@@ -350,6 +356,39 @@ impl Machine {
         {
             warn!(pid = self.pid, "qemu did not exit after SIGKILL");
         }
+    }
+
+    /// Copies the serial console into the capped `console.log` while the process lives (see
+    /// `console.rs`). Holds no reference to the machine.
+    fn start_console(&self, config: &QemuConfig) {
+        if !config.console_log {
+            return;
+        }
+        let (dead, detached, reaped) = (
+            self.dead.clone(),
+            self.detached.clone(),
+            self.child.then(|| self.reaped.clone()),
+        );
+        let stop = async move {
+            let reaped = async {
+                match reaped {
+                    Some(token) => token.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = dead.cancelled() => {}
+                () = detached.cancelled() => {}
+                () = reaped => {}
+            }
+        };
+        tokio::spawn(console::pump(
+            self.run.console_socket(),
+            self.run.console(),
+            config.console_log_max_bytes,
+            CONSOLE_PATIENCE,
+            stop,
+        ));
     }
 
     /// Lets go of the process without ending it: closes QMP and the agent connection so that the
@@ -895,6 +934,7 @@ impl Inner {
     /// QEMU does not answer is killed and reported failed.
     async fn adopt(this: Arc<Self>, machines: Vec<Arc<Machine>>) {
         for machine in machines {
+            machine.start_console(&this.config);
             let deadline = Instant::now() + this.config.agent_timeout();
             let status = match machine.qmp(deadline).await {
                 Ok(qmp) => qmp
@@ -1060,6 +1100,7 @@ impl Inner {
         };
         let pid = child.id().map_or(0, |p| p as i32);
         let machine = Machine::new(instance, run, pid, true, Arc::downgrade(self));
+        machine.start_console(&self.config);
         let guard = LaunchGuard {
             machine: Some(machine.clone()),
         };

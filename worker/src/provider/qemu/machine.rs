@@ -114,14 +114,19 @@ impl RunPaths {
     pub(crate) fn console(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+    /// The serial console's socket chardev; the worker copies it into [`Self::console`].
+    pub(crate) fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
+    }
     pub(crate) fn log(&self) -> PathBuf {
         self.dir.join("qemu.log")
     }
 }
 
 /// The QEMU command line (without the binary) for `spec`; `incoming` waits for a migration
-/// stream (`-incoming defer`) and stays paused (`-S`) until `cont`; `console` keeps the serial
-/// console in `run/console.log` (else it goes nowhere).
+/// stream (`-incoming defer`) and stays paused (`-S`) until `cont`; `console` serves the serial
+/// console on `run/console.sock` (copied into a capped `run/console.log` by the worker, see
+/// `console.rs`; else it goes nowhere).
 pub(crate) fn argv(
     spec: &MachineSpec,
     run: &RunPaths,
@@ -154,7 +159,16 @@ pub(crate) fn argv(
     push(&[&"-kernel", &spec.kernel, &"-initrd", &spec.initrd]);
     push(&[&"-append", &spec.cmdline]);
     if console {
-        push(&[&"-serial", &path_opt("file:", &run.console(), "")]);
+        // QEMU drops what the guest prints while nobody is connected; it never blocks the guest.
+        push(&[
+            &"-chardev",
+            &path_opt(
+                "socket,id=console,path=",
+                &run.console_socket(),
+                ",server=on,wait=off",
+            ),
+        ]);
+        push(&[&"-serial", &"chardev:console"]);
     } else {
         push(&[&"-serial", &"null"]);
     }
@@ -274,6 +288,14 @@ mod tests {
             cold.contains("socket,id=agent,path=/r/run/abc/agent.sock"),
             "{cold}"
         );
+        assert!(
+            cold.contains(
+                "-chardev socket,id=console,path=/r/run/abc/console.sock,server=on,wait=off \
+                 -serial chardev:console"
+            ),
+            "the console is a socket the worker reads with a cap, never a file QEMU grows: {cold}"
+        );
+        assert!(!cold.contains("file:"), "{cold}");
         assert!(!cold.contains("-incoming"));
         assert!(joined(true).ends_with("-S -incoming defer"));
     }
