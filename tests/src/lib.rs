@@ -191,6 +191,48 @@ impl ChildProcess {
 impl Drop for ChildProcess {
     fn drop(&mut self) {
         self.kill();
+        // A killed worker leaves its VMs' loop-mounted volumes mounted (its next start would
+        // adopt them); a test's directory is about to go, so let them go too.
+        if let Some(dir) = self.log.parent() {
+            unmount_under(dir);
+        }
+    }
+}
+
+/// Lazily unmounts every mount below `dir` (a test's directory holding a worker's data dir),
+/// so removing the directory works and no loop device is left attached. Best effort.
+pub fn unmount_under(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else {
+        return;
+    };
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    for line in mountinfo.lines() {
+        let Some(point) = line.split(' ').nth(4) else {
+            continue;
+        };
+        // Octal escapes (`\040` for a space) as the kernel writes them.
+        let mut bytes = Vec::new();
+        let raw = point.as_bytes();
+        let mut i = 0;
+        while i < raw.len() {
+            if raw[i] == b'\\'
+                && i + 3 < raw.len()
+                && let Ok(v) = u8::from_str_radix(&point[i + 1..i + 4], 8)
+            {
+                bytes.push(v);
+                i += 4;
+                continue;
+            }
+            bytes.push(raw[i]);
+            i += 1;
+        }
+        let point =
+            PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(bytes));
+        if point.starts_with(&dir) && point != dir {
+            let _ = Command::new("umount").arg("-l").arg(&point).status();
+        }
     }
 }
 

@@ -482,7 +482,12 @@ async fn guest_code_cannot_reach_the_host() {
     assert!(out.starts_with("absent"), "{out}");
     assert!(!out.contains("host secret"), "{out}");
     // No network device but loopback: NATS on the host's 127.0.0.1 is the guest's own loopback.
-    let interfaces = sh(&p, &id, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '").await;
+    let interfaces = sh(
+        &p,
+        &id,
+        "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '",
+    )
+    .await;
     assert_eq!(interfaces, "lo", "only loopback in the guest");
     // A request's env (LD_PRELOAD and friends) reaches the guest's command only.
     let outcome = p
@@ -498,7 +503,12 @@ async fn guest_code_cannot_reach_the_host() {
     assert!(outcome.stderr.len() < 4096, "{outcome:?}");
     assert!(!marker.exists(), "a guest command wrote on the host");
     // Writing "outside" in the guest changes nothing on the host.
-    sh(&p, &id, &format!("echo guest > {} || true", secret.display())).await;
+    sh(
+        &p,
+        &id,
+        &format!("echo guest > {} || true", secret.display()),
+    )
+    .await;
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host secret");
 
     let _ = std::fs::remove_file(&secret);

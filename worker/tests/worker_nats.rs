@@ -488,6 +488,7 @@ async fn eight_parallel_200_mb_execs_keep_the_worker_binary_rss_bounded() {
     );
     let _ = child.kill();
     let _ = child.wait();
+    hearth_testkit::unmount_under(dir.path());
     assert!(
         grown < EIGHT_BIG_EXECS_RSS_BOUND_KIB,
         "worker peak rss grew by {grown} KiB for 8 x 200 MB outputs"
@@ -1311,6 +1312,7 @@ async fn sigkilled_worker_binary_reconciles_on_restart() {
     .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+    hearth_testkit::unmount_under(dir.path());
 }
 
 /// Host processes whose command line is exactly `sleep 600`.

@@ -523,6 +523,36 @@ impl Drop for SnapshotGuard {
     }
 }
 
+impl Drop for Inner {
+    /// The provider is going away (the worker stops): sandboxes die with their records, and the
+    /// VMs' own disks are unmounted so no loop device stays attached; the next `open` mounts them
+    /// again. (After a SIGKILL they stay mounted, and `open` adopts them as they are.)
+    fn drop(&mut self) {
+        let dirs: Vec<PathBuf> = self
+            .index
+            .get_mut()
+            .vms
+            .values()
+            .map(|r| {
+                let mut slot = r.slot.lock();
+                slot.kill_sandbox();
+                slot.dir.clone()
+            })
+            .collect();
+        // Half-created and half-destroyed VMs in staging, too.
+        let staging = std::fs::read_dir(&self.tmp_dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for dir in dirs.into_iter().chain(staging) {
+            if disk::is_mounted(&dir.join("volume"))
+                && let Err(e) = self.disks.unmount(&dir)
+            {
+                warn!(path = %dir.display(), error = %e, "cannot unmount a volume at shutdown");
+            }
+        }
+    }
+}
+
 /// The cgroup parent of one provider root: distinct per root, so providers on one host (tests,
 /// several workers) never remove each other's cgroups.
 fn cgroup_parent(root: &Path) -> String {
