@@ -77,6 +77,8 @@ impl Table {
 pub trait Kv: Send + Sync + 'static {
     /// Every live key with its value and revision.
     async fn load(&self, table: Table) -> Result<Vec<(String, Vec<u8>, u64)>, StoreError>;
+    /// The live value of `key` with its revision, if any.
+    async fn get(&self, table: Table, key: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError>;
     /// Writes `key` only if it does not exist; the new revision.
     async fn create(&self, table: Table, key: &str, value: Vec<u8>) -> Result<u64, StoreError>;
     /// Writes `key` only if its revision is still `revision`; the new revision.
@@ -245,6 +247,17 @@ impl Store {
             .await
     }
 
+    /// Reads one session record back (how a claim resolves a `Conflict` or a lost ack).
+    pub async fn get_session(
+        &self,
+        id: &SessionId,
+    ) -> Result<Option<(SessionRecord, u64)>, StoreError> {
+        match self.kv.get(Table::Sessions, id.as_str()).await? {
+            Some((value, rev)) => Ok(Some((decode(id.as_str(), &value)?, rev))),
+            None => Ok(None),
+        }
+    }
+
     /// Updates a session whose last revision is `revision`.
     pub async fn update_session(
         &self,
@@ -296,12 +309,23 @@ impl Store {
     }
 }
 
-/// An in-memory [`Kv`] with the same create/update semantics as JetStream KV. Writes can be made
-/// to fail, to test what the core does when the store is down.
+/// An in-memory [`Kv`] with the same create/update semantics as JetStream KV. Operations can be
+/// made to fail, to test what the core does when the store is down, and single writes can fail
+/// before or after they are applied (a refused write versus a lost ack).
 #[derive(Debug, Default)]
 pub struct MemKv {
     inner: Mutex<MemInner>,
     failing: AtomicBool,
+    reads_failing: AtomicBool,
+    faults: Mutex<HashMap<Table, WriteFaults>>,
+}
+
+#[derive(Debug, Default)]
+struct WriteFaults {
+    /// The next writes fail with `Unavailable` and are not applied.
+    refused: usize,
+    /// The next writes are applied, then answer `Unavailable` (the ack was lost).
+    acks_lost: usize,
 }
 
 #[derive(Debug, Default)]
@@ -321,6 +345,23 @@ impl MemKv {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// Makes the next `n` writes (create, update, put) to `table` fail with `Unavailable`,
+    /// unapplied.
+    pub fn refuse_next_writes(&self, table: Table, n: usize) {
+        self.faults.lock().entry(table).or_default().refused = n;
+    }
+
+    /// Makes the next `n` writes to `table` apply, then answer `Unavailable`, as if their ack
+    /// was lost.
+    pub fn lose_next_acks(&self, table: Table, n: usize) {
+        self.faults.lock().entry(table).or_default().acks_lost = n;
+    }
+
+    /// Makes every read (`get`, `load`) fail with `Unavailable` (or work again); writes still work.
+    pub fn set_reads_failing(&self, failing: bool) {
+        self.reads_failing.store(failing, Ordering::SeqCst);
+    }
+
     /// The keys of a table (for assertions).
     pub fn keys(&self, table: Table) -> Vec<String> {
         self.inner
@@ -337,12 +378,53 @@ impl MemKv {
         }
         Ok(())
     }
+
+    fn check_read(&self) -> Result<(), StoreError> {
+        self.check()?;
+        if self.reads_failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("reads are failing (test)".into()));
+        }
+        Ok(())
+    }
+
+    /// Before a write: refused, or whether its ack is to be lost.
+    fn check_write(&self, table: Table) -> Result<bool, StoreError> {
+        self.check()?;
+        let mut faults = self.faults.lock();
+        let f = faults.entry(table).or_default();
+        if f.refused > 0 {
+            f.refused -= 1;
+            return Err(StoreError::Unavailable("write refused (test)".into()));
+        }
+        if f.acks_lost > 0 {
+            f.acks_lost -= 1;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+fn ack<T>(lost: bool, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    match result {
+        Ok(_) if lost => Err(StoreError::Unavailable("ack lost (test)".into())),
+        other => other,
+    }
 }
 
 #[async_trait]
 impl Kv for MemKv {
+    async fn get(&self, table: Table, key: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        self.check_read()?;
+        Ok(self
+            .inner
+            .lock()
+            .tables
+            .get(&table)
+            .and_then(|t| t.get(key).cloned()))
+    }
+
     async fn load(&self, table: Table) -> Result<Vec<(String, Vec<u8>, u64)>, StoreError> {
-        self.check()?;
+        self.check_read()?;
         Ok(self
             .inner
             .lock()
@@ -357,7 +439,7 @@ impl Kv for MemKv {
     }
 
     async fn create(&self, table: Table, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
-        self.check()?;
+        let lost = self.check_write(table)?;
         let mut inner = self.inner.lock();
         inner.revision += 1;
         let rev = inner.revision;
@@ -366,7 +448,7 @@ impl Kv for MemKv {
             return Err(StoreError::Conflict { key: key.into() });
         }
         t.insert(key.to_owned(), (value, rev));
-        Ok(rev)
+        ack(lost, Ok(rev))
     }
 
     async fn update(
@@ -376,7 +458,7 @@ impl Kv for MemKv {
         value: Vec<u8>,
         revision: u64,
     ) -> Result<u64, StoreError> {
-        self.check()?;
+        let lost = self.check_write(table)?;
         let mut inner = self.inner.lock();
         inner.revision += 1;
         let rev = inner.revision;
@@ -384,14 +466,14 @@ impl Kv for MemKv {
         match t.get_mut(key) {
             Some(entry) if entry.1 == revision => {
                 *entry = (value, rev);
-                Ok(rev)
+                ack(lost, Ok(rev))
             }
             _ => Err(StoreError::Conflict { key: key.into() }),
         }
     }
 
     async fn put(&self, table: Table, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
-        self.check()?;
+        let lost = self.check_write(table)?;
         let mut inner = self.inner.lock();
         inner.revision += 1;
         let rev = inner.revision;
@@ -400,7 +482,7 @@ impl Kv for MemKv {
             .entry(table)
             .or_default()
             .insert(key.to_owned(), (value, rev));
-        Ok(rev)
+        ack(lost, Ok(rev))
     }
 
     async fn delete(&self, table: Table, key: &str) -> Result<(), StoreError> {
@@ -518,6 +600,17 @@ fn unavailable(table: Table, what: &str, err: impl std::fmt::Display) -> StoreEr
 
 #[async_trait]
 impl Kv for NatsKv {
+    async fn get(&self, table: Table, key: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        let entry = self
+            .bucket(table)
+            .entry(key)
+            .await
+            .map_err(|e| unavailable(table, "reading", e))?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| (e.value.to_vec(), e.revision)))
+    }
+
     async fn load(&self, table: Table) -> Result<Vec<(String, Vec<u8>, u64)>, StoreError> {
         let bucket = self.bucket(table);
         let keys: Vec<String> = bucket

@@ -1030,18 +1030,165 @@ async fn a_claim_that_cannot_be_recorded_is_undone() {
     fleet.add("w1", 10);
     let h = Harness::start(config(1), fleet.clone()).await;
     h.wait_ready("default", 1).await;
-    h.kv.set_failing(true);
+    // The write is refused; the read-back finds no record: the renamed VM is destroyed, 503.
+    h.kv.refuse_next_writes(Table::Sessions, 1);
     let err = h.sched.create_session(req("u")).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::NoCapacity);
-    h.sleep(Duration::from_millis(100)).await;
     assert!(
         !fleet.worker("w1").has_vm("u").await,
         "claimed but unrecorded"
     );
     assert!(h.sched.get_session(&sid("u")).is_err());
-    h.kv.set_failing(false);
+    assert!(h.kv.keys(Table::Sessions).is_empty());
     h.wait_ready("default", 1).await;
     assert!(h.sched.create_session(req("u")).await.unwrap().warm);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_ack_on_the_claim_record_is_resolved_by_reading_it_back() {
+    let fleet = Fleet::new();
+    fleet.add("w1", 10);
+    let h = Harness::start(config(2), fleet.clone()).await;
+    h.wait_ready("default", 2).await;
+    // The record is written but its ack is lost: the read-back finds it naming this claim's VM.
+    h.kv.lose_next_acks(Table::Sessions, 1);
+    let s = h.sched.create_session(req("a")).await.unwrap();
+    assert!(s.warm);
+    assert_eq!(s.worker_id.as_str(), "w1");
+    let w1 = fleet.worker("w1");
+    assert!(
+        w1.has_vm("a").await,
+        "the recorded session's vm was destroyed"
+    );
+    assert_eq!(h.sched.get_session(&sid("a")).unwrap(), s);
+    assert_eq!(h.kv.keys(Table::Sessions), vec!["a".to_owned()]);
+    // A retry with the same id returns it without burning another warm VM.
+    let renames = fleet.ops("rename_vm").len();
+    assert_eq!(h.sched.create_session(req("a")).await.unwrap(), s);
+    assert_eq!(fleet.ops("rename_vm").len(), renames);
+    // Reconcile keeps it: it is a live session.
+    h.sleep(MINUTE).await;
+    assert!(w1.has_vm("a").await);
+    assert_eq!(
+        h.sched.get_session(&sid("a")).unwrap().state,
+        SessionState::Running
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_conflict_with_a_record_naming_another_vm_returns_it_and_destroys_only_this_claims_vm() {
+    use hearth_messages::Session;
+    use hearth_scheduler::store::{SessionRecord, Store};
+
+    let fleet = Fleet::new();
+    let w1 = fleet.add("w1", 10);
+    let h = Harness::start(config(2), fleet.clone()).await;
+    h.wait_ready("default", 2).await;
+    // A raced retry (through another leader) recorded `r` on worker w9; this scheduler's memory
+    // does not know it yet, so its claim renames a warm VM on w1 and meets a `Conflict`.
+    let theirs = SessionRecord {
+        session: Session {
+            session_id: sid("r"),
+            template: tname("default"),
+            state: SessionState::Running,
+            worker_id: wid("w9"),
+            warm: true,
+            created_ms: 1,
+            expires_ms: 3_600_001,
+            last_used_ms: 1,
+            labels: Default::default(),
+            isolation: None,
+        },
+        ttl_s: 3600,
+        idle_timeout_s: None,
+        stopped_ms: None,
+        ttl_paused_ms: None,
+        stop_activity_ms: None,
+        reason: None,
+        ended_ms: None,
+    };
+    Store::new(h.kv.clone())
+        .create_session(&theirs)
+        .await
+        .unwrap();
+
+    let pooled = h.sched.ready_vms(&tname("default"));
+    let got = h.sched.create_session(req("r")).await.unwrap();
+    assert_eq!(got, theirs.session);
+    assert_eq!(w1.ops("rename_vm").len(), 1);
+    // Only this claim's renamed VM is destroyed.
+    assert!(!w1.has_vm("r").await, "the unrecorded vm survived");
+    let destroyed: Vec<_> = w1
+        .ops("destroy_vm")
+        .into_iter()
+        .filter_map(|op| match op {
+            JobOp::DestroyVm { vm_id, .. } => Some(vm_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        destroyed.iter().filter(|v| v.as_str() == "r").count(),
+        1,
+        "{destroyed:?}"
+    );
+    for (vm, _) in &pooled {
+        assert!(!destroyed.contains(vm), "a pooled vm was destroyed: {vm}");
+    }
+    // A retry returns the recorded session from memory: no rename.
+    assert_eq!(h.sched.create_session(req("r")).await.unwrap(), got);
+    assert_eq!(w1.ops("rename_vm").len(), 1);
+    // Another template under the same id is a conflict, as for any existing session.
+    let mut other = req("r");
+    other.template = Some(tname("nope"));
+    assert_eq!(
+        h.sched.create_session(other).await.unwrap_err().code,
+        ErrorCode::Conflict
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_record_that_cannot_be_read_back_is_settled_once_the_store_answers() {
+    let fleet = Fleet::new();
+    fleet.add("w1", 10);
+    let h = Harness::start(config(3), fleet.clone()).await;
+    h.wait_ready("default", 3).await;
+    let w1 = fleet.worker("w1");
+
+    // Written, ack lost, reads failing: the outcome is unknown, so the VM is kept and the
+    // client gets 503.
+    h.kv.lose_next_acks(Table::Sessions, 1);
+    h.kv.set_reads_failing(true);
+    let err = h.sched.create_session(req("k")).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NoCapacity);
+    assert!(w1.has_vm("k").await, "destroyed while its record may exist");
+    // A retry while it is unsettled burns no warm VM (its id is owned on w1).
+    let renames = fleet.ops("rename_vm").len();
+    let retry = h.sched.create_session(req("k")).await;
+    assert!(retry.is_err(), "{retry:?}");
+    assert_eq!(fleet.ops("rename_vm").len(), renames);
+
+    // Refused, reads failing: kept until the store answers, then destroyed (no record).
+    h.kv.refuse_next_writes(Table::Sessions, 1);
+    let err = h.sched.create_session(req("g")).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NoCapacity);
+    assert!(w1.has_vm("g").await);
+
+    h.kv.set_reads_failing(false);
+    h.wait_for("settled", MINUTE, || h.sched.get_session(&sid("k")).is_ok())
+        .await;
+    h.sleep(Duration::from_secs(5)).await;
+    assert!(w1.has_vm("k").await);
+    assert!(!w1.has_vm("g").await, "an unrecorded claim's vm survived");
+    assert!(h.sched.get_session(&sid("g")).is_err());
+    let k = h.sched.get_session(&sid("k")).unwrap();
+    assert_eq!(k.state, SessionState::Running);
+    let renames = fleet.ops("rename_vm").len();
+    assert_eq!(h.sched.create_session(req("k")).await.unwrap(), k);
+    assert_eq!(fleet.ops("rename_vm").len(), renames);
+    // After a reconcile pass nothing leaked and nothing of `k` was lost.
+    h.sleep(MINUTE).await;
+    assert!(w1.has_vm("k").await);
+    assert!(!w1.has_vm("g").await);
 }
 
 #[tokio::test(start_paused = true)]

@@ -725,3 +725,148 @@ async fn three_node_cluster_from_the_deploy_configs_replicates_kv_and_survives_a
     assert_eq!(kv.get("s-1").await.unwrap().unwrap().as_ref(), b"one");
     assert_eq!(kv.get("s-2").await.unwrap().unwrap().as_ref(), b"two");
 }
+
+/// Issue 11: a worker spoofing another worker's id changes nothing. Under the deploy
+/// permissions, worker-2's credentials cannot publish worker-1's heartbeat or VM-event subjects
+/// nor receive its jobs, and what worker-2 may publish — its own subjects — naming worker-1 in the
+/// body (an empty inventory, a destroyed VM) is dropped by the real scheduler: worker-1's session
+/// stays running and serves execs.
+#[tokio::test]
+async fn a_worker_spoofing_another_workers_id_changes_nothing() {
+    use hearth_messages::{
+        CreateSessionRequest, Encoding, SessionState, VmEvent, VmState, WorkerStatus,
+    };
+
+    let server = secure_server();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let (worker, _worker_nats, _worker_errors) = start_worker(url, "worker-1", dir.path()).await;
+    let toml =
+        std::fs::read_to_string(workspace_root().join("deploy/hearth/scheduler.toml")).unwrap();
+    let mut config = hearth_scheduler::config::from_toml(&toml).expect("scheduler.toml");
+    config.reconcile_interval = Duration::from_millis(200);
+    config.vm_missing_grace = Duration::from_millis(500);
+    config.drain_grace = Duration::from_secs(2);
+    let (scheduler_nats, _scheduler_errors) = connect_as(url, "scheduler").await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let scheduler = tokio::spawn(hearth_scheduler::run(
+        config,
+        scheduler_nats.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let (executor, _executor_errors) = connect_as(url, "executor").await;
+    let client = HearthClient::new(executor.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let session = loop {
+        if let Ok(s) = client
+            .create_session(&CreateSessionRequest {
+                wait_ms: Some(1000),
+                ..Default::default()
+            })
+            .await
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no session within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(session.worker_id.as_str(), "worker-1");
+    let sid = session.session_id.clone();
+
+    // The forgeries: worker-1 with an empty inventory, and worker-1's session VM destroyed.
+    let status_of = |w: &str| {
+        WorkerStatus {
+            worker_id: id("worker-1"),
+            seq: u64::MAX / 2,
+            at_ms: 0,
+            started_ms: 0,
+            provider: "process".into(),
+            max_vms: 64,
+            used_vms: 0,
+            draining: false,
+            jobs_in_flight: 0,
+            execs_in_flight: 0,
+            vms: Vec::new(),
+            versions: Default::default(),
+            isolation: Default::default(),
+        }
+        .pipe_subject(w)
+    };
+    let destroyed = Encoding::MsgPack
+        .encode(&VmEvent {
+            worker_id: id("worker-1"),
+            vm_id: sid.clone().into(),
+            state: VmState::Destroyed,
+            renamed_from: None,
+            reason: Some(hearth_messages::TerminationReason::VmFailed),
+            at_ms: 0,
+        })
+        .unwrap();
+
+    let (w2, mut errors) = connect_as(url, "worker-2").await;
+    // Worker-1's subjects are out of reach.
+    let (subject, beat) = status_of("worker-1");
+    w2.publish(subject.clone(), beat.into()).await.unwrap();
+    expect_violation(&mut errors, "publish", &subject).await;
+    let events_1 = "hearth.v1.events.vms.worker-1";
+    w2.publish(events_1, destroyed.clone().into())
+        .await
+        .unwrap();
+    expect_violation(&mut errors, "publish", events_1).await;
+    let _steal = w2
+        .subscribe("hearth.v1.workers.worker-1.jobs")
+        .await
+        .unwrap();
+    expect_violation(
+        &mut errors,
+        "subscription",
+        "hearth.v1.workers.worker-1.jobs",
+    )
+    .await;
+    // Its own subjects with worker-1 in the body: delivered, and dropped by the scheduler.
+    for _ in 0..10 {
+        let (subject, beat) = status_of("worker-2");
+        w2.publish(subject, beat.into()).await.unwrap();
+        w2.publish("hearth.v1.events.vms.worker-2", destroyed.clone().into())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    expect_no_errors(&w2, &mut errors).await;
+
+    // Past vm_missing_grace and several reconcile passes: nothing changed.
+    let s = client.get_session(&sid).await.unwrap();
+    assert_eq!(s.state, SessionState::Running, "{s:?}");
+    assert_eq!(s.worker_id.as_str(), "worker-1");
+    let r = client
+        .exec(
+            &sid,
+            &ExecRequest {
+                cmd: Some("echo still".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.into_vec(), b"still\n");
+
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), scheduler).await;
+    worker.drain().await;
+}
+
+/// A heartbeat published on worker `w`'s status subject.
+trait PipeSubject {
+    fn pipe_subject(self, w: &str) -> (String, Vec<u8>);
+}
+
+impl PipeSubject for hearth_messages::WorkerStatus {
+    fn pipe_subject(self, w: &str) -> (String, Vec<u8>) {
+        (
+            format!("hearth.v1.workers.{w}.status"),
+            hearth_messages::Encoding::MsgPack.encode(&self).unwrap(),
+        )
+    }
+}

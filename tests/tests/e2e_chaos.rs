@@ -1,8 +1,9 @@
 //! Chaos: faults that must not lose anything. Real nats-server, `hearth-scheduler` and
 //! `hearth-worker` processes on loopback, 5 running sessions and a light background load of
 //! claims + execs, then one fault: nats-server frozen (SIGSTOP) for 10 s, nats-server killed and
-//! restarted on the same port and store after 6 s, or the scheduler SIGKILLed with a standby
-//! taking over. After each: no session lost (each still `running`, exec works in it), no leaked VM
+//! restarted on the same port and store after 6 s, the scheduler SIGKILLed with a standby
+//! taking over, the worker SIGTERMed or SIGKILLed and restarted on its data dir, or the leader
+//! frozen (SIGSTOP) past its lease while a standby takes over, then thawed (its jobs fenced). After each: no session lost (each still `running`, exec works in it), no leaked VM
 //! after a reconcile pass, every acknowledged claim of the load still answered for. The client-API
 //! gap (or takeover time) is printed (docs/BENCHMARKS.md, "Recovery"); timings are not asserted.
 
@@ -134,6 +135,37 @@ enum Fault {
     NatsFrozen,
     NatsRestarted,
     SchedulerKilled,
+    /// The worker drains (SIGTERM), exits and is started again on the same data dir.
+    WorkerTerminated,
+    /// The worker is SIGKILLed and started again on the same data dir.
+    WorkerKilled,
+    /// The leader is frozen (SIGSTOP) past its lease, a standby takes over, then the old leader
+    /// is thawed (SIGCONT) and must act on nothing.
+    LeaderFrozen,
+}
+
+/// Sends `signal` (e.g. "-STOP") to a child.
+fn signal(child: &hearth_testkit::ChildProcess, signal: &str) {
+    let pid = child.pid().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {signal} {pid}");
+}
+
+/// Waits until an exec in `id` answers; returns when it did.
+async fn wait_exec(client: &HearthClient, id: &SessionId, limit: Duration) -> Instant {
+    let quick = client.clone().with_timeout(Duration::from_millis(500));
+    let deadline = Instant::now() + limit;
+    loop {
+        if quick.exec(id, &ExecRequest::cmd("true")).await.is_ok() {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "exec in {id} did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Runs one chaos scenario and returns the measured recovery time.
@@ -144,7 +176,7 @@ async fn scenario(fault: Fault) -> Duration {
         .wait_pool("default", Duration::from_secs(60), |p| p.ready >= 3)
         .await;
     let mut standby = match fault {
-        Fault::SchedulerKilled => Some(stack.spawn_scheduler("s2")),
+        Fault::SchedulerKilled | Fault::LeaderFrozen => Some(stack.spawn_scheduler("s2")),
         _ => None,
     };
 
@@ -195,6 +227,36 @@ async fn scenario(fault: Fault) -> Duration {
             stack.scheduler.as_mut().unwrap().kill();
             let killed = Instant::now();
             wait_api(&c, Duration::from_secs(20)).await - killed
+        }
+        Fault::WorkerTerminated | Fault::WorkerKilled => {
+            let down = Instant::now();
+            if matches!(fault, Fault::WorkerKilled) {
+                stack.worker("w1").kill();
+            } else {
+                let status = stack
+                    .worker("w1")
+                    .terminate(Duration::from_secs(40))
+                    .unwrap();
+                println!(
+                    "worker drained and exited in {} ms ({status})",
+                    down.elapsed().as_millis()
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let child = stack.spawn_worker("w1", 32);
+            *stack.worker("w1") = child;
+            // Recovery: from the worker going down until its sessions serve execs again.
+            wait_exec(&c, &sessions[0], Duration::from_secs(30)).await - down
+        }
+        Fault::LeaderFrozen => {
+            let old = stack.scheduler.as_ref().unwrap();
+            signal(old, "-STOP");
+            let frozen = Instant::now();
+            let takeover = wait_api(&c, Duration::from_secs(20)).await - frozen;
+            // Frozen well past its 2 s lease, and long enough for the new leader to act.
+            tokio::time::sleep(Duration::from_secs(4).saturating_sub(frozen.elapsed())).await;
+            signal(stack.scheduler.as_ref().unwrap(), "-CONT");
+            takeover
         }
     };
 
@@ -274,6 +336,25 @@ async fn scenario(fault: Fault) -> Duration {
         recovery.as_millis(),
         open.len()
     );
+    if matches!(fault, Fault::LeaderFrozen) {
+        // The thawed leader stepped down: it knows it lost the lease, and whatever it still
+        // tried was refused by the worker (counted in hearth_worker_jobs_fenced_total) or had no
+        // effect (the checks above: nothing lost, duplicated or leaked).
+        let old = stack.scheduler.as_ref().unwrap().log();
+        assert!(
+            old.contains("stepping down") || old.contains("taken over"),
+            "the thawed leader did not step down:\n{}",
+            stack.logs()
+        );
+        let fenced = stack
+            .worker("w1")
+            .log()
+            .matches("refusing a job from a deposed scheduler")
+            .count();
+        println!("jobs of the thawed leader fenced by the worker: {fenced}");
+        // The standby is still the leader and serves.
+        wait_api(&c, Duration::from_secs(5)).await;
+    }
     if let Some(s) = standby.as_mut() {
         s.kill();
     }
@@ -297,6 +378,33 @@ async fn scheduler_killed_a_standby_takes_over_and_loses_nothing() {
     let takeover = scenario(Fault::SchedulerKilled).await;
     println!(
         "takeover (kill -> api answers): {} ms",
+        takeover.as_millis()
+    );
+}
+
+#[tokio::test]
+async fn worker_terminated_and_restarted_loses_nothing() {
+    let gap = scenario(Fault::WorkerTerminated).await;
+    println!(
+        "worker SIGTERM -> execs answer again: {} ms",
+        gap.as_millis()
+    );
+}
+
+#[tokio::test]
+async fn worker_killed_and_restarted_loses_nothing() {
+    let gap = scenario(Fault::WorkerKilled).await;
+    println!(
+        "worker SIGKILL -> execs answer again: {} ms",
+        gap.as_millis()
+    );
+}
+
+#[tokio::test]
+async fn a_frozen_leader_is_deposed_and_fenced_when_it_thaws() {
+    let takeover = scenario(Fault::LeaderFrozen).await;
+    println!(
+        "takeover (SIGSTOP -> standby answers): {} ms",
         takeover.as_millis()
     );
 }

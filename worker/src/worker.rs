@@ -48,6 +48,8 @@ const JOB_CACHE: usize = 8192;
 const RETRY_AFTER_MS: u64 = 1000;
 /// Retry hint on 429 (the VM's data-plane queue is full).
 const QUEUE_RETRY_AFTER_MS: u64 = 500;
+/// How often one create chooses a new eviction victim after the chosen one resumed.
+const MAX_EVICTION_TRIES: usize = 8;
 
 /// Errors that stop the worker from starting.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +109,9 @@ struct Inner {
     admission: Mutex<()>,
     /// Creates admitted but not finished; they count against `max_vms`.
     reserved: AtomicU32,
+    /// VMs chosen for eviction and not yet destroyed; each one's slot is already counted in
+    /// `reserved` for the create that chose it.
+    evicting: DashMap<VmId, ()>,
     snapshot_fetch: DashMap<SnapshotId, Arc<Mutex<()>>>,
     sessions: SessionSet,
     served: DashMap<VmId, Served>,
@@ -189,6 +194,7 @@ impl Worker {
             locks: VmLocks::default(),
             jobs: JobCache::new(JOB_CACHE),
             admission: Mutex::new(()),
+            evicting: DashMap::new(),
             reserved: AtomicU32::new(0),
             snapshot_fetch: DashMap::new(),
             sessions,
@@ -624,46 +630,117 @@ impl Worker {
 
     /// Reserves a slot for a new VM, evicting the oldest stopped VM when full; 503 when nothing
     /// can be evicted.
+    ///
+    /// The admission mutex only covers counting and choosing: a chosen victim is reserved
+    /// (`evicting`) and its slot handed to this create, then locked, re-checked, backed up and
+    /// destroyed with admission released, so other creates never wait behind one VM's lock or
+    /// backup. A victim that became busy (resumed by an exec) in between is spared and another
+    /// one chosen.
     async fn admit(&self, creating: &VmId) -> Result<Reservation, WireError> {
         let inner = &self.inner;
-        let _admission = inner.admission.lock().await;
-        let held = inner
-            .provider
-            .count_vms()
-            .await
-            .map_err(|e| wire_error(&e))? as u32;
-        let used = held + inner.reserved.load(Ordering::SeqCst);
-        if used >= inner.config.max_vms {
-            // Full: only now is the whole inventory worth listing, to pick a victim.
-            let vms = inner
+        for _ in 0..MAX_EVICTION_TRIES {
+            let (victim, chosen, reservation) = {
+                let _admission = inner.admission.lock().await;
+                let evicting = !inner.evicting.is_empty();
+                let held = inner
+                    .provider
+                    .count_vms()
+                    .await
+                    .map_err(|e| wire_error(&e))? as u32;
+                let reserved = inner.reserved.load(Ordering::SeqCst);
+                if !evicting && held + reserved < inner.config.max_vms {
+                    inner.reserved.fetch_add(1, Ordering::SeqCst);
+                    return Ok(Reservation(self.inner.clone()));
+                }
+                // Full, or evictions in flight: only now is the whole inventory worth listing.
+                // A victim being evicted no longer counts: its slot is promised to the create
+                // that chose it (whose reservation counts), destroyed yet or not.
+                let vms = inner
+                    .provider
+                    .list_vms()
+                    .await
+                    .map_err(|e| wire_error(&e))?;
+                let held = vms
+                    .iter()
+                    .filter(|v| !inner.evicting.contains_key(&v.vm_id))
+                    .count() as u32;
+                if held + reserved < inner.config.max_vms {
+                    inner.reserved.fetch_add(1, Ordering::SeqCst);
+                    return Ok(Reservation(self.inner.clone()));
+                }
+                let victim = vms
+                    .iter()
+                    .filter(|v| {
+                        v.state == VmState::Stopped
+                            && &v.vm_id != creating
+                            && !inner.evicting.contains_key(&v.vm_id)
+                            && !inner.locks.is_busy(&v.vm_id)
+                    })
+                    .min_by_key(|v| v.stopped_ms.unwrap_or(v.last_activity_ms));
+                let Some(victim) = victim else {
+                    return Err(WireError::no_capacity(
+                        format!(
+                            "worker {} is at capacity ({} vms)",
+                            inner.config.worker_id, inner.config.max_vms
+                        ),
+                        RETRY_AFTER_MS,
+                    ));
+                };
+                inner.evicting.insert(victim.vm_id.clone(), ());
+                inner.reserved.fetch_add(1, Ordering::SeqCst);
+                let evicting = Evicting(self.inner.clone(), victim.vm_id.clone());
+                (
+                    evicting,
+                    (victim.last_activity_ms, victim.stopped_ms),
+                    Reservation(self.inner.clone()),
+                )
+            };
+            let vm_id = victim.1.clone();
+            let guard = inner.locks.lock(&vm_id).await;
+            // Re-checked under its lock: an exec may have resumed it since it was chosen.
+            let now = inner
                 .provider
-                .list_vms()
+                .get_vm(&vm_id)
                 .await
                 .map_err(|e| wire_error(&e))?;
-            let victim = vms
-                .iter()
-                .filter(|v| v.state == VmState::Stopped && &v.vm_id != creating)
-                .min_by_key(|v| v.stopped_ms.unwrap_or(v.last_activity_ms))
-                .map(|v| v.vm_id.clone());
-            let Some(victim) = victim else {
-                return Err(WireError::no_capacity(
-                    format!(
-                        "worker {} is at capacity ({} vms)",
-                        inner.config.worker_id, inner.config.max_vms
-                    ),
-                    RETRY_AFTER_MS,
-                ));
-            };
-            info!(vm_id = %victim, "evicting the oldest stopped vm to make room");
-            let guard = inner.locks.lock(&victim).await;
-            self.destroy_locked(&victim, true, Some(TerminationReason::Evicted))
-                .await?;
-            drop(guard);
-            inner.locks.forget_if_idle(&victim);
-            metrics::counter!(m::EVICTIONS_TOTAL).increment(1);
+            match now {
+                None => {
+                    // Gone already (released meanwhile): its slot is free.
+                    drop(guard);
+                    inner.locks.forget_if_idle(&vm_id);
+                    drop(victim);
+                    return Ok(reservation);
+                }
+                Some(view)
+                    if view.state == VmState::Stopped
+                        && (view.last_activity_ms, view.stopped_ms) == chosen =>
+                {
+                    info!(%vm_id, "evicting the oldest stopped vm to make room");
+                    let result = self
+                        .destroy_locked(&vm_id, true, Some(TerminationReason::Evicted))
+                        .await;
+                    drop(guard);
+                    inner.locks.forget_if_idle(&vm_id);
+                    drop(victim);
+                    result?;
+                    metrics::counter!(m::EVICTIONS_TOTAL).increment(1);
+                    return Ok(reservation);
+                }
+                Some(_) => {
+                    info!(%vm_id, "the eviction victim became busy; choosing again");
+                    drop(guard);
+                    inner.locks.forget_if_idle(&vm_id);
+                    // Dropping `victim` and `reservation` gives both back.
+                }
+            }
         }
-        inner.reserved.fetch_add(1, Ordering::SeqCst);
-        Ok(Reservation(self.inner.clone()))
+        Err(WireError::no_capacity(
+            format!(
+                "worker {} is at capacity ({} vms) and its stopped vms keep resuming",
+                inner.config.worker_id, inner.config.max_vms
+            ),
+            RETRY_AFTER_MS,
+        ))
     }
 
     async fn destroy_locked(
@@ -1095,6 +1172,15 @@ async fn reject_queue_full(
 
 /// Releases a capacity reservation when dropped.
 struct Reservation(Arc<Inner>);
+
+/// A VM chosen for eviction, no longer a candidate for any other create; released when dropped.
+struct Evicting(Arc<Inner>, VmId);
+
+impl Drop for Evicting {
+    fn drop(&mut self) {
+        self.0.evicting.remove(&self.1);
+    }
+}
 
 impl Drop for Reservation {
     fn drop(&mut self) {

@@ -1411,3 +1411,151 @@ async fn releasing_sessions_with_running_commands_ends_them_and_the_worker_keeps
     assert_eq!(r.stdout.as_bytes(), b"ok\n");
     eprintln!("exec after the releases: {:?}", started.elapsed());
 }
+
+/// The VM ids a worker holds (a `list_vms` job).
+async fn vm_ids(nats: &async_nats::Client, worker: &str) -> Vec<String> {
+    match job(nats, worker, JobOp::ListVms {}).await.unwrap() {
+        JobOutput::Vms { vms } => vms.into_iter().map(|v| v.vm_id.to_string()).collect(),
+        other => panic!("expected vms, got {other:?}"),
+    }
+}
+
+/// Fills a session's volume with many small files, so archiving it (a backup or a snapshot)
+/// takes a while, and stops it.
+async fn stopped_with_many_files(nats: &async_nats::Client, client: &HearthClient, sid: &str) {
+    create_session(nats, "w1", sid).await;
+    let r = client
+        .exec(
+            &id(sid),
+            &ExecRequest::cmd("mkdir many && cd many && seq 1 40000 | xargs touch && echo ok"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.as_bytes(), b"ok\n", "{r:?}");
+    job(nats, "w1", JobOp::StopVm { vm_id: id(sid) })
+        .await
+        .unwrap();
+}
+
+async fn evicted_ids(events: &mut async_nats::Subscriber, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && out.len() < n {
+        let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(1), events.next()).await
+        else {
+            continue;
+        };
+        let ev: VmEvent = Encoding::MsgPack.decode(&msg.payload).unwrap();
+        if ev.reason == Some(TerminationReason::Evicted) {
+            out.push(ev.vm_id.to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn eviction_spares_a_vm_that_became_busy_and_never_holds_other_creates_back() {
+    let (_server, nats, client) = setup().await;
+    let backups = tempfile::tempdir().unwrap();
+    let backup_dir = backups.path().to_owned();
+    let _n = node_with(&nats, "w1", |c| {
+        c.max_vms = 3;
+        c.backup_dir = Some(backup_dir);
+    })
+    .await;
+    let mut events = nats.subscribe("hearth.v1.events.vms.w1").await.unwrap();
+
+    // 1. "a" is the oldest stopped VM, but something holds its lock (a snapshot of its many
+    //    files) and an exec waits behind it to resume it. A create at capacity must not take
+    //    it: it evicts "b" instead, and the exec on "a" keeps its VM.
+    stopped_with_many_files(&nats, &client, "a").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    create_session(&nats, "w1", "b").await;
+    job(&nats, "w1", JobOp::StopVm { vm_id: id("b") })
+        .await
+        .unwrap();
+    create_session(&nats, "w1", "c").await;
+    let snapshot = {
+        let nats = nats.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let op = JobOp::SnapshotVm {
+                vm_id: id("a"),
+                snapshot_id: id("snap-a"),
+                publish: false,
+            };
+            let out = job(&nats, "w1", op).await;
+            (out, t0.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let exec = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .exec(&id("a"), &ExecRequest::cmd("ls many | wc -l"))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let t0 = Instant::now();
+    create_session(&nats, "w1", "d").await;
+    let create_d = t0.elapsed();
+    let (snap, snap_took) = snapshot.await.unwrap();
+    snap.unwrap();
+    let r = exec.await.unwrap().unwrap();
+    assert_eq!(r.stdout.as_bytes(), b"40000\n");
+    println!("snapshot of a: {snap_took:?}; create d (evicting b): {create_d:?}");
+    assert_eq!(evicted_ids(&mut events, 1).await, vec!["b".to_owned()]);
+    let ids = vm_ids(&nats, "w1").await;
+    assert!(ids.contains(&"a".to_owned()), "{ids:?}");
+    assert!(!ids.contains(&"b".to_owned()), "{ids:?}");
+    // "a" ran the exec and is running: a create at capacity now has nothing to evict.
+    let full = job(
+        &nats,
+        "w1",
+        JobOp::CreateVm {
+            vm_id: id("e"),
+            session: true,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(full.code, ErrorCode::NoCapacity);
+
+    // 2. Two creates at capacity: the first evicts "a" (a slow backup of its many files), the
+    //    second evicts "c" and must not wait for that backup.
+    job(&nats, "w1", JobOp::StopVm { vm_id: id("a") })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    job(&nats, "w1", JobOp::StopVm { vm_id: id("c") })
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let first = {
+        let nats = nats.clone();
+        tokio::spawn(async move {
+            create_session(&nats, "w1", "f").await;
+            t0.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    create_session(&nats, "w1", "g").await;
+    let second = t0.elapsed();
+    let first = first.await.unwrap();
+    println!(
+        "create f (evicting a, backup of 40000 files): {first:?}; create g (evicting c): {second:?}"
+    );
+    assert!(
+        second < first,
+        "the second create waited behind the first one's eviction: {second:?} >= {first:?}"
+    );
+    let mut evicted = evicted_ids(&mut events, 2).await;
+    evicted.sort();
+    assert_eq!(evicted, vec!["a".to_owned(), "c".to_owned()]);
+    let ids = vm_ids(&nats, "w1").await;
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    let backups: Vec<_> = std::fs::read_dir(backups.path()).unwrap().collect();
+    assert_eq!(backups.len(), 3, "one backup per evicted volume");
+}

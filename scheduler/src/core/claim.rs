@@ -63,6 +63,18 @@ impl Drop for ClaimGuard {
     }
 }
 
+/// What reading a claim's session record back found.
+enum Recorded {
+    /// A live record naming this claim's worker, so its VM: the claim succeeded.
+    Ours(SessionRecord, u64),
+    /// A record naming another VM (a raced retry, another leader) or an ended session.
+    Other(SessionRecord, u64),
+    /// No record: the write did not land.
+    Absent,
+    /// The store did not answer in time.
+    Unknown(StoreError),
+}
+
 /// How a claim was (or was not) served, for metrics.
 #[derive(Clone, Copy)]
 enum Launch {
@@ -247,7 +259,16 @@ impl Core {
             );
         }
         let vm_sid: VmId = sid.clone().into();
-        let mut exclude: Vec<WorkerId> = Vec::new();
+        // A worker where a VM with this id is still owned (an earlier attempt being settled)
+        // would refuse the rename or create: skip it rather than burn a warm VM there.
+        let mut exclude: Vec<WorkerId> = {
+            let st = self.state.lock();
+            st.inflight
+                .keys()
+                .filter(|(_, vm)| vm == &vm_sid)
+                .map(|(w, _)| w.clone())
+                .collect()
+        };
 
         // Warm: pop ready VMs until one renames.
         // A worker that timed out or is unreachable is skipped for the rest of this claim, which
@@ -658,10 +679,131 @@ impl Core {
                 Err(err) => err,
             }
         };
-        tracing::error!(session_id = %sid, error = %err, "recording the session failed");
-        if !matches!(err, StoreError::Conflict { .. }) && !self.deposed.is_cancelled() {
-            // Undo before answering: the client retries with the same session id, and a destroy
-            // still in flight could then hit the retried claim's VM on this worker.
+        if self.deposed.is_cancelled() {
+            // A deposed leader records and undoes nothing: no record names the renamed VM unless
+            // the write landed, and the new leader's reconcile sorts out either case.
+            self.state.lock().unmark(worker, &vm_sid);
+            tracing::warn!(session_id = %sid, error = %err, "deposed while recording the claim");
+            return Err(self.not_leader());
+        }
+        tracing::warn!(session_id = %sid, worker_id = %worker, error = %err,
+            "recording the session failed; reading it back");
+        // The VM stays marked owned (never reconciled as a leak) until the outcome is known.
+        let activity = vm.map(|v| v.last_activity_ms);
+        let bound = self.cfg.jobs.rename.max(Duration::from_secs(1));
+        match self.read_back(sid, worker, Instant::now() + bound).await {
+            Recorded::Unknown(read_err) => {
+                // Neither the write nor its absence can be confirmed: keep the VM and settle it
+                // in the background once the store answers. A retry meanwhile stays off this
+                // worker (its VM id is owned) and, once settled, finds the session in memory.
+                tracing::warn!(session_id = %sid, worker_id = %worker, error = %read_err,
+                    "the claim's record cannot be read back yet; settling it in the background");
+                let core = self.clone();
+                let (sid, worker) = (sid.clone(), worker.clone());
+                self.spawn(async move {
+                    let recorded = core
+                        .read_back(&sid, &worker, Instant::now() + Duration::from_secs(86_400))
+                        .await;
+                    let _ = core.settle_claim(&sid, &worker, activity, recorded).await;
+                });
+                Err(store_error(err))
+            }
+            recorded => {
+                let reply = self
+                    .settle_claim(sid, &worker.clone(), activity, recorded)
+                    .await;
+                match reply {
+                    Some(session) if &session.template == template => Ok(session),
+                    Some(session) => Err(conflict(sid, &session.template)),
+                    None => Err(store_error(err)),
+                }
+            }
+        }
+    }
+
+    /// Reads a claim's session record back after a failed or unacknowledged write, retrying
+    /// reads (with backoff) until `limit`.
+    async fn read_back(&self, sid: &SessionId, worker: &WorkerId, limit: Instant) -> Recorded {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if self.deposed.is_cancelled() {
+                return Recorded::Unknown(StoreError::Unavailable(
+                    "this scheduler is no longer the leader".into(),
+                ));
+            }
+            match self.store.get_session(sid).await {
+                Ok(Some((rec, rev))) => {
+                    // One VM per id per worker: a live record naming this worker names this
+                    // claim's VM, whichever write put it there.
+                    return if &rec.session.worker_id == worker && !rec.session.state.is_terminal() {
+                        Recorded::Ours(rec, rev)
+                    } else {
+                        Recorded::Other(rec, rev)
+                    };
+                }
+                Ok(None) => return Recorded::Absent,
+                Err(e) => {
+                    if Instant::now() + backoff >= limit {
+                        return Recorded::Unknown(e);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Applies what [`Core::read_back`] found for a claim whose renamed VM `sid` sits on `worker`
+    /// (marked owned by the caller; unmarked here): the recorded session is adopted, and the VM
+    /// is destroyed unless the record names it. The session to answer with, if any.
+    async fn settle_claim(
+        self: &Arc<Self>,
+        sid: &SessionId,
+        worker: &WorkerId,
+        activity: Option<u64>,
+        recorded: Recorded,
+    ) -> Option<Session> {
+        let vm_sid: VmId = sid.clone().into();
+        let (keep, adopt) = match recorded {
+            Recorded::Ours(rec, rev) => (true, Some((rec, rev))),
+            Recorded::Other(rec, rev) => (false, Some((rec, rev))),
+            Recorded::Absent => (false, None),
+            Recorded::Unknown(_) => {
+                // Deposed or shut down before the store answered: the new leader's reconcile
+                // decides (a record naming the VM keeps it).
+                self.state.lock().unmark(worker, &vm_sid);
+                return None;
+            }
+        };
+        let mut reply = None;
+        if let Some((rec, rev)) = adopt {
+            let session = rec.session.clone();
+            let mut st = self.state.lock();
+            let fresh = !st.sessions.contains_key(sid);
+            if fresh {
+                if !rec.session.state.is_terminal() {
+                    let now = Instant::now();
+                    st.workers
+                        .entry(rec.session.worker_id.clone())
+                        .or_insert_with(|| super::state::WorkerEntry::unconfirmed(now));
+                }
+                let data = SessionData::new(rec, rev, if keep { activity } else { None });
+                st.sessions.insert(sid.clone(), SessionSlot::new(data));
+            }
+            let view = st.sessions.get(sid).map(|s| s.view());
+            drop(st);
+            if fresh && keep {
+                self.publish(&session, None);
+            }
+            reply = view;
+        }
+        if keep {
+            tracing::info!(session_id = %sid, worker_id = %worker, "the claim's record was there after all");
+        } else {
+            tracing::warn!(session_id = %sid, worker_id = %worker,
+                recorded = reply.is_some(), "destroying the claim's unrecorded vm");
+            // Undone before answering: a retry with the same session id must not meet a destroy
+            // still in flight for its own VM on this worker.
             let op = JobOp::DestroyVm {
                 vm_id: vm_sid.clone(),
                 backup: false,
@@ -675,7 +817,7 @@ impl Core {
             }
         }
         self.state.lock().unmark(worker, &vm_sid);
-        Err(store_error(err))
+        reply
     }
 
     /// Destroys a VM in the background (best effort; reconcile repairs what this misses).
