@@ -189,10 +189,20 @@ impl ChildProcess {
 }
 
 impl Drop for ChildProcess {
+    /// A process still running at the end of a test is asked to stop (SIGTERM, then SIGKILL
+    /// after a short grace) and what it left mounted under its directory is unmounted, so no loop
+    /// device outlives the test. One that was already killed is left as it is: its data may be
+    /// reused by a restarted process.
     fn drop(&mut self) {
-        self.kill();
-        // A killed worker leaves its VMs' loop-mounted volumes mounted (its next start would
-        // adopt them); a test's directory is about to go, so let them go too.
+        if !self.is_running() {
+            self.kill();
+            return;
+        }
+        if self.terminate(Duration::from_secs(3)).is_err() {
+            self.kill();
+        }
+        // The test is over for this process: whatever it left mounted under its directory
+        // (a worker's VM disks) goes too.
         if let Some(dir) = self.log.parent() {
             unmount_under(dir);
         }
