@@ -420,13 +420,24 @@ impl Worker {
                 vms: inner.vm_infos().await.map_err(|e| wire_error(&e))?,
             });
         }
+        // Release, TTL, prune and idle stop end the VM's running work first, so its lock comes
+        // at once.
+        if let JobOp::DestroyVm { vm_id, .. } | JobOp::StopVm { vm_id } = &op {
+            inner.end_work(vm_id);
+        }
+        // The VM's lock before a job slot: a job waiting for a busy VM holds no slot, so jobs on
+        // other VMs (creates above all) never queue behind it.
+        let guard = match op.vm_id() {
+            Some(vm_id) => Some(inner.locks.lock(vm_id).await),
+            None => None,
+        };
         let _slot = inner
             .job_slots
             .acquire()
             .await
             .map_err(|_| WireError::no_capacity("worker is shutting down", RETRY_AFTER_MS))?;
         inner.jobs_in_flight.fetch_add(1, Ordering::Relaxed);
-        let outcome = self.run_job_locked(op).await;
+        let outcome = self.run_job_locked(op, guard).await;
         inner.jobs_in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Err(err) = &outcome {
             debug!(%err, "job failed");
@@ -434,7 +445,12 @@ impl Worker {
         outcome
     }
 
-    async fn run_job_locked(&self, op: JobOp) -> Outcome {
+    /// Runs `op` holding `guard`, the lock of `op.vm_id()` (taken by [`Self::run_job`]).
+    async fn run_job_locked(
+        &self,
+        op: JobOp,
+        guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) -> Outcome {
         let inner = &self.inner;
         let provider = &inner.provider;
         let werr = |e: ProviderError| wire_error(&e);
@@ -449,7 +465,6 @@ impl Worker {
                 session,
             } => self.create(vm_id, spec, session).await,
             JobOp::StartVm { vm_id } => {
-                let _guard = inner.locks.lock(&vm_id).await;
                 let view = provider.start_vm(&vm_id).await.map_err(werr)?;
                 inner
                     .vm_event(&view.vm_id, VmState::Running, None, None)
@@ -459,8 +474,6 @@ impl Worker {
                 })
             }
             JobOp::StopVm { vm_id } => {
-                inner.end_work(&vm_id);
-                let _guard = inner.locks.lock(&vm_id).await;
                 let view = provider.stop_vm(&vm_id).await.map_err(werr)?;
                 inner
                     .vm_event(&view.vm_id, VmState::Stopped, None, None)
@@ -474,7 +487,6 @@ impl Worker {
                 snapshot_id,
                 publish,
             } => {
-                let _guard = inner.locks.lock(&vm_id).await;
                 let started = Instant::now();
                 let info = provider
                     .snapshot_vm(&vm_id, &snapshot_id)
@@ -501,9 +513,6 @@ impl Worker {
                 backup,
                 reason,
             } => {
-                // Running and queued commands end now, so the lock comes at once.
-                inner.end_work(&vm_id);
-                let guard = inner.locks.lock(&vm_id).await;
                 self.destroy_locked(&vm_id, backup, reason).await?;
                 drop(guard);
                 inner.locks.forget_if_idle(&vm_id);
@@ -514,14 +523,13 @@ impl Worker {
                 new_vm_id,
                 session,
             } => {
-                let old_guard = inner.locks.lock(&vm_id).await;
                 let _new_guard = inner.locks.lock(&new_vm_id).await;
                 let view = provider.rename_vm(&vm_id, &new_vm_id).await.map_err(werr)?;
                 self.unserve(&vm_id);
                 if session {
                     self.make_session(&new_vm_id).await?;
                 }
-                drop(old_guard);
+                drop(guard);
                 inner.locks.forget_if_idle(&vm_id);
                 inner
                     .vm_event(&new_vm_id, view.state, Some(vm_id), None)
@@ -540,9 +548,9 @@ impl Worker {
 
     /// Creates (or restores) a VM within capacity, checks it answers, and serves it as a session
     /// if asked.
+    /// (Called holding the VM's lock.)
     async fn create(&self, vm_id: VmId, spec: hearth_messages::VmSpec, session: bool) -> Outcome {
         let inner = &self.inner;
-        let _guard = inner.locks.lock(&vm_id).await;
         if let Some(existing) = inner
             .provider
             .get_vm(&vm_id)

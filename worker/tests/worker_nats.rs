@@ -1559,3 +1559,38 @@ async fn eviction_spares_a_vm_that_became_busy_and_never_holds_other_creates_bac
     let backups: Vec<_> = std::fs::read_dir(backups.path()).unwrap().collect();
     assert_eq!(backups.len(), 3, "one backup per evicted volume");
 }
+
+#[tokio::test]
+async fn a_job_waiting_for_a_busy_vm_holds_no_job_slot() {
+    let (_server, nats, client) = setup().await;
+    let _w = node_with(&nats, "w1", |c| c.job_concurrency = 1).await;
+    create_session(&nats, "w1", "busy").await;
+    // A command holds busy's lock for 5 s.
+    let running = {
+        let client = client.clone();
+        tokio::spawn(async move { client.exec(&id("busy"), &ExecRequest::cmd("sleep 5")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A job on busy waits for its lock...
+    let waiting = {
+        let nats = nats.clone();
+        tokio::spawn(async move { job(&nats, "w1", JobOp::StartVm { vm_id: id("busy") }).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...without taking the worker's only job slot: a create elsewhere goes ahead.
+    let started = Instant::now();
+    create_session(&nats, "w1", "other").await;
+    let took = started.elapsed();
+    assert!(
+        !running.is_finished(),
+        "the command ended before the create was measured"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "a create waited {took:?} behind a job queued on another vm"
+    );
+    running.await.unwrap().unwrap();
+    // Its turn came after the command: a start of a running VM is a conflict.
+    let err = waiting.await.unwrap().unwrap_err();
+    assert_eq!(err.code, ErrorCode::Conflict, "{err:?}");
+}
