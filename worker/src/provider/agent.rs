@@ -480,6 +480,52 @@ impl AgentLink {
         result
     }
 
+    /// Writes a file through the agent (confined to its work directory there); the size written.
+    /// Everything by `deadline`.
+    pub(crate) async fn put_file(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: Option<u32>,
+        deadline: Instant,
+    ) -> Result<u64, AgentCallError> {
+        let request = AgentRequest::PutFile(hearth_messages::FilePutRequest {
+            path: path.to_owned(),
+            data: data.to_vec().into(),
+            mode,
+        });
+        match self.call(request, "a file put", deadline).await? {
+            AgentReply::FileWritten(r) => Ok(r.size),
+            other => Err(AgentCallError::Protocol(format!(
+                "unexpected answer to a file put: {other:?}"
+            ))),
+        }
+    }
+
+    /// Reads a file through the agent, refusing one over `max_bytes` whatever the agent sends.
+    /// Everything by `deadline`.
+    pub(crate) async fn get_file(
+        &self,
+        path: &str,
+        max_bytes: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, AgentCallError> {
+        let request = AgentRequest::GetFile(hearth_messages::FileGetRequest {
+            path: path.to_owned(),
+            max_bytes: Some(max_bytes),
+        });
+        match self.call(request, "a file get", deadline).await? {
+            AgentReply::FileRead(r) if r.data.len() as u64 <= max_bytes => Ok(r.data.into_vec()),
+            AgentReply::FileRead(_) => Err(AgentCallError::Agent(AgentError::new(
+                hearth_messages::agent::AgentErrorKind::InvalidArgument,
+                format!("file {path:?} is more than the limit of {max_bytes} bytes"),
+            ))),
+            other => Err(AgentCallError::Protocol(format!(
+                "unexpected answer to a file get: {other:?}"
+            ))),
+        }
+    }
+
     /// Runs `req` in the guest, streaming its output to `chunks` (if given) and keeping at most
     /// `cap` bytes per stream whatever the guest sends. Reaching the agent may take
     /// `limits.handshake`; it then has the command's own timeout plus `limits.grace` to answer

@@ -36,12 +36,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use hearth_messages::agent::{AgentErrorKind, AgentReply, AgentRequest};
-use hearth_messages::{FileGetRequest, FilePutRequest};
+use hearth_messages::agent::AgentErrorKind;
 
 use super::agent::{AgentCallError, ExecLimits};
 use super::paths;
-use super::vmm::{exec_request, transfer_allowance, unexpected};
+use super::vmm::{exec_request, transfer_allowance};
 use super::{
     ExecOutcome, ExecSpec, OutputChunk, Program, ProviderError, SnapshotId, SnapshotInfo,
     TemplateName, Tombstones, VmId, VmProvider, VmQuery, VmSpec, VmState, VmView, lifecycle,
@@ -1292,17 +1291,11 @@ impl VmProvider for ProcessProvider {
     ) -> Result<u64, ProviderError> {
         paths::file_path(path)?;
         let (record, sandbox) = self.inner.running(vm_id).await?;
-        let request = AgentRequest::PutFile(FilePutRequest {
-            path: path.to_owned(),
-            data: data.to_vec().into(),
-            mode,
-        });
         let deadline = Instant::now() + AGENT_TIMEOUT + transfer_allowance(data.len() as u64);
-        let result = sandbox.link.call(request, "a file put", deadline).await;
+        let result = sandbox.link.put_file(path, data, mode, deadline).await;
         record.slot.lock().meta.last_activity_ms = now_ms();
         match result {
-            Ok(AgentReply::FileWritten(r)) => Ok(r.size),
-            Ok(other) => Err(unexpected(vm_id, &other)),
+            Ok(size) => Ok(size),
             Err(e) => Err(self.inner.agent_error(vm_id, e)),
         }
     }
@@ -1315,21 +1308,11 @@ impl VmProvider for ProcessProvider {
     ) -> Result<Vec<u8>, ProviderError> {
         paths::file_path(path)?;
         let (record, sandbox) = self.inner.running(vm_id).await?;
-        let request = AgentRequest::GetFile(FileGetRequest {
-            path: path.to_owned(),
-            max_bytes: Some(max_bytes),
-        });
         let deadline = Instant::now() + AGENT_TIMEOUT + transfer_allowance(max_bytes);
-        let result = sandbox.link.call(request, "a file get", deadline).await;
+        let result = sandbox.link.get_file(path, max_bytes, deadline).await;
         record.slot.lock().meta.last_activity_ms = now_ms();
         match result {
-            Ok(AgentReply::FileRead(r)) if r.data.len() as u64 <= max_bytes => {
-                Ok(r.data.into_vec())
-            }
-            Ok(AgentReply::FileRead(_)) => Err(ProviderError::InvalidArgument(format!(
-                "file {path:?} is more than the limit of {max_bytes} bytes"
-            ))),
-            Ok(other) => Err(unexpected(vm_id, &other)),
+            Ok(data) => Ok(data),
             Err(e) => Err(self.inner.agent_error(vm_id, e)),
         }
     }

@@ -52,8 +52,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use hearth_messages::ExecRequest;
 use hearth_messages::agent::{AgentReply, AgentRequest};
-use hearth_messages::{ExecRequest, FileGetRequest, FilePutRequest};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -67,8 +67,7 @@ use super::paths;
 use super::snapshot_archive as archive;
 use super::vmm::{
     self, Failures, blocking, exec_request, new_identity, process_alive, read_json,
-    remove_dir_logged, rename_noreplace, transfer_allowance, unexpected, unique_name,
-    write_json_atomic,
+    remove_dir_logged, rename_noreplace, transfer_allowance, unique_name, write_json_atomic,
 };
 use super::{
     ExecOutcome, ExecSpec, OutputChunk, ProviderError, SnapshotId, SnapshotInfo, TemplateName,
@@ -1914,17 +1913,11 @@ impl VmProvider for QemuProvider {
     ) -> Result<u64, ProviderError> {
         paths::file_path(path)?;
         let (record, machine) = self.inner.running(vm_id)?;
-        let request = AgentRequest::PutFile(FilePutRequest {
-            path: path.to_owned(),
-            data: data.to_vec().into(),
-            mode,
-        });
         let deadline = self.inner.agent_deadline() + transfer_allowance(data.len() as u64);
-        let result = machine.agent.call(request, "a file put", deadline).await;
+        let result = machine.agent.put_file(path, data, mode, deadline).await;
         record.slot.lock().meta.last_activity_ms = now_ms();
         match result {
-            Ok(AgentReply::FileWritten(r)) => Ok(r.size),
-            Ok(other) => Err(unexpected(vm_id, &other)),
+            Ok(size) => Ok(size),
             Err(e) => Err(agent_error(vm_id, &machine, e).await),
         }
     }
@@ -1937,21 +1930,11 @@ impl VmProvider for QemuProvider {
     ) -> Result<Vec<u8>, ProviderError> {
         paths::file_path(path)?;
         let (record, machine) = self.inner.running(vm_id)?;
-        let request = AgentRequest::GetFile(FileGetRequest {
-            path: path.to_owned(),
-            max_bytes: Some(max_bytes),
-        });
         let deadline = self.inner.agent_deadline() + transfer_allowance(max_bytes);
-        let result = machine.agent.call(request, "a file get", deadline).await;
+        let result = machine.agent.get_file(path, max_bytes, deadline).await;
         record.slot.lock().meta.last_activity_ms = now_ms();
         match result {
-            Ok(AgentReply::FileRead(r)) if r.data.len() as u64 <= max_bytes => {
-                Ok(r.data.into_vec())
-            }
-            Ok(AgentReply::FileRead(_)) => Err(ProviderError::InvalidArgument(format!(
-                "file {path:?} is more than the limit of {max_bytes} bytes"
-            ))),
-            Ok(other) => Err(unexpected(vm_id, &other)),
+            Ok(data) => Ok(data),
             Err(e) => Err(agent_error(vm_id, &machine, e).await),
         }
     }
