@@ -877,6 +877,8 @@ impl Worker {
         if let Some((_, served)) = inner.served.remove(vm_id) {
             served.cancel.cancel();
         }
+        // The id is gone (destroyed, evicted, renamed): so is its work, and its entry.
+        inner.end_work(vm_id);
     }
 
     async fn handle_data(&self, op: SessionOp, vm_id: VmId, request: service::Request) {
