@@ -18,9 +18,10 @@ use futures::StreamExt;
 use hearth_messages::data::{CHUNK_HEADER, DEFAULT_MAX_FILE_BYTES};
 use hearth_messages::transport::{Reply, decode_message, encoding_of};
 use hearth_messages::{
-    Bucket, Encoding, ExecRequest, ExecResult, FileGetRequest, FileGetResult, FilePutRequest,
-    FilePutResult, JobOp, JobOutput, JobReply, JobRequest, SessionId, SessionOp, SnapshotId,
-    TerminationReason, Versions, VmEvent, VmId, VmInfo, WireError, WorkerStatus, now_ms,
+    Bucket, Caller, Encoding, ExecRequest, ExecResult, FileGetRequest, FileGetResult,
+    FilePutRequest, FilePutResult, JobOp, JobOutput, JobReply, JobRequest, SessionId, SessionOp,
+    SnapshotId, TenantId, TerminationReason, Versions, VmEvent, VmId, VmInfo, WireError,
+    WorkerStatus, now_ms,
 };
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -368,7 +369,10 @@ impl Worker {
                 }
                 let started = Instant::now();
                 let cell = self.inner.jobs.cell(&job.job_id);
-                let outcome = cell.get_or_init(|| self.run_job(job.op)).await.clone();
+                let outcome = cell
+                    .get_or_init(|| self.run_job(job.op, job.tenant))
+                    .await
+                    .clone();
                 let result = match &outcome {
                     Ok(_) => "ok".to_owned(),
                     Err(e) => e.code.to_string(),
@@ -410,7 +414,8 @@ impl Worker {
         Ok(())
     }
 
-    async fn run_job(&self, op: JobOp) -> Outcome {
+    /// Runs one job; `tenant` owns the session a `session: true` job makes.
+    async fn run_job(&self, op: JobOp, tenant: Option<TenantId>) -> Outcome {
         let inner = &self.inner;
         if inner.draining.load(Ordering::SeqCst) {
             return Err(WireError::no_capacity("worker is draining", RETRY_AFTER_MS));
@@ -437,7 +442,7 @@ impl Worker {
             .await
             .map_err(|_| WireError::no_capacity("worker is shutting down", RETRY_AFTER_MS))?;
         inner.jobs_in_flight.fetch_add(1, Ordering::Relaxed);
-        let outcome = self.run_job_locked(op, guard).await;
+        let outcome = self.run_job_locked(op, guard, tenant.as_ref()).await;
         inner.jobs_in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Err(err) = &outcome {
             debug!(%err, "job failed");
@@ -450,20 +455,21 @@ impl Worker {
         &self,
         op: JobOp,
         guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+        tenant: Option<&TenantId>,
     ) -> Outcome {
         let inner = &self.inner;
         let provider = &inner.provider;
         let werr = |e: ProviderError| wire_error(&e);
         match op {
             JobOp::CreateVm { vm_id, session } => {
-                self.create(vm_id, hearth_messages::VmSpec::default(), session)
+                self.create(vm_id, hearth_messages::VmSpec::default(), session, tenant)
                     .await
             }
             JobOp::CreateVmWithSpec {
                 vm_id,
                 spec,
                 session,
-            } => self.create(vm_id, spec, session).await,
+            } => self.create(vm_id, spec, session, tenant).await,
             JobOp::StartVm { vm_id } => {
                 let view = provider.start_vm(&vm_id).await.map_err(werr)?;
                 inner
@@ -527,7 +533,7 @@ impl Worker {
                 let view = provider.rename_vm(&vm_id, &new_vm_id).await.map_err(werr)?;
                 self.unserve(&vm_id);
                 if session {
-                    self.make_session(&new_vm_id).await?;
+                    self.make_session(&new_vm_id, tenant).await?;
                 }
                 drop(guard);
                 inner.locks.forget_if_idle(&vm_id);
@@ -549,7 +555,13 @@ impl Worker {
     /// Creates (or restores) a VM within capacity, checks it answers, and serves it as a session
     /// if asked.
     /// (Called holding the VM's lock.)
-    async fn create(&self, vm_id: VmId, spec: hearth_messages::VmSpec, session: bool) -> Outcome {
+    async fn create(
+        &self,
+        vm_id: VmId,
+        spec: hearth_messages::VmSpec,
+        session: bool,
+        tenant: Option<&TenantId>,
+    ) -> Outcome {
         let inner = &self.inner;
         if let Some(existing) = inner
             .provider
@@ -628,7 +640,7 @@ impl Worker {
             metrics::histogram!(m::RESTORE_DURATION).record(started.elapsed().as_secs_f64());
         }
         if session {
-            self.make_session(&vm_id).await?;
+            self.make_session(&vm_id, tenant).await?;
         }
         inner.vm_event(&vm_id, VmState::Running, None, None).await;
         Ok(JobOutput::Vm {
@@ -789,10 +801,11 @@ impl Worker {
 
     // ----- the session data plane -----------------------------------------------------------
 
-    async fn make_session(&self, vm_id: &VmId) -> Result<(), WireError> {
+    /// Serves `vm_id` as a session of `tenant` (the operator's when `None`).
+    async fn make_session(&self, vm_id: &VmId, tenant: Option<&TenantId>) -> Result<(), WireError> {
         self.inner
             .sessions
-            .insert(vm_id)
+            .insert(vm_id, tenant)
             .map_err(|e| WireError::internal(format!("writing the session marker: {e}")))?;
         self.serve(vm_id.clone()).await
     }
@@ -840,6 +853,16 @@ impl Worker {
                     _ = cancel.cancelled() => break,
                     next = requests.next() => {
                         let Some((op, request)) = next else { break };
+                        // Another tenant's request is answered exactly as for a VM that is not
+                        // here, before it can take a place in this session's queue.
+                        if let Err(err) = worker.check_owner(&vm_id, &request) {
+                            let reply = Reply::error(
+                                encoding_of(request.message.headers.as_ref()),
+                                &err,
+                            );
+                            respond(&request, reply).await;
+                            continue;
+                        }
                         let bytes = request.message.payload.len() as u64;
                         let Some(permit) = queue.admit(bytes, max_held, max_bytes) else {
                             // Answered here, without a task: a flood costs no memory.
@@ -879,6 +902,19 @@ impl Worker {
         }
         // The id is gone (destroyed, evicted, renamed): so is its work, and its entry.
         inner.end_work(vm_id);
+    }
+
+    /// Whether the request's caller (the tenant NATS stamped on it, or the operator) owns session
+    /// `vm_id`; 404 otherwise, worded as for an unknown session.
+    fn check_owner(&self, vm_id: &VmId, request: &service::Request) -> Result<(), WireError> {
+        let caller = Caller::from_headers(request.message.headers.as_ref())?;
+        match self.inner.sessions.owner(vm_id) {
+            Some(owner) if caller.owns(owner.as_ref()) => Ok(()),
+            _ => {
+                metrics::counter!(m::FOREIGN_REQUESTS_TOTAL).increment(1);
+                Err(WireError::not_found(format!("session {vm_id} not found")))
+            }
+        }
     }
 
     async fn handle_data(&self, op: SessionOp, vm_id: VmId, request: service::Request) {
