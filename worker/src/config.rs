@@ -95,6 +95,9 @@ pub struct WorkerConfig {
     pub drain_grace: Duration,
     /// Replicas of the snapshot object store when the worker has to create it.
     pub store_replicas: usize,
+    /// Size limit of the snapshot object store when the worker has to create it (bytes): template
+    /// snapshots can never take the JetStream storage the KV buckets need.
+    pub store_max_bytes: u64,
     /// Largest file `files.get` returns.
     pub max_file_bytes: u64,
     /// The qemu provider's settings (`[qemu]` in the file); an empty `root` is `<data_dir>/qemu`.
@@ -123,6 +126,7 @@ impl WorkerConfig {
             max_queued_bytes_per_vm: DEFAULT_MAX_QUEUED_BYTES_PER_VM,
             drain_grace: Duration::from_secs(30),
             store_replicas: 1,
+            store_max_bytes: 8 << 30,
             max_file_bytes: hearth_messages::data::DEFAULT_MAX_FILE_BYTES,
             qemu: QemuConfig::default(),
         }
@@ -219,6 +223,9 @@ pub struct WorkerArgs {
     /// Replicas for the snapshot object store.
     #[arg(long, env = "HEARTH_STORE_REPLICAS")]
     pub store_replicas: Option<usize>,
+    /// Size limit (bytes) of the snapshot object store, when this worker creates it.
+    #[arg(long, env = "HEARTH_STORE_MAX_BYTES")]
+    pub store_max_bytes: Option<u64>,
     /// Guest image directory of the qemu provider (vmlinuz, initrd.img).
     #[arg(long, env = "HEARTH_QEMU_IMAGE")]
     pub qemu_image: Option<PathBuf>,
@@ -252,6 +259,7 @@ struct WorkerFile {
     max_queued_bytes_per_vm: Option<u64>,
     drain_grace_s: Option<u64>,
     store_replicas: Option<usize>,
+    store_max_bytes: Option<u64>,
     qemu: Option<QemuConfig>,
 }
 
@@ -403,6 +411,12 @@ impl WorkerArgs {
                 return Err(ConfigError("store_replicas must be 1..=5".into()));
             }
             config.store_replicas = r;
+        }
+        if let Some(b) = self.store_max_bytes.or(file.store_max_bytes) {
+            if b == 0 {
+                return Err(ConfigError("store_max_bytes must be positive".into()));
+            }
+            config.store_max_bytes = b;
         }
         Ok(config)
     }

@@ -1475,6 +1475,7 @@ async fn open_snapshot_store(
             bucket: bucket.clone(),
             description: Some("Hearth template snapshots".into()),
             num_replicas: config.store_replicas,
+            max_bytes: i64::try_from(config.store_max_bytes).unwrap_or(i64::MAX),
             ..Default::default()
         })
         .await
