@@ -14,15 +14,21 @@ impl Inner {
             // Held by a command, file transfer or job (in a job's own reply: by that job).
             busy: self.locks.is_busy(&view.vm_id),
             vm_id: view.vm_id,
-            state: match view.state {
-                VmState::Running => hearth_messages::VmState::Running,
-                VmState::Stopped => hearth_messages::VmState::Stopped,
-                VmState::Destroyed => hearth_messages::VmState::Destroyed,
-            },
+            state: view.state.into(),
             template: view.template,
             created_ms: view.created_ms,
             last_activity_ms: view.last_activity_ms,
             restored_from: view.restored_from,
+        }
+    }
+}
+
+impl From<VmState> for hearth_messages::VmState {
+    fn from(state: VmState) -> Self {
+        match state {
+            VmState::Running => hearth_messages::VmState::Running,
+            VmState::Stopped => hearth_messages::VmState::Stopped,
+            VmState::Destroyed => hearth_messages::VmState::Destroyed,
         }
     }
 }

@@ -94,11 +94,7 @@ impl Inner {
         let event = VmEvent {
             worker_id: self.config.worker_id.clone(),
             vm_id: vm_id.clone(),
-            state: match state {
-                VmState::Running => hearth_messages::VmState::Running,
-                VmState::Stopped => hearth_messages::VmState::Stopped,
-                VmState::Destroyed => hearth_messages::VmState::Destroyed,
-            },
+            state: state.into(),
             renamed_from,
             reason,
             at_ms: now_ms(),

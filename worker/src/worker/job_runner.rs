@@ -112,17 +112,25 @@ impl Worker {
         }
         // The VM's lock before a job slot: a job waiting for a busy VM holds no slot, so jobs on
         // other VMs (creates above all) never queue behind it.
-        let guard = match op.vm_id() {
+        let vm_lock = match op.vm_id() {
             Some(vm_id) => Some(inner.locks.lock(vm_id).await),
             None => None,
         };
-        let _slot = inner
+        let slot = inner
             .job_slots
             .acquire()
             .await
             .map_err(|_| WireError::no_capacity("worker is shutting down", RETRY_AFTER_MS))?;
         inner.jobs_in_flight.fetch_add(1, Ordering::Relaxed);
-        let outcome = self.run_job_locked(op, guard).await;
+        let outcome = self
+            .run_op(
+                op,
+                Holding {
+                    vm_lock,
+                    _slot: slot,
+                },
+            )
+            .await;
         inner.jobs_in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Err(err) = &outcome {
             debug!(%err, "job failed");
@@ -130,12 +138,8 @@ impl Worker {
         outcome
     }
 
-    /// Runs `op` holding `guard`, the lock of `op.vm_id()` (taken by [`Self::run_job`]).
-    pub(super) async fn run_job_locked(
-        &self,
-        op: JobOp,
-        guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-    ) -> Outcome {
+    /// Runs `op` with what [`Self::run_job`] took for it (see [`Holding`]).
+    async fn run_op(&self, op: JobOp, holding: Holding<'_>) -> Outcome {
         let inner = &self.inner;
         let provider = &inner.provider;
         let werr = |e: ProviderError| wire_error(&e);
@@ -199,7 +203,7 @@ impl Worker {
                 reason,
             } => {
                 self.destroy_locked(&vm_id, backup, reason).await?;
-                drop(guard);
+                drop(holding.vm_lock);
                 inner.locks.forget_if_idle(&vm_id);
                 Ok(JobOutput::Done {})
             }
@@ -214,7 +218,7 @@ impl Worker {
                 if session {
                     self.make_session(&new_vm_id).await?;
                 }
-                drop(guard);
+                drop(holding.vm_lock);
                 inner.locks.forget_if_idle(&vm_id);
                 inner
                     .vm_event(&new_vm_id, view.state, Some(vm_id), None)
@@ -361,6 +365,15 @@ impl Worker {
             .await;
         Ok(())
     }
+}
+
+/// What a running job holds: its VM's lock (taken first, so a job waiting for a busy VM holds no
+/// slot) and one of the worker's `job_concurrency` slots. Destroy and rename give the VM's lock
+/// back early, before forgetting the old id's lock.
+struct Holding<'a> {
+    /// The lock of `op.vm_id()`; `None` for jobs on no VM.
+    vm_lock: Option<tokio::sync::OwnedMutexGuard<()>>,
+    _slot: tokio::sync::SemaphorePermit<'a>,
 }
 
 pub(super) fn unreachable_list() -> Outcome {

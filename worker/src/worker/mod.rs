@@ -64,8 +64,14 @@ pub enum WorkerError {
     #[error("provider: {0}")]
     Provider(#[from] ProviderError),
     /// NATS refused something at startup.
-    #[error("nats: {0}")]
-    Nats(String),
+    #[error("nats: {context}")]
+    Nats {
+        /// What was being done.
+        context: String,
+        /// What NATS (or the client) said.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Local I/O.
     #[error("{context}: {source}")]
     Io {
@@ -76,8 +82,16 @@ pub enum WorkerError {
     },
 }
 
-fn nats_err(e: impl std::fmt::Display) -> WorkerError {
-    WorkerError::Nats(e.to_string())
+/// Wraps a NATS failure with what was being done, keeping it as the source.
+fn nats_err<E>(context: impl Into<String>) -> impl FnOnce(E) -> WorkerError
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let context = context.into();
+    move |source| WorkerError::Nats {
+        context,
+        source: source.into(),
+    }
 }
 
 /// Maps a provider error onto the wire.
@@ -182,7 +196,7 @@ impl Worker {
             ]))
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await
-            .map_err(nats_err)?;
+            .map_err(nats_err("starting the micro service"))?;
         let sessions =
             SessionSet::load(&config.data_dir.join("sessions.journal")).map_err(|source| {
                 WorkerError::Io {
@@ -284,7 +298,8 @@ impl Worker {
                 })?;
         }
         for vm_id in inner.sessions.ids() {
-            self.serve(vm_id).await.map_err(nats_err)?;
+            let context = format!("serving session {vm_id}");
+            self.serve(vm_id).await.map_err(nats_err(context))?;
         }
         info!(
             vms = live.len(),
@@ -302,7 +317,7 @@ impl Worker {
             .name("jobs")
             .add(inner.config.subjects.worker_jobs(&inner.config.worker_id))
             .await
-            .map_err(nats_err)?;
+            .map_err(nats_err("adding the jobs endpoint"))?;
         let worker = self.clone();
         inner.tasks.spawn(async move {
             loop {

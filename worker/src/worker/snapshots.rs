@@ -126,6 +126,6 @@ pub(super) async fn open_snapshot_store(
         Err(create_err) => js
             .get_object_store(&bucket)
             .await
-            .map_err(|_| nats_err(format!("object store {bucket}: {create_err}"))),
+            .map_err(|_| nats_err(format!("creating object store {bucket}"))(create_err)),
     }
 }
