@@ -68,6 +68,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let cfg = Arc::new(config);
+    metrics::register_templates(cfg.templates.iter().map(|t| &t.name));
     let js = jetstream::new(client.clone());
 
     let quit = CancellationToken::new();

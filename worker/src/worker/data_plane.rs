@@ -79,7 +79,7 @@ impl Worker {
                         let bytes = request.message.payload.len() as u64;
                         let Some(permit) = queue.admit(bytes, max_held, max_bytes) else {
                             // Answered here, without a task: a flood costs no memory.
-                            reject_queue_full(&vm_id, op, &request, max_held, max_bytes).await;
+                            reject_queue_full(&worker.inner.nats, &vm_id, op, request, max_held, max_bytes).await;
                             continue;
                         };
                         let (w, vm) = (worker.clone(), vm_id.clone());
@@ -143,7 +143,7 @@ impl Worker {
         }
         .instrument(span);
         let reply = hearth_messages::trace::with_remote(remote, reply).await;
-        respond(&request, reply).await;
+        respond(&self.inner.nats, request, reply).await;
     }
 
     /// Takes the VM's lock and makes sure the VM is running (resuming a stopped one).
@@ -392,9 +392,10 @@ impl Drop for QueuePermit {
 
 /// Answers a request its VM's queue has no room for: 429 with a retry hint.
 pub(super) async fn reject_queue_full(
+    nats: &async_nats::Client,
     vm_id: &VmId,
     op: SessionOp,
-    request: &service::Request,
+    request: service::Request,
     max_held: usize,
     max_bytes: u64,
 ) {
@@ -414,7 +415,7 @@ pub(super) async fn reject_queue_full(
     );
     err.retry_after_ms = Some(QUEUE_RETRY_AFTER_MS);
     let reply = Reply::error(encoding_of(request.message.headers.as_ref()), &err);
-    respond(request, reply).await;
+    respond(nats, request, reply).await;
 }
 
 impl Inner {

@@ -33,7 +33,7 @@ impl Worker {
         let reply =
             hearth_messages::trace::with_remote(remote, self.job_reply(&request).instrument(span))
                 .await;
-        respond(&request, reply).await;
+        respond(&self.inner.nats, request, reply).await;
     }
 
     pub(super) async fn job_reply(&self, request: &service::Request) -> Reply {

@@ -19,7 +19,7 @@ use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::service::{self, ServiceExt};
 use dashmap::DashMap;
 use futures::StreamExt;
-use hearth_messages::transport::Reply;
+use hearth_messages::transport::{self, Reply};
 use hearth_messages::{SnapshotId, VmId, WireError, now_ms};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -336,11 +336,9 @@ impl Worker {
     }
 }
 
-async fn respond(request: &service::Request, reply: Reply) {
-    if let Err(err) = request
-        .respond_with_headers(Ok(reply.payload), reply.headers)
-        .await
-    {
+/// Answers `request` (an error reply counts in `$SRV.STATS`, see [`transport::respond`]).
+async fn respond(nats: &async_nats::Client, request: service::Request, reply: Reply) {
+    if let Err(err) = transport::respond(nats, request, reply).await {
         debug!(%err, "reply not sent");
     }
 }
