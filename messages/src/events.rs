@@ -28,6 +28,17 @@ pub enum TerminationReason {
 }
 
 impl TerminationReason {
+    /// Every reason (metrics start each at zero).
+    pub const ALL: [TerminationReason; 7] = [
+        TerminationReason::Released,
+        TerminationReason::Ttl,
+        TerminationReason::Idle,
+        TerminationReason::Evicted,
+        TerminationReason::WorkerLost,
+        TerminationReason::VmFailed,
+        TerminationReason::Error,
+    ];
+
     /// Lowercase name for labels.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -109,6 +109,19 @@ pub enum JobOp {
 
 impl JobOp {
     /// A short name for logs and metric labels.
+    /// Every op's [`Self::name`] (metrics start each at zero).
+    pub const NAMES: &'static [&'static str] = &[
+        "create_vm",
+        "create_vm_with_spec",
+        "start_vm",
+        "stop_vm",
+        "snapshot_vm",
+        "destroy_vm",
+        "rename_vm",
+        "list_vms",
+        "delete_snapshot",
+    ];
+
     pub fn name(&self) -> &'static str {
         match self {
             JobOp::CreateVm { .. } => "create_vm",

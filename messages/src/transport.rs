@@ -244,6 +244,45 @@ impl Reply {
     }
 }
 
+/// Answers a micro-service `request` with `reply`, so that `$SRV.STATS` counts it as the micro
+/// protocol expects: an error reply adds to the endpoint's `num_errors` and sets `last_error`.
+///
+/// async-nats counts an error only when it sends the reply itself, and then with an empty body,
+/// while the body (code, message, retry hint) is Hearth's contract. So an error reply is published
+/// as built, and the library is then handed the error with an empty reply subject: it records the
+/// error (and the request) in the endpoint's stats, and its own publish is refused before leaving
+/// the process (async-nats never publishes to an empty subject, whatever its options).
+pub async fn respond(
+    client: &async_nats::Client,
+    mut request: async_nats::service::Request,
+    reply: Reply,
+) -> Result<(), async_nats::PublishError> {
+    if !reply.is_error {
+        return request
+            .respond_with_headers(Ok(reply.payload), reply.headers)
+            .await;
+    }
+    let error = async_nats::service::error::Error {
+        status: reply
+            .headers
+            .get(SERVICE_ERROR_HEADER)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default(),
+        code: reply
+            .headers
+            .get(SERVICE_ERROR_CODE_HEADER)
+            .and_then(|v| v.as_str().parse().ok())
+            .unwrap_or(500),
+    };
+    let sent = match request.message.reply.replace(async_nats::Subject::from("")) {
+        Some(reply_to) => reply.send(client, reply_to).await,
+        // A publish, not a request: nobody to answer, but still an error of this endpoint.
+        None => Ok(()),
+    };
+    let _ = request.respond(Err(error)).await;
+    sent
+}
+
 fn content_type_headers(encoding: Encoding) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if encoding == Encoding::Json {

@@ -68,6 +68,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let cfg = Arc::new(config);
+    metrics::register_templates(cfg.templates.iter().map(|t| &t.name));
+    metrics::zero_tenants(cfg.tenants.quotas.keys().map(|t| t.as_str()));
     let js = jetstream::new(client.clone());
 
     let quit = CancellationToken::new();

@@ -46,6 +46,8 @@ async fn serve(config: hearth_scheduler::SchedulerConfig) -> Result<(), String> 
     if let Some(listen) = config.metrics_listen {
         metrics::install_exporter(listen)
             .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
+        metrics::register_templates(config.templates.iter().map(|t| &t.name));
+        metrics::zero_tenants(config.tenants.quotas.keys().map(|t| t.as_str()));
         tracing::info!(%listen, "serving prometheus metrics");
     }
     // Connection events logged and counted; a NATS server that is not up yet is waited for

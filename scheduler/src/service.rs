@@ -101,7 +101,8 @@ pub async fn serve(
                 Some((endpoint, request)) => {
                     let scheduler = scheduler.clone();
                     let subjects = subjects.clone();
-                    tracker.spawn(handle(scheduler, subjects, endpoint, request));
+                    let client = client.clone();
+                    tracker.spawn(handle(scheduler, client, subjects, endpoint, request));
                 }
                 None => break,
             }
@@ -143,6 +144,7 @@ impl Endpoint {
 
 async fn handle(
     scheduler: Scheduler,
+    client: async_nats::Client,
     subjects: Subjects,
     endpoint: Endpoint,
     request: async_nats::service::Request,
@@ -170,10 +172,8 @@ async fn handle(
                 tracing::error!("request handler panicked");
                 Reply::error(encoding, &WireError::internal("internal error"))
             });
-        if let Err(err) = request
-            .respond_with_headers(Ok(reply.payload), reply.headers)
-            .await
-        {
+        // An error reply counts in `$SRV.STATS` (`num_errors`, `last_error`).
+        if let Err(err) = hearth_messages::transport::respond(&client, request, reply).await {
             tracing::debug!(error = %err, "could not send a reply");
         }
         if endpoint == Endpoint::Create {

@@ -650,3 +650,59 @@ async fn heartbeats_and_vm_events_spoofing_another_worker_change_nothing() {
     );
     sched.stop().await;
 }
+
+#[tokio::test]
+async fn srv_stats_count_error_replies() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _w1 = start_worker(&server, "w1", dir.path()).await;
+    let _sched = Running::start(&server, scheduler_config(&server, "s1")).await;
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats.clone()).with_timeout(Duration::from_secs(5));
+    wait_pool(&client, "default", 2).await;
+    let stats = |name: &'static str| {
+        let nats = nats.clone();
+        async move {
+            let reply = nats
+                .request("$SRV.STATS.hearth-scheduler", "".into())
+                .await
+                .unwrap();
+            let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+            let e = stats["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .unwrap_or_else(|| panic!("no endpoint {name}: {stats}"))
+                .clone();
+            (
+                e["num_requests"].as_u64().unwrap(),
+                e["num_errors"].as_u64().unwrap(),
+                e["last_error"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+    };
+    let err = client.get_session(&sid("missing")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    let bad = nats
+        .request(Subjects::default().sessions_create(), "not msgpack".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        bad.headers
+            .as_ref()
+            .unwrap()
+            .get(SERVICE_ERROR_CODE_HEADER)
+            .unwrap()
+            .as_str(),
+        "400"
+    );
+    let (requests, errors, last) = stats("sessions-get").await;
+    assert_eq!((requests, errors), (1, 1));
+    assert!(last.contains("missing"), "last_error: {last:?}");
+    let (_, errors, _) = stats("sessions-create").await;
+    assert_eq!(errors, 1);
+    client.create_session(&create("ok")).await.unwrap();
+    let (requests, errors, _) = stats("sessions-create").await;
+    assert_eq!((requests, errors), (2, 1));
+}

@@ -558,3 +558,77 @@ fn metric_name_extraction() {
     );
     assert_eq!(dechunk("5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n"), "helloabc");
 }
+
+/// The counters (`_total`) and histograms (`_seconds`) the dashboard and the alerts query.
+fn queried_counters_and_histograms() -> BTreeSet<String> {
+    used_names()
+        .into_keys()
+        .filter(|n| n.starts_with("hearth_") && (n.ends_with("_total") || n.ends_with("_seconds")))
+        .collect()
+}
+
+/// The first `/metrics` a process on `port` answers (retrying only while nothing listens yet).
+async fn first_scrape(port: u16, child: &mut ChildProcess) -> BTreeSet<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match http_get(port, "/metrics").await {
+            Ok(text) => return exposed_names(&text),
+            Err(err) => assert!(
+                Instant::now() < deadline && child.is_running(),
+                "no /metrics on {port}: {err}\n{}",
+                child.log()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_fresh_worker_and_scheduler_export_every_queried_counter_and_histogram_at_once() {
+    let wanted = queried_counters_and_histograms();
+    assert!(
+        wanted.contains("hearth_files_total") && wanted.contains("hearth_worker_evictions_total"),
+        "the dashboard no longer queries what this test was written for: {wanted:?}"
+    );
+    let worker_declared: BTreeSet<String> = hearth_worker::metrics::ALL
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    let port = free_port();
+    let mut worker = spawn_worker(server.url(), "fresh", port, &[], dir.path());
+    let names = first_scrape(port, &mut worker).await;
+    let from_worker: BTreeSet<String> = wanted.intersection(&worker_declared).cloned().collect();
+    let missing: Vec<_> = from_worker.difference(&names).collect();
+    assert!(
+        missing.is_empty(),
+        "a fresh worker does not export {missing:?}; it exports {names:?}"
+    );
+    worker.terminate(Duration::from_secs(10)).unwrap();
+
+    let from_scheduler: BTreeSet<String> = wanted.difference(&from_worker).cloned().collect();
+    let bin = match workspace_bin("hearth-scheduler") {
+        Ok(bin) => bin,
+        Err(why) => {
+            eprintln!("SKIPPED the scheduler half: {why:#}");
+            return;
+        }
+    };
+    let port = free_port();
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("--config")
+        .arg(workspace_root().join("deploy/hearth/scheduler.toml"))
+        .args(["--nats-url", server.url()])
+        .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn");
+    let mut scheduler = ChildProcess::spawn("fresh-scheduler", cmd, dir.path()).unwrap();
+    let names = first_scrape(port, &mut scheduler).await;
+    let missing: Vec<_> = from_scheduler.difference(&names).collect();
+    assert!(
+        missing.is_empty(),
+        "a fresh scheduler does not export {missing:?}; it exports {names:?}"
+    );
+    let _ = scheduler.terminate(Duration::from_secs(20));
+}

@@ -174,4 +174,41 @@ pub fn describe() {
         "Exec and file requests refused (404) because another tenant owns the session"
     );
     metrics::counter!(FOREIGN_REQUESTS_TOTAL).absolute(0);
+    register_known_series();
+}
+
+/// Registers every counter and histogram for the label sets known at start (at zero), so the first
+/// scrape has every series a dashboard or a `rate()` alert queries ("No data" hides an outage,
+/// and a rate over a series that appears at its first increment misses that increment).
+fn register_known_series() {
+    for op in hearth_messages::JobOp::NAMES {
+        metrics::counter!(JOBS_TOTAL, "op" => *op, "result" => "ok").increment(0);
+        let _ = metrics::histogram!(JOB_DURATION, "op" => *op);
+    }
+    for result in ["ok", "nonzero", "timeout", "error"] {
+        metrics::counter!(EXECS_TOTAL, "result" => result).increment(0);
+    }
+    for op in ["put", "get"] {
+        metrics::counter!(FILES_TOTAL, "op" => op, "result" => "ok").increment(0);
+    }
+    for endpoint in ["jobs"].iter().chain(DATA_ENDPOINTS) {
+        metrics::counter!(BAD_REQUESTS_TOTAL, "endpoint" => *endpoint).increment(0);
+    }
+    for name in [
+        EXEC_TRUNCATED_TOTAL,
+        EVICTIONS_TOTAL,
+        SNAPSHOT_BYTES_TOTAL,
+        SNAPSHOT_FETCH_BYTES_TOTAL,
+        HEARTBEATS_TOTAL,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for name in [
+        EXEC_DURATION,
+        EXEC_LOCK_WAIT,
+        SNAPSHOT_DURATION,
+        RESTORE_DURATION,
+    ] {
+        let _ = metrics::histogram!(name);
+    }
 }

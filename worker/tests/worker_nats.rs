@@ -1596,3 +1596,63 @@ async fn a_job_waiting_for_a_busy_vm_holds_no_job_slot() {
     let err = waiting.await.unwrap().unwrap_err();
     assert_eq!(err.code, ErrorCode::Conflict, "{err:?}");
 }
+
+/// `$SRV.STATS.hearth-worker`'s entry for `endpoint` (summed over endpoints of that name).
+async fn endpoint_stats(nats: &async_nats::Client, endpoint: &str) -> (u64, u64, String) {
+    let stats = nats
+        .request("$SRV.STATS.hearth-worker", "".into())
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    let mut out = (0, 0, String::new());
+    for e in stats["endpoints"].as_array().unwrap() {
+        if e["name"] == endpoint {
+            out.0 += e["num_requests"].as_u64().unwrap();
+            out.1 += e["num_errors"].as_u64().unwrap();
+            if let Some(last) = e["last_error"].as_str().filter(|s| !s.is_empty()) {
+                out.2 = last.to_owned();
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn srv_stats_count_error_replies_and_the_error_body_still_arrives() {
+    let (_server, nats, client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    assert_eq!(endpoint_stats(&nats, "jobs").await, (0, 0, String::new()));
+    // A 400 (undecodable job) and a 404 (start of an unknown VM).
+    let bad = nats
+        .request(
+            Subjects::default().worker_jobs(&id("w1")),
+            "not msgpack".into(),
+        )
+        .await
+        .unwrap();
+    let err = decode_reply::<JobReply>(&bad).unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    let err = job(&nats, "w1", JobOp::StartVm { vm_id: id("nope") })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.message.contains("nope"), "the body is kept: {err:?}");
+    job(&nats, "w1", JobOp::ListVms {}).await.unwrap();
+    let (requests, errors, last) = endpoint_stats(&nats, "jobs").await;
+    assert_eq!((requests, errors), (3, 2), "jobs stats");
+    assert!(last.contains("nope"), "last_error: {last:?}");
+
+    // The data plane too: an exec without a program is a 400.
+    create_session(&nats, "w1", "st").await;
+    let err = client
+        .exec(&id("st"), &ExecRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest));
+    client
+        .exec(&id("st"), &ExecRequest::argv(["true"]))
+        .await
+        .unwrap();
+    let (requests, errors, _) = endpoint_stats(&nats, "exec").await;
+    assert_eq!((requests, errors), (2, 1), "exec stats");
+}

@@ -90,7 +90,6 @@ impl Scheduler {
         store: Store,
         events: Arc<dyn EventSink>,
     ) -> Result<Self, StoreError> {
-        m::zero_tenants(cfg.tenants.quotas.keys().map(|t| t.as_str()));
         let loaded = store.load_all().await?;
         for err in &loaded.corrupt {
             tracing::error!(error = %err, "skipping a corrupt record");

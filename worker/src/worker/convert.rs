@@ -1,0 +1,172 @@
+//! Conversions between the provider's types and the wire's.
+
+use std::time::Duration;
+
+use hearth_messages::{ExecRequest, ExecResult, VmInfo};
+
+use super::Inner;
+use crate::provider::{ExecOutcome, ExecSpec, Program, VmState, VmView};
+
+impl Inner {
+    pub(super) fn vm_info(&self, view: VmView) -> VmInfo {
+        VmInfo {
+            session: self.sessions.contains(&view.vm_id),
+            // Held by a command, file transfer or job (in a job's own reply: by that job).
+            busy: self.locks.is_busy(&view.vm_id),
+            vm_id: view.vm_id,
+            state: view.state.into(),
+            template: view.template,
+            created_ms: view.created_ms,
+            last_activity_ms: view.last_activity_ms,
+            restored_from: view.restored_from,
+        }
+    }
+}
+
+impl From<VmState> for hearth_messages::VmState {
+    fn from(state: VmState) -> Self {
+        match state {
+            VmState::Running => hearth_messages::VmState::Running,
+            VmState::Stopped => hearth_messages::VmState::Stopped,
+            VmState::Destroyed => hearth_messages::VmState::Destroyed,
+        }
+    }
+}
+
+pub(super) fn exec_spec(req: &ExecRequest) -> ExecSpec {
+    let program = match (&req.argv, &req.cmd) {
+        (Some(argv), _) => Program::Argv(argv.clone()),
+        (None, Some(cmd)) => Program::Shell(cmd.clone()),
+        (None, None) => Program::Argv(Vec::new()),
+    };
+    ExecSpec {
+        program,
+        env: req.env.clone(),
+        cwd: req.cwd.clone(),
+        stdin: req.stdin.as_ref().map(|b| b.as_bytes().to_vec()),
+        timeout: Duration::from_millis(req.timeout_ms()),
+        max_output_bytes: req.max_output_bytes() as usize,
+    }
+}
+
+/// Builds the reply, trimming output so the reply fits the server's max_payload.
+pub(super) fn exec_result(outcome: ExecOutcome, budget: usize) -> ExecResult {
+    let ExecOutcome {
+        exit_code,
+        signal,
+        mut stdout,
+        mut stderr,
+        mut stdout_truncated,
+        mut stderr_truncated,
+        timed_out,
+        duration,
+        oom_killed,
+    } = outcome;
+    if stdout.len() + stderr.len() > budget {
+        // Share the budget, giving what one stream does not need to the other.
+        let half = budget / 2;
+        let (out_keep, err_keep) = if stdout.len() <= half {
+            (stdout.len(), budget - stdout.len())
+        } else if stderr.len() <= half {
+            (budget - stderr.len(), stderr.len())
+        } else {
+            (half, budget - half)
+        };
+        if stdout.len() > out_keep {
+            stdout.truncate(out_keep);
+            stdout_truncated = true;
+        }
+        if stderr.len() > err_keep {
+            stderr.truncate(err_keep);
+            stderr_truncated = true;
+        }
+    }
+    ExecResult {
+        exit_code,
+        signal,
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+        stdout_truncated,
+        stderr_truncated,
+        timed_out,
+        duration_ms: duration.as_millis() as u64,
+        oom_killed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_output_is_trimmed_to_the_budget_and_flagged() {
+        let outcome = ExecOutcome {
+            stdout: vec![b'a'; 900],
+            stderr: vec![b'b'; 50],
+            ..Default::default()
+        };
+        let r = exec_result(outcome, 500);
+        assert_eq!(r.stderr.len(), 50, "the small stream keeps everything");
+        assert_eq!(r.stdout.len(), 450);
+        assert!(r.stdout_truncated && !r.stderr_truncated);
+
+        let r = exec_result(
+            ExecOutcome {
+                stdout: vec![0; 10],
+                ..Default::default()
+            },
+            500,
+        );
+        assert!(!r.stdout_truncated);
+    }
+
+    /// What a capture capped at `cap` per stream holds of `len` bytes, and whether it says so.
+    fn captured(len: usize, cap: usize) -> (Vec<u8>, bool) {
+        (vec![b'x'; len.min(cap)], len > cap)
+    }
+
+    #[test]
+    fn capping_the_capture_at_the_reply_budget_changes_no_reply() {
+        let budget = 1000;
+        let max_output = 64 * 1024;
+        let lens = [
+            0,
+            1,
+            400,
+            499,
+            500,
+            501,
+            999,
+            1000,
+            1001,
+            5000,
+            max_output,
+            max_output + 1,
+        ];
+        for &out in &lens {
+            for &err in &lens {
+                let reply = |cap: usize| {
+                    let (stdout, stdout_truncated) = captured(out, cap);
+                    let (stderr, stderr_truncated) = captured(err, cap);
+                    let r = exec_result(
+                        ExecOutcome {
+                            stdout,
+                            stderr,
+                            stdout_truncated,
+                            stderr_truncated,
+                            ..Default::default()
+                        },
+                        budget,
+                    );
+                    (r.stdout, r.stderr, r.stdout_truncated, r.stderr_truncated)
+                };
+                let full = reply(max_output);
+                let capped = reply(max_output.min(budget));
+                assert_eq!(full, capped, "stdout {out}, stderr {err}");
+                assert!(full.0.len() + full.1.len() <= budget);
+                assert_eq!(full.2, full.0.len() < out, "stdout {out}, stderr {err}");
+                assert_eq!(full.3, full.1.len() < err, "stdout {out}, stderr {err}");
+            }
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Heartbeats (`WorkerStatus` on `workers.<wid>.status`) and VM events.
+
+use std::sync::atomic::Ordering;
+
+use hearth_messages::{
+    Encoding, TerminationReason, Versions, VmEvent, VmId, VmInfo, WorkerStatus, now_ms,
+};
+use tracing::warn;
+
+use super::{Inner, Worker};
+use crate::metrics as m;
+use crate::provider::{ProviderError, VmState};
+
+impl Worker {
+    /// Heartbeats until the drain ends (not on `tasks`: the drain waits for those, and heartbeats
+    /// must go on while it does; `heartbeat_stop` owns this task).
+    pub(super) fn start_heartbeats(&self) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(inner.config.heartbeat_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = inner.heartbeat_stop.cancelled() => break,
+                    _ = tick.tick() => inner.publish_heartbeat().await,
+                }
+            }
+        });
+    }
+}
+
+impl Inner {
+    pub(super) async fn vm_infos(&self) -> Result<Vec<VmInfo>, ProviderError> {
+        Ok(self
+            .provider
+            .list_vms()
+            .await?
+            .into_iter()
+            .filter(|v| v.state != VmState::Destroyed)
+            .map(|v| self.vm_info(v))
+            .collect())
+    }
+
+    pub(super) async fn publish_heartbeat(&self) {
+        let vms = match self.vm_infos().await {
+            Ok(vms) => vms,
+            Err(err) => {
+                warn!(%err, "listing vms for the heartbeat failed");
+                return;
+            }
+        };
+        let running = vms
+            .iter()
+            .filter(|v| v.state == hearth_messages::VmState::Running)
+            .count();
+        metrics::gauge!(m::VMS, "state" => "running").set(running as f64);
+        metrics::gauge!(m::VMS, "state" => "stopped").set((vms.len() - running) as f64);
+        let status = WorkerStatus {
+            worker_id: self.config.worker_id.clone(),
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            at_ms: now_ms(),
+            started_ms: self.started_ms,
+            provider: self.provider.name().to_owned(),
+            max_vms: self.config.max_vms,
+            used_vms: vms.len() as u32,
+            draining: self.draining.load(Ordering::SeqCst),
+            jobs_in_flight: self.jobs_in_flight.load(Ordering::Relaxed),
+            execs_in_flight: self.execs_in_flight.load(Ordering::Relaxed),
+            vms,
+            versions: Versions {
+                hearth: env!("CARGO_PKG_VERSION").to_owned(),
+                protocol: hearth_messages::subjects::PROTOCOL_VERSION.to_owned(),
+                provider: None,
+            },
+            isolation: self.provider.isolation(),
+        };
+        let Ok(payload) = Encoding::MsgPack.encode(&status) else {
+            return;
+        };
+        let subject = self.config.subjects.worker_status(&self.config.worker_id);
+        if let Err(err) = self.nats.publish(subject, payload.into()).await {
+            warn!(%err, "publishing heartbeat failed");
+        }
+        metrics::counter!(m::HEARTBEATS_TOTAL).increment(1);
+    }
+
+    pub(super) async fn vm_event(
+        &self,
+        vm_id: &VmId,
+        state: VmState,
+        renamed_from: Option<VmId>,
+        reason: Option<TerminationReason>,
+    ) {
+        let event = VmEvent {
+            worker_id: self.config.worker_id.clone(),
+            vm_id: vm_id.clone(),
+            state: state.into(),
+            renamed_from,
+            reason,
+            at_ms: now_ms(),
+        };
+        if let Ok(payload) = Encoding::MsgPack.encode(&event) {
+            let subject = self.config.subjects.vm_events(&self.config.worker_id);
+            if let Err(err) = self.nats.publish(subject, payload.into()).await {
+                warn!(%err, "publishing vm event failed");
+            }
+        }
+    }
+}

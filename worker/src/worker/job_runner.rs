@@ -1,0 +1,451 @@
+//! Lifecycle jobs from the scheduler: decoding, lease fencing, deduplication by job id, and the
+//! per-op work (create with its health check, start, stop, snapshot, destroy with backup, rename).
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use async_nats::service::{self};
+use hearth_messages::transport::{Reply, decode_message};
+use hearth_messages::{
+    JobOp, JobOutput, JobReply, JobRequest, TenantId, TerminationReason, VmId, WireError,
+};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{HEALTH_TIMEOUT, Inner, RETRY_AFTER_MS, Worker, respond, wire_error};
+use crate::jobs::Outcome;
+use crate::metrics as m;
+use crate::provider::{ExecSpec, ProviderError, VmState};
+
+impl Worker {
+    // ----- lifecycle jobs -------------------------------------------------------------------
+
+    pub(super) async fn handle_job(&self, request: service::Request) {
+        // The job's span, parented from the scheduler's `traceparent` when it sent one.
+        let span = info_span!(
+            "job",
+            otel.kind = "server",
+            worker_id = %self.inner.config.worker_id,
+            job_id = tracing::field::Empty,
+            op = tracing::field::Empty,
+            vm_id = tracing::field::Empty,
+            session_id = tracing::field::Empty,
+            template = tracing::field::Empty,
+        );
+        let remote = hearth_messages::trace::set_parent(&span, request.message.headers.as_ref());
+        let reply =
+            hearth_messages::trace::with_remote(remote, self.job_reply(&request).instrument(span))
+                .await;
+        respond(&self.inner.nats, request, reply).await;
+    }
+
+    pub(super) async fn job_reply(&self, request: &service::Request) -> Reply {
+        let (encoding, job) = decode_message::<JobRequest>(&request.message);
+        match job {
+            Err(err) => {
+                metrics::counter!(m::BAD_REQUESTS_TOTAL, "endpoint" => "jobs").increment(1);
+                Reply::error(encoding, &err)
+            }
+            Ok(job) => {
+                let op_name = job.op.name();
+                record_job(&job);
+                if let Err(err) = self.fence(job.lease_revision) {
+                    metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => err.code.to_string())
+                        .increment(1);
+                    return Reply::error(encoding, &err);
+                }
+                let started = Instant::now();
+                let cell = self.inner.jobs.cell(&job.job_id);
+                let outcome = cell
+                    .get_or_init(|| self.run_job(job.op, job.tenant))
+                    .await
+                    .clone();
+                let result = match &outcome {
+                    Ok(_) => "ok".to_owned(),
+                    Err(e) => e.code.to_string(),
+                };
+                metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => result).increment(1);
+                metrics::histogram!(m::JOB_DURATION, "op" => op_name)
+                    .record(started.elapsed().as_secs_f64());
+                match outcome {
+                    Ok(output) => Reply::ok(
+                        encoding,
+                        &JobReply {
+                            job_id: job.job_id,
+                            output,
+                        },
+                    ),
+                    Err(err) => Reply::error(encoding, &err),
+                }
+            }
+        }
+    }
+
+    /// Refuses a job from a deposed scheduler: one whose lease revision is older than the newest
+    /// seen. A job without a revision (0: tools, tests) is not fenced.
+    pub(super) fn fence(&self, revision: u64) -> Result<(), WireError> {
+        if revision == 0 {
+            return Ok(());
+        }
+        let newest = self
+            .inner
+            .newest_lease
+            .fetch_max(revision, Ordering::SeqCst);
+        if revision < newest {
+            metrics::counter!(m::JOBS_FENCED_TOTAL).increment(1);
+            warn!(revision, newest, "refusing a job from a deposed scheduler");
+            return Err(WireError::conflict(format!(
+                "job from a deposed scheduler: lease revision {revision} is older than {newest}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs one job; `tenant` owns the session a `session: true` job makes.
+    pub(super) async fn run_job(&self, op: JobOp, tenant: Option<TenantId>) -> Outcome {
+        let inner = &self.inner;
+        if inner.draining.load(Ordering::SeqCst) {
+            return Err(WireError::no_capacity("worker is draining", RETRY_AFTER_MS));
+        }
+        if matches!(op, JobOp::ListVms {}) {
+            return Ok(JobOutput::Vms {
+                vms: inner.vm_infos().await.map_err(|e| wire_error(&e))?,
+            });
+        }
+        // Release, TTL, prune and idle stop end the VM's running work first, so its lock comes
+        // at once.
+        if let JobOp::DestroyVm { vm_id, .. } | JobOp::StopVm { vm_id } = &op {
+            inner.end_work(vm_id);
+        }
+        // The VM's lock before a job slot: a job waiting for a busy VM holds no slot, so jobs on
+        // other VMs (creates above all) never queue behind it.
+        let vm_lock = match op.vm_id() {
+            Some(vm_id) => Some(inner.locks.lock(vm_id).await),
+            None => None,
+        };
+        let slot = inner
+            .job_slots
+            .acquire()
+            .await
+            .map_err(|_| WireError::no_capacity("worker is shutting down", RETRY_AFTER_MS))?;
+        inner.jobs_in_flight.fetch_add(1, Ordering::Relaxed);
+        let outcome = self
+            .run_op(
+                op,
+                Holding {
+                    vm_lock,
+                    _slot: slot,
+                },
+                tenant.as_ref(),
+            )
+            .await;
+        inner.jobs_in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Err(err) = &outcome {
+            debug!(%err, "job failed");
+        }
+        outcome
+    }
+
+    /// Runs `op` with what [`Self::run_job`] took for it (see [`Holding`]).
+    async fn run_op(&self, op: JobOp, holding: Holding<'_>, tenant: Option<&TenantId>) -> Outcome {
+        let inner = &self.inner;
+        let provider = &inner.provider;
+        let werr = |e: ProviderError| wire_error(&e);
+        match op {
+            JobOp::CreateVm { vm_id, session } => {
+                self.create(vm_id, hearth_messages::VmSpec::default(), session, tenant)
+                    .await
+            }
+            JobOp::CreateVmWithSpec {
+                vm_id,
+                spec,
+                session,
+            } => self.create(vm_id, spec, session, tenant).await,
+            JobOp::StartVm { vm_id } => {
+                let view = provider.start_vm(&vm_id).await.map_err(werr)?;
+                inner
+                    .vm_event(&view.vm_id, VmState::Running, None, None)
+                    .await;
+                Ok(JobOutput::Vm {
+                    vm: inner.vm_info(view),
+                })
+            }
+            JobOp::StopVm { vm_id } => {
+                let view = provider.stop_vm(&vm_id).await.map_err(werr)?;
+                inner
+                    .vm_event(&view.vm_id, VmState::Stopped, None, None)
+                    .await;
+                Ok(JobOutput::Vm {
+                    vm: inner.vm_info(view),
+                })
+            }
+            JobOp::SnapshotVm {
+                vm_id,
+                snapshot_id,
+                publish,
+            } => {
+                let started = Instant::now();
+                let info = provider
+                    .snapshot_vm(&vm_id, &snapshot_id)
+                    .await
+                    .map_err(werr)?;
+                if publish {
+                    inner.publish_snapshot(&snapshot_id).await?;
+                }
+                metrics::histogram!(m::SNAPSHOT_DURATION).record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::SNAPSHOT_BYTES_TOTAL).increment(info.size_bytes);
+                Ok(JobOutput::Snapshot {
+                    snapshot: hearth_messages::SnapshotInfo {
+                        snapshot_id: info.snapshot_id,
+                        source_vm: info.source_vm,
+                        template: info.template,
+                        created_ms: info.created_ms,
+                        size_bytes: info.size_bytes,
+                        published: publish,
+                    },
+                })
+            }
+            JobOp::DestroyVm {
+                vm_id,
+                backup,
+                reason,
+            } => {
+                self.destroy_locked(&vm_id, backup, reason).await?;
+                drop(holding.vm_lock);
+                inner.locks.forget_if_idle(&vm_id);
+                Ok(JobOutput::Done {})
+            }
+            JobOp::RenameVm {
+                vm_id,
+                new_vm_id,
+                session,
+            } => {
+                let _new_guard = inner.locks.lock(&new_vm_id).await;
+                let view = provider.rename_vm(&vm_id, &new_vm_id).await.map_err(werr)?;
+                self.unserve(&vm_id);
+                if session {
+                    self.make_session(&new_vm_id, tenant).await?;
+                }
+                drop(holding.vm_lock);
+                inner.locks.forget_if_idle(&vm_id);
+                inner
+                    .vm_event(&new_vm_id, view.state, Some(vm_id), None)
+                    .await;
+                Ok(JobOutput::Vm {
+                    vm: inner.vm_info(view),
+                })
+            }
+            JobOp::ListVms {} => unreachable_list(),
+            JobOp::DeleteSnapshot {
+                snapshot_id,
+                unpublish,
+            } => inner.delete_snapshot(&snapshot_id, unpublish).await,
+        }
+    }
+
+    /// Creates (or restores) a VM within capacity, checks it answers, and serves it as a session
+    /// if asked.
+    /// (Called holding the VM's lock.)
+    pub(super) async fn create(
+        &self,
+        vm_id: VmId,
+        spec: hearth_messages::VmSpec,
+        session: bool,
+        tenant: Option<&TenantId>,
+    ) -> Outcome {
+        let inner = &self.inner;
+        if let Some(existing) = inner
+            .provider
+            .get_vm(&vm_id)
+            .await
+            .map_err(|e| wire_error(&e))?
+            && existing.state != VmState::Destroyed
+        {
+            return Err(WireError::conflict(format!("vm {vm_id} already exists")));
+        }
+        let _reservation = self.admit(&vm_id).await?;
+        let started = Instant::now();
+        let restore = spec.restore_from.clone();
+        if let Some(snapshot_id) = &restore {
+            inner.ensure_snapshot(snapshot_id).await?;
+        }
+        let provider_spec = crate::provider::VmSpec {
+            template: spec.template,
+            vcpus: spec.vcpus.unwrap_or(1),
+            memory_mib: spec
+                .memory_mib
+                .unwrap_or(crate::provider::DEFAULT_MEMORY_MIB),
+            disk_mib: spec.disk_mib.unwrap_or(crate::provider::DEFAULT_DISK_MIB),
+            max_processes: spec
+                .max_processes
+                .unwrap_or(crate::provider::DEFAULT_MAX_PROCESSES),
+            network: match spec.network.as_deref() {
+                None => crate::provider::NetworkMode::None,
+                Some(text) => {
+                    crate::provider::NetworkMode::parse(text).map_err(|e| wire_error(&e))?
+                }
+            },
+            env: spec.env,
+            base: spec.base.map(Into::into),
+            bootstrap: spec.bootstrap,
+            restore_from: spec.restore_from,
+        };
+        let view = inner
+            .provider
+            .create_vm_with_spec(&vm_id, &provider_spec)
+            .await
+            .map_err(|e| wire_error(&e))?;
+        // Healthy before anyone may use it: a trivial command must succeed.
+        let health = inner
+            .provider
+            .exec(
+                &vm_id,
+                ExecSpec::argv(["true"]).with_timeout(HEALTH_TIMEOUT),
+                None,
+            )
+            .await;
+        let healthy = matches!(&health, Ok(outcome) if outcome.success());
+        if !healthy {
+            let detail = match health {
+                Ok(o) => format!(
+                    "exit {} {}",
+                    o.exit_code,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => e.to_string(),
+            };
+            let _ = inner.provider.destroy_vm(&vm_id).await;
+            inner
+                .vm_event(
+                    &vm_id,
+                    VmState::Destroyed,
+                    None,
+                    Some(TerminationReason::VmFailed),
+                )
+                .await;
+            return Err(WireError::internal(format!(
+                "vm {vm_id} failed its health check: {detail}"
+            )));
+        }
+        if restore.is_some() {
+            metrics::histogram!(m::RESTORE_DURATION).record(started.elapsed().as_secs_f64());
+        }
+        if session {
+            self.make_session(&vm_id, tenant).await?;
+        }
+        inner.vm_event(&vm_id, VmState::Running, None, None).await;
+        Ok(JobOutput::Vm {
+            vm: inner.vm_info(view),
+        })
+    }
+
+    pub(super) async fn destroy_locked(
+        &self,
+        vm_id: &VmId,
+        backup: bool,
+        reason: Option<TerminationReason>,
+    ) -> Result<(), WireError> {
+        let inner = &self.inner;
+        if backup
+            && let Some(dir) = &inner.config.backup_dir
+            && let Some(view) = inner
+                .provider
+                .get_vm(vm_id)
+                .await
+                .map_err(|e| wire_error(&e))?
+            && view.state != VmState::Destroyed
+        {
+            let path = inner
+                .provider
+                .backup_vm(vm_id, dir)
+                .await
+                .map_err(|e| wire_error(&e))?;
+            info!(%vm_id, path = %path.display(), "volume backed up");
+            inner.prune_backups(dir, path).await;
+        }
+        inner
+            .provider
+            .destroy_vm(vm_id)
+            .await
+            .map_err(|e| wire_error(&e))?;
+        self.unserve(vm_id);
+        inner
+            .vm_event(vm_id, VmState::Destroyed, None, reason)
+            .await;
+        Ok(())
+    }
+}
+
+/// What a running job holds: its VM's lock (taken first, so a job waiting for a busy VM holds no
+/// slot) and one of the worker's `job_concurrency` slots. Destroy and rename give the VM's lock
+/// back early, before forgetting the old id's lock.
+struct Holding<'a> {
+    /// The lock of `op.vm_id()`; `None` for jobs on no VM.
+    vm_lock: Option<tokio::sync::OwnedMutexGuard<()>>,
+    _slot: tokio::sync::SemaphorePermit<'a>,
+}
+
+pub(super) fn unreachable_list() -> Outcome {
+    Err(WireError::internal("list_vms is answered before locking"))
+}
+
+impl Inner {
+    /// Applies the backup retention to `dir` after `newest` was written there. A failure is
+    /// logged: the backup itself succeeded.
+    pub(super) async fn prune_backups(&self, dir: &std::path::Path, newest: std::path::PathBuf) {
+        let retention = self.config.backup_retention;
+        let dir = dir.to_path_buf();
+        let pruned = tokio::task::spawn_blocking(move || {
+            crate::backups::prune(&dir, &retention, &newest, std::time::SystemTime::now())
+        })
+        .await;
+        match pruned {
+            Ok(Ok(deleted)) => {
+                for path in &deleted {
+                    info!(path = %path.display(), "old backup deleted (retention)");
+                }
+                metrics::counter!(m::BACKUPS_PRUNED_TOTAL).increment(deleted.len() as u64);
+            }
+            Ok(Err(err)) => warn!(%err, "pruning the backup directory failed"),
+            Err(err) => warn!(%err, "pruning the backup directory panicked"),
+        }
+    }
+}
+
+/// Records a job's ids on the current (job) span: the VM, the session it serves (a session's VM id
+/// is its session id) and the template it is built from, where the job names them.
+pub(super) fn record_job(job: &JobRequest) {
+    let span = tracing::Span::current();
+    span.record("job_id", tracing::field::display(&job.job_id));
+    span.record("op", job.op.name());
+    if let Some(vm_id) = job.op.vm_id() {
+        span.record("vm_id", tracing::field::display(vm_id));
+    }
+    match &job.op {
+        JobOp::CreateVm {
+            vm_id,
+            session: true,
+        } => {
+            span.record("session_id", tracing::field::display(vm_id));
+        }
+        JobOp::CreateVmWithSpec {
+            vm_id,
+            spec,
+            session,
+        } => {
+            if *session {
+                span.record("session_id", tracing::field::display(vm_id));
+            }
+            if let Some(template) = &spec.template {
+                span.record("template", tracing::field::display(template));
+            }
+        }
+        JobOp::RenameVm {
+            new_vm_id,
+            session: true,
+            ..
+        } => {
+            span.record("session_id", tracing::field::display(new_vm_id));
+        }
+        _ => {}
+    }
+}

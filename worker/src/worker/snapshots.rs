@@ -1,0 +1,132 @@
+//! Snapshot transfer through the fleet's object store: publish, fetch once, delete.
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use async_nats::jetstream::object_store::ObjectStore;
+use hearth_messages::{Bucket, JobOutput, SnapshotId, WireError};
+use tracing::{debug, info};
+
+use super::{Inner, WorkerError, nats_err, wire_error};
+use crate::config::WorkerConfig;
+use crate::jobs::Outcome;
+use crate::metrics as m;
+use crate::provider::ProviderError;
+
+impl Inner {
+    /// Uploads a snapshot to the fleet's object store.
+    pub(super) async fn publish_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), WireError> {
+        let (mut writer, mut reader) = tokio::io::duplex(256 * 1024);
+        let provider = self.provider.clone();
+        let id = snapshot_id.clone();
+        let export = tokio::spawn(async move {
+            let result = provider.export_snapshot(&id, &mut writer).await;
+            drop(writer);
+            result
+        });
+        let put = self.store.put(snapshot_id.as_str(), &mut reader).await;
+        let exported = export
+            .await
+            .map_err(|e| WireError::internal(format!("snapshot export task: {e}")))?;
+        exported.map_err(|e| wire_error(&e))?;
+        put.map_err(|e| WireError::internal(format!("uploading snapshot {snapshot_id}: {e}")))?;
+        Ok(())
+    }
+
+    /// Deletes a snapshot from this worker and, with `unpublish`, from the object store. Both are
+    /// idempotent (missing is success). Runs under the snapshot's lock, so it never interleaves
+    /// with a fetch of the same snapshot.
+    pub(super) async fn delete_snapshot(
+        &self,
+        snapshot_id: &SnapshotId,
+        unpublish: bool,
+    ) -> Outcome {
+        let lock = self
+            .snapshot_fetch
+            .entry(snapshot_id.clone())
+            .or_default()
+            .clone();
+        let guard = lock.lock().await;
+        match self.provider.delete_snapshot(snapshot_id).await {
+            Ok(()) => info!(%snapshot_id, "snapshot deleted"),
+            Err(ProviderError::NotFound(_)) => debug!(%snapshot_id, "snapshot already gone"),
+            Err(err) => return Err(wire_error(&err)),
+        }
+        if unpublish {
+            match self.store.delete(snapshot_id.as_str()).await {
+                Ok(()) => info!(%snapshot_id, "snapshot removed from the object store"),
+                Err(err) if err.kind() == jetstream::object_store::DeleteErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(WireError::internal(format!(
+                        "removing snapshot {snapshot_id} from the object store: {err}"
+                    )));
+                }
+            }
+        }
+        drop(guard);
+        drop(lock);
+        self.snapshot_fetch
+            .remove_if(snapshot_id, |_, m| Arc::strong_count(m) == 1);
+        Ok(JobOutput::Done {})
+    }
+
+    /// Makes sure a snapshot is on this worker, fetching it from the object store once.
+    pub(super) async fn ensure_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), WireError> {
+        let lock = self
+            .snapshot_fetch
+            .entry(snapshot_id.clone())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        if self
+            .provider
+            .get_snapshot(snapshot_id)
+            .await
+            .map_err(|e| wire_error(&e))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let mut object = self.store.get(snapshot_id.as_str()).await.map_err(|e| {
+            WireError::not_found(format!(
+                "snapshot {snapshot_id} is neither on this worker nor in the object store: {e}"
+            ))
+        })?;
+        let info = self
+            .provider
+            .import_snapshot(snapshot_id, &mut object)
+            .await
+            .map_err(|e| wire_error(&e))?;
+        metrics::counter!(m::SNAPSHOT_FETCH_BYTES_TOTAL).increment(info.size_bytes);
+        info!(%snapshot_id, bytes = info.size_bytes, "snapshot fetched from the object store");
+        Ok(())
+    }
+}
+
+pub(super) async fn open_snapshot_store(
+    nats: &async_nats::Client,
+    config: &WorkerConfig,
+) -> Result<ObjectStore, WorkerError> {
+    let js = jetstream::new(nats.clone());
+    let bucket = config.subjects.bucket(Bucket::Snapshots);
+    if let Ok(store) = js.get_object_store(&bucket).await {
+        return Ok(store);
+    }
+    match js
+        .create_object_store(jetstream::object_store::Config {
+            bucket: bucket.clone(),
+            description: Some("Hearth template snapshots".into()),
+            num_replicas: config.store_replicas,
+            max_bytes: i64::try_from(config.store_max_bytes).unwrap_or(i64::MAX),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(store) => Ok(store),
+        // Another worker created it first.
+        Err(create_err) => js
+            .get_object_store(&bucket)
+            .await
+            .map_err(|_| nats_err(format!("creating object store {bucket}"))(create_err)),
+    }
+}
