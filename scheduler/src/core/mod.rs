@@ -445,6 +445,12 @@ impl Scheduler {
         self.core.clone().delete_template(caller, name, req).await
     }
 
+    /// Whether a create by `tenant` would be refused by its quotas now (429), without taking a
+    /// create token: the service answers such a flood before spending anything else on it.
+    pub fn create_refused(&self, tenant: &hearth_messages::TenantId) -> Option<WireError> {
+        self.core.create_refused(tenant)
+    }
+
     /// `admin.quotas.get` (operator only).
     pub fn quotas_status(&self, caller: &Caller) -> Result<QuotasStatus, WireError> {
         self.core.quotas_status(caller)
