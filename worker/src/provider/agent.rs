@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::provider::{ExecOutcome, OutputChunk, OutputStream};
+use crate::provider::{ExecOutcome, OutputChunk, OutputStream, ProviderError, VmId};
 
 /// How long a handshake ping waits before the connection is dropped and made again.
 const PING_RETRY: [Duration; 3] = [
@@ -140,6 +140,28 @@ pub(crate) enum AgentCallError {
     Protocol(String),
     #[error("guest agent channel: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl AgentCallError {
+    /// The provider error of a failed call to `vm_id`'s agent, the same for every backend. A lost
+    /// channel is `Internal` here: a backend that knows better why (its VMM died, the VM was
+    /// stopped) says so before it falls back on this.
+    pub(crate) fn for_vm(self, vm_id: &VmId) -> ProviderError {
+        use hearth_messages::agent::AgentErrorKind as K;
+        match self {
+            AgentCallError::Timeout { .. } => ProviderError::Timeout(format!("vm {vm_id}: {self}")),
+            AgentCallError::Agent(err) => match err.kind {
+                K::InvalidArgument => ProviderError::InvalidArgument(err.message),
+                K::NotFound => ProviderError::NotFound(err.message),
+                K::Unsupported => ProviderError::Unsupported(err.message),
+                K::NoSpace => ProviderError::NoSpace(err.message),
+                K::Io | K::Cancelled | K::Other => {
+                    ProviderError::internal(format!("vm {vm_id}: in the guest"), err.message)
+                }
+            },
+            e => ProviderError::internal(format!("vm {vm_id}"), e),
+        }
+    }
 }
 
 #[derive(Debug, Default)]

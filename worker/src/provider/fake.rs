@@ -602,7 +602,7 @@ impl VmProvider for FakeProvider {
         let path = dest.clone();
         tokio::task::spawn_blocking(move || write_backup(&dest_dir, &dest, &files))
             .await
-            .map_err(|e| ProviderError::io("backup task failed", std::io::Error::other(e)))?
+            .map_err(|e| ProviderError::internal("the backup task failed", e))?
             .map_err(|e| ProviderError::io("cannot write backup", e))?;
         Ok(path)
     }
@@ -625,7 +625,7 @@ impl VmProvider for FakeProvider {
             snapshot,
         };
         let bytes = serde_json::to_vec(&doc)
-            .map_err(|e| ProviderError::io("cannot encode snapshot", std::io::Error::other(e)))?;
+            .map_err(|e| ProviderError::internal("cannot encode snapshot", e))?;
         out.write_all(&bytes)
             .await
             .map_err(|e| ProviderError::io("cannot write snapshot stream", e))?;

@@ -27,7 +27,6 @@
 //! `tmp/`, `lock`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -47,11 +46,12 @@ use tracing::{info, warn};
 
 use super::agent::{AgentCallError, AgentLink, Connector, ExecLimits};
 use super::paths;
-use super::snapshot_archive as archive;
-use super::vmm::{
-    self, Failures, blocking, exec_request, new_identity, read_json, remove_dir_logged,
-    rename_noreplace, sha256_file, transfer_allowance, unexpected, unique_name, write_json_atomic,
+use super::registry::state_root::{
+    StateRoot, blocking, read_json, remove_dir_logged, rename_noreplace, sha256_file, to_json,
+    write_json_atomic,
 };
+use super::snapshot_archive as archive;
+use super::vmm::{self, Failures, exec_request, new_identity, transfer_allowance, unexpected};
 use super::{
     ExecOutcome, ExecSpec, OutputChunk, ProviderError, SnapshotId, SnapshotInfo, TemplateName,
     Tombstones, VmId, VmProvider, VmQuery, VmSpec, VmState, VmView, lifecycle, now_ms, tail_lossy,
@@ -282,7 +282,7 @@ impl Machine {
                 } else {
                     match e {
                         api::ApiError::Timeout { .. } => ProviderError::Timeout(e.to_string()),
-                        e => ProviderError::io("firecracker", io::Error::other(e.to_string())),
+                        e => ProviderError::internal("firecracker api", e),
                     }
                 }
             })
@@ -378,13 +378,11 @@ impl Index {
 
 #[derive(Debug)]
 struct Inner {
-    _root_lock: nix::fcntl::Flock<std::fs::File>,
+    root: StateRoot,
     config: FirecrackerConfig,
     version: String,
-    vms_dir: PathBuf,
-    snapshots_dir: PathBuf,
+    /// `run/`: one directory per VMM process.
     run_dir: PathBuf,
-    tmp_dir: PathBuf,
     index: Mutex<Index>,
 }
 
@@ -483,34 +481,10 @@ impl FirecrackerProvider {
                 "firecracker needs /dev/kvm".into(),
             ));
         }
-        for dir in ["vms", "snapshots", "run", "tmp"] {
-            let dir = config.root.join(dir);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| ProviderError::io(format!("cannot create {}", dir.display()), e))?;
-        }
-        let root = config.root.canonicalize().map_err(|e| {
-            ProviderError::io(format!("cannot resolve {}", config.root.display()), e)
-        })?;
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(root.join("lock"))
-            .map_err(|e| ProviderError::io("cannot open the root lock", e))?;
-        let root_lock =
-            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-                .map_err(|(_, errno)| {
-                    ProviderError::Unavailable(format!(
-                        "{} is in use by another provider: {errno}",
-                        root.display()
-                    ))
-                })?;
+        let root = StateRoot::open(&config.root, &["run"])?;
         let inner = Inner {
-            _root_lock: root_lock,
-            vms_dir: root.join("vms"),
-            snapshots_dir: root.join("snapshots"),
-            run_dir: root.join("run"),
-            tmp_dir: root.join("tmp"),
+            run_dir: root.dir("run"),
+            root,
             config,
             version,
             index: Mutex::new(Index::default()),
@@ -525,19 +499,12 @@ impl FirecrackerProvider {
 
 impl Inner {
     fn reconcile(&self) -> Result<(), ProviderError> {
-        let list = |dir: &Path| {
-            std::fs::read_dir(dir)
-                .map_err(|e| ProviderError::io(format!("cannot list {}", dir.display()), e))
-        };
-        for dir in [&self.tmp_dir, &self.vms_dir] {
-            for entry in list(dir)?.flatten() {
-                if dir == &self.vms_dir {
-                    warn!(vm = %entry.file_name().to_string_lossy(), "vm lost: firecracker vms do not survive a worker restart");
-                }
-                remove_dir_logged(&entry.path());
-            }
+        self.root.empty_tmp(remove_dir_logged)?;
+        for entry in StateRoot::list(self.root.vms_dir())? {
+            warn!(vm = %entry.file_name().to_string_lossy(), "vm lost: firecracker vms do not survive a worker restart");
+            remove_dir_logged(&entry.path());
         }
-        for entry in list(&self.run_dir)?.flatten() {
+        for entry in StateRoot::list(&self.run_dir)? {
             let run = entry.path();
             let instance = entry.file_name().to_string_lossy().into_owned();
             let pid: Option<i32> = std::fs::read_to_string(run.join("firecracker.pid"))
@@ -556,7 +523,7 @@ impl Inner {
             remove_dir_logged(&run);
         }
         let mut index = self.index.lock();
-        for entry in list(&self.snapshots_dir)?.flatten() {
+        for entry in StateRoot::list(self.root.snapshots_dir())? {
             let Some(id) = entry
                 .file_name()
                 .to_str()
@@ -581,7 +548,7 @@ impl Inner {
     }
 
     fn snapshot_dir(&self, id: &SnapshotId) -> PathBuf {
-        self.snapshots_dir.join(id.as_str())
+        self.root.snapshot_dir(id)
     }
 
     fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
@@ -928,7 +895,7 @@ impl Inner {
             instance: machine.instance.clone(),
             identity_pending: false,
         };
-        let dir = self.vms_dir.join(vm_id.as_str());
+        let dir = self.root.vm_dir(vm_id);
         {
             let (dir, meta) = (dir.clone(), meta.clone());
             blocking(move || {
@@ -1079,7 +1046,7 @@ impl VmProvider for FirecrackerProvider {
                 meta,
             )
         };
-        let staging = inner.tmp_dir.join(unique_name("snapshot"));
+        let staging = inner.root.staging("snapshot");
         let mut guard = SnapshotGuard(inner.clone(), snapshot_id.clone(), staging.clone());
         std::fs::create_dir(&staging)
             .map_err(|e| ProviderError::io("cannot create staging directory", e))?;
@@ -1207,7 +1174,7 @@ impl VmProvider for FirecrackerProvider {
             if slot.meta.state == VmState::Destroyed || !index.vms.contains_key(old) {
                 return Err(ProviderError::vm_destroyed(old));
             }
-            let new_dir = inner.vms_dir.join(new.as_str());
+            let new_dir = inner.root.vm_dir(new);
             rename_noreplace(&slot.dir, &new_dir)
                 .map_err(|e| ProviderError::io(format!("cannot rename vm {old} to {new}"), e))?;
             slot.dir = new_dir;
@@ -1327,10 +1294,9 @@ impl VmProvider for FirecrackerProvider {
             .get(snapshot_id)
             .cloned()
             .ok_or_else(|| ProviderError::snapshot_not_found(snapshot_id))?;
-        let meta_bytes = serde_json::to_vec_pretty(&meta)
-            .map_err(|e| ProviderError::io("cannot encode metadata", io::Error::other(e)))?;
+        let meta_bytes = to_json(&meta)?;
         let dir = inner.snapshot_dir(snapshot_id);
-        let staging = inner.tmp_dir.join(unique_name("export"));
+        let staging = inner.root.staging("export");
         let level = inner.config.snapshot_compression_level;
         {
             let (dir, staging) = (dir.clone(), staging.clone());
@@ -1371,7 +1337,7 @@ impl VmProvider for FirecrackerProvider {
             }
             index.snapshotting.insert(snapshot_id.clone());
         }
-        let staging = inner.tmp_dir.join(unique_name("import"));
+        let staging = inner.root.staging("import");
         let mut guard = SnapshotGuard(inner.clone(), snapshot_id.clone(), staging.clone());
         tokio::fs::create_dir(&staging)
             .await
@@ -1428,7 +1394,7 @@ impl VmProvider for FirecrackerProvider {
         let inner = self.inner.clone();
         let snapshot_id = snapshot_id.clone();
         blocking(move || {
-            let trash = inner.tmp_dir.join(unique_name("delete"));
+            let trash = inner.root.staging("delete");
             {
                 let mut index = inner.index.lock();
                 if !index.snapshots.contains_key(&snapshot_id) {

@@ -28,6 +28,7 @@ pub mod firecracker;
 mod paths;
 pub mod process;
 pub mod qemu;
+mod registry;
 mod snapshot_archive;
 mod vmm;
 
@@ -535,6 +536,15 @@ pub enum ProviderError {
         #[source]
         source: std::io::Error,
     },
+    /// A failure that is not I/O: inside the provider (a task that panicked, metadata that does
+    /// not encode) or in a peer's protocol (an unexpected answer from a guest agent or a VMM, a
+    /// command in the guest that failed). The source is kept for logs and messages.
+    #[error("{context}: {source}")]
+    Internal {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A command the provider ran on the caller's behalf (bootstrap) failed.
     #[error("{0}")]
     CommandFailed(String),
@@ -558,6 +568,7 @@ pub enum ProviderErrorKind {
     InvalidArgument,
     Unsupported,
     Io,
+    Internal,
     CommandFailed,
     Unavailable,
     Timeout,
@@ -572,7 +583,9 @@ impl ProviderErrorKind {
             ProviderErrorKind::NotFound => 404,
             ProviderErrorKind::AlreadyExists | ProviderErrorKind::InvalidState => 409,
             ProviderErrorKind::InvalidArgument | ProviderErrorKind::Unsupported => 400,
-            ProviderErrorKind::Io | ProviderErrorKind::CommandFailed => 500,
+            ProviderErrorKind::Io
+            | ProviderErrorKind::Internal
+            | ProviderErrorKind::CommandFailed => 500,
             ProviderErrorKind::Unavailable => 503,
             ProviderErrorKind::Timeout => 504,
             ProviderErrorKind::NoSpace => 507,
@@ -589,6 +602,7 @@ impl ProviderError {
             ProviderError::InvalidArgument(_) => ProviderErrorKind::InvalidArgument,
             ProviderError::Unsupported(_) => ProviderErrorKind::Unsupported,
             ProviderError::Io { .. } => ProviderErrorKind::Io,
+            ProviderError::Internal { .. } => ProviderErrorKind::Internal,
             ProviderError::CommandFailed(_) => ProviderErrorKind::CommandFailed,
             ProviderError::Unavailable(_) => ProviderErrorKind::Unavailable,
             ProviderError::Timeout(_) => ProviderErrorKind::Timeout,
@@ -606,6 +620,17 @@ impl ProviderError {
         ProviderError::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// A failure that is not I/O (see [`ProviderError::Internal`]), with what was being done.
+    pub fn internal(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        ProviderError::Internal {
+            context: context.into(),
+            source: source.into(),
         }
     }
 
@@ -780,6 +805,7 @@ mod tests {
             ProviderError::InvalidArgument(String::new()),
             ProviderError::Unsupported(String::new()),
             ProviderError::io("x", std::io::Error::other("y")),
+            ProviderError::internal("x", "y"),
             ProviderError::CommandFailed(String::new()),
             ProviderError::Unavailable(String::new()),
             ProviderError::Timeout(String::new()),
@@ -787,7 +813,16 @@ mod tests {
         .iter()
         .map(ProviderError::status_code)
         .collect();
-        assert_eq!(codes, [404, 409, 409, 400, 400, 500, 500, 503, 504]);
+        assert_eq!(codes, [404, 409, 409, 400, 400, 500, 500, 500, 503, 504]);
+    }
+
+    #[test]
+    fn internal_errors_keep_their_source() {
+        let err = ProviderError::internal("vm a", std::fmt::Error);
+        assert_eq!(err.kind(), ProviderErrorKind::Internal);
+        let source = std::error::Error::source(&err).expect("a source");
+        assert_eq!(source.to_string(), std::fmt::Error.to_string());
+        assert!(err.to_string().starts_with("vm a: "), "{err}");
     }
 
     #[test]

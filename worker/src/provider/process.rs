@@ -23,7 +23,6 @@
 //! processes do not.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,10 +35,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use hearth_messages::agent::AgentErrorKind;
-
 use super::agent::{AgentCallError, ExecLimits};
 use super::paths;
+use super::registry::state_root::{
+    StateRoot, blocking, hex, in_background, read_json, remove_dir_logged, rename_noreplace,
+    sha256_file, to_json, write_json_atomic,
+};
 use super::vmm::{exec_request, transfer_allowance};
 use super::{
     ExecOutcome, ExecSpec, OutputChunk, Program, ProviderError, SnapshotId, SnapshotInfo,
@@ -291,17 +292,14 @@ impl Index {
 
 #[derive(Debug)]
 struct Inner {
-    /// Held for the provider's lifetime: one provider per root (reconcile deletes staging files).
-    _root_lock: nix::fcntl::Flock<std::fs::File>,
+    /// The locked state root (reconcile deletes staging files: one provider per root).
+    root: StateRoot,
     config: ProcessConfig,
     launcher: Launcher,
     /// Per-sandbox cgroups (or the rlimit fallback).
     cgroups: Cgroups,
     /// Loop-mounted volumes with a size (disk quotas), where the host allows.
     disks: Disks,
-    vms_dir: PathBuf,
-    snapshots_dir: PathBuf,
-    tmp_dir: PathBuf,
     index: Mutex<Index>,
 }
 
@@ -317,32 +315,8 @@ impl ProcessProvider {
     /// removed. Blocking; call it at startup. `Unavailable` if bubblewrap is configured but missing
     /// or cannot create namespaces.
     pub fn open(config: ProcessConfig) -> Result<Self, ProviderError> {
-        let root = &config.root;
-        let vms_dir = root.join("vms");
-        let snapshots_dir = root.join("snapshots");
-        let tmp_dir = root.join("tmp");
-        for dir in [&vms_dir, &snapshots_dir, &tmp_dir] {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| ProviderError::io(format!("cannot create {}", dir.display()), e))?;
-        }
-        let root = root
-            .canonicalize()
-            .map_err(|e| ProviderError::io(format!("cannot resolve {}", root.display()), e))?;
-        let lock_path = root.join("lock");
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| ProviderError::io(format!("cannot open {}", lock_path.display()), e))?;
-        let root_lock =
-            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-                .map_err(|(_, errno)| {
-                    ProviderError::Unavailable(format!(
-                        "{} is in use by another provider: {errno}",
-                        root.display()
-                    ))
-                })?;
+        let state = StateRoot::open(&config.root, &[])?;
+        let root = state.path().to_path_buf();
         let launcher = Launcher::open(
             config.isolation,
             config.sandbox.clone(),
@@ -376,13 +350,10 @@ impl ProcessProvider {
             );
         }
         let inner = Inner {
-            _root_lock: root_lock,
+            root: state,
             launcher,
             cgroups,
             disks,
-            vms_dir: root.join("vms"),
-            snapshots_dir: root.join("snapshots"),
-            tmp_dir: root.join("tmp"),
             config,
             index: Mutex::new(Index::default()),
         };
@@ -401,61 +372,6 @@ impl ProcessProvider {
     pub fn isolation(&self) -> Isolation {
         self.inner.launcher.isolation()
     }
-}
-
-/// Runs a blocking closure on the blocking pool.
-async fn blocking<T, F>(f: F) -> Result<T, ProviderError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, ProviderError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ProviderError::io("blocking task failed", io::Error::other(e.to_string())))?
-}
-
-/// Writes `value` as JSON to `path` atomically (temp file in the same directory, then rename).
-fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), ProviderError> {
-    let bytes = serde_json::to_vec_pretty(value)
-        .map_err(|e| ProviderError::io("cannot encode metadata", io::Error::other(e)))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| ProviderError::io(format!("cannot write {}", path.display()), e))
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> io::Result<T> {
-    let bytes = std::fs::read(path)?;
-    serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-/// `rename(2)` that fails with `AlreadyExists` instead of replacing an (empty) directory.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    use nix::errno::Errno;
-    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
-    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
-        Ok(()) => Ok(()),
-        // Filesystems without RENAME_NOREPLACE: check, then rename (the caller holds the index).
-        Err(Errno::EINVAL) | Err(Errno::ENOSYS) => {
-            if std::fs::symlink_metadata(to).is_ok() {
-                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
-            }
-            std::fs::rename(from, to)
-        }
-        Err(errno) => Err(io::Error::from(errno)),
-    }
-}
-
-fn remove_dir_logged(path: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(path)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        warn!(path = %path.display(), error = %e, "cannot remove directory");
-    }
-}
-
-fn unique_name(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
 /// Removes a half-created VM directory and releases its id unless disarmed; covers errors and a
@@ -479,19 +395,14 @@ impl Drop for CreateGuard {
             return;
         }
         // Move the directory out of vms/ first (instant), so a crash cannot resurrect it.
-        let trash = self.inner.tmp_dir.join(unique_name("create"));
-        let doomed = match std::fs::rename(&self.dir, &trash) {
-            Ok(()) => trash,
-            Err(_) => self.dir.clone(),
-        };
+        let doomed = self
+            .inner
+            .root
+            .trash(&self.dir, "create")
+            .unwrap_or_else(|_| self.dir.clone());
         self.inner.index.lock().creating.remove(&self.vm_id);
         let inner = self.inner.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn_blocking(move || inner.discard_vm_dir(&doomed));
-            }
-            Err(_) => inner.discard_vm_dir(&doomed),
-        }
+        in_background(move || inner.discard_vm_dir(&doomed));
     }
 }
 
@@ -513,12 +424,7 @@ impl Drop for SnapshotGuard {
         if staging.as_os_str().is_empty() {
             return;
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn_blocking(move || remove_dir_logged(&staging));
-            }
-            Err(_) => remove_dir_logged(&staging),
-        }
+        in_background(move || remove_dir_logged(&staging));
     }
 }
 
@@ -539,7 +445,7 @@ impl Drop for Inner {
             })
             .collect();
         // Half-created and half-destroyed VMs in staging, too.
-        let staging = std::fs::read_dir(&self.tmp_dir)
+        let staging = std::fs::read_dir(self.root.tmp_dir())
             .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
             .unwrap_or_default();
         for dir in dirs.into_iter().chain(staging) {
@@ -556,31 +462,7 @@ impl Drop for Inner {
 /// several workers) never remove each other's cgroups.
 fn cgroup_parent(root: &Path) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, root.as_os_str().as_encoded_bytes());
-    let hex: String = digest.as_ref()[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("hearth-{hex}")
-}
-
-/// SHA-256 of a file, hex.
-fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = io::Read::read(&mut file, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-    }
-    Ok(ctx
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    format!("hearth-{}", hex(&digest.as_ref()[..4]))
 }
 
 impl Inner {
@@ -598,22 +480,13 @@ impl Inner {
 
     /// Rebuilds the index from disk; see [`ProcessProvider::open`].
     fn reconcile(&self) -> Result<(), ProviderError> {
-        let list = |dir: &Path| {
-            std::fs::read_dir(dir)
-                .map_err(|e| ProviderError::io(format!("cannot list {}", dir.display()), e))
-        };
-        for entry in list(&self.tmp_dir)?.flatten() {
-            info!(path = %entry.path().display(), "removing staging leftover");
-            let path = entry.path();
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                self.discard_vm_dir(&path);
-            } else {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
+        self.root.empty_tmp(|path| {
+            info!(path = %path.display(), "removing staging leftover");
+            self.discard_vm_dir(path);
+        })?;
 
         let mut index = self.index.lock();
-        for entry in list(&self.vms_dir)?.flatten() {
+        for entry in StateRoot::list(self.root.vms_dir())? {
             let dir = entry.path();
             let Some(vm_id) = entry.file_name().to_str().and_then(|n| VmId::new(n).ok()) else {
                 warn!(path = %dir.display(), "ignoring entry that is not a vm id");
@@ -657,7 +530,7 @@ impl Inner {
             index.vms.insert(vm_id, VmRecord::new(dir, meta, None));
         }
 
-        for entry in list(&self.snapshots_dir)?.flatten() {
+        for entry in StateRoot::list(self.root.snapshots_dir())? {
             let dir = entry.path();
             let Some(snapshot_id) = entry
                 .file_name()
@@ -862,35 +735,28 @@ impl Inner {
         }
     }
 
-    /// Maps a failed agent call onto the provider's errors.
+    /// Maps a failed agent call onto the provider's errors: a sandbox that ended under a
+    /// command was stopped or destroyed, or died.
     fn agent_error(&self, vm_id: &VmId, e: AgentCallError) -> ProviderError {
         match e {
-            AgentCallError::Timeout { .. } => ProviderError::Timeout(format!("vm {vm_id}: {e}")),
-            AgentCallError::Agent(err) => match err.kind {
-                AgentErrorKind::InvalidArgument => ProviderError::InvalidArgument(err.message),
-                AgentErrorKind::NotFound => ProviderError::NotFound(err.message),
-                AgentErrorKind::Unsupported => ProviderError::Unsupported(err.message),
-                AgentErrorKind::NoSpace => ProviderError::NoSpace(err.message),
-                _ => ProviderError::io(format!("vm {vm_id}"), io::Error::other(err.message)),
-            },
             AgentCallError::Closed => {
                 let state = self.record(vm_id).map(|r| r.slot.lock().meta.state);
                 match state {
-                    Ok(VmState::Running) => ProviderError::io(
+                    Ok(VmState::Running) => ProviderError::internal(
                         format!("vm {vm_id}"),
-                        io::Error::other("the sandbox ended while the command ran"),
+                        "the sandbox ended while the command ran",
                     ),
                     _ => ProviderError::InvalidState(format!(
                         "vm {vm_id} was stopped or destroyed while the command ran"
                     )),
                 }
             }
-            e => ProviderError::io(format!("vm {vm_id}"), io::Error::other(e.to_string())),
+            e => e.for_vm(vm_id),
         }
     }
 
     fn snapshot_dir(&self, snapshot_id: &SnapshotId) -> PathBuf {
-        self.snapshots_dir.join(snapshot_id.as_str())
+        self.root.snapshot_dir(snapshot_id)
     }
 
     /// Fills a new VM directory `dir`: the volume, seeded from a snapshot or a base.
@@ -986,7 +852,7 @@ impl VmProvider for ProcessProvider {
             index.creating.insert(vm_id.clone());
             restore
         };
-        let dir = inner.vms_dir.join(vm_id.as_str());
+        let dir = inner.root.vm_dir(vm_id);
         let mut guard = CreateGuard {
             inner: inner.clone(),
             vm_id: vm_id.clone(),
@@ -1159,7 +1025,7 @@ impl VmProvider for ProcessProvider {
             };
             (slot.volume(), meta)
         };
-        let staging = inner.tmp_dir.join(unique_name("snapshot"));
+        let staging = inner.root.staging("snapshot");
         let mut guard = SnapshotGuard {
             inner: inner.clone(),
             snapshot_id: snapshot_id.clone(),
@@ -1205,7 +1071,7 @@ impl VmProvider for ProcessProvider {
         let inner = self.inner.clone();
         let vm_id = vm_id.clone();
         blocking(move || {
-            let trash = inner.tmp_dir.join(unique_name("destroy"));
+            let trash;
             {
                 let mut index = inner.index.lock();
                 let Some(record) = index.vms.get(&vm_id).cloned() else {
@@ -1215,9 +1081,10 @@ impl VmProvider for ProcessProvider {
                     return Err(ProviderError::vm_not_found(&vm_id));
                 };
                 let mut slot = record.slot.lock();
-                if let Err(e) = std::fs::rename(&slot.dir, &trash) {
-                    return Err(ProviderError::io("cannot remove vm directory", e));
-                }
+                trash = inner
+                    .root
+                    .trash(&slot.dir, "destroy")
+                    .map_err(|e| ProviderError::io("cannot remove vm directory", e))?;
                 // Marked under the slot lock, so a sandbox starting right now is not kept.
                 slot.meta.state = VmState::Destroyed;
                 slot.kill_sandbox();
@@ -1247,7 +1114,7 @@ impl VmProvider for ProcessProvider {
                 return Err(ProviderError::vm_exists(&new));
             }
             let mut slot = record.slot.lock();
-            let new_dir = inner.vms_dir.join(new.as_str());
+            let new_dir = inner.root.vm_dir(&new);
             rename_noreplace(&slot.dir, &new_dir)
                 .map_err(|e| ProviderError::io(format!("cannot rename vm {old} to {new}"), e))?;
             slot.dir = new_dir;
@@ -1353,8 +1220,7 @@ impl VmProvider for ProcessProvider {
             .get(snapshot_id)
             .cloned()
             .ok_or_else(|| ProviderError::snapshot_not_found(snapshot_id))?;
-        let meta = serde_json::to_vec_pretty(&entry.meta)
-            .map_err(|e| ProviderError::io("cannot encode metadata", io::Error::other(e)))?;
+        let meta = to_json(&entry.meta)?;
         let volume = self
             .inner
             .snapshot_dir(snapshot_id)
@@ -1377,7 +1243,7 @@ impl VmProvider for ProcessProvider {
             }
             index.snapshotting.insert(snapshot_id.clone());
         }
-        let staging = inner.tmp_dir.join(unique_name("import"));
+        let staging = inner.root.staging("import");
         let mut guard = SnapshotGuard {
             inner: inner.clone(),
             snapshot_id: snapshot_id.clone(),
@@ -1439,13 +1305,15 @@ impl VmProvider for ProcessProvider {
         let inner = self.inner.clone();
         let snapshot_id = snapshot_id.clone();
         blocking(move || {
-            let trash = inner.tmp_dir.join(unique_name("delete"));
+            let trash;
             {
                 let mut index = inner.index.lock();
                 if !index.snapshots.contains_key(&snapshot_id) {
                     return Err(ProviderError::snapshot_not_found(&snapshot_id));
                 }
-                std::fs::rename(inner.snapshot_dir(&snapshot_id), &trash)
+                trash = inner
+                    .root
+                    .trash(&inner.snapshot_dir(&snapshot_id), "delete")
                     .map_err(|e| ProviderError::io("cannot remove snapshot", e))?;
                 index.snapshots.remove(&snapshot_id);
             }

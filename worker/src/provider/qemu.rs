@@ -45,7 +45,6 @@
 //! backups go through the agent (`tar` in the guest) and are limited to 64 MiB.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -64,11 +63,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::paths;
-use super::snapshot_archive as archive;
-use super::vmm::{
-    self, Failures, blocking, exec_request, new_identity, process_alive, read_json,
-    remove_dir_logged, rename_noreplace, transfer_allowance, unique_name, write_json_atomic,
+use super::registry::state_root::{
+    StateRoot, blocking, in_background, read_json, remove_dir_logged, rename_noreplace,
+    sha256_file, to_json, write_json_atomic,
 };
+use super::snapshot_archive as archive;
+use super::vmm::{self, Failures, exec_request, new_identity, process_alive, transfer_allowance};
 use super::{
     ExecOutcome, ExecSpec, OutputChunk, ProviderError, SnapshotId, SnapshotInfo, TemplateName,
     Tombstones, VmId, VmProvider, VmQuery, VmSpec, VmState, VmView, lifecycle, now_ms, tail_lossy,
@@ -514,16 +514,14 @@ impl Index {
 #[derive(Debug)]
 struct Inner {
     /// Held for the provider's lifetime: one provider per root.
-    _root_lock: nix::fcntl::Flock<std::fs::File>,
+    root: StateRoot,
     config: QemuConfig,
     accel: Accel,
     cpu: String,
     tsc_khz: Option<u32>,
     qemu_version: String,
-    vms_dir: PathBuf,
-    snapshots_dir: PathBuf,
+    /// `run/`: one directory per VMM process.
     run_dir: PathBuf,
-    tmp_dir: PathBuf,
     index: Mutex<Index>,
     digests: Arc<DigestCache>,
 }
@@ -566,10 +564,7 @@ fn qmp_error(vm_id: &VmId, machine: &Machine, what: &str, e: QmpError) -> Provid
     }
     match e {
         QmpError::Timeout(..) => ProviderError::Timeout(format!("vm {vm_id}: {what}: {e}")),
-        e => ProviderError::io(
-            format!("vm {vm_id}: {what}"),
-            io::Error::other(e.to_string()),
-        ),
+        e => ProviderError::internal(format!("vm {vm_id}: {what}"), e),
     }
 }
 
@@ -642,12 +637,7 @@ impl Drop for SnapshotGuard {
         if staging.as_os_str().is_empty() {
             return;
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn_blocking(move || remove_dir_logged(&staging));
-            }
-            Err(_) => remove_dir_logged(&staging),
-        }
+        in_background(move || remove_dir_logged(&staging));
     }
 }
 
@@ -675,15 +665,8 @@ impl QemuProvider {
             Accel::Kvm => None,
             _ => config.tsc_khz.or_else(machine::host_tsc_khz),
         };
-        for dir in ["vms", "snapshots", "run", "tmp"] {
-            let dir = config.root.join(dir);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| ProviderError::io(format!("cannot create {}", dir.display()), e))?;
-        }
-        let root = config.root.canonicalize().map_err(|e| {
-            ProviderError::io(format!("cannot resolve {}", config.root.display()), e)
-        })?;
-        let root_text = root.to_string_lossy();
+        let root = StateRoot::open(&config.root, &["run"])?;
+        let root_text = root.path().to_string_lossy();
         if root_text.len() > MAX_ROOT_LEN || root_text.contains([',', '\'', '\n']) {
             return Err(ProviderError::Unavailable(format!(
                 "qemu root {root_text:?} must be at most {MAX_ROOT_LEN} bytes without ',' or '\\''"
@@ -693,27 +676,9 @@ impl QemuProvider {
         if !image.is_file() {
             warn!(image = %config.image.display(), "guest image not found: cold boots will fail until it is built (deploy/images/build.sh)");
         }
-        let lock_path = root.join("lock");
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| ProviderError::io(format!("cannot open {}", lock_path.display()), e))?;
-        let root_lock =
-            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-                .map_err(|(_, errno)| {
-                    ProviderError::Unavailable(format!(
-                        "{} is in use by another provider: {errno}",
-                        root.display()
-                    ))
-                })?;
         let inner = Arc::new(Inner {
-            _root_lock: root_lock,
-            vms_dir: root.join("vms"),
-            snapshots_dir: root.join("snapshots"),
-            run_dir: root.join("run"),
-            tmp_dir: root.join("tmp"),
+            run_dir: root.dir("run"),
+            root,
             config,
             accel,
             cpu,
@@ -787,7 +752,7 @@ fn qemu_version(qemu: &Path) -> Result<String, ProviderError> {
 
 impl Inner {
     fn snapshot_dir(&self, snapshot_id: &SnapshotId) -> PathBuf {
-        self.snapshots_dir.join(snapshot_id.as_str())
+        self.root.snapshot_dir(snapshot_id)
     }
 
     fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
@@ -819,22 +784,11 @@ impl Inner {
 
     /// Rebuilds the index from disk and the live QEMU processes; returns the machines to adopt.
     fn reconcile(this: &Arc<Self>) -> Result<Vec<Arc<Machine>>, ProviderError> {
-        let list = |dir: &Path| {
-            std::fs::read_dir(dir)
-                .map_err(|e| ProviderError::io(format!("cannot list {}", dir.display()), e))
-        };
-        for entry in list(&this.tmp_dir)?.flatten() {
-            let path = entry.path();
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_dir_logged(&path);
-            } else {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
+        this.root.empty_tmp(remove_dir_logged)?;
         let mut adopted = Vec::new();
         let mut owned_runs = HashSet::new();
         let mut index = this.index.lock();
-        for entry in list(&this.vms_dir)?.flatten() {
+        for entry in StateRoot::list(this.root.vms_dir())? {
             let dir = entry.path();
             let Some(vm_id) = entry.file_name().to_str().and_then(|n| VmId::new(n).ok()) else {
                 warn!(path = %dir.display(), "ignoring entry that is not a vm id");
@@ -875,7 +829,7 @@ impl Inner {
             );
         }
         // QEMU processes (and run directories) no VM owns: half-created VMs, leftovers.
-        for entry in list(&this.run_dir)?.flatten() {
+        for entry in StateRoot::list(&this.run_dir)? {
             let name = entry.file_name().to_string_lossy().into_owned();
             if owned_runs.contains(&name) {
                 continue;
@@ -890,7 +844,7 @@ impl Inner {
             }
             remove_dir_logged(&run.dir);
         }
-        for entry in list(&this.snapshots_dir)?.flatten() {
+        for entry in StateRoot::list(this.root.snapshots_dir())? {
             let dir = entry.path();
             let Some(snapshot_id) = entry
                 .file_name()
@@ -1012,12 +966,7 @@ impl Inner {
             }
             remove_dir_logged(&run_dir);
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn_blocking(cleanup);
-            }
-            Err(_) => cleanup(),
-        }
+        in_background(cleanup);
     }
 
     /// The kernel command line of new VMs.
@@ -1156,9 +1105,9 @@ impl Inner {
             .await
         {
             Ok(AgentReply::IdentitySet { .. }) => Ok(()),
-            Ok(other) => Err(ProviderError::io(
+            Ok(other) => Err(ProviderError::internal(
                 format!("vm {vm_id}"),
-                io::Error::other(format!("unexpected answer to an identity reset: {other:?}")),
+                format!("unexpected answer to an identity reset: {other:?}"),
             )),
             Err(e) => Err(agent_error(vm_id, machine, e).await),
         }
@@ -1245,9 +1194,9 @@ impl Inner {
                 return Ok(());
             }
             let path = state.clone();
-            let digest = tokio::task::spawn_blocking(move || machine::sha256_file(&path))
+            let digest = tokio::task::spawn_blocking(move || sha256_file(&path))
                 .await
-                .map_err(|e| ProviderError::io("checksum task failed", io::Error::other(e)))?
+                .map_err(|e| ProviderError::internal("the checksum task failed", e))?
                 .map_err(|e| ProviderError::io("cannot read snapshot state", e))?;
             if digest == snapshot.state_sha256 {
                 Ok(())
@@ -1428,7 +1377,7 @@ impl Inner {
             instance: machine.instance.clone(),
             identity_pending: false,
         };
-        let dir = self.vms_dir.join(vm_id.as_str());
+        let dir = self.root.vm_dir(vm_id);
         {
             // Writing meta.json is the commit point.
             let (dir, meta) = (dir.clone(), meta.clone());
@@ -1688,7 +1637,7 @@ impl VmProvider for QemuProvider {
                 meta,
             )
         };
-        let staging = inner.tmp_dir.join(unique_name("snapshot"));
+        let staging = inner.root.staging("snapshot");
         let mut guard = SnapshotGuard {
             inner: inner.clone(),
             snapshot_id: snapshot_id.clone(),
@@ -1723,10 +1672,9 @@ impl VmProvider for QemuProvider {
                 .wait_migration(vm_id, &machine, qmp, timeout)
                 .await
                 .map_err(|e| match e {
-                    ProviderError::CommandFailed(desc) => ProviderError::io(
-                        format!("vm {vm_id}: saving its state"),
-                        io::Error::other(desc),
-                    ),
+                    ProviderError::CommandFailed(desc) => {
+                        ProviderError::internal(format!("vm {vm_id}: saving its state"), desc)
+                    }
                     e => e,
                 })
         }
@@ -1749,7 +1697,7 @@ impl VmProvider for QemuProvider {
                 let state_bytes = std::fs::metadata(&state)
                     .map_err(|e| ProviderError::io("cannot inspect the saved state", e))?
                     .len();
-                let state_sha256 = machine::sha256_file(&state)
+                let state_sha256 = sha256_file(&state)
                     .map_err(|e| ProviderError::io("cannot read the saved state", e))?;
                 let meta = SnapshotMeta {
                     state_sha256,
@@ -1795,7 +1743,7 @@ impl VmProvider for QemuProvider {
             found
         };
         // Gone from the index first; then the process and every file.
-        let trash = inner.tmp_dir.join(unique_name("destroy"));
+        let trash = inner.root.staging("destroy");
         {
             let (dir, trash) = (dir.clone(), trash.clone());
             blocking(move || {
@@ -1853,7 +1801,7 @@ impl VmProvider for QemuProvider {
             if slot.meta.state == VmState::Destroyed || !index.vms.contains_key(old) {
                 return Err(ProviderError::vm_destroyed(old));
             }
-            let new_dir = inner.vms_dir.join(new.as_str());
+            let new_dir = inner.root.vm_dir(new);
             rename_noreplace(&slot.dir, &new_dir)
                 .map_err(|e| ProviderError::io(format!("cannot rename vm {old} to {new}"), e))?;
             slot.dir = new_dir.clone();
@@ -1980,10 +1928,9 @@ impl VmProvider for QemuProvider {
             .get(snapshot_id)
             .cloned()
             .ok_or_else(|| ProviderError::snapshot_not_found(snapshot_id))?;
-        let meta_bytes = serde_json::to_vec_pretty(&meta)
-            .map_err(|e| ProviderError::io("cannot encode metadata", io::Error::other(e)))?;
+        let meta_bytes = to_json(&meta)?;
         let state = inner.snapshot_dir(snapshot_id).join("state");
-        let zst = inner.tmp_dir.join(unique_name("export"));
+        let zst = inner.root.staging("export");
         let level = inner.config.snapshot_compression_level;
         {
             let zst = zst.clone();
@@ -2011,7 +1958,7 @@ impl VmProvider for QemuProvider {
             }
             index.snapshotting.insert(snapshot_id.clone());
         }
-        let staging = inner.tmp_dir.join(unique_name("import"));
+        let staging = inner.root.staging("import");
         let mut guard = SnapshotGuard {
             inner: inner.clone(),
             snapshot_id: snapshot_id.clone(),
@@ -2069,7 +2016,7 @@ impl VmProvider for QemuProvider {
         let inner = self.inner.clone();
         let snapshot_id = snapshot_id.clone();
         blocking(move || {
-            let trash = inner.tmp_dir.join(unique_name("delete"));
+            let trash = inner.root.staging("delete");
             {
                 let mut index = inner.index.lock();
                 if !index.snapshots.contains_key(&snapshot_id) {

@@ -9,34 +9,13 @@ use std::time::Duration;
 
 use hearth_messages::ExecRequest;
 use hearth_messages::agent::{AgentReply, Identity};
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use tokio::sync::mpsc;
 
 use super::agent::{AgentCallError, AgentLink, ExecLimits};
+use super::registry::state_root::hex;
 use super::{ExecSpec, OutputChunk, OutputStream, Program, ProviderError, VmId, now_ms};
-
-/// Hex SHA-256 of a file, streamed.
-pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-    }
-    Ok(hex(ctx.finish().as_ref()))
-}
-
-/// Lowercase hex of `bytes`.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// Largest backup: the agent's output cap.
 pub(crate) const BACKUP_MAX_BYTES: usize = hearth_messages::data::MAX_OUTPUT_BYTES as usize;
@@ -87,7 +66,7 @@ pub(crate) async fn backup_via_agent(
     let outcome = agent.exec(req, BACKUP_MAX_BYTES, Some(tx), limits).await;
     let written = writer
         .await
-        .map_err(|e| ProviderError::io("backup writer failed", io::Error::other(e)))
+        .map_err(|e| ProviderError::internal("the backup writer failed", e))
         .and_then(|r| r.map_err(|e| ProviderError::io("cannot write backup", e)));
     let fail = |e: BackupError| {
         let _ = std::fs::remove_file(&partial);
@@ -149,58 +128,6 @@ impl Failures {
     }
 }
 
-pub(crate) fn remove_dir_logged(path: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(path)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        warn!(path = %path.display(), error = %e, "cannot remove directory");
-    }
-}
-
-pub(crate) fn unique_name(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
-pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), ProviderError> {
-    let bytes = serde_json::to_vec_pretty(value)
-        .map_err(|e| ProviderError::io("cannot encode metadata", io::Error::other(e)))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| ProviderError::io(format!("cannot write {}", path.display()), e))
-}
-
-pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> io::Result<T> {
-    let bytes = std::fs::read(path)?;
-    serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-/// `rename(2)` that fails instead of replacing an existing target.
-pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    use nix::errno::Errno;
-    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
-    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
-        Ok(()) => Ok(()),
-        Err(Errno::EINVAL) | Err(Errno::ENOSYS) => {
-            if std::fs::symlink_metadata(to).is_ok() {
-                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
-            }
-            std::fs::rename(from, to)
-        }
-        Err(errno) => Err(io::Error::from(errno)),
-    }
-}
-
-pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ProviderError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, ProviderError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ProviderError::io("blocking task failed", io::Error::other(e.to_string())))?
-}
-
 /// `len` bytes from the host's kernel RNG.
 pub(crate) fn host_random(len: usize) -> Result<Vec<u8>, ProviderError> {
     let mut bytes = vec![0u8; len];
@@ -238,28 +165,17 @@ pub(crate) async fn agent_error(
     dead: &CancellationToken,
     exit_reason: &(dyn Fn() -> String + Send + Sync),
 ) -> ProviderError {
-    use hearth_messages::agent::AgentErrorKind as K;
     match e {
-        AgentCallError::Timeout { .. } => ProviderError::Timeout(format!("vm {vm_id}: {e}")),
-        AgentCallError::Agent(err) => match err.kind {
-            K::InvalidArgument => ProviderError::InvalidArgument(err.message),
-            K::NotFound => ProviderError::NotFound(err.message),
-            K::Unsupported => ProviderError::Unsupported(err.message),
-            K::Io | K::Cancelled | K::Other => ProviderError::io(
-                format!("vm {vm_id}: in the guest"),
-                io::Error::other(err.message),
-            ),
-            K::NoSpace => ProviderError::NoSpace(err.message),
-        },
-        e => {
+        AgentCallError::Closed | AgentCallError::Io(_) | AgentCallError::Protocol(_) => {
             // A lost channel usually means the VMM died: wait for its watcher to say so.
             let _ = tokio::time::timeout(Duration::from_millis(500), dead.cancelled()).await;
             if dead.is_cancelled() {
                 ProviderError::InvalidState(format!("vm {vm_id} failed: {}", exit_reason()))
             } else {
-                ProviderError::io(format!("vm {vm_id}"), io::Error::other(e.to_string()))
+                e.for_vm(vm_id)
             }
         }
+        e => e.for_vm(vm_id),
     }
 }
 
@@ -285,9 +201,9 @@ pub(crate) fn transfer_allowance(bytes: u64) -> Duration {
 }
 
 pub(crate) fn unexpected(vm_id: &VmId, reply: &AgentReply) -> ProviderError {
-    ProviderError::io(
+    ProviderError::internal(
         format!("vm {vm_id}"),
-        io::Error::other(format!("unexpected answer from the guest agent: {reply:?}")),
+        format!("unexpected answer from the guest agent: {reply:?}"),
     )
 }
 
