@@ -10,7 +10,7 @@
 //! per-VM async lock and enforces capacity. Providers are still internally thread-safe: operations on
 //! different VMs run in parallel and no provider holds a global lock across a long await.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +29,9 @@ mod paths;
 pub mod process;
 pub mod qemu;
 mod registry;
+
+pub use registry::TOMBSTONE_CAPACITY;
+pub(crate) use registry::Tombstones;
 mod snapshot_archive;
 mod vmm;
 
@@ -695,59 +698,25 @@ pub(crate) mod lifecycle {
     }
 }
 
-/// How many destroyed VMs stay visible as `Destroyed`.
-pub const TOMBSTONE_CAPACITY: usize = 1024;
+/// How long a bootstrap command may run.
+pub(crate) const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(600);
+/// Output kept from a bootstrap command for the error message.
+pub(crate) const BOOTSTRAP_OUTPUT_BYTES: usize = 64 * 1024;
 
-/// Recently destroyed VMs, so that exec on one is `InvalidState` (409), not `NotFound`. Bounded (the
-/// oldest is forgotten first) and in memory only: lost on restart.
-#[derive(Debug)]
-pub(crate) struct Tombstones {
-    order: VecDeque<VmId>,
-    views: HashMap<VmId, VmView>,
-    capacity: usize,
-}
-
-impl Default for Tombstones {
-    fn default() -> Self {
-        Self::with_capacity(TOMBSTONE_CAPACITY)
-    }
-}
-
-impl Tombstones {
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
-        Self {
-            order: VecDeque::new(),
-            views: HashMap::new(),
-            capacity,
-        }
-    }
-
-    /// Records `view` (its state set to `Destroyed`), forgetting the oldest beyond capacity.
-    pub(crate) fn insert(&mut self, mut view: VmView) {
-        view.state = VmState::Destroyed;
-        self.remove(&view.vm_id);
-        self.order.push_back(view.vm_id.clone());
-        self.views.insert(view.vm_id.clone(), view);
-        while self.order.len() > self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.views.remove(&oldest);
-            }
-        }
-    }
-
-    pub(crate) fn remove(&mut self, vm_id: &VmId) {
-        if self.views.remove(vm_id).is_some() {
-            self.order.retain(|id| id != vm_id);
-        }
-    }
-
-    pub(crate) fn get(&self, vm_id: &VmId) -> Option<&VmView> {
-        self.views.get(vm_id)
-    }
-
-    pub(crate) fn views(&self) -> impl Iterator<Item = &VmView> {
-        self.views.values()
-    }
+/// The error of a bootstrap that did not succeed: how it ended, and the end of what it said
+/// (its stderr, or its stdout when it wrote nothing to stderr). The same on every backend.
+pub(crate) fn bootstrap_failed(vm_id: &VmId, outcome: &ExecOutcome) -> ProviderError {
+    let how = if outcome.timed_out {
+        format!("timed out after {}s", BOOTSTRAP_TIMEOUT.as_secs())
+    } else {
+        format!("exited with code {}", outcome.exit_code)
+    };
+    let tail = if outcome.stderr.is_empty() {
+        tail_lossy(&outcome.stdout, 2000)
+    } else {
+        tail_lossy(&outcome.stderr, 2000)
+    };
+    ProviderError::CommandFailed(format!("bootstrap of vm {vm_id} {how}: {tail}"))
 }
 
 /// Now as unix milliseconds.
@@ -767,34 +736,6 @@ pub(crate) fn tail_lossy(bytes: &[u8], max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn view(id: &str) -> VmView {
-        VmView {
-            vm_id: VmId::new(id).unwrap(),
-            state: VmState::Running,
-            template: None,
-            created_ms: 1,
-            last_activity_ms: 1,
-            stopped_ms: None,
-            restored_from: None,
-        }
-    }
-
-    #[test]
-    fn tombstones_are_bounded_and_forget_the_oldest_first() {
-        let mut t = Tombstones::with_capacity(2);
-        t.insert(view("a"));
-        t.insert(view("b"));
-        t.insert(view("a")); // re-destroyed: now the newest
-        t.insert(view("c"));
-        assert!(t.get(&VmId::new("b").unwrap()).is_none());
-        assert_eq!(
-            t.get(&VmId::new("a").unwrap()).unwrap().state,
-            VmState::Destroyed
-        );
-        assert!(t.get(&VmId::new("c").unwrap()).is_some());
-        assert_eq!(t.views().count(), 2);
-    }
 
     #[test]
     fn error_kinds_map_to_wire_codes() {

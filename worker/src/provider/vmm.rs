@@ -2,7 +2,7 @@
 //! randomness and identities, mapping agent failures onto [`ProviderError`], and the exec request
 //! sent to a guest agent.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::agent::{AgentCallError, AgentLink, ExecLimits};
 use super::registry::state_root::hex;
-use super::{ExecSpec, OutputChunk, OutputStream, Program, ProviderError, VmId, now_ms};
+use super::{ExecSpec, OutputChunk, OutputStream, Program, ProviderError, VmId, VmSpec, now_ms};
 
 /// Largest backup: the agent's output cap.
 pub(crate) const BACKUP_MAX_BYTES: usize = hearth_messages::data::MAX_OUTPUT_BYTES as usize;
@@ -97,36 +97,67 @@ pub(crate) async fn backup_via_agent(
     Ok(dest)
 }
 
-/// How many failure reasons of dead VMs are remembered (like tombstones).
-pub(crate) const FAILURE_CAPACITY: usize = super::TOMBSTONE_CAPACITY;
+/// What a VM's `meta.json` adds for a VM in a VMM process (qemu, firecracker).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct GuestVm<M> {
+    /// What a snapshot of the VM must be restored into.
+    pub machine: M,
+    /// The VMM process: `run/<instance>`.
+    pub instance: String,
+    /// Renamed while stopped: the guest gets its new identity on the next start.
+    #[serde(default)]
+    pub identity_pending: bool,
+}
+
+/// Rejects a VM size the VMM cannot give (the same rule on every VMM; only the vCPU limit
+/// differs): vCPUs in `1..=max_vcpus`, memory in `128..=1048576` MiB.
+pub(crate) fn check_machine_size(spec: &VmSpec, max_vcpus: u32) -> Result<(), ProviderError> {
+    if !(1..=max_vcpus).contains(&spec.vcpus) {
+        return Err(ProviderError::InvalidArgument(format!(
+            "vcpus must be in 1..={max_vcpus}, got {}",
+            spec.vcpus
+        )));
+    }
+    if !(128..=1 << 20).contains(&spec.memory_mib) {
+        return Err(ProviderError::InvalidArgument(format!(
+            "memory_mib must be in 128..=1048576, got {}",
+            spec.memory_mib
+        )));
+    }
+    Ok(())
+}
+
+/// A VMM binary's `--version` (its first line); `Unavailable` if it cannot run. Snapshots
+/// record it: state only loads into the same build.
+pub(crate) fn vmm_version(bin: &Path) -> Result<String, ProviderError> {
+    let output = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| ProviderError::Unavailable(format!("cannot run {}: {e}", bin.display())))?;
+    if !output.status.success() {
+        return Err(ProviderError::Unavailable(format!(
+            "{} --version fails: {}",
+            bin.display(),
+            super::tail_lossy(&output.stderr, 300)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
+}
+
+/// The last lines of a VMM's log, for error messages.
+pub(crate) fn log_tail(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| super::tail_lossy(&b, 600))
+        .unwrap_or_default()
+}
+
 /// Bytes of host entropy pushed into a guest's RNG on every identity reset.
 pub(crate) const ENTROPY_BYTES: usize = 64;
-
-/// Why recently failed VMs failed, for their error messages (bounded like tombstones).
-#[derive(Debug, Default)]
-pub(crate) struct Failures {
-    order: VecDeque<VmId>,
-    pub(crate) reasons: HashMap<VmId, String>,
-}
-
-impl Failures {
-    pub(crate) fn insert(&mut self, vm_id: VmId, reason: String) {
-        if self.reasons.insert(vm_id.clone(), reason).is_none() {
-            self.order.push_back(vm_id);
-        }
-        while self.order.len() > FAILURE_CAPACITY {
-            if let Some(old) = self.order.pop_front() {
-                self.reasons.remove(&old);
-            }
-        }
-    }
-
-    pub(crate) fn remove(&mut self, vm_id: &VmId) {
-        if self.reasons.remove(vm_id).is_some() {
-            self.order.retain(|id| id != vm_id);
-        }
-    }
-}
 
 /// `len` bytes from the host's kernel RNG.
 pub(crate) fn host_random(len: usize) -> Result<Vec<u8>, ProviderError> {
@@ -240,15 +271,5 @@ mod tests {
         assert_ne!(a.machine_id, b.machine_id);
         assert_ne!(a.entropy, b.entropy);
         assert_eq!(a.entropy.len(), ENTROPY_BYTES);
-    }
-
-    #[test]
-    fn failures_are_bounded() {
-        let mut f = Failures::default();
-        for i in 0..FAILURE_CAPACITY + 5 {
-            f.insert(VmId::new(format!("vm-{i}")).unwrap(), "x".into());
-        }
-        assert_eq!(f.reasons.len(), FAILURE_CAPACITY);
-        assert!(!f.reasons.contains_key(&VmId::new("vm-0").unwrap()));
     }
 }

@@ -26,7 +26,7 @@
 //! firecracker.log, firecracker.pid}`, `snapshots/<id>/{meta.json, vmstate, mem, rootfs.ext4}`,
 //! `tmp/`, `lock`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -47,29 +47,32 @@ use tracing::{info, warn};
 use super::agent::{AgentCallError, AgentLink, Connector, ExecLimits};
 use super::paths;
 use super::registry::state_root::{
-    StateRoot, blocking, read_json, remove_dir_logged, rename_noreplace, sha256_file, to_json,
-    write_json_atomic,
+    StateRoot, blocking, in_background, remove_dir_logged, sha256_file, to_json,
 };
+use super::registry::{self, Backend, Registered, Registry, SnapshotBackend, SnapshotMeta};
 use super::snapshot_archive as archive;
-use super::vmm::{self, Failures, exec_request, new_identity, transfer_allowance, unexpected};
+use super::vmm::{
+    self, GuestVm, exec_request, log_tail, new_identity, transfer_allowance, unexpected,
+    vmm_version,
+};
 use super::{
-    ExecOutcome, ExecSpec, OutputChunk, ProviderError, SnapshotId, SnapshotInfo, TemplateName,
-    Tombstones, VmId, VmProvider, VmQuery, VmSpec, VmState, VmView, lifecycle, now_ms, tail_lossy,
+    BOOTSTRAP_OUTPUT_BYTES, BOOTSTRAP_TIMEOUT, ExecOutcome, ExecSpec, OutputChunk, ProviderError,
+    SnapshotId, SnapshotInfo, VmId, VmProvider, VmSpec, VmState, VmView, bootstrap_failed,
+    lifecycle, now_ms,
 };
 
 mod api;
 
 use api::ApiRequest;
 
-const META_FORMAT: u32 = 1;
 /// The snapshot files, in export order.
 const SNAPSHOT_FILES: [&str; 3] = ["vmstate", "mem", "rootfs.ext4"];
 const ROOTFS: &str = "rootfs.ext4";
 const API_SOCKET: &str = "api.sock";
 const VSOCK_SOCKET: &str = "v.sock";
 const GUEST_CID: u32 = 3;
-const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(600);
-const BOOTSTRAP_OUTPUT_BYTES: usize = 64 * 1024;
+/// Most vCPUs of a Firecracker VM.
+const MAX_VCPUS: u32 = 32;
 
 /// A network interface with MMDS (one host tap device: suits one VM at a time).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,7 +191,7 @@ impl FirecrackerConfig {
 
 /// What must match between a snapshot and its restores.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct FcMachine {
+pub(crate) struct FcMachine {
     vcpus: u32,
     memory_mib: u32,
     kernel: PathBuf,
@@ -196,36 +199,17 @@ struct FcMachine {
     firecracker_version: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct VmMeta {
-    format: u32,
-    vm_id: VmId,
-    state: VmState,
-    template: Option<TemplateName>,
-    created_ms: u64,
-    last_activity_ms: u64,
-    stopped_ms: Option<u64>,
-    restored_from: Option<SnapshotId>,
-    env: BTreeMap<String, String>,
-    machine: FcMachine,
-    instance: String,
-    #[serde(default)]
-    identity_pending: bool,
+/// The firecracker backend's part of the registry.
+#[derive(Debug)]
+pub(crate) struct Firecracker;
+
+impl Backend for Firecracker {
+    type Vm = GuestVm<FcMachine>;
+    type Runtime = Arc<Machine>;
+    type Snapshot = FcSnapshot;
 }
 
-impl VmMeta {
-    fn view(&self) -> VmView {
-        VmView {
-            vm_id: self.vm_id.clone(),
-            state: self.state,
-            template: self.template.clone(),
-            created_ms: self.created_ms,
-            last_activity_ms: self.last_activity_ms,
-            stopped_ms: self.stopped_ms,
-            restored_from: self.restored_from.clone(),
-        }
-    }
-}
+type VmMeta = registry::VmMeta<GuestVm<FcMachine>>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct FileDigest {
@@ -233,34 +217,23 @@ struct FileDigest {
     bytes: u64,
 }
 
+/// What a firecracker snapshot's `meta.json` adds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SnapshotMeta {
-    format: u32,
-    snapshot_id: SnapshotId,
-    source_vm: Option<VmId>,
-    template: Option<TemplateName>,
-    created_ms: u64,
-    env: BTreeMap<String, String>,
+pub(crate) struct FcSnapshot {
     machine: FcMachine,
     /// Every file of [`SNAPSHOT_FILES`].
     files: BTreeMap<String, FileDigest>,
 }
 
-impl SnapshotMeta {
-    fn info(&self) -> SnapshotInfo {
-        SnapshotInfo {
-            snapshot_id: self.snapshot_id.clone(),
-            source_vm: self.source_vm.clone(),
-            template: self.template.clone(),
-            created_ms: self.created_ms,
-            size_bytes: self.files.values().map(|f| f.bytes).sum(),
-        }
+impl SnapshotBackend for FcSnapshot {
+    fn size_bytes(&self) -> u64 {
+        self.files.values().map(|f| f.bytes).sum()
     }
 }
 
 /// One Firecracker process.
 #[derive(Debug)]
-struct Machine {
+pub(crate) struct Machine {
     instance: String,
     run: PathBuf,
     pid: i32,
@@ -322,68 +295,13 @@ async fn agent_error(vm_id: &VmId, machine: &Machine, e: AgentCallError) -> Prov
 }
 
 #[derive(Debug)]
-struct VmRecord {
-    slot: Mutex<VmSlot>,
-}
-
-#[derive(Debug)]
-struct VmSlot {
-    dir: PathBuf,
-    meta: VmMeta,
-    machine: Arc<Machine>,
-}
-
-#[derive(Debug, Default)]
-struct Index {
-    vms: BTreeMap<VmId, Arc<VmRecord>>,
-    creating: HashSet<VmId>,
-    tombstones: Tombstones,
-    failures: Failures,
-    snapshots: BTreeMap<SnapshotId, SnapshotMeta>,
-    snapshotting: HashSet<SnapshotId>,
-}
-
-impl Index {
-    fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
-        if let Some(record) = self.vms.get(vm_id) {
-            return Ok(record.clone());
-        }
-        if self.tombstones.get(vm_id).is_some() {
-            return Err(match self.failures.reasons.get(vm_id) {
-                Some(reason) => ProviderError::InvalidState(format!("vm {vm_id} failed: {reason}")),
-                None => ProviderError::vm_destroyed(vm_id),
-            });
-        }
-        Err(ProviderError::vm_not_found(vm_id))
-    }
-
-    fn vm_taken(&self, vm_id: &VmId) -> bool {
-        self.vms.contains_key(vm_id) || self.creating.contains(vm_id)
-    }
-
-    fn snapshot_taken(&self, snapshot_id: &SnapshotId) -> bool {
-        self.snapshots.contains_key(snapshot_id) || self.snapshotting.contains(snapshot_id)
-    }
-
-    fn bury(&mut self, vm_id: &VmId, mut view: VmView, failure: Option<String>) {
-        self.vms.remove(vm_id);
-        view.last_activity_ms = now_ms();
-        self.tombstones.insert(view);
-        match failure {
-            Some(reason) => self.failures.insert(vm_id.clone(), reason),
-            None => self.failures.remove(vm_id),
-        }
-    }
-}
-
-#[derive(Debug)]
 struct Inner {
-    root: StateRoot,
+    /// The VMs and snapshots, and the locked state root they live under.
+    registry: Arc<Registry<Firecracker>>,
     config: FirecrackerConfig,
     version: String,
     /// `run/`: one directory per VMM process.
     run_dir: PathBuf,
-    index: Mutex<Index>,
 }
 
 /// The firecracker adapter.
@@ -397,22 +315,33 @@ impl Drop for FirecrackerProvider {
         if !self.inner.config.kill_on_drop {
             return;
         }
-        let records: Vec<Arc<VmRecord>> = self.inner.index.lock().vms.values().cloned().collect();
-        for record in records {
+        for record in self.inner.registry.records() {
             let slot = record.slot.lock();
-            slot.machine.kill_now();
-            remove_dir_logged(&slot.machine.run);
+            slot.runtime.kill_now();
+            remove_dir_logged(&slot.runtime.run);
             remove_dir_logged(&slot.dir);
         }
     }
 }
 
 /// Kills a half-started Firecracker and removes its run directory unless disarmed.
-struct LaunchGuard(Option<Arc<Machine>>);
+struct LaunchGuard {
+    machine: Option<Arc<Machine>>,
+}
+
+impl LaunchGuard {
+    fn machine(&self) -> Arc<Machine> {
+        self.machine.clone().expect("armed guard")
+    }
+
+    fn disarm(mut self) -> Arc<Machine> {
+        self.machine.take().expect("armed guard")
+    }
+}
 
 impl Drop for LaunchGuard {
     fn drop(&mut self) {
-        if let Some(machine) = self.0.take() {
+        if let Some(machine) = self.machine.take() {
             machine.kill_now();
             let run = machine.run.clone();
             match tokio::runtime::Handle::try_current() {
@@ -428,54 +357,12 @@ impl Drop for LaunchGuard {
     }
 }
 
-struct IdReservation(Arc<Inner>, Option<VmId>);
-
-impl Drop for IdReservation {
-    fn drop(&mut self) {
-        if let Some(vm_id) = self.1.take() {
-            self.0.index.lock().creating.remove(&vm_id);
-        }
-    }
-}
-
-struct SnapshotGuard(Arc<Inner>, SnapshotId, PathBuf);
-
-impl Drop for SnapshotGuard {
-    fn drop(&mut self) {
-        self.0.index.lock().snapshotting.remove(&self.1);
-        let staging = std::mem::take(&mut self.2);
-        if !staging.as_os_str().is_empty() {
-            remove_dir_logged(&staging);
-        }
-    }
-}
-
-fn firecracker_version(bin: &Path) -> Result<String, ProviderError> {
-    let output = std::process::Command::new(bin)
-        .arg("--version")
-        .output()
-        .map_err(|e| ProviderError::Unavailable(format!("cannot run {}: {e}", bin.display())))?;
-    if !output.status.success() {
-        return Err(ProviderError::Unavailable(format!(
-            "{} --version fails: {}",
-            bin.display(),
-            tail_lossy(&output.stderr, 300)
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_owned())
-}
-
 impl FirecrackerProvider {
     /// Opens the state under `config.root`: kills Firecracker processes left by a previous run
     /// (their VMs are reported gone), keeps snapshots. `Unavailable` without a runnable
     /// Firecracker or `/dev/kvm`.
     pub fn open(config: FirecrackerConfig) -> Result<Self, ProviderError> {
-        let version = firecracker_version(&config.firecracker)?;
+        let version = vmm_version(&config.firecracker)?;
         if !Path::new("/dev/kvm").exists() {
             return Err(ProviderError::Unavailable(
                 "firecracker needs /dev/kvm".into(),
@@ -484,10 +371,9 @@ impl FirecrackerProvider {
         let root = StateRoot::open(&config.root, &["run"])?;
         let inner = Inner {
             run_dir: root.dir("run"),
-            root,
+            registry: Arc::new(Registry::new(root)),
             config,
             version,
-            index: Mutex::new(Index::default()),
         };
         inner.reconcile()?;
         info!(version = %inner.version, "firecracker provider opened");
@@ -499,8 +385,9 @@ impl FirecrackerProvider {
 
 impl Inner {
     fn reconcile(&self) -> Result<(), ProviderError> {
-        self.root.empty_tmp(remove_dir_logged)?;
-        for entry in StateRoot::list(self.root.vms_dir())? {
+        let registry = &self.registry;
+        registry.root().empty_tmp(remove_dir_logged)?;
+        for entry in StateRoot::list(registry.root().vms_dir())? {
             warn!(vm = %entry.file_name().to_string_lossy(), "vm lost: firecracker vms do not survive a worker restart");
             remove_dir_logged(&entry.path());
         }
@@ -522,48 +409,19 @@ impl Inner {
             }
             remove_dir_logged(&run);
         }
-        let mut index = self.index.lock();
-        for entry in StateRoot::list(self.root.snapshots_dir())? {
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| SnapshotId::new(n).ok())
-            else {
-                continue;
-            };
-            match read_json::<SnapshotMeta>(&entry.path().join("meta.json")) {
-                Ok(meta) => {
-                    index.snapshots.insert(
-                        id.clone(),
-                        SnapshotMeta {
-                            snapshot_id: id,
-                            ..meta
-                        },
-                    );
+        registry.load_snapshots(|dir, meta| {
+            for (name, digest) in &meta.backend.files {
+                match std::fs::metadata(dir.join(name)) {
+                    Ok(m) if m.len() == digest.bytes => {}
+                    _ => return Err(format!("its {name} is missing or the wrong size")),
                 }
-                Err(e) => warn!(snapshot_id = %id, error = %e, "ignoring unreadable snapshot"),
             }
-        }
-        Ok(())
+            Ok(meta)
+        })
     }
 
     fn snapshot_dir(&self, id: &SnapshotId) -> PathBuf {
-        self.root.snapshot_dir(id)
-    }
-
-    fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
-        self.index.lock().record(vm_id)
-    }
-
-    fn running(&self, vm_id: &VmId) -> Result<(Arc<VmRecord>, Arc<Machine>), ProviderError> {
-        let record = self.record(vm_id)?;
-        let machine = {
-            let mut slot = record.slot.lock();
-            lifecycle::require_running(vm_id, slot.meta.state)?;
-            slot.meta.last_activity_ms = now_ms();
-            slot.machine.clone()
-        };
-        Ok((record, machine))
+        self.registry.root().snapshot_dir(id)
     }
 
     fn agent_deadline(&self) -> Instant {
@@ -580,23 +438,20 @@ impl Inner {
     /// The VMM process died on its own.
     fn machine_died(self: &Arc<Self>, machine: &Arc<Machine>) {
         let reason = machine.exit_reason();
-        let found = {
-            let mut index = self.index.lock();
-            let found = index.vms.iter().find_map(|(id, record)| {
-                let slot = record.slot.lock();
-                Arc::ptr_eq(&slot.machine, machine)
-                    .then(|| (id.clone(), slot.meta.view(), slot.dir.clone()))
-            });
-            if let Some((vm_id, view, _)) = &found {
-                index.bury(vm_id, view.clone(), Some(reason.clone()));
-            }
-            found
-        };
-        if let Some((vm_id, _, dir)) = found {
+        let buried = self
+            .registry
+            .bury_failed(|slot| Arc::ptr_eq(&slot.runtime, machine), reason.clone());
+        if let Some((vm_id, _)) = &buried {
             warn!(%vm_id, reason, "vm failed: its firecracker process is gone");
-            remove_dir_logged(&dir);
         }
-        remove_dir_logged(&machine.run);
+        let dir = buried.map(|(_, dir)| dir);
+        let run = machine.run.clone();
+        in_background(move || {
+            if let Some(dir) = dir {
+                remove_dir_logged(&dir);
+            }
+            remove_dir_logged(&run);
+        });
     }
 
     /// Starts a Firecracker process in a new run directory holding `rootfs` (copied), and waits for
@@ -639,7 +494,14 @@ impl Inner {
             }
         };
         let pid = child.id().map_or(0, |p| p as i32);
-        let _ = std::fs::write(run.join("firecracker.pid"), pid.to_string());
+        {
+            let pidfile = run.join("firecracker.pid");
+            blocking(move || {
+                std::fs::write(&pidfile, pid.to_string())
+                    .map_err(|e| ProviderError::io("cannot write the pid file", e))
+            })
+            .await?;
+        }
         let machine = Arc::new(Machine {
             agent: AgentLink::new(
                 Connector::FirecrackerVsock {
@@ -675,15 +537,15 @@ impl Inner {
                 }
             });
         }
-        let guard = LaunchGuard(Some(machine.clone()));
+        let guard = LaunchGuard {
+            machine: Some(machine.clone()),
+        };
         let deadline = Instant::now() + self.config.api_timeout();
         while !machine.run.join(API_SOCKET).exists() {
             if machine.dead.is_cancelled() || Instant::now() >= deadline {
                 return Err(ProviderError::Unavailable(format!(
                     "firecracker did not start: {}",
-                    std::fs::read(machine.run.join("firecracker.log"))
-                        .map(|b| tail_lossy(&b, 600))
-                        .unwrap_or_default()
+                    log_tail(&machine.run.join("firecracker.log"))
                 )));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -744,48 +606,40 @@ impl Inner {
         spec: &VmSpec,
     ) -> Result<VmView, ProviderError> {
         spec.validate()?;
-        let snapshot = {
-            let mut index = self.index.lock();
-            let snapshot = match &spec.restore_from {
-                Some(id) => Some(
-                    index
-                        .snapshots
-                        .get(id)
-                        .cloned()
-                        .ok_or_else(|| ProviderError::snapshot_not_found(id))?,
-                ),
-                None => None,
-            };
-            if index.vm_taken(vm_id) {
-                return Err(ProviderError::vm_exists(vm_id));
-            }
-            index.creating.insert(vm_id.clone());
-            snapshot
-        };
-        let mut reservation = IdReservation(self.clone(), Some(vm_id.clone()));
-        let mut env = snapshot.as_ref().map(|s| s.env.clone()).unwrap_or_default();
-        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let (reservation, snapshot) = self
+            .registry
+            .reserve_vm(vm_id, spec.restore_from.as_ref())?;
+        info!(%vm_id, restore_from = ?spec.restore_from, "creating vm");
+        let env = registry::meta::inherited_env(spec, snapshot.as_ref());
         let api_timeout = self.config.api_timeout();
         let (guard, machine_spec) = match &snapshot {
             Some(snapshot) => {
-                if snapshot.machine.firecracker_version != self.version {
+                let machine_spec = &snapshot.backend.machine;
+                if machine_spec.firecracker_version != self.version {
                     return Err(ProviderError::Unavailable(format!(
                         "snapshot {} was taken with {}; this worker runs {}",
-                        snapshot.snapshot_id, snapshot.machine.firecracker_version, self.version
+                        snapshot.snapshot_id, machine_spec.firecracker_version, self.version
                     )));
                 }
                 let dir = self.snapshot_dir(&snapshot.snapshot_id);
-                for (name, digest) in &snapshot.files {
-                    let size = std::fs::metadata(dir.join(name)).map(|m| m.len()).ok();
-                    if size != Some(digest.bytes) {
-                        return Err(ProviderError::InvalidArgument(format!(
-                            "snapshot {} cannot be restored: its {name} is missing or the wrong size",
-                            snapshot.snapshot_id
-                        )));
-                    }
+                {
+                    let (dir, files) = (dir.clone(), snapshot.backend.files.clone());
+                    let snapshot_id = snapshot.snapshot_id.clone();
+                    blocking(move || {
+                        for (name, digest) in &files {
+                            let size = std::fs::metadata(dir.join(name)).map(|m| m.len()).ok();
+                            if size != Some(digest.bytes) {
+                                return Err(ProviderError::InvalidArgument(format!(
+                                    "snapshot {snapshot_id} cannot be restored: its {name} is missing or the wrong size"
+                                )));
+                            }
+                        }
+                        Ok(())
+                    })
+                    .await?;
                 }
                 let guard = self.launch(&dir.join(ROOTFS)).await?;
-                let machine = guard.0.clone().expect("armed");
+                let machine = guard.machine();
                 let overrides: Vec<(String, String)> = self
                     .config
                     .mmds
@@ -810,9 +664,10 @@ impl Inner {
                     .await?;
                 self.reset_identity(vm_id, &machine, &env, self.agent_deadline())
                     .await?;
-                (guard, snapshot.machine.clone())
+                (guard, machine_spec.clone())
             }
             None => {
+                vmm::check_machine_size(spec, MAX_VCPUS)?;
                 let kernel_sha256 = {
                     let kernel = self.config.kernel.clone();
                     blocking(move || {
@@ -822,14 +677,14 @@ impl Inner {
                     .await?
                 };
                 let machine_spec = FcMachine {
-                    vcpus: spec.vcpus.clamp(1, 32),
-                    memory_mib: spec.memory_mib.max(128),
+                    vcpus: spec.vcpus,
+                    memory_mib: spec.memory_mib,
                     kernel: self.config.kernel.clone(),
                     kernel_sha256,
                     firecracker_version: self.version.clone(),
                 };
                 let guard = self.launch(&self.config.rootfs).await?;
-                let machine = guard.0.clone().expect("armed");
+                let machine = guard.machine();
                 let mut requests = vec![
                     ApiRequest::machine_config(machine_spec.vcpus, machine_spec.memory_mib),
                     ApiRequest::boot_source(
@@ -866,80 +721,28 @@ impl Inner {
                         Err(e) => return Err(agent_error(vm_id, &machine, e).await),
                     };
                     if !outcome.success() {
-                        return Err(ProviderError::CommandFailed(format!(
-                            "bootstrap of vm {vm_id} exited with code {}: {}",
-                            outcome.exit_code,
-                            tail_lossy(&outcome.stderr, 2000)
-                        )));
+                        return Err(bootstrap_failed(vm_id, &outcome));
                     }
                 }
                 (guard, machine_spec)
             }
         };
-        let machine = guard.0.clone().expect("armed");
-        let now = now_ms();
-        let meta = VmMeta {
-            format: META_FORMAT,
-            vm_id: vm_id.clone(),
-            state: VmState::Running,
-            template: spec
-                .template
-                .clone()
-                .or_else(|| snapshot.as_ref().and_then(|s| s.template.clone())),
-            created_ms: now,
-            last_activity_ms: now,
-            stopped_ms: None,
-            restored_from: spec.restore_from.clone(),
-            env,
+        let machine = guard.machine();
+        let backend = GuestVm {
             machine: machine_spec,
             instance: machine.instance.clone(),
             identity_pending: false,
         };
-        let dir = self.root.vm_dir(vm_id);
-        {
-            let (dir, meta) = (dir.clone(), meta.clone());
-            blocking(move || {
-                let _ = std::fs::remove_dir_all(&dir);
-                std::fs::create_dir(&dir)
-                    .map_err(|e| ProviderError::io("cannot create the vm directory", e))?;
-                write_json_atomic(&dir.join("meta.json"), &meta)
-            })
-            .await?;
-        }
-        let mut guard = guard;
-        guard.0 = None;
+        let meta = VmMeta::created(vm_id, spec, snapshot.as_ref(), backend);
         let view = meta.view();
-        {
-            let mut index = self.index.lock();
-            reservation.1 = None;
-            index.creating.remove(vm_id);
-            index.tombstones.remove(vm_id);
-            index.failures.remove(vm_id);
-            index.vms.insert(
-                vm_id.clone(),
-                Arc::new(VmRecord {
-                    slot: Mutex::new(VmSlot {
-                        dir,
-                        meta,
-                        machine: machine.clone(),
-                    }),
-                }),
-            );
-        }
+        // Writing meta.json is the commit point.
+        reservation.commit(meta, machine.clone()).await?;
+        guard.disarm();
         if machine.dead.is_cancelled() {
             self.machine_died(&machine);
         }
         info!(%vm_id, restore_from = ?spec.restore_from, "created vm");
         Ok(view)
-    }
-
-    /// Persists a slot's metadata.
-    async fn save(&self, record: &VmRecord) -> Result<(), ProviderError> {
-        let (meta, dir) = {
-            let slot = record.slot.lock();
-            (slot.meta.clone(), slot.dir.clone())
-        };
-        blocking(move || write_json_atomic(&dir.join("meta.json"), &meta)).await
     }
 }
 
@@ -963,13 +766,13 @@ impl VmProvider for FirecrackerProvider {
 
     async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
         let inner = &self.inner;
-        let record = inner.record(vm_id)?;
+        let record = inner.registry.record(vm_id)?;
         let (machine, pending, env) = {
             let slot = record.slot.lock();
             lifecycle::check_start(vm_id, slot.meta.state)?;
             (
-                slot.machine.clone(),
-                slot.meta.identity_pending,
+                slot.runtime.clone(),
+                slot.meta.backend.identity_pending,
                 slot.meta.env.clone(),
             )
         };
@@ -985,35 +788,27 @@ impl VmProvider for FirecrackerProvider {
         }
         {
             let mut slot = record.slot.lock();
-            slot.meta.state = VmState::Running;
-            slot.meta.stopped_ms = None;
-            slot.meta.identity_pending = false;
-            slot.meta.last_activity_ms = now_ms();
+            slot.meta.mark_running();
+            slot.meta.backend.identity_pending = false;
         }
-        inner.save(&record).await?;
-        Ok(record.slot.lock().meta.view())
+        record.save().await?;
+        Ok(record.view())
     }
 
     async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
         let inner = &self.inner;
-        let record = inner.record(vm_id)?;
+        let record = inner.registry.record(vm_id)?;
         let machine = {
             let slot = record.slot.lock();
             lifecycle::check_stop(vm_id, slot.meta.state)?;
-            slot.machine.clone()
+            slot.runtime.clone()
         };
         machine
             .api(ApiRequest::vm_state(true), inner.config.api_timeout())
             .await?;
-        {
-            let mut slot = record.slot.lock();
-            let now = now_ms();
-            slot.meta.state = VmState::Stopped;
-            slot.meta.stopped_ms = Some(now);
-            slot.meta.last_activity_ms = now;
-        }
-        inner.save(&record).await?;
-        Ok(record.slot.lock().meta.view())
+        record.slot.lock().meta.mark_stopped();
+        record.save().await?;
+        Ok(record.view())
     }
 
     async fn snapshot_vm(
@@ -1022,41 +817,29 @@ impl VmProvider for FirecrackerProvider {
         snapshot_id: &SnapshotId,
     ) -> Result<SnapshotInfo, ProviderError> {
         let inner = self.inner.clone();
+        let (staging, record) = inner.registry.reserve_snapshot_of(vm_id, snapshot_id)?;
         let (machine, was_running, meta) = {
-            let mut index = inner.index.lock();
-            let record = index.record(vm_id)?;
-            if index.snapshot_taken(snapshot_id) {
-                return Err(ProviderError::snapshot_exists(snapshot_id));
-            }
-            index.snapshotting.insert(snapshot_id.clone());
             let slot = record.slot.lock();
-            let meta = SnapshotMeta {
-                format: META_FORMAT,
-                snapshot_id: snapshot_id.clone(),
-                source_vm: Some(vm_id.clone()),
-                template: slot.meta.template.clone(),
-                created_ms: now_ms(),
-                env: slot.meta.env.clone(),
-                machine: slot.meta.machine.clone(),
+            let backend = FcSnapshot {
+                machine: slot.meta.backend.machine.clone(),
                 files: BTreeMap::new(),
             };
             (
-                slot.machine.clone(),
+                slot.runtime.clone(),
                 slot.meta.state == VmState::Running,
-                meta,
+                SnapshotMeta::of(snapshot_id, &slot.meta, backend),
             )
         };
-        let staging = inner.root.staging("snapshot");
-        let mut guard = SnapshotGuard(inner.clone(), snapshot_id.clone(), staging.clone());
-        std::fs::create_dir(&staging)
-            .map_err(|e| ProviderError::io("cannot create staging directory", e))?;
+        staging.make_dir().await?;
         let api_timeout = inner.config.api_timeout();
         if was_running {
             machine.api(ApiRequest::vm_state(true), api_timeout).await?;
         }
         let saved = async {
-            let create =
-                ApiRequest::snapshot_create(&staging.join("vmstate"), &staging.join("mem"));
+            let create = ApiRequest::snapshot_create(
+                &staging.path().join("vmstate"),
+                &staging.path().join("mem"),
+            );
             machine
                 .api(
                     create,
@@ -1064,7 +847,7 @@ impl VmProvider for FirecrackerProvider {
                 )
                 .await?;
             // The disk, copied while the guest is paused, so that it matches the memory.
-            let (from, to) = (machine.run.join(ROOTFS), staging.join(ROOTFS));
+            let (from, to) = (machine.run.join(ROOTFS), staging.path().join(ROOTFS));
             blocking(move || {
                 std::fs::copy(&from, &to)
                     .map(drop)
@@ -1080,9 +863,8 @@ impl VmProvider for FirecrackerProvider {
             }
         }
         saved?;
-        let meta = {
-            let inner = inner.clone();
-            let staging = staging.clone();
+        let files = {
+            let staging = staging.path().to_path_buf();
             blocking(move || {
                 let mut files = BTreeMap::new();
                 for name in SNAPSHOT_FILES {
@@ -1094,42 +876,24 @@ impl VmProvider for FirecrackerProvider {
                         .map_err(|e| ProviderError::io(format!("cannot read {name}"), e))?;
                     files.insert(name.to_owned(), FileDigest { sha256, bytes });
                 }
-                let meta = SnapshotMeta { files, ..meta };
-                write_json_atomic(&staging.join("meta.json"), &meta)?;
-                rename_noreplace(&staging, &inner.snapshot_dir(&meta.snapshot_id))
-                    .map_err(|e| ProviderError::io("cannot publish snapshot", e))?;
-                Ok(meta)
+                Ok(files)
             })
             .await?
         };
-        guard.2 = PathBuf::new();
-        let info = meta.info();
-        inner
-            .index
-            .lock()
-            .snapshots
-            .insert(snapshot_id.clone(), meta);
-        drop(guard);
-        Ok(info)
+        let backend = FcSnapshot {
+            files,
+            ..meta.backend
+        };
+        staging.publish(SnapshotMeta { backend, ..meta }).await
     }
 
     async fn destroy_vm(&self, vm_id: &VmId) -> Result<(), ProviderError> {
-        let (machine, dir) = {
-            let mut index = self.inner.index.lock();
-            let Some(record) = index.vms.get(vm_id).cloned() else {
-                if index.tombstones.get(vm_id).is_some() {
-                    return Ok(());
-                }
-                return Err(ProviderError::vm_not_found(vm_id));
-            };
-            let mut slot = record.slot.lock();
-            slot.meta.state = VmState::Destroyed;
-            slot.machine.ending.store(true, Ordering::SeqCst);
-            let view = slot.meta.view();
-            let found = (slot.machine.clone(), slot.dir.clone());
-            drop(slot);
-            index.bury(vm_id, view, None);
-            found
+        let Some((machine, dir)) = self.inner.registry.destroy(vm_id, |slot| {
+            slot.runtime.ending.store(true, Ordering::SeqCst);
+            Ok((slot.runtime.clone(), slot.dir.clone()))
+        })?
+        else {
+            return Ok(());
         };
         machine.kill().await;
         let run = machine.run.clone();
@@ -1144,21 +908,12 @@ impl VmProvider for FirecrackerProvider {
     }
 
     async fn rename_vm(&self, old: &VmId, new: &VmId) -> Result<VmView, ProviderError> {
-        let inner = self.inner.clone();
-        let record = {
-            let mut index = inner.index.lock();
-            let record = index.record(old)?;
-            if index.vm_taken(new) {
-                return Err(ProviderError::vm_exists(new));
-            }
-            index.creating.insert(new.clone());
-            record
-        };
-        let _reservation = IdReservation(inner.clone(), Some(new.clone()));
+        let inner = &self.inner;
+        let (record, reservation) = inner.registry.reserve_rename(old, new)?;
         let (machine, running, env) = {
             let slot = record.slot.lock();
             (
-                slot.machine.clone(),
+                slot.runtime.clone(),
                 slot.meta.state == VmState::Running,
                 slot.meta.env.clone(),
             )
@@ -1168,29 +923,15 @@ impl VmProvider for FirecrackerProvider {
                 .reset_identity(new, &machine, &env, inner.agent_deadline())
                 .await?;
         }
-        {
-            let mut index = inner.index.lock();
-            let mut slot = record.slot.lock();
-            if slot.meta.state == VmState::Destroyed || !index.vms.contains_key(old) {
-                return Err(ProviderError::vm_destroyed(old));
-            }
-            let new_dir = inner.root.vm_dir(new);
-            rename_noreplace(&slot.dir, &new_dir)
-                .map_err(|e| ProviderError::io(format!("cannot rename vm {old} to {new}"), e))?;
-            slot.dir = new_dir;
-            slot.meta.vm_id = new.clone();
-            slot.meta.last_activity_ms = now_ms();
-            slot.meta.identity_pending = !running;
-            index.vms.remove(old);
-            index.creating.remove(new);
-            index.tombstones.remove(new);
-            index.failures.remove(new);
-            index.vms.insert(new.clone(), record.clone());
-        }
-        if let Err(e) = inner.save(&record).await {
+        let view = inner
+            .registry
+            .commit_rename(old, reservation, &record, |slot| {
+                slot.meta.backend.identity_pending = !running;
+            })?;
+        if let Err(e) = record.save().await {
             warn!(vm_id = %new, error = %e, "cannot rewrite meta.json after rename");
         }
-        Ok(record.slot.lock().meta.view())
+        Ok(view)
     }
 
     async fn exec(
@@ -1201,7 +942,7 @@ impl VmProvider for FirecrackerProvider {
     ) -> Result<ExecOutcome, ProviderError> {
         spec.validate()?;
         paths::relative_path("cwd", spec.cwd.as_deref().unwrap_or(""))?;
-        let (record, machine) = self.inner.running(vm_id)?;
+        let (record, machine) = self.inner.registry.running(vm_id)?;
         let result = machine
             .agent
             .exec(
@@ -1211,7 +952,7 @@ impl VmProvider for FirecrackerProvider {
                 self.inner.exec_limits(),
             )
             .await;
-        record.slot.lock().meta.last_activity_ms = now_ms();
+        record.touch();
         match result {
             Ok(outcome) => Ok(outcome),
             Err(e) => Err(agent_error(vm_id, &machine, e).await),
@@ -1226,10 +967,10 @@ impl VmProvider for FirecrackerProvider {
         mode: Option<u32>,
     ) -> Result<u64, ProviderError> {
         paths::file_path(path)?;
-        let (record, machine) = self.inner.running(vm_id)?;
+        let (record, machine) = self.inner.registry.running(vm_id)?;
         let deadline = self.inner.agent_deadline() + transfer_allowance(data.len() as u64);
         let result = machine.agent.put_file(path, data, mode, deadline).await;
-        record.slot.lock().meta.last_activity_ms = now_ms();
+        record.touch();
         match result {
             Ok(size) => Ok(size),
             Err(e) => Err(agent_error(vm_id, &machine, e).await),
@@ -1243,10 +984,10 @@ impl VmProvider for FirecrackerProvider {
         max_bytes: u64,
     ) -> Result<Vec<u8>, ProviderError> {
         paths::file_path(path)?;
-        let (record, machine) = self.inner.running(vm_id)?;
+        let (record, machine) = self.inner.registry.running(vm_id)?;
         let deadline = self.inner.agent_deadline() + transfer_allowance(max_bytes);
         let result = machine.agent.get_file(path, max_bytes, deadline).await;
-        record.slot.lock().meta.last_activity_ms = now_ms();
+        record.touch();
         match result {
             Ok(data) => Ok(data),
             Err(e) => Err(agent_error(vm_id, &machine, e).await),
@@ -1255,10 +996,10 @@ impl VmProvider for FirecrackerProvider {
 
     async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
         let inner = &self.inner;
-        let record = inner.record(vm_id)?;
+        let record = inner.registry.record(vm_id)?;
         let (machine, stopped) = {
             let slot = record.slot.lock();
-            (slot.machine.clone(), slot.meta.state == VmState::Stopped)
+            (slot.runtime.clone(), slot.meta.state == VmState::Stopped)
         };
         let api_timeout = inner.config.api_timeout();
         if stopped {
@@ -1287,16 +1028,10 @@ impl VmProvider for FirecrackerProvider {
         out: &mut (dyn AsyncWrite + Unpin + Send),
     ) -> Result<u64, ProviderError> {
         let inner = &self.inner;
-        let meta = inner
-            .index
-            .lock()
-            .snapshots
-            .get(snapshot_id)
-            .cloned()
-            .ok_or_else(|| ProviderError::snapshot_not_found(snapshot_id))?;
+        let meta = inner.registry.snapshot(snapshot_id)?;
         let meta_bytes = to_json(&meta)?;
         let dir = inner.snapshot_dir(snapshot_id);
-        let staging = inner.root.staging("export");
+        let staging = inner.registry.root().staging("export");
         let level = inner.config.snapshot_compression_level;
         {
             let (dir, staging) = (dir.clone(), staging.clone());
@@ -1320,7 +1055,7 @@ impl VmProvider for FirecrackerProvider {
             .map(|(n, p)| (n.as_str(), p.as_path()))
             .collect();
         let written = archive::write_export(&meta_bytes, &entries, out).await;
-        remove_dir_logged(&staging);
+        in_background(move || remove_dir_logged(&staging));
         written.map_err(|e| ProviderError::io(format!("cannot export snapshot {snapshot_id}"), e))
     }
 
@@ -1329,147 +1064,50 @@ impl VmProvider for FirecrackerProvider {
         snapshot_id: &SnapshotId,
         input: &mut (dyn AsyncRead + Unpin + Send),
     ) -> Result<SnapshotInfo, ProviderError> {
-        let inner = self.inner.clone();
-        {
-            let mut index = inner.index.lock();
-            if index.snapshot_taken(snapshot_id) {
-                return Err(ProviderError::snapshot_exists(snapshot_id));
-            }
-            index.snapshotting.insert(snapshot_id.clone());
-        }
-        let staging = inner.root.staging("import");
-        let mut guard = SnapshotGuard(inner.clone(), snapshot_id.clone(), staging.clone());
-        tokio::fs::create_dir(&staging)
-            .await
-            .map_err(|e| ProviderError::io("cannot create staging directory", e))?;
+        let staging = self.inner.registry.reserve_snapshot(snapshot_id)?;
+        staging.make_dir().await?;
         let names: Vec<String> = SNAPSHOT_FILES.iter().map(|n| format!("{n}.zst")).collect();
         let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let meta_bytes = archive::read_export(input, &name_refs, &staging).await?;
-        let meta: SnapshotMeta =
+        let meta_bytes = archive::read_export(input, &name_refs, staging.path()).await?;
+        let meta: SnapshotMeta<FcSnapshot> =
             serde_json::from_slice(&meta_bytes).map_err(ProviderError::corrupt_snapshot)?;
-        if meta.format != META_FORMAT {
+        if meta.format != registry::META_FORMAT {
             return Err(ProviderError::corrupt_snapshot(format!(
                 "unsupported format {}",
                 meta.format
             )));
         }
-        let meta = SnapshotMeta {
-            snapshot_id: snapshot_id.clone(),
-            ..meta
-        };
-        let meta = {
-            let inner = inner.clone();
-            let staging = staging.clone();
+        {
+            let (path, files) = (staging.path().to_path_buf(), meta.backend.files.clone());
             blocking(move || {
                 for name in SNAPSHOT_FILES {
-                    let zst = staging.join(format!("{name}.zst"));
-                    let (sha256, bytes) = archive::decompress(&zst, &staging.join(name))
+                    let zst = path.join(format!("{name}.zst"));
+                    let (sha256, bytes) = archive::decompress(&zst, &path.join(name))
                         .map_err(ProviderError::corrupt_snapshot)?;
-                    if meta.files.get(name) != Some(&FileDigest { sha256, bytes }) {
+                    if files.get(name) != Some(&FileDigest { sha256, bytes }) {
                         return Err(ProviderError::corrupt_snapshot(format!(
                             "{name} does not match its checksum"
                         )));
                     }
                     let _ = std::fs::remove_file(&zst);
                 }
-                write_json_atomic(&staging.join("meta.json"), &meta)?;
-                rename_noreplace(&staging, &inner.snapshot_dir(&meta.snapshot_id))
-                    .map_err(|e| ProviderError::io("cannot publish snapshot", e))?;
-                Ok(meta)
+                Ok(())
             })
-            .await?
-        };
-        guard.2 = PathBuf::new();
-        let info = meta.info();
-        inner
-            .index
-            .lock()
-            .snapshots
-            .insert(snapshot_id.clone(), meta);
-        drop(guard);
-        Ok(info)
+            .await?;
+        }
+        staging.publish(meta).await
     }
 
     async fn delete_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), ProviderError> {
-        let inner = self.inner.clone();
-        let snapshot_id = snapshot_id.clone();
-        blocking(move || {
-            let trash = inner.root.staging("delete");
-            {
-                let mut index = inner.index.lock();
-                if !index.snapshots.contains_key(&snapshot_id) {
-                    return Err(ProviderError::snapshot_not_found(&snapshot_id));
-                }
-                std::fs::rename(inner.snapshot_dir(&snapshot_id), &trash)
-                    .map_err(|e| ProviderError::io("cannot remove snapshot", e))?;
-                index.snapshots.remove(&snapshot_id);
-            }
-            remove_dir_logged(&trash);
-            Ok(())
-        })
-        .await
+        self.inner.registry.delete_snapshot(snapshot_id).await
     }
 }
 
-#[async_trait]
-impl VmQuery for FirecrackerProvider {
-    async fn list_vms(&self) -> Result<Vec<VmView>, ProviderError> {
-        let index = self.inner.index.lock();
-        let mut views: Vec<VmView> = index
-            .vms
-            .values()
-            .map(|r| r.slot.lock().meta.view())
-            .chain(index.tombstones.views().cloned())
-            .collect();
-        views.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
-        Ok(views)
-    }
+impl Registered for FirecrackerProvider {
+    type Backend = Firecracker;
 
-    async fn get_vm(&self, vm_id: &VmId) -> Result<Option<VmView>, ProviderError> {
-        let index = self.inner.index.lock();
-        Ok(match index.vms.get(vm_id) {
-            Some(record) => Some(record.slot.lock().meta.view()),
-            None => index.tombstones.get(vm_id).cloned(),
-        })
-    }
-
-    async fn list_snapshots(&self, vm_id: &VmId) -> Result<Option<Vec<SnapshotId>>, ProviderError> {
-        let index = self.inner.index.lock();
-        if !index.vms.contains_key(vm_id) && index.tombstones.get(vm_id).is_none() {
-            return Ok(None);
-        }
-        Ok(Some(
-            index
-                .snapshots
-                .values()
-                .filter(|s| s.source_vm.as_ref() == Some(vm_id))
-                .map(|s| s.snapshot_id.clone())
-                .collect(),
-        ))
-    }
-
-    async fn get_snapshot(
-        &self,
-        snapshot_id: &SnapshotId,
-    ) -> Result<Option<SnapshotInfo>, ProviderError> {
-        Ok(self
-            .inner
-            .index
-            .lock()
-            .snapshots
-            .get(snapshot_id)
-            .map(SnapshotMeta::info))
-    }
-
-    async fn list_all_snapshots(&self) -> Result<Vec<SnapshotInfo>, ProviderError> {
-        Ok(self
-            .inner
-            .index
-            .lock()
-            .snapshots
-            .values()
-            .map(SnapshotMeta::info)
-            .collect())
+    fn registry(&self) -> &Registry<Firecracker> {
+        &self.inner.registry
     }
 }
 
@@ -1501,13 +1139,7 @@ mod tests {
 
     #[test]
     fn snapshot_size_is_the_sum_of_its_files() {
-        let meta = SnapshotMeta {
-            format: META_FORMAT,
-            snapshot_id: SnapshotId::new("s").unwrap(),
-            source_vm: None,
-            template: None,
-            created_ms: 1,
-            env: BTreeMap::new(),
+        let meta = FcSnapshot {
             machine: FcMachine {
                 vcpus: 1,
                 memory_mib: 128,
@@ -1528,6 +1160,6 @@ mod tests {
                 })
                 .collect(),
         };
-        assert_eq!(meta.info().size_bytes, 30);
+        assert_eq!(meta.size_bytes(), 30);
     }
 }

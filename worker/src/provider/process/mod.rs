@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -38,14 +37,14 @@ use tracing::{debug, info, warn};
 use super::agent::{AgentCallError, ExecLimits};
 use super::paths;
 use super::registry::state_root::{
-    StateRoot, blocking, hex, in_background, read_json, remove_dir_logged, rename_noreplace,
-    sha256_file, to_json, write_json_atomic,
+    StateRoot, blocking, hex, read_json, remove_dir_logged, sha256_file, to_json, write_json_atomic,
 };
+use super::registry::{self, Backend, Registered, Registry, SnapshotBackend, SnapshotMeta};
 use super::vmm::{exec_request, transfer_allowance};
 use super::{
-    ExecOutcome, ExecSpec, OutputChunk, Program, ProviderError, SnapshotId, SnapshotInfo,
-    TemplateName, Tombstones, VmId, VmProvider, VmQuery, VmSpec, VmState, VmView, lifecycle,
-    now_ms, tail_lossy,
+    BOOTSTRAP_OUTPUT_BYTES, BOOTSTRAP_TIMEOUT, ExecOutcome, ExecSpec, OutputChunk, Program,
+    ProviderError, SnapshotId, SnapshotInfo, VmId, VmProvider, VmSpec, VmState, VmView,
+    bootstrap_failed, lifecycle, now_ms,
 };
 
 mod archive;
@@ -60,13 +59,6 @@ pub use network::EgressConfig;
 use network::{Egress, NetworkMode};
 pub use sandbox::{Isolation, SandboxConfig, WORKSPACE};
 use sandbox::{LaunchSpec, Launcher, Sandbox};
-
-/// How long a bootstrap command may run.
-const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(600);
-/// Output kept from a bootstrap command for the error message.
-const BOOTSTRAP_OUTPUT_BYTES: usize = 64 * 1024;
-/// Version of the `meta.json` formats written here.
-const META_FORMAT: u32 = 1;
 
 /// How long an agent may take to answer a file transfer or to come up for an exec.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,19 +130,24 @@ pub enum LimitsMode {
     Off,
 }
 
-/// A VM's `meta.json`. The directory name, not `vm_id`, is authoritative on reopen.
+/// The process backend's part of the registry.
+#[derive(Debug)]
+pub(crate) struct Process;
+
+impl Backend for Process {
+    type Vm = ProcessVm;
+    /// The running sandbox; `None` while stopped, and after a worker restart until first use.
+    type Runtime = Option<Arc<Sandbox>>;
+    type Snapshot = ProcessSnapshot;
+}
+
+type VmRecord = registry::VmRecord<Process>;
+type VmSlot = registry::VmSlot<Process>;
+type VmMeta = registry::VmMeta<ProcessVm>;
+
+/// What a process VM's `meta.json` adds: the limits its sandbox gets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct VmMeta {
-    format: u32,
-    vm_id: VmId,
-    state: VmState,
-    template: Option<TemplateName>,
-    created_ms: u64,
-    last_activity_ms: u64,
-    stopped_ms: Option<u64>,
-    restored_from: Option<SnapshotId>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
+pub(crate) struct ProcessVm {
     vcpus: u32,
     memory_mib: u32,
     #[serde(default)]
@@ -161,7 +158,17 @@ struct VmMeta {
     network: NetworkMode,
 }
 
-impl VmMeta {
+impl ProcessVm {
+    fn of(spec: &VmSpec) -> Self {
+        Self {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            disk_mib: spec.disk_mib,
+            max_processes: spec.max_processes,
+            network: spec.network,
+        }
+    }
+
     fn limits(&self) -> LimitSpec {
         LimitSpec {
             memory_mib: self.memory_mib,
@@ -171,136 +178,45 @@ impl VmMeta {
     }
 }
 
-impl VmMeta {
-    fn view(&self) -> VmView {
-        VmView {
-            vm_id: self.vm_id.clone(),
-            state: self.state,
-            template: self.template.clone(),
-            created_ms: self.created_ms,
-            last_activity_ms: self.last_activity_ms,
-            stopped_ms: self.stopped_ms,
-            restored_from: self.restored_from.clone(),
-        }
-    }
-}
-
-/// A snapshot's `meta.json`, also the metadata entry of an export stream.
+/// What a process snapshot's `meta.json` adds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SnapshotMeta {
-    format: u32,
-    snapshot_id: SnapshotId,
-    source_vm: Option<VmId>,
-    template: Option<TemplateName>,
-    created_ms: u64,
-    /// The source VM's env, inherited by VMs restored from the snapshot.
-    #[serde(default)]
-    env: BTreeMap<String, String>,
+pub(crate) struct ProcessSnapshot {
     /// SHA-256 (hex) of `volume.tar.zst`, checked before every restore: a snapshot changed on
     /// disk after it was taken is refused, never restored.
     #[serde(default)]
     sha256: Option<String>,
-}
-
-/// One live VM. Lock order: the provider's index, then a record.
-#[derive(Debug)]
-struct VmRecord {
-    slot: Mutex<VmSlot>,
-    /// Held while a sandbox is being started, so two callers never start two.
-    launching: tokio::sync::Mutex<()>,
-}
-
-impl VmRecord {
-    fn new(dir: PathBuf, meta: VmMeta, sandbox: Option<Arc<Sandbox>>) -> Arc<Self> {
-        Arc::new(VmRecord {
-            slot: Mutex::new(VmSlot { dir, meta, sandbox }),
-            launching: tokio::sync::Mutex::new(()),
-        })
-    }
-}
-
-#[derive(Debug)]
-struct VmSlot {
-    dir: PathBuf,
-    meta: VmMeta,
-    /// The running sandbox; `None` while stopped, and after a worker restart until first use.
-    sandbox: Option<Arc<Sandbox>>,
-}
-
-impl VmSlot {
-    fn volume(&self) -> PathBuf {
-        self.dir.join("volume")
-    }
-
-    /// Ends the sandbox and every process in it.
-    fn kill_sandbox(&mut self) {
-        if let Some(sandbox) = self.sandbox.take() {
-            sandbox.kill();
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct Index {
-    vms: BTreeMap<VmId, Arc<VmRecord>>,
-    /// Ids being created: taken, but not visible yet.
-    creating: HashSet<VmId>,
-    tombstones: Tombstones,
-    snapshots: BTreeMap<SnapshotId, SnapshotMetaEntry>,
-    /// Snapshot ids being written or imported.
-    snapshotting: HashSet<SnapshotId>,
-}
-
-#[derive(Debug, Clone)]
-struct SnapshotMetaEntry {
-    meta: SnapshotMeta,
+    /// The archive's size, from the file system (not recorded).
+    #[serde(skip)]
     size_bytes: u64,
 }
 
-impl SnapshotMetaEntry {
-    fn info(&self) -> SnapshotInfo {
-        SnapshotInfo {
-            snapshot_id: self.meta.snapshot_id.clone(),
-            source_vm: self.meta.source_vm.clone(),
-            template: self.meta.template.clone(),
-            created_ms: self.meta.created_ms,
-            size_bytes: self.size_bytes,
-        }
+impl SnapshotBackend for ProcessSnapshot {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
     }
 }
 
-impl Index {
-    /// The live record of `vm_id`; `InvalidState` for a tombstone, `NotFound` otherwise.
-    fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
-        if let Some(record) = self.vms.get(vm_id) {
-            return Ok(record.clone());
-        }
-        if self.tombstones.get(vm_id).is_some() {
-            return Err(ProviderError::vm_destroyed(vm_id));
-        }
-        Err(ProviderError::vm_not_found(vm_id))
-    }
+fn volume(slot: &VmSlot) -> PathBuf {
+    slot.dir.join("volume")
+}
 
-    fn vm_taken(&self, vm_id: &VmId) -> bool {
-        self.vms.contains_key(vm_id) || self.creating.contains(vm_id)
-    }
-
-    fn snapshot_taken(&self, snapshot_id: &SnapshotId) -> bool {
-        self.snapshots.contains_key(snapshot_id) || self.snapshotting.contains(snapshot_id)
+/// Ends the VM's sandbox and every process in it.
+fn kill_sandbox(slot: &mut VmSlot) {
+    if let Some(sandbox) = slot.runtime.take() {
+        sandbox.kill();
     }
 }
 
 #[derive(Debug)]
 struct Inner {
-    /// The locked state root (reconcile deletes staging files: one provider per root).
-    root: StateRoot,
+    /// The VMs and snapshots, and the locked state root they live under.
+    registry: Arc<Registry<Process>>,
     config: ProcessConfig,
     launcher: Launcher,
     /// Per-sandbox cgroups (or the rlimit fallback).
     cgroups: Cgroups,
     /// Loop-mounted volumes with a size (disk quotas), where the host allows.
     disks: Disks,
-    index: Mutex<Index>,
 }
 
 /// The process adapter. Cheap to share behind an `Arc<dyn VmRuntime>`.
@@ -350,12 +266,11 @@ impl ProcessProvider {
             );
         }
         let inner = Inner {
-            root: state,
+            registry: Arc::new(Registry::new(state)),
             launcher,
             cgroups,
             disks,
             config,
-            index: Mutex::new(Index::default()),
         };
         inner.reconcile()?;
         Ok(Self {
@@ -374,78 +289,23 @@ impl ProcessProvider {
     }
 }
 
-/// Removes a half-created VM directory and releases its id unless disarmed; covers errors and a
-/// create future dropped half way.
-struct CreateGuard {
-    inner: Arc<Inner>,
-    vm_id: VmId,
-    dir: PathBuf,
-    armed: bool,
-    /// Set once this create made `dir`; a directory it did not make is never removed.
-    owns_dir: bool,
-}
-
-impl Drop for CreateGuard {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if !self.owns_dir {
-            self.inner.index.lock().creating.remove(&self.vm_id);
-            return;
-        }
-        // Move the directory out of vms/ first (instant), so a crash cannot resurrect it.
-        let doomed = self
-            .inner
-            .root
-            .trash(&self.dir, "create")
-            .unwrap_or_else(|_| self.dir.clone());
-        self.inner.index.lock().creating.remove(&self.vm_id);
-        let inner = self.inner.clone();
-        in_background(move || inner.discard_vm_dir(&doomed));
-    }
-}
-
-/// Releases a reserved snapshot id and removes its staging directory unless disarmed.
-struct SnapshotGuard {
-    inner: Arc<Inner>,
-    snapshot_id: SnapshotId,
-    staging: PathBuf,
-}
-
-impl Drop for SnapshotGuard {
-    fn drop(&mut self) {
-        self.inner
-            .index
-            .lock()
-            .snapshotting
-            .remove(&self.snapshot_id);
-        let staging = std::mem::take(&mut self.staging);
-        if staging.as_os_str().is_empty() {
-            return;
-        }
-        in_background(move || remove_dir_logged(&staging));
-    }
-}
-
 impl Drop for Inner {
     /// The provider is going away (the worker stops): sandboxes die with their records, and the
     /// VMs' own disks are unmounted so no loop device stays attached; the next `open` mounts them
     /// again. (After a SIGKILL they stay mounted, and `open` adopts them as they are.)
     fn drop(&mut self) {
         let dirs: Vec<PathBuf> = self
-            .index
-            .get_mut()
-            .vms
-            .values()
+            .registry
+            .records()
+            .iter()
             .map(|r| {
                 let mut slot = r.slot.lock();
-                slot.kill_sandbox();
+                kill_sandbox(&mut slot);
                 slot.dir.clone()
             })
             .collect();
         // Half-created and half-destroyed VMs in staging, too.
-        let staging = std::fs::read_dir(self.root.tmp_dir())
+        let staging = std::fs::read_dir(self.registry.root().tmp_dir())
             .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
             .unwrap_or_default();
         for dir in dirs.into_iter().chain(staging) {
@@ -480,26 +340,19 @@ impl Inner {
 
     /// Rebuilds the index from disk; see [`ProcessProvider::open`].
     fn reconcile(&self) -> Result<(), ProviderError> {
-        self.root.empty_tmp(|path| {
+        let registry = &self.registry;
+        registry.root().empty_tmp(|path| {
             info!(path = %path.display(), "removing staging leftover");
             self.discard_vm_dir(path);
         })?;
-
-        let mut index = self.index.lock();
-        for entry in StateRoot::list(self.root.vms_dir())? {
-            let dir = entry.path();
-            let Some(vm_id) = entry.file_name().to_str().and_then(|n| VmId::new(n).ok()) else {
-                warn!(path = %dir.display(), "ignoring entry that is not a vm id");
-                continue;
-            };
-            let _ = std::fs::remove_file(dir.join("meta.json.tmp"));
+        for (vm_id, dir) in registry.vm_dirs()? {
             let meta_path = dir.join("meta.json");
             if !meta_path.exists() {
                 info!(%vm_id, "removing half-created vm");
                 self.discard_vm_dir(&dir);
                 continue;
             }
-            let mut meta: VmMeta = match read_json(&meta_path) {
+            let meta: VmMeta = match read_json(&meta_path) {
                 Ok(meta) => meta,
                 Err(e) => {
                     warn!(%vm_id, error = %e, "ignoring vm with unreadable meta.json");
@@ -521,69 +374,25 @@ impl Inner {
                 warn!(%vm_id, "ignoring vm without a volume directory");
                 continue;
             }
-            if meta.vm_id != vm_id {
-                // Crashed between the directory rename and the meta rewrite: the name wins.
-                meta.vm_id = vm_id.clone();
-                write_json_atomic(&meta_path, &meta)?;
-            }
             debug!(%vm_id, state = %meta.state, "reconciled vm");
-            index.vms.insert(vm_id, VmRecord::new(dir, meta, None));
+            registry.adopt(vm_id, dir, meta, None)?;
         }
-
-        for entry in StateRoot::list(self.root.snapshots_dir())? {
-            let dir = entry.path();
-            let Some(snapshot_id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| SnapshotId::new(n).ok())
-            else {
-                warn!(path = %dir.display(), "ignoring entry that is not a snapshot id");
-                continue;
-            };
-            let meta: SnapshotMeta = match read_json(&dir.join(archive::META_ENTRY)) {
-                Ok(meta) => meta,
-                Err(e) => {
-                    warn!(%snapshot_id, error = %e, "ignoring snapshot with unreadable meta.json");
-                    continue;
-                }
-            };
-            let size_bytes = match std::fs::metadata(dir.join(archive::VOLUME_ENTRY)) {
-                Ok(m) => m.len(),
-                Err(e) => {
-                    warn!(%snapshot_id, error = %e, "ignoring snapshot without a volume archive");
-                    continue;
-                }
-            };
-            let meta = SnapshotMeta {
-                snapshot_id: snapshot_id.clone(),
-                ..meta
-            };
-            index
-                .snapshots
-                .insert(snapshot_id, SnapshotMetaEntry { meta, size_bytes });
-        }
-        info!(
-            vms = index.vms.len(),
-            snapshots = index.snapshots.len(),
-            "process provider reconciled"
-        );
-        Ok(())
-    }
-
-    fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
-        self.index.lock().record(vm_id)
+        registry.load_snapshots(|dir, mut meta| {
+            let archive = dir.join(archive::VOLUME_ENTRY);
+            let size =
+                std::fs::metadata(&archive).map_err(|e| format!("no volume archive: {e}"))?;
+            meta.backend.size_bytes = size.len();
+            Ok(meta)
+        })
     }
 
     /// The record and the sandbox of a running VM (exec and file transfer), starting the sandbox
     /// if it is not running (first use after a worker restart, or its agent died); bumps the
     /// VM's activity.
     async fn running(&self, vm_id: &VmId) -> Result<(Arc<VmRecord>, Arc<Sandbox>), ProviderError> {
-        let record = self.record(vm_id)?;
+        let record = self.registry.record(vm_id)?;
         let live = |record: &VmRecord| -> Result<Option<Arc<Sandbox>>, ProviderError> {
-            let mut slot = record.slot.lock();
-            lifecycle::require_running(vm_id, slot.meta.state)?;
-            slot.meta.last_activity_ms = now_ms();
-            Ok(slot.sandbox.clone().filter(|s| !s.is_dead()))
+            Ok(record.touch_running(vm_id)?.filter(|s| !s.is_dead()))
         };
         if let Some(sandbox) = live(&record)? {
             return Ok((record, sandbox));
@@ -595,14 +404,18 @@ impl Inner {
         }
         let (volume, limits, network) = {
             let slot = record.slot.lock();
-            (slot.volume(), slot.meta.limits(), slot.meta.network)
+            (
+                volume(&slot),
+                slot.meta.backend.limits(),
+                slot.meta.backend.network,
+            )
         };
         let sandbox = self.launch(vm_id, &volume, limits, network).await?;
         {
             let mut slot = record.slot.lock();
             // Stopped or destroyed meanwhile: that wins, and the new sandbox dies with this scope.
             lifecycle::require_running(vm_id, slot.meta.state)?;
-            if let Some(old) = slot.sandbox.replace(sandbox.clone()) {
+            if let Some(old) = slot.runtime.replace(sandbox.clone()) {
                 old.kill();
             }
         }
@@ -740,7 +553,10 @@ impl Inner {
     fn agent_error(&self, vm_id: &VmId, e: AgentCallError) -> ProviderError {
         match e {
             AgentCallError::Closed => {
-                let state = self.record(vm_id).map(|r| r.slot.lock().meta.state);
+                let state = self
+                    .registry
+                    .record(vm_id)
+                    .map(|r| r.slot.lock().meta.state);
                 match state {
                     Ok(VmState::Running) => ProviderError::internal(
                         format!("vm {vm_id}"),
@@ -756,7 +572,7 @@ impl Inner {
     }
 
     fn snapshot_dir(&self, snapshot_id: &SnapshotId) -> PathBuf {
-        self.root.snapshot_dir(snapshot_id)
+        self.registry.root().snapshot_dir(snapshot_id)
     }
 
     /// Fills a new VM directory `dir`: the volume, seeded from a snapshot or a base.
@@ -764,7 +580,7 @@ impl Inner {
         &self,
         dir: &Path,
         spec: &VmSpec,
-        restore: Option<&SnapshotMetaEntry>,
+        restore: Option<&SnapshotMeta<ProcessSnapshot>>,
     ) -> Result<(), ProviderError> {
         let volume = dir.join("volume");
         let owner = self.launcher.owner().unwrap_or_else(|| {
@@ -782,12 +598,12 @@ impl Inner {
         match (restore, &spec.base) {
             (Some(snapshot), _) => {
                 let archive = self
-                    .snapshot_dir(&snapshot.meta.snapshot_id)
+                    .snapshot_dir(&snapshot.snapshot_id)
                     .join(archive::VOLUME_ENTRY);
-                if let Some(expected) = &snapshot.meta.sha256 {
+                if let Some(expected) = &snapshot.backend.sha256 {
                     let actual = sha256_file(&archive).map_err(|e| {
                         ProviderError::io(
-                            format!("cannot read snapshot {}", snapshot.meta.snapshot_id),
+                            format!("cannot read snapshot {}", snapshot.snapshot_id),
                             e,
                         )
                     })?;
@@ -795,13 +611,13 @@ impl Inner {
                         return Err(ProviderError::InvalidArgument(format!(
                             "snapshot {} is corrupt: its archive changed on disk since it was \
                              taken (checksum mismatch)",
-                            snapshot.meta.snapshot_id
+                            snapshot.snapshot_id
                         )));
                     }
                 }
                 archive::unpack_tar_zst(&archive, &volume).map_err(|e| {
                     ProviderError::io(
-                        format!("cannot restore snapshot {}", snapshot.meta.snapshot_id),
+                        format!("cannot restore snapshot {}", snapshot.snapshot_id),
                         e,
                     )
                 })?;
@@ -834,166 +650,76 @@ impl VmProvider for ProcessProvider {
     ) -> Result<VmView, ProviderError> {
         spec.validate()?;
         let inner = &self.inner;
-        let restore = {
-            let mut index = inner.index.lock();
-            let restore = match &spec.restore_from {
-                Some(snapshot_id) => Some(
-                    index
-                        .snapshots
-                        .get(snapshot_id)
-                        .cloned()
-                        .ok_or_else(|| ProviderError::snapshot_not_found(snapshot_id))?,
-                ),
-                None => None,
-            };
-            if index.vm_taken(vm_id) {
-                return Err(ProviderError::vm_exists(vm_id));
-            }
-            index.creating.insert(vm_id.clone());
-            restore
-        };
-        let dir = inner.root.vm_dir(vm_id);
-        let mut guard = CreateGuard {
-            inner: inner.clone(),
-            vm_id: vm_id.clone(),
-            dir: dir.clone(),
-            armed: true,
-            owns_dir: false,
-        };
-        info!(%vm_id, restore_from = ?spec.restore_from, "creating vm");
-
-        let mut env = restore
-            .as_ref()
-            .map(|s| s.meta.env.clone())
-            .unwrap_or_default();
-        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let (mut reservation, restore) = inner
+            .registry
+            .reserve_vm(vm_id, spec.restore_from.as_ref())?;
         {
-            let new_dir = dir.clone();
-            blocking(move || {
-                std::fs::create_dir(&new_dir).map_err(|e| {
-                    ProviderError::io(format!("cannot create {}", new_dir.display()), e)
-                })
-            })
-            .await?;
-            guard.owns_dir = true;
             let inner = inner.clone();
-            let dir = dir.clone();
-            let spec = spec.clone();
-            let restore = restore.clone();
+            reservation.on_abort(move |dir| inner.discard_vm_dir(dir));
+        }
+        info!(%vm_id, restore_from = ?spec.restore_from, "creating vm");
+        reservation.make_dir().await?;
+        let dir = reservation.dir().to_path_buf();
+        {
+            let (inner, dir, spec, restore) =
+                (inner.clone(), dir.clone(), spec.clone(), restore.clone());
             blocking(move || inner.populate_vm_dir(&dir, &spec, restore.as_ref())).await?;
         }
 
         // The sandbox starts now, so the VM is ready the moment it is listed (and pooled).
-        let limits = LimitSpec {
-            memory_mib: spec.memory_mib,
-            max_processes: spec.max_processes,
-            vcpus: spec.vcpus,
-        };
+        let backend = ProcessVm::of(spec);
         let sandbox = inner
-            .launch(vm_id, &dir.join("volume"), limits, spec.network)
+            .launch(vm_id, &dir.join("volume"), backend.limits(), spec.network)
             .await?;
+        let meta = VmMeta::created(vm_id, spec, restore.as_ref(), backend);
         if let (None, Some(bootstrap)) = (&restore, &spec.bootstrap) {
             let exec_spec = ExecSpec::argv(bootstrap.clone())
                 .with_timeout(BOOTSTRAP_TIMEOUT)
                 .with_max_output_bytes(BOOTSTRAP_OUTPUT_BYTES);
             let outcome = inner
-                .exec_in(vm_id, &sandbox, &exec_spec, &env, None)
+                .exec_in(vm_id, &sandbox, &exec_spec, &meta.env, None)
                 .await?;
             if !outcome.success() {
-                let how = if outcome.timed_out {
-                    format!("timed out after {}s", BOOTSTRAP_TIMEOUT.as_secs())
-                } else {
-                    format!("exited with code {}", outcome.exit_code)
-                };
-                let tail = if outcome.stderr.is_empty() {
-                    tail_lossy(&outcome.stdout, 2000)
-                } else {
-                    tail_lossy(&outcome.stderr, 2000)
-                };
-                return Err(ProviderError::CommandFailed(format!(
-                    "bootstrap of vm {vm_id} {how}: {tail}"
-                )));
+                return Err(bootstrap_failed(vm_id, &outcome));
             }
         }
-
-        let now = now_ms();
-        let meta = VmMeta {
-            format: META_FORMAT,
-            vm_id: vm_id.clone(),
-            state: VmState::Running,
-            template: spec
-                .template
-                .clone()
-                .or_else(|| restore.as_ref().and_then(|s| s.meta.template.clone())),
-            created_ms: now,
-            last_activity_ms: now,
-            stopped_ms: None,
-            restored_from: spec.restore_from.clone(),
-            env,
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            disk_mib: spec.disk_mib,
-            max_processes: spec.max_processes,
-            network: spec.network,
-        };
-        {
-            // Writing meta.json is the commit point.
-            let meta = meta.clone();
-            let path = dir.join("meta.json");
-            blocking(move || write_json_atomic(&path, &meta)).await?;
-        }
         let view = meta.view();
-        {
-            let mut index = inner.index.lock();
-            guard.armed = false;
-            index.creating.remove(vm_id);
-            index.tombstones.remove(vm_id);
-            index
-                .vms
-                .insert(vm_id.clone(), VmRecord::new(dir, meta, Some(sandbox)));
-        }
+        reservation.commit(meta, Some(sandbox)).await?;
         Ok(view)
     }
 
     async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
-        let inner = self.inner.clone();
-        let vm_id = vm_id.clone();
-        let id = vm_id.clone();
-        let view = blocking(move || {
-            let vm_id = id;
-            let record = inner.record(&vm_id)?;
-            let mut slot = record.slot.lock();
-            lifecycle::check_start(&vm_id, slot.meta.state)?;
-            let mut meta = slot.meta.clone();
-            meta.state = VmState::Running;
-            meta.stopped_ms = None;
-            meta.last_activity_ms = now_ms();
-            write_json_atomic(&slot.dir.join("meta.json"), &meta)?;
-            slot.meta = meta;
-            info!(%vm_id, "started vm");
-            Ok(slot.meta.view())
-        })
-        .await?;
+        let record = self.inner.registry.record(vm_id)?;
+        let view = {
+            let (record, vm_id) = (record.clone(), vm_id.clone());
+            blocking(move || {
+                let mut slot = record.slot.lock();
+                lifecycle::check_start(&vm_id, slot.meta.state)?;
+                let mut meta = slot.meta.clone();
+                meta.mark_running();
+                write_json_atomic(&slot.dir.join("meta.json"), &meta)?;
+                slot.meta = meta;
+                info!(%vm_id, "started vm");
+                Ok(slot.meta.view())
+            })
+            .await?
+        };
         // The sandbox now, so the first command after a resume does not wait for it.
-        self.inner.running(&vm_id).await?;
+        self.inner.running(vm_id).await?;
         Ok(view)
     }
 
     async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
-        let inner = self.inner.clone();
+        let record = self.inner.registry.record(vm_id)?;
         let vm_id = vm_id.clone();
         blocking(move || {
-            let record = inner.record(&vm_id)?;
             let mut slot = record.slot.lock();
             lifecycle::check_stop(&vm_id, slot.meta.state)?;
-            let now = now_ms();
             let mut meta = slot.meta.clone();
-            meta.state = VmState::Stopped;
-            meta.stopped_ms = Some(now);
-            meta.last_activity_ms = now;
+            meta.mark_stopped();
             write_json_atomic(&slot.dir.join("meta.json"), &meta)?;
             slot.meta = meta;
-            slot.kill_sandbox();
+            kill_sandbox(&mut slot);
             info!(%vm_id, "stopped vm");
             Ok(slot.meta.view())
         })
@@ -1006,96 +732,52 @@ impl VmProvider for ProcessProvider {
         snapshot_id: &SnapshotId,
     ) -> Result<SnapshotInfo, ProviderError> {
         let inner = self.inner.clone();
+        let (staging, record) = inner.registry.reserve_snapshot_of(vm_id, snapshot_id)?;
         let (volume, meta) = {
-            let mut index = inner.index.lock();
-            let record = index.record(vm_id)?;
-            if index.snapshot_taken(snapshot_id) {
-                return Err(ProviderError::snapshot_exists(snapshot_id));
-            }
-            index.snapshotting.insert(snapshot_id.clone());
             let slot = record.slot.lock();
-            let meta = SnapshotMeta {
-                format: META_FORMAT,
-                snapshot_id: snapshot_id.clone(),
-                source_vm: Some(vm_id.clone()),
-                template: slot.meta.template.clone(),
-                created_ms: now_ms(),
-                env: slot.meta.env.clone(),
+            let backend = ProcessSnapshot {
                 sha256: None,
+                size_bytes: 0,
             };
-            (slot.volume(), meta)
-        };
-        let staging = inner.root.staging("snapshot");
-        let mut guard = SnapshotGuard {
-            inner: inner.clone(),
-            snapshot_id: snapshot_id.clone(),
-            staging: staging.clone(),
+            (
+                volume(&slot),
+                SnapshotMeta::of(snapshot_id, &slot.meta, backend),
+            )
         };
         info!(%vm_id, %snapshot_id, "snapshotting vm");
-        let entry = {
-            let inner = inner.clone();
-            blocking(move || {
-                std::fs::create_dir(&staging)
-                    .map_err(|e| ProviderError::io("cannot create staging directory", e))?;
-                let level = inner.config.snapshot_compression_level;
-                let packed = staging.join(archive::VOLUME_ENTRY);
-                let size_bytes = archive::pack_dir(&volume, &packed, level)
-                    .map_err(|e| ProviderError::io("cannot archive volume", e))?;
-                let meta = SnapshotMeta {
-                    sha256: Some(
-                        sha256_file(&packed)
-                            .map_err(|e| ProviderError::io("cannot checksum the snapshot", e))?,
-                    ),
-                    ..meta
-                };
-                write_json_atomic(&staging.join(archive::META_ENTRY), &meta)?;
-                let dest = inner.snapshot_dir(&meta.snapshot_id);
-                rename_noreplace(&staging, &dest)
-                    .map_err(|e| ProviderError::io("cannot publish snapshot", e))?;
-                Ok(SnapshotMetaEntry { meta, size_bytes })
+        staging.make_dir().await?;
+        let packed = staging.path().join(archive::VOLUME_ENTRY);
+        let level = inner.config.snapshot_compression_level;
+        let backend = blocking(move || {
+            let size_bytes = archive::pack_dir(&volume, &packed, level)
+                .map_err(|e| ProviderError::io("cannot archive volume", e))?;
+            let sha256 = sha256_file(&packed)
+                .map_err(|e| ProviderError::io("cannot checksum the snapshot", e))?;
+            Ok(ProcessSnapshot {
+                sha256: Some(sha256),
+                size_bytes,
             })
-            .await?
-        };
-        guard.staging = PathBuf::new();
-        let info = entry.info();
-        inner
-            .index
-            .lock()
-            .snapshots
-            .insert(snapshot_id.clone(), entry);
-        drop(guard);
-        Ok(info)
+        })
+        .await?;
+        staging.publish(SnapshotMeta { backend, ..meta }).await
     }
 
     async fn destroy_vm(&self, vm_id: &VmId) -> Result<(), ProviderError> {
         let inner = self.inner.clone();
         let vm_id = vm_id.clone();
         blocking(move || {
-            let trash;
-            {
-                let mut index = inner.index.lock();
-                let Some(record) = index.vms.get(&vm_id).cloned() else {
-                    if index.tombstones.get(&vm_id).is_some() {
-                        return Ok(());
-                    }
-                    return Err(ProviderError::vm_not_found(&vm_id));
-                };
-                let mut slot = record.slot.lock();
-                trash = inner
-                    .root
+            let root = inner.registry.root();
+            let trash = inner.registry.destroy(&vm_id, |slot| {
+                let trash = root
                     .trash(&slot.dir, "destroy")
                     .map_err(|e| ProviderError::io("cannot remove vm directory", e))?;
-                // Marked under the slot lock, so a sandbox starting right now is not kept.
-                slot.meta.state = VmState::Destroyed;
-                slot.kill_sandbox();
-                let mut view = slot.meta.view();
-                view.last_activity_ms = now_ms();
-                drop(slot);
-                index.vms.remove(&vm_id);
-                index.tombstones.insert(view);
+                kill_sandbox(slot);
+                Ok(trash)
+            })?;
+            if let Some(trash) = trash {
+                info!(%vm_id, "destroyed vm");
+                inner.discard_vm_dir(&trash);
             }
-            info!(%vm_id, "destroyed vm");
-            inner.discard_vm_dir(&trash);
             Ok(())
         })
         .await
@@ -1105,28 +787,11 @@ impl VmProvider for ProcessProvider {
         // On the claim path: one rename(2) (microseconds), done inline. meta.json is not rewritten
         // here — the directory name is authoritative on reopen, and the next state change writes
         // the meta anyway — because a file write costs more than the rest of the hand-off.
-        let inner = &self.inner;
-        let (old, new) = (old.clone(), new.clone());
-        {
-            let mut index = inner.index.lock();
-            let record = index.record(&old)?;
-            if index.vm_taken(&new) {
-                return Err(ProviderError::vm_exists(&new));
-            }
-            let mut slot = record.slot.lock();
-            let new_dir = inner.root.vm_dir(&new);
-            rename_noreplace(&slot.dir, &new_dir)
-                .map_err(|e| ProviderError::io(format!("cannot rename vm {old} to {new}"), e))?;
-            slot.dir = new_dir;
-            slot.meta.vm_id = new.clone();
-            slot.meta.last_activity_ms = now_ms();
-            index.vms.remove(&old);
-            index.tombstones.remove(&new);
-            index.vms.insert(new.clone(), record.clone());
-            drop(index);
-            debug!(%old, %new, "renamed vm");
-            Ok(slot.meta.view())
-        }
+        let registry = &self.inner.registry;
+        let (record, reservation) = registry.reserve_rename(old, new)?;
+        let view = registry.commit_rename(old, reservation, &record, |_| {})?;
+        debug!(%old, %new, "renamed vm");
+        Ok(view)
     }
 
     async fn exec(
@@ -1144,7 +809,7 @@ impl VmProvider for ProcessProvider {
         let outcome = inner
             .exec_in(vm_id, &sandbox, &spec, &vm_env, chunks)
             .await?;
-        record.slot.lock().meta.last_activity_ms = now_ms();
+        record.touch();
         debug!(%vm_id, exit_code = outcome.exit_code, timed_out = outcome.timed_out, "exec finished");
         Ok(outcome)
     }
@@ -1160,11 +825,8 @@ impl VmProvider for ProcessProvider {
         let (record, sandbox) = self.inner.running(vm_id).await?;
         let deadline = Instant::now() + AGENT_TIMEOUT + transfer_allowance(data.len() as u64);
         let result = sandbox.link.put_file(path, data, mode, deadline).await;
-        record.slot.lock().meta.last_activity_ms = now_ms();
-        match result {
-            Ok(size) => Ok(size),
-            Err(e) => Err(self.inner.agent_error(vm_id, e)),
-        }
+        record.touch();
+        result.map_err(|e| self.inner.agent_error(vm_id, e))
     }
 
     async fn get_file(
@@ -1177,16 +839,13 @@ impl VmProvider for ProcessProvider {
         let (record, sandbox) = self.inner.running(vm_id).await?;
         let deadline = Instant::now() + AGENT_TIMEOUT + transfer_allowance(max_bytes);
         let result = sandbox.link.get_file(path, max_bytes, deadline).await;
-        record.slot.lock().meta.last_activity_ms = now_ms();
-        match result {
-            Ok(data) => Ok(data),
-            Err(e) => Err(self.inner.agent_error(vm_id, e)),
-        }
+        record.touch();
+        result.map_err(|e| self.inner.agent_error(vm_id, e))
     }
 
     async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
-        let record = self.inner.record(vm_id)?;
-        let volume = record.slot.lock().volume();
+        let record = self.inner.registry.record(vm_id)?;
+        let volume = volume(&record.slot.lock());
         let level = self.inner.config.snapshot_compression_level;
         let dest_dir = dest_dir.to_path_buf();
         let name = format!("{vm_id}-{}.tar.zst", now_ms());
@@ -1212,15 +871,8 @@ impl VmProvider for ProcessProvider {
         snapshot_id: &SnapshotId,
         out: &mut (dyn AsyncWrite + Unpin + Send),
     ) -> Result<u64, ProviderError> {
-        let entry = self
-            .inner
-            .index
-            .lock()
-            .snapshots
-            .get(snapshot_id)
-            .cloned()
-            .ok_or_else(|| ProviderError::snapshot_not_found(snapshot_id))?;
-        let meta = to_json(&entry.meta)?;
+        let meta = self.inner.registry.snapshot(snapshot_id)?;
+        let meta = to_json(&meta)?;
         let volume = self
             .inner
             .snapshot_dir(snapshot_id)
@@ -1235,159 +887,50 @@ impl VmProvider for ProcessProvider {
         snapshot_id: &SnapshotId,
         input: &mut (dyn AsyncRead + Unpin + Send),
     ) -> Result<SnapshotInfo, ProviderError> {
-        let inner = self.inner.clone();
-        {
-            let mut index = inner.index.lock();
-            if index.snapshot_taken(snapshot_id) {
-                return Err(ProviderError::snapshot_exists(snapshot_id));
-            }
-            index.snapshotting.insert(snapshot_id.clone());
-        }
-        let staging = inner.root.staging("import");
-        let mut guard = SnapshotGuard {
-            inner: inner.clone(),
-            snapshot_id: snapshot_id.clone(),
-            staging: staging.clone(),
-        };
-        tokio::fs::create_dir(&staging)
-            .await
-            .map_err(|e| ProviderError::io("cannot create staging directory", e))?;
-        let volume = staging.join(archive::VOLUME_ENTRY);
+        let staging = self.inner.registry.reserve_snapshot(snapshot_id)?;
+        staging.make_dir().await?;
+        let volume = staging.path().join(archive::VOLUME_ENTRY);
         let meta_bytes = archive::read_export(input, &volume).await?;
-        let meta: SnapshotMeta =
+        let meta: SnapshotMeta<ProcessSnapshot> =
             serde_json::from_slice(&meta_bytes).map_err(ProviderError::corrupt_snapshot)?;
-        if meta.format != META_FORMAT {
+        if meta.format != registry::META_FORMAT {
             return Err(ProviderError::corrupt_snapshot(format!(
                 "unsupported format {}",
                 meta.format
             )));
         }
-        let meta = SnapshotMeta {
-            snapshot_id: snapshot_id.clone(),
-            ..meta
-        };
-        let entry = {
-            let inner = inner.clone();
-            blocking(move || {
-                archive::verify_tar_zst(&volume).map_err(ProviderError::corrupt_snapshot)?;
-                let size_bytes = std::fs::metadata(&volume)
-                    .map_err(|e| ProviderError::io("cannot inspect snapshot", e))?
-                    .len();
-                let sha256 = sha256_file(&volume)
-                    .map_err(|e| ProviderError::io("cannot checksum the snapshot", e))?;
-                if meta.sha256.as_ref().is_some_and(|s| *s != sha256) {
-                    return Err(ProviderError::corrupt_snapshot("checksum mismatch"));
-                }
-                let meta = SnapshotMeta {
-                    sha256: Some(sha256),
-                    ..meta
-                };
-                write_json_atomic(&staging.join(archive::META_ENTRY), &meta)?;
-                rename_noreplace(&staging, &inner.snapshot_dir(&meta.snapshot_id))
-                    .map_err(|e| ProviderError::io("cannot publish snapshot", e))?;
-                Ok(SnapshotMetaEntry { meta, size_bytes })
+        let expected = meta.backend.sha256.clone();
+        let backend = blocking(move || {
+            archive::verify_tar_zst(&volume).map_err(ProviderError::corrupt_snapshot)?;
+            let size_bytes = std::fs::metadata(&volume)
+                .map_err(|e| ProviderError::io("cannot inspect snapshot", e))?
+                .len();
+            let sha256 = sha256_file(&volume)
+                .map_err(|e| ProviderError::io("cannot checksum the snapshot", e))?;
+            if expected.is_some_and(|s| s != sha256) {
+                return Err(ProviderError::corrupt_snapshot("checksum mismatch"));
+            }
+            Ok(ProcessSnapshot {
+                sha256: Some(sha256),
+                size_bytes,
             })
-            .await?
-        };
-        guard.staging = PathBuf::new();
-        let info = entry.info();
-        inner
-            .index
-            .lock()
-            .snapshots
-            .insert(snapshot_id.clone(), entry);
-        drop(guard);
+        })
+        .await?;
+        let info = staging.publish(SnapshotMeta { backend, ..meta }).await?;
         info!(%snapshot_id, size_bytes = info.size_bytes, "imported snapshot");
         Ok(info)
     }
 
     async fn delete_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), ProviderError> {
-        let inner = self.inner.clone();
-        let snapshot_id = snapshot_id.clone();
-        blocking(move || {
-            let trash;
-            {
-                let mut index = inner.index.lock();
-                if !index.snapshots.contains_key(&snapshot_id) {
-                    return Err(ProviderError::snapshot_not_found(&snapshot_id));
-                }
-                trash = inner
-                    .root
-                    .trash(&inner.snapshot_dir(&snapshot_id), "delete")
-                    .map_err(|e| ProviderError::io("cannot remove snapshot", e))?;
-                index.snapshots.remove(&snapshot_id);
-            }
-            info!(%snapshot_id, "deleted snapshot");
-            remove_dir_logged(&trash);
-            Ok(())
-        })
-        .await
+        self.inner.registry.delete_snapshot(snapshot_id).await
     }
 }
 
-#[async_trait]
-impl VmQuery for ProcessProvider {
-    async fn list_vms(&self) -> Result<Vec<VmView>, ProviderError> {
-        let index = self.inner.index.lock();
-        let mut views: Vec<VmView> = index
-            .vms
-            .values()
-            .map(|r| r.slot.lock().meta.view())
-            .chain(index.tombstones.views().cloned())
-            .collect();
-        views.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
-        Ok(views)
-    }
+impl Registered for ProcessProvider {
+    type Backend = Process;
 
-    async fn count_vms(&self) -> Result<usize, ProviderError> {
-        Ok(self.inner.index.lock().vms.len())
-    }
-
-    async fn get_vm(&self, vm_id: &VmId) -> Result<Option<VmView>, ProviderError> {
-        let index = self.inner.index.lock();
-        Ok(match index.vms.get(vm_id) {
-            Some(record) => Some(record.slot.lock().meta.view()),
-            None => index.tombstones.get(vm_id).cloned(),
-        })
-    }
-
-    async fn list_snapshots(&self, vm_id: &VmId) -> Result<Option<Vec<SnapshotId>>, ProviderError> {
-        let index = self.inner.index.lock();
-        if !index.vms.contains_key(vm_id) && index.tombstones.get(vm_id).is_none() {
-            return Ok(None);
-        }
-        Ok(Some(
-            index
-                .snapshots
-                .values()
-                .filter(|s| s.meta.source_vm.as_ref() == Some(vm_id))
-                .map(|s| s.meta.snapshot_id.clone())
-                .collect(),
-        ))
-    }
-
-    async fn get_snapshot(
-        &self,
-        snapshot_id: &SnapshotId,
-    ) -> Result<Option<SnapshotInfo>, ProviderError> {
-        Ok(self
-            .inner
-            .index
-            .lock()
-            .snapshots
-            .get(snapshot_id)
-            .map(SnapshotMetaEntry::info))
-    }
-
-    async fn list_all_snapshots(&self) -> Result<Vec<SnapshotInfo>, ProviderError> {
-        Ok(self
-            .inner
-            .index
-            .lock()
-            .snapshots
-            .values()
-            .map(SnapshotMetaEntry::info)
-            .collect())
+    fn registry(&self) -> &Registry<Process> {
+        &self.inner.registry
     }
 }
 

@@ -64,14 +64,18 @@ use tracing::{debug, info, warn};
 
 use super::paths;
 use super::registry::state_root::{
-    StateRoot, blocking, in_background, read_json, remove_dir_logged, rename_noreplace,
-    sha256_file, to_json, write_json_atomic,
+    StateRoot, blocking, in_background, read_json, remove_dir_logged, sha256_file, to_json,
 };
+use super::registry::{self, Backend, Registered, Registry, SnapshotBackend, SnapshotMeta};
 use super::snapshot_archive as archive;
-use super::vmm::{self, Failures, exec_request, new_identity, process_alive, transfer_allowance};
+use super::vmm::{
+    self, GuestVm, exec_request, log_tail, new_identity, process_alive, transfer_allowance,
+    vmm_version,
+};
 use super::{
-    ExecOutcome, ExecSpec, OutputChunk, ProviderError, SnapshotId, SnapshotInfo, TemplateName,
-    Tombstones, VmId, VmProvider, VmQuery, VmSpec, VmState, VmView, lifecycle, now_ms, tail_lossy,
+    BOOTSTRAP_OUTPUT_BYTES, BOOTSTRAP_TIMEOUT, ExecOutcome, ExecSpec, OutputChunk, ProviderError,
+    SnapshotId, SnapshotInfo, VmId, VmProvider, VmSpec, VmState, VmView, bootstrap_failed,
+    lifecycle, now_ms,
 };
 
 mod console;
@@ -83,21 +87,17 @@ pub use machine::Accel;
 use machine::{DigestCache, MachineSpec, RunPaths};
 use qmp::{Qmp, QmpError};
 
-/// Version of the `meta.json` formats written here.
-const META_FORMAT: u32 = 1;
 /// The compressed state's name in an export stream.
 const STATE_ENTRY: &str = "state.zst";
 /// File names of a guest image directory.
 pub const IMAGE_KERNEL: &str = "vmlinuz";
 pub const IMAGE_INITRD: &str = "initrd.img";
-/// How long a bootstrap command may run.
-const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(600);
-/// Output kept from a bootstrap command for the error message.
-const BOOTSTRAP_OUTPUT_BYTES: usize = 64 * 1024;
 /// How long a new or adopted VM's console socket may take to appear before its log is given up.
 const CONSOLE_PATIENCE: Duration = Duration::from_secs(30);
 /// Longest `root` path: socket paths (`<root>/run/<16>/agent.sock`) must fit `sun_path` (108).
 const MAX_ROOT_LEN: usize = 72;
+/// Most vCPUs of a VM (`-M microvm`).
+const MAX_VCPUS: u32 = 64;
 
 /// Configuration of the qemu adapter; deserialisable from the worker's TOML (`[qemu]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,49 +182,21 @@ impl QemuConfig {
     }
 }
 
-/// A VM's `meta.json`. The directory name, not `vm_id`, is authoritative on reopen.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct VmMeta {
-    format: u32,
-    vm_id: VmId,
-    state: VmState,
-    template: Option<TemplateName>,
-    created_ms: u64,
-    last_activity_ms: u64,
-    stopped_ms: Option<u64>,
-    restored_from: Option<SnapshotId>,
-    env: BTreeMap<String, String>,
-    machine: MachineSpec,
-    /// The QEMU process: `run/<instance>`.
-    instance: String,
-    /// Renamed while stopped: the guest gets its new identity on the next start.
-    #[serde(default)]
-    identity_pending: bool,
+/// The qemu backend's part of the registry.
+#[derive(Debug)]
+pub(crate) struct Qemu;
+
+impl Backend for Qemu {
+    type Vm = GuestVm<MachineSpec>;
+    type Runtime = Arc<Machine>;
+    type Snapshot = QemuSnapshot;
 }
 
-impl VmMeta {
-    fn view(&self) -> VmView {
-        VmView {
-            vm_id: self.vm_id.clone(),
-            state: self.state,
-            template: self.template.clone(),
-            created_ms: self.created_ms,
-            last_activity_ms: self.last_activity_ms,
-            stopped_ms: self.stopped_ms,
-            restored_from: self.restored_from.clone(),
-        }
-    }
-}
+type VmMeta = registry::VmMeta<GuestVm<MachineSpec>>;
 
-/// A snapshot's `meta.json`, also the metadata entry of an export stream.
+/// What a qemu snapshot's `meta.json` adds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SnapshotMeta {
-    format: u32,
-    snapshot_id: SnapshotId,
-    source_vm: Option<VmId>,
-    template: Option<TemplateName>,
-    created_ms: u64,
-    env: BTreeMap<String, String>,
+pub(crate) struct QemuSnapshot {
     machine: MachineSpec,
     /// `qemu --version`: state only loads into the same build.
     qemu_version: String,
@@ -232,21 +204,15 @@ struct SnapshotMeta {
     state_bytes: u64,
 }
 
-impl SnapshotMeta {
-    fn info(&self) -> SnapshotInfo {
-        SnapshotInfo {
-            snapshot_id: self.snapshot_id.clone(),
-            source_vm: self.source_vm.clone(),
-            template: self.template.clone(),
-            created_ms: self.created_ms,
-            size_bytes: self.state_bytes,
-        }
+impl SnapshotBackend for QemuSnapshot {
+    fn size_bytes(&self) -> u64 {
+        self.state_bytes
     }
 }
 
 /// One QEMU process.
 #[derive(Debug)]
-struct Machine {
+pub(crate) struct Machine {
     instance: String,
     run: RunPaths,
     pid: i32,
@@ -453,68 +419,10 @@ fn read_pid(run: &RunPaths) -> Option<i32> {
         .ok()
 }
 
-/// One live VM. Lock order: the provider's index, then a record.
-#[derive(Debug)]
-struct VmRecord {
-    slot: Mutex<VmSlot>,
-}
-
-#[derive(Debug)]
-struct VmSlot {
-    dir: PathBuf,
-    meta: VmMeta,
-    machine: Arc<Machine>,
-}
-
-#[derive(Debug, Default)]
-struct Index {
-    vms: BTreeMap<VmId, Arc<VmRecord>>,
-    /// Ids being created or renamed to: taken, not visible yet.
-    creating: HashSet<VmId>,
-    tombstones: Tombstones,
-    failures: Failures,
-    snapshots: BTreeMap<SnapshotId, SnapshotMeta>,
-    snapshotting: HashSet<SnapshotId>,
-}
-
-impl Index {
-    fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
-        if let Some(record) = self.vms.get(vm_id) {
-            return Ok(record.clone());
-        }
-        if self.tombstones.get(vm_id).is_some() {
-            return Err(match self.failures.reasons.get(vm_id) {
-                Some(reason) => ProviderError::InvalidState(format!("vm {vm_id} failed: {reason}")),
-                None => ProviderError::vm_destroyed(vm_id),
-            });
-        }
-        Err(ProviderError::vm_not_found(vm_id))
-    }
-
-    fn vm_taken(&self, vm_id: &VmId) -> bool {
-        self.vms.contains_key(vm_id) || self.creating.contains(vm_id)
-    }
-
-    fn snapshot_taken(&self, snapshot_id: &SnapshotId) -> bool {
-        self.snapshots.contains_key(snapshot_id) || self.snapshotting.contains(snapshot_id)
-    }
-
-    /// Removes `vm_id` and leaves a tombstone (with a failure reason, if any).
-    fn bury(&mut self, vm_id: &VmId, mut view: VmView, failure: Option<String>) {
-        self.vms.remove(vm_id);
-        view.last_activity_ms = now_ms();
-        self.tombstones.insert(view);
-        match failure {
-            Some(reason) => self.failures.insert(vm_id.clone(), reason),
-            None => self.failures.remove(vm_id),
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Inner {
-    /// Held for the provider's lifetime: one provider per root.
-    root: StateRoot,
+    /// The VMs and snapshots, and the locked state root they live under.
+    registry: Arc<Registry<Qemu>>,
     config: QemuConfig,
     accel: Accel,
     cpu: String,
@@ -522,7 +430,6 @@ struct Inner {
     qemu_version: String,
     /// `run/`: one directory per VMM process.
     run_dir: PathBuf,
-    index: Mutex<Index>,
     digests: Arc<DigestCache>,
 }
 
@@ -534,25 +441,17 @@ pub struct QemuProvider {
 
 impl Drop for QemuProvider {
     fn drop(&mut self) {
-        let records: Vec<Arc<VmRecord>> = self.inner.index.lock().vms.values().cloned().collect();
-        for record in records {
+        for record in self.inner.registry.records() {
             let slot = record.slot.lock();
             if self.inner.config.kill_on_drop {
-                slot.machine.kill_now();
-                remove_dir_logged(&slot.machine.run.dir);
+                slot.runtime.kill_now();
+                remove_dir_logged(&slot.runtime.run.dir);
                 remove_dir_logged(&slot.dir);
             } else {
-                slot.machine.detach();
+                slot.runtime.detach();
             }
         }
     }
-}
-
-/// The last lines of a QEMU log, for error messages.
-fn log_tail(path: &Path) -> String {
-    std::fs::read(path)
-        .map(|b| tail_lossy(&b, 600))
-        .unwrap_or_default()
 }
 
 fn qmp_error(vm_id: &VmId, machine: &Machine, what: &str, e: QmpError) -> ProviderError {
@@ -605,49 +504,13 @@ impl Drop for LaunchGuard {
     }
 }
 
-/// Releases a reserved VM id unless disarmed.
-struct IdReservation {
-    inner: Arc<Inner>,
-    vm_id: Option<VmId>,
-}
-
-impl Drop for IdReservation {
-    fn drop(&mut self) {
-        if let Some(vm_id) = self.vm_id.take() {
-            self.inner.index.lock().creating.remove(&vm_id);
-        }
-    }
-}
-
-/// Releases a reserved snapshot id and removes its staging directory.
-struct SnapshotGuard {
-    inner: Arc<Inner>,
-    snapshot_id: SnapshotId,
-    staging: PathBuf,
-}
-
-impl Drop for SnapshotGuard {
-    fn drop(&mut self) {
-        self.inner
-            .index
-            .lock()
-            .snapshotting
-            .remove(&self.snapshot_id);
-        let staging = std::mem::take(&mut self.staging);
-        if staging.as_os_str().is_empty() {
-            return;
-        }
-        in_background(move || remove_dir_logged(&staging));
-    }
-}
-
 impl QemuProvider {
     /// Opens (creating if needed) the state under `config.root` and reconciles it with the QEMU
     /// processes that are still running (see the module docs). Blocking, but must be called inside
     /// a tokio runtime: adopted VMs are reconnected by a background task. `Unavailable` if QEMU
     /// cannot run or the root is unusable.
     pub fn open(config: QemuConfig) -> Result<Self, ProviderError> {
-        let qemu_version = qemu_version(&config.qemu)?;
+        let qemu_version = vmm_version(&config.qemu)?;
         let (accel, why) = machine::choose_accel(
             config.accel,
             Path::new("/sys/module"),
@@ -678,13 +541,12 @@ impl QemuProvider {
         }
         let inner = Arc::new(Inner {
             run_dir: root.dir("run"),
-            root,
+            registry: Arc::new(Registry::new(root)),
             config,
             accel,
             cpu,
             tsc_khz,
             qemu_version,
-            index: Mutex::new(Index::default()),
             digests: Arc::new(DigestCache::default()),
         });
         let adopted = Inner::reconcile(&inner)?;
@@ -711,15 +573,15 @@ impl QemuProvider {
 
     /// Process id of a VM's QEMU (for tests and diagnostics).
     pub fn qemu_pid(&self, vm_id: &VmId) -> Option<i32> {
-        let record = self.inner.index.lock().vms.get(vm_id).cloned()?;
-        let pid = record.slot.lock().machine.pid;
+        let record = self.inner.registry.record(vm_id).ok()?;
+        let pid = record.runtime().pid;
         Some(pid)
     }
 
     /// Where a VM's QEMU keeps its sockets, pid file and logs (for tests and diagnostics).
     pub fn run_dir(&self, vm_id: &VmId) -> Option<PathBuf> {
-        let record = self.inner.index.lock().vms.get(vm_id).cloned()?;
-        let dir = record.slot.lock().machine.run.dir.clone();
+        let record = self.inner.registry.record(vm_id).ok()?;
+        let dir = record.runtime().run.dir.clone();
         Some(dir)
     }
 
@@ -729,46 +591,9 @@ impl QemuProvider {
     }
 }
 
-/// `qemu --version`'s first line; `Unavailable` if QEMU cannot run.
-fn qemu_version(qemu: &Path) -> Result<String, ProviderError> {
-    let output = std::process::Command::new(qemu)
-        .arg("--version")
-        .output()
-        .map_err(|e| ProviderError::Unavailable(format!("cannot run {}: {e}", qemu.display())))?;
-    if !output.status.success() {
-        return Err(ProviderError::Unavailable(format!(
-            "{} --version fails: {}",
-            qemu.display(),
-            tail_lossy(&output.stderr, 300)
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_owned())
-}
-
 impl Inner {
     fn snapshot_dir(&self, snapshot_id: &SnapshotId) -> PathBuf {
-        self.root.snapshot_dir(snapshot_id)
-    }
-
-    fn record(&self, vm_id: &VmId) -> Result<Arc<VmRecord>, ProviderError> {
-        self.index.lock().record(vm_id)
-    }
-
-    /// A running VM's record and machine; bumps its activity.
-    fn running(&self, vm_id: &VmId) -> Result<(Arc<VmRecord>, Arc<Machine>), ProviderError> {
-        let record = self.record(vm_id)?;
-        let machine = {
-            let mut slot = record.slot.lock();
-            lifecycle::require_running(vm_id, slot.meta.state)?;
-            slot.meta.last_activity_ms = now_ms();
-            slot.machine.clone()
-        };
-        Ok((record, machine))
+        self.registry.root().snapshot_dir(snapshot_id)
     }
 
     fn exec_limits(&self) -> ExecLimits {
@@ -784,18 +609,12 @@ impl Inner {
 
     /// Rebuilds the index from disk and the live QEMU processes; returns the machines to adopt.
     fn reconcile(this: &Arc<Self>) -> Result<Vec<Arc<Machine>>, ProviderError> {
-        this.root.empty_tmp(remove_dir_logged)?;
+        let registry = &this.registry;
+        registry.root().empty_tmp(remove_dir_logged)?;
         let mut adopted = Vec::new();
         let mut owned_runs = HashSet::new();
-        let mut index = this.index.lock();
-        for entry in StateRoot::list(this.root.vms_dir())? {
-            let dir = entry.path();
-            let Some(vm_id) = entry.file_name().to_str().and_then(|n| VmId::new(n).ok()) else {
-                warn!(path = %dir.display(), "ignoring entry that is not a vm id");
-                continue;
-            };
-            let _ = std::fs::remove_file(dir.join("meta.json.tmp"));
-            let mut meta: VmMeta = match read_json(&dir.join("meta.json")) {
+        for (vm_id, dir) in registry.vm_dirs()? {
+            let meta: VmMeta = match read_json(&dir.join("meta.json")) {
                 Ok(meta) => meta,
                 Err(e) => {
                     info!(%vm_id, error = %e, "removing vm without readable metadata");
@@ -804,7 +623,7 @@ impl Inner {
                 }
             };
             let run = RunPaths {
-                dir: this.run_dir.join(&meta.instance),
+                dir: this.run_dir.join(&meta.backend.instance),
             };
             let pid = read_pid(&run).filter(|&pid| is_our_qemu(pid, &run.dir));
             let Some(pid) = pid.filter(|_| meta.state != VmState::Destroyed) else {
@@ -812,21 +631,12 @@ impl Inner {
                 remove_dir_logged(&dir);
                 continue;
             };
-            if meta.vm_id != vm_id {
-                meta.vm_id = vm_id.clone();
-                write_json_atomic(&dir.join("meta.json"), &meta)?;
-            }
-            owned_runs.insert(meta.instance.clone());
-            let machine =
-                Machine::new(meta.instance.clone(), run, pid, false, Arc::downgrade(this));
+            let instance = meta.backend.instance.clone();
+            owned_runs.insert(instance.clone());
+            let machine = Machine::new(instance, run, pid, false, Arc::downgrade(this));
             adopted.push(machine.clone());
             info!(%vm_id, pid, state = %meta.state, "adopting running vm");
-            index.vms.insert(
-                vm_id,
-                Arc::new(VmRecord {
-                    slot: Mutex::new(VmSlot { dir, meta, machine }),
-                }),
-            );
+            registry.adopt(vm_id, dir, meta, machine)?;
         }
         // QEMU processes (and run directories) no VM owns: half-created VMs, leftovers.
         for entry in StateRoot::list(&this.run_dir)? {
@@ -844,42 +654,10 @@ impl Inner {
             }
             remove_dir_logged(&run.dir);
         }
-        for entry in StateRoot::list(this.root.snapshots_dir())? {
-            let dir = entry.path();
-            let Some(snapshot_id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| SnapshotId::new(n).ok())
-            else {
-                continue;
-            };
-            let meta: SnapshotMeta = match read_json(&dir.join("meta.json")) {
-                Ok(meta) => meta,
-                Err(e) => {
-                    warn!(%snapshot_id, error = %e, "ignoring snapshot with unreadable meta.json");
-                    continue;
-                }
-            };
-            match std::fs::metadata(dir.join("state")) {
-                Ok(m) if m.len() == meta.state_bytes => {}
-                _ => {
-                    warn!(%snapshot_id, "ignoring snapshot whose state file is missing or the wrong size");
-                    continue;
-                }
-            }
-            index.snapshots.insert(
-                snapshot_id.clone(),
-                SnapshotMeta {
-                    snapshot_id,
-                    ..meta
-                },
-            );
-        }
-        info!(
-            vms = index.vms.len(),
-            snapshots = index.snapshots.len(),
-            "qemu provider reconciled"
-        );
+        registry.load_snapshots(|dir, meta| match std::fs::metadata(dir.join("state")) {
+            Ok(m) if m.len() == meta.backend.state_bytes => Ok(meta),
+            _ => Err("its state file is missing or the wrong size".to_owned()),
+        })?;
         Ok(adopted)
     }
 
@@ -930,43 +708,31 @@ impl Inner {
 
     /// The id and recorded state of the VM running on `machine`, if it is still indexed.
     fn vm_of(&self, machine: &Arc<Machine>) -> Option<(VmId, VmState)> {
-        let index = self.index.lock();
-        index.vms.iter().find_map(|(id, record)| {
-            let slot = record.slot.lock();
-            Arc::ptr_eq(&slot.machine, machine).then(|| (id.clone(), slot.meta.state))
-        })
+        let (vm_id, record) = self
+            .registry
+            .find(|slot| Arc::ptr_eq(&slot.runtime, machine))?;
+        let state = record.slot.lock().meta.state;
+        Some((vm_id, state))
     }
 
     /// A VM's QEMU went away on its own: remove the VM, remember why, delete its files.
     fn machine_died(self: &Arc<Self>, machine: &Arc<Machine>) {
         let reason = machine.exit_reason();
-        let buried = {
-            let mut index = self.index.lock();
-            let found = index.vms.iter().find_map(|(id, record)| {
-                let slot = record.slot.lock();
-                Arc::ptr_eq(&slot.machine, machine)
-                    .then(|| (id.clone(), slot.meta.view(), slot.dir.clone()))
-            });
-            if let Some((vm_id, view, dir)) = found {
-                index.bury(&vm_id, view, Some(reason.clone()));
-                Some((vm_id, dir))
-            } else {
-                None
-            }
-        };
+        let buried = self
+            .registry
+            .bury_failed(|slot| Arc::ptr_eq(&slot.runtime, machine), reason.clone());
         let run_dir = machine.run.dir.clone();
         match &buried {
             Some((vm_id, _)) => warn!(%vm_id, reason, "vm failed: its qemu process is gone"),
             None => debug!(instance = %machine.instance, "qemu exited for a vm no longer indexed"),
         }
         let dir = buried.map(|(_, dir)| dir);
-        let cleanup = move || {
+        in_background(move || {
             if let Some(dir) = dir {
                 remove_dir_logged(&dir);
             }
             remove_dir_logged(&run_dir);
-        };
-        in_background(cleanup);
+        });
     }
 
     /// The kernel command line of new VMs.
@@ -1146,19 +912,7 @@ impl Inner {
         if outcome.success() {
             return Ok(());
         }
-        let how = if outcome.timed_out {
-            format!("timed out after {}s", BOOTSTRAP_TIMEOUT.as_secs())
-        } else {
-            format!("exited with code {}", outcome.exit_code)
-        };
-        let tail = if outcome.stderr.is_empty() {
-            tail_lossy(&outcome.stdout, 2000)
-        } else {
-            tail_lossy(&outcome.stderr, 2000)
-        };
-        Err(ProviderError::CommandFailed(format!(
-            "bootstrap of vm {vm_id} {how}: {tail}"
-        )))
+        Err(bootstrap_failed(vm_id, &outcome))
     }
 
     /// Loads a snapshot's state into a freshly launched, paused QEMU and checks its checksum (in
@@ -1167,7 +921,7 @@ impl Inner {
         &self,
         vm_id: &VmId,
         machine: &Arc<Machine>,
-        snapshot: &SnapshotMeta,
+        snapshot: &SnapshotMeta<QemuSnapshot>,
     ) -> Result<(), ProviderError> {
         let snapshot_id = &snapshot.snapshot_id;
         let state = self.snapshot_dir(snapshot_id).join("state");
@@ -1179,12 +933,12 @@ impl Inner {
         // QEMU 7.2 waits forever on an empty stream and exits on a bad one: check what can be
         // checked first, and turn an exit into the snapshot's fault.
         match std::fs::metadata(&state) {
-            Ok(m) if m.len() == snapshot.state_bytes => {}
+            Ok(m) if m.len() == snapshot.backend.state_bytes => {}
             Ok(m) => {
                 return Err(corrupt(format!(
                     "its state file is {} bytes, expected {}",
                     m.len(),
-                    snapshot.state_bytes
+                    snapshot.backend.state_bytes
                 )));
             }
             Err(e) => return Err(corrupt(format!("its state file is unreadable: {e}"))),
@@ -1198,7 +952,7 @@ impl Inner {
                 .await
                 .map_err(|e| ProviderError::internal("the checksum task failed", e))?
                 .map_err(|e| ProviderError::io("cannot read snapshot state", e))?;
-            if digest == snapshot.state_sha256 {
+            if digest == snapshot.backend.state_sha256 {
                 Ok(())
             } else {
                 Err(ProviderError::InvalidArgument(format!(
@@ -1291,32 +1045,12 @@ impl Inner {
         spec: &VmSpec,
     ) -> Result<VmView, ProviderError> {
         spec.validate()?;
-        let snapshot = {
-            let mut index = self.index.lock();
-            let snapshot = match &spec.restore_from {
-                Some(id) => Some(
-                    index
-                        .snapshots
-                        .get(id)
-                        .cloned()
-                        .ok_or_else(|| ProviderError::snapshot_not_found(id))?,
-                ),
-                None => None,
-            };
-            if index.vm_taken(vm_id) {
-                return Err(ProviderError::vm_exists(vm_id));
-            }
-            index.creating.insert(vm_id.clone());
-            snapshot
-        };
-        let mut reservation = IdReservation {
-            inner: self.clone(),
-            vm_id: Some(vm_id.clone()),
-        };
+        let (reservation, snapshot) = self
+            .registry
+            .reserve_vm(vm_id, spec.restore_from.as_ref())?;
         info!(%vm_id, restore_from = ?spec.restore_from, "creating vm");
 
-        let mut env = snapshot.as_ref().map(|s| s.env.clone()).unwrap_or_default();
-        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let env = registry::meta::inherited_env(spec, snapshot.as_ref());
         let machine_spec = match &snapshot {
             Some(snapshot) => self.restore_spec(snapshot).await?,
             None => self.boot_spec(spec).await?,
@@ -1359,56 +1093,16 @@ impl Inner {
             }
         };
         let machine = guard.machine.clone().expect("armed");
-        let now = now_ms();
-        let meta = VmMeta {
-            format: META_FORMAT,
-            vm_id: vm_id.clone(),
-            state: VmState::Running,
-            template: spec
-                .template
-                .clone()
-                .or_else(|| snapshot.as_ref().and_then(|s| s.template.clone())),
-            created_ms: now,
-            last_activity_ms: now,
-            stopped_ms: None,
-            restored_from: spec.restore_from.clone(),
-            env,
+        let backend = GuestVm {
             machine: machine_spec,
             instance: machine.instance.clone(),
             identity_pending: false,
         };
-        let dir = self.root.vm_dir(vm_id);
-        {
-            // Writing meta.json is the commit point.
-            let (dir, meta) = (dir.clone(), meta.clone());
-            blocking(move || {
-                let _ = std::fs::remove_dir_all(&dir);
-                std::fs::create_dir(&dir).map_err(|e| {
-                    ProviderError::io(format!("cannot create {}", dir.display()), e)
-                })?;
-                write_json_atomic(&dir.join("meta.json"), &meta)
-            })
-            .await?;
-        }
-        let machine = guard.disarm();
+        let meta = VmMeta::created(vm_id, spec, snapshot.as_ref(), backend);
         let view = meta.view();
-        {
-            let mut index = self.index.lock();
-            reservation.vm_id = None;
-            index.creating.remove(vm_id);
-            index.tombstones.remove(vm_id);
-            index.failures.remove(vm_id);
-            index.vms.insert(
-                vm_id.clone(),
-                Arc::new(VmRecord {
-                    slot: Mutex::new(VmSlot {
-                        dir,
-                        meta,
-                        machine: machine.clone(),
-                    }),
-                }),
-            );
-        }
+        // Writing meta.json is the commit point.
+        reservation.commit(meta, machine.clone()).await?;
+        guard.disarm();
         if machine.dead.is_cancelled() {
             // Died between the last check and indexing: the watcher found nothing to bury.
             self.machine_died(&machine);
@@ -1417,18 +1111,7 @@ impl Inner {
     }
 
     async fn boot_spec(&self, spec: &VmSpec) -> Result<MachineSpec, ProviderError> {
-        if !(1..=64).contains(&spec.vcpus) {
-            return Err(ProviderError::InvalidArgument(format!(
-                "vcpus must be in 1..=64, got {}",
-                spec.vcpus
-            )));
-        }
-        if !(128..=1 << 20).contains(&spec.memory_mib) {
-            return Err(ProviderError::InvalidArgument(format!(
-                "memory_mib must be in 128..=1048576, got {}",
-                spec.memory_mib
-            )));
-        }
+        vmm::check_machine_size(spec, MAX_VCPUS)?;
         let (kernel, initrd) = self.image_for(spec.base.as_deref())?;
         let (kernel_sha256, initrd_sha256) = {
             let (kernel, initrd) = (kernel.clone(), initrd.clone());
@@ -1449,22 +1132,25 @@ impl Inner {
     }
 
     /// The machine a snapshot must be restored into, with its image files located and checked.
-    async fn restore_spec(&self, snapshot: &SnapshotMeta) -> Result<MachineSpec, ProviderError> {
-        if snapshot.qemu_version != self.qemu_version {
+    async fn restore_spec(
+        &self,
+        snapshot: &SnapshotMeta<QemuSnapshot>,
+    ) -> Result<MachineSpec, ProviderError> {
+        if snapshot.backend.qemu_version != self.qemu_version {
             return Err(ProviderError::Unavailable(format!(
                 "snapshot {} was taken with {:?}; this worker runs {:?}",
-                snapshot.snapshot_id, snapshot.qemu_version, self.qemu_version
+                snapshot.snapshot_id, snapshot.backend.qemu_version, self.qemu_version
             )));
         }
-        if snapshot.machine.accel != self.accel {
+        if snapshot.backend.machine.accel != self.accel {
             return Err(ProviderError::Unavailable(format!(
                 "snapshot {} was taken under {}; this worker uses {}",
                 snapshot.snapshot_id,
-                snapshot.machine.accel.as_str(),
+                snapshot.backend.machine.accel.as_str(),
                 self.accel.as_str()
             )));
         }
-        let mut spec = snapshot.machine.clone();
+        let mut spec = snapshot.backend.machine.clone();
         let inner = self.digest_handle();
         let recorded = spec.clone();
         let (kernel, initrd) = blocking(move || {
@@ -1539,13 +1225,13 @@ impl VmProvider for QemuProvider {
 
     async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
         let inner = &self.inner;
-        let record = inner.record(vm_id)?;
+        let record = inner.registry.record(vm_id)?;
         let (machine, pending, env) = {
             let slot = record.slot.lock();
             lifecycle::check_start(vm_id, slot.meta.state)?;
             (
-                slot.machine.clone(),
-                slot.meta.identity_pending,
+                slot.runtime.clone(),
+                slot.meta.backend.identity_pending,
                 slot.meta.env.clone(),
             )
         };
@@ -1564,26 +1250,23 @@ impl VmProvider for QemuProvider {
         } else {
             inner.sync_clock(vm_id, &machine).await;
         }
-        let (meta, dir) = {
+        {
             let mut slot = record.slot.lock();
-            slot.meta.state = VmState::Running;
-            slot.meta.stopped_ms = None;
-            slot.meta.identity_pending = false;
-            slot.meta.last_activity_ms = now_ms();
-            (slot.meta.clone(), slot.dir.clone())
-        };
-        blocking(move || write_json_atomic(&dir.join("meta.json"), &meta)).await?;
+            slot.meta.mark_running();
+            slot.meta.backend.identity_pending = false;
+        }
+        record.save().await?;
         info!(%vm_id, "started vm");
-        Ok(record.slot.lock().meta.view())
+        Ok(record.view())
     }
 
     async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
         let inner = &self.inner;
-        let record = inner.record(vm_id)?;
+        let record = inner.registry.record(vm_id)?;
         let machine = {
             let slot = record.slot.lock();
             lifecycle::check_stop(vm_id, slot.meta.state)?;
-            slot.machine.clone()
+            slot.runtime.clone()
         };
         let qmp = machine
             .qmp(inner.agent_deadline())
@@ -1592,17 +1275,10 @@ impl VmProvider for QemuProvider {
         qmp.execute("stop", json!({}), inner.config.agent_timeout())
             .await
             .map_err(|e| qmp_error(vm_id, &machine, "stop", e))?;
-        let (meta, dir) = {
-            let mut slot = record.slot.lock();
-            let now = now_ms();
-            slot.meta.state = VmState::Stopped;
-            slot.meta.stopped_ms = Some(now);
-            slot.meta.last_activity_ms = now;
-            (slot.meta.clone(), slot.dir.clone())
-        };
-        blocking(move || write_json_atomic(&dir.join("meta.json"), &meta)).await?;
+        record.slot.lock().meta.mark_stopped();
+        record.save().await?;
         info!(%vm_id, "stopped vm");
-        Ok(record.slot.lock().meta.view())
+        Ok(record.view())
     }
 
     async fn snapshot_vm(
@@ -1611,46 +1287,22 @@ impl VmProvider for QemuProvider {
         snapshot_id: &SnapshotId,
     ) -> Result<SnapshotInfo, ProviderError> {
         let inner = self.inner.clone();
+        let (staging, record) = inner.registry.reserve_snapshot_of(vm_id, snapshot_id)?;
         let (machine, was_running, meta) = {
-            let mut index = inner.index.lock();
-            let record = index.record(vm_id)?;
-            if index.snapshot_taken(snapshot_id) {
-                return Err(ProviderError::snapshot_exists(snapshot_id));
-            }
-            index.snapshotting.insert(snapshot_id.clone());
             let slot = record.slot.lock();
-            let meta = SnapshotMeta {
-                format: META_FORMAT,
-                snapshot_id: snapshot_id.clone(),
-                source_vm: Some(vm_id.clone()),
-                template: slot.meta.template.clone(),
-                created_ms: now_ms(),
-                env: slot.meta.env.clone(),
-                machine: slot.meta.machine.clone(),
+            let backend = QemuSnapshot {
+                machine: slot.meta.backend.machine.clone(),
                 qemu_version: inner.qemu_version.clone(),
                 state_sha256: String::new(),
                 state_bytes: 0,
             };
             (
-                slot.machine.clone(),
+                slot.runtime.clone(),
                 slot.meta.state == VmState::Running,
-                meta,
+                SnapshotMeta::of(snapshot_id, &slot.meta, backend),
             )
         };
-        let staging = inner.root.staging("snapshot");
-        let mut guard = SnapshotGuard {
-            inner: inner.clone(),
-            snapshot_id: snapshot_id.clone(),
-            staging: staging.clone(),
-        };
-        {
-            let staging = staging.clone();
-            blocking(move || {
-                std::fs::create_dir(&staging)
-                    .map_err(|e| ProviderError::io("cannot create staging directory", e))
-            })
-            .await?;
-        }
+        staging.make_dir().await?;
         info!(%vm_id, %snapshot_id, "snapshotting vm");
         let timeout = Duration::from_millis(inner.config.migrate_timeout_ms);
         let qmp = machine
@@ -1662,7 +1314,7 @@ impl VmProvider for QemuProvider {
                 .await
                 .map_err(|e| qmp_error(vm_id, &machine, "stop", e))?;
         }
-        let state = staging.join("state");
+        let state = staging.path().join("state");
         let uri = format!("exec:cat > '{}'", state.display());
         let saved = async {
             qmp.execute("migrate", json!({ "uri": uri }), timeout)
@@ -1691,69 +1343,38 @@ impl VmProvider for QemuProvider {
             }
         }
         saved?;
-        let entry = {
-            let inner = inner.clone();
-            blocking(move || {
-                let state_bytes = std::fs::metadata(&state)
-                    .map_err(|e| ProviderError::io("cannot inspect the saved state", e))?
-                    .len();
-                let state_sha256 = sha256_file(&state)
-                    .map_err(|e| ProviderError::io("cannot read the saved state", e))?;
-                let meta = SnapshotMeta {
-                    state_sha256,
-                    state_bytes,
-                    ..meta
-                };
-                write_json_atomic(&staging.join("meta.json"), &meta)?;
-                rename_noreplace(&staging, &inner.snapshot_dir(&meta.snapshot_id))
-                    .map_err(|e| ProviderError::io("cannot publish snapshot", e))?;
-                Ok(meta)
+        let backend = blocking(move || {
+            let state_bytes = std::fs::metadata(&state)
+                .map_err(|e| ProviderError::io("cannot inspect the saved state", e))?
+                .len();
+            let state_sha256 = sha256_file(&state)
+                .map_err(|e| ProviderError::io("cannot read the saved state", e))?;
+            Ok(QemuSnapshot {
+                state_sha256,
+                state_bytes,
+                ..meta.backend
             })
-            .await?
-        };
-        guard.staging = PathBuf::new();
-        let info = entry.info();
-        inner
-            .index
-            .lock()
-            .snapshots
-            .insert(snapshot_id.clone(), entry);
-        drop(guard);
+        })
+        .await?;
+        let info = staging.publish(SnapshotMeta { backend, ..meta }).await?;
         info!(%vm_id, %snapshot_id, bytes = info.size_bytes, "snapshot taken");
         Ok(info)
     }
 
     async fn destroy_vm(&self, vm_id: &VmId) -> Result<(), ProviderError> {
         let inner = &self.inner;
-        let (machine, dir) = {
-            let mut index = inner.index.lock();
-            let Some(record) = index.vms.get(vm_id).cloned() else {
-                if index.tombstones.get(vm_id).is_some() {
-                    return Ok(());
-                }
-                return Err(ProviderError::vm_not_found(vm_id));
-            };
-            let mut slot = record.slot.lock();
-            slot.meta.state = VmState::Destroyed;
-            slot.machine.ending.store(true, Ordering::SeqCst);
-            let view = slot.meta.view();
-            let found = (slot.machine.clone(), slot.dir.clone());
-            drop(slot);
-            index.bury(vm_id, view, None);
-            found
+        let Some((machine, dir)) = inner.registry.destroy(vm_id, |slot| {
+            slot.runtime.ending.store(true, Ordering::SeqCst);
+            Ok((slot.runtime.clone(), slot.dir.clone()))
+        })?
+        else {
+            return Ok(());
         };
         // Gone from the index first; then the process and every file.
-        let trash = inner.root.staging("destroy");
-        {
-            let (dir, trash) = (dir.clone(), trash.clone());
-            blocking(move || {
-                if std::fs::rename(&dir, &trash).is_err() {
-                    remove_dir_logged(&dir);
-                }
-                Ok(())
-            })
-            .await?;
-        }
+        let trash = {
+            let registry = inner.registry.clone();
+            blocking(move || Ok(registry.root().trash(&dir, "destroy").unwrap_or(dir))).await?
+        };
         machine.kill().await;
         let run = machine.run.dir.clone();
         blocking(move || {
@@ -1767,24 +1388,12 @@ impl VmProvider for QemuProvider {
     }
 
     async fn rename_vm(&self, old: &VmId, new: &VmId) -> Result<VmView, ProviderError> {
-        let inner = self.inner.clone();
-        let record = {
-            let mut index = inner.index.lock();
-            let record = index.record(old)?;
-            if index.vm_taken(new) {
-                return Err(ProviderError::vm_exists(new));
-            }
-            index.creating.insert(new.clone());
-            record
-        };
-        let _reservation = IdReservation {
-            inner: inner.clone(),
-            vm_id: Some(new.clone()),
-        };
+        let inner = &self.inner;
+        let (record, reservation) = inner.registry.reserve_rename(old, new)?;
         let (machine, running, env) = {
             let slot = record.slot.lock();
             (
-                slot.machine.clone(),
+                slot.runtime.clone(),
                 slot.meta.state == VmState::Running,
                 slot.meta.env.clone(),
             )
@@ -1795,33 +1404,17 @@ impl VmProvider for QemuProvider {
                 .reset_identity(new, &machine, &env, inner.agent_deadline())
                 .await?;
         }
-        let (meta, new_dir) = {
-            let mut index = inner.index.lock();
-            let mut slot = record.slot.lock();
-            if slot.meta.state == VmState::Destroyed || !index.vms.contains_key(old) {
-                return Err(ProviderError::vm_destroyed(old));
-            }
-            let new_dir = inner.root.vm_dir(new);
-            rename_noreplace(&slot.dir, &new_dir)
-                .map_err(|e| ProviderError::io(format!("cannot rename vm {old} to {new}"), e))?;
-            slot.dir = new_dir.clone();
-            slot.meta.vm_id = new.clone();
-            slot.meta.last_activity_ms = now_ms();
-            slot.meta.identity_pending = !running;
-            index.vms.remove(old);
-            index.creating.remove(new);
-            index.tombstones.remove(new);
-            index.failures.remove(new);
-            index.vms.insert(new.clone(), record.clone());
-            (slot.meta.clone(), new_dir)
-        };
+        let view = inner
+            .registry
+            .commit_rename(old, reservation, &record, |slot| {
+                slot.meta.backend.identity_pending = !running;
+            })?;
         // The directory name is authoritative; a failed rewrite is repaired on reopen.
-        if let Err(e) = blocking(move || write_json_atomic(&new_dir.join("meta.json"), &meta)).await
-        {
+        if let Err(e) = record.save().await {
             warn!(vm_id = %new, error = %e, "cannot rewrite meta.json after rename");
         }
         info!(%old, %new, "renamed vm");
-        Ok(record.slot.lock().meta.view())
+        Ok(view)
     }
 
     async fn exec(
@@ -1832,7 +1425,7 @@ impl VmProvider for QemuProvider {
     ) -> Result<ExecOutcome, ProviderError> {
         spec.validate()?;
         paths::relative_path("cwd", spec.cwd.as_deref().unwrap_or(""))?;
-        let (record, machine) = self.inner.running(vm_id)?;
+        let (record, machine) = self.inner.registry.running(vm_id)?;
         let result = machine
             .agent
             .exec(
@@ -1842,7 +1435,7 @@ impl VmProvider for QemuProvider {
                 self.inner.exec_limits(),
             )
             .await;
-        record.slot.lock().meta.last_activity_ms = now_ms();
+        record.touch();
         match result {
             Ok(outcome) => {
                 debug!(%vm_id, exit_code = outcome.exit_code, timed_out = outcome.timed_out, "exec finished");
@@ -1860,10 +1453,10 @@ impl VmProvider for QemuProvider {
         mode: Option<u32>,
     ) -> Result<u64, ProviderError> {
         paths::file_path(path)?;
-        let (record, machine) = self.inner.running(vm_id)?;
+        let (record, machine) = self.inner.registry.running(vm_id)?;
         let deadline = self.inner.agent_deadline() + transfer_allowance(data.len() as u64);
         let result = machine.agent.put_file(path, data, mode, deadline).await;
-        record.slot.lock().meta.last_activity_ms = now_ms();
+        record.touch();
         match result {
             Ok(size) => Ok(size),
             Err(e) => Err(agent_error(vm_id, &machine, e).await),
@@ -1877,10 +1470,10 @@ impl VmProvider for QemuProvider {
         max_bytes: u64,
     ) -> Result<Vec<u8>, ProviderError> {
         paths::file_path(path)?;
-        let (record, machine) = self.inner.running(vm_id)?;
+        let (record, machine) = self.inner.registry.running(vm_id)?;
         let deadline = self.inner.agent_deadline() + transfer_allowance(max_bytes);
         let result = machine.agent.get_file(path, max_bytes, deadline).await;
-        record.slot.lock().meta.last_activity_ms = now_ms();
+        record.touch();
         match result {
             Ok(data) => Ok(data),
             Err(e) => Err(agent_error(vm_id, &machine, e).await),
@@ -1889,10 +1482,10 @@ impl VmProvider for QemuProvider {
 
     async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
         let inner = &self.inner;
-        let record = inner.record(vm_id)?;
+        let record = inner.registry.record(vm_id)?;
         let (machine, stopped) = {
             let slot = record.slot.lock();
-            (slot.machine.clone(), slot.meta.state == VmState::Stopped)
+            (slot.runtime.clone(), slot.meta.state == VmState::Stopped)
         };
         let qmp = machine
             .qmp(inner.agent_deadline())
@@ -1921,16 +1514,10 @@ impl VmProvider for QemuProvider {
         out: &mut (dyn AsyncWrite + Unpin + Send),
     ) -> Result<u64, ProviderError> {
         let inner = &self.inner;
-        let meta = inner
-            .index
-            .lock()
-            .snapshots
-            .get(snapshot_id)
-            .cloned()
-            .ok_or_else(|| ProviderError::snapshot_not_found(snapshot_id))?;
+        let meta = inner.registry.snapshot(snapshot_id)?;
         let meta_bytes = to_json(&meta)?;
         let state = inner.snapshot_dir(snapshot_id).join("state");
-        let zst = inner.root.staging("export");
+        let zst = inner.registry.root().staging("export");
         let level = inner.config.snapshot_compression_level;
         {
             let zst = zst.clone();
@@ -1950,87 +1537,42 @@ impl VmProvider for QemuProvider {
         snapshot_id: &SnapshotId,
         input: &mut (dyn AsyncRead + Unpin + Send),
     ) -> Result<SnapshotInfo, ProviderError> {
-        let inner = self.inner.clone();
-        {
-            let mut index = inner.index.lock();
-            if index.snapshot_taken(snapshot_id) {
-                return Err(ProviderError::snapshot_exists(snapshot_id));
-            }
-            index.snapshotting.insert(snapshot_id.clone());
-        }
-        let staging = inner.root.staging("import");
-        let mut guard = SnapshotGuard {
-            inner: inner.clone(),
-            snapshot_id: snapshot_id.clone(),
-            staging: staging.clone(),
-        };
-        tokio::fs::create_dir(&staging)
-            .await
-            .map_err(|e| ProviderError::io("cannot create staging directory", e))?;
-        let zst = staging.join(STATE_ENTRY);
-        let meta_bytes = archive::read_export(input, &[STATE_ENTRY], &staging).await?;
-        let meta: SnapshotMeta =
+        let staging = self.inner.registry.reserve_snapshot(snapshot_id)?;
+        staging.make_dir().await?;
+        let zst = staging.path().join(STATE_ENTRY);
+        let meta_bytes = archive::read_export(input, &[STATE_ENTRY], staging.path()).await?;
+        let meta: SnapshotMeta<QemuSnapshot> =
             serde_json::from_slice(&meta_bytes).map_err(ProviderError::corrupt_snapshot)?;
-        if meta.format != META_FORMAT {
+        if meta.format != registry::META_FORMAT {
             return Err(ProviderError::corrupt_snapshot(format!(
                 "unsupported format {}",
                 meta.format
             )));
         }
-        let meta = SnapshotMeta {
-            snapshot_id: snapshot_id.clone(),
-            ..meta
-        };
-        let meta = {
-            let inner = inner.clone();
+        {
+            let state = staging.path().join("state");
+            let (expected_sha256, expected_bytes) =
+                (meta.backend.state_sha256.clone(), meta.backend.state_bytes);
             blocking(move || {
-                let state = staging.join("state");
                 let (sha256, size) =
                     archive::decompress(&zst, &state).map_err(ProviderError::corrupt_snapshot)?;
-                if sha256 != meta.state_sha256 || size != meta.state_bytes {
+                if sha256 != expected_sha256 || size != expected_bytes {
                     return Err(ProviderError::corrupt_snapshot(
                         "the state does not match its checksum",
                     ));
                 }
                 let _ = std::fs::remove_file(&zst);
-                write_json_atomic(&staging.join("meta.json"), &meta)?;
-                rename_noreplace(&staging, &inner.snapshot_dir(&meta.snapshot_id))
-                    .map_err(|e| ProviderError::io("cannot publish snapshot", e))?;
-                Ok(meta)
+                Ok(())
             })
-            .await?
-        };
-        guard.staging = PathBuf::new();
-        let info = meta.info();
-        inner
-            .index
-            .lock()
-            .snapshots
-            .insert(snapshot_id.clone(), meta);
-        drop(guard);
+            .await?;
+        }
+        let info = staging.publish(meta).await?;
         info!(%snapshot_id, size_bytes = info.size_bytes, "imported snapshot");
         Ok(info)
     }
 
     async fn delete_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), ProviderError> {
-        let inner = self.inner.clone();
-        let snapshot_id = snapshot_id.clone();
-        blocking(move || {
-            let trash = inner.root.staging("delete");
-            {
-                let mut index = inner.index.lock();
-                if !index.snapshots.contains_key(&snapshot_id) {
-                    return Err(ProviderError::snapshot_not_found(&snapshot_id));
-                }
-                std::fs::rename(inner.snapshot_dir(&snapshot_id), &trash)
-                    .map_err(|e| ProviderError::io("cannot remove snapshot", e))?;
-                index.snapshots.remove(&snapshot_id);
-            }
-            info!(%snapshot_id, "deleted snapshot");
-            remove_dir_logged(&trash);
-            Ok(())
-        })
-        .await
+        self.inner.registry.delete_snapshot(snapshot_id).await
     }
 }
 
@@ -2059,65 +1601,11 @@ impl QemuProvider {
     }
 }
 
-#[async_trait]
-impl VmQuery for QemuProvider {
-    async fn list_vms(&self) -> Result<Vec<VmView>, ProviderError> {
-        let index = self.inner.index.lock();
-        let mut views: Vec<VmView> = index
-            .vms
-            .values()
-            .map(|r| r.slot.lock().meta.view())
-            .chain(index.tombstones.views().cloned())
-            .collect();
-        views.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
-        Ok(views)
-    }
+impl Registered for QemuProvider {
+    type Backend = Qemu;
 
-    async fn get_vm(&self, vm_id: &VmId) -> Result<Option<VmView>, ProviderError> {
-        let index = self.inner.index.lock();
-        Ok(match index.vms.get(vm_id) {
-            Some(record) => Some(record.slot.lock().meta.view()),
-            None => index.tombstones.get(vm_id).cloned(),
-        })
-    }
-
-    async fn list_snapshots(&self, vm_id: &VmId) -> Result<Option<Vec<SnapshotId>>, ProviderError> {
-        let index = self.inner.index.lock();
-        if !index.vms.contains_key(vm_id) && index.tombstones.get(vm_id).is_none() {
-            return Ok(None);
-        }
-        Ok(Some(
-            index
-                .snapshots
-                .values()
-                .filter(|s| s.source_vm.as_ref() == Some(vm_id))
-                .map(|s| s.snapshot_id.clone())
-                .collect(),
-        ))
-    }
-
-    async fn get_snapshot(
-        &self,
-        snapshot_id: &SnapshotId,
-    ) -> Result<Option<SnapshotInfo>, ProviderError> {
-        Ok(self
-            .inner
-            .index
-            .lock()
-            .snapshots
-            .get(snapshot_id)
-            .map(SnapshotMeta::info))
-    }
-
-    async fn list_all_snapshots(&self) -> Result<Vec<SnapshotInfo>, ProviderError> {
-        Ok(self
-            .inner
-            .index
-            .lock()
-            .snapshots
-            .values()
-            .map(SnapshotMeta::info)
-            .collect())
+    fn registry(&self) -> &Registry<Qemu> {
+        &self.inner.registry
     }
 }
 
