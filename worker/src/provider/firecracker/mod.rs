@@ -90,8 +90,12 @@ pub struct FirecrackerMmds {
 pub struct FirecrackerConfig {
     /// Where VMs, snapshots, sockets and staging live (one filesystem).
     pub root: PathBuf,
-    /// The `firecracker` binary (`FIRECRACKER_BIN`).
-    pub firecracker: PathBuf,
+    /// The `firecracker` binary (`--firecracker-bin`; `FIRECRACKER_BIN` for the tests).
+    #[serde(alias = "firecracker")]
+    pub binary: PathBuf,
+    /// The `jailer` binary. Running Firecracker under its jailer is not implemented yet: a
+    /// configured jailer is refused at start rather than silently not used.
+    pub jailer: Option<PathBuf>,
     /// An uncompressed guest kernel (`vmlinux`) with virtio-mmio and vsock (`FIRECRACKER_KERNEL`).
     pub kernel: PathBuf,
     /// Optional initrd.
@@ -120,7 +124,8 @@ impl Default for FirecrackerConfig {
     fn default() -> Self {
         Self {
             root: PathBuf::new(),
-            firecracker: PathBuf::from("firecracker"),
+            binary: PathBuf::from("firecracker"),
+            jailer: None,
             kernel: PathBuf::new(),
             initrd: None,
             rootfs: PathBuf::new(),
@@ -143,13 +148,13 @@ impl FirecrackerConfig {
     /// Defaults with the paths set.
     pub fn new(
         root: impl Into<PathBuf>,
-        firecracker: impl Into<PathBuf>,
+        binary: impl Into<PathBuf>,
         kernel: impl Into<PathBuf>,
         rootfs: impl Into<PathBuf>,
     ) -> Self {
         Self {
             root: root.into(),
-            firecracker: firecracker.into(),
+            binary: binary.into(),
             kernel: kernel.into(),
             rootfs: rootfs.into(),
             ..Self::default()
@@ -178,6 +183,66 @@ impl FirecrackerConfig {
             return Err("/dev/kvm does not exist".into());
         }
         Ok(Self::new(root, bin, kernel, rootfs))
+    }
+
+    /// Everything this host or configuration lacks for the provider to start, said at once
+    /// (`Unavailable`: the worker exits 64 with it): the binary, the kernel and root filesystem
+    /// files, hardware KVM (`kvm` exists and `sys_module` shows no software-only `kvm_pvm`
+    /// without `kvm_intel`/`kvm_amd`); a configured jailer (not supported yet).
+    pub fn check(&self, kvm: &Path, sys_module: &Path) -> Result<(), ProviderError> {
+        let mut missing = Vec::new();
+        let runnable = if self.binary.components().count() > 1 {
+            self.binary.is_file()
+        } else {
+            std::env::var_os("PATH").is_some_and(|path| {
+                std::env::split_paths(&path).any(|d| d.join(&self.binary).is_file())
+            })
+        };
+        if !runnable {
+            missing.push(format!(
+                "no firecracker binary {} (set [firecracker] binary or --firecracker-bin)",
+                self.binary.display()
+            ));
+        }
+        for (what, path, flag) in [
+            ("kernel", &self.kernel, "--firecracker-kernel"),
+            ("rootfs", &self.rootfs, "--firecracker-rootfs"),
+        ] {
+            if path.as_os_str().is_empty() {
+                missing.push(format!("no {what} (set [firecracker] {what} or {flag})"));
+            } else if !path.is_file() {
+                missing.push(format!("no {what} at {}", path.display()));
+            }
+        }
+        let hardware = ["kvm_intel", "kvm_amd"]
+            .iter()
+            .any(|m| sys_module.join(m).exists());
+        if !kvm.exists() {
+            missing.push(format!(
+                "no {} (firecracker needs hardware KVM)",
+                kvm.display()
+            ));
+        } else if sys_module.join("kvm_pvm").exists() && !hardware {
+            missing.push(format!(
+                "no hardware KVM ({} is the PVM software hypervisor)",
+                kvm.display()
+            ));
+        }
+        if let Some(jailer) = &self.jailer {
+            missing.push(format!(
+                "jailer {} is configured, but running under the jailer is not implemented yet \
+                 (remove [firecracker] jailer)",
+                jailer.display()
+            ));
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(ProviderError::Unavailable(format!(
+                "firecracker cannot start: {}",
+                missing.join("; ")
+            )))
+        }
     }
 
     fn agent_timeout(&self) -> Duration {
@@ -362,12 +427,8 @@ impl FirecrackerProvider {
     /// (their VMs are reported gone), keeps snapshots. `Unavailable` without a runnable
     /// Firecracker or `/dev/kvm`.
     pub fn open(config: FirecrackerConfig) -> Result<Self, ProviderError> {
-        let version = vmm_version(&config.firecracker)?;
-        if !Path::new("/dev/kvm").exists() {
-            return Err(ProviderError::Unavailable(
-                "firecracker needs /dev/kvm".into(),
-            ));
-        }
+        config.check(Path::new("/dev/kvm"), Path::new("/sys/module"))?;
+        let version = vmm_version(&config.binary)?;
         let root = StateRoot::open(&config.root, &["run"])?;
         let inner = Inner {
             run_dir: root.dir("run"),
@@ -474,7 +535,7 @@ impl Inner {
         let log_err = log
             .try_clone()
             .map_err(|e| ProviderError::io("cannot open the log", e))?;
-        let spawned = tokio::process::Command::new(&self.config.firecracker)
+        let spawned = tokio::process::Command::new(&self.config.binary)
             .args(["--api-sock", API_SOCKET, "--id", &instance])
             .current_dir(&run)
             .stdin(std::process::Stdio::null())
@@ -489,7 +550,7 @@ impl Inner {
                 remove_dir_logged(&run);
                 return Err(ProviderError::Unavailable(format!(
                     "cannot start {}: {e}",
-                    self.config.firecracker.display()
+                    self.config.binary.display()
                 )));
             }
         };
@@ -1126,6 +1187,46 @@ mod tests {
         assert!(config.boot_args.contains("pci=off"));
         assert_eq!(config.mmds.unwrap().host_dev_name, "tap0");
         assert!(serde_json::from_str::<FirecrackerConfig>(r#"{"kernal": "/k"}"#).is_err());
+    }
+
+    #[test]
+    fn check_says_everything_that_is_missing_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = FirecrackerConfig {
+            binary: dir.path().join("no-firecracker"),
+            jailer: Some("/usr/bin/jailer".into()),
+            ..FirecrackerConfig::default()
+        };
+        let sys_module = dir.path().join("module");
+        let err = config
+            .check(&dir.path().join("kvm"), &sys_module)
+            .unwrap_err();
+        assert!(matches!(err, ProviderError::Unavailable(_)), "{err}");
+        let text = err.to_string();
+        for needle in [
+            "no-firecracker",
+            "no kernel",
+            "no rootfs",
+            "hardware KVM",
+            "jailer",
+        ] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
+        let (kernel, rootfs, kvm) = (
+            dir.path().join("k"),
+            dir.path().join("r"),
+            dir.path().join("kvm"),
+        );
+        for f in [&kernel, &rootfs, &kvm] {
+            std::fs::write(f, b"").unwrap();
+        }
+        let fake_bin = dir.path().join("firecracker");
+        std::fs::write(&fake_bin, b"").unwrap();
+        let config = FirecrackerConfig::new(dir.path().join("root"), fake_bin, kernel, rootfs);
+        config.check(&kvm, &sys_module).unwrap();
+        std::fs::create_dir_all(sys_module.join("kvm_pvm")).unwrap();
+        let err = config.check(&kvm, &sys_module).unwrap_err();
+        assert!(err.to_string().contains("PVM"), "{err}");
     }
 
     #[test]
