@@ -49,6 +49,10 @@ pub trait VmProvider: Send + Sync + 'static {
     /// What separates this provider's VMs from the host and from each other, as enforced.
     fn isolation(&self) -> hearth_messages::IsolationReport;
 
+    /// What runs the VMs, with its version, for heartbeats (`versions.provider`): the VMM's
+    /// `--version` (qemu, firecracker), the sandbox tool's (process), or this crate's.
+    fn version(&self) -> Option<String>;
+
     /// Creates and boots a VM with default settings (empty volume). The VM is `Running` on return.
     /// `AlreadyExists` if `vm_id` is in use (a destroyed VM's tombstone does not count).
     async fn create_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
@@ -717,6 +721,28 @@ pub(crate) fn bootstrap_failed(vm_id: &VmId, outcome: &ExecOutcome) -> ProviderE
         tail_lossy(&outcome.stderr, 2000)
     };
     ProviderError::CommandFailed(format!("bootstrap of vm {vm_id} {how}: {tail}"))
+}
+
+/// A tool's `--version` (its first line); `Unavailable` if it cannot run. VMM snapshots record
+/// it (state only loads into the same build) and heartbeats report it.
+pub(crate) fn probe_version(bin: &Path) -> Result<String, ProviderError> {
+    let output = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| ProviderError::Unavailable(format!("cannot run {}: {e}", bin.display())))?;
+    if !output.status.success() {
+        return Err(ProviderError::Unavailable(format!(
+            "{} --version fails: {}",
+            bin.display(),
+            tail_lossy(&output.stderr, 300)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
 }
 
 /// Now as unix milliseconds.

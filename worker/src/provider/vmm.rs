@@ -127,28 +127,6 @@ pub(crate) fn check_machine_size(spec: &VmSpec, max_vcpus: u32) -> Result<(), Pr
     Ok(())
 }
 
-/// A VMM binary's `--version` (its first line); `Unavailable` if it cannot run. Snapshots
-/// record it: state only loads into the same build.
-pub(crate) fn vmm_version(bin: &Path) -> Result<String, ProviderError> {
-    let output = std::process::Command::new(bin)
-        .arg("--version")
-        .output()
-        .map_err(|e| ProviderError::Unavailable(format!("cannot run {}: {e}", bin.display())))?;
-    if !output.status.success() {
-        return Err(ProviderError::Unavailable(format!(
-            "{} --version fails: {}",
-            bin.display(),
-            super::tail_lossy(&output.stderr, 300)
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_owned())
-}
-
 /// The last lines of a VMM's log, for error messages.
 pub(crate) fn log_tail(path: &Path) -> String {
     std::fs::read(path)

@@ -53,7 +53,6 @@ use super::registry::{self, Backend, Registered, Registry, SnapshotBackend, Snap
 use super::snapshot_archive as archive;
 use super::vmm::{
     self, GuestVm, exec_request, log_tail, new_identity, transfer_allowance, unexpected,
-    vmm_version,
 };
 use super::{
     BOOTSTRAP_OUTPUT_BYTES, BOOTSTRAP_TIMEOUT, ExecOutcome, ExecSpec, OutputChunk, ProviderError,
@@ -428,7 +427,7 @@ impl FirecrackerProvider {
     /// Firecracker or `/dev/kvm`.
     pub fn open(config: FirecrackerConfig) -> Result<Self, ProviderError> {
         config.check(Path::new("/dev/kvm"), Path::new("/sys/module"))?;
-        let version = vmm_version(&config.binary)?;
+        let version = super::probe_version(&config.binary)?;
         let root = StateRoot::open(&config.root, &["run"])?;
         let inner = Inner {
             run_dir: root.dir("run"),
@@ -815,6 +814,10 @@ impl VmProvider for FirecrackerProvider {
 
     fn isolation(&self) -> hearth_messages::IsolationReport {
         super::vm_isolation()
+    }
+
+    fn version(&self) -> Option<String> {
+        Some(self.inner.version.clone())
     }
 
     async fn create_vm_with_spec(

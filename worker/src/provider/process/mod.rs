@@ -643,6 +643,10 @@ impl VmProvider for ProcessProvider {
         self.inner.isolation_report()
     }
 
+    fn version(&self) -> Option<String> {
+        Some(self.inner.launcher.version())
+    }
+
     async fn create_vm_with_spec(
         &self,
         vm_id: &VmId,

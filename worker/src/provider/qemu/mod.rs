@@ -70,7 +70,6 @@ use super::registry::{self, Backend, Registered, Registry, SnapshotBackend, Snap
 use super::snapshot_archive as archive;
 use super::vmm::{
     self, GuestVm, exec_request, log_tail, new_identity, process_alive, transfer_allowance,
-    vmm_version,
 };
 use super::{
     BOOTSTRAP_OUTPUT_BYTES, BOOTSTRAP_TIMEOUT, ExecOutcome, ExecSpec, OutputChunk, ProviderError,
@@ -510,7 +509,7 @@ impl QemuProvider {
     /// a tokio runtime: adopted VMs are reconnected by a background task. `Unavailable` if QEMU
     /// cannot run or the root is unusable.
     pub fn open(config: QemuConfig) -> Result<Self, ProviderError> {
-        let qemu_version = vmm_version(&config.qemu)?;
+        let qemu_version = super::probe_version(&config.qemu)?;
         let (accel, why) = machine::choose_accel(
             config.accel,
             Path::new("/sys/module"),
@@ -1213,6 +1212,10 @@ impl VmProvider for QemuProvider {
 
     fn isolation(&self) -> hearth_messages::IsolationReport {
         super::vm_isolation()
+    }
+
+    fn version(&self) -> Option<String> {
+        Some(self.inner.qemu_version.clone())
     }
 
     async fn create_vm_with_spec(
