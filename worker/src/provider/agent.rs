@@ -36,7 +36,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::provider::{ExecOutcome, OutputChunk, OutputStream, ProviderError, VmId};
+use crate::provider::{
+    ExecOutcome, ExecSpec, OutputChunk, OutputStream, Program, ProviderError, VmId,
+};
 
 /// How long a handshake ping waits before the connection is dropped and made again.
 const PING_RETRY: [Duration; 3] = [
@@ -121,6 +123,28 @@ async fn read_line(stream: &mut UnixStream) -> std::io::Result<String> {
         std::io::ErrorKind::InvalidData,
         "vsock handshake line too long",
     ))
+}
+
+/// The agent request that runs `spec`, within the wire's limits.
+pub(crate) fn exec_request(spec: &ExecSpec) -> ExecRequest {
+    let mut req = match &spec.program {
+        Program::Shell(cmd) => ExecRequest::cmd(cmd.clone()),
+        Program::Argv(argv) => ExecRequest::argv(argv.iter().cloned()),
+    };
+    req.env = spec.env.clone();
+    req.cwd = spec.cwd.clone();
+    req.stdin = spec.stdin.clone().map(Into::into);
+    let max_timeout = hearth_messages::data::MAX_EXEC_TIMEOUT_MS;
+    req.timeout_ms = Some((spec.timeout.as_millis() as u64).clamp(1, max_timeout));
+    req.max_output_bytes =
+        Some((spec.max_output_bytes as u64).min(hearth_messages::data::MAX_OUTPUT_BYTES));
+    req
+}
+
+/// Extra time for moving `bytes` through an agent channel (about 4 MiB/s, generous for a serial
+/// port under TCG).
+pub(crate) fn transfer_allowance(bytes: u64) -> Duration {
+    Duration::from_millis(bytes / 4096)
 }
 
 /// A failed call to the agent.
@@ -696,6 +720,26 @@ impl Collector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_requests_carry_the_spec_within_the_wire_limits() {
+        let spec = ExecSpec::shell("echo hi")
+            .with_env("A", "b")
+            .with_cwd("sub")
+            .with_stdin(b"in".to_vec())
+            .with_timeout(Duration::ZERO)
+            .with_max_output_bytes(usize::MAX);
+        let req = exec_request(&spec);
+        assert_eq!(req.cmd.as_deref(), Some("echo hi"));
+        assert_eq!(req.timeout_ms, Some(1), "zero is not a valid wire timeout");
+        assert_eq!(
+            req.max_output_bytes,
+            Some(hearth_messages::data::MAX_OUTPUT_BYTES)
+        );
+        assert_eq!(req.cwd.as_deref(), Some("sub"));
+        assert!(req.program().is_ok());
+    }
+
     use hearth_messages::agent::Pong;
     use hearth_messages::{Blob, ExecResult};
     use tokio::net::UnixListener;

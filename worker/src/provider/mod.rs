@@ -32,8 +32,8 @@ mod registry;
 
 pub use registry::TOMBSTONE_CAPACITY;
 pub(crate) use registry::Tombstones;
+mod guest;
 mod snapshot_archive;
-mod vmm;
 
 pub use fake::{FakeConfig, FakeOp, FakeProvider};
 pub use firecracker::{FirecrackerConfig, FirecrackerMmds, FirecrackerProvider};

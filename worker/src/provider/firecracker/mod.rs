@@ -28,36 +28,32 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hearth_messages::ExecRequest;
-use hearth_messages::agent::{AgentReply, AgentRequest, VSOCK_PORT};
-use parking_lot::Mutex;
+use hearth_messages::agent::VSOCK_PORT;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::agent::{AgentCallError, AgentLink, Connector, ExecLimits};
+use super::agent::{AgentLink, Connector};
+use super::guest::{
+    self, AgentTiming, GuestMachine, GuestVm, LaunchGuard, VmmProcess, is_ours, log_tail,
+    signal_kill,
+};
 use super::paths;
 use super::registry::state_root::{
     StateRoot, blocking, in_background, remove_dir_logged, sha256_file, to_json,
 };
 use super::registry::{self, Backend, Registered, Registry, SnapshotBackend, SnapshotMeta};
 use super::snapshot_archive as archive;
-use super::vmm::{
-    self, GuestVm, exec_request, log_tail, new_identity, transfer_allowance, unexpected,
-};
 use super::{
-    BOOTSTRAP_OUTPUT_BYTES, BOOTSTRAP_TIMEOUT, ExecOutcome, ExecSpec, OutputChunk, ProviderError,
-    SnapshotId, SnapshotInfo, VmId, VmProvider, VmSpec, VmState, VmView, bootstrap_failed,
-    lifecycle, now_ms,
+    ExecOutcome, ExecSpec, OutputChunk, ProviderError, SnapshotId, SnapshotInfo, VmId, VmProvider,
+    VmSpec, VmState, VmView, lifecycle,
 };
 
 mod api;
@@ -244,10 +240,6 @@ impl FirecrackerConfig {
         }
     }
 
-    fn agent_timeout(&self) -> Duration {
-        Duration::from_millis(self.agent_timeout_ms)
-    }
-
     fn api_timeout(&self) -> Duration {
         Duration::from_millis(self.api_timeout_ms)
     }
@@ -298,14 +290,24 @@ impl SnapshotBackend for FcSnapshot {
 /// One Firecracker process.
 #[derive(Debug)]
 pub(crate) struct Machine {
-    instance: String,
+    vmm: VmmProcess,
     run: PathBuf,
-    pid: i32,
     agent: AgentLink,
-    ending: AtomicBool,
-    dead: CancellationToken,
-    exit: Mutex<Option<String>>,
     owner: Weak<Inner>,
+}
+
+impl GuestMachine for Machine {
+    fn agent(&self) -> &AgentLink {
+        &self.agent
+    }
+
+    fn vmm(&self) -> &VmmProcess {
+        &self.vmm
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.run
+    }
 }
 
 impl Machine {
@@ -314,8 +316,8 @@ impl Machine {
             .await
             .map(drop)
             .map_err(|e| {
-                if self.dead.is_cancelled() {
-                    ProviderError::InvalidState(format!("vm failed: {}", self.exit_reason()))
+                if self.vmm.dead.is_cancelled() {
+                    ProviderError::InvalidState(format!("vm failed: {}", self.vmm.exit_reason()))
                 } else {
                     match e {
                         api::ApiError::Timeout { .. } => ProviderError::Timeout(e.to_string()),
@@ -324,38 +326,6 @@ impl Machine {
                 }
             })
     }
-
-    fn exit_reason(&self) -> String {
-        self.exit
-            .lock()
-            .clone()
-            .unwrap_or_else(|| "firecracker exited".to_owned())
-    }
-
-    async fn kill(&self) {
-        self.ending.store(true, Ordering::SeqCst);
-        if !self.dead.is_cancelled() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.dead.cancelled()).await;
-    }
-
-    fn kill_now(&self) {
-        self.ending.store(true, Ordering::SeqCst);
-        if !self.dead.is_cancelled() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-async fn agent_error(vm_id: &VmId, machine: &Machine, e: AgentCallError) -> ProviderError {
-    vmm::agent_error(vm_id, e, &machine.dead, &|| machine.exit_reason()).await
 }
 
 #[derive(Debug)]
@@ -366,6 +336,8 @@ struct Inner {
     version: String,
     /// `run/`: one directory per VMM process.
     run_dir: PathBuf,
+    /// How long the guest's agent may take.
+    timing: AgentTiming,
 }
 
 /// The firecracker adapter.
@@ -381,42 +353,9 @@ impl Drop for FirecrackerProvider {
         }
         for record in self.inner.registry.records() {
             let slot = record.slot.lock();
-            slot.runtime.kill_now();
+            slot.runtime.vmm.kill_now();
             remove_dir_logged(&slot.runtime.run);
             remove_dir_logged(&slot.dir);
-        }
-    }
-}
-
-/// Kills a half-started Firecracker and removes its run directory unless disarmed.
-struct LaunchGuard {
-    machine: Option<Arc<Machine>>,
-}
-
-impl LaunchGuard {
-    fn machine(&self) -> Arc<Machine> {
-        self.machine.clone().expect("armed guard")
-    }
-
-    fn disarm(mut self) -> Arc<Machine> {
-        self.machine.take().expect("armed guard")
-    }
-}
-
-impl Drop for LaunchGuard {
-    fn drop(&mut self) {
-        if let Some(machine) = self.machine.take() {
-            machine.kill_now();
-            let run = machine.run.clone();
-            match tokio::runtime::Handle::try_current() {
-                Ok(handle) => {
-                    handle.spawn(async move {
-                        machine.kill().await;
-                        let _ = tokio::task::spawn_blocking(move || remove_dir_logged(&run)).await;
-                    });
-                }
-                Err(_) => remove_dir_logged(&run),
-            }
         }
     }
 }
@@ -432,6 +371,7 @@ impl FirecrackerProvider {
         let inner = Inner {
             run_dir: root.dir("run"),
             registry: Arc::new(Registry::new(root)),
+            timing: AgentTiming::new(config.agent_timeout_ms, config.exec_grace_ms),
             config,
             version,
         };
@@ -457,15 +397,9 @@ impl Inner {
             let pid: Option<i32> = std::fs::read_to_string(run.join("firecracker.pid"))
                 .ok()
                 .and_then(|p| p.trim().parse().ok());
-            if let Some(pid) = pid.filter(|&pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&instance))
-            }) {
+            if let Some(pid) = pid.filter(|&pid| is_ours(pid, &instance)) {
                 info!(pid, "killing a firecracker process left by a previous run");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                signal_kill(pid);
             }
             remove_dir_logged(&run);
         }
@@ -484,20 +418,9 @@ impl Inner {
         self.registry.root().snapshot_dir(id)
     }
 
-    fn agent_deadline(&self) -> Instant {
-        Instant::now() + self.config.agent_timeout()
-    }
-
-    fn exec_limits(&self) -> ExecLimits {
-        ExecLimits {
-            handshake: self.config.agent_timeout(),
-            grace: Duration::from_millis(self.config.exec_grace_ms),
-        }
-    }
-
     /// The VMM process died on its own.
     fn machine_died(self: &Arc<Self>, machine: &Arc<Machine>) {
-        let reason = machine.exit_reason();
+        let reason = machine.vmm.exit_reason();
         let buried = self
             .registry
             .bury_failed(|slot| Arc::ptr_eq(&slot.runtime, machine), reason.clone());
@@ -516,7 +439,10 @@ impl Inner {
 
     /// Starts a Firecracker process in a new run directory holding `rootfs` (copied), and waits for
     /// its API socket.
-    async fn launch(self: &Arc<Self>, rootfs: &Path) -> Result<LaunchGuard, ProviderError> {
+    async fn launch(
+        self: &Arc<Self>,
+        rootfs: &Path,
+    ) -> Result<LaunchGuard<Machine>, ProviderError> {
         let instance = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
         let run = self.run_dir.join(&instance);
         let log = {
@@ -531,29 +457,19 @@ impl Inner {
             })
             .await?
         };
-        let log_err = log
-            .try_clone()
-            .map_err(|e| ProviderError::io("cannot open the log", e))?;
-        let spawned = tokio::process::Command::new(&self.config.binary)
+        let mut command = tokio::process::Command::new(&self.config.binary);
+        command
             .args(["--api-sock", API_SOCKET, "--id", &instance])
-            .current_dir(&run)
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .process_group(0)
-            .kill_on_drop(false)
-            .spawn();
-        let mut child = match spawned {
-            Ok(child) => child,
+            .current_dir(&run);
+        let vmm = match VmmProcess::spawn("firecracker", command, log, instance) {
+            Ok(vmm) => vmm,
             Err(e) => {
-                remove_dir_logged(&run);
-                return Err(ProviderError::Unavailable(format!(
-                    "cannot start {}: {e}",
-                    self.config.binary.display()
-                )));
+                let dir = run.clone();
+                in_background(move || remove_dir_logged(&dir));
+                return Err(e);
             }
         };
-        let pid = child.id().map_or(0, |p| p as i32);
+        let pid = vmm.pid;
         {
             let pidfile = run.join("firecracker.pid");
             blocking(move || {
@@ -570,39 +486,27 @@ impl Inner {
                 },
                 None,
             ),
-            instance,
+            vmm,
             run,
-            pid,
-            ending: AtomicBool::new(false),
-            dead: CancellationToken::new(),
-            exit: Mutex::new(None),
             owner: Arc::downgrade(self),
         });
+        let guard = LaunchGuard::new(machine.clone());
         {
+            // Firecracker has no control connection to watch: its exit is its death.
             let machine = machine.clone();
             tokio::spawn(async move {
-                let reason = match child.wait().await {
-                    Ok(status) => match std::os::unix::process::ExitStatusExt::signal(&status) {
-                        Some(signal) => format!("firecracker was killed by signal {signal}"),
-                        None => format!("firecracker exited with {status}"),
-                    },
-                    Err(e) => format!("firecracker could not be waited for: {e}"),
-                };
-                machine.exit.lock().get_or_insert(reason);
-                machine.dead.cancel();
-                if !machine.ending.load(Ordering::SeqCst)
+                machine.vmm.reaped.cancelled().await;
+                machine.vmm.dead.cancel();
+                if !machine.vmm.is_ending()
                     && let Some(inner) = machine.owner.upgrade()
                 {
                     inner.machine_died(&machine);
                 }
             });
         }
-        let guard = LaunchGuard {
-            machine: Some(machine.clone()),
-        };
         let deadline = Instant::now() + self.config.api_timeout();
         while !machine.run.join(API_SOCKET).exists() {
-            if machine.dead.is_cancelled() || Instant::now() >= deadline {
+            if machine.vmm.dead.is_cancelled() || Instant::now() >= deadline {
                 return Err(ProviderError::Unavailable(format!(
                     "firecracker did not start: {}",
                     log_tail(&machine.run.join("firecracker.log"))
@@ -613,6 +517,8 @@ impl Inner {
         Ok(guard)
     }
 
+    /// Pushes a new identity into the guest (the provider's env under the VM's) and, with MMDS
+    /// configured, the VM's name into MMDS (its contents do not survive a snapshot).
     async fn reset_identity(
         &self,
         vm_id: &VmId,
@@ -622,42 +528,18 @@ impl Inner {
     ) -> Result<(), ProviderError> {
         let mut full_env = self.config.env.clone();
         full_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let identity = new_identity(vm_id, full_env)?;
-        let mmds = json!({"hearth": {
-            "vm_id": vm_id.as_str(),
-            "hostname": identity.hostname,
-            "session_id": identity.session_id,
-        }});
-        match machine
-            .agent
-            .call(
-                AgentRequest::ResetIdentity(identity),
-                "an identity reset",
-                deadline,
-            )
-            .await
-        {
-            Ok(AgentReply::IdentitySet { .. }) => {}
-            Ok(other) => return Err(unexpected(vm_id, &other)),
-            Err(e) => return Err(agent_error(vm_id, machine, e).await),
-        }
+        let identity = guest::reset_identity(vm_id, machine, full_env, deadline).await?;
         if self.config.mmds.is_some() {
+            let mmds = json!({"hearth": {
+                "vm_id": vm_id.as_str(),
+                "hostname": identity.hostname,
+                "session_id": identity.session_id,
+            }});
             machine
                 .api(ApiRequest::mmds_put(mmds), self.config.api_timeout())
                 .await?;
         }
         Ok(())
-    }
-
-    async fn sync_clock(&self, vm_id: &VmId, machine: &Machine) {
-        let request = AgentRequest::SetClock { now_ms: now_ms() };
-        if let Err(e) = machine
-            .agent
-            .call(request, "a clock sync", self.agent_deadline())
-            .await
-        {
-            warn!(%vm_id, error = %e, "cannot set the guest clock");
-        }
     }
 
     async fn create(
@@ -722,12 +604,12 @@ impl Inner {
                 machine
                     .api(ApiRequest::vm_state(false), api_timeout)
                     .await?;
-                self.reset_identity(vm_id, &machine, &env, self.agent_deadline())
+                self.reset_identity(vm_id, &machine, &env, self.timing.deadline())
                     .await?;
                 (guard, machine_spec.clone())
             }
             None => {
-                vmm::check_machine_size(spec, MAX_VCPUS)?;
+                guest::check_machine_size(spec, MAX_VCPUS)?;
                 let kernel_sha256 = {
                     let kernel = self.config.kernel.clone();
                     blocking(move || {
@@ -769,20 +651,7 @@ impl Inner {
                 let deadline = Instant::now() + Duration::from_millis(self.config.boot_timeout_ms);
                 self.reset_identity(vm_id, &machine, &env, deadline).await?;
                 if let Some(argv) = &spec.bootstrap {
-                    let mut req = ExecRequest::argv(argv.iter().cloned());
-                    req.timeout_ms = Some(BOOTSTRAP_TIMEOUT.as_millis() as u64);
-                    req.max_output_bytes = Some(BOOTSTRAP_OUTPUT_BYTES as u64);
-                    let outcome = machine
-                        .agent
-                        .exec(req, BOOTSTRAP_OUTPUT_BYTES, None, self.exec_limits())
-                        .await;
-                    let outcome = match outcome {
-                        Ok(outcome) => outcome,
-                        Err(e) => return Err(agent_error(vm_id, &machine, e).await),
-                    };
-                    if !outcome.success() {
-                        return Err(bootstrap_failed(vm_id, &outcome));
-                    }
+                    guest::bootstrap(vm_id, &*machine, argv, self.timing.limits()).await?;
                 }
                 (guard, machine_spec)
             }
@@ -790,7 +659,7 @@ impl Inner {
         let machine = guard.machine();
         let backend = GuestVm {
             machine: machine_spec,
-            instance: machine.instance.clone(),
+            instance: machine.vmm.instance.clone(),
             identity_pending: false,
         };
         let meta = VmMeta::created(vm_id, spec, snapshot.as_ref(), backend);
@@ -798,7 +667,7 @@ impl Inner {
         // Writing meta.json is the commit point.
         reservation.commit(meta, machine.clone()).await?;
         guard.disarm();
-        if machine.dead.is_cancelled() {
+        if machine.vmm.dead.is_cancelled() {
             self.machine_died(&machine);
         }
         info!(%vm_id, restore_from = ?spec.restore_from, "created vm");
@@ -845,10 +714,10 @@ impl VmProvider for FirecrackerProvider {
             .await?;
         if pending {
             inner
-                .reset_identity(vm_id, &machine, &env, inner.agent_deadline())
+                .reset_identity(vm_id, &machine, &env, inner.timing.deadline())
                 .await?;
         } else {
-            inner.sync_clock(vm_id, &machine).await;
+            guest::sync_clock(vm_id, &*machine, inner.timing.deadline()).await;
         }
         {
             let mut slot = record.slot.lock();
@@ -922,7 +791,7 @@ impl VmProvider for FirecrackerProvider {
         .await;
         if was_running {
             match machine.api(ApiRequest::vm_state(false), api_timeout).await {
-                Ok(()) => inner.sync_clock(vm_id, &machine).await,
+                Ok(()) => guest::sync_clock(vm_id, &*machine, inner.timing.deadline()).await,
                 Err(e) => warn!(%vm_id, error = %e, "cannot resume the vm after its snapshot"),
             }
         }
@@ -953,13 +822,13 @@ impl VmProvider for FirecrackerProvider {
 
     async fn destroy_vm(&self, vm_id: &VmId) -> Result<(), ProviderError> {
         let Some((machine, dir)) = self.inner.registry.destroy(vm_id, |slot| {
-            slot.runtime.ending.store(true, Ordering::SeqCst);
+            slot.runtime.vmm.end();
             Ok((slot.runtime.clone(), slot.dir.clone()))
         })?
         else {
             return Ok(());
         };
-        machine.kill().await;
+        machine.vmm.kill().await;
         let run = machine.run.clone();
         blocking(move || {
             remove_dir_logged(&dir);
@@ -984,7 +853,7 @@ impl VmProvider for FirecrackerProvider {
         };
         if running {
             inner
-                .reset_identity(new, &machine, &env, inner.agent_deadline())
+                .reset_identity(new, &machine, &env, inner.timing.deadline())
                 .await?;
         }
         let view = inner
@@ -1007,20 +876,10 @@ impl VmProvider for FirecrackerProvider {
         spec.validate()?;
         paths::relative_path("cwd", spec.cwd.as_deref().unwrap_or(""))?;
         let (record, machine) = self.inner.registry.running(vm_id)?;
-        let result = machine
-            .agent
-            .exec(
-                exec_request(&spec),
-                spec.max_output_bytes,
-                chunks,
-                self.inner.exec_limits(),
-            )
-            .await;
+        let limits = self.inner.timing.limits();
+        let result = guest::exec(vm_id, &*machine, &spec, chunks, limits).await;
         record.touch();
-        match result {
-            Ok(outcome) => Ok(outcome),
-            Err(e) => Err(agent_error(vm_id, &machine, e).await),
-        }
+        result
     }
 
     async fn put_file(
@@ -1032,13 +891,10 @@ impl VmProvider for FirecrackerProvider {
     ) -> Result<u64, ProviderError> {
         paths::file_path(path)?;
         let (record, machine) = self.inner.registry.running(vm_id)?;
-        let deadline = self.inner.agent_deadline() + transfer_allowance(data.len() as u64);
-        let result = machine.agent.put_file(path, data, mode, deadline).await;
+        let deadline = self.inner.timing.deadline();
+        let result = guest::put_file(vm_id, &*machine, path, data, mode, deadline).await;
         record.touch();
-        match result {
-            Ok(size) => Ok(size),
-            Err(e) => Err(agent_error(vm_id, &machine, e).await),
-        }
+        result
     }
 
     async fn get_file(
@@ -1049,13 +905,10 @@ impl VmProvider for FirecrackerProvider {
     ) -> Result<Vec<u8>, ProviderError> {
         paths::file_path(path)?;
         let (record, machine) = self.inner.registry.running(vm_id)?;
-        let deadline = self.inner.agent_deadline() + transfer_allowance(max_bytes);
-        let result = machine.agent.get_file(path, max_bytes, deadline).await;
+        let deadline = self.inner.timing.deadline();
+        let result = guest::get_file(vm_id, &*machine, path, max_bytes, deadline).await;
         record.touch();
-        match result {
-            Ok(data) => Ok(data),
-            Err(e) => Err(agent_error(vm_id, &machine, e).await),
-        }
+        result
     }
 
     async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
@@ -1073,17 +926,11 @@ impl VmProvider for FirecrackerProvider {
                 .await?;
         }
         let level = inner.config.snapshot_compression_level;
-        let result =
-            vmm::backup_via_agent(vm_id, &machine.agent, inner.exec_limits(), dest_dir, level)
-                .await;
+        let result = guest::backup(vm_id, &*machine, inner.timing.limits(), dest_dir, level).await;
         if stopped && let Err(e) = machine.api(ApiRequest::vm_state(true), api_timeout).await {
             warn!(%vm_id, error = %e, "cannot pause the vm again after its backup");
         }
-        match result {
-            Err(vmm::BackupError::Agent(e)) => Err(agent_error(vm_id, &machine, e).await),
-            Err(vmm::BackupError::Provider(e)) => Err(e),
-            Ok(path) => Ok(path),
-        }
+        result
     }
 
     async fn export_snapshot(

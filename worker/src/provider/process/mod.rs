@@ -35,12 +35,12 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::agent::{AgentCallError, ExecLimits};
+use super::agent::{exec_request, transfer_allowance};
 use super::paths;
 use super::registry::state_root::{
     StateRoot, blocking, hex, read_json, remove_dir_logged, sha256_file, to_json, write_json_atomic,
 };
 use super::registry::{self, Backend, Registered, Registry, SnapshotBackend, SnapshotMeta};
-use super::vmm::{exec_request, transfer_allowance};
 use super::{
     BOOTSTRAP_OUTPUT_BYTES, BOOTSTRAP_TIMEOUT, ExecOutcome, ExecSpec, OutputChunk, Program,
     ProviderError, SnapshotId, SnapshotInfo, VmId, VmProvider, VmSpec, VmState, VmView,

@@ -46,14 +46,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hearth_messages::ExecRequest;
-use hearth_messages::agent::{AgentReply, AgentRequest};
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -62,26 +58,26 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::guest::{
+    self, AgentTiming, GuestMachine, GuestVm, LaunchGuard, VmmProcess, is_ours, log_tail,
+    signal_kill,
+};
 use super::paths;
 use super::registry::state_root::{
     StateRoot, blocking, in_background, read_json, remove_dir_logged, sha256_file, to_json,
 };
 use super::registry::{self, Backend, Registered, Registry, SnapshotBackend, SnapshotMeta};
 use super::snapshot_archive as archive;
-use super::vmm::{
-    self, GuestVm, exec_request, log_tail, new_identity, process_alive, transfer_allowance,
-};
 use super::{
-    BOOTSTRAP_OUTPUT_BYTES, BOOTSTRAP_TIMEOUT, ExecOutcome, ExecSpec, OutputChunk, ProviderError,
-    SnapshotId, SnapshotInfo, VmId, VmProvider, VmSpec, VmState, VmView, bootstrap_failed,
-    lifecycle, now_ms,
+    ExecOutcome, ExecSpec, OutputChunk, ProviderError, SnapshotId, SnapshotInfo, VmId, VmProvider,
+    VmSpec, VmState, VmView, lifecycle,
 };
 
 mod console;
 mod machine;
 mod qmp;
 
-use super::agent::{self, AgentCallError, AgentLink, Connector, ExecLimits};
+use super::agent::{self, AgentLink, Connector};
 pub use machine::Accel;
 use machine::{DigestCache, MachineSpec, RunPaths};
 use qmp::{Qmp, QmpError};
@@ -209,37 +205,33 @@ impl SnapshotBackend for QemuSnapshot {
     }
 }
 
-/// One QEMU process.
+/// One QEMU process and the guest in it.
 #[derive(Debug)]
 pub(crate) struct Machine {
-    instance: String,
+    vmm: VmmProcess,
     run: RunPaths,
-    pid: i32,
     /// Connected at launch, or lazily for a VM adopted after a restart.
     qmp: tokio::sync::OnceCell<Qmp>,
     agent: AgentLink,
-    /// Set when the provider itself ends the process (destroy, drop): not a failure.
-    ending: AtomicBool,
-    /// Fired once the process is known to be gone.
-    dead: CancellationToken,
-    /// How the process ended, when known (exit status of a child, or why it was given up).
-    exit: Mutex<Option<String>>,
-    /// The worker's own child: reaped by a task that fires `reaped`.
-    child: bool,
-    reaped: CancellationToken,
-    /// Fired when the provider lets go of the process (dropped without killing it).
-    detached: CancellationToken,
     owner: Weak<Inner>,
 }
 
+impl GuestMachine for Machine {
+    fn agent(&self) -> &AgentLink {
+        &self.agent
+    }
+
+    fn vmm(&self) -> &VmmProcess {
+        &self.vmm
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.run.dir
+    }
+}
+
 impl Machine {
-    fn new(
-        instance: String,
-        run: RunPaths,
-        pid: i32,
-        child: bool,
-        owner: Weak<Inner>,
-    ) -> Arc<Self> {
+    fn new(vmm: VmmProcess, run: RunPaths, owner: Weak<Inner>) -> Arc<Self> {
         Arc::new_cyclic(|me: &Weak<Machine>| {
             let me = me.clone();
             let poke: agent::Poke = Arc::new(move || {
@@ -256,16 +248,9 @@ impl Machine {
             });
             Self {
                 agent: AgentLink::new(Connector::Unix(run.agent()), Some(poke)),
-                instance,
+                vmm,
                 run,
-                pid,
                 qmp: tokio::sync::OnceCell::new(),
-                ending: AtomicBool::new(false),
-                dead: CancellationToken::new(),
-                exit: Mutex::new(None),
-                child,
-                reaped: CancellationToken::new(),
-                detached: CancellationToken::new(),
                 owner,
             }
         })
@@ -289,49 +274,17 @@ impl Machine {
             .await
     }
 
-    fn exit_reason(&self) -> String {
-        self.exit
-            .lock()
-            .clone()
-            .unwrap_or_else(|| "qemu exited".to_owned())
-    }
-
-    /// SIGKILLs the process (if it still is ours) and waits until it is gone.
-    async fn kill(&self) {
-        self.ending.store(true, Ordering::SeqCst);
-        if !self.dead.is_cancelled() || self.child && !self.reaped.is_cancelled() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let gone = async {
-            if self.child {
-                self.reaped.cancelled().await;
-            } else {
-                while process_alive(self.pid) {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(10), gone)
-            .await
-            .is_err()
-        {
-            warn!(pid = self.pid, "qemu did not exit after SIGKILL");
-        }
-    }
-
     /// Copies the serial console into the capped `console.log` while the process lives (see
     /// `console.rs`). Holds no reference to the machine.
     fn start_console(&self, config: &QemuConfig) {
         if !config.console_log {
             return;
         }
+        let vmm = &self.vmm;
         let (dead, detached, reaped) = (
-            self.dead.clone(),
-            self.detached.clone(),
-            self.child.then(|| self.reaped.clone()),
+            vmm.dead.clone(),
+            vmm.detached.clone(),
+            vmm.child.then(|| vmm.reaped.clone()),
         );
         let stop = async move {
             let reaped = async {
@@ -358,56 +311,32 @@ impl Machine {
     /// Lets go of the process without ending it: closes QMP and the agent connection so that the
     /// next provider on this root can adopt it, and stops watching it.
     fn detach(&self) {
-        self.ending.store(true, Ordering::SeqCst);
-        self.detached.cancel();
+        self.vmm.detach();
         if let Some(qmp) = self.qmp.get() {
             qmp.detach();
         }
         self.agent.detach();
     }
-
-    /// The same, synchronously and without waiting (Drop).
-    fn kill_now(&self) {
-        self.ending.store(true, Ordering::SeqCst);
-        if !self.reaped.is_cancelled() && is_our_qemu(self.pid, &self.run.dir) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
 }
 
 /// Waits for the QMP connection of `machine` to end, then reports the process dead.
 async fn watch(machine: Arc<Machine>, closed: CancellationToken) {
+    let vmm = &machine.vmm;
     tokio::select! {
         _ = closed.cancelled() => {}
-        _ = machine.detached.cancelled() => return,
+        _ = vmm.detached.cancelled() => return,
     }
-    if machine.child {
+    if vmm.child {
         // Give the reaper a moment, so the reason carries the exit status.
-        let _ = tokio::time::timeout(Duration::from_millis(500), machine.reaped.cancelled()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), vmm.reaped.cancelled()).await;
     }
-    machine.dead.cancel();
-    if machine.ending.load(Ordering::SeqCst) {
+    vmm.dead.cancel();
+    if vmm.is_ending() {
         return;
     }
     if let Some(inner) = machine.owner.upgrade() {
         inner.machine_died(&machine);
     }
-}
-
-/// Whether `pid` is a QEMU process started for the run directory `run_dir`.
-fn is_our_qemu(pid: i32, run_dir: &Path) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let needle = run_dir.join("qmp.sock");
-    let needle = needle.to_string_lossy();
-    String::from_utf8_lossy(&cmdline).contains(needle.as_ref())
 }
 
 fn read_pid(run: &RunPaths) -> Option<i32> {
@@ -430,6 +359,8 @@ struct Inner {
     /// `run/`: one directory per VMM process.
     run_dir: PathBuf,
     digests: Arc<DigestCache>,
+    /// How long the guest's agent may take.
+    timing: AgentTiming,
 }
 
 /// The qemu adapter. Cheap to share behind an `Arc<dyn VmRuntime>`.
@@ -443,7 +374,7 @@ impl Drop for QemuProvider {
         for record in self.inner.registry.records() {
             let slot = record.slot.lock();
             if self.inner.config.kill_on_drop {
-                slot.runtime.kill_now();
+                slot.runtime.vmm.kill_now();
                 remove_dir_logged(&slot.runtime.run.dir);
                 remove_dir_logged(&slot.dir);
             } else {
@@ -454,52 +385,13 @@ impl Drop for QemuProvider {
 }
 
 fn qmp_error(vm_id: &VmId, machine: &Machine, what: &str, e: QmpError) -> ProviderError {
-    if machine.dead.is_cancelled() || matches!(e, QmpError::Closed) {
-        return ProviderError::InvalidState(format!(
-            "vm {vm_id} failed: {}",
-            machine.exit_reason()
-        ));
+    let vmm = &machine.vmm;
+    if vmm.dead.is_cancelled() || matches!(e, QmpError::Closed) {
+        return ProviderError::InvalidState(format!("vm {vm_id} failed: {}", vmm.exit_reason()));
     }
     match e {
         QmpError::Timeout(..) => ProviderError::Timeout(format!("vm {vm_id}: {what}: {e}")),
         e => ProviderError::internal(format!("vm {vm_id}: {what}"), e),
-    }
-}
-
-/// Maps a failed agent call onto the provider's errors, knowing whether QEMU died.
-async fn agent_error(vm_id: &VmId, machine: &Machine, e: AgentCallError) -> ProviderError {
-    vmm::agent_error(vm_id, e, &machine.dead, &|| machine.exit_reason()).await
-}
-
-/// Kills a half-launched QEMU and removes its run directory unless disarmed.
-struct LaunchGuard {
-    machine: Option<Arc<Machine>>,
-}
-
-impl LaunchGuard {
-    fn disarm(mut self) -> Arc<Machine> {
-        self.machine.take().expect("armed guard")
-    }
-}
-
-impl Drop for LaunchGuard {
-    fn drop(&mut self) {
-        if let Some(machine) = self.machine.take() {
-            machine.ending.store(true, Ordering::SeqCst);
-            match tokio::runtime::Handle::try_current() {
-                Ok(handle) => {
-                    handle.spawn(async move {
-                        machine.kill().await;
-                        let dir = machine.run.dir.clone();
-                        let _ = tokio::task::spawn_blocking(move || remove_dir_logged(&dir)).await;
-                    });
-                }
-                Err(_) => {
-                    machine.kill_now();
-                    remove_dir_logged(&machine.run.dir);
-                }
-            }
-        }
     }
 }
 
@@ -541,12 +433,13 @@ impl QemuProvider {
         let inner = Arc::new(Inner {
             run_dir: root.dir("run"),
             registry: Arc::new(Registry::new(root)),
-            config,
             accel,
             cpu,
             tsc_khz,
             qemu_version,
             digests: Arc::new(DigestCache::default()),
+            timing: AgentTiming::new(config.agent_timeout_ms, config.exec_grace_ms),
+            config,
         });
         let adopted = Inner::reconcile(&inner)?;
         if !adopted.is_empty() {
@@ -573,7 +466,7 @@ impl QemuProvider {
     /// Process id of a VM's QEMU (for tests and diagnostics).
     pub fn qemu_pid(&self, vm_id: &VmId) -> Option<i32> {
         let record = self.inner.registry.record(vm_id).ok()?;
-        let pid = record.runtime().pid;
+        let pid = record.runtime().vmm.pid;
         Some(pid)
     }
 
@@ -595,17 +488,6 @@ impl Inner {
         self.registry.root().snapshot_dir(snapshot_id)
     }
 
-    fn exec_limits(&self) -> ExecLimits {
-        ExecLimits {
-            handshake: self.config.agent_timeout(),
-            grace: Duration::from_millis(self.config.exec_grace_ms),
-        }
-    }
-
-    fn agent_deadline(&self) -> Instant {
-        Instant::now() + self.config.agent_timeout()
-    }
-
     /// Rebuilds the index from disk and the live QEMU processes; returns the machines to adopt.
     fn reconcile(this: &Arc<Self>) -> Result<Vec<Arc<Machine>>, ProviderError> {
         let registry = &this.registry;
@@ -624,7 +506,7 @@ impl Inner {
             let run = RunPaths {
                 dir: this.run_dir.join(&meta.backend.instance),
             };
-            let pid = read_pid(&run).filter(|&pid| is_our_qemu(pid, &run.dir));
+            let pid = read_pid(&run).filter(|&pid| is_ours(pid, &meta.backend.instance));
             let Some(pid) = pid.filter(|_| meta.state != VmState::Destroyed) else {
                 warn!(%vm_id, "vm lost while the provider was down: its qemu is not running");
                 remove_dir_logged(&dir);
@@ -632,7 +514,8 @@ impl Inner {
             };
             let instance = meta.backend.instance.clone();
             owned_runs.insert(instance.clone());
-            let machine = Machine::new(instance, run, pid, false, Arc::downgrade(this));
+            let vmm = VmmProcess::adopted("qemu", instance, pid);
+            let machine = Machine::new(vmm, run, Arc::downgrade(this));
             adopted.push(machine.clone());
             info!(%vm_id, pid, state = %meta.state, "adopting running vm");
             registry.adopt(vm_id, dir, meta, machine)?;
@@ -644,12 +527,9 @@ impl Inner {
                 continue;
             }
             let run = RunPaths { dir: entry.path() };
-            if let Some(pid) = read_pid(&run).filter(|&pid| is_our_qemu(pid, &run.dir)) {
+            if let Some(pid) = read_pid(&run).filter(|&pid| is_ours(pid, &name)) {
                 info!(pid, "killing a qemu process no vm owns");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                signal_kill(pid);
             }
             remove_dir_logged(&run.dir);
         }
@@ -696,9 +576,10 @@ impl Inner {
                 }
                 Err(e) => {
                     warn!(%vm_id, error = %e, "adopted vm does not answer on qmp: killing it");
-                    *machine.exit.lock() =
-                        Some(format!("qemu did not answer after a restart: {e}"));
-                    machine.kill_now();
+                    machine
+                        .vmm
+                        .give_up(format!("qemu did not answer after a restart: {e}"));
+                    machine.vmm.kill_now();
                     this.machine_died(&machine);
                 }
             }
@@ -716,14 +597,16 @@ impl Inner {
 
     /// A VM's QEMU went away on its own: remove the VM, remember why, delete its files.
     fn machine_died(self: &Arc<Self>, machine: &Arc<Machine>) {
-        let reason = machine.exit_reason();
+        let reason = machine.vmm.exit_reason();
         let buried = self
             .registry
             .bury_failed(|slot| Arc::ptr_eq(&slot.runtime, machine), reason.clone());
         let run_dir = machine.run.dir.clone();
         match &buried {
             Some((vm_id, _)) => warn!(%vm_id, reason, "vm failed: its qemu process is gone"),
-            None => debug!(instance = %machine.instance, "qemu exited for a vm no longer indexed"),
+            None => {
+                debug!(instance = %machine.vmm.instance, "qemu exited for a vm no longer indexed")
+            }
         }
         let dir = buried.map(|(_, dir)| dir);
         in_background(move || {
@@ -772,7 +655,7 @@ impl Inner {
         spec: &MachineSpec,
         incoming: bool,
         deadline: Instant,
-    ) -> Result<LaunchGuard, ProviderError> {
+    ) -> Result<LaunchGuard<Machine>, ProviderError> {
         let instance = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
         let run = RunPaths {
             dir: self.run_dir.join(&instance),
@@ -787,60 +670,30 @@ impl Inner {
             })
             .await?
         };
-        let log_err = log
-            .try_clone()
-            .map_err(|e| ProviderError::io("cannot open the qemu log", e))?;
         let argv = machine::argv(spec, &run, incoming, self.config.console_log);
         let mut command = tokio::process::Command::new(&self.config.qemu);
-        command
-            .args(&argv)
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            // Its own process group: terminal signals to the worker do not reach it, and it
-            // outlives a worker restart (adopted by the next open).
-            .process_group(0)
-            .kill_on_drop(false);
-        let mut child = match command.spawn() {
-            Ok(child) => child,
+        command.args(&argv);
+        // A process group of its own: it outlives a worker restart (adopted by the next open).
+        let vmm = match VmmProcess::spawn("qemu", command, log, instance) {
+            Ok(vmm) => vmm,
             Err(e) => {
-                remove_dir_logged(&run.dir);
-                return Err(ProviderError::Unavailable(format!(
-                    "cannot start {}: {e}",
-                    self.config.qemu.display()
-                )));
+                let dir = run.dir.clone();
+                in_background(move || remove_dir_logged(&dir));
+                return Err(e);
             }
         };
-        let pid = child.id().map_or(0, |p| p as i32);
-        let machine = Machine::new(instance, run, pid, true, Arc::downgrade(self));
+        let machine = Machine::new(vmm, run, Arc::downgrade(self));
         machine.start_console(&self.config);
-        let guard = LaunchGuard {
-            machine: Some(machine.clone()),
-        };
-        {
-            let machine = machine.clone();
-            tokio::spawn(async move {
-                let status = child.wait().await;
-                let reason = match status {
-                    Ok(status) => match std::os::unix::process::ExitStatusExt::signal(&status) {
-                        Some(signal) => format!("qemu was killed by signal {signal}"),
-                        None => format!("qemu exited with {status}"),
-                    },
-                    Err(e) => format!("qemu could not be waited for: {e}"),
-                };
-                machine.exit.lock().get_or_insert(reason);
-                machine.reaped.cancel();
-            });
-        }
+        let guard = LaunchGuard::new(machine.clone());
+        let reaped = &machine.vmm.reaped;
         let qmp = tokio::select! {
             qmp = machine.qmp(deadline) => qmp.map(drop),
             // QEMU refused the command line: say why instead of waiting for the deadline.
-            _ = machine.reaped.cancelled() => Err(QmpError::Closed),
+            _ = reaped.cancelled() => Err(QmpError::Closed),
         };
         if let Err(e) = qmp {
             // Let the log be flushed by a process that just exited.
-            let _ =
-                tokio::time::timeout(Duration::from_millis(200), machine.reaped.cancelled()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(200), reaped.cancelled()).await;
             return Err(ProviderError::Unavailable(format!(
                 "qemu did not start ({e}): {}",
                 log_tail(&machine.run.log())
@@ -849,7 +702,7 @@ impl Inner {
         Ok(guard)
     }
 
-    /// Pushes a new identity into the guest.
+    /// Pushes a new identity into the guest (the provider's env under the VM's).
     async fn reset_identity(
         &self,
         vm_id: &VmId,
@@ -859,59 +712,9 @@ impl Inner {
     ) -> Result<(), ProviderError> {
         let mut full_env = self.config.env.clone();
         full_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let identity = new_identity(vm_id, full_env)?;
-        match machine
-            .agent
-            .call(
-                AgentRequest::ResetIdentity(identity),
-                "an identity reset",
-                deadline,
-            )
+        guest::reset_identity(vm_id, machine, full_env, deadline)
             .await
-        {
-            Ok(AgentReply::IdentitySet { .. }) => Ok(()),
-            Ok(other) => Err(ProviderError::internal(
-                format!("vm {vm_id}"),
-                format!("unexpected answer to an identity reset: {other:?}"),
-            )),
-            Err(e) => Err(agent_error(vm_id, machine, e).await),
-        }
-    }
-
-    /// Sets the guest clock after a pause; failures are only logged.
-    async fn sync_clock(&self, vm_id: &VmId, machine: &Machine) {
-        let request = AgentRequest::SetClock { now_ms: now_ms() };
-        if let Err(e) = machine
-            .agent
-            .call(request, "a clock sync", self.agent_deadline())
-            .await
-        {
-            warn!(%vm_id, error = %e, "cannot set the guest clock");
-        }
-    }
-
-    /// Runs the bootstrap argv of a cold boot; any failure fails the create.
-    async fn bootstrap(
-        &self,
-        vm_id: &VmId,
-        machine: &Machine,
-        argv: &[String],
-    ) -> Result<(), ProviderError> {
-        let mut req = ExecRequest::argv(argv.iter().cloned());
-        req.timeout_ms = Some(BOOTSTRAP_TIMEOUT.as_millis() as u64);
-        req.max_output_bytes = Some(BOOTSTRAP_OUTPUT_BYTES as u64);
-        let outcome = match machine
-            .agent
-            .exec(req, BOOTSTRAP_OUTPUT_BYTES, None, self.exec_limits())
-            .await
-        {
-            Ok(outcome) => outcome,
-            Err(e) => return Err(agent_error(vm_id, machine, e).await),
-        };
-        if outcome.success() {
-            return Ok(());
-        }
-        Err(bootstrap_failed(vm_id, &outcome))
+            .map(drop)
     }
 
     /// Loads a snapshot's state into a freshly launched, paused QEMU and checks its checksum (in
@@ -986,9 +789,11 @@ impl Inner {
             Ok(()) => {}
             Err(ProviderError::CommandFailed(desc)) => return Err(corrupt(desc)),
             Err(ProviderError::InvalidState(_)) => {
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(300), machine.reaped.cancelled())
-                        .await;
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(300),
+                    machine.vmm.reaped.cancelled(),
+                )
+                .await;
                 return Err(corrupt(format!(
                     "qemu refused its state: {}",
                     log_tail(&machine.run.log())
@@ -1057,25 +862,25 @@ impl Inner {
         let guard = match &snapshot {
             Some(snapshot) => {
                 let guard = self
-                    .launch(&machine_spec, true, self.agent_deadline())
+                    .launch(&machine_spec, true, self.timing.deadline())
                     .await?;
-                let machine = guard.machine.clone().expect("armed");
+                let machine = guard.machine();
                 self.load_state(vm_id, &machine, snapshot).await?;
                 let qmp = machine
-                    .qmp(self.agent_deadline())
+                    .qmp(self.timing.deadline())
                     .await
                     .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
                 qmp.execute("cont", json!({}), self.config.agent_timeout())
                     .await
                     .map_err(|e| qmp_error(vm_id, &machine, "cont", e))?;
-                self.reset_identity(vm_id, &machine, &env, self.agent_deadline())
+                self.reset_identity(vm_id, &machine, &env, self.timing.deadline())
                     .await?;
                 guard
             }
             None => {
                 let deadline = Instant::now() + Duration::from_millis(self.config.boot_timeout_ms);
                 let guard = self.launch(&machine_spec, false, deadline).await?;
-                let machine = guard.machine.clone().expect("armed");
+                let machine = guard.machine();
                 self.reset_identity(vm_id, &machine, &env, deadline)
                     .await
                     .map_err(|e| match e {
@@ -1086,15 +891,15 @@ impl Inner {
                         e => e,
                     })?;
                 if let Some(argv) = &spec.bootstrap {
-                    self.bootstrap(vm_id, &machine, argv).await?;
+                    guest::bootstrap(vm_id, &*machine, argv, self.timing.limits()).await?;
                 }
                 guard
             }
         };
-        let machine = guard.machine.clone().expect("armed");
+        let machine = guard.machine();
         let backend = GuestVm {
             machine: machine_spec,
-            instance: machine.instance.clone(),
+            instance: machine.vmm.instance.clone(),
             identity_pending: false,
         };
         let meta = VmMeta::created(vm_id, spec, snapshot.as_ref(), backend);
@@ -1102,7 +907,7 @@ impl Inner {
         // Writing meta.json is the commit point.
         reservation.commit(meta, machine.clone()).await?;
         guard.disarm();
-        if machine.dead.is_cancelled() {
+        if machine.vmm.dead.is_cancelled() {
             // Died between the last check and indexing: the watcher found nothing to bury.
             self.machine_died(&machine);
         }
@@ -1110,7 +915,7 @@ impl Inner {
     }
 
     async fn boot_spec(&self, spec: &VmSpec) -> Result<MachineSpec, ProviderError> {
-        vmm::check_machine_size(spec, MAX_VCPUS)?;
+        guest::check_machine_size(spec, MAX_VCPUS)?;
         let (kernel, initrd) = self.image_for(spec.base.as_deref())?;
         let (kernel_sha256, initrd_sha256) = {
             let (kernel, initrd) = (kernel.clone(), initrd.clone());
@@ -1239,7 +1044,7 @@ impl VmProvider for QemuProvider {
             )
         };
         let qmp = machine
-            .qmp(inner.agent_deadline())
+            .qmp(inner.timing.deadline())
             .await
             .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
         qmp.execute("cont", json!({}), inner.config.agent_timeout())
@@ -1248,10 +1053,10 @@ impl VmProvider for QemuProvider {
         if pending {
             // Renamed while stopped: the guest learns its new name now (this also sets the clock).
             inner
-                .reset_identity(vm_id, &machine, &env, inner.agent_deadline())
+                .reset_identity(vm_id, &machine, &env, inner.timing.deadline())
                 .await?;
         } else {
-            inner.sync_clock(vm_id, &machine).await;
+            guest::sync_clock(vm_id, &*machine, inner.timing.deadline()).await;
         }
         {
             let mut slot = record.slot.lock();
@@ -1272,7 +1077,7 @@ impl VmProvider for QemuProvider {
             slot.runtime.clone()
         };
         let qmp = machine
-            .qmp(inner.agent_deadline())
+            .qmp(inner.timing.deadline())
             .await
             .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
         qmp.execute("stop", json!({}), inner.config.agent_timeout())
@@ -1309,7 +1114,7 @@ impl VmProvider for QemuProvider {
         info!(%vm_id, %snapshot_id, "snapshotting vm");
         let timeout = Duration::from_millis(inner.config.migrate_timeout_ms);
         let qmp = machine
-            .qmp(inner.agent_deadline())
+            .qmp(inner.timing.deadline())
             .await
             .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
         if was_running {
@@ -1342,7 +1147,7 @@ impl VmProvider for QemuProvider {
             if let Err(e) = resumed {
                 warn!(%vm_id, error = %e, "cannot resume the vm after its snapshot");
             } else {
-                inner.sync_clock(vm_id, &machine).await;
+                guest::sync_clock(vm_id, &*machine, inner.timing.deadline()).await;
             }
         }
         saved?;
@@ -1367,7 +1172,7 @@ impl VmProvider for QemuProvider {
     async fn destroy_vm(&self, vm_id: &VmId) -> Result<(), ProviderError> {
         let inner = &self.inner;
         let Some((machine, dir)) = inner.registry.destroy(vm_id, |slot| {
-            slot.runtime.ending.store(true, Ordering::SeqCst);
+            slot.runtime.vmm.end();
             Ok((slot.runtime.clone(), slot.dir.clone()))
         })?
         else {
@@ -1378,7 +1183,7 @@ impl VmProvider for QemuProvider {
             let registry = inner.registry.clone();
             blocking(move || Ok(registry.root().trash(&dir, "destroy").unwrap_or(dir))).await?
         };
-        machine.kill().await;
+        machine.vmm.kill().await;
         let run = machine.run.dir.clone();
         blocking(move || {
             remove_dir_logged(&trash);
@@ -1404,7 +1209,7 @@ impl VmProvider for QemuProvider {
         // The guest takes its new name first: a VM whose agent does not answer is not handed out.
         if running {
             inner
-                .reset_identity(new, &machine, &env, inner.agent_deadline())
+                .reset_identity(new, &machine, &env, inner.timing.deadline())
                 .await?;
         }
         let view = inner
@@ -1429,23 +1234,10 @@ impl VmProvider for QemuProvider {
         spec.validate()?;
         paths::relative_path("cwd", spec.cwd.as_deref().unwrap_or(""))?;
         let (record, machine) = self.inner.registry.running(vm_id)?;
-        let result = machine
-            .agent
-            .exec(
-                exec_request(&spec),
-                spec.max_output_bytes,
-                chunks,
-                self.inner.exec_limits(),
-            )
-            .await;
+        let limits = self.inner.timing.limits();
+        let result = guest::exec(vm_id, &*machine, &spec, chunks, limits).await;
         record.touch();
-        match result {
-            Ok(outcome) => {
-                debug!(%vm_id, exit_code = outcome.exit_code, timed_out = outcome.timed_out, "exec finished");
-                Ok(outcome)
-            }
-            Err(e) => Err(agent_error(vm_id, &machine, e).await),
-        }
+        result
     }
 
     async fn put_file(
@@ -1457,13 +1249,10 @@ impl VmProvider for QemuProvider {
     ) -> Result<u64, ProviderError> {
         paths::file_path(path)?;
         let (record, machine) = self.inner.registry.running(vm_id)?;
-        let deadline = self.inner.agent_deadline() + transfer_allowance(data.len() as u64);
-        let result = machine.agent.put_file(path, data, mode, deadline).await;
+        let deadline = self.inner.timing.deadline();
+        let result = guest::put_file(vm_id, &*machine, path, data, mode, deadline).await;
         record.touch();
-        match result {
-            Ok(size) => Ok(size),
-            Err(e) => Err(agent_error(vm_id, &machine, e).await),
-        }
+        result
     }
 
     async fn get_file(
@@ -1474,13 +1263,10 @@ impl VmProvider for QemuProvider {
     ) -> Result<Vec<u8>, ProviderError> {
         paths::file_path(path)?;
         let (record, machine) = self.inner.registry.running(vm_id)?;
-        let deadline = self.inner.agent_deadline() + transfer_allowance(max_bytes);
-        let result = machine.agent.get_file(path, max_bytes, deadline).await;
+        let deadline = self.inner.timing.deadline();
+        let result = guest::get_file(vm_id, &*machine, path, max_bytes, deadline).await;
         record.touch();
-        match result {
-            Ok(data) => Ok(data),
-            Err(e) => Err(agent_error(vm_id, &machine, e).await),
-        }
+        result
     }
 
     async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
@@ -1491,7 +1277,7 @@ impl VmProvider for QemuProvider {
             (slot.runtime.clone(), slot.meta.state == VmState::Stopped)
         };
         let qmp = machine
-            .qmp(inner.agent_deadline())
+            .qmp(inner.timing.deadline())
             .await
             .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
         if stopped {
@@ -1500,7 +1286,9 @@ impl VmProvider for QemuProvider {
                 .await
                 .map_err(|e| qmp_error(vm_id, &machine, "cont", e))?;
         }
-        let result = self.backup_running(vm_id, &machine, dest_dir).await;
+        let level = inner.config.snapshot_compression_level;
+        let limits = inner.timing.limits();
+        let result = guest::backup(vm_id, &*machine, limits, dest_dir, level).await;
         if stopped
             && let Err(e) = qmp
                 .execute("stop", json!({}), inner.config.agent_timeout())
@@ -1576,31 +1364,6 @@ impl VmProvider for QemuProvider {
 
     async fn delete_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), ProviderError> {
         self.inner.registry.delete_snapshot(snapshot_id).await
-    }
-}
-
-impl QemuProvider {
-    /// Archives the guest's work directory (see [`vmm::backup_via_agent`]).
-    async fn backup_running(
-        &self,
-        vm_id: &VmId,
-        machine: &Machine,
-        dest_dir: &Path,
-    ) -> Result<PathBuf, ProviderError> {
-        let level = self.inner.config.snapshot_compression_level;
-        let result = vmm::backup_via_agent(
-            vm_id,
-            &machine.agent,
-            self.inner.exec_limits(),
-            dest_dir,
-            level,
-        )
-        .await;
-        match result {
-            Err(vmm::BackupError::Agent(e)) => Err(agent_error(vm_id, machine, e).await),
-            Err(vmm::BackupError::Provider(e)) => Err(e),
-            Ok(path) => Ok(path),
-        }
     }
 }
 
