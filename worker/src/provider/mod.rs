@@ -9,6 +9,10 @@
 //! Architecture invariant: the caller (the worker's NATS layer) serialises operations per VM with a
 //! per-VM async lock and enforces capacity. Providers are still internally thread-safe: operations on
 //! different VMs run in parallel and no provider holds a global lock across a long await.
+//!
+//! Size: just over 800 lines because the domain types (`VmSpec`, `ExecSpec`, `ExecOutcome`, …)
+//! and `ProviderError` sit with the traits that speak them; everything a backend shares lives in
+//! `registry/` and `guest/`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::agent::{AgentCallError, AgentLink, ExecLimits};
+use super::paths;
 use super::registry::state_root::{hex, remove_dir_logged};
+use super::registry::{Backend, Registry};
 use super::{
     BOOTSTRAP_OUTPUT_BYTES, BOOTSTRAP_TIMEOUT, ExecOutcome, ExecSpec, OutputChunk, OutputStream,
     ProviderError, VmId, VmSpec, bootstrap_failed, now_ms,
@@ -313,50 +315,80 @@ pub(crate) async fn bootstrap(
     }
 }
 
-/// Runs `spec` in the guest (already validated by the caller).
-pub(crate) async fn exec(
+/// Runs `spec` in a running VM of `registry` (validated first, as by every adapter); the VM's
+/// activity is bumped when the command starts and when it ends.
+pub(crate) async fn exec<B, M>(
+    registry: &Registry<B>,
+    timing: AgentTiming,
     vm_id: &VmId,
-    m: &dyn GuestMachine,
-    spec: &ExecSpec,
+    spec: ExecSpec,
     chunks: Option<mpsc::Sender<OutputChunk>>,
-    limits: ExecLimits,
-) -> Result<ExecOutcome, ProviderError> {
+) -> Result<ExecOutcome, ProviderError>
+where
+    B: Backend<Runtime = Arc<M>>,
+    M: GuestMachine,
+{
+    spec.validate()?;
+    paths::relative_path("cwd", spec.cwd.as_deref().unwrap_or(""))?;
+    let (record, m) = registry.running(vm_id)?;
     let result = m
         .agent()
-        .exec(exec_request(spec), spec.max_output_bytes, chunks, limits)
+        .exec(
+            exec_request(&spec),
+            spec.max_output_bytes,
+            chunks,
+            timing.limits(),
+        )
         .await;
+    record.touch();
     match result {
         Ok(outcome) => Ok(outcome),
         Err(e) => Err(agent_error(vm_id, m.vmm(), e).await),
     }
 }
 
-/// Writes a file in the guest; the deadline grows with its size.
-pub(crate) async fn put_file(
+/// Writes a file in a running VM of `registry`; the deadline grows with its size.
+pub(crate) async fn put_file<B, M>(
+    registry: &Registry<B>,
+    timing: AgentTiming,
     vm_id: &VmId,
-    m: &dyn GuestMachine,
     path: &str,
     data: &[u8],
     mode: Option<u32>,
-    deadline: Instant,
-) -> Result<u64, ProviderError> {
-    let deadline = deadline + transfer_allowance(data.len() as u64);
-    match m.agent().put_file(path, data, mode, deadline).await {
+) -> Result<u64, ProviderError>
+where
+    B: Backend<Runtime = Arc<M>>,
+    M: GuestMachine,
+{
+    paths::file_path(path)?;
+    let (record, m) = registry.running(vm_id)?;
+    let deadline = timing.deadline() + transfer_allowance(data.len() as u64);
+    let result = m.agent().put_file(path, data, mode, deadline).await;
+    record.touch();
+    match result {
         Ok(size) => Ok(size),
         Err(e) => Err(agent_error(vm_id, m.vmm(), e).await),
     }
 }
 
-/// Reads a file from the guest; the deadline grows with its largest size.
-pub(crate) async fn get_file(
+/// Reads a file from a running VM of `registry`; the deadline grows with its largest size.
+pub(crate) async fn get_file<B, M>(
+    registry: &Registry<B>,
+    timing: AgentTiming,
     vm_id: &VmId,
-    m: &dyn GuestMachine,
     path: &str,
     max_bytes: u64,
-    deadline: Instant,
-) -> Result<Vec<u8>, ProviderError> {
-    let deadline = deadline + transfer_allowance(max_bytes);
-    match m.agent().get_file(path, max_bytes, deadline).await {
+) -> Result<Vec<u8>, ProviderError>
+where
+    B: Backend<Runtime = Arc<M>>,
+    M: GuestMachine,
+{
+    paths::file_path(path)?;
+    let (record, m) = registry.running(vm_id)?;
+    let deadline = timing.deadline() + transfer_allowance(max_bytes);
+    let result = m.agent().get_file(path, max_bytes, deadline).await;
+    record.touch();
+    match result {
         Ok(data) => Ok(data),
         Err(e) => Err(agent_error(vm_id, m.vmm(), e).await),
     }

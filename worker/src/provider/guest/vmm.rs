@@ -206,6 +206,11 @@ mod tests {
         command.arg("1000");
         let vmm = VmmProcess::spawn("sleep", command, log, "1000".into()).unwrap();
         assert!(process_alive(vmm.pid));
+        // The kernel fills /proc/<pid>/cmdline a moment after the exec it reports to the parent.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !is_ours(vmm.pid, "1000") && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert!(is_ours(vmm.pid, "1000"));
         vmm.kill().await;
         assert!(vmm.reaped.is_cancelled());

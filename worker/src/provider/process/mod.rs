@@ -21,6 +21,10 @@
 //! it — when the VM stops or is destroyed. Sandboxes die with the worker; after a restart a
 //! running VM gets a new one on its next use. Everything a command wrote to the volume stays;
 //! processes do not.
+//!
+//! Size: this file is the adapter's `VmProvider` and the sandbox life cycle it drives (start on
+//! create or first use, limits, egress, OOM outcomes); the bookkeeping is in
+//! `provider::registry`, each host mechanism in its own module beside it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -48,11 +52,13 @@ use super::{
 };
 
 mod archive;
+mod config;
 mod disk;
 mod limits;
 pub(crate) mod network;
 pub mod sandbox;
 
+pub use config::{LimitsMode, ProcessConfig};
 use disk::Disks;
 use limits::{Cgroups, LimitSpec};
 pub use network::EgressConfig;
@@ -64,71 +70,6 @@ use sandbox::{LaunchSpec, Launcher, Sandbox};
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an agent may answer after a command's own timeout.
 const EXEC_GRACE: Duration = Duration::from_secs(5);
-
-/// Configuration of the process adapter; deserialisable from the worker's TOML with defaults.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ProcessConfig {
-    /// Where VMs, snapshots and staging live. Must be one filesystem (renames are atomic).
-    pub root: PathBuf,
-    /// The shell that runs `cmd` requests as `<shell> -c <cmd>`.
-    pub shell: PathBuf,
-    /// Added to every command's environment (under the VM's and the request's own env).
-    pub env: BTreeMap<String, String>,
-    /// `sandbox` (the default) or `none` (commands run as host processes: an explicit choice).
-    pub isolation: Isolation,
-    /// The sandbox's tools and host identity.
-    pub sandbox: SandboxConfig,
-    /// How sandboxes of `network = "egress"` templates reach out.
-    pub egress: EgressConfig,
-    /// How per-VM limits are enforced: `auto` (cgroups v2 or v1 where writable, else rlimits),
-    /// `rlimit`, or `off` (for hosts where something else confines the worker).
-    pub limits: LimitsMode,
-    /// The `hearth-guest-agent` binary; found next to the worker's executable or on `PATH` when
-    /// unset.
-    pub agent: Option<PathBuf>,
-    /// zstd level for snapshots and backups.
-    pub snapshot_compression_level: i32,
-}
-
-impl Default for ProcessConfig {
-    fn default() -> Self {
-        Self {
-            root: PathBuf::from("/var/lib/hearth/process"),
-            shell: PathBuf::from("/bin/sh"),
-            env: BTreeMap::new(),
-            isolation: Isolation::Sandbox,
-            sandbox: SandboxConfig::default(),
-            egress: EgressConfig::default(),
-            limits: LimitsMode::Auto,
-            agent: None,
-            snapshot_compression_level: 3,
-        }
-    }
-}
-
-impl ProcessConfig {
-    /// Defaults with `root` set.
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self {
-            root: root.into(),
-            ..Self::default()
-        }
-    }
-}
-
-/// How per-VM limits are enforced (`limits` in the process provider's configuration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LimitsMode {
-    /// cgroups v2, else v1, where the worker can write them; else rlimits.
-    #[default]
-    Auto,
-    /// Only rlimits (address space).
-    Rlimit,
-    /// None: something outside Hearth confines the worker and its sandboxes.
-    Off,
-}
 
 /// The process backend's part of the registry.
 #[derive(Debug)]
@@ -939,58 +880,4 @@ impl Registered for ProcessProvider {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_deserialises_with_defaults_and_rejects_typos() {
-        let config: ProcessConfig = serde_json::from_str(r#"{"root": "/srv/hearth"}"#).unwrap();
-        assert_eq!(config.root, PathBuf::from("/srv/hearth"));
-        assert_eq!(config.shell, PathBuf::from("/bin/sh"));
-        assert_eq!(
-            config.isolation,
-            Isolation::Sandbox,
-            "isolation is the default"
-        );
-        assert_eq!(config.snapshot_compression_level, 3);
-
-        let config: ProcessConfig = serde_json::from_str(
-            r#"{"isolation": "none", "sandbox": {"bwrap": "/opt/bwrap", "uid": 7}}"#,
-        )
-        .unwrap();
-        assert_eq!(config.isolation, Isolation::None);
-        assert_eq!(config.sandbox.bwrap, PathBuf::from("/opt/bwrap"));
-        assert_eq!(config.sandbox.uid, 7);
-        assert!(serde_json::from_str::<ProcessConfig>(r#"{"rooot": "/x"}"#).is_err());
-        assert!(serde_json::from_str::<ProcessConfig>(r#"{"isolation": "bwrap"}"#).is_err());
-    }
-
-    #[test]
-    fn a_root_is_opened_by_one_provider_at_a_time() {
-        let tmp = tempfile::tempdir().unwrap();
-        let first = ProcessProvider::open(ProcessConfig::new(tmp.path())).unwrap();
-        let err = ProcessProvider::open(ProcessConfig::new(tmp.path())).unwrap_err();
-        assert!(matches!(err, ProviderError::Unavailable(_)), "{err}");
-        drop(first);
-        ProcessProvider::open(ProcessConfig::new(tmp.path())).unwrap();
-    }
-
-    #[test]
-    fn a_missing_sandbox_tool_is_unavailable_and_says_how_to_fix_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut config = ProcessConfig::new(tmp.path());
-        config.sandbox.bwrap = tmp.path().join("no-bwrap");
-        let err = ProcessProvider::open(config).unwrap_err();
-        assert!(matches!(err, ProviderError::Unavailable(_)), "{err}");
-        assert!(
-            err.to_string().contains("apt-get install bubblewrap"),
-            "{err}"
-        );
-        assert!(err.to_string().contains("--isolation none"), "{err}");
-
-        let mut config = ProcessConfig::new(tmp.path());
-        config.agent = Some(tmp.path().join("no-agent"));
-        let err = ProcessProvider::open(config).unwrap_err();
-        assert!(err.to_string().contains("hearth-guest-agent"), "{err}");
-    }
-}
+mod tests;

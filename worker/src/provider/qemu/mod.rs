@@ -43,10 +43,16 @@
 //! size and guest image (checked, with a clear error); a process in the guest that seeded a
 //! userspace PRNG before the snapshot keeps its state in every clone (the kernel RNG is reseeded);
 //! backups go through the agent (`tar` in the guest) and are limited to 64 MiB.
+//!
+//! Size: this file is the adapter's `VmProvider`, one function per operation, each QEMU's
+//! sequence for it (QMP `stop`/`migrate`/`cont` around the shared guest operations of
+//! `provider::guest`); the bookkeeping is in `provider::registry`, the process in `vm.rs`, state
+//! streams in `migration.rs`, the command line in `machine.rs`. Split further by operation, the
+//! one sequence per operation would be read across files.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -55,14 +61,11 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::guest::{
-    self, AgentTiming, GuestMachine, GuestVm, LaunchGuard, VmmProcess, is_ours, log_tail,
-    signal_kill,
+    self, AgentTiming, GuestVm, LaunchGuard, VmmProcess, is_ours, log_tail, signal_kill,
 };
-use super::paths;
 use super::registry::state_root::{
     StateRoot, blocking, in_background, read_json, remove_dir_logged, sha256_file, to_json,
 };
@@ -73,14 +76,18 @@ use super::{
     VmSpec, VmState, VmView, lifecycle,
 };
 
+mod config;
 mod console;
 mod machine;
+mod migration;
 mod qmp;
+mod vm;
 
-use super::agent::{self, AgentLink, Connector};
+pub use config::QemuConfig;
 pub use machine::Accel;
 use machine::{DigestCache, MachineSpec, RunPaths};
-use qmp::{Qmp, QmpError};
+use qmp::QmpError;
+use vm::{Machine, read_pid};
 
 /// The compressed state's name in an export stream.
 const STATE_ENTRY: &str = "state.zst";
@@ -93,89 +100,6 @@ const CONSOLE_PATIENCE: Duration = Duration::from_secs(30);
 const MAX_ROOT_LEN: usize = 72;
 /// Most vCPUs of a VM (`-M microvm`).
 const MAX_VCPUS: u32 = 64;
-
-/// Configuration of the qemu adapter; deserialisable from the worker's TOML (`[qemu]`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct QemuConfig {
-    /// Where VMs, snapshots, sockets and staging live (one filesystem, at most 72 bytes, no `,`
-    /// or `'`). Empty: `<worker data_dir>/qemu`.
-    pub root: PathBuf,
-    /// The QEMU binary.
-    pub qemu: PathBuf,
-    /// The guest image directory (`vmlinuz`, `initrd.img`), as built by `deploy/images/build.sh`.
-    pub image: PathBuf,
-    /// Accelerator; `auto` picks KVM only where hardware KVM works.
-    pub accel: Accel,
-    /// `-cpu` model; default `max` under TCG and `host` under KVM.
-    pub cpu: Option<String>,
-    /// The host TSC rate for `tsc_early_khz=` under TCG; default read from `/proc/cpuinfo`.
-    pub tsc_khz: Option<u32>,
-    /// Appended to the guest kernel command line.
-    pub extra_cmdline: String,
-    /// Keep each VM's serial console in `run/<instance>/console.log` (boot failures quote it).
-    /// The worker writes it from a socket chardev, capped at `console_log_max_bytes` with one
-    /// rotation (`console.log.1`), so a guest can fill at most twice that per VM.
-    pub console_log: bool,
-    /// Largest `console.log` before it is rotated (at least 4096).
-    pub console_log_max_bytes: u64,
-    /// Cold boot until the agent answers.
-    pub boot_timeout_ms: u64,
-    /// Every other agent exchange (restore handshake, identity, files, clock) and QMP command.
-    pub agent_timeout_ms: u64,
-    /// How long past an exec's own timeout the agent may take to answer.
-    pub exec_grace_ms: u64,
-    /// Saving or loading a snapshot's state.
-    pub migrate_timeout_ms: u64,
-    /// Check a snapshot's SHA-256 on every restore (in parallel with loading it).
-    pub verify_snapshots: bool,
-    /// zstd level of exported snapshots.
-    pub snapshot_compression_level: i32,
-    /// Added to the environment of every command in every VM (under the VM's and the request's).
-    pub env: BTreeMap<String, String>,
-    /// Kill every VM and delete its files when the provider is dropped (tests). Off in production:
-    /// VMs outlive a worker restart and are adopted by the next `open`.
-    pub kill_on_drop: bool,
-}
-
-impl Default for QemuConfig {
-    fn default() -> Self {
-        Self {
-            root: PathBuf::new(),
-            qemu: PathBuf::from("qemu-system-x86_64"),
-            image: PathBuf::from("/var/lib/hearth/images/current"),
-            accel: Accel::Auto,
-            cpu: None,
-            tsc_khz: None,
-            extra_cmdline: String::new(),
-            console_log: true,
-            console_log_max_bytes: 8 << 20,
-            boot_timeout_ms: 60_000,
-            agent_timeout_ms: 10_000,
-            exec_grace_ms: 10_000,
-            migrate_timeout_ms: 120_000,
-            verify_snapshots: true,
-            snapshot_compression_level: 3,
-            env: BTreeMap::new(),
-            kill_on_drop: false,
-        }
-    }
-}
-
-impl QemuConfig {
-    /// Defaults with `root` and `image` set.
-    pub fn new(root: impl Into<PathBuf>, image: impl Into<PathBuf>) -> Self {
-        Self {
-            root: root.into(),
-            image: image.into(),
-            ..Self::default()
-        }
-    }
-
-    fn agent_timeout(&self) -> Duration {
-        Duration::from_millis(self.agent_timeout_ms)
-    }
-}
 
 /// The qemu backend's part of the registry.
 #[derive(Debug)]
@@ -203,148 +127,6 @@ impl SnapshotBackend for QemuSnapshot {
     fn size_bytes(&self) -> u64 {
         self.state_bytes
     }
-}
-
-/// One QEMU process and the guest in it.
-#[derive(Debug)]
-pub(crate) struct Machine {
-    vmm: VmmProcess,
-    run: RunPaths,
-    /// Connected at launch, or lazily for a VM adopted after a restart.
-    qmp: tokio::sync::OnceCell<Qmp>,
-    agent: AgentLink,
-    owner: Weak<Inner>,
-}
-
-impl GuestMachine for Machine {
-    fn agent(&self) -> &AgentLink {
-        &self.agent
-    }
-
-    fn vmm(&self) -> &VmmProcess {
-        &self.vmm
-    }
-
-    fn run_dir(&self) -> &Path {
-        &self.run.dir
-    }
-}
-
-impl Machine {
-    fn new(vmm: VmmProcess, run: RunPaths, owner: Weak<Inner>) -> Arc<Self> {
-        Arc::new_cyclic(|me: &Weak<Machine>| {
-            let me = me.clone();
-            let poke: agent::Poke = Arc::new(move || {
-                let me = me.clone();
-                Box::pin(async move {
-                    if let Some(machine) = me.upgrade()
-                        && let Some(qmp) = machine.qmp.get()
-                    {
-                        let _ = qmp
-                            .execute("query-status", json!({}), Duration::from_secs(1))
-                            .await;
-                    }
-                })
-            });
-            Self {
-                agent: AgentLink::new(Connector::Unix(run.agent()), Some(poke)),
-                vmm,
-                run,
-                qmp: tokio::sync::OnceCell::new(),
-                owner,
-            }
-        })
-    }
-
-    /// The QMP connection, made on first use (adopted VMs) and watched for the process's end.
-    async fn qmp(self: &Arc<Self>, deadline: Instant) -> Result<&Qmp, QmpError> {
-        self.qmp
-            .get_or_try_init(|| async {
-                let qmp = Qmp::connect(&self.run.qmp(), deadline).await?;
-                // The deadline is for the handshake; commands get their own timeouts.
-                qmp.execute(
-                    "migrate-set-parameters",
-                    json!({"max-bandwidth": 64u64 << 30}),
-                    Duration::from_secs(10),
-                )
-                .await?;
-                tokio::spawn(watch(self.clone(), qmp.closed()));
-                Ok(qmp)
-            })
-            .await
-    }
-
-    /// Copies the serial console into the capped `console.log` while the process lives (see
-    /// `console.rs`). Holds no reference to the machine.
-    fn start_console(&self, config: &QemuConfig) {
-        if !config.console_log {
-            return;
-        }
-        let vmm = &self.vmm;
-        let (dead, detached, reaped) = (
-            vmm.dead.clone(),
-            vmm.detached.clone(),
-            vmm.child.then(|| vmm.reaped.clone()),
-        );
-        let stop = async move {
-            let reaped = async {
-                match reaped {
-                    Some(token) => token.cancelled().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = dead.cancelled() => {}
-                () = detached.cancelled() => {}
-                () = reaped => {}
-            }
-        };
-        tokio::spawn(console::pump(
-            self.run.console_socket(),
-            self.run.console(),
-            config.console_log_max_bytes,
-            CONSOLE_PATIENCE,
-            stop,
-        ));
-    }
-
-    /// Lets go of the process without ending it: closes QMP and the agent connection so that the
-    /// next provider on this root can adopt it, and stops watching it.
-    fn detach(&self) {
-        self.vmm.detach();
-        if let Some(qmp) = self.qmp.get() {
-            qmp.detach();
-        }
-        self.agent.detach();
-    }
-}
-
-/// Waits for the QMP connection of `machine` to end, then reports the process dead.
-async fn watch(machine: Arc<Machine>, closed: CancellationToken) {
-    let vmm = &machine.vmm;
-    tokio::select! {
-        _ = closed.cancelled() => {}
-        _ = vmm.detached.cancelled() => return,
-    }
-    if vmm.child {
-        // Give the reaper a moment, so the reason carries the exit status.
-        let _ = tokio::time::timeout(Duration::from_millis(500), vmm.reaped.cancelled()).await;
-    }
-    vmm.dead.cancel();
-    if vmm.is_ending() {
-        return;
-    }
-    if let Some(inner) = machine.owner.upgrade() {
-        inner.machine_died(&machine);
-    }
-}
-
-fn read_pid(run: &RunPaths) -> Option<i32> {
-    std::fs::read_to_string(run.pidfile())
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 #[derive(Debug)]
@@ -715,130 +497,6 @@ impl Inner {
         guest::reset_identity(vm_id, machine, full_env, deadline)
             .await
             .map(drop)
-    }
-
-    /// Loads a snapshot's state into a freshly launched, paused QEMU and checks its checksum (in
-    /// parallel: a mismatch fails the restore as soon as it is known).
-    async fn load_state(
-        &self,
-        vm_id: &VmId,
-        machine: &Arc<Machine>,
-        snapshot: &SnapshotMeta<QemuSnapshot>,
-    ) -> Result<(), ProviderError> {
-        let snapshot_id = &snapshot.snapshot_id;
-        let state = self.snapshot_dir(snapshot_id).join("state");
-        let corrupt = |detail: String| {
-            ProviderError::InvalidArgument(format!(
-                "snapshot {snapshot_id} cannot be restored: {detail}"
-            ))
-        };
-        // QEMU 7.2 waits forever on an empty stream and exits on a bad one: check what can be
-        // checked first, and turn an exit into the snapshot's fault.
-        match std::fs::metadata(&state) {
-            Ok(m) if m.len() == snapshot.backend.state_bytes => {}
-            Ok(m) => {
-                return Err(corrupt(format!(
-                    "its state file is {} bytes, expected {}",
-                    m.len(),
-                    snapshot.backend.state_bytes
-                )));
-            }
-            Err(e) => return Err(corrupt(format!("its state file is unreadable: {e}"))),
-        }
-        let verify = async {
-            if !self.config.verify_snapshots {
-                return Ok(());
-            }
-            let path = state.clone();
-            let digest = tokio::task::spawn_blocking(move || sha256_file(&path))
-                .await
-                .map_err(|e| ProviderError::internal("the checksum task failed", e))?
-                .map_err(|e| ProviderError::io("cannot read snapshot state", e))?;
-            if digest == snapshot.backend.state_sha256 {
-                Ok(())
-            } else {
-                Err(ProviderError::InvalidArgument(format!(
-                    "snapshot {snapshot_id} is corrupt: its state does not match its checksum"
-                )))
-            }
-        };
-        let timeout = Duration::from_millis(self.config.migrate_timeout_ms);
-        let load = async {
-            let qmp = machine
-                .qmp(Instant::now() + timeout)
-                .await
-                .map_err(|e| qmp_error(vm_id, machine, "connecting", e))?;
-            let uri = format!("exec:cat '{}'", state.display());
-            qmp.execute("migrate-incoming", json!({ "uri": uri }), timeout)
-                .await
-                .map_err(|e| qmp_error(vm_id, machine, "migrate-incoming", e))?;
-            self.wait_migration(vm_id, machine, qmp, timeout).await
-        };
-        tokio::pin!(verify, load);
-        let mut verified = false;
-        let loaded = loop {
-            tokio::select! {
-                loaded = &mut load => break loaded,
-                checked = &mut verify, if !verified => {
-                    checked?;
-                    verified = true;
-                }
-            }
-        };
-        match loaded {
-            Ok(()) => {}
-            Err(ProviderError::CommandFailed(desc)) => return Err(corrupt(desc)),
-            Err(ProviderError::InvalidState(_)) => {
-                let _ = tokio::time::timeout(
-                    Duration::from_millis(300),
-                    machine.vmm.reaped.cancelled(),
-                )
-                .await;
-                return Err(corrupt(format!(
-                    "qemu refused its state: {}",
-                    log_tail(&machine.run.log())
-                )));
-            }
-            Err(e) => return Err(e),
-        }
-        if !verified {
-            verify.await?;
-        }
-        Ok(())
-    }
-
-    /// Polls `query-migrate` until the migration completes; `CommandFailed(desc)` if it failed.
-    async fn wait_migration(
-        &self,
-        vm_id: &VmId,
-        machine: &Machine,
-        qmp: &Qmp,
-        timeout: Duration,
-    ) -> Result<(), ProviderError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = qmp
-                .execute("query-migrate", json!({}), timeout)
-                .await
-                .map_err(|e| qmp_error(vm_id, machine, "query-migrate", e))?;
-            match status["status"].as_str().unwrap_or_default() {
-                "completed" => return Ok(()),
-                "failed" | "cancelled" => {
-                    let desc = status["error-desc"]
-                        .as_str()
-                        .unwrap_or("migration failed")
-                        .to_owned();
-                    return Err(ProviderError::CommandFailed(desc));
-                }
-                _ => {}
-            }
-            if Instant::now() >= deadline {
-                return Err(ProviderError::Timeout(format!(
-                    "vm {vm_id}: migration did not finish within {timeout:?}"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
     }
 
     /// Creates a VM: cold boot or restore, identity, bootstrap; the VM is indexed on success and
@@ -1231,13 +889,8 @@ impl VmProvider for QemuProvider {
         spec: ExecSpec,
         chunks: Option<mpsc::Sender<OutputChunk>>,
     ) -> Result<ExecOutcome, ProviderError> {
-        spec.validate()?;
-        paths::relative_path("cwd", spec.cwd.as_deref().unwrap_or(""))?;
-        let (record, machine) = self.inner.registry.running(vm_id)?;
-        let limits = self.inner.timing.limits();
-        let result = guest::exec(vm_id, &*machine, &spec, chunks, limits).await;
-        record.touch();
-        result
+        let inner = &self.inner;
+        guest::exec(&inner.registry, inner.timing, vm_id, spec, chunks).await
     }
 
     async fn put_file(
@@ -1247,12 +900,8 @@ impl VmProvider for QemuProvider {
         data: &[u8],
         mode: Option<u32>,
     ) -> Result<u64, ProviderError> {
-        paths::file_path(path)?;
-        let (record, machine) = self.inner.registry.running(vm_id)?;
-        let deadline = self.inner.timing.deadline();
-        let result = guest::put_file(vm_id, &*machine, path, data, mode, deadline).await;
-        record.touch();
-        result
+        let inner = &self.inner;
+        guest::put_file(&inner.registry, inner.timing, vm_id, path, data, mode).await
     }
 
     async fn get_file(
@@ -1261,12 +910,8 @@ impl VmProvider for QemuProvider {
         path: &str,
         max_bytes: u64,
     ) -> Result<Vec<u8>, ProviderError> {
-        paths::file_path(path)?;
-        let (record, machine) = self.inner.registry.running(vm_id)?;
-        let deadline = self.inner.timing.deadline();
-        let result = guest::get_file(vm_id, &*machine, path, max_bytes, deadline).await;
-        record.touch();
-        result
+        let inner = &self.inner;
+        guest::get_file(&inner.registry, inner.timing, vm_id, path, max_bytes).await
     }
 
     async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
@@ -1372,22 +1017,5 @@ impl Registered for QemuProvider {
 
     fn registry(&self) -> &Registry<Qemu> {
         &self.inner.registry
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_deserialises_with_defaults_and_rejects_typos() {
-        let config: QemuConfig =
-            serde_json::from_str(r#"{"image": "/img", "accel": "tcg"}"#).unwrap();
-        assert_eq!(config.image, PathBuf::from("/img"));
-        assert_eq!(config.accel, Accel::Tcg);
-        assert_eq!(config.qemu, PathBuf::from("qemu-system-x86_64"));
-        assert!(config.verify_snapshots);
-        assert!(!config.kill_on_drop);
-        assert!(serde_json::from_str::<QemuConfig>(r#"{"imagee": "/x"}"#).is_err());
     }
 }
