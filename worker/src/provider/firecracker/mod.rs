@@ -26,9 +26,9 @@
 //! firecracker.log, firecracker.pid}`, `snapshots/<id>/{meta.json, vmstate, mem, rootfs.ext4}`,
 //! `tmp/`, `lock`.
 //!
-//! Size: this file is the adapter's `VmProvider`, one function per operation, each
-//! Firecracker's API sequence for it around the shared guest operations of `provider::guest`;
-//! the bookkeeping is in `provider::registry`, the configuration in `config.rs`, the API in
+//! Size: this file is the adapter's create, snapshot, restore and export sequences (Firecracker
+//! API calls around the shared guest operations of `provider::guest`) and its reconcile; the
+//! bookkeeping is in `provider::registry`, the configuration in `config.rs`, the API in
 //! `api.rs`.
 
 use std::collections::BTreeMap;
@@ -46,8 +46,8 @@ use tracing::{info, warn};
 
 use super::agent::{AgentLink, Connector};
 use super::guest::{
-    self, AgentTiming, GuestMachine, GuestVm, LaunchGuard, VmmProcess, is_ours, log_tail,
-    signal_kill,
+    self, AgentTiming, GuestHost, GuestMachine, GuestVm, LaunchGuard, VmmProcess, is_ours,
+    log_tail, signal_kill,
 };
 use super::registry::state_root::{
     StateRoot, blocking, in_background, remove_dir_logged, sha256_file, to_json,
@@ -56,7 +56,7 @@ use super::registry::{self, Backend, Registered, Registry, SnapshotBackend, Snap
 use super::snapshot_archive as archive;
 use super::{
     ExecOutcome, ExecSpec, OutputChunk, ProviderError, SnapshotId, SnapshotInfo, VmId, VmProvider,
-    VmSpec, VmState, VmView, lifecycle,
+    VmSpec, VmState, VmView,
 };
 
 mod api;
@@ -347,31 +347,6 @@ impl Inner {
         Ok(guard)
     }
 
-    /// Pushes a new identity into the guest (the provider's env under the VM's) and, with MMDS
-    /// configured, the VM's name into MMDS (its contents do not survive a snapshot).
-    async fn reset_identity(
-        &self,
-        vm_id: &VmId,
-        machine: &Machine,
-        env: &BTreeMap<String, String>,
-        deadline: Instant,
-    ) -> Result<(), ProviderError> {
-        let mut full_env = self.config.env.clone();
-        full_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let identity = guest::reset_identity(vm_id, machine, full_env, deadline).await?;
-        if self.config.mmds.is_some() {
-            let mmds = json!({"hearth": {
-                "vm_id": vm_id.as_str(),
-                "hostname": identity.hostname,
-                "session_id": identity.session_id,
-            }});
-            machine
-                .api(ApiRequest::mmds_put(mmds), self.config.api_timeout())
-                .await?;
-        }
-        Ok(())
-    }
-
     async fn create(
         self: &Arc<Self>,
         vm_id: &VmId,
@@ -506,6 +481,62 @@ impl Inner {
 }
 
 #[async_trait]
+impl GuestHost for Inner {
+    type Spec = FcMachine;
+    type Machine = Machine;
+    type Backend = Firecracker;
+
+    fn registry(&self) -> &Arc<Registry<Firecracker>> {
+        &self.registry
+    }
+
+    fn timing(&self) -> AgentTiming {
+        self.timing
+    }
+
+    fn compression_level(&self) -> i32 {
+        self.config.snapshot_compression_level
+    }
+
+    async fn pause(&self, _vm_id: &VmId, machine: &Arc<Machine>) -> Result<(), ProviderError> {
+        machine
+            .api(ApiRequest::vm_state(true), self.config.api_timeout())
+            .await
+    }
+
+    async fn resume(&self, _vm_id: &VmId, machine: &Arc<Machine>) -> Result<(), ProviderError> {
+        machine
+            .api(ApiRequest::vm_state(false), self.config.api_timeout())
+            .await
+    }
+
+    /// Pushes a new identity into the guest (the provider's env under the VM's) and, with MMDS
+    /// configured, the VM's name into MMDS (its contents do not survive a snapshot).
+    async fn reset_identity(
+        &self,
+        vm_id: &VmId,
+        machine: &Machine,
+        env: &BTreeMap<String, String>,
+        deadline: Instant,
+    ) -> Result<(), ProviderError> {
+        let mut full_env = self.config.env.clone();
+        full_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let identity = guest::reset_identity(vm_id, machine, full_env, deadline).await?;
+        if self.config.mmds.is_some() {
+            let mmds = json!({"hearth": {
+                "vm_id": vm_id.as_str(),
+                "hostname": identity.hostname,
+                "session_id": identity.session_id,
+            }});
+            machine
+                .api(ApiRequest::mmds_put(mmds), self.config.api_timeout())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl VmProvider for FirecrackerProvider {
     fn name(&self) -> &'static str {
         "firecracker"
@@ -528,50 +559,11 @@ impl VmProvider for FirecrackerProvider {
     }
 
     async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
-        let inner = &self.inner;
-        let record = inner.registry.record(vm_id)?;
-        let (machine, pending, env) = {
-            let slot = record.slot.lock();
-            lifecycle::check_start(vm_id, slot.meta.state)?;
-            (
-                slot.runtime.clone(),
-                slot.meta.backend.identity_pending,
-                slot.meta.env.clone(),
-            )
-        };
-        machine
-            .api(ApiRequest::vm_state(false), inner.config.api_timeout())
-            .await?;
-        if pending {
-            inner
-                .reset_identity(vm_id, &machine, &env, inner.timing.deadline())
-                .await?;
-        } else {
-            guest::sync_clock(vm_id, &*machine, inner.timing.deadline()).await;
-        }
-        {
-            let mut slot = record.slot.lock();
-            slot.meta.mark_running();
-            slot.meta.backend.identity_pending = false;
-        }
-        record.save().await?;
-        Ok(record.view())
+        guest::start(&*self.inner, vm_id).await
     }
 
     async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
-        let inner = &self.inner;
-        let record = inner.registry.record(vm_id)?;
-        let machine = {
-            let slot = record.slot.lock();
-            lifecycle::check_stop(vm_id, slot.meta.state)?;
-            slot.runtime.clone()
-        };
-        machine
-            .api(ApiRequest::vm_state(true), inner.config.api_timeout())
-            .await?;
-        record.slot.lock().meta.mark_stopped();
-        record.save().await?;
-        Ok(record.view())
+        guest::stop(&*self.inner, vm_id).await
     }
 
     async fn snapshot_vm(
@@ -671,30 +663,7 @@ impl VmProvider for FirecrackerProvider {
     }
 
     async fn rename_vm(&self, old: &VmId, new: &VmId) -> Result<VmView, ProviderError> {
-        let inner = &self.inner;
-        let (record, reservation) = inner.registry.reserve_rename(old, new)?;
-        let (machine, running, env) = {
-            let slot = record.slot.lock();
-            (
-                slot.runtime.clone(),
-                slot.meta.state == VmState::Running,
-                slot.meta.env.clone(),
-            )
-        };
-        if running {
-            inner
-                .reset_identity(new, &machine, &env, inner.timing.deadline())
-                .await?;
-        }
-        let view = inner
-            .registry
-            .commit_rename(old, reservation, &record, |slot| {
-                slot.meta.backend.identity_pending = !running;
-            })?;
-        if let Err(e) = record.save().await {
-            warn!(vm_id = %new, error = %e, "cannot rewrite meta.json after rename");
-        }
-        Ok(view)
+        guest::rename(&*self.inner, old, new).await
     }
 
     async fn exec(
@@ -729,25 +698,7 @@ impl VmProvider for FirecrackerProvider {
     }
 
     async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
-        let inner = &self.inner;
-        let record = inner.registry.record(vm_id)?;
-        let (machine, stopped) = {
-            let slot = record.slot.lock();
-            (slot.runtime.clone(), slot.meta.state == VmState::Stopped)
-        };
-        let api_timeout = inner.config.api_timeout();
-        if stopped {
-            // The agent archives the volume, so a stopped VM runs for the length of the backup.
-            machine
-                .api(ApiRequest::vm_state(false), api_timeout)
-                .await?;
-        }
-        let level = inner.config.snapshot_compression_level;
-        let result = guest::backup(vm_id, &*machine, inner.timing.limits(), dest_dir, level).await;
-        if stopped && let Err(e) = machine.api(ApiRequest::vm_state(true), api_timeout).await {
-            warn!(%vm_id, error = %e, "cannot pause the vm again after its backup");
-        }
-        result
+        guest::backup_vm(&*self.inner, vm_id, dest_dir).await
     }
 
     async fn export_snapshot(

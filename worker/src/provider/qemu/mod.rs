@@ -44,11 +44,11 @@
 //! userspace PRNG before the snapshot keeps its state in every clone (the kernel RNG is reseeded);
 //! backups go through the agent (`tar` in the guest) and are limited to 64 MiB.
 //!
-//! Size: this file is the adapter's `VmProvider`, one function per operation, each QEMU's
-//! sequence for it (QMP `stop`/`migrate`/`cont` around the shared guest operations of
-//! `provider::guest`); the bookkeeping is in `provider::registry`, the process in `vm.rs`, state
-//! streams in `migration.rs`, the command line in `machine.rs`. Split further by operation, the
-//! one sequence per operation would be read across files.
+//! Size: this file is the adapter's create, snapshot, restore and export sequences (QMP
+//! `stop`/`migrate`/`cont` around the shared guest operations of `provider::guest`) and its
+//! reconcile; the bookkeeping is in `provider::registry`, start/stop/rename/backup in
+//! `provider::guest::ops`, the process in `vm.rs`, state streams in `migration.rs`, the command
+//! line in `machine.rs`. Split further, one sequence would be read across files.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -64,7 +64,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::guest::{
-    self, AgentTiming, GuestVm, LaunchGuard, VmmProcess, is_ours, log_tail, signal_kill,
+    self, AgentTiming, GuestHost, GuestVm, LaunchGuard, VmmProcess, is_ours, log_tail, signal_kill,
 };
 use super::registry::state_root::{
     StateRoot, blocking, in_background, read_json, remove_dir_logged, sha256_file, to_json,
@@ -73,7 +73,7 @@ use super::registry::{self, Backend, Registered, Registry, SnapshotBackend, Snap
 use super::snapshot_archive as archive;
 use super::{
     ExecOutcome, ExecSpec, OutputChunk, ProviderError, SnapshotId, SnapshotInfo, VmId, VmProvider,
-    VmSpec, VmState, VmView, lifecycle,
+    VmSpec, VmState, VmView,
 };
 
 mod config;
@@ -484,21 +484,6 @@ impl Inner {
         Ok(guard)
     }
 
-    /// Pushes a new identity into the guest (the provider's env under the VM's).
-    async fn reset_identity(
-        &self,
-        vm_id: &VmId,
-        machine: &Machine,
-        env: &BTreeMap<String, String>,
-        deadline: Instant,
-    ) -> Result<(), ProviderError> {
-        let mut full_env = self.config.env.clone();
-        full_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        guest::reset_identity(vm_id, machine, full_env, deadline)
-            .await
-            .map(drop)
-    }
-
     /// Creates a VM: cold boot or restore, identity, bootstrap; the VM is indexed on success and
     /// nothing is left on failure.
     async fn create(
@@ -668,6 +653,67 @@ impl ImageFinder {
 }
 
 #[async_trait]
+impl GuestHost for Inner {
+    type Spec = MachineSpec;
+    type Machine = Machine;
+    type Backend = Qemu;
+
+    fn registry(&self) -> &Arc<Registry<Qemu>> {
+        &self.registry
+    }
+
+    fn timing(&self) -> AgentTiming {
+        self.timing
+    }
+
+    fn compression_level(&self) -> i32 {
+        self.config.snapshot_compression_level
+    }
+
+    async fn pause(&self, vm_id: &VmId, machine: &Arc<Machine>) -> Result<(), ProviderError> {
+        self.qmp_command(vm_id, machine, "stop").await
+    }
+
+    async fn resume(&self, vm_id: &VmId, machine: &Arc<Machine>) -> Result<(), ProviderError> {
+        self.qmp_command(vm_id, machine, "cont").await
+    }
+
+    /// Pushes a new identity into the guest (the provider's env under the VM's).
+    async fn reset_identity(
+        &self,
+        vm_id: &VmId,
+        machine: &Machine,
+        env: &BTreeMap<String, String>,
+        deadline: Instant,
+    ) -> Result<(), ProviderError> {
+        let mut full_env = self.config.env.clone();
+        full_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        guest::reset_identity(vm_id, machine, full_env, deadline)
+            .await
+            .map(drop)
+    }
+}
+
+impl Inner {
+    /// Runs a QMP command without arguments (`stop`, `cont`), connecting first if need be.
+    async fn qmp_command(
+        &self,
+        vm_id: &VmId,
+        machine: &Arc<Machine>,
+        command: &'static str,
+    ) -> Result<(), ProviderError> {
+        let qmp = machine
+            .qmp(self.timing.deadline())
+            .await
+            .map_err(|e| qmp_error(vm_id, machine, "connecting", e))?;
+        qmp.execute(command, json!({}), self.config.agent_timeout())
+            .await
+            .map_err(|e| qmp_error(vm_id, machine, command, e))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl VmProvider for QemuProvider {
     fn name(&self) -> &'static str {
         "qemu"
@@ -690,61 +736,11 @@ impl VmProvider for QemuProvider {
     }
 
     async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
-        let inner = &self.inner;
-        let record = inner.registry.record(vm_id)?;
-        let (machine, pending, env) = {
-            let slot = record.slot.lock();
-            lifecycle::check_start(vm_id, slot.meta.state)?;
-            (
-                slot.runtime.clone(),
-                slot.meta.backend.identity_pending,
-                slot.meta.env.clone(),
-            )
-        };
-        let qmp = machine
-            .qmp(inner.timing.deadline())
-            .await
-            .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
-        qmp.execute("cont", json!({}), inner.config.agent_timeout())
-            .await
-            .map_err(|e| qmp_error(vm_id, &machine, "cont", e))?;
-        if pending {
-            // Renamed while stopped: the guest learns its new name now (this also sets the clock).
-            inner
-                .reset_identity(vm_id, &machine, &env, inner.timing.deadline())
-                .await?;
-        } else {
-            guest::sync_clock(vm_id, &*machine, inner.timing.deadline()).await;
-        }
-        {
-            let mut slot = record.slot.lock();
-            slot.meta.mark_running();
-            slot.meta.backend.identity_pending = false;
-        }
-        record.save().await?;
-        info!(%vm_id, "started vm");
-        Ok(record.view())
+        guest::start(&*self.inner, vm_id).await
     }
 
     async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
-        let inner = &self.inner;
-        let record = inner.registry.record(vm_id)?;
-        let machine = {
-            let slot = record.slot.lock();
-            lifecycle::check_stop(vm_id, slot.meta.state)?;
-            slot.runtime.clone()
-        };
-        let qmp = machine
-            .qmp(inner.timing.deadline())
-            .await
-            .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
-        qmp.execute("stop", json!({}), inner.config.agent_timeout())
-            .await
-            .map_err(|e| qmp_error(vm_id, &machine, "stop", e))?;
-        record.slot.lock().meta.mark_stopped();
-        record.save().await?;
-        info!(%vm_id, "stopped vm");
-        Ok(record.view())
+        guest::stop(&*self.inner, vm_id).await
     }
 
     async fn snapshot_vm(
@@ -854,33 +850,7 @@ impl VmProvider for QemuProvider {
     }
 
     async fn rename_vm(&self, old: &VmId, new: &VmId) -> Result<VmView, ProviderError> {
-        let inner = &self.inner;
-        let (record, reservation) = inner.registry.reserve_rename(old, new)?;
-        let (machine, running, env) = {
-            let slot = record.slot.lock();
-            (
-                slot.runtime.clone(),
-                slot.meta.state == VmState::Running,
-                slot.meta.env.clone(),
-            )
-        };
-        // The guest takes its new name first: a VM whose agent does not answer is not handed out.
-        if running {
-            inner
-                .reset_identity(new, &machine, &env, inner.timing.deadline())
-                .await?;
-        }
-        let view = inner
-            .registry
-            .commit_rename(old, reservation, &record, |slot| {
-                slot.meta.backend.identity_pending = !running;
-            })?;
-        // The directory name is authoritative; a failed rewrite is repaired on reopen.
-        if let Err(e) = record.save().await {
-            warn!(vm_id = %new, error = %e, "cannot rewrite meta.json after rename");
-        }
-        info!(%old, %new, "renamed vm");
-        Ok(view)
+        guest::rename(&*self.inner, old, new).await
     }
 
     async fn exec(
@@ -915,33 +885,7 @@ impl VmProvider for QemuProvider {
     }
 
     async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
-        let inner = &self.inner;
-        let record = inner.registry.record(vm_id)?;
-        let (machine, stopped) = {
-            let slot = record.slot.lock();
-            (slot.runtime.clone(), slot.meta.state == VmState::Stopped)
-        };
-        let qmp = machine
-            .qmp(inner.timing.deadline())
-            .await
-            .map_err(|e| qmp_error(vm_id, &machine, "connecting", e))?;
-        if stopped {
-            // The agent archives the volume, so a stopped VM runs for the length of the backup.
-            qmp.execute("cont", json!({}), inner.config.agent_timeout())
-                .await
-                .map_err(|e| qmp_error(vm_id, &machine, "cont", e))?;
-        }
-        let level = inner.config.snapshot_compression_level;
-        let limits = inner.timing.limits();
-        let result = guest::backup(vm_id, &*machine, limits, dest_dir, level).await;
-        if stopped
-            && let Err(e) = qmp
-                .execute("stop", json!({}), inner.config.agent_timeout())
-                .await
-        {
-            warn!(%vm_id, error = %e, "cannot pause the vm again after its backup");
-        }
-        result
+        guest::backup_vm(&*self.inner, vm_id, dest_dir).await
     }
 
     async fn export_snapshot(
