@@ -643,23 +643,7 @@ impl VmProvider for FirecrackerProvider {
     }
 
     async fn destroy_vm(&self, vm_id: &VmId) -> Result<(), ProviderError> {
-        let Some((machine, dir)) = self.inner.registry.destroy(vm_id, |slot| {
-            slot.runtime.vmm.end();
-            Ok((slot.runtime.clone(), slot.dir.clone()))
-        })?
-        else {
-            return Ok(());
-        };
-        machine.vmm.kill().await;
-        let run = machine.run.clone();
-        blocking(move || {
-            remove_dir_logged(&dir);
-            remove_dir_logged(&run);
-            Ok(())
-        })
-        .await?;
-        info!(%vm_id, "destroyed vm");
-        Ok(())
+        guest::destroy(&*self.inner, vm_id).await
     }
 
     async fn rename_vm(&self, old: &VmId, new: &VmId) -> Result<VmView, ProviderError> {

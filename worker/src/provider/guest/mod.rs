@@ -29,7 +29,7 @@ use super::{
 mod ops;
 pub(crate) mod vmm;
 
-pub(crate) use ops::{GuestHost, backup_vm, rename, start, stop};
+pub(crate) use ops::{GuestHost, backup_vm, destroy, rename, start, stop};
 
 pub(crate) use super::agent::{exec_request, transfer_allowance};
 pub(crate) use vmm::{VmmProcess, is_ours, log_tail, signal_kill};

@@ -1,5 +1,6 @@
 //! The VM operations of a VMM backend that differ only in how its VMM pauses and resumes a
-//! guest and pushes an identity: start, stop, rename and backup, written once over [`GuestHost`].
+//! guest and pushes an identity: start, stop, destroy, rename and backup, written once over
+//! [`GuestHost`].
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -13,6 +14,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{AgentTiming, GuestMachine, GuestVm, backup, sync_clock};
+use crate::provider::registry::state_root::{blocking, remove_dir_logged};
 use crate::provider::registry::{Backend, Registry};
 use crate::provider::{ProviderError, VmId, VmState, VmView, lifecycle};
 
@@ -88,6 +90,34 @@ pub(crate) async fn stop<H: GuestHost>(host: &H, vm_id: &VmId) -> Result<VmView,
     record.save().await?;
     info!(%vm_id, "stopped vm");
     Ok(record.view())
+}
+
+/// Destroys a VM: gone from the index (a tombstone) at once, its directory moved to the trash,
+/// then its VMM killed and waited for and every file removed, off the async threads. A VM
+/// already destroyed is a no-op.
+pub(crate) async fn destroy<H: GuestHost>(host: &H, vm_id: &VmId) -> Result<(), ProviderError> {
+    let registry = host.registry();
+    let Some((machine, dir)) = registry.destroy(vm_id, |slot| {
+        slot.runtime.vmm().end();
+        Ok((slot.runtime.clone(), slot.dir.clone()))
+    })?
+    else {
+        return Ok(());
+    };
+    let trash = {
+        let registry = registry.clone();
+        blocking(move || Ok(registry.root().trash(&dir, "destroy").unwrap_or(dir))).await?
+    };
+    machine.vmm().kill().await;
+    let run = machine.run_dir().to_path_buf();
+    blocking(move || {
+        remove_dir_logged(&trash);
+        remove_dir_logged(&run);
+        Ok(())
+    })
+    .await?;
+    info!(%vm_id, "destroyed vm");
+    Ok(())
 }
 
 /// Renames a VM: a running guest takes its new identity first (a VM whose agent does not answer

@@ -824,29 +824,7 @@ impl VmProvider for QemuProvider {
     }
 
     async fn destroy_vm(&self, vm_id: &VmId) -> Result<(), ProviderError> {
-        let inner = &self.inner;
-        let Some((machine, dir)) = inner.registry.destroy(vm_id, |slot| {
-            slot.runtime.vmm.end();
-            Ok((slot.runtime.clone(), slot.dir.clone()))
-        })?
-        else {
-            return Ok(());
-        };
-        // Gone from the index first; then the process and every file.
-        let trash = {
-            let registry = inner.registry.clone();
-            blocking(move || Ok(registry.root().trash(&dir, "destroy").unwrap_or(dir))).await?
-        };
-        machine.vmm.kill().await;
-        let run = machine.run.dir.clone();
-        blocking(move || {
-            remove_dir_logged(&trash);
-            remove_dir_logged(&run);
-            Ok(())
-        })
-        .await?;
-        info!(%vm_id, "destroyed vm");
-        Ok(())
+        guest::destroy(&*self.inner, vm_id).await
     }
 
     async fn rename_vm(&self, old: &VmId, new: &VmId) -> Result<VmView, ProviderError> {
