@@ -221,11 +221,7 @@ impl OwnStack {
             .args(["--max-vms", &max_vms.to_string()])
             .args(["--job-concurrency", "32"])
             .arg("--provider")
-            .arg(match provider {
-                hearth_worker::ProviderKind::Process => "process",
-                hearth_worker::ProviderKind::Fake => "fake",
-                hearth_worker::ProviderKind::Qemu => "qemu",
-            })
+            .arg(provider.as_str())
             .arg("--data-dir")
             .arg(dir.path().join("worker"))
             .env("RUST_LOG", "warn");

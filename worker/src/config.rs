@@ -8,7 +8,9 @@ use std::time::Duration;
 use hearth_messages::{Subjects, WorkerId};
 use serde::Deserialize;
 
-use crate::provider::{Accel, Isolation, ProcessConfig, QemuConfig, SandboxConfig};
+use crate::provider::{
+    Accel, FirecrackerConfig, Isolation, ProcessConfig, QemuConfig, SandboxConfig,
+};
 
 /// A configuration error: the binary prints it on one line and exits 64.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +27,21 @@ pub enum ProviderKind {
     Fake,
     /// Real microVMs: QEMU `-M microvm` with the Hearth guest agent (settings under `[qemu]`).
     Qemu,
+    /// Real microVMs under Firecracker, on hosts with hardware KVM (settings under
+    /// `[firecracker]`: binary, kernel, rootfs).
+    Firecracker,
+}
+
+impl ProviderKind {
+    /// The name `--provider` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Process => "process",
+            ProviderKind::Fake => "fake",
+            ProviderKind::Qemu => "qemu",
+            ProviderKind::Firecracker => "firecracker",
+        }
+    }
 }
 
 /// Default of `max_queued_per_vm`.
@@ -102,6 +119,9 @@ pub struct WorkerConfig {
     pub max_file_bytes: u64,
     /// The qemu provider's settings (`[qemu]` in the file); an empty `root` is `<data_dir>/qemu`.
     pub qemu: QemuConfig,
+    /// The firecracker provider's settings (`[firecracker]` in the file); an empty `root` is
+    /// `<data_dir>/firecracker`.
+    pub firecracker: FirecrackerConfig,
 }
 
 impl WorkerConfig {
@@ -129,6 +149,7 @@ impl WorkerConfig {
             store_max_bytes: 8 << 30,
             max_file_bytes: hearth_messages::data::DEFAULT_MAX_FILE_BYTES,
             qemu: QemuConfig::default(),
+            firecracker: FirecrackerConfig::default(),
         }
     }
 
@@ -146,6 +167,15 @@ impl WorkerConfig {
         let mut config = self.qemu.clone();
         if config.root.as_os_str().is_empty() {
             config.root = self.data_dir.join("qemu");
+        }
+        config
+    }
+
+    /// The firecracker provider's configuration, its root defaulting to `<data_dir>/firecracker`.
+    pub fn firecracker_config(&self) -> FirecrackerConfig {
+        let mut config = self.firecracker.clone();
+        if config.root.as_os_str().is_empty() {
+            config.root = self.data_dir.join("firecracker");
         }
         config
     }
@@ -232,6 +262,15 @@ pub struct WorkerArgs {
     /// Accelerator of the qemu provider.
     #[arg(long, env = "HEARTH_QEMU_ACCEL", value_enum)]
     pub qemu_accel: Option<Accel>,
+    /// The `firecracker` binary of the firecracker provider.
+    #[arg(long, env = "HEARTH_FIRECRACKER_BIN")]
+    pub firecracker_bin: Option<PathBuf>,
+    /// Guest kernel (uncompressed `vmlinux`) of the firecracker provider.
+    #[arg(long, env = "HEARTH_FIRECRACKER_KERNEL")]
+    pub firecracker_kernel: Option<PathBuf>,
+    /// Root filesystem image (ext4, its init runs hearth-guest-agent) of the firecracker provider.
+    #[arg(long, env = "HEARTH_FIRECRACKER_ROOTFS")]
+    pub firecracker_rootfs: Option<PathBuf>,
 }
 
 /// The TOML file's shape (every key optional).
@@ -261,6 +300,7 @@ struct WorkerFile {
     store_replicas: Option<usize>,
     store_max_bytes: Option<u64>,
     qemu: Option<QemuConfig>,
+    firecracker: Option<FirecrackerConfig>,
 }
 
 fn read_file(path: &Path) -> Result<WorkerFile, ConfigError> {
@@ -354,6 +394,18 @@ impl WorkerArgs {
         if let Some(accel) = self.qemu_accel {
             config.qemu.accel = accel;
         }
+        if let Some(firecracker) = file.firecracker {
+            config.firecracker = firecracker;
+        }
+        if let Some(bin) = self.firecracker_bin {
+            config.firecracker.binary = bin;
+        }
+        if let Some(kernel) = self.firecracker_kernel {
+            config.firecracker.kernel = kernel;
+        }
+        if let Some(rootfs) = self.firecracker_rootfs {
+            config.firecracker.rootfs = rootfs;
+        }
         if let Some(max_vms) = self.max_vms.or(file.max_vms) {
             if max_vms == 0 {
                 return Err(ConfigError("max_vms must be at least 1".into()));
@@ -425,6 +477,29 @@ impl WorkerArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn firecracker_is_selectable_with_its_own_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(
+            &path,
+            "provider = \"firecracker\"\ndata_dir = \"/d\"\n[firecracker]\nbinary = \"/fc\"\nkernel = \"/k\"\nrootfs = \"/r\"\n",
+        )
+        .unwrap();
+        let args = WorkerArgs {
+            config: Some(path),
+            firecracker_rootfs: Some("/flag-rootfs".into()),
+            ..WorkerArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.provider, ProviderKind::Firecracker);
+        let fc = config.firecracker_config();
+        assert_eq!(fc.binary, PathBuf::from("/fc"));
+        assert_eq!(fc.kernel, PathBuf::from("/k"));
+        assert_eq!(fc.rootfs, PathBuf::from("/flag-rootfs"));
+        assert_eq!(fc.root, PathBuf::from("/d/firecracker"));
+    }
 
     #[test]
     fn flags_win_over_the_file() {
