@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
+import logging
 import os
 import posixpath
 import ssl
@@ -110,10 +112,11 @@ class AsyncHearth:
             tls_hostname: The server name to verify when it differs from the URL's host.
             prefix: The deployment's subject prefix (``hearth``).
             name: The connection name shown in NATS monitoring.
-            connect_timeout_s: How long the first connection may take.
+            connect_timeout_s: How long the first connection may take (all attempts).
             timeouts: Per-operation client timeouts (:class:`Timeouts`).
             retry: Retry policy of idempotent operations (:class:`RetryPolicy`).
-            max_reconnect_attempts: Reconnect attempts after a lost connection (-1: forever).
+            max_reconnect_attempts: Reconnect attempts after a lost connection (0: none,
+                -1: forever).
             inbox_prefix: Where replies come back; must match your account's permissions.
 
         Raises:
@@ -151,24 +154,33 @@ class AsyncHearth:
                 await holder[0].on_disconnected()
 
         async def on_error(err: Exception) -> None:
-            log.warning("nats: %r", err)
+            # Refused (re)connects are expected while a server restarts; the rest is news.
+            level = logging.DEBUG if isinstance(err, OSError) else logging.WARNING
+            log.log(level, "nats: %r", err)
 
         try:
-            nc = await nats.connect(
-                servers=server_list,
-                name=name,
-                connect_timeout=connect_timeout_s,
-                max_reconnect_attempts=max_reconnect_attempts,
-                reconnect_time_wait=0.5,
-                allow_reconnect=True,
-                disconnected_cb=on_disconnected,
-                closed_cb=on_disconnected,
-                error_cb=on_error,
-                inbox_prefix=inbox_prefix,
-                **options,
+            # nats-py retries the first connection like a reconnect; bound it as a whole.
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=server_list,
+                    name=name,
+                    connect_timeout=connect_timeout_s,
+                    max_reconnect_attempts=max_reconnect_attempts,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=max_reconnect_attempts != 0,
+                    disconnected_cb=on_disconnected,
+                    closed_cb=on_disconnected,
+                    error_cb=on_error,
+                    inbox_prefix=inbox_prefix,
+                    **options,
+                ),
+                connect_timeout_s,
             )
-        except (nats.errors.Error, OSError, ssl.SSLError) as err:
-            raise Unavailable(f"cannot connect to {', '.join(server_list)}: {err!r}") from None
+        except (nats.errors.Error, OSError, ssl.SSLError, asyncio.TimeoutError) as err:
+            raise Unavailable(
+                f"cannot connect to {', '.join(server_list)} within {connect_timeout_s:g}s: "
+                f"{err!r}"
+            ) from None
         transport = Transport(nc, subjects, timeouts or Timeouts(), retry or RetryPolicy(), True)
         holder.append(transport)
         await transport.start()
