@@ -12,7 +12,7 @@ import signal
 import time
 from typing import List
 
-from conftest import Stack
+from stack import Stack
 from hearth_sandbox import AsyncHearth, AsyncSession, Chunk, RetryPolicy
 
 

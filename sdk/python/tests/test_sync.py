@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import List
+from typing import Iterator, List
 
 import pytest
 
@@ -23,9 +23,9 @@ from hearth_sandbox import (
 
 
 @pytest.fixture
-def hearth(url: str) -> "Hearth":
+def hearth(url: str) -> Iterator[Hearth]:
     client = Hearth.connect(url)
-    yield client  # type: ignore[misc]
+    yield client
     client.close()
 
 

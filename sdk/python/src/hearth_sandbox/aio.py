@@ -37,7 +37,14 @@ from nats.aio.client import Client as NatsClient
 
 from . import _wire
 from ._core import RetryPolicy, StreamHandle, Timeouts, Transport, log
-from .errors import BadRequest, HearthError, HearthServerError, InsufficientStorage, Unavailable
+from .errors import (
+    BadRequest,
+    HearthError,
+    HearthServerError,
+    InsufficientStorage,
+    SessionEnded,
+    Unavailable,
+)
 from .types import Chunk, ExecResult, PoolStatus, SessionInfo, Template
 
 __all__ = [
@@ -382,6 +389,14 @@ class AsyncSession:
     def _subject(self, op: str) -> str:
         return self._transport.subjects.session(self.info.session_id, op)
 
+    def _data_subject(self, op: str) -> str:
+        """The subject of a data-plane op; fails at once on a session this handle saw end (ended
+        is final: nothing would serve it)."""
+        if self.info.is_terminal:
+            raise SessionEnded(f"session {self.info.session_id} is {self.info.state}",
+                               state=self.info.state)
+        return self._subject(op)
+
     async def _control(self, op: str, body: Dict[str, Any], timeout: Optional[float] = None,
                        retry: bool = True) -> Dict[str, Any]:
         return await self._transport.call(
@@ -471,7 +486,7 @@ class AsyncSession:
         )
         if not streamed:
             reply = await self._transport.call(
-                self._subject("exec"),
+                self._data_subject("exec"),
                 body,
                 timeout_ms / 1000 + self._transport.timeouts.exec_grace_s,
                 retry=retry,
@@ -575,7 +590,7 @@ class AsyncExecStream:
             return
         transport = self._session._transport
         self._handle = await transport.open_stream(
-            self._session._subject("exec"), _wire.encode(self._body)
+            self._session._data_subject("exec"), _wire.encode(self._body)
         )
 
     def __aiter__(self) -> "AsyncExecStream":
@@ -711,7 +726,7 @@ class AsyncFiles:
         if mode is not None:
             body["mode"] = mode
         reply = await self._transport.call(
-            self._session._subject("files.put"),
+            self._session._data_subject("files.put"),
             body,
             self._transport.timeouts.request_s,
             retry=True,  # writing the same bytes again leaves the same file
@@ -736,7 +751,7 @@ class AsyncFiles:
         body: Dict[str, Any] = {"path": path, "max_bytes": min(limit, max_bytes or limit)}
         try:
             reply = await self._transport.call(
-                self._session._subject("files.get"),
+                self._session._data_subject("files.get"),
                 body,
                 self._transport.timeouts.request_s,
                 retry=True,
