@@ -180,6 +180,7 @@ async def test_nothing_left_behind(url: str) -> None:
             await stream.wait()
     assert hearth._transport.in_flight == 0
     nc = hearth.nats
+    assert len(nc._subs) == 1, "one inbox subscription, whatever was streamed"
     await hearth.close()
     assert nc.is_closed
     await asyncio.sleep(0)

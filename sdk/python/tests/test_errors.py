@@ -247,6 +247,7 @@ def test_wrong_types_fail_before_sending(url: str) -> None:
             (lambda: handle.exec("true", stdin=42), TypeError),  # type: ignore[arg-type]
             (lambda: handle.exec("true", max_output_bytes=1 << 40), ValueError),
             (lambda: handle.exec("true", on_stdout="print"), TypeError),  # type: ignore[arg-type]
+            (lambda: handle.exec("true", on_stdout=print, retry=True), ValueError),
             (lambda: handle.files.write("", b""), ValueError),
             (lambda: handle.files.write("a", 3), TypeError),  # type: ignore[arg-type]
             (lambda: handle.files.write("a", b"", mode=0o10000), ValueError),

@@ -4,6 +4,7 @@ use inside a running event loop (as in Jupyter), and no thread left behind."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 from typing import Iterator, List
@@ -221,6 +222,12 @@ def test_no_thread_left_behind(url: str) -> None:
     assert len(hearth_threads()) == before
     with pytest.raises(RuntimeError):
         clients[0].pools.status()
+    # Dropped without close(): the finalizer closes it.
+    dropped = Hearth.connect(url)
+    dropped.pools.status()
+    del dropped
+    gc.collect()
+    assert len(hearth_threads()) == before
 
 
 def test_session_handle_types(hearth: Hearth) -> None:

@@ -461,7 +461,7 @@ class AsyncSession:
             on_stdout, on_stderr: Called with output as it is produced (the command is then
                 streamed); the result still holds the whole output.
             retry: Retry like idempotent operations (timeouts, 503, 504, no responders). Only for
-                commands that are safe to run twice.
+                commands that are safe to run twice; not with the callbacks.
 
         Returns:
             The :class:`ExecResult`; a non-zero exit code is a result, not an exception.
@@ -472,6 +472,9 @@ class AsyncSession:
             Unavailable: The connection was lost (``may_have_run`` says whether it was sent).
         """
         streamed = on_stdout is not None or on_stderr is not None
+        if streamed and retry:
+            raise ValueError("retry=True is not available with on_stdout / on_stderr: output "
+                             "already delivered cannot be taken back")
         for cb in (on_stdout, on_stderr):
             if cb is not None and not callable(cb):
                 raise TypeError("on_stdout / on_stderr must be callable")

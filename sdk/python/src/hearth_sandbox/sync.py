@@ -17,6 +17,7 @@ import asyncio
 import os
 import ssl
 import threading
+import weakref
 from types import TracebackType
 from typing import (
     Any,
@@ -116,6 +117,8 @@ class Hearth:
     def __init__(self, runner: _LoopThread, client: AsyncHearth) -> None:
         self._runner = runner
         self._async = client
+        # A client dropped without close() still closes its connection and stops its thread.
+        self._finalizer = weakref.finalize(self, _shutdown, runner, client)
         self.sessions = Sessions(self)
         self.templates = Templates(self)
         self.pools = Pools(self)
@@ -180,11 +183,7 @@ class Hearth:
 
     def close(self) -> None:
         """Closes the connection and stops the background thread. Idempotent."""
-        if self._runner.running:
-            try:
-                self._runner.run(self._async.close())
-            finally:
-                self._runner.stop()
+        self._finalizer()
 
     def __enter__(self) -> "Hearth":
         return self
@@ -196,6 +195,25 @@ class Hearth:
         tb: Optional[TracebackType],
     ) -> None:
         self.close()
+
+
+def _shutdown(runner: _LoopThread, client: AsyncHearth) -> None:
+    if not runner.running:
+        return
+    if threading.current_thread() is runner._thread:
+        # Collected on its own loop's thread: close there, then stop the loop.
+        async def close_then_stop() -> None:
+            try:
+                await client.close()
+            finally:
+                runner.loop.stop()
+
+        runner.loop.create_task(close_then_stop())
+        return
+    try:
+        runner.run(client.close())
+    finally:
+        runner.stop()
 
 
 class Sessions:
@@ -338,6 +356,9 @@ class Session:
                     retry=retry,
                 )
             )
+        if retry:
+            raise ValueError("retry=True is not available with on_stdout / on_stderr: output "
+                             "already delivered cannot be taken back")
         for cb in (on_stdout, on_stderr):
             if cb is not None and not callable(cb):
                 raise TypeError("on_stdout / on_stderr must be callable")
