@@ -33,7 +33,13 @@ async def test_every_call(url: str) -> None:
             assert result.stdout == b"argv\n"
             assert await session.files.write("t.txt", b"\x00\xffbytes") == 7
             assert await session.files.read("t.txt") == b"\x00\xffbytes"
+            assert (await session.refresh()).last_used_ms >= session.info.created_ms
+            name = "asnap-" + os.urandom(3).hex()
+            template = await session.snapshot(name, min_ready=0)
+            assert template.name == name and template.source_session == session.id
         assert session.info.state == "released"
+        async with await hearth.sessions.create(name, wait_ms=30000) as restored:
+            assert await restored.files.read("t.txt") == b"\x00\xffbytes"
 
 
 async def test_streaming(url: str) -> None:
