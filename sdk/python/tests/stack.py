@@ -52,6 +52,25 @@ min_ready = 1
 max_ready = 1
 """
 
+#: The test server: 8 MB messages as in the deploy configs; connections without credentials are
+#: the all-powerful ``admin`` (the services, most tests); ``tenant`` may only send Hearth's client
+#: requests and read its inbox — what a tenant's account allows, and all the SDK may need.
+NATS_CONFIG = """
+max_payload: 8MB
+authorization {
+  users = [
+    {user: "admin", password: "admin"}
+    {user: "tenant", password: "tenant-secret", permissions: {
+      publish: {allow: ["hearth.v1.sessions.>", "hearth.v1.templates.list",
+                        "hearth.v1.pools.status"]}
+      subscribe: {allow: ["_INBOX.>"]}
+    }}
+  ]
+}
+no_auth_user: "admin"
+"""
+TENANT = ("tenant", "tenant-secret")
+
 #: Exec and file requests one session may hold at once (beyond: 429).
 MAX_QUEUED_PER_VM = 3
 
@@ -106,7 +125,7 @@ class Stack:
         ports = self.root / "ports"
         ports.mkdir()
         config = self.root / "nats.conf"
-        config.write_text("max_payload: 8MB\n")
+        config.write_text(NATS_CONFIG)
         proc = self.spawn(
             "nats-server",
             [nats_server(), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(store),
