@@ -105,7 +105,7 @@ async def test_no_capacity_is_retried_until_the_deadline(url: str) -> None:
             await hearth.sessions.create("cold", wait_ms=0, deadline_s=0.5)
         elapsed = time.monotonic() - started
         assert none.value.code == 503 and none.value.retry_after_ms == 100
-        assert 0.3 < elapsed < 3, "retried after retry_after_ms until the deadline"
+        assert 0.3 < elapsed < 10, "retried after retry_after_ms until the deadline"
         with pytest.raises(NoCapacity):
             await hearth.sessions.create("cold", wait_ms=0, deadline_s=0)
 
@@ -153,7 +153,7 @@ async def test_lost_connection_mid_exec(url: str) -> None:
                     with pytest.raises(Unavailable) as lost:
                         await running
                     assert lost.value.may_have_run
-                    assert time.monotonic() - started < 2, "failed at once, not at its timeout"
+                    assert time.monotonic() - started < 10, "failed at once, not at its 90 s timeout"
                     assert hearth._transport.in_flight == 0
                 finally:
                     await hearth.close()
