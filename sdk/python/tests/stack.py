@@ -107,8 +107,11 @@ def nats_server() -> str:
 class Stack:
     """The processes of one test session, killed at its end."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, accounts: bool = False) -> None:
+        """With ``accounts``, nats-server runs ``deploy/nats/single.conf`` unchanged (service
+        account + tenants): the binaries log in with their roles, clients as tenants."""
         self.root = root
+        self.accounts = accounts
         self.procs: Dict[str, subprocess.Popen[bytes]] = {}
         self.url = ""
 
@@ -128,9 +131,11 @@ class Stack:
         ports.mkdir()
         config = self.root / "nats.conf"
         config.write_text(NATS_CONFIG)
+        if self.accounts:
+            config = REPO / "deploy/nats/single.conf"
         proc = self.spawn(
             "nats-server",
-            [nats_server(), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(store),
+            [nats_server(), "-a", "127.0.0.1", "-p", "-1", "-m", "-1", "-js", "-sd", str(store),
              "--ports_file_dir", str(ports), "-c", str(config)],
         )
         deadline = time.monotonic() + 15
@@ -148,27 +153,38 @@ class Stack:
             raise RuntimeError("nats-server did not write its ports file")
         toml = self.root / "scheduler.toml"
         toml.write_text(SCHEDULER_TOML)
+        worker_id = "worker-1" if self.accounts else "w1"
         self.spawn(
             "worker",
-            [str(binary("hearth-worker")), "--nats-url", self.url, "--worker-id", "w1",
+            [str(binary("hearth-worker")), "--nats-url", self.url, "--worker-id", worker_id,
              "--metrics-listen", "off", "--heartbeat-ms", "200", "--max-vms", "96",
              "--max-queued-per-vm", str(MAX_QUEUED_PER_VM), "--data-dir",
              str(self.root / "worker")],
             RUST_LOG="info",
+            **self.login(worker_id),
         )
         self.spawn(
             "scheduler",
             [str(binary("hearth-scheduler")), "--nats-url", self.url, "--scheduler-id", "s1",
              "--metrics-listen", "off", "--config", str(toml)],
             RUST_LOG="info",
+            **self.login("scheduler"),
         )
+
+    def login(self, user: str) -> Dict[str, str]:
+        """The environment that logs a binary in as ``user`` (accounts mode only)."""
+        if not self.accounts:
+            return {}
+        return {"HEARTH_NATS_USER": user, "HEARTH_NATS_PASSWORD": account_password(user)}
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Until every template's pool is at its target."""
         from hearth_sandbox import Hearth
 
         deadline = time.monotonic() + timeout
-        with Hearth.connect(self.url) as hearth:
+        user = "operator" if self.accounts else None
+        password = account_password("operator") if self.accounts else None
+        with Hearth.connect(self.url, user=user, password=password) as hearth:
             while time.monotonic() < deadline:
                 for name, proc in self.procs.items():
                     if proc.poll() is not None:
@@ -214,6 +230,15 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):
         pass  # not Linux: the fixtures' teardown is all there is
+
+
+def account_password(user: str) -> str:
+    """The development password of ``user`` in deploy/nats/accounts.conf."""
+    text = (REPO / "deploy/nats/accounts.conf").read_text()
+    needle = f"user: {user}, password: "
+    start = text.index(needle) + len(needle)
+    end = min(i for i in (text.find(c, start) for c in ", }") if i >= 0)
+    return text[start:end]
 
 
 def free_port() -> int:
