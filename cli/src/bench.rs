@@ -386,6 +386,7 @@ async fn worker_hop_floor(
                 vm_id: hearth_messages::VmId::new("bench-probe-missing")?,
             },
             lease_revision: 0,
+            tenant: None,
         };
         let t = Instant::now();
         let reply: Result<hearth_messages::JobReply, _> = client
@@ -958,6 +959,7 @@ async fn timed_job(
         job_id: hearth_messages::JobId::new(uuid_like())?,
         op,
         lease_revision: 0,
+        tenant: None,
     };
     let t = Instant::now();
     let reply: hearth_messages::JobReply = client

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::WireError;
 use crate::events::IsolationReport;
-use crate::ids::{SessionId, SnapshotId, TemplateName, WorkerId};
+use crate::ids::{SessionId, SnapshotId, TemplateName, TenantId, WorkerId};
 
 /// Labels: free-form string pairs an executor attaches to a session and filters on.
 pub type Labels = BTreeMap<String, String>;
@@ -128,9 +128,41 @@ impl KeepaliveRequest {
 pub struct SnapshotSessionRequest {
     /// Name of the new template; 409 if it exists.
     pub template: TemplateName,
-    /// Warm pool size to keep for the new template (default 0: cold claims only).
+    /// Warm pool size to keep for the new template (default 0: cold claims only). Capped by the
+    /// scheduler (400 beyond the cap) and by the tenant's quota (429).
     #[serde(default)]
     pub min_ready: Option<u32>,
+    /// Warm pool upper bound (default `min_ready`); at least `min_ready`, same caps.
+    #[serde(default)]
+    pub max_ready: Option<u32>,
+}
+
+impl SnapshotSessionRequest {
+    /// Checks what serde cannot: `max_ready >= min_ready`, both within `cap`.
+    pub fn validate(&self, cap: u32) -> Result<(u32, u32), WireError> {
+        let min_ready = self.min_ready.unwrap_or(0);
+        let max_ready = self.max_ready.unwrap_or(min_ready);
+        if max_ready < min_ready {
+            return Err(WireError::bad_request(format!(
+                "max_ready ({max_ready}) must be at least min_ready ({min_ready})"
+            )));
+        }
+        if max_ready > cap {
+            return Err(WireError::bad_request(format!(
+                "min_ready and max_ready may be at most {cap}"
+            )));
+        }
+        Ok((min_ready, max_ready))
+    }
+}
+
+/// `templates.<name>.delete`: drain a template's pool and delete its snapshots everywhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteTemplateRequest {
+    /// Delete even while sessions created from it are live: they are released first. Without it
+    /// such a delete answers 409.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// A session's state.
@@ -179,6 +211,9 @@ pub struct Session {
     /// The isolation its worker enforces (absent from records written before it was reported).
     #[serde(default)]
     pub isolation: Option<IsolationReport>,
+    /// The tenant (NATS account) that created it; absent for the operator's sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<TenantId>,
 }
 
 /// A template: a snapshot sessions are restored from.
@@ -216,6 +251,117 @@ pub struct Template {
     /// When the template was created (unix ms).
     #[serde(default)]
     pub created_ms: u64,
+    /// The tenant that made it (`sessions.<sid>.snapshot`); absent for the operator's templates,
+    /// which every tenant may claim from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<TenantId>,
+    /// Size of its snapshot in the object store, bytes (0 while building, or unknown).
+    #[serde(default)]
+    pub snapshot_bytes: u64,
+    /// Being deleted (`templates.<name>.delete`): no longer claimable; the name stays taken until
+    /// its pool is drained and its snapshots are gone.
+    #[serde(default)]
+    pub deleting: bool,
+}
+
+/// A tenant's quotas. Over one, a request gets 429 (with `retry_after_ms` for the create rate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Quota {
+    /// Most live (running or stopped) sessions at once.
+    pub max_sessions: u32,
+    /// Session creates per second, sustained (token bucket refill); 0 = no creates.
+    pub creates_per_s: u32,
+    /// Creates allowed in a burst (token bucket size); at least 1.
+    pub create_burst: u32,
+    /// Most templates it may own (`sessions.<sid>.snapshot`).
+    pub max_templates: u32,
+    /// Largest `min_ready`/`max_ready` of one of its templates.
+    pub max_ready_per_template: u32,
+    /// Largest sum of `max_ready` over its templates: the warm VMs it may keep in the fleet.
+    pub max_ready_total: u32,
+    /// Most bytes of its template snapshots in the object store.
+    pub max_snapshot_bytes: u64,
+    /// Most of the fleet's VM slots its warm pools may hold, in percent (fair placement).
+    pub max_fleet_share_pct: u32,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self {
+            max_sessions: 100,
+            creates_per_s: 50,
+            create_burst: 100,
+            max_templates: 10,
+            max_ready_per_template: 8,
+            max_ready_total: 16,
+            max_snapshot_bytes: 10 << 30,
+            max_fleet_share_pct: 25,
+        }
+    }
+}
+
+impl Quota {
+    /// Checks the values (a quota that cannot be met is a config error, not a silent zero).
+    pub fn validate(&self) -> Result<(), WireError> {
+        if self.creates_per_s > 0 && self.create_burst == 0 {
+            return Err(WireError::bad_request(
+                "create_burst must be at least 1 when creates_per_s is positive",
+            ));
+        }
+        if self.max_fleet_share_pct > 100 {
+            return Err(WireError::bad_request(
+                "max_fleet_share_pct is a percentage (0..=100)",
+            ));
+        }
+        if self.max_ready_per_template > self.max_ready_total {
+            return Err(WireError::bad_request(
+                "max_ready_per_template cannot exceed max_ready_total",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `admin.quotas.set` (operator only): set a tenant's quota at run time, or with `quota` absent
+/// return it to the configured one. Stored durably; survives scheduler restarts and failovers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetQuotaRequest {
+    /// The tenant (its NATS account name).
+    pub tenant: TenantId,
+    /// The new quota; absent = back to the config's.
+    #[serde(default)]
+    pub quota: Option<Quota>,
+}
+
+/// One tenant's quota and usage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantUsage {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// Its effective quota.
+    pub quota: Quota,
+    /// Set at run time (`admin.quotas.set`) rather than from the config.
+    #[serde(default)]
+    pub overridden: bool,
+    /// Live sessions.
+    pub sessions: u32,
+    /// Templates it owns.
+    pub templates: u32,
+    /// Sum of `max_ready` over its templates.
+    pub ready_total: u32,
+    /// Bytes of its template snapshots.
+    pub snapshot_bytes: u64,
+}
+
+/// Reply to `admin.quotas.get` and `admin.quotas.set`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotasStatus {
+    /// The quota of tenants with no entry of their own.
+    pub default: Quota,
+    /// Every tenant that is configured, overridden or owns something, by name.
+    #[serde(default)]
+    pub tenants: Vec<TenantUsage>,
 }
 
 /// Reply to `templates.list`.

@@ -217,12 +217,49 @@ impl HearthClient {
         let request = SnapshotSessionRequest {
             template,
             min_ready,
+            max_ready: None,
         };
         // Snapshots copy the VM's disk; give them longer than a control request.
         self.request(
             self.subjects.session(session_id, SessionOp::Snapshot),
             &request,
             self.timeout * 6,
+        )
+        .await
+    }
+
+    /// Deletes a template (its owner or the operator): its pool is drained and its snapshots are
+    /// deleted everywhere in the background; 409 while sessions made from it are live unless
+    /// `force` (which releases them).
+    pub async fn delete_template(
+        &self,
+        template: &TemplateName,
+        force: bool,
+    ) -> Result<Template, ClientError> {
+        self.request(
+            self.subjects.template_delete(template),
+            &crate::DeleteTemplateRequest { force },
+            self.timeout,
+        )
+        .await
+    }
+
+    /// Every tenant's quota and usage (operator credentials only).
+    pub async fn quotas(&self) -> Result<crate::QuotasStatus, ClientError> {
+        self.request(self.subjects.admin_quotas_get(), &Empty {}, self.timeout)
+            .await
+    }
+
+    /// Sets a tenant's quota at run time, or returns it to the configured one (`None`).
+    pub async fn set_quota(
+        &self,
+        tenant: crate::TenantId,
+        quota: Option<crate::Quota>,
+    ) -> Result<crate::QuotasStatus, ClientError> {
+        self.request(
+            self.subjects.admin_quotas_set(),
+            &crate::SetQuotaRequest { tenant, quota },
+            self.timeout,
         )
         .await
     }

@@ -144,6 +144,14 @@ impl WireError {
         }
     }
 
+    /// 429: a quota is exhausted; `retry_after_ms` when waiting helps (a rate limit).
+    pub fn quota(message: impl Into<String>, retry_after_ms: Option<u64>) -> Self {
+        Self {
+            retry_after_ms,
+            ..Self::new(ErrorCode::Quota, message)
+        }
+    }
+
     /// 504.
     pub fn deadline(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Deadline, message)

@@ -65,6 +65,10 @@ pub struct SessionEvent {
     pub reason: Option<TerminationReason>,
     /// When (unix ms).
     pub at_ms: u64,
+    /// The session's tenant; its events are also published on
+    /// `<prefix>.v1.events.tenants.<tenant>.sessions.<sid>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<crate::TenantId>,
 }
 
 /// A VM's state change on a worker, on `<prefix>.v1.events.vms.<wid>`.

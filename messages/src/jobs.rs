@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::events::TerminationReason;
-use crate::ids::{JobId, SnapshotId, TemplateName, VmId};
+use crate::ids::{JobId, SnapshotId, TemplateName, TenantId, VmId};
 
 /// A lifecycle job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +23,11 @@ pub struct JobRequest {
     /// job is not fenced and does not raise the worker's newest revision.
     #[serde(default)]
     pub lease_revision: u64,
+    /// The tenant owning the session a job with `session: true` makes (a claim's rename or cold
+    /// create): the worker's data plane then serves that VM to this tenant (and the operator)
+    /// only, and answers anyone else 404. Absent: the operator's session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<TenantId>,
 }
 
 /// The lifecycle operations, mirroring the provider trait.
@@ -303,6 +308,7 @@ mod tests {
                 session: true,
             },
             lease_revision: 0,
+            tenant: None,
         };
         let json = serde_json::to_value(&job).unwrap();
         assert_eq!(json["op"]["kind"], "rename_vm");

@@ -16,6 +16,7 @@ pub mod events;
 pub mod ids;
 pub mod jobs;
 pub mod subjects;
+pub mod tenant;
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -29,9 +30,9 @@ pub mod trace;
 pub mod transport;
 
 pub use api::{
-    CreateSessionRequest, Empty, KeepaliveRequest, Labels, ListSessionsRequest, PoolStatus,
-    PoolsStatus, Session, SessionList, SessionState, SnapshotSessionRequest, Template,
-    TemplateList,
+    CreateSessionRequest, DeleteTemplateRequest, Empty, KeepaliveRequest, Labels,
+    ListSessionsRequest, PoolStatus, PoolsStatus, Quota, QuotasStatus, Session, SessionList,
+    SessionState, SetQuotaRequest, SnapshotSessionRequest, Template, TemplateList, TenantUsage,
 };
 pub use blob::Blob;
 pub use codec::Encoding;
@@ -42,9 +43,10 @@ pub use error::{ErrorCode, WireError};
 pub use events::{
     IsolationReport, SessionEvent, TerminationReason, Versions, VmEvent, WorkerStatus,
 };
-pub use ids::{IdError, JobId, SessionId, SnapshotId, TemplateName, VmId, WorkerId};
+pub use ids::{IdError, JobId, SessionId, SnapshotId, TemplateName, TenantId, VmId, WorkerId};
 pub use jobs::{JobOp, JobOutput, JobReply, JobRequest, SnapshotInfo, VmInfo, VmSpec, VmState};
 pub use subjects::{Bucket, SessionOp, Subjects};
+pub use tenant::Caller;
 
 #[cfg(feature = "client")]
 pub use client::{ClientError, ExecEvent, HearthClient};

@@ -167,6 +167,43 @@ impl Subjects {
         format!("{}.templates.list", self.root)
     }
 
+    /// `<prefix>.v1.templates.<name>.delete`.
+    pub fn template_delete(&self, name: &crate::TemplateName) -> String {
+        format!("{}.templates.{}.delete", self.root, name)
+    }
+
+    /// `<prefix>.v1.templates.*.delete`: what the scheduler subscribes.
+    pub fn template_delete_wildcard(&self) -> String {
+        format!("{}.templates.*.delete", self.root)
+    }
+
+    /// The template named by `<prefix>.v1.templates.<name>.delete`; `Ok(None)` for any other
+    /// subject, `Err` for an invalid name.
+    pub fn parse_template_delete(
+        &self,
+        subject: &str,
+    ) -> Result<Option<crate::TemplateName>, crate::IdError> {
+        let Some(name) = subject
+            .strip_prefix(self.root.as_str())
+            .and_then(|r| r.strip_prefix(".templates."))
+            .and_then(|r| r.strip_suffix(".delete"))
+        else {
+            return Ok(None);
+        };
+        crate::TemplateName::new(name).map(Some)
+    }
+
+    /// `<prefix>.v1.admin.quotas.get`: every tenant's quota and usage (operator only; not
+    /// exported to tenant accounts).
+    pub fn admin_quotas_get(&self) -> String {
+        format!("{}.admin.quotas.get", self.root)
+    }
+
+    /// `<prefix>.v1.admin.quotas.set`: change one tenant's quota at run time (operator only).
+    pub fn admin_quotas_set(&self) -> String {
+        format!("{}.admin.quotas.set", self.root)
+    }
+
     /// `<prefix>.v1.pools.status`.
     pub fn pools_status(&self) -> String {
         format!("{}.pools.status", self.root)
@@ -195,6 +232,21 @@ impl Subjects {
     /// `<prefix>.v1.events.sessions.*`.
     pub fn session_events_all(&self) -> String {
         format!("{}.events.sessions.*", self.root)
+    }
+
+    /// `<prefix>.v1.events.tenants.<tenant>.sessions.<sid>`: one tenant's session events (also
+    /// published, for the operator, on [`Subjects::session_events`]). The service account exports
+    /// `<prefix>.v1.events.tenants.*.sessions.*` with the account token in position 5, so a
+    /// tenant's import can only name its own.
+    pub fn tenant_session_events(
+        &self,
+        tenant: &crate::TenantId,
+        session_id: &SessionId,
+    ) -> String {
+        format!(
+            "{}.events.tenants.{}.sessions.{}",
+            self.root, tenant, session_id
+        )
     }
 
     /// `<prefix>.v1.events.vms.<wid>`: VM state changes on one worker.
@@ -251,6 +303,8 @@ pub enum Bucket {
     Templates,
     /// KV: the scheduler leader lease, key `leader`.
     Leader,
+    /// KV: tenant quotas set at run time (`admin.quotas.set`), key = tenant.
+    Tenants,
     /// Object store: template snapshots, object name = snapshot id; written by the worker that
     /// took the snapshot, read by any worker that restores it.
     Snapshots,
@@ -263,6 +317,7 @@ impl Bucket {
             Bucket::Pool => "pool",
             Bucket::Templates => "templates",
             Bucket::Leader => "leader",
+            Bucket::Tenants => "tenants",
             Bucket::Snapshots => "snapshots",
         }
     }

@@ -36,6 +36,7 @@ fn session() -> Session {
         last_used_ms: 1_700_000_000_001,
         labels: BTreeMap::from([("team".into(), "agents".into())]),
         isolation: Some(isolation()),
+        tenant: Some(id("tenant-a")),
     }
 }
 
@@ -158,6 +159,7 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
         SnapshotSessionRequest {
             template: id("mine"),
             min_ready: Some(2),
+            max_ready: Some(3),
         },
     )
     .await;
@@ -173,6 +175,9 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
         max_processes: 64,
         network: Some("egress".into()),
         created_ms: 5,
+        tenant: Some(id("tenant-a")),
+        snapshot_bytes: 4096,
+        deleting: true,
     };
     roundtrip(&c, template.clone()).await;
     roundtrip(
@@ -303,6 +308,7 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
                 job_id: id("job-1"),
                 op,
                 lease_revision: 0,
+                tenant: None,
             },
         )
         .await;
@@ -371,6 +377,7 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
                 state: SessionState::Released,
                 reason: Some(reason),
                 at_ms: 3,
+                tenant: Some(id("tenant-b")),
             },
         )
         .await;

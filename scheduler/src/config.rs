@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hearth_messages::{Subjects, TemplateName};
+use hearth_messages::{Quota, Subjects, TemplateName, TenantId};
 use serde::Deserialize;
 
 /// A configuration error: the binary prints it on one line and exits 64.
@@ -198,6 +198,33 @@ pub struct SchedulerConfig {
     pub templates: Vec<TemplateConfig>,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_grace: Duration,
+    /// Tenants' quotas.
+    pub tenants: TenantsConfig,
+}
+
+/// `[tenants]`: quotas per tenant (NATS account). Requests from the service account (the
+/// operator) have no quota.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantsConfig {
+    /// The quota of tenants without an entry in `quotas` (`[tenants.default]`).
+    pub default: Quota,
+    /// Quotas by tenant (`[tenants.quotas.<name>]`; unset keys take the built-in defaults). These
+    /// names are also the `tenant` label values of the metrics; other tenants count as `_other`.
+    pub quotas: BTreeMap<TenantId, Quota>,
+    /// The largest `min_ready`/`max_ready` a snapshot request may ask for, operator included
+    /// (400 beyond it).
+    pub max_ready_cap: u32,
+}
+
+impl Default for TenantsConfig {
+    fn default() -> Self {
+        Self {
+            default: Quota::default(),
+            quotas: BTreeMap::new(),
+            max_ready_cap: 64,
+        }
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -223,6 +250,7 @@ impl Default for SchedulerConfig {
             sessions: SessionConfig::default(),
             templates: vec![TemplateConfig::new(TemplateName::default_template(), 2)],
             drain_grace: Duration::from_secs(15),
+            tenants: TenantsConfig::default(),
         }
     }
 }
@@ -282,6 +310,16 @@ impl SchedulerConfig {
         }
         if self.refill_parallelism == 0 {
             return Err(ConfigError("refill_parallelism must be positive".into()));
+        }
+        for (name, quota) in std::iter::once(("default".to_owned(), &self.tenants.default)).chain(
+            self.tenants
+                .quotas
+                .iter()
+                .map(|(t, q)| (format!("quotas.{t}"), q)),
+        ) {
+            quota
+                .validate()
+                .map_err(|e| ConfigError(format!("tenants.{name}: {}", e.message)))?;
         }
         if self.sessions.default_ttl > self.sessions.max_ttl {
             return Err(ConfigError(
@@ -386,6 +424,7 @@ struct SchedulerFile {
     #[serde(default)]
     jobs: JobsFile,
     templates: Option<Vec<TemplateConfig>>,
+    tenants: Option<TenantsConfig>,
 }
 
 fn read_file(path: &Path) -> Result<SchedulerFile, ConfigError> {
@@ -537,6 +576,9 @@ fn resolve(args: SchedulerArgs, file: SchedulerFile) -> Result<SchedulerConfig, 
     }
     if let Some(templates) = file.templates {
         c.templates = templates;
+    }
+    if let Some(tenants) = file.tenants {
+        c.tenants = tenants;
     }
     c.validate()?;
     Ok(c)

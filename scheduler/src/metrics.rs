@@ -46,6 +46,27 @@ pub const LEAKED_VMS_DESTROYED_TOTAL: &str = "hearth_leaked_vms_destroyed_total"
 /// 1 while this scheduler holds the leader lease.
 pub const SCHEDULER_LEADER: &str = "hearth_scheduler_leader";
 
+/// Live sessions per tenant (`tenant` = a configured tenant, `_other` or `_operator`).
+pub const TENANT_SESSIONS: &str = "hearth_tenant_sessions";
+/// Claims per tenant and result.
+pub const TENANT_CLAIMS_TOTAL: &str = "hearth_tenant_claims_total";
+/// Requests refused because a tenant's quota was exhausted, by tenant and quota.
+pub const TENANT_QUOTA_REJECTIONS_TOTAL: &str = "hearth_tenant_quota_rejections_total";
+/// Bytes of a tenant's template snapshots in the object store.
+pub const TENANT_SNAPSHOT_BYTES: &str = "hearth_tenant_snapshot_bytes";
+/// Warm (ready and restoring) pooled VMs of a tenant's templates.
+pub const TENANT_POOL_VMS: &str = "hearth_tenant_pool_vms";
+
+/// The quota names of [`TENANT_QUOTA_REJECTIONS_TOTAL`].
+pub const QUOTAS: &[&str] = &[
+    "sessions",
+    "create_rate",
+    "templates",
+    "ready_per_template",
+    "ready_total",
+    "snapshot_bytes",
+];
+
 /// Every metric the scheduler emits (for dashboards and the test that checks they exist).
 pub const ALL: &[&str] = &[
     CLAIMS_TOTAL,
@@ -66,6 +87,11 @@ pub const ALL: &[&str] = &[
     LEASE_LOST_TOTAL,
     LEAKED_VMS_DESTROYED_TOTAL,
     SCHEDULER_LEADER,
+    TENANT_SESSIONS,
+    TENANT_CLAIMS_TOTAL,
+    TENANT_QUOTA_REJECTIONS_TOTAL,
+    TENANT_SNAPSHOT_BYTES,
+    TENANT_POOL_VMS,
 ];
 
 /// Buckets of the claim latency histogram: a warm claim is about a millisecond, a cold one
@@ -129,6 +155,18 @@ pub fn describe() {
         "VMs destroyed by reconcile because nothing owned them"
     );
     describe_gauge!(SCHEDULER_LEADER, "1 while this scheduler holds the lease");
+    describe_gauge!(TENANT_SESSIONS, "Live sessions per tenant");
+    describe_counter!(TENANT_CLAIMS_TOTAL, "Claims per tenant and result");
+    describe_counter!(
+        TENANT_QUOTA_REJECTIONS_TOTAL,
+        "Requests refused with 429 because a tenant quota was exhausted"
+    );
+    describe_gauge!(
+        TENANT_SNAPSHOT_BYTES,
+        Unit::Bytes,
+        "Bytes of a tenant's template snapshots"
+    );
+    describe_gauge!(TENANT_POOL_VMS, "Warm pooled VMs of a tenant's templates");
     metrics::counter!(LEAKED_VMS_DESTROYED_TOTAL).increment(0);
     for reason in hearth_messages::TerminationReason::ALL {
         metrics::counter!(SESSION_TERMINATIONS_TOTAL, "reason" => reason.as_str()).increment(0);
@@ -151,6 +189,28 @@ pub fn register_templates<'a>(templates: impl IntoIterator<Item = &'a TemplateNa
         let _ = metrics::histogram!(REFILL_DURATION_SECONDS, "template" => t.clone());
         let _ = metrics::histogram!(RESTORE_DURATION_SECONDS, "template" => t.clone());
         metrics::counter!(TEMPLATE_BUILDS_TOTAL, "template" => t, "result" => "ok").increment(0);
+    }
+}
+
+/// Exports the per-tenant series for every label value that can occur (the configured tenants,
+/// `_other` and `_operator`), so dashboards and rate alerts have data from the first scrape.
+/// Counters keep their value (registered with `increment(0)`); gauges start at zero.
+pub fn zero_tenants<'a>(configured: impl Iterator<Item = &'a str>) {
+    let mut labels: Vec<String> = configured.map(str::to_owned).collect();
+    labels.push("_other".into());
+    labels.push("_operator".into());
+    for t in labels {
+        metrics::gauge!(TENANT_SESSIONS, "tenant" => t.clone()).set(0.0);
+        metrics::gauge!(TENANT_SNAPSHOT_BYTES, "tenant" => t.clone()).set(0.0);
+        metrics::gauge!(TENANT_POOL_VMS, "tenant" => t.clone()).set(0.0);
+        for result in ["ok", "quota", "not_found", "no_capacity", "error"] {
+            metrics::counter!(TENANT_CLAIMS_TOTAL, "tenant" => t.clone(), "result" => result)
+                .increment(0);
+        }
+        for quota in QUOTAS {
+            metrics::counter!(TENANT_QUOTA_REJECTIONS_TOTAL, "tenant" => t.clone(), "quota" => *quota)
+                .increment(0);
+        }
     }
 }
 

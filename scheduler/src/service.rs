@@ -10,8 +10,9 @@ use async_nats::service::ServiceExt;
 use futures::{FutureExt, StreamExt};
 use hearth_messages::transport::{Reply, decode_message};
 use hearth_messages::{
-    CreateSessionRequest, Empty, KeepaliveRequest, ListSessionsRequest, Session, SessionOp,
-    SnapshotSessionRequest, Subjects, WireError,
+    Caller, CreateSessionRequest, DeleteTemplateRequest, Empty, KeepaliveRequest,
+    ListSessionsRequest, QuotasStatus, Session, SessionList, SessionOp, SetQuotaRequest,
+    SnapshotSessionRequest, Subjects, Template, TemplateList, TemplateName, WireError,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,7 +35,10 @@ enum Endpoint {
     List,
     Session(SessionOp),
     Templates,
+    TemplateDelete,
     Pools,
+    QuotasGet,
+    QuotasSet,
 }
 
 /// Serves the client API until `stop` is cancelled, then stops taking requests and waits (at most
@@ -62,6 +66,12 @@ pub async fn serve(
         (subjects.sessions_list(), Endpoint::List),
         (subjects.templates_list(), Endpoint::Templates),
         (subjects.pools_status(), Endpoint::Pools),
+        (
+            subjects.template_delete_wildcard(),
+            Endpoint::TemplateDelete,
+        ),
+        (subjects.admin_quotas_get(), Endpoint::QuotasGet),
+        (subjects.admin_quotas_set(), Endpoint::QuotasSet),
     ];
     for op in SessionOp::CONTROL {
         routes.push((subjects.session_wildcard(op), Endpoint::Session(op)));
@@ -120,6 +130,9 @@ impl Endpoint {
             Endpoint::Create => "sessions-create",
             Endpoint::List => "sessions-list",
             Endpoint::Templates => "templates-list",
+            Endpoint::TemplateDelete => "templates-delete",
+            Endpoint::QuotasGet => "admin-quotas-get",
+            Endpoint::QuotasSet => "admin-quotas-set",
             Endpoint::Pools => "pools-status",
             Endpoint::Session(SessionOp::Get) => "sessions-get",
             Endpoint::Session(SessionOp::Keepalive) => "sessions-keepalive",
@@ -147,6 +160,7 @@ async fn handle(
         vm_id = tracing::field::Empty,
         worker_id = tracing::field::Empty,
         template = tracing::field::Empty,
+        tenant = tracing::field::Empty,
     );
     let remote = hearth_messages::trace::set_parent(&span, request.message.headers.as_ref());
     let work = async {
@@ -188,6 +202,18 @@ async fn dispatch(
     endpoint: Endpoint,
     message: &async_nats::Message,
 ) -> Reply {
+    // Who is asking: the account NATS stamped on an imported request (the operator when absent).
+    let caller = match Caller::from_headers(message.headers.as_ref()) {
+        Ok(caller) => caller,
+        Err(err) => {
+            let enc = hearth_messages::transport::encoding_of(message.headers.as_ref());
+            return Reply::error(enc, &err);
+        }
+    };
+    if let Some(tenant) = caller.tenant() {
+        tracing::Span::current().record("tenant", tracing::field::display(tenant));
+    }
+    let s = &ScopedScheduler { s, caller: &caller };
     match endpoint {
         Endpoint::Create => {
             let (enc, req) = decode_message::<CreateSessionRequest>(message);
@@ -218,6 +244,37 @@ async fn dispatch(
         Endpoint::Pools => {
             let (enc, req) = decode_message::<Empty>(message);
             Reply::from_result(enc, &req.map(|_| s.pools_status()))
+        }
+        Endpoint::TemplateDelete => {
+            let (enc, req) = decode_message::<DeleteTemplateRequest>(message);
+            let name = match subjects.parse_template_delete(&message.subject) {
+                Ok(Some(name)) => name,
+                Ok(None) => {
+                    return Reply::error(
+                        enc,
+                        &WireError::bad_request("malformed template subject"),
+                    );
+                }
+                Err(e) => return Reply::error(enc, &e.into()),
+            };
+            tracing::Span::current().record("template", tracing::field::display(&name));
+            let result = match req {
+                Ok(req) => s.delete_template(&name, req).await,
+                Err(e) => Err(e),
+            };
+            Reply::from_result(enc, &result)
+        }
+        Endpoint::QuotasGet => {
+            let (enc, req) = decode_message::<Empty>(message);
+            Reply::from_result(enc, &req.and_then(|_| s.quotas_status()))
+        }
+        Endpoint::QuotasSet => {
+            let (enc, req) = decode_message::<SetQuotaRequest>(message);
+            let result = match req {
+                Ok(req) => s.set_quota(req).await,
+                Err(e) => Err(e),
+            };
+            Reply::from_result(enc, &result)
         }
         Endpoint::Session(op) => {
             let enc = hearth_messages::transport::encoding_of(message.headers.as_ref());
@@ -270,5 +327,69 @@ async fn dispatch(
                 _ => Reply::error(enc, &WireError::bad_request("not a scheduler operation")),
             }
         }
+    }
+}
+
+/// The scheduler as one caller sees it: every request acts with the caller's rights.
+struct ScopedScheduler<'a> {
+    s: &'a Scheduler,
+    caller: &'a Caller,
+}
+
+impl ScopedScheduler<'_> {
+    async fn claim_session(&self, req: CreateSessionRequest) -> Result<Session, WireError> {
+        self.s.claim_session_as(self.caller, req).await
+    }
+
+    fn list_sessions(&self, req: &ListSessionsRequest) -> SessionList {
+        self.s.list_sessions_as(self.caller, req)
+    }
+
+    fn list_templates(&self) -> TemplateList {
+        self.s.list_templates_as(self.caller)
+    }
+
+    fn pools_status(&self) -> hearth_messages::PoolsStatus {
+        self.s.pools_status_as(self.caller)
+    }
+
+    fn get_session(&self, sid: &hearth_messages::SessionId) -> Result<Session, WireError> {
+        self.s.get_session_as(self.caller, sid)
+    }
+
+    async fn keepalive(
+        &self,
+        sid: &hearth_messages::SessionId,
+        req: KeepaliveRequest,
+    ) -> Result<Session, WireError> {
+        self.s.keepalive_as(self.caller, sid, req).await
+    }
+
+    async fn release(&self, sid: &hearth_messages::SessionId) -> Result<Session, WireError> {
+        self.s.release_as(self.caller, sid).await
+    }
+
+    async fn snapshot_session(
+        &self,
+        sid: &hearth_messages::SessionId,
+        req: SnapshotSessionRequest,
+    ) -> Result<Template, WireError> {
+        self.s.snapshot_session_as(self.caller, sid, req).await
+    }
+
+    async fn delete_template(
+        &self,
+        name: &TemplateName,
+        req: DeleteTemplateRequest,
+    ) -> Result<Template, WireError> {
+        self.s.delete_template_as(self.caller, name, req).await
+    }
+
+    fn quotas_status(&self) -> Result<QuotasStatus, WireError> {
+        self.s.quotas_status(self.caller)
+    }
+
+    async fn set_quota(&self, req: SetQuotaRequest) -> Result<QuotasStatus, WireError> {
+        self.s.set_quota(self.caller, req).await
     }
 }

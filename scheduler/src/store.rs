@@ -9,6 +9,8 @@
 //! - `<prefix>_templates`, key = template name: [`TemplateRecord`] (including the replaced snapshots
 //!   still to be garbage-collected).
 //! - `<prefix>_leader`, key `leader`: the lease (see [`crate::lease`]).
+//! - `<prefix>_tenants`, key = tenant: a [`Quota`] set at run time (`admin.quotas.set`), which
+//!   overrides the config's for that tenant.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,8 +21,8 @@ use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use hearth_messages::{
-    Bucket, Session, SessionId, SnapshotId, Subjects, Template, TemplateName, TerminationReason,
-    VmId, WorkerId,
+    Bucket, Quota, Session, SessionId, SnapshotId, Subjects, Template, TemplateName, TenantId,
+    TerminationReason, VmId, WorkerId,
 };
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
@@ -57,17 +59,25 @@ pub enum Table {
     Pool,
     /// Templates.
     Templates,
+    /// Tenant quotas set at run time.
+    Tenants,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 3] = [Table::Sessions, Table::Pool, Table::Templates];
+    pub const ALL: [Table; 4] = [
+        Table::Sessions,
+        Table::Pool,
+        Table::Templates,
+        Table::Tenants,
+    ];
 
     fn bucket(self) -> Bucket {
         match self {
             Table::Sessions => Bucket::Sessions,
             Table::Pool => Bucket::Pool,
             Table::Templates => Bucket::Templates,
+            Table::Tenants => Bucket::Tenants,
         }
     }
 }
@@ -202,6 +212,8 @@ pub struct Loaded {
     pub pool: Vec<PoolRecord>,
     /// Templates.
     pub templates: Vec<TemplateRecord>,
+    /// Tenant quotas set at run time.
+    pub quotas: Vec<(TenantId, Quota)>,
     /// Records that did not decode.
     pub corrupt: Vec<StoreError>,
 }
@@ -230,6 +242,16 @@ impl Store {
         for (key, value, _) in self.kv.load(Table::Templates).await? {
             match decode::<TemplateRecord>(&key, &value) {
                 Ok(rec) => out.templates.push(rec),
+                Err(e) => out.corrupt.push(e),
+            }
+        }
+        for (key, value, _) in self.kv.load(Table::Tenants).await? {
+            let tenant = TenantId::new(key.as_str()).map_err(|e| StoreError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            });
+            match tenant.and_then(|t| decode::<Quota>(&key, &value).map(|q| (t, q))) {
+                Ok(entry) => out.quotas.push(entry),
                 Err(e) => out.corrupt.push(e),
             }
         }
@@ -298,6 +320,27 @@ impl Store {
             .put(Table::Templates, rec.template.name.as_str(), encode(rec))
             .await
             .map(|_| ())
+    }
+
+    /// Forgets a template (its pool and snapshots are gone).
+    pub async fn delete_template(&self, name: &TemplateName) -> Result<(), StoreError> {
+        self.kv.delete(Table::Templates, name.as_str()).await
+    }
+
+    /// Records a tenant's run-time quota (`None`: forget it, the config's applies).
+    pub async fn put_quota(
+        &self,
+        tenant: &TenantId,
+        quota: Option<&Quota>,
+    ) -> Result<(), StoreError> {
+        match quota {
+            Some(q) => self
+                .kv
+                .put(Table::Tenants, tenant.as_str(), encode(q))
+                .await
+                .map(|_| ()),
+            None => self.kv.delete(Table::Tenants, tenant.as_str()).await,
+        }
     }
 
     /// Records a new template; `Conflict` if the name is taken.
@@ -500,6 +543,7 @@ pub struct NatsKv {
     sessions: kv::Store,
     pool: kv::Store,
     templates: kv::Store,
+    tenants: kv::Store,
 }
 
 /// Opens a KV bucket, creating it if it does not exist. An existing bucket keeps its replicas and
@@ -582,6 +626,14 @@ impl NatsKv {
                 "hearth templates",
             )
             .await?,
+            tenants: open_bucket(
+                js,
+                subjects.bucket(Bucket::Tenants),
+                replicas,
+                zero,
+                "hearth tenant quotas",
+            )
+            .await?,
         })
     }
 
@@ -590,6 +642,7 @@ impl NatsKv {
             Table::Sessions => &self.sessions,
             Table::Pool => &self.pool,
             Table::Templates => &self.templates,
+            Table::Tenants => &self.tenants,
         }
     }
 }

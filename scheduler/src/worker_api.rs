@@ -86,6 +86,7 @@ pub fn job(op: JobOp) -> JobRequest {
         job_id: new_job_id(),
         op,
         lease_revision: 0,
+        tenant: None,
     }
 }
 
@@ -227,7 +228,8 @@ pub trait EventSink: Send + Sync + 'static {
     async fn session_event(&self, event: SessionEvent);
 }
 
-/// [`EventSink`] publishing MessagePack on `<prefix>.v1.events.sessions.<sid>`.
+/// [`EventSink`] publishing MessagePack on `<prefix>.v1.events.sessions.<sid>` and, for a
+/// tenant's session, also on `<prefix>.v1.events.tenants.<tenant>.sessions.<sid>`.
 #[derive(Debug, Clone)]
 pub struct NatsEvents {
     client: async_nats::Client,
@@ -244,14 +246,24 @@ impl NatsEvents {
 #[async_trait]
 impl EventSink for NatsEvents {
     async fn session_event(&self, event: SessionEvent) {
-        let subject = self.subjects.session_events(&event.session_id);
-        match Encoding::MsgPack.encode(&event) {
-            Ok(payload) => {
-                if let Err(err) = self.client.publish(subject, payload.into()).await {
-                    tracing::warn!(error = %err, "publishing a session event failed");
-                }
+        let payload: bytes::Bytes = match Encoding::MsgPack.encode(&event) {
+            Ok(payload) => payload.into(),
+            Err(err) => {
+                tracing::error!(error = %err, "encoding a session event failed");
+                return;
             }
-            Err(err) => tracing::error!(error = %err, "encoding a session event failed"),
+        };
+        let mut subjects = vec![self.subjects.session_events(&event.session_id)];
+        if let Some(tenant) = &event.tenant {
+            subjects.push(
+                self.subjects
+                    .tenant_session_events(tenant, &event.session_id),
+            );
+        }
+        for subject in subjects {
+            if let Err(err) = self.client.publish(subject, payload.clone()).await {
+                tracing::warn!(error = %err, "publishing a session event failed");
+            }
         }
     }
 }

@@ -989,6 +989,7 @@ async fn a_session_snapshot_becomes_a_template_claimable_on_another_worker() {
             SnapshotSessionRequest {
                 template: tname("mine"),
                 min_ready: Some(1),
+                max_ready: None,
             },
         )
         .await
@@ -1004,6 +1005,7 @@ async fn a_session_snapshot_becomes_a_template_claimable_on_another_worker() {
             SnapshotSessionRequest {
                 template: tname("mine"),
                 min_ready: None,
+                max_ready: None,
             },
         )
         .await
@@ -1098,6 +1100,7 @@ async fn a_conflict_with_a_record_naming_another_vm_returns_it_and_destroys_only
             last_used_ms: 1,
             labels: Default::default(),
             isolation: None,
+            tenant: None,
         },
         ttl_s: 3600,
         idle_timeout_s: None,

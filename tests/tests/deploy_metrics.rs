@@ -199,6 +199,7 @@ impl Jobs {
             job_id: id(&format!("metrics-job-{}", self.n)),
             op,
             lease_revision: 0,
+            tenant: None,
         };
         let payload = Encoding::MsgPack.encode(&request).unwrap();
         let msg = tokio::time::timeout(

@@ -34,11 +34,11 @@ fn nats_conf(name: &str) -> PathBuf {
 
 /// The dev password of `user`, read from permissions.conf (so the test follows edits of the file).
 fn password(user: &str) -> String {
-    let text = std::fs::read_to_string(nats_conf("permissions.conf")).unwrap();
+    let text = std::fs::read_to_string(nats_conf("accounts.conf")).unwrap();
     let needle = format!("user: {user}, password: ");
     let start = text
         .find(&needle)
-        .unwrap_or_else(|| panic!("no user {user} in permissions.conf"))
+        .unwrap_or_else(|| panic!("no user {user} in accounts.conf"))
         + needle.len();
     text[start..]
         .split([',', ' ', '}'])
@@ -333,12 +333,19 @@ async fn start_worker(
     (worker, nats, errors)
 }
 
+/// Sends a job as the scheduler does; a session it makes belongs to tenant-a (whose `executor`
+/// then uses it through the imports).
 async fn job(nats: &async_nats::Client, worker: &str, n: &mut u32, op: JobOp) -> JobOutput {
     *n += 1;
+    let session = matches!(
+        op,
+        JobOp::RenameVm { session: true, .. } | JobOp::CreateVmWithSpec { session: true, .. }
+    );
     let request = JobRequest {
         job_id: id(&format!("job-{n}")),
         op,
         lease_revision: 0,
+        tenant: session.then(|| id("tenant-a")),
     };
     let payload = Encoding::MsgPack.encode(&request).unwrap();
     let msg = tokio::time::timeout(

@@ -14,8 +14,7 @@ use hearth_messages::{
 use hearth_testkit::{ChildProcess, nats_server_bin, workspace_bin, workspace_root};
 
 fn password(user: &str) -> String {
-    let text =
-        std::fs::read_to_string(workspace_root().join("deploy/nats/permissions.conf")).unwrap();
+    let text = std::fs::read_to_string(workspace_root().join("deploy/nats/accounts.conf")).unwrap();
     let needle = format!("user: {user}, password: ");
     let start = text.find(&needle).unwrap() + needle.len();
     text[start..]

@@ -28,6 +28,18 @@ bootstrap = ["sh", "-c", "echo built-once > .template-marker"]
 #[tokio::test]
 async fn executor_flow_create_exec_files_keepalive_release() {
     let stack = Stack::start(&["w1"], DEFAULT_TEMPLATE).await;
+    executor_flow(&stack, "w1").await;
+}
+
+/// The same flow, unchanged, from a tenant's account through the imports of
+/// deploy/nats/accounts.conf (the binaries log in with their roles).
+#[tokio::test]
+async fn executor_flow_as_a_tenant_through_the_account_imports() {
+    let stack = Stack::start_with_accounts(&["worker-1"], DEFAULT_TEMPLATE).await;
+    executor_flow(&stack, "worker-1").await;
+}
+
+async fn executor_flow(stack: &Stack, worker: &str) {
     let c = &stack.client;
     stack
         .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 2)
@@ -43,7 +55,7 @@ async fn executor_flow_create_exec_files_keepalive_release() {
         .unwrap();
     assert!(session.warm, "{session:?}");
     assert_eq!(session.state, SessionState::Running);
-    assert_eq!(session.worker_id.as_str(), "w1");
+    assert_eq!(session.worker_id.as_str(), worker);
     let sid = session.session_id.clone();
 
     // The template's bootstrap ran once, before the snapshot the pool restores from.

@@ -43,6 +43,8 @@ pub const JOBS_FENCED_TOTAL: &str = "hearth_worker_jobs_fenced_total";
 /// Exec and file requests refused (429) because their VM already holds `max_queued_per_vm`
 /// requests or `max_queued_bytes_per_vm` payload bytes, by `endpoint`.
 pub const QUEUE_REJECTIONS_TOTAL: &str = "hearth_worker_queue_rejections_total";
+/// Data-plane requests answered 404 because they came from a tenant that does not own the session.
+pub const FOREIGN_REQUESTS_TOTAL: &str = "hearth_worker_foreign_requests_total";
 /// Old backups deleted by the backup retention.
 pub const BACKUPS_PRUNED_TOTAL: &str = "hearth_worker_backups_pruned_total";
 
@@ -70,6 +72,7 @@ pub const ALL: &[&str] = &[
     JOBS_FENCED_TOTAL,
     QUEUE_REJECTIONS_TOTAL,
     BACKUPS_PRUNED_TOTAL,
+    FOREIGN_REQUESTS_TOTAL,
 ];
 
 const FAST: &[f64] = &[
@@ -166,6 +169,11 @@ pub fn describe() {
         "Old backups deleted by the retention limits"
     );
     metrics::counter!(BACKUPS_PRUNED_TOTAL).absolute(0);
+    describe_counter!(
+        FOREIGN_REQUESTS_TOTAL,
+        "Exec and file requests refused (404) because another tenant owns the session"
+    );
+    metrics::counter!(FOREIGN_REQUESTS_TOTAL).absolute(0);
     register_known_series();
 }
 

@@ -55,6 +55,7 @@ async fn job(nats: &async_nats::Client, worker: &str, op: JobOp) -> Result<JobOu
         job_id: id(format!("j-{}", uuid::Uuid::new_v4())),
         op,
         lease_revision: 0,
+        tenant: None,
     };
     let payload = Encoding::MsgPack.encode(&request).unwrap();
     let msg = tokio::time::timeout(

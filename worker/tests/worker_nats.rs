@@ -76,6 +76,7 @@ async fn job_with_id(
         job_id: id(job_id),
         op,
         lease_revision: 0,
+        tenant: None,
     };
     let payload = Encoding::MsgPack.encode(&request).unwrap();
     let msg = tokio::time::timeout(
@@ -762,6 +763,7 @@ async fn fenced_job(
         job_id: id(format!("f-{}", uuid::Uuid::new_v4())),
         op: JobOp::ListVms {},
         lease_revision: revision,
+        tenant: None,
     };
     let payload = Encoding::MsgPack.encode(&request).unwrap();
     let msg = nats.request(subject, payload.into()).await.unwrap();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use hearth_messages::client::new_session_id;
 use hearth_messages::{
-    CreateSessionRequest, ErrorCode, JobOp, JobOutput, Session, SessionId, SessionState,
+    Caller, CreateSessionRequest, ErrorCode, JobOp, JobOutput, Session, SessionId, SessionState,
     SnapshotId, TemplateName, VmId, VmInfo, VmSpec, WireError, WorkerId,
 };
 use tokio::sync::watch;
@@ -118,12 +118,13 @@ impl Core {
     pub(crate) async fn claim_session(
         self: Arc<Self>,
         req: CreateSessionRequest,
+        caller: Caller,
     ) -> Result<Session, WireError> {
         let started = Instant::now();
         let template = req.template_or_default();
         if let Err(err) = req.validate() {
             let result = Err(err);
-            self.count_claim(&template, Launch::None, &result, started);
+            self.count_claim(&template, &caller, Launch::None, &result, started);
             return result;
         }
         let sid = req.session_id.clone().unwrap_or_else(new_session_id);
@@ -135,8 +136,13 @@ impl Core {
             .min(MAX_CLAIM_WAIT);
         let deadline = started + wait;
 
-        let guard = match self.begin_claim(&sid, &template) {
-            Begin::Done(result) => return result,
+        let guard = match self.begin_claim(&sid, &template, &caller) {
+            Begin::Done(result) => {
+                if result.is_err() {
+                    self.count_claim(&template, &caller, Launch::None, &result, started);
+                }
+                return result;
+            }
             Begin::Follow(mut rx) => {
                 // The first claim is bounded by its own deadline, a few renames and one create.
                 let limit = deadline + self.cfg.jobs.rename * 4 + self.cfg.jobs.restore;
@@ -150,10 +156,10 @@ impl Core {
         };
         let (launch, result) = self
             .clone()
-            .run_claim(&sid, &template, &req, deadline, wait.is_zero())
+            .run_claim(&sid, &template, &req, &caller, deadline, wait.is_zero())
             .await;
         guard.finish(&result);
-        self.count_claim(&template, launch, &result, started);
+        self.count_claim(&template, &caller, launch, &result, started);
         match &result {
             Ok(s) => {
                 tracing::info!(session_id = %sid, template = %template, worker_id = %s.worker_id,
@@ -176,12 +182,26 @@ impl Core {
     fn count_claim(
         &self,
         template: &TemplateName,
+        caller: &Caller,
         launch: Launch,
         result: &Result<Session, WireError>,
         started: Instant,
     ) {
-        // Unknown names come from clients: keep them out of the label values.
-        let known = self.state.lock().templates.contains_key(template);
+        let tenant_result = match result {
+            Ok(_) => "ok",
+            Err(e) => match e.code {
+                ErrorCode::Quota => "quota",
+                ErrorCode::NotFound => "not_found",
+                ErrorCode::NoCapacity => "no_capacity",
+                _ => "error",
+            },
+        };
+        metrics::counter!(m::TENANT_CLAIMS_TOTAL, "tenant" => self.tenant_label(caller.tenant()),
+            "result" => tenant_result)
+        .increment(1);
+        // Unknown names come from clients (and another tenant's are unknown to this one): keep
+        // them out of the label values.
+        let known = Core::visible_template(&self.state.lock(), caller, template);
         let t = if known {
             template.to_string()
         } else {
@@ -207,28 +227,44 @@ impl Core {
         }
     }
 
-    fn begin_claim(self: &Arc<Self>, sid: &SessionId, template: &TemplateName) -> Begin {
+    fn begin_claim(
+        self: &Arc<Self>,
+        sid: &SessionId,
+        template: &TemplateName,
+        caller: &Caller,
+    ) -> Begin {
         let mut st = self.state.lock();
         if let Some(slot) = st.sessions.get(sid) {
             let session = slot.view();
-            return Begin::Done(if &session.template == template {
+            return Begin::Done(if !caller.owns(session.tenant.as_ref()) {
+                // Another tenant's id: say no more than that it cannot be used.
+                Err(taken(sid))
+            } else if &session.template == template {
                 Ok(session)
             } else {
                 Err(conflict(sid, &session.template))
             });
         }
         if let Some(pending) = st.claims.get(sid) {
-            return if &pending.template == template {
+            return if pending.tenant.as_ref() != caller.tenant() {
+                Begin::Done(Err(taken(sid)))
+            } else if &pending.template == template {
                 Begin::Follow(pending.done.clone())
             } else {
                 Begin::Done(Err(conflict(sid, &pending.template)))
             };
+        }
+        if let Some(tenant) = caller.tenant()
+            && let Err(err) = self.admit_claim(&mut st, tenant)
+        {
+            return Begin::Done(Err(err));
         }
         let (tx, rx) = watch::channel(None);
         st.claims.insert(
             sid.clone(),
             PendingClaim {
                 template: template.clone(),
+                tenant: caller.tenant().cloned(),
                 done: rx,
             },
         );
@@ -245,13 +281,11 @@ impl Core {
         sid: &SessionId,
         template: &TemplateName,
         req: &CreateSessionRequest,
+        caller: &Caller,
         deadline: Instant,
         fail_fast: bool,
     ) -> (Launch, Result<Session, WireError>) {
-        let known = {
-            let st = self.state.lock();
-            st.templates.get(template).is_some_and(|t| !t.reserved)
-        };
+        let known = Core::visible_template(&self.state.lock(), caller, template);
         if !known {
             return (
                 Launch::None,
@@ -282,11 +316,12 @@ impl Core {
                 return (Launch::None, Err(self.not_leader()));
             }
             let worker = entry.rec.worker_id.clone();
-            let rename = job(JobOp::RenameVm {
+            let mut rename = job(JobOp::RenameVm {
                 vm_id: entry.rec.vm_id.clone(),
                 new_vm_id: vm_sid.clone(),
                 session: true,
             });
+            rename.tenant = caller.tenant().cloned();
             let outcome = self.api.job(&worker, rename, self.cfg.jobs.rename).await;
             // The pool entry is gone either way.
             let store = self.store.clone();
@@ -301,6 +336,7 @@ impl Core {
                             sid,
                             template,
                             req,
+                            caller,
                             &worker,
                             true,
                             Some(&vm),
@@ -372,11 +408,12 @@ impl Core {
                 );
             };
             let t0 = Instant::now();
-            let create = job(JobOp::CreateVmWithSpec {
+            let mut create = job(JobOp::CreateVmWithSpec {
                 vm_id: vm_sid.clone(),
                 spec: spec.clone(),
                 session: true,
             });
+            create.tenant = caller.tenant().cloned();
             let outcome = self
                 .api
                 .job(&worker, create, remaining.min(self.cfg.jobs.restore))
@@ -387,7 +424,7 @@ impl Core {
                     metrics::histogram!(m::RESTORE_DURATION_SECONDS, "template" => template.to_string())
                         .record(t0.elapsed().as_secs_f64());
                     let result = self
-                        .record_claim(sid, template, req, &worker, false, Some(&vm), &[])
+                        .record_claim(sid, template, req, caller, &worker, false, Some(&vm), &[])
                         .await;
                     return (Launch::Cold, result);
                 }
@@ -609,6 +646,7 @@ impl Core {
         sid: &SessionId,
         template: &TemplateName,
         req: &CreateSessionRequest,
+        caller: &Caller,
         worker: &WorkerId,
         warm: bool,
         vm: Option<&VmInfo>,
@@ -645,6 +683,7 @@ impl Core {
                 last_used_ms: now,
                 labels: req.labels.clone(),
                 isolation,
+                tenant: caller.tenant().cloned(),
             },
             ttl_s,
             idle_timeout_s,
@@ -670,7 +709,9 @@ impl Core {
                 Ok(rev) => {
                     let session = rec.session.clone();
                     let data = SessionData::new(rec, rev, vm.map(|v| v.last_activity_ms));
-                    st.sessions.insert(sid.clone(), SessionSlot::new(data));
+                    let slot = SessionSlot::new(data);
+                    Core::track_tenant_session(&mut st, &slot);
+                    st.sessions.insert(sid.clone(), slot);
                     st.unmark(worker, &vm_sid);
                     drop(st);
                     self.publish(&session, None);
@@ -788,7 +829,9 @@ impl Core {
                         .or_insert_with(|| super::state::WorkerEntry::unconfirmed(now));
                 }
                 let data = SessionData::new(rec, rev, if keep { activity } else { None });
-                st.sessions.insert(sid.clone(), SessionSlot::new(data));
+                let slot = SessionSlot::new(data);
+                Core::track_tenant_session(&mut st, &slot);
+                st.sessions.insert(sid.clone(), slot);
             }
             let view = st.sessions.get(sid).map(|s| s.view());
             drop(st);
@@ -854,6 +897,13 @@ impl Core {
             core.state.lock().destroying.remove(&(worker, vm));
         });
     }
+}
+
+/// A session id that belongs to another tenant: unusable, and nothing more is said.
+fn taken(sid: &SessionId) -> WireError {
+    WireError::conflict(format!(
+        "session id {sid} is taken; choose another (ids are idempotency keys)"
+    ))
 }
 
 fn conflict(sid: &SessionId, existing: &TemplateName) -> WireError {

@@ -21,14 +21,16 @@ mod lifetimes;
 mod observe;
 mod pool;
 pub(crate) mod state;
+mod tenants;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_messages::{
-    CreateSessionRequest, KeepaliveRequest, ListSessionsRequest, PoolStatus, PoolsStatus, Session,
-    SessionEvent, SessionId, SessionList, SessionState, SnapshotSessionRequest, Template,
-    TemplateList, TemplateName, VmEvent, WireError, WorkerId, WorkerStatus,
+    Caller, CreateSessionRequest, DeleteTemplateRequest, KeepaliveRequest, ListSessionsRequest,
+    PoolStatus, PoolsStatus, QuotasStatus, Session, SessionEvent, SessionId, SessionList,
+    SessionState, SetQuotaRequest, SnapshotSessionRequest, Template, TemplateList, TemplateName,
+    VmEvent, WireError, WorkerId, WorkerStatus,
 };
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
@@ -88,6 +90,7 @@ impl Scheduler {
         store: Store,
         events: Arc<dyn EventSink>,
     ) -> Result<Self, StoreError> {
+        m::zero_tenants(cfg.tenants.quotas.keys().map(|t| t.as_str()));
         let loaded = store.load_all().await?;
         for err in &loaded.corrupt {
             tracing::error!(error = %err, "skipping a corrupt record");
@@ -117,6 +120,9 @@ impl Scheduler {
                         max_processes: 0,
                         network: None,
                         created_ms: clock.now_ms(),
+                        tenant: None,
+                        snapshot_bytes: 0,
+                        deleting: false,
                     },
                     env: Default::default(),
                     build: None,
@@ -159,8 +165,13 @@ impl Scheduler {
             let mut data = SessionData::new(rec, rev, None);
             // The idle timer restarts: activity since the last write is unknown.
             data.idle_base_ms = clock.now_ms();
-            st.sessions.insert(sid, SessionSlot::new(data));
+            let slot = SessionSlot::new(data);
+            if slot.data.lock().is_live() {
+                Core::track_tenant_session(&mut st, &slot);
+            }
+            st.sessions.insert(sid, slot);
         }
+        st.quota_overrides = loaded.quotas.into_iter().collect();
 
         // Pool entries.
         let mut pool_deletes = Vec::new();
@@ -289,17 +300,36 @@ impl Scheduler {
         }
     }
 
-    /// `sessions.create`: claim a warm VM, or restore one cold. Wakes the refill afterwards.
+    /// `sessions.create` as the operator: claim a warm VM, or restore one cold. Wakes the refill
+    /// afterwards.
     pub async fn create_session(&self, req: CreateSessionRequest) -> Result<Session, WireError> {
-        let result = self.core.clone().claim_session(req).await;
+        self.create_session_as(&Caller::Operator, req).await
+    }
+
+    /// `sessions.create` as `caller` (the session is the caller's tenant's).
+    pub async fn create_session_as(
+        &self,
+        caller: &Caller,
+        req: CreateSessionRequest,
+    ) -> Result<Session, WireError> {
+        let result = self.claim_session_as(caller, req).await;
         self.wake_refill();
         result
     }
 
+    /// `sessions.create` as the operator without waking the refill.
+    pub async fn claim_session(&self, req: CreateSessionRequest) -> Result<Session, WireError> {
+        self.claim_session_as(&Caller::Operator, req).await
+    }
+
     /// `sessions.create` without waking the refill: the service replies first, then calls
     /// [`Scheduler::wake_refill`].
-    pub async fn claim_session(&self, req: CreateSessionRequest) -> Result<Session, WireError> {
-        self.core.clone().claim_session(req).await
+    pub async fn claim_session_as(
+        &self,
+        caller: &Caller,
+        req: CreateSessionRequest,
+    ) -> Result<Session, WireError> {
+        self.core.clone().claim_session(req, caller.clone()).await
     }
 
     /// Wakes the pool supervisor (after a claim's reply).
@@ -307,21 +337,38 @@ impl Scheduler {
         self.core.pool_wake.notify_one();
     }
 
-    /// `sessions.<sid>.get`.
+    /// `sessions.<sid>.get` as the operator.
     pub fn get_session(&self, sid: &SessionId) -> Result<Session, WireError> {
-        self.core
-            .slot(sid)
-            .map(|s| s.view())
-            .ok_or_else(|| unknown_session(sid))
+        self.get_session_as(&Caller::Operator, sid)
     }
 
-    /// `sessions.list`: live sessions matching the filter, by creation time.
+    /// `sessions.<sid>.get`: 404 unless the caller owns it.
+    pub fn get_session_as(&self, caller: &Caller, sid: &SessionId) -> Result<Session, WireError> {
+        self.core.owned_slot(caller, sid).map(|s| s.view())
+    }
+
+    /// `sessions.list` as the operator.
     pub fn list_sessions(&self, req: &ListSessionsRequest) -> SessionList {
-        let slots: Vec<_> = self.core.state.lock().sessions.values().cloned().collect();
+        self.list_sessions_as(&Caller::Operator, req)
+    }
+
+    /// `sessions.list`: the caller's live sessions matching the filter, by creation time.
+    pub fn list_sessions_as(&self, caller: &Caller, req: &ListSessionsRequest) -> SessionList {
+        let slots: Vec<_> = match caller.tenant() {
+            None => self.core.state.lock().sessions.values().cloned().collect(),
+            Some(t) => self
+                .core
+                .state
+                .lock()
+                .tenant_sessions
+                .get(t)
+                .cloned()
+                .unwrap_or_default(),
+        };
         let mut sessions: Vec<Session> = slots
             .iter()
             .map(|s| s.view())
-            .filter(|s| !s.state.is_terminal())
+            .filter(|s| !s.state.is_terminal() && caller.owns(s.tenant.as_ref()))
             .filter(|s| req.template.as_ref().is_none_or(|t| &s.template == t))
             .filter(|s| {
                 req.labels
@@ -335,58 +382,126 @@ impl Scheduler {
         SessionList { sessions }
     }
 
-    /// `sessions.<sid>.keepalive`.
+    /// `sessions.<sid>.keepalive` as the operator.
     pub async fn keepalive(
         &self,
         sid: &SessionId,
         req: KeepaliveRequest,
     ) -> Result<Session, WireError> {
+        self.keepalive_as(&Caller::Operator, sid, req).await
+    }
+
+    /// `sessions.<sid>.keepalive`: 404 unless the caller owns it.
+    pub async fn keepalive_as(
+        &self,
+        caller: &Caller,
+        sid: &SessionId,
+        req: KeepaliveRequest,
+    ) -> Result<Session, WireError> {
+        self.core.owned_slot(caller, sid)?;
         self.core.keepalive(sid, req).await
     }
 
-    /// `sessions.<sid>.release`: destroys the VM now. Releasing an ended session returns it.
+    /// `sessions.<sid>.release` as the operator.
     pub async fn release(&self, sid: &SessionId) -> Result<Session, WireError> {
+        self.release_as(&Caller::Operator, sid).await
+    }
+
+    /// `sessions.<sid>.release`: destroys the VM now (404 unless the caller owns it). Releasing
+    /// an ended session returns it.
+    pub async fn release_as(&self, caller: &Caller, sid: &SessionId) -> Result<Session, WireError> {
+        self.core.owned_slot(caller, sid)?;
         self.core.release(sid).await
     }
 
-    /// `sessions.<sid>.snapshot`: captures the session's VM as a new template.
+    /// `sessions.<sid>.snapshot` as the operator.
     pub async fn snapshot_session(
         &self,
         sid: &SessionId,
         req: SnapshotSessionRequest,
     ) -> Result<Template, WireError> {
+        self.snapshot_session_as(&Caller::Operator, sid, req).await
+    }
+
+    /// `sessions.<sid>.snapshot`: captures the session's VM as a new template owned by the
+    /// session's tenant (404 unless the caller owns the session).
+    pub async fn snapshot_session_as(
+        &self,
+        caller: &Caller,
+        sid: &SessionId,
+        req: SnapshotSessionRequest,
+    ) -> Result<Template, WireError> {
+        self.core.owned_slot(caller, sid)?;
         self.core.clone().snapshot_session(sid, req).await
     }
 
-    /// `templates.list`.
+    /// `templates.<name>.delete`: its owner (or the operator) drains its pool and deletes its
+    /// snapshots everywhere, in the background; the reply is the template marked `deleting`.
+    pub async fn delete_template_as(
+        &self,
+        caller: &Caller,
+        name: &TemplateName,
+        req: DeleteTemplateRequest,
+    ) -> Result<Template, WireError> {
+        self.core.clone().delete_template(caller, name, req).await
+    }
+
+    /// `admin.quotas.get` (operator only).
+    pub fn quotas_status(&self, caller: &Caller) -> Result<QuotasStatus, WireError> {
+        self.core.quotas_status(caller)
+    }
+
+    /// `admin.quotas.set` (operator only).
+    pub async fn set_quota(
+        &self,
+        caller: &Caller,
+        req: SetQuotaRequest,
+    ) -> Result<QuotasStatus, WireError> {
+        self.core.set_quota(caller, req).await
+    }
+
+    /// `templates.list` as the operator.
     pub fn list_templates(&self) -> TemplateList {
+        self.list_templates_as(&Caller::Operator)
+    }
+
+    /// `templates.list`: the operator's templates and the caller's own.
+    pub fn list_templates_as(&self, caller: &Caller) -> TemplateList {
         let st = self.core.state.lock();
         TemplateList {
             templates: st
                 .templates
                 .values()
-                .filter(|t| !t.reserved)
+                .filter(|t| !t.reserved && caller.may_use_template(t.rec.template.tenant.as_ref()))
                 .map(|t| t.rec.template.clone())
                 .collect(),
         }
     }
 
-    /// `pools.status`.
+    /// `pools.status` as the operator.
     pub fn pools_status(&self) -> PoolsStatus {
+        self.pools_status_as(&Caller::Operator)
+    }
+
+    /// `pools.status`: the pools of the templates the caller may use; `claimed` counts the
+    /// caller's own sessions (a tenant learns nothing of others' use of a shared template).
+    pub fn pools_status_as(&self, caller: &Caller) -> PoolsStatus {
         let st = self.core.state.lock();
-        let mut claimed: std::collections::HashMap<&TemplateName, u32> = Default::default();
-        let slots: Vec<_> = st.sessions.values().cloned().collect();
-        let views: Vec<Session> = slots.iter().map(|s| s.view()).collect();
-        for s in &views {
-            if !s.state.is_terminal() {
-                *claimed.entry(&s.template).or_default() += 1;
+        let mut claimed: std::collections::HashMap<TemplateName, u32> = Default::default();
+        let slots: Vec<_> = match caller.tenant() {
+            None => st.sessions.values().cloned().collect(),
+            Some(t) => st.tenant_sessions.get(t).cloned().unwrap_or_default(),
+        };
+        for s in slots.iter().map(|s| s.view()) {
+            if !s.state.is_terminal() && caller.owns(s.tenant.as_ref()) {
+                *claimed.entry(s.template).or_default() += 1;
             }
         }
         PoolsStatus {
             pools: st
                 .templates
                 .values()
-                .filter(|t| !t.reserved)
+                .filter(|t| !t.reserved && caller.may_use_template(t.rec.template.tenant.as_ref()))
                 .map(|t| {
                     let name = &t.rec.template.name;
                     let pool = st.pools.get(name);
@@ -535,6 +650,13 @@ impl Core {
         self.state.lock().sessions.get(sid).cloned()
     }
 
+    /// The session if `caller` owns it; else 404, worded exactly as for an unknown id.
+    fn owned_slot(&self, caller: &Caller, sid: &SessionId) -> Result<Arc<SessionSlot>, WireError> {
+        self.slot(sid)
+            .filter(|s| caller.owns(s.data.lock().rec.session.tenant.as_ref()))
+            .ok_or_else(|| unknown_session(sid))
+    }
+
     /// An error if this scheduler lost the lease (nothing may be written any more).
     fn check_leader(&self) -> Result<(), StoreError> {
         if self.deposed.is_cancelled() {
@@ -556,6 +678,7 @@ impl Core {
         reason: Option<hearth_messages::TerminationReason>,
     ) {
         let event = SessionEvent {
+            tenant: session.tenant.clone(),
             session_id: session.session_id.clone(),
             state: session.state,
             reason,
@@ -585,8 +708,15 @@ impl Core {
     fn session_gauges(&self) {
         let slots: Vec<_> = self.state.lock().sessions.values().cloned().collect();
         let mut counts = [0u64; 4];
+        let mut by_tenant: std::collections::HashMap<String, u64> = Default::default();
         for s in &slots {
-            let i = match s.data.lock().rec.session.state {
+            let d = s.data.lock();
+            if d.is_live() {
+                *by_tenant
+                    .entry(self.tenant_label(d.rec.session.tenant.as_ref()))
+                    .or_default() += 1;
+            }
+            let i = match d.rec.session.state {
                 SessionState::Running => 0,
                 SessionState::Stopped => 1,
                 SessionState::Released => 2,
@@ -600,6 +730,7 @@ impl Core {
         {
             metrics::gauge!(m::SESSIONS, "state" => *state).set(counts[i] as f64);
         }
+        self.tenant_gauges(by_tenant);
     }
 
     /// Healthy workers (for the gauge).

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_messages::{
-    ErrorCode, JobOp, JobOutput, SessionId, SnapshotId, SnapshotSessionRequest, Template,
-    TemplateName, VmId, VmSpec, WireError, WorkerId,
+    Caller, DeleteTemplateRequest, ErrorCode, JobOp, JobOutput, SessionId, SnapshotId,
+    SnapshotSessionRequest, Template, TemplateName, VmId, VmSpec, WireError, WorkerId,
 };
 use tokio::time::Instant;
 
@@ -69,16 +69,39 @@ impl Core {
         let mut builds = Vec::new();
         let mut restores = Vec::new();
         let mut retire = Vec::new();
+        let mut forget = Vec::new();
         {
             let mut st = self.state.lock();
-            let names: Vec<TemplateName> = st.templates.keys().cloned().collect();
-            for name in names {
+            // The operator's (shared) templates refill first; a tenant's pools stay within its
+            // share of the fleet's slots.
+            let mut names: Vec<(bool, TemplateName)> = st
+                .templates
+                .iter()
+                .map(|(n, t)| (t.rec.template.tenant.is_some(), n.clone()))
+                .collect();
+            names.sort();
+            let mut tenant_vms = Core::tenant_pool_vms(&st);
+            for (_, name) in names {
                 let Some(t) = st.templates.get_mut(&name) else {
                     continue;
                 };
                 if t.reserved {
                     continue;
                 }
+                if t.rec.template.deleting {
+                    let finished = t.rec.retired_snapshots.is_empty() && !t.forgetting;
+                    let pool = st.pools.entry(name.clone()).or_default();
+                    retire.extend(pool.ready.drain(..));
+                    if finished && pool.restoring.is_empty() {
+                        if let Some(t) = st.templates.get_mut(&name) {
+                            t.forgetting = true;
+                        }
+                        forget.push(name.clone());
+                    }
+                    Core::pool_gauges(&st, &name);
+                    continue;
+                }
+                let tenant = t.rec.template.tenant.clone();
                 if t.needs_build() && !t.building {
                     match t.build_backoff_until {
                         Some(until) if until > now => soon(until),
@@ -132,7 +155,13 @@ impl Core {
                 let room = max_ready.saturating_sub(have);
                 let parallel =
                     (self.cfg.refill_parallelism as usize).saturating_sub(pool.restoring.len());
-                let wanted = deficit.min(room).min(parallel);
+                let mut wanted = deficit.min(room).min(parallel);
+                if let Some(tenant) = &tenant {
+                    let share = self.fleet_share(&st, tenant);
+                    let held = tenant_vms.entry(tenant.clone()).or_default();
+                    wanted = wanted.min(share.saturating_sub(*held));
+                    *held += wanted;
+                }
                 for _ in 0..wanted {
                     let vm_id = pool_vm_id("pool", &name);
                     let Some(worker) = super::claim::pick_worker(&st, Some(&name), &[], now) else {
@@ -166,6 +195,10 @@ impl Core {
         for name in builds {
             let core = self.clone();
             self.spawn(async move { core.build_template(name).await });
+        }
+        for name in forget {
+            let core = self.clone();
+            self.spawn(async move { core.forget_template(name).await });
         }
         for (name, vm_id, worker, snapshot) in restores {
             let core = self.clone();
@@ -636,6 +669,7 @@ impl Core {
     ) -> Result<Template, WireError> {
         let slot = self.slot(sid).ok_or_else(|| unknown_session(sid))?;
         let name = req.template.clone();
+        let (min_ready, max_ready) = req.validate(self.cfg.tenants.max_ready_cap)?;
         // Reserve the name.
         let source = {
             let mut st = self.state.lock();
@@ -645,15 +679,22 @@ impl Core {
                 )));
             }
             let session = slot.view();
+            // The template holds the session's data: it belongs to the session's tenant, whoever
+            // asked (the operator may snapshot a tenant's session; it stays that tenant's).
+            if let Some(tenant) = &session.tenant {
+                self.admit_template(&mut st, tenant, max_ready)?;
+            }
             let source = st.templates.get(&session.template).map(|t| t.rec.clone());
-            let min_ready = req.min_ready.unwrap_or(0);
             let rec = TemplateRecord {
                 template: Template {
                     name: name.clone(),
                     snapshot_id: None,
                     source_session: Some(sid.clone()),
+                    tenant: session.tenant.clone(),
+                    snapshot_bytes: 0,
+                    deleting: false,
                     min_ready,
-                    max_ready: min_ready,
+                    max_ready,
                     vcpus: source.as_ref().map_or(0, |s| s.template.vcpus),
                     memory_mib: source.as_ref().map_or(0, |s| s.template.memory_mib),
                     disk_mib: source.as_ref().map_or(0, |s| s.template.disk_mib),
@@ -692,6 +733,119 @@ impl Core {
         }
     }
 
+    /// `templates.<name>.delete`: marks the template `deleting` (no longer claimable), retires
+    /// its snapshot and empties its pool; the pool supervisor destroys the pooled VMs, the snapshot
+    /// GC deletes the snapshots on every worker and in the object store, and the record goes
+    /// once both are done (a restarted scheduler carries on from the record).
+    pub(crate) async fn delete_template(
+        self: Arc<Self>,
+        caller: &Caller,
+        name: &TemplateName,
+        req: DeleteTemplateRequest,
+    ) -> Result<Template, WireError> {
+        let unknown = || WireError::not_found(format!("unknown template {name}"));
+        let _writes = self.template_writes.lock().await;
+        let users: Vec<SessionId> = {
+            let st = self.state.lock();
+            let t = st
+                .templates
+                .get(name)
+                .filter(|t| !t.reserved)
+                .ok_or_else(unknown)?;
+            let owner = t.rec.template.tenant.as_ref();
+            if !caller.owns(owner) {
+                return Err(if caller.may_use_template(owner) {
+                    WireError::conflict(format!(
+                        "template {name} is the operator's; only the operator may delete it"
+                    ))
+                } else {
+                    unknown()
+                });
+            }
+            if t.rec.template.deleting {
+                return Ok(t.rec.template.clone());
+            }
+            if t.config.is_some() {
+                return Err(WireError::conflict(format!(
+                    "template {name} is defined in the scheduler config; remove it there"
+                )));
+            }
+            st.sessions
+                .values()
+                .filter_map(|s| {
+                    let d = s.data.lock();
+                    (d.is_live() && &d.rec.session.template == name)
+                        .then(|| d.rec.session.session_id.clone())
+                })
+                .collect()
+        };
+        if !users.is_empty() {
+            if !req.force {
+                return Err(WireError::conflict(format!(
+                    "{} live sessions were created from template {name}; release them or delete with force",
+                    users.len()
+                )));
+            }
+            for sid in &users {
+                self.release(sid).await?;
+            }
+        }
+        self.check_leader().map_err(store_error)?;
+        let rec = {
+            let st = self.state.lock();
+            let Some(t) = st.templates.get(name) else {
+                return Err(unknown());
+            };
+            let mut rec = t.rec.clone();
+            rec.template.deleting = true;
+            rec.template.min_ready = 0;
+            rec.template.max_ready = 0;
+            if let Some(snap) = rec.template.snapshot_id.take() {
+                retire(&mut rec, snap);
+            }
+            rec
+        };
+        self.store.put_template(&rec).await.map_err(store_error)?;
+        {
+            let mut st = self.state.lock();
+            if let Some(t) = st.templates.get_mut(name) {
+                t.rec = rec.clone();
+            }
+        }
+        tracing::info!(template = %name, caller = %caller, released = users.len(), "deleting template");
+        self.templates_changed.send_modify(|v| *v += 1);
+        self.pool_wake.notify_one();
+        Ok(rec.template)
+    }
+
+    /// Removes a deleted template whose pool and snapshots are gone.
+    async fn forget_template(self: Arc<Self>, name: TemplateName) {
+        let _writes = self.template_writes.lock().await;
+        let done = self
+            .state
+            .lock()
+            .templates
+            .get(&name)
+            .is_some_and(|t| t.rec.template.deleting && t.rec.retired_snapshots.is_empty());
+        if !done {
+            return;
+        }
+        match self.store.delete_template(&name).await {
+            Ok(()) => {
+                let mut st = self.state.lock();
+                st.templates.remove(&name);
+                st.pools.remove(&name);
+                tracing::info!(template = %name, "template deleted");
+            }
+            Err(err) => {
+                tracing::warn!(template = %name, error = %err, "forgetting a deleted template failed; will retry");
+                if let Some(t) = self.state.lock().templates.get_mut(&name) {
+                    t.forgetting = false;
+                }
+            }
+        }
+    }
+
     async fn take_snapshot(
         self: Arc<Self>,
         slot: &Arc<super::state::SessionSlot>,
@@ -720,12 +874,12 @@ impl Core {
             snapshot_id: snap.clone(),
             publish: true,
         };
-        match self
+        let size = match self
             .api
             .job(&session.worker_id, job(op), self.cfg.jobs.snapshot)
             .await
         {
-            Ok(JobOutput::Snapshot { .. }) => {}
+            Ok(JobOutput::Snapshot { snapshot }) => snapshot.size_bytes,
             Ok(other) => {
                 return Err(WireError::internal(format!("snapshot answered {other:?}")));
             }
@@ -744,8 +898,41 @@ impl Core {
             Err(e) => {
                 return Err(WireError::no_capacity(e.to_string(), self.retry_after_ms()));
             }
+        };
+        if let Some(tenant) = &rec.template.tenant {
+            let over = {
+                let mut st = self.state.lock();
+                let usage = self.usage(&mut st, tenant);
+                (usage.snapshot_bytes.saturating_add(size) > usage.quota.max_snapshot_bytes).then(
+                    || {
+                        self.snapshot_bytes_exceeded(
+                            tenant,
+                            usage.snapshot_bytes,
+                            size,
+                            &usage.quota,
+                        )
+                    },
+                )
+            };
+            if let Some(err) = over {
+                // Undone before answering: the snapshot leaves the worker and the object store.
+                let op = JobOp::DeleteSnapshot {
+                    snapshot_id: snap.clone(),
+                    unpublish: true,
+                };
+                if let Err(e) = self
+                    .api
+                    .job(&session.worker_id, job(op), self.cfg.jobs.lifecycle)
+                    .await
+                {
+                    tracing::warn!(snapshot_id = %snap, error = %e,
+                        "deleting an over-quota snapshot failed; it is unreferenced");
+                }
+                return Err(err);
+            }
         }
         rec.template.snapshot_id = Some(snap);
+        rec.template.snapshot_bytes = size;
         rec.template.created_ms = self.clock.now_ms();
         self.store
             .create_template(&rec)

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use hearth_messages::{
-    Session, SessionId, SnapshotId, TemplateName, VmId, WireError, WorkerId, WorkerStatus,
+    Quota, Session, SessionId, SnapshotId, TemplateName, TenantId, VmId, WireError, WorkerId,
+    WorkerStatus,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -37,6 +38,12 @@ pub(crate) struct State {
     pub destroying: HashSet<(WorkerId, VmId)>,
     /// Successful claims per template since start: (warm, total).
     pub claim_stats: HashMap<TemplateName, (u64, u64)>,
+    /// Each tenant's sessions, pruned of ended ones whenever its quota is checked.
+    pub tenant_sessions: HashMap<TenantId, Vec<Arc<SessionSlot>>>,
+    /// Each tenant's create-rate bucket.
+    pub create_buckets: HashMap<TenantId, super::tenants::TokenBucket>,
+    /// Quotas set at run time (`admin.quotas.set`), over the config's.
+    pub quota_overrides: BTreeMap<TenantId, Quota>,
 }
 
 impl State {
@@ -85,6 +92,8 @@ impl State {
 #[derive(Debug)]
 pub(crate) struct PendingClaim {
     pub template: TemplateName,
+    /// The tenant claiming (a retry by another tenant must not join it).
+    pub tenant: Option<TenantId>,
     pub done: watch::Receiver<ClaimResult>,
 }
 
@@ -182,6 +191,8 @@ pub(crate) struct TemplateEntry {
     pub build_backoff_until: Option<Instant>,
     /// A `sessions.<sid>.snapshot` is creating it: the name is taken but not claimable yet.
     pub reserved: bool,
+    /// Deleted, drained and its snapshots gone: its record is being removed.
+    pub forgetting: bool,
     /// Deletion progress of the snapshots in `rec.retired_snapshots` (in memory: after a restart
     /// the deletion simply starts over, which is idempotent).
     pub gc: BTreeMap<SnapshotId, RetiredSnapshot>,
@@ -198,6 +209,7 @@ impl TemplateEntry {
             build_failures: 0,
             build_backoff_until: None,
             reserved: false,
+            forgetting: false,
             gc: BTreeMap::new(),
         }
     }

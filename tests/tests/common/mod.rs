@@ -9,7 +9,30 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hearth_messages::{HearthClient, PoolStatus, TemplateName};
-use hearth_testkit::{ChildProcess, NatsServer, workspace_bin};
+use hearth_testkit::{ChildProcess, NatsServer, workspace_bin, workspace_root};
+
+/// The development password of `user` in deploy/nats/accounts.conf.
+pub fn password(user: &str) -> String {
+    let text = std::fs::read_to_string(workspace_root().join("deploy/nats/accounts.conf")).unwrap();
+    let needle = format!("user: {user}, password: ");
+    let start = text
+        .find(&needle)
+        .unwrap_or_else(|| panic!("no user {user} in accounts.conf"))
+        + needle.len();
+    text[start..]
+        .split([',', ' ', '}'])
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A client logged in as `user` of deploy/nats/accounts.conf.
+pub async fn connect_as(url: &str, user: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password(user))
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connecting as {user}: {e}"))
+}
 
 /// Scheduler settings tuned for tests: fast heartbeats, reconcile and lease.
 pub const FAST_SCHEDULER: &str = r#"
@@ -29,6 +52,9 @@ pub struct Stack {
     pub workers: Vec<(String, ChildProcess)>,
     pub client: HearthClient,
     scheduler_config: PathBuf,
+    /// Running deploy/nats/single.conf (service account + tenants): the binaries log in with
+    /// their role's user, `client` is tenant-a's.
+    accounts: bool,
 }
 
 impl Stack {
@@ -54,12 +80,57 @@ impl Stack {
             workers: Vec::new(),
             client,
             scheduler_config,
+            accounts: false,
         };
         for w in workers {
             stack.add_worker(w, 32);
         }
         stack.scheduler = Some(stack.spawn_scheduler("s1"));
         stack
+    }
+
+    /// The same stack on nats-server running deploy/nats/single.conf unchanged (accounts:
+    /// HEARTH for the services, tenant-a and tenant-b importing the API): the scheduler logs in as
+    /// `scheduler`, worker `worker-N` as itself, and `client` is tenant-a's `executor`.
+    pub async fn start_with_accounts(workers: &[&str], scheduler_toml: &str) -> Stack {
+        let conf = workspace_root().join("deploy/nats/single.conf");
+        let nats = NatsServer::builder()
+            .arg("-c")
+            .arg(conf.display().to_string())
+            .arg("-m")
+            .arg("-1")
+            .start()
+            .expect("nats-server with deploy/nats/single.conf");
+        let dir = tempfile::tempdir().unwrap();
+        let scheduler_config = dir.path().join("scheduler.toml");
+        std::fs::write(
+            &scheduler_config,
+            format!("{FAST_SCHEDULER}\n{scheduler_toml}"),
+        )
+        .unwrap();
+        let client = HearthClient::new(connect_as(nats.url(), "executor").await);
+        let mut stack = Stack {
+            nats,
+            dir,
+            scheduler: None,
+            workers: Vec::new(),
+            client,
+            scheduler_config,
+            accounts: true,
+        };
+        for w in workers {
+            stack.add_worker(w, 32);
+        }
+        stack.scheduler = Some(stack.spawn_scheduler("s1"));
+        stack
+    }
+
+    /// Logs a binary in as `user` when the stack runs the accounts config.
+    fn login(&self, cmd: &mut Command, user: &str) {
+        if self.accounts {
+            cmd.env("HEARTH_NATS_USER", user)
+                .env("HEARTH_NATS_PASSWORD", password(user));
+        }
     }
 
     pub fn spawn_scheduler(&self, id: &str) -> ChildProcess {
@@ -69,6 +140,7 @@ impl Stack {
             .arg("--config")
             .arg(&self.scheduler_config)
             .env("RUST_LOG", "info");
+        self.login(&mut cmd, "scheduler");
         ChildProcess::spawn(&format!("scheduler-{id}"), cmd, self.dir.path()).unwrap()
     }
 
@@ -80,6 +152,7 @@ impl Stack {
             .arg("--data-dir")
             .arg(self.dir.path().join(id))
             .env("RUST_LOG", "info");
+        self.login(&mut cmd, id);
         ChildProcess::spawn(&format!("worker-{id}"), cmd, self.dir.path()).unwrap()
     }
 

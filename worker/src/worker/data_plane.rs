@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use async_nats::service::{self};
 use futures::StreamExt;
+use hearth_messages::Caller;
 use hearth_messages::data::{CHUNK_HEADER, DEFAULT_MAX_FILE_BYTES};
 use hearth_messages::transport::{Reply, decode_message, encoding_of};
 use hearth_messages::{
     Encoding, ExecRequest, FileGetRequest, FileGetResult, FilePutRequest, FilePutResult, SessionId,
-    SessionOp, VmId, WireError,
+    SessionOp, TenantId, VmId, WireError,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,10 +26,15 @@ use crate::provider::{OutputStream, VmState};
 impl Worker {
     // ----- the session data plane -----------------------------------------------------------
 
-    pub(super) async fn make_session(&self, vm_id: &VmId) -> Result<(), WireError> {
+    /// Serves `vm_id` as a session of `tenant` (the operator's when `None`).
+    pub(super) async fn make_session(
+        &self,
+        vm_id: &VmId,
+        tenant: Option<&TenantId>,
+    ) -> Result<(), WireError> {
         self.inner
             .sessions
-            .insert(vm_id)
+            .insert(vm_id, tenant)
             .map_err(|e| WireError::internal(format!("writing the session marker: {e}")))?;
         self.serve(vm_id.clone()).await
     }
@@ -76,6 +82,16 @@ impl Worker {
                     _ = cancel.cancelled() => break,
                     next = requests.next() => {
                         let Some((op, request)) = next else { break };
+                        // Another tenant's request is answered exactly as for a VM that is not
+                        // here, before it can take a place in this session's queue.
+                        if let Err(err) = worker.check_owner(&vm_id, &request) {
+                            let reply = Reply::error(
+                                encoding_of(request.message.headers.as_ref()),
+                                &err,
+                            );
+                            respond(&worker.inner.nats, request, reply).await;
+                            continue;
+                        }
                         let bytes = request.message.payload.len() as u64;
                         let Some(permit) = queue.admit(bytes, max_held, max_bytes) else {
                             // Answered here, without a task: a flood costs no memory.
@@ -115,6 +131,19 @@ impl Worker {
         }
         // The id is gone (destroyed, evicted, renamed): so is its work, and its entry.
         inner.end_work(vm_id);
+    }
+
+    /// Whether the request's caller (the tenant NATS stamped on it, or the operator) owns session
+    /// `vm_id`; 404 otherwise, worded as for an unknown session.
+    fn check_owner(&self, vm_id: &VmId, request: &service::Request) -> Result<(), WireError> {
+        let caller = Caller::from_headers(request.message.headers.as_ref())?;
+        match self.inner.sessions.owner(vm_id) {
+            Some(owner) if caller.owns(owner.as_ref()) => Ok(()),
+            _ => {
+                metrics::counter!(m::FOREIGN_REQUESTS_TOTAL).increment(1);
+                Err(WireError::not_found(format!("session {vm_id} not found")))
+            }
+        }
     }
 
     pub(super) async fn handle_data(&self, op: SessionOp, vm_id: VmId, request: service::Request) {

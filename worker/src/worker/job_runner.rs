@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use async_nats::service::{self};
 use hearth_messages::transport::{Reply, decode_message};
-use hearth_messages::{JobOp, JobOutput, JobReply, JobRequest, TerminationReason, VmId, WireError};
+use hearth_messages::{
+    JobOp, JobOutput, JobReply, JobRequest, TenantId, TerminationReason, VmId, WireError,
+};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{HEALTH_TIMEOUT, Inner, RETRY_AFTER_MS, Worker, respond, wire_error};
@@ -53,7 +55,10 @@ impl Worker {
                 }
                 let started = Instant::now();
                 let cell = self.inner.jobs.cell(&job.job_id);
-                let outcome = cell.get_or_init(|| self.run_job(job.op)).await.clone();
+                let outcome = cell
+                    .get_or_init(|| self.run_job(job.op, job.tenant))
+                    .await
+                    .clone();
                 let result = match &outcome {
                     Ok(_) => "ok".to_owned(),
                     Err(e) => e.code.to_string(),
@@ -95,7 +100,8 @@ impl Worker {
         Ok(())
     }
 
-    pub(super) async fn run_job(&self, op: JobOp) -> Outcome {
+    /// Runs one job; `tenant` owns the session a `session: true` job makes.
+    pub(super) async fn run_job(&self, op: JobOp, tenant: Option<TenantId>) -> Outcome {
         let inner = &self.inner;
         if inner.draining.load(Ordering::SeqCst) {
             return Err(WireError::no_capacity("worker is draining", RETRY_AFTER_MS));
@@ -129,6 +135,7 @@ impl Worker {
                     vm_lock,
                     _slot: slot,
                 },
+                tenant.as_ref(),
             )
             .await;
         inner.jobs_in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -139,20 +146,20 @@ impl Worker {
     }
 
     /// Runs `op` with what [`Self::run_job`] took for it (see [`Holding`]).
-    async fn run_op(&self, op: JobOp, holding: Holding<'_>) -> Outcome {
+    async fn run_op(&self, op: JobOp, holding: Holding<'_>, tenant: Option<&TenantId>) -> Outcome {
         let inner = &self.inner;
         let provider = &inner.provider;
         let werr = |e: ProviderError| wire_error(&e);
         match op {
             JobOp::CreateVm { vm_id, session } => {
-                self.create(vm_id, hearth_messages::VmSpec::default(), session)
+                self.create(vm_id, hearth_messages::VmSpec::default(), session, tenant)
                     .await
             }
             JobOp::CreateVmWithSpec {
                 vm_id,
                 spec,
                 session,
-            } => self.create(vm_id, spec, session).await,
+            } => self.create(vm_id, spec, session, tenant).await,
             JobOp::StartVm { vm_id } => {
                 let view = provider.start_vm(&vm_id).await.map_err(werr)?;
                 inner
@@ -216,7 +223,7 @@ impl Worker {
                 let view = provider.rename_vm(&vm_id, &new_vm_id).await.map_err(werr)?;
                 self.unserve(&vm_id);
                 if session {
-                    self.make_session(&new_vm_id).await?;
+                    self.make_session(&new_vm_id, tenant).await?;
                 }
                 drop(holding.vm_lock);
                 inner.locks.forget_if_idle(&vm_id);
@@ -243,6 +250,7 @@ impl Worker {
         vm_id: VmId,
         spec: hearth_messages::VmSpec,
         session: bool,
+        tenant: Option<&TenantId>,
     ) -> Outcome {
         let inner = &self.inner;
         if let Some(existing) = inner
@@ -322,7 +330,7 @@ impl Worker {
             metrics::histogram!(m::RESTORE_DURATION).record(started.elapsed().as_secs_f64());
         }
         if session {
-            self.make_session(&vm_id).await?;
+            self.make_session(&vm_id, tenant).await?;
         }
         inner.vm_event(&vm_id, VmState::Running, None, None).await;
         Ok(JobOutput::Vm {
