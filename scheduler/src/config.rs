@@ -275,12 +275,6 @@ impl SchedulerConfig {
                     t.min_ready
                 )));
             }
-            if t.bootstrap.as_ref().is_some_and(|argv| argv.is_empty()) {
-                return Err(ConfigError(format!(
-                    "template {:?}: bootstrap must not be an empty argv",
-                    t.name.as_str()
-                )));
-            }
         }
         let positive = [
             ("heartbeat_timeout_ms", self.heartbeat_timeout),
@@ -574,7 +568,13 @@ fn resolve(args: SchedulerArgs, file: SchedulerFile) -> Result<SchedulerConfig, 
     if let Some(v) = j.lifecycle_timeout_ms {
         c.jobs.lifecycle = ms(v);
     }
-    if let Some(templates) = file.templates {
+    if let Some(mut templates) = file.templates {
+        // An empty bootstrap is a no-op (as in seed 001), not an error.
+        for t in &mut templates {
+            if t.bootstrap.as_ref().is_some_and(Vec::is_empty) {
+                t.bootstrap = None;
+            }
+        }
         c.templates = templates;
     }
     if let Some(tenants) = file.tenants {
@@ -630,6 +630,12 @@ mod tests {
         assert_eq!(c.templates[0].max_ready(), 5);
         assert_eq!(c.templates[0].env["LANG"], "C");
         assert_eq!(c.metrics_listen.unwrap().port(), 9101);
+    }
+
+    #[test]
+    fn an_empty_bootstrap_is_no_bootstrap() {
+        let c = from_toml("[[templates]]\nname = \"x\"\nbootstrap = []\n").unwrap();
+        assert_eq!(c.templates[0].bootstrap, None);
     }
 
     #[test]

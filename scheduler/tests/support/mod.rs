@@ -300,6 +300,19 @@ impl FleetWorker {
                 }
                 Ok(JobOutput::Done {})
             }
+            JobOp::GetVm { vm_id } => self
+                .info(&vm_id)
+                .await
+                .map(|vm| JobOutput::Vm { vm })
+                .ok_or_else(|| WireError::not_found(format!("vm {vm_id} not found"))),
+            JobOp::ListSnapshots { .. } => Ok(JobOutput::Snapshots { snapshots: vec![] }),
+            JobOp::BackupVm { vm_id } => {
+                p.backup_vm(&vm_id, fleet.backup_dir.path())
+                    .await
+                    .map_err(wire)?;
+                self.backups.lock().push(vm_id.clone());
+                Ok(JobOutput::Done {})
+            }
             JobOp::ListVms {} => {
                 let mut vms = Vec::new();
                 for id in self.vms().await.keys() {

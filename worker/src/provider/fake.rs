@@ -304,6 +304,10 @@ impl VmProvider for FakeProvider {
         "fake"
     }
 
+    fn version(&self) -> Option<String> {
+        Some(format!("fake {}", env!("CARGO_PKG_VERSION")))
+    }
+
     fn isolation(&self) -> hearth_messages::IsolationReport {
         hearth_messages::IsolationReport {
             mode: "fake".into(),

@@ -45,6 +45,11 @@ pub trait VmProvider: Send + Sync + 'static {
     /// What separates this provider's VMs from the host and from each other, as enforced.
     fn isolation(&self) -> hearth_messages::IsolationReport;
 
+    /// The version of what runs the VMs (e.g. `QEMU 7.2.0`), for heartbeats; `None` when unknown.
+    fn version(&self) -> Option<String> {
+        None
+    }
+
     /// Creates and boots a VM with default settings (empty volume). The VM is `Running` on return.
     /// `AlreadyExists` if `vm_id` is in use (a destroyed VM's tombstone does not count).
     async fn create_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {

@@ -233,7 +233,7 @@ impl Worker {
         req: ExecRequest,
     ) -> Reply {
         let inner = &self.inner;
-        let mut spec = exec_spec(&req);
+        let mut spec = exec_spec(&req, &inner.config);
         let streamed = req.stream && request.message.reply.is_some();
         if !streamed {
             // Never capture more than the reply can carry: each stream is capped at the whole

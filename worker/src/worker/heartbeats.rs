@@ -70,7 +70,7 @@ impl Inner {
             versions: Versions {
                 hearth: env!("CARGO_PKG_VERSION").to_owned(),
                 protocol: hearth_messages::subjects::PROTOCOL_VERSION.to_owned(),
-                provider: None,
+                provider: self.provider.version(),
             },
             isolation: self.provider.isolation(),
         };

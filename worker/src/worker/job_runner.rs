@@ -11,6 +11,7 @@ use hearth_messages::{
 };
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::convert::snapshot_info;
 use super::{HEALTH_TIMEOUT, Inner, RETRY_AFTER_MS, Worker, respond, wire_error};
 use crate::jobs::Outcome;
 use crate::metrics as m;
@@ -106,10 +107,30 @@ impl Worker {
         if inner.draining.load(Ordering::SeqCst) {
             return Err(WireError::no_capacity("worker is draining", RETRY_AFTER_MS));
         }
-        if matches!(op, JobOp::ListVms {}) {
-            return Ok(JobOutput::Vms {
-                vms: inner.vm_infos().await.map_err(|e| wire_error(&e))?,
-            });
+        // Queries: no lock, no slot (they never wait behind a running command).
+        match &op {
+            JobOp::ListVms {} => {
+                return Ok(JobOutput::Vms {
+                    vms: inner.vm_infos().await.map_err(|e| wire_error(&e))?,
+                });
+            }
+            JobOp::GetVm { vm_id } => {
+                let view = inner
+                    .provider
+                    .get_vm(vm_id)
+                    .await
+                    .map_err(|e| wire_error(&e))?
+                    .ok_or_else(|| WireError::not_found(format!("vm {vm_id} not found")))?;
+                return Ok(JobOutput::Vm {
+                    vm: inner.vm_info(view),
+                });
+            }
+            JobOp::ListSnapshots { vm_id } => {
+                return Ok(JobOutput::Snapshots {
+                    snapshots: inner.snapshot_infos(vm_id.as_ref()).await?,
+                });
+            }
+            _ => {}
         }
         // Release, TTL, prune and idle stop end the VM's running work first, so its lock comes
         // at once.
@@ -194,14 +215,7 @@ impl Worker {
                 metrics::histogram!(m::SNAPSHOT_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::counter!(m::SNAPSHOT_BYTES_TOTAL).increment(info.size_bytes);
                 Ok(JobOutput::Snapshot {
-                    snapshot: hearth_messages::SnapshotInfo {
-                        snapshot_id: info.snapshot_id,
-                        source_vm: info.source_vm,
-                        template: info.template,
-                        created_ms: info.created_ms,
-                        size_bytes: info.size_bytes,
-                        published: publish,
-                    },
+                    snapshot: snapshot_info(info, publish),
                 })
             }
             JobOp::DestroyVm {
@@ -234,7 +248,13 @@ impl Worker {
                     vm: inner.vm_info(view),
                 })
             }
-            JobOp::ListVms {} => unreachable_list(),
+            JobOp::ListVms {} | JobOp::GetVm { .. } | JobOp::ListSnapshots { .. } => {
+                unreachable_query()
+            }
+            JobOp::BackupVm { vm_id } => {
+                self.backup_locked(&vm_id).await?;
+                Ok(JobOutput::Done {})
+            }
             JobOp::DeleteSnapshot {
                 snapshot_id,
                 unpublish,
@@ -286,7 +306,8 @@ impl Worker {
             },
             env: spec.env,
             base: spec.base.map(Into::into),
-            bootstrap: spec.bootstrap,
+            // An empty bootstrap is a no-op (seed 001), not an invalid argv.
+            bootstrap: spec.bootstrap.filter(|argv| !argv.is_empty()),
             restore_from: spec.restore_from,
         };
         let view = inner
@@ -338,6 +359,35 @@ impl Worker {
         })
     }
 
+    /// Backs the VM's volume up to `backup_dir` and applies the retention (`backup_vm`; the VM
+    /// keeps running). (Called holding the VM's lock.)
+    async fn backup_locked(&self, vm_id: &VmId) -> Result<(), WireError> {
+        let inner = &self.inner;
+        let Some(dir) = &inner.config.backup_dir else {
+            return Err(WireError::conflict(format!(
+                "worker {} has no backup_dir",
+                inner.config.worker_id
+            )));
+        };
+        match inner
+            .provider
+            .get_vm(vm_id)
+            .await
+            .map_err(|e| wire_error(&e))?
+        {
+            Some(view) if view.state != VmState::Destroyed => {}
+            _ => return Err(WireError::not_found(format!("vm {vm_id} not found"))),
+        }
+        let path = inner
+            .provider
+            .backup_vm(vm_id, dir)
+            .await
+            .map_err(|e| wire_error(&e))?;
+        info!(%vm_id, path = %path.display(), "volume backed up");
+        inner.prune_backups(dir, path).await;
+        Ok(())
+    }
+
     pub(super) async fn destroy_locked(
         &self,
         vm_id: &VmId,
@@ -346,7 +396,7 @@ impl Worker {
     ) -> Result<(), WireError> {
         let inner = &self.inner;
         if backup
-            && let Some(dir) = &inner.config.backup_dir
+            && inner.config.backup_dir.is_some()
             && let Some(view) = inner
                 .provider
                 .get_vm(vm_id)
@@ -354,13 +404,7 @@ impl Worker {
                 .map_err(|e| wire_error(&e))?
             && view.state != VmState::Destroyed
         {
-            let path = inner
-                .provider
-                .backup_vm(vm_id, dir)
-                .await
-                .map_err(|e| wire_error(&e))?;
-            info!(%vm_id, path = %path.display(), "volume backed up");
-            inner.prune_backups(dir, path).await;
+            self.backup_locked(vm_id).await?;
         }
         inner
             .provider
@@ -384,8 +428,8 @@ struct Holding<'a> {
     _slot: tokio::sync::SemaphorePermit<'a>,
 }
 
-pub(super) fn unreachable_list() -> Outcome {
-    Err(WireError::internal("list_vms is answered before locking"))
+pub(super) fn unreachable_query() -> Outcome {
+    Err(WireError::internal("queries are answered before locking"))
 }
 
 impl Inner {

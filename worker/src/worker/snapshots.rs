@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use async_nats::jetstream::object_store::ObjectStore;
-use hearth_messages::{Bucket, JobOutput, SnapshotId, WireError};
+use hearth_messages::{Bucket, JobOutput, SnapshotId, VmId, WireError};
 use tracing::{debug, info};
 
+use super::convert::snapshot_info;
 use super::{Inner, WorkerError, nats_err, wire_error};
 use crate::config::WorkerConfig;
 use crate::jobs::Outcome;
@@ -14,6 +15,37 @@ use crate::metrics as m;
 use crate::provider::ProviderError;
 
 impl Inner {
+    /// The snapshots on this worker (those taken of `vm_id`, with one), sorted by id; `published`
+    /// says whether the fleet's object store holds each.
+    pub(super) async fn snapshot_infos(
+        &self,
+        vm_id: Option<&VmId>,
+    ) -> Result<Vec<hearth_messages::SnapshotInfo>, WireError> {
+        let werr = |e: ProviderError| wire_error(&e);
+        let local = match vm_id {
+            None => self.provider.list_all_snapshots().await.map_err(werr)?,
+            Some(vm_id) => {
+                let ids = self
+                    .provider
+                    .list_snapshots(vm_id)
+                    .await
+                    .map_err(werr)?
+                    .ok_or_else(|| WireError::not_found(format!("vm {vm_id} not found")))?;
+                let mut infos = Vec::with_capacity(ids.len());
+                for id in ids {
+                    infos.extend(self.provider.get_snapshot(&id).await.map_err(werr)?);
+                }
+                infos
+            }
+        };
+        let mut out = Vec::with_capacity(local.len());
+        for info in local {
+            let published = self.store.info(info.snapshot_id.as_str()).await.is_ok();
+            out.push(snapshot_info(info, published));
+        }
+        Ok(out)
+    }
+
     /// Uploads a snapshot to the fleet's object store.
     pub(super) async fn publish_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), WireError> {
         let (mut writer, mut reader) = tokio::io::duplex(256 * 1024);
