@@ -354,6 +354,18 @@ pub struct TenantUsage {
     pub snapshot_bytes: u64,
 }
 
+/// Reply to `admin.maintenance`: what the lifecycle pass it ran found. The actions it started
+/// (ending, stopping, backing up, forgetting sessions) run on in the background.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceReport {
+    /// Sessions the pass looked at.
+    #[serde(default)]
+    pub sessions: u32,
+    /// Lifetime actions it started.
+    #[serde(default)]
+    pub actions: u32,
+}
+
 /// Reply to `admin.quotas.get` and `admin.quotas.set`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotasStatus {

@@ -31,8 +31,9 @@ pub mod transport;
 
 pub use api::{
     CreateSessionRequest, DeleteTemplateRequest, Empty, KeepaliveRequest, Labels,
-    ListSessionsRequest, PoolStatus, PoolsStatus, Quota, QuotasStatus, Session, SessionList,
-    SessionState, SetQuotaRequest, SnapshotSessionRequest, Template, TemplateList, TenantUsage,
+    ListSessionsRequest, MaintenanceReport, PoolStatus, PoolsStatus, Quota, QuotasStatus, Session,
+    SessionList, SessionState, SetQuotaRequest, SnapshotSessionRequest, Template, TemplateList,
+    TenantUsage,
 };
 pub use blob::Blob;
 pub use codec::Encoding;

@@ -109,6 +109,9 @@ pub struct SessionConfig {
     pub prune_after: Duration,
     /// Back the volume up (`DestroyVm{backup: true}`) before a prune.
     pub backup_on_prune: bool,
+    /// Back a stopped session's volume up (`BackupVm`, the VM stays) once it has been stopped
+    /// this long: at most one such backup per session, independent of prune. `None`: never.
+    pub backup_after: Option<Duration>,
     /// How long an ended session stays readable (get/release answer with its final state).
     pub retention: Duration,
 }
@@ -121,6 +124,7 @@ impl Default for SessionConfig {
             default_idle_timeout: Some(Duration::from_secs(600)),
             prune_after: Duration::from_secs(3600),
             backup_on_prune: false,
+            backup_after: None,
             retention: Duration::from_secs(3600),
         }
     }
@@ -378,6 +382,8 @@ struct SessionsFile {
     default_idle_timeout_s: Option<u64>,
     prune_after_s: Option<u64>,
     backup_on_prune: Option<bool>,
+    /// 0 disables it.
+    backup_after_s: Option<u64>,
     retention_s: Option<u64>,
 }
 
@@ -549,6 +555,9 @@ fn resolve(args: SchedulerArgs, file: SchedulerFile) -> Result<SchedulerConfig, 
     if let Some(v) = s.backup_on_prune {
         c.sessions.backup_on_prune = v;
     }
+    if let Some(v) = s.backup_after_s {
+        c.sessions.backup_after = (v > 0).then(|| secs(v));
+    }
     if let Some(v) = s.retention_s {
         c.sessions.retention = secs(v);
     }
@@ -611,6 +620,7 @@ mod tests {
             max_ttl_s = 120
             default_idle_timeout_s = 0
             backup_on_prune = true
+            backup_after_s = 90
             [jobs]
             rename_timeout_ms = 500
             [[templates]]
@@ -626,6 +636,7 @@ mod tests {
         assert_eq!(c.kv_replicas, 3);
         assert_eq!(c.sessions.default_idle_timeout, None);
         assert!(c.sessions.backup_on_prune);
+        assert_eq!(c.sessions.backup_after, Some(Duration::from_secs(90)));
         assert_eq!(c.jobs.rename, Duration::from_millis(500));
         assert_eq!(c.templates[0].max_ready(), 5);
         assert_eq!(c.templates[0].env["LANG"], "C");

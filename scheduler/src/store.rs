@@ -132,6 +132,9 @@ pub struct SessionRecord {
     /// When it ended.
     #[serde(default)]
     pub ended_ms: Option<u64>,
+    /// The `backup_after_s` backup was taken (or tried and refused): one per session.
+    #[serde(default)]
+    pub backed_up: bool,
 }
 
 /// A ready pooled VM.

@@ -401,6 +401,45 @@ async fn idle_stop_then_prune_with_backup() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn backup_after_backs_a_stopped_session_up_once_without_ending_it() {
+    let fleet = Fleet::new();
+    fleet.add("w1", 10);
+    let mut cfg = config(1);
+    cfg.sessions.prune_after = Duration::from_secs(3600);
+    cfg.sessions.backup_after = Some(Duration::from_secs(30));
+    let h = Harness::start(cfg, fleet.clone()).await;
+    h.wait_ready("default", 1).await;
+    let mut r = req("bk");
+    r.idle_timeout_s = Some(5);
+    h.sched.create_session(r).await.unwrap();
+    h.wait_for("idle stop", Duration::from_secs(10), || {
+        h.sched.get_session(&sid("bk")).unwrap().state == SessionState::Stopped
+    })
+    .await;
+    let w1 = fleet.worker("w1");
+    // Not before backup_after.
+    h.sleep(Duration::from_secs(20)).await;
+    assert!(w1.backups.lock().is_empty());
+    h.wait_for("backup", Duration::from_secs(20), || {
+        !w1.backups.lock().is_empty()
+    })
+    .await;
+    // One backup, the session and its VM stay; later passes take no second one.
+    h.sleep(Duration::from_secs(120)).await;
+    assert_eq!(w1.backups.lock().as_slice(), &["bk".parse().unwrap()]);
+    assert_eq!(w1.ops("backup_vm").len(), 1);
+    assert_eq!(
+        h.sched.get_session(&sid("bk")).unwrap().state,
+        SessionState::Stopped
+    );
+    assert!(w1.has_vm("bk").await);
+    // Resumed and stopped again: still one backup per session.
+    fleet.exec("w1", "bk").await;
+    h.sleep(Duration::from_secs(60)).await;
+    assert_eq!(w1.ops("backup_vm").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn stopped_time_does_not_count_toward_ttl_and_exec_resumes() {
     let fleet = Fleet::new();
     fleet.add("w1", 10);
@@ -1107,6 +1146,7 @@ async fn a_conflict_with_a_record_naming_another_vm_returns_it_and_destroys_only
         stopped_ms: None,
         ttl_paused_ms: None,
         stop_activity_ms: None,
+        backed_up: false,
         reason: None,
         ended_ms: None,
     };

@@ -706,3 +706,33 @@ async fn srv_stats_count_error_replies() {
     let (requests, errors, _) = stats("sessions-create").await;
     assert_eq!((requests, errors), (2, 1));
 }
+
+#[tokio::test]
+async fn admin_maintenance_runs_the_lifecycle_pass_now() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _w1 = start_worker(&server, "w1", dir.path()).await;
+    let mut cfg = scheduler_config(&server, "s1");
+    // Without the request, nothing would end the session for an hour.
+    cfg.lifecycle_interval = Duration::from_secs(3600);
+    let _sched = Running::start(&server, cfg).await;
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats.clone()).with_timeout(Duration::from_secs(5));
+    wait_pool(&client, "default", 2).await;
+    let mut req = create("m1");
+    req.ttl_s = Some(1);
+    client.create_session(&req).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        client.get_session(&sid("m1")).await.unwrap().state,
+        SessionState::Running,
+        "no pass ran by itself"
+    );
+    let report = client.run_maintenance().await.unwrap();
+    assert_eq!(report.sessions, 1);
+    assert_eq!(report.actions, 1, "the expired session's end");
+    wait_until("the session ended", Duration::from_secs(5), || async {
+        client.get_session(&sid("m1")).await.unwrap().state == SessionState::Released
+    })
+    .await;
+}

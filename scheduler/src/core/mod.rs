@@ -451,6 +451,14 @@ impl Scheduler {
         self.core.quotas_status(caller)
     }
 
+    /// `admin.maintenance`: runs the session lifecycle pass now (operator only).
+    pub fn run_maintenance(
+        &self,
+        caller: &Caller,
+    ) -> Result<hearth_messages::MaintenanceReport, WireError> {
+        self.core.run_maintenance(caller)
+    }
+
     /// `admin.quotas.set` (operator only).
     pub async fn set_quota(
         &self,
