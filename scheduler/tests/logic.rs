@@ -126,11 +126,14 @@ async fn concurrent_claims_never_share_a_vm() {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let fleet = Fleet::new();
         let n_workers = 1 + rng.below(3) as usize;
+        let mut capacity = 0;
         for i in 0..n_workers {
             let cfg = FakeConfig::default()
                 .with_latency(FakeOp::Rename, Duration::from_micros(rng.below(3000)))
                 .with_latency(FakeOp::Create, Duration::from_millis(1 + rng.below(40)));
-            fleet.add_with(&format!("w{i}"), 8 + rng.below(40) as u32, cfg);
+            let max_vms = 8 + rng.below(40) as u32;
+            capacity += max_vms as usize;
+            fleet.add_with(&format!("w{i}"), max_vms, cfg);
         }
         let min_ready = rng.below(12) as u32;
         let mut cfg = config(min_ready);
@@ -151,8 +154,10 @@ async fn concurrent_claims_never_share_a_vm() {
 
         // 64 concurrent claims; a few reuse an id (idempotent duplicates).
         let mut tasks = Vec::new();
+        let mut requested = HashSet::new();
         for i in 0..64u64 {
             let id = if rng.below(8) == 0 { i / 2 } else { i };
+            requested.insert(id);
             let s = h.sched.clone();
             tasks.push(tokio::spawn(async move {
                 (id, s.create_session(req(&format!("s{seed}-{id}"))).await)
@@ -197,21 +202,47 @@ async fn concurrent_claims_never_share_a_vm() {
         );
         let warm = sessions.values().filter(|s| s.warm).count();
         println!(
-            "seed {seed}: workers {n_workers}, min_ready {min_ready}, sessions {}, warm {warm}",
-            sessions.len()
+            "seed {seed}: workers {n_workers} (capacity {capacity}), min_ready {min_ready}, \
+             sessions {}/{}, warm {warm}",
+            sessions.len(),
+            requested.len()
         );
         assert_eq!(warm, renamed.len(), "seed {seed}");
-        assert!(warm <= pool_before.len() + 64, "seed {seed}");
+        // Every warm claim took a VM that was pooled: ready before the burst or restored into
+        // the pool during it (never a session's or a cold VM).
+        let restored: HashSet<_> = fleet
+            .ops("create_vm_with_spec")
+            .into_iter()
+            .filter_map(|(_, op)| match op {
+                JobOp::CreateVmWithSpec { vm_id, session, .. } if !session => Some(vm_id),
+                _ => None,
+            })
+            .collect();
+        for vm in &renamed {
+            assert!(
+                pool_before.contains(vm) || restored.contains(vm),
+                "seed {seed}: {vm} was never a pooled vm"
+            );
+        }
+        // The pool was at target before the burst: every VM in it served a claim.
+        assert!(
+            warm >= pool_before.len().min(sessions.len()),
+            "seed {seed}: {warm} warm claims with {} vms ready",
+            pool_before.len()
+        );
         assert!(
             renamed
                 .iter()
                 .all(|vm| vm.as_str().starts_with("pool-default-")),
             "seed {seed}"
         );
-        // With free capacity, nobody got a 503 while the pool had VMs for everyone.
-        let distinct_ids = sessions.len();
-        if (min_ready as usize) >= 64 {
-            assert_eq!(distinct_ids, 64);
+        // With room for every claim next to a full pool, nobody got a 503.
+        if capacity >= requested.len() + 2 * min_ready.max(1) as usize {
+            assert_eq!(
+                sessions.len(),
+                requested.len(),
+                "seed {seed}: capacity {capacity}, a claim was refused"
+            );
         }
         h.sched.shutdown(Duration::from_millis(10)).await;
     }
@@ -1280,7 +1311,6 @@ async fn every_metric_is_emitted() {
     let w2 = fleet.add("w2", 10);
     let h = Harness::start(config(2), fleet.clone()).await;
     hearth_scheduler::metrics::describe();
-    ::metrics::gauge!(hearth_scheduler::metrics::SCHEDULER_LEADER).set(1.0);
     h.wait_ready("default", 2).await;
     h.sched.create_session(req("m1")).await.unwrap();
     let mut r = req("m2");
@@ -1301,6 +1331,11 @@ async fn every_metric_is_emitted() {
     h.sleep(Duration::from_secs(20)).await;
     let text = handle.render();
     for name in hearth_scheduler::metrics::ALL {
+        if *name == hearth_scheduler::metrics::SCHEDULER_LEADER {
+            // Set by `run` when it holds the lease, which this harness does not take: checked in
+            // nats.rs (the_lease_holder_reports_itself_leader).
+            continue;
+        }
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
     assert!(

@@ -736,3 +736,28 @@ async fn admin_maintenance_runs_the_lifecycle_pass_now() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_lease_holder_reports_itself_leader() {
+    let handle = hearth_scheduler::metrics::builder()
+        .unwrap()
+        .install_recorder()
+        .unwrap();
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _w1 = start_worker(&server, "w1", dir.path()).await;
+    let _sched = Running::start(&server, scheduler_config(&server, "s1")).await;
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats).with_timeout(Duration::from_secs(5));
+    wait_pool(&client, "default", 2).await;
+    let leader = handle
+        .render()
+        .lines()
+        .find(|l| l.starts_with(hearth_scheduler::metrics::SCHEDULER_LEADER))
+        .map(str::to_owned);
+    assert_eq!(
+        leader.as_deref(),
+        Some("hearth_scheduler_leader 1"),
+        "the scheduler holding the lease"
+    );
+}
