@@ -88,7 +88,7 @@ async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -
             let store = data_dir.join("nats");
             let port = args.nats_port;
             let server = tokio::task::spawn_blocking(move || {
-                hearth_testkit::NatsServer::builder()
+                hearth_natsd::NatsServer::builder()
                     .port(port)
                     .store_dir(store)
                     // Room for large exec replies and file transfers (the default is 1 MB).
@@ -142,7 +142,7 @@ async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -
     worker_config.qemu.image = args
         .qemu_image
         .clone()
-        .unwrap_or_else(|| hearth_testkit::workspace_root().join(".tools/images/current"));
+        .unwrap_or_else(|| PathBuf::from(".tools/images/current"));
     let provider = hearth_worker::open_provider(&worker_config).context("opening the provider")?;
     let worker = Worker::start(worker_config, nats.clone(), provider)
         .await
