@@ -114,7 +114,7 @@ async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -
     if let Some(listen) = metrics_listen {
         let builder = hearth_scheduler::metrics::builder().map_err(|e| anyhow!("{e}"))?;
         hearth_worker::metrics::configure(builder)
-            .map_err(|e| anyhow!(e))?
+            .map_err(|e| anyhow!("{e}"))?
             .with_http_listener(listen)
             .install()
             .map_err(|e| anyhow!("metrics on {listen}: {e}"))?;

@@ -18,6 +18,8 @@ pub mod jobs;
 pub mod subjects;
 pub mod tenant;
 
+#[cfg(feature = "telemetry")]
+pub mod binary;
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "telemetry")]
