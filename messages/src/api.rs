@@ -262,6 +262,9 @@ pub struct Template {
     /// its pool is drained and its snapshots are gone.
     #[serde(default)]
     pub deleting: bool,
+    /// Notes from its last build (e.g. `nix_profile` not hydrated: no nix in the VM).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// A tenant's quotas. Over one, a request gets 429 (with `retry_after_ms` for the create rate).

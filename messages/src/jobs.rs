@@ -216,6 +216,11 @@ pub struct VmSpec {
     /// not have it.
     #[serde(default)]
     pub restore_from: Option<SnapshotId>,
+    /// A nix profile (flake reference) to hydrate after a cold create, with
+    /// `nix develop <profile> --command true` in the VM, when the VM has `nix`. A failure only
+    /// warns; the outcome is a note in the created VM's `notes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix_profile: Option<String>,
 }
 
 /// A VM's state as workers report it.
@@ -267,6 +272,10 @@ pub struct VmInfo {
     /// VM is in use even if `last_activity_ms` is old, and the scheduler never idle-stops it.
     #[serde(default)]
     pub busy: bool,
+    /// What the worker wants people to know about how the VM was made (in a create's reply):
+    /// e.g. that its `nix_profile` could not be hydrated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// A snapshot as a worker reports it.

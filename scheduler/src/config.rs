@@ -51,6 +51,11 @@ pub struct TemplateConfig {
     /// Environment for every command in the template's VMs.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// A nix profile (flake reference) hydrated at template build (`nix develop <profile>
+    /// --command true` in the build VM) when the VM has `nix`; otherwise, or when it fails, the
+    /// template's `notes` say so (seed 001's `nix_profile`).
+    #[serde(default)]
+    pub nix_profile: Option<String>,
 }
 
 fn default_min_ready() -> u32 {
@@ -86,6 +91,7 @@ impl TemplateConfig {
             network: default_network(),
             base: None,
             bootstrap: None,
+            nix_profile: None,
             env: BTreeMap::new(),
         }
     }

@@ -161,6 +161,9 @@ pub struct BuildSpec {
     /// Bootstrap argv.
     #[serde(default)]
     pub bootstrap: Option<Vec<String>>,
+    /// Nix profile hydrated at build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix_profile: Option<String>,
 }
 
 /// A template as persisted.

@@ -761,3 +761,19 @@ async fn the_lease_holder_reports_itself_leader() {
         "the scheduler holding the lease"
     );
 }
+
+#[tokio::test]
+async fn a_template_nix_profile_outcome_is_in_the_template_status() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _w1 = start_worker(&server, "w1", dir.path()).await;
+    let mut cfg = scheduler_config(&server, "s1");
+    cfg.templates[0].nix_profile = Some("github:o/r".into());
+    let _sched = Running::start(&server, cfg).await;
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats).with_timeout(Duration::from_secs(5));
+    wait_pool(&client, "default", 2).await;
+    let templates = client.list_templates().await.unwrap();
+    // The fake provider's VMs run any command successfully, `nix` included.
+    assert_eq!(templates[0].notes, ["nix_profile \"github:o/r\" hydrated"]);
+}

@@ -1843,3 +1843,67 @@ async fn backup_vm_without_a_backup_dir_is_a_conflict() {
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Conflict);
 }
+
+#[tokio::test]
+async fn a_nix_profile_is_hydrated_when_the_vm_has_nix_and_noted_either_way() {
+    let (_server, nats, _client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    let create = |vm: &'static str, base: Option<String>, profile: &'static str| {
+        let nats = nats.clone();
+        async move {
+            vm_of(
+                job(
+                    &nats,
+                    "w1",
+                    JobOp::CreateVmWithSpec {
+                        vm_id: id(vm),
+                        spec: VmSpec {
+                            base,
+                            env: BTreeMap::from([(
+                                "PATH".into(),
+                                "/workspace/bin:/usr/local/bin:/usr/bin:/bin".into(),
+                            )]),
+                            nix_profile: Some(profile.into()),
+                            ..Default::default()
+                        },
+                        session: false,
+                    },
+                )
+                .await
+                .unwrap(),
+            )
+        }
+    };
+    // No nix in the sandbox: created anyway, with a note saying so.
+    let vm = create("nonix", None, "github:o/r").await;
+    assert_eq!(vm.state, VmState::Running);
+    assert_eq!(vm.notes.len(), 1, "{:?}", vm.notes);
+    assert!(
+        vm.notes[0].contains("nix is not installed"),
+        "{:?}",
+        vm.notes
+    );
+
+    // A `nix` on the VM's PATH (a script in the base image): run as `nix develop <profile>
+    // --command true`; its failure is a warning and a note, not a failed create.
+    let base = tempfile::tempdir().unwrap();
+    std::fs::create_dir(base.path().join("bin")).unwrap();
+    let script = base.path().join("bin/nix");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho \"$@\" > nix-args\n[ \"$2\" = ok ] && exit 0\necho boom >&2\nexit 3\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let base = Some(base.path().display().to_string());
+    let vm = create("nixok", base.clone(), "ok").await;
+    assert_eq!(vm.notes, ["nix_profile \"ok\" hydrated"]);
+    let vm = create("nixbad", base, "bad").await;
+    assert_eq!(vm.state, VmState::Running);
+    assert!(
+        vm.notes[0].contains("exited 3") && vm.notes[0].contains("boom"),
+        "{:?}",
+        vm.notes
+    );
+}

@@ -557,6 +557,7 @@ impl Core {
             base: None,
             bootstrap: None,
             restore_from: Some(snapshot.clone()),
+            nix_profile: None,
         })
     }
 

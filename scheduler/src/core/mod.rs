@@ -123,6 +123,7 @@ impl Scheduler {
                         tenant: None,
                         snapshot_bytes: 0,
                         deleting: false,
+                        notes: Vec::new(),
                     },
                     env: Default::default(),
                     build: None,

@@ -147,6 +147,7 @@ impl FleetWorker {
             last_activity_ms: meta.activity_ms,
             restored_from: view.restored_from,
             busy: self.busy.lock().contains(vm_id),
+            notes: Vec::new(),
         })
     }
 

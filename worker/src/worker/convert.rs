@@ -20,6 +20,7 @@ impl Inner {
             created_ms: view.created_ms,
             last_activity_ms: view.last_activity_ms,
             restored_from: view.restored_from,
+            notes: Vec::new(),
         }
     }
 }

@@ -285,6 +285,7 @@ impl Worker {
         let _reservation = self.admit(&vm_id).await?;
         let started = Instant::now();
         let restore = spec.restore_from.clone();
+        let nix_profile = spec.nix_profile.clone();
         if let Some(snapshot_id) = &restore {
             inner.ensure_snapshot(snapshot_id).await?;
         }
@@ -350,13 +351,62 @@ impl Worker {
         if restore.is_some() {
             metrics::histogram!(m::RESTORE_DURATION).record(started.elapsed().as_secs_f64());
         }
+        // A restore carries what the snapshot's build hydrated; only a cold create hydrates.
+        let notes = match (&restore, &nix_profile) {
+            (None, Some(profile)) => vec![self.hydrate_nix_profile(&vm_id, profile).await],
+            _ => Vec::new(),
+        };
         if session {
             self.make_session(&vm_id, tenant).await?;
         }
         inner.vm_event(&vm_id, VmState::Running, None, None).await;
-        Ok(JobOutput::Vm {
-            vm: inner.vm_info(view),
-        })
+        let mut vm = inner.vm_info(view);
+        vm.notes = notes;
+        Ok(JobOutput::Vm { vm })
+    }
+
+    /// Hydrates a template's nix profile in the new VM (seed 001: `nix develop <profile>
+    /// --command true` in the volume) when the VM has `nix`. Never fails the create: a VM
+    /// without nix, or a failing `nix develop`, is a warning and a note for the template's status.
+    async fn hydrate_nix_profile(&self, vm_id: &VmId, profile: &str) -> String {
+        let provider = &self.inner.provider;
+        let probe = ExecSpec::argv(["sh", "-c", "command -v nix"]).with_timeout(HEALTH_TIMEOUT);
+        let has_nix = matches!(provider.exec(vm_id, probe, None).await, Ok(o) if o.success());
+        if !has_nix {
+            info!(%vm_id, profile, "nix_profile not hydrated: no nix in the vm");
+            return format!(
+                "nix_profile {profile:?} not hydrated: nix is not installed in the VM \
+                 (install it in the template's base image)"
+            );
+        }
+        // Through the shell, so `nix` is found on the VM's PATH as the probe found it.
+        let develop = ExecSpec::argv([
+            "sh",
+            "-c",
+            "exec nix develop \"$0\" --command true",
+            profile,
+        ])
+        .with_timeout(NIX_TIMEOUT);
+        match provider.exec(vm_id, develop, None).await {
+            Ok(o) if o.success() => {
+                info!(%vm_id, profile, "nix profile hydrated");
+                format!("nix_profile {profile:?} hydrated")
+            }
+            Ok(o) => {
+                let stderr = String::from_utf8_lossy(&o.stderr);
+                let tail: String = stderr.trim().chars().rev().take(300).collect();
+                let tail: String = tail.chars().rev().collect();
+                warn!(%vm_id, profile, exit_code = o.exit_code, %tail, "nix develop failed");
+                format!(
+                    "nix_profile {profile:?} not hydrated: nix develop exited {}: {tail}",
+                    o.exit_code
+                )
+            }
+            Err(err) => {
+                warn!(%vm_id, profile, %err, "nix develop failed");
+                format!("nix_profile {profile:?} not hydrated: {err}")
+            }
+        }
     }
 
     /// Backs the VM's volume up to `backup_dir` and applies the retention (`backup_vm`; the VM
@@ -427,6 +477,9 @@ struct Holding<'a> {
     vm_lock: Option<tokio::sync::OwnedMutexGuard<()>>,
     _slot: tokio::sync::SemaphorePermit<'a>,
 }
+
+/// How long hydrating a nix profile may take (it may download and build a toolchain).
+const NIX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1800);
 
 pub(super) fn unreachable_query() -> Outcome {
     Err(WireError::internal("queries are answered before locking"))
