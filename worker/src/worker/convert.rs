@@ -2,28 +2,10 @@
 
 use std::time::Duration;
 
-use hearth_messages::{ExecRequest, ExecResult, VmInfo};
+use hearth_messages::{ExecRequest, ExecResult};
 
-use super::Inner;
 use crate::config::WorkerConfig;
-use crate::provider::{ExecOutcome, ExecSpec, Program, VmState, VmView};
-
-impl Inner {
-    pub(super) fn vm_info(&self, view: VmView) -> VmInfo {
-        VmInfo {
-            session: self.sessions.contains(&view.vm_id),
-            // Held by a command, file transfer or job (in a job's own reply: by that job).
-            busy: self.locks.is_busy(&view.vm_id),
-            vm_id: view.vm_id,
-            state: view.state.into(),
-            template: view.template,
-            created_ms: view.created_ms,
-            last_activity_ms: view.last_activity_ms,
-            restored_from: view.restored_from,
-            notes: Vec::new(),
-        }
-    }
-}
+use crate::provider::{ExecOutcome, ExecSpec, Program, VmState};
 
 impl From<VmState> for hearth_messages::VmState {
     fn from(state: VmState) -> Self {

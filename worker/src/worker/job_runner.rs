@@ -1,6 +1,7 @@
 //! Lifecycle jobs from the scheduler: decoding, lease fencing, deduplication by job id, and the
 //! per-op work (create with its health check, start, stop, snapshot, destroy with backup, rename).
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -12,7 +13,8 @@ use hearth_messages::{
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::convert::snapshot_info;
-use super::{HEALTH_TIMEOUT, Inner, RETRY_AFTER_MS, Worker, respond, wire_error};
+use super::runner::RunnerCore;
+use super::{HEALTH_TIMEOUT, RETRY_AFTER_MS, Worker, respond, wire_error};
 use crate::jobs::Outcome;
 use crate::metrics as m;
 use crate::provider::{ExecSpec, ProviderError, VmState};
@@ -39,7 +41,7 @@ impl Worker {
         respond(&self.inner.nats, request, reply).await;
     }
 
-    pub(super) async fn job_reply(&self, request: &service::Request) -> Reply {
+    async fn job_reply(&self, request: &service::Request) -> Reply {
         let (encoding, job) = decode_message::<JobRequest>(&request.message);
         match job {
             Err(err) => {
@@ -47,38 +49,40 @@ impl Worker {
                 Reply::error(encoding, &err)
             }
             Ok(job) => {
-                let op_name = job.op.name();
                 record_job(&job);
-                if let Err(err) = self.fence(job.lease_revision) {
-                    metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => err.code.to_string())
-                        .increment(1);
-                    return Reply::error(encoding, &err);
-                }
-                let started = Instant::now();
-                let cell = self.inner.jobs.cell(&job.job_id);
-                let outcome = cell
-                    .get_or_init(|| self.run_job(job.op, job.tenant))
-                    .await
-                    .clone();
-                let result = match &outcome {
-                    Ok(_) => "ok".to_owned(),
-                    Err(e) => e.code.to_string(),
-                };
-                metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => result).increment(1);
-                metrics::histogram!(m::JOB_DURATION, "op" => op_name)
-                    .record(started.elapsed().as_secs_f64());
-                match outcome {
-                    Ok(output) => Reply::ok(
-                        encoding,
-                        &JobReply {
-                            job_id: job.job_id,
-                            output,
-                        },
-                    ),
-                    Err(err) => Reply::error(encoding, &err),
-                }
+                Reply::from_result(encoding, &self.inner.core.run(job).await)
             }
         }
+    }
+}
+
+impl RunnerCore {
+    /// Runs `job` once per `job_id` (a repeat gets the first outcome), refusing a deposed
+    /// scheduler's, and counts it.
+    pub(super) async fn run(self: &Arc<Self>, job: JobRequest) -> Result<JobReply, WireError> {
+        let op_name = job.op.name();
+        if let Err(err) = self.fence(job.lease_revision) {
+            metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => err.code.to_string())
+                .increment(1);
+            return Err(err);
+        }
+        let started = Instant::now();
+        let cell = self.jobs.cell(&job.job_id);
+        let outcome = cell
+            .get_or_init(|| self.run_job(job.op, job.tenant))
+            .await
+            .clone();
+        let result = match &outcome {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => e.code.to_string(),
+        };
+        metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => result).increment(1);
+        metrics::histogram!(m::JOB_DURATION, "op" => op_name)
+            .record(started.elapsed().as_secs_f64());
+        outcome.map(|output| JobReply {
+            job_id: job.job_id,
+            output,
+        })
     }
 
     /// Refuses a job from a deposed scheduler: one whose lease revision is older than the newest
@@ -87,10 +91,7 @@ impl Worker {
         if revision == 0 {
             return Ok(());
         }
-        let newest = self
-            .inner
-            .newest_lease
-            .fetch_max(revision, Ordering::SeqCst);
+        let newest = self.newest_lease.fetch_max(revision, Ordering::SeqCst);
         if revision < newest {
             metrics::counter!(m::JOBS_FENCED_TOTAL).increment(1);
             warn!(revision, newest, "refusing a job from a deposed scheduler");
@@ -102,8 +103,8 @@ impl Worker {
     }
 
     /// Runs one job; `tenant` owns the session a `session: true` job makes.
-    pub(super) async fn run_job(&self, op: JobOp, tenant: Option<TenantId>) -> Outcome {
-        let inner = &self.inner;
+    pub(super) async fn run_job(self: &Arc<Self>, op: JobOp, tenant: Option<TenantId>) -> Outcome {
+        let inner = self;
         if inner.draining.load(Ordering::SeqCst) {
             return Err(WireError::no_capacity("worker is draining", RETRY_AFTER_MS));
         }
@@ -167,8 +168,13 @@ impl Worker {
     }
 
     /// Runs `op` with what [`Self::run_job`] took for it (see [`Holding`]).
-    async fn run_op(&self, op: JobOp, holding: Holding<'_>, tenant: Option<&TenantId>) -> Outcome {
-        let inner = &self.inner;
+    async fn run_op(
+        self: &Arc<Self>,
+        op: JobOp,
+        holding: Holding<'_>,
+        tenant: Option<&TenantId>,
+    ) -> Outcome {
+        let inner = self;
         let provider = &inner.provider;
         let werr = |e: ProviderError| wire_error(&e);
         match op {
@@ -266,13 +272,13 @@ impl Worker {
     /// if asked.
     /// (Called holding the VM's lock.)
     pub(super) async fn create(
-        &self,
+        self: &Arc<Self>,
         vm_id: VmId,
         spec: hearth_messages::VmSpec,
         session: bool,
         tenant: Option<&TenantId>,
     ) -> Outcome {
-        let inner = &self.inner;
+        let inner = self;
         if let Some(existing) = inner
             .provider
             .get_vm(&vm_id)
@@ -369,7 +375,7 @@ impl Worker {
     /// --command true` in the volume) when the VM has `nix`. Never fails the create: a VM
     /// without nix, or a failing `nix develop`, is a warning and a note for the template's status.
     async fn hydrate_nix_profile(&self, vm_id: &VmId, profile: &str) -> String {
-        let provider = &self.inner.provider;
+        let provider = &self.provider;
         let probe = ExecSpec::argv(["sh", "-c", "command -v nix"]).with_timeout(HEALTH_TIMEOUT);
         let has_nix = matches!(provider.exec(vm_id, probe, None).await, Ok(o) if o.success());
         if !has_nix {
@@ -412,7 +418,7 @@ impl Worker {
     /// Backs the VM's volume up to `backup_dir` and applies the retention (`backup_vm`; the VM
     /// keeps running). (Called holding the VM's lock.)
     async fn backup_locked(&self, vm_id: &VmId) -> Result<(), WireError> {
-        let inner = &self.inner;
+        let inner = self;
         let Some(dir) = &inner.config.backup_dir else {
             return Err(WireError::conflict(format!(
                 "worker {} has no backup_dir",
@@ -444,7 +450,7 @@ impl Worker {
         backup: bool,
         reason: Option<TerminationReason>,
     ) -> Result<(), WireError> {
-        let inner = &self.inner;
+        let inner = self;
         if backup
             && inner.config.backup_dir.is_some()
             && let Some(view) = inner
@@ -485,7 +491,7 @@ pub(super) fn unreachable_query() -> Outcome {
     Err(WireError::internal("queries are answered before locking"))
 }
 
-impl Inner {
+impl RunnerCore {
     /// Applies the backup retention to `dir` after `newest` was written there. A failure is
     /// logged: the backup itself succeeded.
     pub(super) async fn prune_backups(&self, dir: &std::path::Path, newest: std::path::PathBuf) {
