@@ -1048,7 +1048,8 @@ async fn failing_restores_back_off_and_rebuild_the_template_snapshot() {
 #[tokio::test(start_paused = true)]
 async fn a_session_snapshot_becomes_a_template_claimable_on_another_worker() {
     let fleet = Fleet::new();
-    fleet.add("w1", 10);
+    // Room for the session and the default pool's VM only.
+    fleet.add("w1", 2);
     let h = Harness::start(config(1), fleet.clone()).await;
     h.wait_ready("default", 1).await;
     let s = h.sched.create_session(req("src")).await.unwrap();
@@ -1083,7 +1084,6 @@ async fn a_session_snapshot_becomes_a_template_claimable_on_another_worker() {
     assert_eq!(err.code, ErrorCode::Conflict);
     // A second worker joins; the first is full: the new template's pool lands there, restored
     // from the object store.
-    fleet.worker("w1").max_vms.store(2, Ordering::SeqCst);
     fleet.add("w2", 10);
     h.wait_ready("mine", 1).await;
     let (_, w) = h.sched.ready_vms(&tname("mine"))[0].clone();
