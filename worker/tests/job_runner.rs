@@ -1,73 +1,15 @@
 //! The job runner in-process, without NATS: the worker's job semantics (health check, capacity
 //! and eviction, snapshot publish and fetch through the host's store, rename into a session,
-//! job-id dedupe) over the fake provider and a host kept in memory.
+//! job-id dedupe) over the fake provider and the in-memory host.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use hearth_messages::{
-    ErrorCode, JobId, JobOp, JobOutput, JobRequest, SnapshotId, TerminationReason, VmEvent, VmId,
-    VmInfo, VmSpec, WireError, WorkerId,
+    ErrorCode, JobId, JobOp, JobOutput, JobRequest, TerminationReason, VmId, VmInfo, VmSpec,
+    WireError, WorkerId,
 };
-use hearth_worker::provider::{FakeProvider, VmRuntime};
-use hearth_worker::{JobHost, JobRunner, WorkerConfig};
-use parking_lot::Mutex;
-
-/// A host in memory: a shared snapshot store, the events seen, the sessions served.
-#[derive(Default)]
-struct MemHost {
-    store: Arc<Mutex<HashMap<SnapshotId, Vec<u8>>>>,
-    events: Mutex<Vec<VmEvent>>,
-    served: Mutex<Vec<VmId>>,
-}
-
-#[async_trait]
-impl JobHost for MemHost {
-    async fn vm_event(&self, event: VmEvent) {
-        self.events.lock().push(event);
-    }
-    async fn serve_session(&self, vm_id: &VmId) -> Result<(), WireError> {
-        self.served.lock().push(vm_id.clone());
-        Ok(())
-    }
-    fn stop_serving(&self, vm_id: &VmId) {
-        self.served.lock().retain(|v| v != vm_id);
-    }
-    async fn upload_snapshot(
-        &self,
-        provider: &Arc<dyn VmRuntime>,
-        id: &SnapshotId,
-    ) -> Result<(), WireError> {
-        let mut bytes = Vec::new();
-        provider
-            .export_snapshot(id, &mut bytes)
-            .await
-            .map_err(|e| hearth_worker::wire_error(&e))?;
-        self.store.lock().insert(id.clone(), bytes);
-        Ok(())
-    }
-    async fn download_snapshot(
-        &self,
-        provider: &Arc<dyn VmRuntime>,
-        id: &SnapshotId,
-    ) -> Result<u64, WireError> {
-        let bytes = self.store.lock().get(id).cloned();
-        let bytes = bytes.ok_or_else(|| WireError::not_found(format!("snapshot {id}")))?;
-        let info = provider
-            .import_snapshot(id, &mut bytes.as_slice())
-            .await
-            .map_err(|e| hearth_worker::wire_error(&e))?;
-        Ok(info.size_bytes)
-    }
-    async fn unpublish_snapshot(&self, id: &SnapshotId) -> Result<(), WireError> {
-        self.store.lock().remove(id);
-        Ok(())
-    }
-    async fn is_published(&self, id: &SnapshotId) -> bool {
-        self.store.lock().contains_key(id)
-    }
-}
+use hearth_worker::provider::FakeProvider;
+use hearth_worker::{JobRunner, MemoryHost, WorkerConfig};
 
 fn id<T: TryFrom<String>>(s: &str) -> T
 where
@@ -76,7 +18,7 @@ where
     T::try_from(s.to_owned()).unwrap()
 }
 
-fn runner(name: &str, max_vms: u32, host: Arc<MemHost>, dir: &std::path::Path) -> JobRunner {
+fn runner(name: &str, max_vms: u32, host: Arc<MemoryHost>, dir: &std::path::Path) -> JobRunner {
     let mut config = WorkerConfig::new(WorkerId::new(name).unwrap(), dir.join(name));
     config.max_vms = max_vms;
     JobRunner::new(config, Arc::new(FakeProvider::default()), host).unwrap()
@@ -103,11 +45,8 @@ fn vm(out: JobOutput) -> VmInfo {
 #[tokio::test]
 async fn jobs_run_in_process_with_the_workers_semantics() {
     let dir = tempfile::tempdir().unwrap();
-    let host_a = Arc::new(MemHost::default());
-    let host_b = Arc::new(MemHost {
-        store: host_a.store.clone(),
-        ..Default::default()
-    });
+    let host_a = Arc::new(MemoryHost::default());
+    let host_b = Arc::new(MemoryHost::with_store(host_a.store.clone()));
     let a = runner("a", 2, host_a.clone(), dir.path());
     let b = runner("b", 2, host_b.clone(), dir.path());
 

@@ -13,16 +13,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hearth_messages::{
-    JobId, JobOp, JobOutput, JobRequest, SessionEvent, SnapshotId, TemplateName, VmEvent, VmId,
-    VmInfo, VmState, WireError, WorkerId, WorkerStatus,
+    JobId, JobOp, JobOutput, JobRequest, SessionEvent, SnapshotId, TemplateName, VmId, VmInfo,
+    VmState, WireError, WorkerId, WorkerStatus,
 };
 use hearth_scheduler::clock::Clock;
 use hearth_scheduler::config::SchedulerConfig;
 use hearth_scheduler::store::{MemKv, Store};
 use hearth_scheduler::worker_api::{EventSink, JobError, WorkerApi};
 use hearth_scheduler::{Scheduler, TemplateConfig};
-use hearth_worker::provider::{ExecSpec, FakeConfig, FakeProvider, VmProvider, VmQuery, VmRuntime};
-use hearth_worker::{JobHost, JobRunner, WorkerConfig};
+use hearth_worker::provider::{ExecSpec, FakeConfig, FakeProvider, VmProvider, VmQuery};
+use hearth_worker::{JobRunner, MemoryHost, MemoryStore, WorkerConfig};
 use parking_lot::Mutex;
 
 pub fn wid(s: &str) -> WorkerId {
@@ -86,9 +86,9 @@ impl FleetWorker {
         let mut worker_config = WorkerConfig::new(wid(id), dir.path());
         worker_config.max_vms = max_vms;
         worker_config.backup_dir = Some(fleet.backup_dir.path().to_path_buf());
-        let host = Arc::new(FleetHost {
-            objects: fleet.objects.clone(),
-        });
+        // The fleet's shared object store; VM events and data planes are not modelled (tests
+        // call `on_vm_event` themselves).
+        let host = Arc::new(MemoryHost::with_store(fleet.objects.clone()));
         let runner = JobRunner::new(worker_config, provider.clone(), host).unwrap();
         let now = fleet.clock.now_ms();
         Self {
@@ -287,68 +287,12 @@ impl FleetWorker {
     }
 }
 
-/// The job runner's host in the fleet: the shared object store; VM events and data planes are
-/// not modelled (tests call `on_vm_event` themselves).
-#[derive(Debug)]
-struct FleetHost {
-    objects: Arc<Mutex<HashMap<SnapshotId, Vec<u8>>>>,
-}
-
-#[async_trait]
-impl JobHost for FleetHost {
-    async fn vm_event(&self, _event: VmEvent) {}
-
-    async fn serve_session(&self, _vm_id: &VmId) -> Result<(), WireError> {
-        Ok(())
-    }
-
-    fn stop_serving(&self, _vm_id: &VmId) {}
-
-    async fn upload_snapshot(
-        &self,
-        provider: &Arc<dyn VmRuntime>,
-        id: &SnapshotId,
-    ) -> Result<(), WireError> {
-        let mut bytes = Vec::new();
-        provider
-            .export_snapshot(id, &mut bytes)
-            .await
-            .map_err(wire)?;
-        self.objects.lock().insert(id.clone(), bytes);
-        Ok(())
-    }
-
-    async fn download_snapshot(
-        &self,
-        provider: &Arc<dyn VmRuntime>,
-        id: &SnapshotId,
-    ) -> Result<u64, WireError> {
-        let bytes = self.objects.lock().get(id).cloned();
-        let bytes =
-            bytes.ok_or_else(|| WireError::not_found(format!("snapshot {id} not found")))?;
-        let info = provider
-            .import_snapshot(id, &mut bytes.as_slice())
-            .await
-            .map_err(wire)?;
-        Ok(info.size_bytes)
-    }
-
-    async fn unpublish_snapshot(&self, id: &SnapshotId) -> Result<(), WireError> {
-        self.objects.lock().remove(id);
-        Ok(())
-    }
-
-    async fn is_published(&self, id: &SnapshotId) -> bool {
-        self.objects.lock().contains_key(id)
-    }
-}
-
 /// The in-process fleet: workers plus the shared snapshot object store.
 #[derive(Debug)]
 pub struct Fleet {
     pub workers: Mutex<BTreeMap<WorkerId, Arc<FleetWorker>>>,
     /// The fleet's object store: published snapshots.
-    pub objects: Arc<Mutex<HashMap<SnapshotId, Vec<u8>>>>,
+    pub objects: MemoryStore,
     pub clock: Clock,
     backup_dir: tempfile::TempDir,
 }
@@ -357,7 +301,7 @@ impl Fleet {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             workers: Mutex::new(BTreeMap::new()),
-            objects: Arc::new(Mutex::new(HashMap::new())),
+            objects: MemoryStore::default(),
             clock: Clock::new(),
             backup_dir: tempfile::tempdir().unwrap(),
         })

@@ -40,7 +40,7 @@ mod runner;
 mod snapshots;
 
 use runner::RunnerCore;
-pub use runner::{JobHost, JobRunner};
+pub use runner::{JobHost, JobRunner, MemoryHost, MemoryStore};
 
 use snapshots::open_snapshot_store;
 

@@ -241,3 +241,83 @@ impl RunnerCore {
             .collect())
     }
 }
+
+/// The fleet's snapshot store kept in memory: snapshot id → exported bytes. Clone it to share
+/// one store between runners (a fleet of workers in one process).
+pub type MemoryStore = Arc<parking_lot::Mutex<std::collections::HashMap<SnapshotId, Vec<u8>>>>;
+
+/// A [`JobHost`] for running jobs in-process (tests, embedding): snapshots in a [`MemoryStore`],
+/// VM events and served sessions recorded, no data plane.
+#[derive(Debug, Default)]
+pub struct MemoryHost {
+    /// The snapshot store (share it between hosts to share snapshots).
+    pub store: MemoryStore,
+    /// Every VM event, in order.
+    pub events: parking_lot::Mutex<Vec<VmEvent>>,
+    /// The sessions being served.
+    pub served: parking_lot::Mutex<Vec<VmId>>,
+}
+
+impl MemoryHost {
+    /// A host over `store`.
+    pub fn with_store(store: MemoryStore) -> Self {
+        Self {
+            store,
+            ..Self::default()
+        }
+    }
+}
+
+#[async_trait]
+impl JobHost for MemoryHost {
+    async fn vm_event(&self, event: VmEvent) {
+        self.events.lock().push(event);
+    }
+
+    async fn serve_session(&self, vm_id: &VmId) -> Result<(), WireError> {
+        self.served.lock().push(vm_id.clone());
+        Ok(())
+    }
+
+    fn stop_serving(&self, vm_id: &VmId) {
+        self.served.lock().retain(|v| v != vm_id);
+    }
+
+    async fn upload_snapshot(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        snapshot_id: &SnapshotId,
+    ) -> Result<(), WireError> {
+        let mut bytes = Vec::new();
+        provider
+            .export_snapshot(snapshot_id, &mut bytes)
+            .await
+            .map_err(|e| super::wire_error(&e))?;
+        self.store.lock().insert(snapshot_id.clone(), bytes);
+        Ok(())
+    }
+
+    async fn download_snapshot(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        snapshot_id: &SnapshotId,
+    ) -> Result<u64, WireError> {
+        let bytes = self.store.lock().get(snapshot_id).cloned();
+        let bytes = bytes
+            .ok_or_else(|| WireError::not_found(format!("snapshot {snapshot_id} not found")))?;
+        let info = provider
+            .import_snapshot(snapshot_id, &mut bytes.as_slice())
+            .await
+            .map_err(|e| super::wire_error(&e))?;
+        Ok(info.size_bytes)
+    }
+
+    async fn unpublish_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), WireError> {
+        self.store.lock().remove(snapshot_id);
+        Ok(())
+    }
+
+    async fn is_published(&self, snapshot_id: &SnapshotId) -> bool {
+        self.store.lock().contains_key(snapshot_id)
+    }
+}
