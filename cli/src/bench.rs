@@ -39,6 +39,9 @@ pub enum Scenario {
     /// Real microVMs (qemu provider): cold boot, snapshot, restore, warm claim, exec, RSS. Needs a
     /// guest image (`scripts/setup-qemu.sh`); not part of `all`.
     Microvm,
+    /// Tenants: claim latency as a tenant through the account imports vs as the operator, and a
+    /// tenant's p99 while another floods creates (429s).
+    Tenants,
     /// Every scenario, one after the other.
     All,
 }
@@ -114,6 +117,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
             Scenario::Cold,
             Scenario::Refill,
             Scenario::Memory,
+            Scenario::Tenants,
         ],
         one => vec![one],
     };
@@ -125,6 +129,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
             Scenario::Refill => refill(&args, &sizes, nats_url.as_deref()).await?,
             Scenario::Memory => memory(&args, &sizes, nats_url.as_deref()).await?,
             Scenario::Microvm => microvm(&args, &sizes, nats_url.as_deref()).await?,
+            Scenario::Tenants => tenants::run(&sizes).await?,
             Scenario::All => continue,
         };
         report.print(args.json);
@@ -133,6 +138,8 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
 }
 
 // ----- the stack the bench starts ----------------------------------------------------------
+
+mod tenants;
 
 struct OwnStack {
     _nats: NatsServer,
@@ -163,13 +170,13 @@ impl OwnStack {
         templates_toml: &str,
         max_vms: usize,
     ) -> Result<Self> {
-        Self::start_with(provider, templates_toml, max_vms, None, None).await
+        Self::start_with(provider, templates_toml, max_vms, None, None, false).await
     }
 
     /// A stack whose worker runs with `--isolation <isolation>` (process provider).
     async fn start_isolated(templates_toml: &str, isolation: &str) -> Result<Self> {
         let provider = hearth_worker::ProviderKind::Process;
-        Self::start_with(provider, templates_toml, 16, None, Some(isolation)).await
+        Self::start_with(provider, templates_toml, 16, None, Some(isolation), false).await
     }
 
     async fn start_with(
@@ -178,12 +185,27 @@ impl OwnStack {
         max_vms: usize,
         qemu_image: Option<&std::path::Path>,
         isolation: Option<&str>,
+        accounts: bool,
     ) -> Result<Self> {
-        let nats = tokio::task::spawn_blocking(|| {
-            NatsServer::builder().config("max_payload: 8MB\n").start()
+        let dir = tempfile::Builder::new().prefix("hearth-bench-").tempdir()?;
+        // With `accounts`, nats-server runs Hearth's accounts config (service account + tenants,
+        // compiled into this binary) and the binaries log in with their roles.
+        let accounts_conf = if accounts {
+            Some(tenants::write_accounts_config(dir.path())?)
+        } else {
+            None
+        };
+        let nats = tokio::task::spawn_blocking(move || match accounts_conf {
+            Some(conf) => NatsServer::builder()
+                .arg("-c")
+                .arg(conf.display().to_string())
+                .arg("-m")
+                .arg("-1")
+                .start(),
+            None => NatsServer::builder().config("max_payload: 8MB\n").start(),
         })
         .await??;
-        let dir = tempfile::Builder::new().prefix("hearth-bench-").tempdir()?;
+        let worker_id = if accounts { "worker-1" } else { "bench-w1" };
         let config = dir.path().join("scheduler.toml");
         std::fs::write(
             &config,
@@ -194,16 +216,12 @@ impl OwnStack {
         let url = nats.url().to_owned();
         let mut worker = Command::new(sibling_bin("hearth-worker")?);
         worker
-            .args(["--nats-url", &url, "--worker-id", "bench-w1"])
+            .args(["--nats-url", &url, "--worker-id", worker_id])
             .args(["--metrics-listen", "off"])
             .args(["--max-vms", &max_vms.to_string()])
             .args(["--job-concurrency", "32"])
             .arg("--provider")
-            .arg(match provider {
-                hearth_worker::ProviderKind::Process => "process",
-                hearth_worker::ProviderKind::Fake => "fake",
-                hearth_worker::ProviderKind::Qemu => "qemu",
-            })
+            .arg(provider.as_str())
             .arg("--data-dir")
             .arg(dir.path().join("worker"))
             .env("RUST_LOG", "warn");
@@ -213,6 +231,9 @@ impl OwnStack {
         if let Some(isolation) = isolation {
             worker.args(["--isolation", isolation]);
         }
+        if accounts {
+            tenants::login(&mut worker, worker_id);
+        }
         let worker = ChildProcess::spawn("worker", worker, dir.path())?;
         let mut scheduler = Command::new(sibling_bin("hearth-scheduler")?);
         scheduler
@@ -220,6 +241,9 @@ impl OwnStack {
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "warn");
+        if accounts {
+            tenants::login(&mut scheduler, "scheduler");
+        }
         let scheduler = ChildProcess::spawn("scheduler", scheduler, dir.path())?;
         Ok(Self {
             _nats: nats,
@@ -1026,6 +1050,7 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
         claims * 2 + rounds + 8,
         Some(&image),
         None,
+        false,
     )
     .await?;
     let client = connect(&stack.url, &Subjects::default()).await?;

@@ -1,6 +1,7 @@
-//! The exec engine inside the guest: runs one command in its own process group and turns it into an
-//! [`ExecResult`]. It keeps the guarantees of the process provider's engine
-//! (`worker/src/provider/process/exec.rs`), so a command behaves the same on every provider:
+//! The exec engine, the only one: runs one command in its own process group and turns it into an
+//! [`ExecResult`]. Every provider runs commands through it — inside QEMU and Firecracker guests,
+//! and as the first process of every process-provider sandbox — so a command behaves the same on
+//! every provider:
 //!
 //! - stdout and stderr are drained concurrently; at most `max_output_bytes` per stream is kept, the
 //!   rest is read and dropped (the child never blocks on a full pipe, memory stays bounded) and
@@ -14,8 +15,8 @@
 //!   timeout or the future dropped — every other process of the sandbox is killed as well, so a
 //!   `setsid` or double-forked child cannot outlive its exec (see [`crate::sandbox`]).
 //!
-//! Unlike the host engine, streamed chunks never wait on a slow receiver: they go straight into the
-//! connection's unbounded write queue (bounded in bytes by the cap), in order, before the result.
+//! Streamed chunks never wait on a slow receiver: they go straight into the connection's
+//! unbounded write queue (bounded in bytes by the cap), in order, before the result.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

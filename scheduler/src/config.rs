@@ -604,6 +604,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tenant_quotas_parse_and_bad_ones_are_refused_with_a_clear_error() {
+        let c = from_toml(
+            "[tenants]\nmax_ready_cap = 10\n[tenants.default]\nmax_sessions = 5\n\
+             [tenants.quotas.acme-1]\ncreates_per_s = 3\ncreate_burst = 6\n",
+        )
+        .unwrap();
+        assert_eq!(c.tenants.max_ready_cap, 10);
+        assert_eq!(c.tenants.default.max_sessions, 5);
+        let acme = &c.tenants.quotas[&TenantId::new("acme-1").unwrap()];
+        assert_eq!((acme.creates_per_s, acme.create_burst), (3, 6));
+        // Unset keys take the built-in defaults.
+        assert_eq!(acme.max_templates, Quota::default().max_templates);
+        for (bad, why) in [
+            ("[tenants.quotas.\"a.b\"]\nmax_sessions = 1\n", "tenant"),
+            ("[tenants.quotas.x]\nmax_sesions = 1\n", "unknown field"),
+            ("[tenants.quotas.x]\ncreate_burst = 0\n", "create_burst"),
+            (
+                "[tenants.default]\nmax_fleet_share_pct = 101\n",
+                "percentage",
+            ),
+            (
+                "[tenants.default]\nmax_ready_per_template = 9\nmax_ready_total = 8\n",
+                "max_ready_total",
+            ),
+            ("[tenants.default]\nmax_sessions = -1\n", "invalid value"),
+        ] {
+            let err = from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
     fn empty_file_gives_the_defaults() {
         let c = from_toml("").unwrap();
         assert_eq!(c.heartbeat_timeout, Duration::from_secs(3));

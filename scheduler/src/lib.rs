@@ -69,6 +69,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let cfg = Arc::new(config);
     metrics::register_templates(cfg.templates.iter().map(|t| &t.name));
+    metrics::zero_tenants(cfg.tenants.quotas.keys().map(|t| t.as_str()));
     let js = jetstream::new(client.clone());
 
     let quit = CancellationToken::new();

@@ -41,6 +41,7 @@ async fn serve(config: SchedulerConfig) -> Result<(), Stop> {
     if let Some(listen) = config.metrics_listen {
         metrics::install_exporter(listen).map_err(|source| Stop::Metrics { listen, source })?;
         metrics::register_templates(config.templates.iter().map(|t| &t.name));
+        metrics::zero_tenants(config.tenants.quotas.keys().map(|t| t.as_str()));
         tracing::info!(%listen, "serving prometheus metrics");
     }
     // Connection events logged and counted; a NATS server that is not up yet is waited for

@@ -155,6 +155,10 @@ pub fn describe() {
         "VMs destroyed by reconcile because nothing owned them"
     );
     describe_gauge!(SCHEDULER_LEADER, "1 while this scheduler holds the lease");
+    metrics::counter!(LEAKED_VMS_DESTROYED_TOTAL).increment(0);
+    for reason in hearth_messages::TerminationReason::ALL {
+        metrics::counter!(SESSION_TERMINATIONS_TOTAL, "reason" => reason.as_str()).increment(0);
+    }
     describe_gauge!(TENANT_SESSIONS, "Live sessions per tenant");
     describe_counter!(TENANT_CLAIMS_TOTAL, "Claims per tenant and result");
     describe_counter!(
@@ -167,29 +171,6 @@ pub fn describe() {
         "Bytes of a tenant's template snapshots"
     );
     describe_gauge!(TENANT_POOL_VMS, "Warm pooled VMs of a tenant's templates");
-    metrics::counter!(LEAKED_VMS_DESTROYED_TOTAL).increment(0);
-    for reason in hearth_messages::TerminationReason::ALL {
-        metrics::counter!(SESSION_TERMINATIONS_TOTAL, "reason" => reason.as_str()).increment(0);
-    }
-}
-
-/// Registers the per-template counters and histograms (at zero if new; `increment(0)` never
-/// resets one) for the configured templates, so the
-/// first scrape has every series the dashboard and the alerts query.
-pub fn register_templates<'a>(templates: impl IntoIterator<Item = &'a TemplateName>) {
-    for template in templates {
-        let t = template.to_string();
-        for launch in ["warm", "cold"] {
-            metrics::counter!(CLAIMS_TOTAL, "template" => t.clone(), "launch_type" => launch,
-                "result" => "ok")
-            .increment(0);
-            let _ = metrics::histogram!(CLAIM_DURATION_SECONDS, "template" => t.clone(),
-                "launch_type" => launch);
-        }
-        let _ = metrics::histogram!(REFILL_DURATION_SECONDS, "template" => t.clone());
-        let _ = metrics::histogram!(RESTORE_DURATION_SECONDS, "template" => t.clone());
-        metrics::counter!(TEMPLATE_BUILDS_TOTAL, "template" => t, "result" => "ok").increment(0);
-    }
 }
 
 /// Exports the per-tenant series for every label value that can occur (the configured tenants,
@@ -211,6 +192,25 @@ pub fn zero_tenants<'a>(configured: impl Iterator<Item = &'a str>) {
             metrics::counter!(TENANT_QUOTA_REJECTIONS_TOTAL, "tenant" => t.clone(), "quota" => *quota)
                 .increment(0);
         }
+    }
+}
+
+/// Registers the per-template counters and histograms (at zero if new; `increment(0)` never
+/// resets one) for the configured templates, so the
+/// first scrape has every series the dashboard and the alerts query.
+pub fn register_templates<'a>(templates: impl IntoIterator<Item = &'a TemplateName>) {
+    for template in templates {
+        let t = template.to_string();
+        for launch in ["warm", "cold"] {
+            metrics::counter!(CLAIMS_TOTAL, "template" => t.clone(), "launch_type" => launch,
+                "result" => "ok")
+            .increment(0);
+            let _ = metrics::histogram!(CLAIM_DURATION_SECONDS, "template" => t.clone(),
+                "launch_type" => launch);
+        }
+        let _ = metrics::histogram!(REFILL_DURATION_SECONDS, "template" => t.clone());
+        let _ = metrics::histogram!(RESTORE_DURATION_SECONDS, "template" => t.clone());
+        metrics::counter!(TEMPLATE_BUILDS_TOTAL, "template" => t, "result" => "ok").increment(0);
     }
 }
 

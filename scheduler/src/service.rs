@@ -101,6 +101,23 @@ pub async fn serve(
             _ = stop.cancelled() => break,
             next = requests.next() => match next {
                 Some((endpoint, request)) => {
+                    // A tenant over its create quota is answered here, without a task, a span or
+                    // decoding: a flood of creates costs the scheduler as little as it can, so
+                    // the other tenants' claims keep their latency.
+                    if endpoint == Endpoint::Create
+                        && let Some(err) = refuse_early(&scheduler, &request)
+                    {
+                        let enc = hearth_messages::transport::encoding_of(
+                            request.message.headers.as_ref(),
+                        );
+                        let reply = Reply::error(enc, &err);
+                        if let Err(err) =
+                            hearth_messages::transport::respond(&client, request, reply).await
+                        {
+                            tracing::debug!(error = %err, "could not send a reply");
+                        }
+                        continue;
+                    }
                     let scheduler = scheduler.clone();
                     let subjects = subjects.clone();
                     let client = client.clone();
@@ -335,6 +352,16 @@ async fn dispatch(
             }
         }
     }
+}
+
+/// The 429 for a create whose tenant is over its session or rate quota right now (checked without
+/// taking a token; the claim itself admits for real).
+fn refuse_early(
+    scheduler: &Scheduler,
+    request: &async_nats::service::Request,
+) -> Option<WireError> {
+    let caller = Caller::from_headers(request.message.headers.as_ref()).ok()?;
+    scheduler.create_refused(caller.tenant()?)
 }
 
 /// The scheduler as one caller sees it: every request acts with the caller's rights.

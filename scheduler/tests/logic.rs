@@ -1311,6 +1311,8 @@ async fn every_metric_is_emitted() {
     let w2 = fleet.add("w2", 10);
     let h = Harness::start(config(2), fleet.clone()).await;
     hearth_scheduler::metrics::describe();
+    // As the binary does at start: the tenant series exist before any tenant shows up.
+    hearth_scheduler::metrics::zero_tenants(std::iter::empty());
     h.wait_ready("default", 2).await;
     h.sched.create_session(req("m1")).await.unwrap();
     let mut r = req("m2");

@@ -27,7 +27,10 @@ fn every_bench_scenario_runs_and_reports_against_its_baseline() {
         .iter()
         .map(|r| r["scenario"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["claims", "exec", "cold", "refill", "memory"]);
+    assert_eq!(
+        names,
+        ["claims", "exec", "cold", "refill", "memory", "tenants"]
+    );
     let positive = |r: &serde_json::Value, key: &str| {
         let v = r[key]
             .as_f64()
@@ -57,4 +60,13 @@ fn every_bench_scenario_runs_and_reports_against_its_baseline() {
     assert_eq!(reports[2]["cold_claims_served_cold"], 10);
     positive(&reports[3], "restores_per_s_per_worker");
     positive(&reports[4], "scheduler_rss_after_mib");
+    for key in [
+        "operator_claim_p50_ms",
+        "tenant_claim_p50_ms",
+        "tenant_to_operator_p50",
+        "tenant_claim_under_flood_p99_ms",
+        "flood_refused",
+    ] {
+        positive(&reports[5], key);
+    }
 }

@@ -421,3 +421,73 @@ async fn tenant_quotas_hold_through_the_imports() {
         .unwrap_err();
     assert_eq!(code(&err), Some(ErrorCode::BadRequest), "{err}");
 }
+
+/// A Python with nats-py and msgpack: the project's venv (scripts/setup.sh), else none.
+fn python() -> Option<std::path::PathBuf> {
+    let venv = hearth_testkit::workspace_root().join(".tools/venv/bin/python");
+    let ok = std::process::Command::new(&venv)
+        .args(["-c", "import nats, msgpack"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(venv)
+}
+
+#[tokio::test]
+async fn the_cli_and_the_python_example_work_as_a_tenant_unchanged() {
+    let stack = Stack::start_with_accounts(&["worker-1"], CONFIG).await;
+    stack
+        .wait_pool("default", Duration::from_secs(60), |p| p.ready >= 2)
+        .await;
+    let port = stack.nats.port();
+    // The Python example of docs/PROTOCOL.md, with tenant credentials in its URL.
+    match python() {
+        Some(python) => {
+            let url = format!(
+                "nats://tenant-a:{}@127.0.0.1:{port}",
+                common::password("tenant-a")
+            );
+            let out = tokio::process::Command::new(python)
+                .arg(hearth_testkit::workspace_root().join("docs/examples/hearth_example.py"))
+                .args(["--url", &url])
+                .output()
+                .await
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "example failed as tenant-a:\n{stdout}\n{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                stack.logs()
+            );
+            assert!(stdout.trim_end().ends_with("OK"), "{stdout}");
+        }
+        None => println!("SKIP python example: no .tools/venv with nats-py and msgpack"),
+    }
+    // The CLI, logged in as tenant-b through its usual variables: its session is its own.
+    let cli = |user: &str, args: &[&str]| {
+        let mut cmd = std::process::Command::new(hearth_testkit::workspace_bin("hearth").unwrap());
+        cmd.args(["--nats-url", stack.nats.url()])
+            .args(args)
+            .env("HEARTH_NATS_USER", user)
+            .env("HEARTH_NATS_PASSWORD", common::password(user));
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "hearth {args:?} as {user}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let created = cli("tenant-b", &["session", "create"]);
+    let session: Session = serde_json::from_str(&created).expect("session JSON");
+    assert_eq!(session.tenant, Some(id("tenant-b")));
+    let sid = session.session_id.to_string();
+    let out = cli("tenant-b", &["exec", &sid, "--", "echo", "from-b"]);
+    assert!(out.contains("from-b"), "{out}");
+    let theirs = cli("tenant-a", &["session", "list"]);
+    assert!(
+        !theirs.contains(&sid),
+        "tenant-a lists tenant-b's session: {theirs}"
+    );
+    cli("tenant-b", &["session", "release", &sid]);
+}

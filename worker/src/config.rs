@@ -9,7 +9,9 @@ use std::time::Duration;
 use hearth_messages::{Subjects, WorkerId};
 use serde::Deserialize;
 
-use crate::provider::{Accel, Isolation, ProcessConfig, QemuConfig, SandboxConfig};
+use crate::provider::{
+    Accel, FirecrackerConfig, Isolation, ProcessConfig, QemuConfig, SandboxConfig,
+};
 
 /// A configuration error: the binary prints it on one line and exits 64.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +28,21 @@ pub enum ProviderKind {
     Fake,
     /// Real microVMs: QEMU `-M microvm` with the Hearth guest agent (settings under `[qemu]`).
     Qemu,
+    /// Real microVMs under Firecracker, on hosts with hardware KVM (settings under
+    /// `[firecracker]`: binary, kernel, rootfs).
+    Firecracker,
+}
+
+impl ProviderKind {
+    /// The name `--provider` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Process => "process",
+            ProviderKind::Fake => "fake",
+            ProviderKind::Qemu => "qemu",
+            ProviderKind::Firecracker => "firecracker",
+        }
+    }
 }
 
 /// Default of `max_queued_per_vm`.
@@ -96,10 +113,16 @@ pub struct WorkerConfig {
     pub drain_grace: Duration,
     /// Replicas of the snapshot object store when the worker has to create it.
     pub store_replicas: usize,
+    /// Size limit of the snapshot object store when the worker has to create it (bytes): template
+    /// snapshots can never take the JetStream storage the KV buckets need.
+    pub store_max_bytes: u64,
     /// Largest file `files.get` returns.
     pub max_file_bytes: u64,
     /// The qemu provider's settings (`[qemu]` in the file); an empty `root` is `<data_dir>/qemu`.
     pub qemu: QemuConfig,
+    /// The firecracker provider's settings (`[firecracker]` in the file); an empty `root` is
+    /// `<data_dir>/firecracker`.
+    pub firecracker: FirecrackerConfig,
     /// The shell an exec's `cmd` runs in, as `<shell> <shell_args…> <cmd>`; `None` leaves `cmd`
     /// to the provider (`/bin/sh -c` in every provider today).
     pub shell: Option<PathBuf>,
@@ -136,11 +159,13 @@ impl WorkerConfig {
             max_queued_bytes_per_vm: DEFAULT_MAX_QUEUED_BYTES_PER_VM,
             drain_grace: Duration::from_secs(30),
             store_replicas: 1,
+            store_max_bytes: 8 << 30,
             max_file_bytes: hearth_messages::data::DEFAULT_MAX_FILE_BYTES,
             qemu: QemuConfig::default(),
             shell: None,
             shell_args: default_shell_args(),
             env: BTreeMap::new(),
+            firecracker: FirecrackerConfig::default(),
         }
     }
 
@@ -177,6 +202,19 @@ impl WorkerConfig {
             config.root = self.data_dir.join("qemu");
         }
         // The worker-wide env under the `[qemu]` section's own.
+        let mut env = self.env.clone();
+        env.append(&mut config.env);
+        config.env = env;
+        config
+    }
+
+    /// The firecracker provider's configuration, its root defaulting to `<data_dir>/firecracker`.
+    pub fn firecracker_config(&self) -> FirecrackerConfig {
+        let mut config = self.firecracker.clone();
+        if config.root.as_os_str().is_empty() {
+            config.root = self.data_dir.join("firecracker");
+        }
+        // The worker-wide env under the `[firecracker]` section's own.
         let mut env = self.env.clone();
         env.append(&mut config.env);
         config.env = env;
@@ -256,6 +294,9 @@ pub struct WorkerArgs {
     /// Replicas for the snapshot object store.
     #[arg(long, env = "HEARTH_STORE_REPLICAS")]
     pub store_replicas: Option<usize>,
+    /// Size limit (bytes) of the snapshot object store, when this worker creates it.
+    #[arg(long, env = "HEARTH_STORE_MAX_BYTES")]
+    pub store_max_bytes: Option<u64>,
     /// Guest image directory of the qemu provider (vmlinuz, initrd.img).
     #[arg(long, env = "HEARTH_QEMU_IMAGE")]
     pub qemu_image: Option<PathBuf>,
@@ -272,6 +313,15 @@ pub struct WorkerArgs {
     /// the request's env).
     #[arg(long = "env", value_parser = parse_env_pair)]
     pub env: Vec<(String, String)>,
+    /// The `firecracker` binary of the firecracker provider.
+    #[arg(long, env = "HEARTH_FIRECRACKER_BIN")]
+    pub firecracker_bin: Option<PathBuf>,
+    /// Guest kernel (uncompressed `vmlinux`) of the firecracker provider.
+    #[arg(long, env = "HEARTH_FIRECRACKER_KERNEL")]
+    pub firecracker_kernel: Option<PathBuf>,
+    /// Root filesystem image (ext4, its init runs hearth-guest-agent) of the firecracker provider.
+    #[arg(long, env = "HEARTH_FIRECRACKER_ROOTFS")]
+    pub firecracker_rootfs: Option<PathBuf>,
 }
 
 /// The TOML file's shape (every key optional).
@@ -299,10 +349,12 @@ struct WorkerFile {
     max_queued_bytes_per_vm: Option<u64>,
     drain_grace_s: Option<u64>,
     store_replicas: Option<usize>,
+    store_max_bytes: Option<u64>,
     qemu: Option<QemuConfig>,
     shell: Option<PathBuf>,
     shell_args: Option<Vec<String>>,
     env: Option<BTreeMap<String, String>>,
+    firecracker: Option<FirecrackerConfig>,
 }
 
 fn read_file(path: &Path) -> Result<WorkerFile, ConfigError> {
@@ -404,6 +456,18 @@ impl WorkerArgs {
         if let Some(accel) = self.qemu_accel {
             config.qemu.accel = accel;
         }
+        if let Some(firecracker) = file.firecracker {
+            config.firecracker = firecracker;
+        }
+        if let Some(bin) = self.firecracker_bin {
+            config.firecracker.binary = bin;
+        }
+        if let Some(kernel) = self.firecracker_kernel {
+            config.firecracker.kernel = kernel;
+        }
+        if let Some(rootfs) = self.firecracker_rootfs {
+            config.firecracker.rootfs = rootfs;
+        }
         if let Some(max_vms) = self.max_vms.or(file.max_vms) {
             if max_vms == 0 {
                 return Err(ConfigError("max_vms must be at least 1".into()));
@@ -470,6 +534,12 @@ impl WorkerArgs {
         }
         config.env = file.env.unwrap_or_default();
         config.env.extend(self.env);
+        if let Some(b) = self.store_max_bytes.or(file.store_max_bytes) {
+            if b == 0 {
+                return Err(ConfigError("store_max_bytes must be positive".into()));
+            }
+            config.store_max_bytes = b;
+        }
         Ok(config)
     }
 }
@@ -477,6 +547,29 @@ impl WorkerArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn firecracker_is_selectable_with_its_own_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(
+            &path,
+            "provider = \"firecracker\"\ndata_dir = \"/d\"\n[firecracker]\nbinary = \"/fc\"\nkernel = \"/k\"\nrootfs = \"/r\"\n",
+        )
+        .unwrap();
+        let args = WorkerArgs {
+            config: Some(path),
+            firecracker_rootfs: Some("/flag-rootfs".into()),
+            ..WorkerArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.provider, ProviderKind::Firecracker);
+        let fc = config.firecracker_config();
+        assert_eq!(fc.binary, PathBuf::from("/fc"));
+        assert_eq!(fc.kernel, PathBuf::from("/k"));
+        assert_eq!(fc.rootfs, PathBuf::from("/flag-rootfs"));
+        assert_eq!(fc.root, PathBuf::from("/d/firecracker"));
+    }
 
     #[test]
     fn flags_win_over_the_file() {

@@ -31,5 +31,8 @@ pub fn open_provider(
         }
         ProviderKind::Fake => Arc::new(provider::FakeProvider::default()),
         ProviderKind::Qemu => Arc::new(provider::QemuProvider::open(config.qemu_config())?),
+        ProviderKind::Firecracker => Arc::new(provider::FirecrackerProvider::open(
+            config.firecracker_config(),
+        )?),
     })
 }

@@ -132,3 +132,32 @@ async fn pause_resume_timeout_and_a_dead_vmm() {
         .unwrap_err();
     assert!(err.to_string().contains("failed"), "{err}");
 }
+
+/// Selecting the provider on a host that lacks what it needs (here: everything) exits 64 with one
+/// line that names each missing piece, before anything else starts.
+#[test]
+fn the_worker_with_firecracker_selected_exits_64_saying_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-worker"))
+        .args(["--provider", "firecracker", "--metrics-listen", "off"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--firecracker-bin")
+        .arg(dir.path().join("no-firecracker"))
+        .arg("--firecracker-kernel")
+        .arg(dir.path().join("no-vmlinux"))
+        .env_remove("HEARTH_WORKER_CONFIG")
+        .env_remove("HEARTH_FIRECRACKER_ROOTFS")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    for needle in [
+        "firecracker cannot start",
+        "no-firecracker",
+        "no-vmlinux",
+        "no rootfs",
+    ] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+}

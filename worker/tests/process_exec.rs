@@ -634,3 +634,17 @@ async fn the_default_sandbox_isolates_commands() {
         .await;
     assert!(outcome.timed_out);
 }
+
+#[tokio::test]
+async fn the_provider_reports_its_version_with_the_sandbox_tools() {
+    let sandboxed = Setup::new();
+    let version = sandboxed.provider.version().expect("a version");
+    assert!(
+        version.starts_with(&format!("process {}", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    assert!(version.contains("bubblewrap"), "{version}");
+    let open = Setup::with(|c| c.isolation = hearth_worker::provider::Isolation::None);
+    let version = open.provider.version().expect("a version");
+    assert_eq!(version, format!("process {}", env!("CARGO_PKG_VERSION")));
+}

@@ -66,6 +66,15 @@ fn open(config: QemuConfig) -> QemuProvider {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provider_reports_the_qemu_version() {
+    let Some((p, _dir)) = qemu_support::provider() else {
+        return;
+    };
+    let version = p.version().expect("a version");
+    assert!(version.starts_with("QEMU emulator version"), "{version}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clones_of_one_snapshot_get_their_own_identity_and_clock() {
     let Some((p, dir)) = qemu_support::provider() else {
         return;

@@ -90,7 +90,6 @@ impl Scheduler {
         store: Store,
         events: Arc<dyn EventSink>,
     ) -> Result<Self, StoreError> {
-        m::zero_tenants(cfg.tenants.quotas.keys().map(|t| t.as_str()));
         let loaded = store.load_all().await?;
         for err in &loaded.corrupt {
             tracing::error!(error = %err, "skipping a corrupt record");
@@ -445,6 +444,12 @@ impl Scheduler {
         req: DeleteTemplateRequest,
     ) -> Result<Template, WireError> {
         self.core.clone().delete_template(caller, name, req).await
+    }
+
+    /// Whether a create by `tenant` would be refused by its quotas now (429), without taking a
+    /// create token: the service answers such a flood before spending anything else on it.
+    pub fn create_refused(&self, tenant: &hearth_messages::TenantId) -> Option<WireError> {
+        self.core.create_refused(tenant)
     }
 
     /// `admin.quotas.get` (operator only).

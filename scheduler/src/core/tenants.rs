@@ -78,7 +78,7 @@ impl Core {
         metrics::counter!(m::TENANT_QUOTA_REJECTIONS_TOTAL,
             "tenant" => self.tenant_label(Some(tenant)), "quota" => quota)
         .increment(1);
-        tracing::info!(tenant = %tenant, quota, "over quota");
+        tracing::debug!(tenant = %tenant, quota, "over quota");
         WireError::quota(message, retry_after_ms)
     }
 
@@ -107,15 +107,7 @@ impl Core {
             .count();
         let live = Core::live_sessions(st, tenant) + pending;
         if live >= quota.max_sessions as usize {
-            return Err(self.over_quota(
-                tenant,
-                "sessions",
-                format!(
-                    "tenant {tenant} has {live} live sessions, its quota is {}; release one first",
-                    quota.max_sessions
-                ),
-                None,
-            ));
+            return Err(self.too_many_sessions(tenant, live, &quota));
         }
         let now = Instant::now();
         let bucket = st
@@ -126,20 +118,74 @@ impl Core {
                 at: now,
             });
         if let Err(wait_ms) = bucket.take(quota.creates_per_s, quota.create_burst, now) {
-            let (message, retry) = if wait_ms == u64::MAX {
-                (format!("tenant {tenant} may not create sessions"), None)
-            } else {
-                (
-                    format!(
-                        "tenant {tenant} creates sessions faster than its quota ({}/s)",
-                        quota.creates_per_s
-                    ),
-                    Some(wait_ms),
-                )
-            };
-            return Err(self.over_quota(tenant, "create_rate", message, retry));
+            return Err(self.too_fast(tenant, wait_ms, &quota));
         }
         Ok(())
+    }
+
+    fn too_many_sessions(&self, tenant: &TenantId, live: usize, quota: &Quota) -> WireError {
+        self.over_quota(
+            tenant,
+            "sessions",
+            format!(
+                "tenant {tenant} has {live} live sessions, its quota is {}; release one first",
+                quota.max_sessions
+            ),
+            None,
+        )
+    }
+
+    /// The create-rate 429; `wait_ms` until a token (`u64::MAX`: never, the rate is 0).
+    fn too_fast(&self, tenant: &TenantId, wait_ms: u64, quota: &Quota) -> WireError {
+        if wait_ms == u64::MAX {
+            return self.over_quota(
+                tenant,
+                "create_rate",
+                format!("tenant {tenant} may not create sessions"),
+                None,
+            );
+        }
+        self.over_quota(
+            tenant,
+            "create_rate",
+            format!(
+                "tenant {tenant} creates sessions faster than its quota ({}/s)",
+                quota.creates_per_s
+            ),
+            Some(wait_ms),
+        )
+    }
+
+    /// The 429 a create by `tenant` gets now, if any, without taking a token (a pre-check: the
+    /// claim's [`Core::admit_claim`] decides for real). Only quotas that a request cannot change:
+    /// live sessions at the limit with no claim of the tenant in flight, or an empty bucket.
+    pub(crate) fn create_refused(&self, tenant: &TenantId) -> Option<WireError> {
+        let refused = self.create_refused_now(tenant);
+        if refused.is_some() {
+            metrics::counter!(m::TENANT_CLAIMS_TOTAL,
+                "tenant" => self.tenant_label(Some(tenant)), "result" => "quota")
+            .increment(1);
+        }
+        refused
+    }
+
+    fn create_refused_now(&self, tenant: &TenantId) -> Option<WireError> {
+        let mut st = self.state.lock();
+        let quota = self.quota(&st, tenant);
+        let live = Core::live_sessions(&mut st, tenant);
+        if live >= quota.max_sessions as usize {
+            return Some(self.too_many_sessions(tenant, live, &quota));
+        }
+        let bucket = st.create_buckets.get_mut(tenant)?;
+        let mut probe = *bucket;
+        match probe.take(quota.creates_per_s, quota.create_burst, Instant::now()) {
+            Ok(()) => None,
+            Err(wait_ms) => {
+                // Keep the refill already computed; the token was not taken.
+                *bucket = probe;
+                Some(self.too_fast(tenant, wait_ms, &quota))
+            }
+        }
     }
 
     /// Remembers a live session of its tenant (for the session quota).

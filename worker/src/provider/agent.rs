@@ -36,7 +36,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::provider::{ExecOutcome, OutputChunk, OutputStream};
+use crate::provider::{
+    ExecOutcome, ExecSpec, OutputChunk, OutputStream, Program, ProviderError, VmId,
+};
 
 /// How long a handshake ping waits before the connection is dropped and made again.
 const PING_RETRY: [Duration; 3] = [
@@ -123,6 +125,28 @@ async fn read_line(stream: &mut UnixStream) -> std::io::Result<String> {
     ))
 }
 
+/// The agent request that runs `spec`, within the wire's limits.
+pub(crate) fn exec_request(spec: &ExecSpec) -> ExecRequest {
+    let mut req = match &spec.program {
+        Program::Shell(cmd) => ExecRequest::cmd(cmd.clone()),
+        Program::Argv(argv) => ExecRequest::argv(argv.iter().cloned()),
+    };
+    req.env = spec.env.clone();
+    req.cwd = spec.cwd.clone();
+    req.stdin = spec.stdin.clone().map(Into::into);
+    let max_timeout = hearth_messages::data::MAX_EXEC_TIMEOUT_MS;
+    req.timeout_ms = Some((spec.timeout.as_millis() as u64).clamp(1, max_timeout));
+    req.max_output_bytes =
+        Some((spec.max_output_bytes as u64).min(hearth_messages::data::MAX_OUTPUT_BYTES));
+    req
+}
+
+/// Extra time for moving `bytes` through an agent channel (about 4 MiB/s, generous for a serial
+/// port under TCG).
+pub(crate) fn transfer_allowance(bytes: u64) -> Duration {
+    Duration::from_millis(bytes / 4096)
+}
+
 /// A failed call to the agent.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AgentCallError {
@@ -140,6 +164,28 @@ pub(crate) enum AgentCallError {
     Protocol(String),
     #[error("guest agent channel: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl AgentCallError {
+    /// The provider error of a failed call to `vm_id`'s agent, the same for every backend. A lost
+    /// channel is `Internal` here: a backend that knows better why (its VMM died, the VM was
+    /// stopped) says so before it falls back on this.
+    pub(crate) fn for_vm(self, vm_id: &VmId) -> ProviderError {
+        use hearth_messages::agent::AgentErrorKind as K;
+        match self {
+            AgentCallError::Timeout { .. } => ProviderError::Timeout(format!("vm {vm_id}: {self}")),
+            AgentCallError::Agent(err) => match err.kind {
+                K::InvalidArgument => ProviderError::InvalidArgument(err.message),
+                K::NotFound => ProviderError::NotFound(err.message),
+                K::Unsupported => ProviderError::Unsupported(err.message),
+                K::NoSpace => ProviderError::NoSpace(err.message),
+                K::Io | K::Cancelled | K::Other => {
+                    ProviderError::internal(format!("vm {vm_id}: in the guest"), err.message)
+                }
+            },
+            e => ProviderError::internal(format!("vm {vm_id}"), e),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -672,207 +718,4 @@ impl Collector {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use hearth_messages::agent::Pong;
-    use hearth_messages::{Blob, ExecResult};
-    use tokio::net::UnixListener;
-
-    async fn reply(stream: &mut UnixStream, id: u64, reply: AgentReply) {
-        let bytes = encode_frame(&AgentFrame { id, reply }).unwrap();
-        stream.write_all(&bytes).await.unwrap();
-    }
-
-    async fn request(stream: &mut UnixStream) -> Option<HostFrame> {
-        let mut header = [0u8; 4];
-        stream.read_exact(&mut header).await.ok()?;
-        let mut body = vec![0u8; frame_len(header).unwrap()];
-        stream.read_exact(&mut body).await.ok()?;
-        Some(decode_frame(&body).unwrap())
-    }
-
-    fn pong() -> AgentReply {
-        AgentReply::Pong(Pong {
-            protocol: PROTOCOL_VERSION,
-            agent_version: "test".into(),
-            pid: 1,
-            hostname: "h".into(),
-        })
-    }
-
-    /// A fake agent: ignores the first connection's ping (a stuck channel), then answers pings and
-    /// floods an exec with more output than its cap, preceded by a stale reply to an unknown id.
-    async fn fake_agent(listener: UnixListener) {
-        let (mut first, _) = listener.accept().await.unwrap();
-        let _ = request(&mut first).await;
-        let (mut stream, _) = listener.accept().await.unwrap();
-        drop(first);
-        while let Some(frame) = request(&mut stream).await {
-            match frame.request {
-                AgentRequest::Ping {} => reply(&mut stream, frame.id, pong()).await,
-                AgentRequest::Exec(req) => {
-                    assert!(req.stream);
-                    reply(&mut stream, 12345, pong()).await;
-                    for _ in 0..4 {
-                        let data = Blob(vec![b'x'; 1000]);
-                        let output = AgentReply::Output {
-                            stream: OutputStreamName::Stdout,
-                            data,
-                        };
-                        reply(&mut stream, frame.id, output).await;
-                    }
-                    let result = ExecResult {
-                        exit_code: 3,
-                        stderr: Blob(b"tail".to_vec()),
-                        ..ExecResult::default()
-                    };
-                    reply(&mut stream, frame.id, AgentReply::Exited(result)).await;
-                }
-                _ => {} // never answered: the caller times out
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn the_firecracker_vsock_handshake_precedes_the_stream() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        tokio::spawn(async move {
-            // Firecracker's side: the CONNECT line, then OK, then the guest's stream.
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let line = read_line(&mut stream).await.unwrap();
-            assert_eq!(line, "CONNECT 1024");
-            stream.write_all(b"OK 1073741824\n").await.unwrap();
-            while let Some(frame) = request(&mut stream).await {
-                reply(&mut stream, frame.id, pong()).await;
-            }
-        });
-        let link = AgentLink::new(
-            Connector::FirecrackerVsock {
-                uds: path,
-                port: 1024,
-            },
-            None,
-        );
-        link.ready(Instant::now() + Duration::from_secs(5))
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn reconnects_past_a_stuck_channel_caps_output_and_times_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        tokio::spawn(fake_agent(listener));
-        let link = AgentLink::new(Connector::Unix(path), None);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        link.ready(deadline).await.unwrap();
-
-        let (tx, mut rx) = mpsc::channel(16);
-        let outcome = link
-            .exec(
-                ExecRequest::cmd("x"),
-                2500,
-                Some(tx),
-                ExecLimits {
-                    handshake: Duration::from_secs(5),
-                    grace: Duration::from_secs(5),
-                },
-            )
-            .await
-            .unwrap();
-        let (mut stdout, mut stderr) = (0, Vec::new());
-        while let Ok(chunk) = rx.try_recv() {
-            match chunk.stream {
-                OutputStream::Stdout => stdout += chunk.data.len(),
-                OutputStream::Stderr => stderr.extend_from_slice(&chunk.data),
-            }
-        }
-        assert_eq!(stdout, 2500, "the host enforces the cap too");
-        assert!(outcome.stdout_truncated);
-        assert_eq!(outcome.exit_code, 3);
-        assert_eq!(stderr, b"tail", "output in the result is delivered too");
-        assert!(outcome.stdout.is_empty() && outcome.stderr.is_empty());
-
-        let started = Instant::now();
-        let err = link
-            .call(
-                AgentRequest::SetClock { now_ms: 1 },
-                "set clock",
-                Instant::now() + Duration::from_millis(300),
-            )
-            .await
-            .unwrap_err();
-        assert!(matches!(err, AgentCallError::Timeout { .. }), "{err}");
-        assert!(started.elapsed() < Duration::from_secs(3));
-    }
-
-    /// The next request the fake agent receives, within 5 s.
-    async fn next_request(stream: &mut UnixStream) -> HostFrame {
-        tokio::time::timeout(Duration::from_secs(5), request(stream))
-            .await
-            .expect("no request within 5 s")
-            .expect("the host closed the channel")
-    }
-
-    #[tokio::test]
-    async fn an_exec_dropped_or_timed_out_is_cancelled_in_the_guest() {
-        let (host, mut agent) = UnixStream::pair().unwrap();
-        let link = AgentLink::attached(host);
-        let limits = ExecLimits {
-            handshake: Duration::from_secs(5),
-            grace: Duration::from_millis(100),
-        };
-
-        // Dropped while the command runs (after its first output): the agent gets a Cancel.
-        let (tx, mut rx) = mpsc::channel(4);
-        let exec = link.exec(ExecRequest::cmd("sleep 300"), 100, Some(tx), limits);
-        let running = async {
-            let frame = next_request(&mut agent).await;
-            assert!(matches!(frame.request, AgentRequest::Exec(_)), "{frame:?}");
-            let output = AgentReply::Output {
-                stream: OutputStreamName::Stdout,
-                data: Blob(b"started".to_vec()),
-            };
-            reply(&mut agent, frame.id, output).await;
-            rx.recv().await.expect("the output chunk");
-            frame.id
-        };
-        let exec_id = tokio::select! {
-            outcome = exec => panic!("the exec ended: {outcome:?}"),
-            id = running => id,
-        };
-        let frame = next_request(&mut agent).await;
-        assert_eq!(frame.request, AgentRequest::Cancel { id: exec_id });
-        assert_ne!(frame.id, exec_id);
-
-        // A finished exec is not cancelled: the next frame is the next exec.
-        let mut finished = ExecRequest::cmd("true");
-        finished.timeout_ms = Some(100);
-        let exec = link.exec(finished.clone(), 100, None, limits);
-        let answer = async {
-            let frame = next_request(&mut agent).await;
-            let result = AgentReply::Exited(ExecResult::default());
-            reply(&mut agent, frame.id, result).await;
-        };
-        let (outcome, ()) = tokio::join!(exec, answer);
-        assert_eq!(outcome.unwrap().exit_code, 0);
-
-        // Timed out (no answer within the command's timeout plus the grace): cancelled too.
-        let exec = link.exec(finished, 100, None, limits);
-        let unanswered = async {
-            let frame = next_request(&mut agent).await;
-            assert!(matches!(frame.request, AgentRequest::Exec(_)), "{frame:?}");
-            frame.id
-        };
-        let (outcome, exec_id) = tokio::join!(exec, unanswered);
-        assert!(
-            matches!(outcome, Err(AgentCallError::Timeout { .. })),
-            "{outcome:?}"
-        );
-        let frame = next_request(&mut agent).await;
-        assert_eq!(frame.request, AgentRequest::Cancel { id: exec_id });
-    }
-}
+mod tests;

@@ -9,8 +9,12 @@
 //! Architecture invariant: the caller (the worker's NATS layer) serialises operations per VM with a
 //! per-VM async lock and enforces capacity. Providers are still internally thread-safe: operations on
 //! different VMs run in parallel and no provider holds a global lock across a long await.
+//!
+//! Size: just over 800 lines because the domain types (`VmSpec`, `ExecSpec`, `ExecOutcome`, …)
+//! and `ProviderError` sit with the traits that speak them; everything a backend shares lives in
+//! `registry/` and `guest/`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,8 +32,12 @@ pub mod firecracker;
 mod paths;
 pub mod process;
 pub mod qemu;
+mod registry;
+
+pub use registry::TOMBSTONE_CAPACITY;
+pub(crate) use registry::Tombstones;
+mod guest;
 mod snapshot_archive;
-mod vmm;
 
 pub use fake::{FakeConfig, FakeOp, FakeProvider};
 pub use firecracker::{FirecrackerConfig, FirecrackerMmds, FirecrackerProvider};
@@ -45,10 +53,9 @@ pub trait VmProvider: Send + Sync + 'static {
     /// What separates this provider's VMs from the host and from each other, as enforced.
     fn isolation(&self) -> hearth_messages::IsolationReport;
 
-    /// The version of what runs the VMs (e.g. `QEMU 7.2.0`), for heartbeats; `None` when unknown.
-    fn version(&self) -> Option<String> {
-        None
-    }
+    /// What runs the VMs, with its version, for heartbeats (`versions.provider`): the VMM's
+    /// `--version` (qemu, firecracker), the sandbox tool's (process), or this crate's.
+    fn version(&self) -> Option<String>;
 
     /// Creates and boots a VM with default settings (empty volume). The VM is `Running` on return.
     /// `AlreadyExists` if `vm_id` is in use (a destroyed VM's tombstone does not count).
@@ -540,6 +547,15 @@ pub enum ProviderError {
         #[source]
         source: std::io::Error,
     },
+    /// A failure that is not I/O: inside the provider (a task that panicked, metadata that does
+    /// not encode) or in a peer's protocol (an unexpected answer from a guest agent or a VMM, a
+    /// command in the guest that failed). The source is kept for logs and messages.
+    #[error("{context}: {source}")]
+    Internal {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A command the provider ran on the caller's behalf (bootstrap) failed.
     #[error("{0}")]
     CommandFailed(String),
@@ -563,6 +579,7 @@ pub enum ProviderErrorKind {
     InvalidArgument,
     Unsupported,
     Io,
+    Internal,
     CommandFailed,
     Unavailable,
     Timeout,
@@ -577,7 +594,9 @@ impl ProviderErrorKind {
             ProviderErrorKind::NotFound => 404,
             ProviderErrorKind::AlreadyExists | ProviderErrorKind::InvalidState => 409,
             ProviderErrorKind::InvalidArgument | ProviderErrorKind::Unsupported => 400,
-            ProviderErrorKind::Io | ProviderErrorKind::CommandFailed => 500,
+            ProviderErrorKind::Io
+            | ProviderErrorKind::Internal
+            | ProviderErrorKind::CommandFailed => 500,
             ProviderErrorKind::Unavailable => 503,
             ProviderErrorKind::Timeout => 504,
             ProviderErrorKind::NoSpace => 507,
@@ -594,6 +613,7 @@ impl ProviderError {
             ProviderError::InvalidArgument(_) => ProviderErrorKind::InvalidArgument,
             ProviderError::Unsupported(_) => ProviderErrorKind::Unsupported,
             ProviderError::Io { .. } => ProviderErrorKind::Io,
+            ProviderError::Internal { .. } => ProviderErrorKind::Internal,
             ProviderError::CommandFailed(_) => ProviderErrorKind::CommandFailed,
             ProviderError::Unavailable(_) => ProviderErrorKind::Unavailable,
             ProviderError::Timeout(_) => ProviderErrorKind::Timeout,
@@ -611,6 +631,17 @@ impl ProviderError {
         ProviderError::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// A failure that is not I/O (see [`ProviderError::Internal`]), with what was being done.
+    pub fn internal(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        ProviderError::Internal {
+            context: context.into(),
+            source: source.into(),
         }
     }
 
@@ -675,59 +706,47 @@ pub(crate) mod lifecycle {
     }
 }
 
-/// How many destroyed VMs stay visible as `Destroyed`.
-pub const TOMBSTONE_CAPACITY: usize = 1024;
+/// How long a bootstrap command may run.
+pub(crate) const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(600);
+/// Output kept from a bootstrap command for the error message.
+pub(crate) const BOOTSTRAP_OUTPUT_BYTES: usize = 64 * 1024;
 
-/// Recently destroyed VMs, so that exec on one is `InvalidState` (409), not `NotFound`. Bounded (the
-/// oldest is forgotten first) and in memory only: lost on restart.
-#[derive(Debug)]
-pub(crate) struct Tombstones {
-    order: VecDeque<VmId>,
-    views: HashMap<VmId, VmView>,
-    capacity: usize,
+/// The error of a bootstrap that did not succeed: how it ended, and the end of what it said
+/// (its stderr, or its stdout when it wrote nothing to stderr). The same on every backend.
+pub(crate) fn bootstrap_failed(vm_id: &VmId, outcome: &ExecOutcome) -> ProviderError {
+    let how = if outcome.timed_out {
+        format!("timed out after {}s", BOOTSTRAP_TIMEOUT.as_secs())
+    } else {
+        format!("exited with code {}", outcome.exit_code)
+    };
+    let tail = if outcome.stderr.is_empty() {
+        tail_lossy(&outcome.stdout, 2000)
+    } else {
+        tail_lossy(&outcome.stderr, 2000)
+    };
+    ProviderError::CommandFailed(format!("bootstrap of vm {vm_id} {how}: {tail}"))
 }
 
-impl Default for Tombstones {
-    fn default() -> Self {
-        Self::with_capacity(TOMBSTONE_CAPACITY)
+/// A tool's `--version` (its first line); `Unavailable` if it cannot run. VMM snapshots record
+/// it (state only loads into the same build) and heartbeats report it.
+pub(crate) fn probe_version(bin: &Path) -> Result<String, ProviderError> {
+    let output = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| ProviderError::Unavailable(format!("cannot run {}: {e}", bin.display())))?;
+    if !output.status.success() {
+        return Err(ProviderError::Unavailable(format!(
+            "{} --version fails: {}",
+            bin.display(),
+            tail_lossy(&output.stderr, 300)
+        )));
     }
-}
-
-impl Tombstones {
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
-        Self {
-            order: VecDeque::new(),
-            views: HashMap::new(),
-            capacity,
-        }
-    }
-
-    /// Records `view` (its state set to `Destroyed`), forgetting the oldest beyond capacity.
-    pub(crate) fn insert(&mut self, mut view: VmView) {
-        view.state = VmState::Destroyed;
-        self.remove(&view.vm_id);
-        self.order.push_back(view.vm_id.clone());
-        self.views.insert(view.vm_id.clone(), view);
-        while self.order.len() > self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.views.remove(&oldest);
-            }
-        }
-    }
-
-    pub(crate) fn remove(&mut self, vm_id: &VmId) {
-        if self.views.remove(vm_id).is_some() {
-            self.order.retain(|id| id != vm_id);
-        }
-    }
-
-    pub(crate) fn get(&self, vm_id: &VmId) -> Option<&VmView> {
-        self.views.get(vm_id)
-    }
-
-    pub(crate) fn views(&self) -> impl Iterator<Item = &VmView> {
-        self.views.values()
-    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
 }
 
 /// Now as unix milliseconds.
@@ -748,34 +767,6 @@ pub(crate) fn tail_lossy(bytes: &[u8], max: usize) -> String {
 mod tests {
     use super::*;
 
-    fn view(id: &str) -> VmView {
-        VmView {
-            vm_id: VmId::new(id).unwrap(),
-            state: VmState::Running,
-            template: None,
-            created_ms: 1,
-            last_activity_ms: 1,
-            stopped_ms: None,
-            restored_from: None,
-        }
-    }
-
-    #[test]
-    fn tombstones_are_bounded_and_forget_the_oldest_first() {
-        let mut t = Tombstones::with_capacity(2);
-        t.insert(view("a"));
-        t.insert(view("b"));
-        t.insert(view("a")); // re-destroyed: now the newest
-        t.insert(view("c"));
-        assert!(t.get(&VmId::new("b").unwrap()).is_none());
-        assert_eq!(
-            t.get(&VmId::new("a").unwrap()).unwrap().state,
-            VmState::Destroyed
-        );
-        assert!(t.get(&VmId::new("c").unwrap()).is_some());
-        assert_eq!(t.views().count(), 2);
-    }
-
     #[test]
     fn error_kinds_map_to_wire_codes() {
         let codes: Vec<u16> = [
@@ -785,6 +776,7 @@ mod tests {
             ProviderError::InvalidArgument(String::new()),
             ProviderError::Unsupported(String::new()),
             ProviderError::io("x", std::io::Error::other("y")),
+            ProviderError::internal("x", "y"),
             ProviderError::CommandFailed(String::new()),
             ProviderError::Unavailable(String::new()),
             ProviderError::Timeout(String::new()),
@@ -792,7 +784,16 @@ mod tests {
         .iter()
         .map(ProviderError::status_code)
         .collect();
-        assert_eq!(codes, [404, 409, 409, 400, 400, 500, 500, 503, 504]);
+        assert_eq!(codes, [404, 409, 409, 400, 400, 500, 500, 500, 503, 504]);
+    }
+
+    #[test]
+    fn internal_errors_keep_their_source() {
+        let err = ProviderError::internal("vm a", std::fmt::Error);
+        assert_eq!(err.kind(), ProviderErrorKind::Internal);
+        let source = std::error::Error::source(&err).expect("a source");
+        assert_eq!(source.to_string(), std::fmt::Error.to_string());
+        assert!(err.to_string().starts_with("vm a: "), "{err}");
     }
 
     #[test]

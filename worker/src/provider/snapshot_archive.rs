@@ -51,7 +51,10 @@ pub(crate) fn decompress(src: &Path, dest: &Path) -> io::Result<(String, u64)> {
         size += n as u64;
     }
     out.flush()?;
-    Ok((super::vmm::hex(ctx.finish().as_ref()), size))
+    Ok((
+        super::registry::state_root::hex(ctx.finish().as_ref()),
+        size,
+    ))
 }
 
 /// A ustar header for a regular file entry.
@@ -223,7 +226,10 @@ mod tests {
         let out = tmp.path().join("out");
         let (sha, size) = decompress(&got, &out).unwrap();
         assert_eq!(size, data.len() as u64);
-        assert_eq!(sha, crate::provider::vmm::sha256_file(&state).unwrap());
+        assert_eq!(
+            sha,
+            crate::provider::registry::state_root::sha256_file(&state).unwrap()
+        );
 
         let cut = &stream[..stream.len() / 2];
         assert!(matches!(

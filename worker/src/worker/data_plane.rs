@@ -7,12 +7,11 @@ use std::time::Instant;
 
 use async_nats::service::{self};
 use futures::StreamExt;
-use hearth_messages::Caller;
 use hearth_messages::data::{CHUNK_HEADER, DEFAULT_MAX_FILE_BYTES};
 use hearth_messages::transport::{Reply, decode_message, encoding_of};
 use hearth_messages::{
-    Encoding, ExecRequest, FileGetRequest, FileGetResult, FilePutRequest, FilePutResult, SessionId,
-    SessionOp, VmId, WireError,
+    Caller, Encoding, ExecRequest, FileGetRequest, FileGetResult, FilePutRequest, FilePutResult,
+    SessionId, SessionOp, VmId, WireError,
 };
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span};
@@ -61,6 +60,7 @@ impl Worker {
             },
         );
         let worker = self.clone();
+        let owner = inner.sessions.owner(&vm_id);
         inner.tasks.spawn(async move {
             let mut requests = futures::stream::select_all(endpoints);
             loop {
@@ -92,10 +92,26 @@ impl Worker {
                     }
                 }
             }
-            // Dropping the endpoints unsubscribes them.
+            // Unsubscribe, then answer what was already delivered: a request that arrived while
+            // the session ended gets 409 at once instead of waiting out its timeout.
             for endpoint in requests.into_iter() {
                 let mut endpoint = endpoint.into_inner();
                 let _ = endpoint.stop().await;
+                while let Ok(Some(request)) =
+                    tokio::time::timeout(std::time::Duration::from_millis(50), endpoint.next()).await
+                {
+                    let enc = encoding_of(request.message.headers.as_ref());
+                    // (The session's owner as it was served: the journal entry is gone now.)
+                    let theirs = Caller::from_headers(request.message.headers.as_ref())
+                        .is_ok_and(|c| owner.as_ref().is_some_and(|o| c.owns(o.as_ref())));
+                    let err = if theirs {
+                        session_ended(&vm_id)
+                    } else {
+                        WireError::not_found(format!("session {vm_id} not found"))
+                    };
+                    let reply = Reply::error(enc, &err);
+                    respond(&worker.inner.nats, request, reply).await;
+                }
             }
         });
         Ok(())

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use async_nats::jetstream;
 use async_nats::jetstream::object_store::ObjectStore;
 use hearth_messages::{Bucket, JobOutput, SnapshotId, VmId, WireError};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::convert::snapshot_info;
 use super::runner::RunnerCore;
@@ -179,20 +179,47 @@ pub(super) async fn open_snapshot_store(
     if let Ok(store) = js.get_object_store(&bucket).await {
         return Ok(store);
     }
-    match js
-        .create_object_store(jetstream::object_store::Config {
-            bucket: bucket.clone(),
-            description: Some("Hearth template snapshots".into()),
-            num_replicas: config.store_replicas,
-            ..Default::default()
-        })
-        .await
-    {
-        Ok(store) => Ok(store),
-        // Another worker created it first.
-        Err(create_err) => js
-            .get_object_store(&bucket)
-            .await
-            .map_err(|_| nats_err(format!("creating object store {bucket}"))(create_err)),
+    // The size limit keeps snapshots off the KV buckets' storage. A server with less JetStream
+    // storage than asked refuses the reservation ("insufficient storage resources"): ask for
+    // half, down to 256 MiB, rather than not starting (logged: the operator should size it).
+    let mut max_bytes = config.store_max_bytes.max(1);
+    loop {
+        let created = js
+            .create_object_store(jetstream::object_store::Config {
+                bucket: bucket.clone(),
+                description: Some("Hearth template snapshots".into()),
+                num_replicas: config.store_replicas,
+                max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
+                ..Default::default()
+            })
+            .await;
+        let create_err = match created {
+            Ok(store) => {
+                if max_bytes < config.store_max_bytes {
+                    warn!(
+                        asked = config.store_max_bytes,
+                        got = max_bytes,
+                        "the JetStream server has less storage than store_max_bytes; the snapshot store is smaller"
+                    );
+                }
+                return Ok(store);
+            }
+            Err(e) => e,
+        };
+        // Another worker created it first?
+        if let Ok(store) = js.get_object_store(&bucket).await {
+            return Ok(store);
+        }
+        let insufficient = create_err.to_string().contains("insufficient storage");
+        if insufficient && max_bytes / 2 >= MIN_STORE_BYTES {
+            max_bytes /= 2;
+            continue;
+        }
+        return Err(nats_err(format!("creating object store {bucket}"))(
+            create_err,
+        ));
     }
 }
+
+/// The smallest snapshot store a worker settles for when the server's storage is short.
+const MIN_STORE_BYTES: u64 = 256 << 20;

@@ -141,6 +141,8 @@ pub(crate) struct Launcher {
     etc_dir: PathBuf,
     /// Whether `setpriv` drops to `config.uid` (the worker is root).
     drop_to_uid: bool,
+    /// `bwrap --version`, when sandboxes isolate.
+    tool_version: Option<String>,
 }
 
 /// What one sandbox is for.
@@ -244,12 +246,13 @@ impl Launcher {
         write_etc(&etc_dir)
             .map_err(|e| ProviderError::io(format!("cannot write {}", etc_dir.display()), e))?;
         let drop_to_uid = nix::unistd::geteuid().is_root();
-        let launcher = Self {
+        let mut launcher = Self {
             isolation,
             config,
             agent,
             etc_dir,
             drop_to_uid,
+            tool_version: None,
         };
         if isolation == Isolation::Sandbox {
             let dir = root
@@ -258,12 +261,23 @@ impl Launcher {
             let probed = launcher.probe(&dir);
             let _ = std::fs::remove_dir(&dir);
             probed?;
+            launcher.tool_version = crate::provider::probe_version(&launcher.config.bwrap).ok();
         }
         Ok(launcher)
     }
 
     pub(crate) fn isolation(&self) -> Isolation {
         self.isolation
+    }
+
+    /// `process <crate version>`, with the sandbox tool's own version when it isolates
+    /// (`process 0.1.0 (bubblewrap 0.8.0)`).
+    pub(crate) fn version(&self) -> String {
+        let ours = format!("process {}", env!("CARGO_PKG_VERSION"));
+        match &self.tool_version {
+            Some(tool) => format!("{ours} ({tool})"),
+            None => ours,
+        }
     }
 
     /// The host uid and gid that own sandbox files (volumes are chowned to them).
@@ -609,6 +623,7 @@ mod tests {
             agent: PathBuf::from("/opt/agent"),
             etc_dir: PathBuf::from("/r/sandbox-etc"),
             drop_to_uid: true,
+            tool_version: None,
         }
     }
 

@@ -222,7 +222,7 @@ impl DigestCache {
     }
 }
 
-pub(crate) use crate::provider::vmm::sha256_file;
+use crate::provider::registry::state_root::sha256_file;
 
 #[cfg(test)]
 mod tests {
