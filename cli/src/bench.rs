@@ -19,7 +19,7 @@ use hdrhistogram::Histogram;
 use hearth_messages::{
     CreateSessionRequest, ExecRequest, HearthClient, SessionId, Subjects, TemplateName,
 };
-use hearth_testkit::{ChildProcess, NatsServer};
+use hearth_natsd::{ChildProcess, NatsServer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -1035,7 +1035,7 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
         .qemu_image
         .clone()
         .or_else(|| std::env::var_os("HEARTH_QEMU_IMAGE").map(PathBuf::from))
-        .unwrap_or_else(|| hearth_testkit::workspace_root().join(".tools/images/current"));
+        .unwrap_or_else(|| PathBuf::from(".tools/images/current"));
     if !image.join("vmlinuz").is_file() {
         bail!(
             "no guest image at {} (run scripts/setup-qemu.sh or pass --qemu-image)",

@@ -168,6 +168,11 @@ pub async fn pool_status(client: &HearthClient) -> Result<()> {
     print_json(&client.pool_status().await?)
 }
 
+/// `hearth admin maintenance`: the scheduler's lifecycle pass, now.
+pub async fn maintenance(client: &HearthClient) -> Result<()> {
+    print_json(&client.run_maintenance().await?)
+}
+
 /// `hearth templates`.
 pub async fn templates(client: &HearthClient) -> Result<()> {
     print_json(&client.list_templates().await?)

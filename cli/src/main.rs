@@ -48,6 +48,16 @@ enum Command {
     Pool(PoolCmd),
     /// List templates.
     Templates,
+    /// Operator requests to the scheduler.
+    #[command(subcommand)]
+    Admin(AdminCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCmd {
+    /// Run the session lifecycle pass (TTL, idle stop, backup, prune, retention) now instead of
+    /// at its next tick.
+    Maintenance,
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +128,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::Pool(PoolCmd::Status) => client_cmds::pool_status(&hearth).await?,
         Command::Templates => client_cmds::templates(&hearth).await?,
+        Command::Admin(AdminCmd::Maintenance) => client_cmds::maintenance(&hearth).await?,
         Command::Up(_) | Command::Bench(_) => {}
     }
     Ok(0)

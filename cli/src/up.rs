@@ -1,6 +1,7 @@
 //! `hearth up`: the whole local stack in one command — a `nats-server` child with JetStream (unless
 //! `--nats-url` names a running one), the scheduler and one worker in this process, with a `default`
-//! template and a warm pool. Logs go to stderr; Ctrl-C or SIGTERM stops everything cleanly.
+//! template and a warm pool. Logs go to stderr; Ctrl-C or SIGTERM stops everything cleanly and
+//! destroys the VMs the worker holds, unless `--keep-vms` leaves them for the next start to adopt.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +48,11 @@ pub struct UpArgs {
     /// A scheduler TOML file (templates, lifetimes); replaces the built-in `default` template.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Leave the VMs running when `hearth up` exits, for the next `hearth up` to adopt (sessions
+    /// survive the restart). Without it, every VM this stack holds is destroyed on exit; template
+    /// snapshots stay, so the next start refills its pool by restoring.
+    #[arg(long)]
+    pub keep_vms: bool,
 }
 
 fn parse_isolation(value: &str) -> std::result::Result<Isolation, String> {
@@ -88,7 +94,7 @@ async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -
             let store = data_dir.join("nats");
             let port = args.nats_port;
             let server = tokio::task::spawn_blocking(move || {
-                hearth_testkit::NatsServer::builder()
+                hearth_natsd::NatsServer::builder()
                     .port(port)
                     .store_dir(store)
                     // Room for large exec replies and file transfers (the default is 1 MB).
@@ -108,7 +114,7 @@ async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -
     if let Some(listen) = metrics_listen {
         let builder = hearth_scheduler::metrics::builder().map_err(|e| anyhow!("{e}"))?;
         hearth_worker::metrics::configure(builder)
-            .map_err(|e| anyhow!(e))?
+            .map_err(|e| anyhow!("{e}"))?
             .with_http_listener(listen)
             .install()
             .map_err(|e| anyhow!("metrics on {listen}: {e}"))?;
@@ -142,9 +148,9 @@ async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -
     worker_config.qemu.image = args
         .qemu_image
         .clone()
-        .unwrap_or_else(|| hearth_testkit::workspace_root().join(".tools/images/current"));
+        .unwrap_or_else(|| PathBuf::from(".tools/images/current"));
     let provider = hearth_worker::open_provider(&worker_config).context("opening the provider")?;
-    let worker = Worker::start(worker_config, nats.clone(), provider)
+    let worker = Worker::start(worker_config, nats.clone(), provider.clone())
         .await
         .context("starting the worker")?;
 
@@ -192,6 +198,9 @@ async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -
         joined = &mut scheduler => {
             // The scheduler stopped on its own: an error worth showing.
             worker.drain().await;
+            if !args.keep_vms {
+                destroy_vms(provider.as_ref()).await;
+            }
             return scheduler_result(joined);
         }
     }
@@ -201,11 +210,44 @@ async fn run_stack(args: UpArgs, nats_url: Option<String>, subjects: Subjects) -
         tokio::time::timeout(Duration::from_secs(20), &mut scheduler),
         worker.drain()
     );
+    if !args.keep_vms {
+        destroy_vms(provider.as_ref()).await;
+    }
     drop(nats_server);
     match joined {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(joined) => scheduler_result(joined),
         Err(_) => Err(anyhow!("the scheduler did not stop within 20 s")),
+    }
+}
+
+/// Destroys every VM `provider` holds (the stack is stopping without `--keep-vms`), so none
+/// outlives `hearth up` (QEMU VMs would, holding ~190 MB each). Failures are reported, not fatal.
+async fn destroy_vms(provider: &dyn hearth_worker::provider::VmRuntime) {
+    use hearth_worker::provider::VmState;
+    let vms = match provider.list_vms().await {
+        Ok(vms) => vms,
+        Err(err) => {
+            eprintln!("hearth up: listing the VMs to destroy failed: {err}");
+            return;
+        }
+    };
+    let live: Vec<_> = vms
+        .into_iter()
+        .filter(|v| v.state != VmState::Destroyed)
+        .collect();
+    let mut destroyed = 0;
+    for vm in &live {
+        match provider.destroy_vm(&vm.vm_id).await {
+            Ok(_) => destroyed += 1,
+            Err(err) => eprintln!("hearth up: destroying {}: {err}", vm.vm_id),
+        }
+    }
+    if !live.is_empty() {
+        eprintln!(
+            "hearth up: destroyed {destroyed} of {} VMs (--keep-vms keeps them)",
+            live.len()
+        );
     }
 }
 

@@ -262,6 +262,9 @@ pub struct Template {
     /// its pool is drained and its snapshots are gone.
     #[serde(default)]
     pub deleting: bool,
+    /// Notes from its last build (e.g. `nix_profile` not hydrated: no nix in the VM).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// A tenant's quotas. Over one, a request gets 429 (with `retry_after_ms` for the create rate).
@@ -352,6 +355,18 @@ pub struct TenantUsage {
     pub ready_total: u32,
     /// Bytes of its template snapshots.
     pub snapshot_bytes: u64,
+}
+
+/// Reply to `admin.maintenance`: what the lifecycle pass it ran found. The actions it started
+/// (ending, stopping, backing up, forgetting sessions) run on in the background.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceReport {
+    /// Sessions the pass looked at.
+    #[serde(default)]
+    pub sessions: u32,
+    /// Lifetime actions it started.
+    #[serde(default)]
+    pub actions: u32,
 }
 
 /// Reply to `admin.quotas.get` and `admin.quotas.set`.

@@ -264,6 +264,12 @@ impl HearthClient {
         .await
     }
 
+    /// Runs the scheduler's session lifecycle pass now (`admin.maintenance`, operator only).
+    pub async fn run_maintenance(&self) -> Result<crate::MaintenanceReport, ClientError> {
+        self.request(self.subjects.admin_maintenance(), &Empty {}, self.timeout)
+            .await
+    }
+
     /// Every template.
     pub async fn list_templates(&self) -> Result<Vec<Template>, ClientError> {
         let list: TemplateList = self

@@ -105,10 +105,27 @@ pub enum JobOp {
         #[serde(default)]
         unpublish: bool,
     },
+    /// Report one VM (a `destroyed` tombstone included); 404 if the worker never had it.
+    GetVm {
+        /// The VM.
+        vm_id: VmId,
+    },
+    /// Report the snapshots on this worker: all of them, or those taken of `vm_id` while it had
+    /// that id (404 if the VM is unknown).
+    ListSnapshots {
+        /// Only the snapshots of this VM.
+        #[serde(default)]
+        vm_id: Option<VmId>,
+    },
+    /// Back the VM's volume up to the worker's backup destination without destroying it (the
+    /// scheduler's `backup_after_s` timer). 409 if the worker has no backup destination.
+    BackupVm {
+        /// The VM.
+        vm_id: VmId,
+    },
 }
 
 impl JobOp {
-    /// A short name for logs and metric labels.
     /// Every op's [`Self::name`] (metrics start each at zero).
     pub const NAMES: &'static [&'static str] = &[
         "create_vm",
@@ -120,8 +137,12 @@ impl JobOp {
         "rename_vm",
         "list_vms",
         "delete_snapshot",
+        "get_vm",
+        "list_snapshots",
+        "backup_vm",
     ];
 
+    /// A short name for logs and metric labels.
     pub fn name(&self) -> &'static str {
         match self {
             JobOp::CreateVm { .. } => "create_vm",
@@ -133,11 +154,15 @@ impl JobOp {
             JobOp::RenameVm { .. } => "rename_vm",
             JobOp::ListVms {} => "list_vms",
             JobOp::DeleteSnapshot { .. } => "delete_snapshot",
+            JobOp::GetVm { .. } => "get_vm",
+            JobOp::ListSnapshots { .. } => "list_snapshots",
+            JobOp::BackupVm { .. } => "backup_vm",
         }
     }
 
     /// The VM the job acts on (the per-VM lock it takes), if any. A rename locks the old id;
-    /// `delete_snapshot` takes a per-snapshot lock instead.
+    /// `delete_snapshot` takes a per-snapshot lock instead; the queries (`list_vms`, `get_vm`,
+    /// `list_snapshots`) take none, so they never wait behind a running command.
     pub fn vm_id(&self) -> Option<&VmId> {
         match self {
             JobOp::CreateVm { vm_id, .. }
@@ -146,8 +171,12 @@ impl JobOp {
             | JobOp::StopVm { vm_id }
             | JobOp::SnapshotVm { vm_id, .. }
             | JobOp::DestroyVm { vm_id, .. }
-            | JobOp::RenameVm { vm_id, .. } => Some(vm_id),
-            JobOp::ListVms {} | JobOp::DeleteSnapshot { .. } => None,
+            | JobOp::RenameVm { vm_id, .. }
+            | JobOp::BackupVm { vm_id } => Some(vm_id),
+            JobOp::ListVms {}
+            | JobOp::DeleteSnapshot { .. }
+            | JobOp::GetVm { .. }
+            | JobOp::ListSnapshots { .. } => None,
         }
     }
 }
@@ -187,6 +216,11 @@ pub struct VmSpec {
     /// not have it.
     #[serde(default)]
     pub restore_from: Option<SnapshotId>,
+    /// A nix profile (flake reference) to hydrate after a cold create, with
+    /// `nix develop <profile> --command true` in the VM, when the VM has `nix`. A failure only
+    /// warns; the outcome is a note in the created VM's `notes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix_profile: Option<String>,
 }
 
 /// A VM's state as workers report it.
@@ -238,6 +272,10 @@ pub struct VmInfo {
     /// VM is in use even if `last_activity_ms` is old, and the scheduler never idle-stops it.
     #[serde(default)]
     pub busy: bool,
+    /// What the worker wants people to know about how the VM was made (in a create's reply):
+    /// e.g. that its `nix_profile` could not be hydrated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// A snapshot as a worker reports it.
@@ -290,8 +328,13 @@ pub enum JobOutput {
         /// The VMs.
         vms: Vec<VmInfo>,
     },
-    /// Done, nothing to report (destroy, delete_snapshot).
+    /// Done, nothing to report (destroy, delete_snapshot, backup).
     Done {},
+    /// Snapshots on the worker, sorted by id (list_snapshots).
+    Snapshots {
+        /// The snapshots.
+        snapshots: Vec<SnapshotInfo>,
+    },
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ pub mod jobs;
 pub mod subjects;
 pub mod tenant;
 
+#[cfg(feature = "telemetry")]
+pub mod binary;
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "telemetry")]
@@ -31,8 +33,9 @@ pub mod transport;
 
 pub use api::{
     CreateSessionRequest, DeleteTemplateRequest, Empty, KeepaliveRequest, Labels,
-    ListSessionsRequest, PoolStatus, PoolsStatus, Quota, QuotasStatus, Session, SessionList,
-    SessionState, SetQuotaRequest, SnapshotSessionRequest, Template, TemplateList, TenantUsage,
+    ListSessionsRequest, MaintenanceReport, PoolStatus, PoolsStatus, Quota, QuotasStatus, Session,
+    SessionList, SessionState, SetQuotaRequest, SnapshotSessionRequest, Template, TemplateList,
+    TenantUsage,
 };
 pub use blob::Blob;
 pub use codec::Encoding;

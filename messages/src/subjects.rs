@@ -204,6 +204,12 @@ impl Subjects {
         format!("{}.admin.quotas.set", self.root)
     }
 
+    /// `<prefix>.v1.admin.maintenance`: run the session lifecycle pass (TTL, idle stop, backup,
+    /// prune, retention) now instead of at its next tick (operator only).
+    pub fn admin_maintenance(&self) -> String {
+        format!("{}.admin.maintenance", self.root)
+    }
+
     /// `<prefix>.v1.pools.status`.
     pub fn pools_status(&self) -> String {
         format!("{}.pools.status", self.root)

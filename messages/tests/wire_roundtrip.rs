@@ -58,6 +58,7 @@ fn vm_info() -> VmInfo {
         last_activity_ms: 2,
         restored_from: Some(id("snap-1")),
         busy: true,
+        notes: vec!["nix_profile not hydrated".into()],
     }
 }
 
@@ -178,6 +179,7 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
         tenant: Some(id("tenant-a")),
         snapshot_bytes: 4096,
         deleting: true,
+        notes: vec!["built".into()],
     };
     roundtrip(&c, template.clone()).await;
     roundtrip(
@@ -267,6 +269,7 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
         base: Some("/srv/base.tar.zst".into()),
         bootstrap: Some(vec!["sh".into(), "-c".into(), "echo boot".into()]),
         restore_from: Some(id("snap-1")),
+        nix_profile: Some("github:owner/repo".into()),
     };
     let ops = vec![
         JobOp::CreateVm {

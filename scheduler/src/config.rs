@@ -51,6 +51,11 @@ pub struct TemplateConfig {
     /// Environment for every command in the template's VMs.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// A nix profile (flake reference) hydrated at template build (`nix develop <profile>
+    /// --command true` in the build VM) when the VM has `nix`; otherwise, or when it fails, the
+    /// template's `notes` say so (seed 001's `nix_profile`).
+    #[serde(default)]
+    pub nix_profile: Option<String>,
 }
 
 fn default_min_ready() -> u32 {
@@ -86,6 +91,7 @@ impl TemplateConfig {
             network: default_network(),
             base: None,
             bootstrap: None,
+            nix_profile: None,
             env: BTreeMap::new(),
         }
     }
@@ -109,6 +115,9 @@ pub struct SessionConfig {
     pub prune_after: Duration,
     /// Back the volume up (`DestroyVm{backup: true}`) before a prune.
     pub backup_on_prune: bool,
+    /// Back a stopped session's volume up (`BackupVm`, the VM stays) once it has been stopped
+    /// this long: at most one such backup per session, independent of prune. `None`: never.
+    pub backup_after: Option<Duration>,
     /// How long an ended session stays readable (get/release answer with its final state).
     pub retention: Duration,
 }
@@ -121,6 +130,7 @@ impl Default for SessionConfig {
             default_idle_timeout: Some(Duration::from_secs(600)),
             prune_after: Duration::from_secs(3600),
             backup_on_prune: false,
+            backup_after: None,
             retention: Duration::from_secs(3600),
         }
     }
@@ -275,12 +285,6 @@ impl SchedulerConfig {
                     t.min_ready
                 )));
             }
-            if t.bootstrap.as_ref().is_some_and(|argv| argv.is_empty()) {
-                return Err(ConfigError(format!(
-                    "template {:?}: bootstrap must not be an empty argv",
-                    t.name.as_str()
-                )));
-            }
         }
         let positive = [
             ("heartbeat_timeout_ms", self.heartbeat_timeout),
@@ -384,6 +388,8 @@ struct SessionsFile {
     default_idle_timeout_s: Option<u64>,
     prune_after_s: Option<u64>,
     backup_on_prune: Option<bool>,
+    /// 0 disables it.
+    backup_after_s: Option<u64>,
     retention_s: Option<u64>,
 }
 
@@ -555,6 +561,9 @@ fn resolve(args: SchedulerArgs, file: SchedulerFile) -> Result<SchedulerConfig, 
     if let Some(v) = s.backup_on_prune {
         c.sessions.backup_on_prune = v;
     }
+    if let Some(v) = s.backup_after_s {
+        c.sessions.backup_after = (v > 0).then(|| secs(v));
+    }
     if let Some(v) = s.retention_s {
         c.sessions.retention = secs(v);
     }
@@ -574,7 +583,13 @@ fn resolve(args: SchedulerArgs, file: SchedulerFile) -> Result<SchedulerConfig, 
     if let Some(v) = j.lifecycle_timeout_ms {
         c.jobs.lifecycle = ms(v);
     }
-    if let Some(templates) = file.templates {
+    if let Some(mut templates) = file.templates {
+        // An empty bootstrap is a no-op (as in seed 001), not an error.
+        for t in &mut templates {
+            if t.bootstrap.as_ref().is_some_and(Vec::is_empty) {
+                t.bootstrap = None;
+            }
+        }
         c.templates = templates;
     }
     if let Some(tenants) = file.tenants {
@@ -644,6 +659,7 @@ mod tests {
             max_ttl_s = 120
             default_idle_timeout_s = 0
             backup_on_prune = true
+            backup_after_s = 90
             [jobs]
             rename_timeout_ms = 500
             [[templates]]
@@ -659,10 +675,17 @@ mod tests {
         assert_eq!(c.kv_replicas, 3);
         assert_eq!(c.sessions.default_idle_timeout, None);
         assert!(c.sessions.backup_on_prune);
+        assert_eq!(c.sessions.backup_after, Some(Duration::from_secs(90)));
         assert_eq!(c.jobs.rename, Duration::from_millis(500));
         assert_eq!(c.templates[0].max_ready(), 5);
         assert_eq!(c.templates[0].env["LANG"], "C");
         assert_eq!(c.metrics_listen.unwrap().port(), 9101);
+    }
+
+    #[test]
+    fn an_empty_bootstrap_is_no_bootstrap() {
+        let c = from_toml("[[templates]]\nname = \"x\"\nbootstrap = []\n").unwrap();
+        assert_eq!(c.templates[0].bootstrap, None);
     }
 
     #[test]

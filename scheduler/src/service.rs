@@ -39,6 +39,7 @@ enum Endpoint {
     Pools,
     QuotasGet,
     QuotasSet,
+    Maintenance,
 }
 
 /// Serves the client API until `stop` is cancelled, then stops taking requests and waits (at most
@@ -72,6 +73,7 @@ pub async fn serve(
         ),
         (subjects.admin_quotas_get(), Endpoint::QuotasGet),
         (subjects.admin_quotas_set(), Endpoint::QuotasSet),
+        (subjects.admin_maintenance(), Endpoint::Maintenance),
     ];
     for op in SessionOp::CONTROL {
         routes.push((subjects.session_wildcard(op), Endpoint::Session(op)));
@@ -150,6 +152,7 @@ impl Endpoint {
             Endpoint::TemplateDelete => "templates-delete",
             Endpoint::QuotasGet => "admin-quotas-get",
             Endpoint::QuotasSet => "admin-quotas-set",
+            Endpoint::Maintenance => "admin-maintenance",
             Endpoint::Pools => "pools-status",
             Endpoint::Session(SessionOp::Get) => "sessions-get",
             Endpoint::Session(SessionOp::Keepalive) => "sessions-keepalive",
@@ -285,6 +288,10 @@ async fn dispatch(
             let (enc, req) = decode_message::<Empty>(message);
             Reply::from_result(enc, &req.and_then(|_| s.quotas_status()))
         }
+        Endpoint::Maintenance => {
+            let (enc, req) = decode_message::<Empty>(message);
+            Reply::from_result(enc, &req.and_then(|_| s.run_maintenance()))
+        }
         Endpoint::QuotasSet => {
             let (enc, req) = decode_message::<SetQuotaRequest>(message);
             let result = match req {
@@ -410,6 +417,10 @@ impl ScopedScheduler<'_> {
         req: DeleteTemplateRequest,
     ) -> Result<Template, WireError> {
         self.s.delete_template_as(self.caller, name, req).await
+    }
+
+    fn run_maintenance(&self) -> Result<hearth_messages::MaintenanceReport, WireError> {
+        self.s.run_maintenance(self.caller)
     }
 
     fn quotas_status(&self) -> Result<QuotasStatus, WireError> {

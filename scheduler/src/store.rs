@@ -132,6 +132,9 @@ pub struct SessionRecord {
     /// When it ended.
     #[serde(default)]
     pub ended_ms: Option<u64>,
+    /// The `backup_after_s` backup was taken (or tried and refused): one per session.
+    #[serde(default)]
+    pub backed_up: bool,
 }
 
 /// A ready pooled VM.
@@ -158,6 +161,9 @@ pub struct BuildSpec {
     /// Bootstrap argv.
     #[serde(default)]
     pub bootstrap: Option<Vec<String>>,
+    /// Nix profile hydrated at build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix_profile: Option<String>,
 }
 
 /// A template as persisted.

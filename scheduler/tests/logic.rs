@@ -126,11 +126,14 @@ async fn concurrent_claims_never_share_a_vm() {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let fleet = Fleet::new();
         let n_workers = 1 + rng.below(3) as usize;
+        let mut capacity = 0;
         for i in 0..n_workers {
             let cfg = FakeConfig::default()
                 .with_latency(FakeOp::Rename, Duration::from_micros(rng.below(3000)))
                 .with_latency(FakeOp::Create, Duration::from_millis(1 + rng.below(40)));
-            fleet.add_with(&format!("w{i}"), 8 + rng.below(40) as u32, cfg);
+            let max_vms = 8 + rng.below(40) as u32;
+            capacity += max_vms as usize;
+            fleet.add_with(&format!("w{i}"), max_vms, cfg);
         }
         let min_ready = rng.below(12) as u32;
         let mut cfg = config(min_ready);
@@ -151,8 +154,10 @@ async fn concurrent_claims_never_share_a_vm() {
 
         // 64 concurrent claims; a few reuse an id (idempotent duplicates).
         let mut tasks = Vec::new();
+        let mut requested = HashSet::new();
         for i in 0..64u64 {
             let id = if rng.below(8) == 0 { i / 2 } else { i };
+            requested.insert(id);
             let s = h.sched.clone();
             tasks.push(tokio::spawn(async move {
                 (id, s.create_session(req(&format!("s{seed}-{id}"))).await)
@@ -197,21 +202,47 @@ async fn concurrent_claims_never_share_a_vm() {
         );
         let warm = sessions.values().filter(|s| s.warm).count();
         println!(
-            "seed {seed}: workers {n_workers}, min_ready {min_ready}, sessions {}, warm {warm}",
-            sessions.len()
+            "seed {seed}: workers {n_workers} (capacity {capacity}), min_ready {min_ready}, \
+             sessions {}/{}, warm {warm}",
+            sessions.len(),
+            requested.len()
         );
         assert_eq!(warm, renamed.len(), "seed {seed}");
-        assert!(warm <= pool_before.len() + 64, "seed {seed}");
+        // Every warm claim took a VM that was pooled: ready before the burst or restored into
+        // the pool during it (never a session's or a cold VM).
+        let restored: HashSet<_> = fleet
+            .ops("create_vm_with_spec")
+            .into_iter()
+            .filter_map(|(_, op)| match op {
+                JobOp::CreateVmWithSpec { vm_id, session, .. } if !session => Some(vm_id),
+                _ => None,
+            })
+            .collect();
+        for vm in &renamed {
+            assert!(
+                pool_before.contains(vm) || restored.contains(vm),
+                "seed {seed}: {vm} was never a pooled vm"
+            );
+        }
+        // The pool was at target before the burst: every VM in it served a claim.
+        assert!(
+            warm >= pool_before.len().min(sessions.len()),
+            "seed {seed}: {warm} warm claims with {} vms ready",
+            pool_before.len()
+        );
         assert!(
             renamed
                 .iter()
                 .all(|vm| vm.as_str().starts_with("pool-default-")),
             "seed {seed}"
         );
-        // With free capacity, nobody got a 503 while the pool had VMs for everyone.
-        let distinct_ids = sessions.len();
-        if (min_ready as usize) >= 64 {
-            assert_eq!(distinct_ids, 64);
+        // With room for every claim next to a full pool, nobody got a 503.
+        if capacity >= requested.len() + 2 * min_ready.max(1) as usize {
+            assert_eq!(
+                sessions.len(),
+                requested.len(),
+                "seed {seed}: capacity {capacity}, a claim was refused"
+            );
         }
         h.sched.shutdown(Duration::from_millis(10)).await;
     }
@@ -398,6 +429,45 @@ async fn idle_stop_then_prune_with_backup() {
     let events = h.events.for_session("idle");
     assert!(events.iter().any(|e| e.state == SessionState::Stopped));
     assert_eq!(events.last().unwrap().reason, Some(TerminationReason::Idle));
+}
+
+#[tokio::test(start_paused = true)]
+async fn backup_after_backs_a_stopped_session_up_once_without_ending_it() {
+    let fleet = Fleet::new();
+    fleet.add("w1", 10);
+    let mut cfg = config(1);
+    cfg.sessions.prune_after = Duration::from_secs(3600);
+    cfg.sessions.backup_after = Some(Duration::from_secs(30));
+    let h = Harness::start(cfg, fleet.clone()).await;
+    h.wait_ready("default", 1).await;
+    let mut r = req("bk");
+    r.idle_timeout_s = Some(5);
+    h.sched.create_session(r).await.unwrap();
+    h.wait_for("idle stop", Duration::from_secs(10), || {
+        h.sched.get_session(&sid("bk")).unwrap().state == SessionState::Stopped
+    })
+    .await;
+    let w1 = fleet.worker("w1");
+    // Not before backup_after.
+    h.sleep(Duration::from_secs(20)).await;
+    assert!(w1.backups.lock().is_empty());
+    h.wait_for("backup", Duration::from_secs(20), || {
+        !w1.backups.lock().is_empty()
+    })
+    .await;
+    // One backup, the session and its VM stay; later passes take no second one.
+    h.sleep(Duration::from_secs(120)).await;
+    assert_eq!(w1.backups.lock().as_slice(), &["bk".parse().unwrap()]);
+    assert_eq!(w1.ops("backup_vm").len(), 1);
+    assert_eq!(
+        h.sched.get_session(&sid("bk")).unwrap().state,
+        SessionState::Stopped
+    );
+    assert!(w1.has_vm("bk").await);
+    // Resumed and stopped again: still one backup per session.
+    fleet.exec("w1", "bk").await;
+    h.sleep(Duration::from_secs(60)).await;
+    assert_eq!(w1.ops("backup_vm").len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -978,7 +1048,8 @@ async fn failing_restores_back_off_and_rebuild_the_template_snapshot() {
 #[tokio::test(start_paused = true)]
 async fn a_session_snapshot_becomes_a_template_claimable_on_another_worker() {
     let fleet = Fleet::new();
-    fleet.add("w1", 10);
+    // Room for the session and the default pool's VM only.
+    fleet.add("w1", 2);
     let h = Harness::start(config(1), fleet.clone()).await;
     h.wait_ready("default", 1).await;
     let s = h.sched.create_session(req("src")).await.unwrap();
@@ -1013,7 +1084,6 @@ async fn a_session_snapshot_becomes_a_template_claimable_on_another_worker() {
     assert_eq!(err.code, ErrorCode::Conflict);
     // A second worker joins; the first is full: the new template's pool lands there, restored
     // from the object store.
-    fleet.worker("w1").max_vms.store(2, Ordering::SeqCst);
     fleet.add("w2", 10);
     h.wait_ready("mine", 1).await;
     let (_, w) = h.sched.ready_vms(&tname("mine"))[0].clone();
@@ -1107,6 +1177,7 @@ async fn a_conflict_with_a_record_naming_another_vm_returns_it_and_destroys_only
         stopped_ms: None,
         ttl_paused_ms: None,
         stop_activity_ms: None,
+        backed_up: false,
         reason: None,
         ended_ms: None,
     };
@@ -1242,7 +1313,6 @@ async fn every_metric_is_emitted() {
     hearth_scheduler::metrics::describe();
     // As the binary does at start: the tenant series exist before any tenant shows up.
     hearth_scheduler::metrics::zero_tenants(std::iter::empty());
-    ::metrics::gauge!(hearth_scheduler::metrics::SCHEDULER_LEADER).set(1.0);
     h.wait_ready("default", 2).await;
     h.sched.create_session(req("m1")).await.unwrap();
     let mut r = req("m2");
@@ -1263,6 +1333,11 @@ async fn every_metric_is_emitted() {
     h.sleep(Duration::from_secs(20)).await;
     let text = handle.render();
     for name in hearth_scheduler::metrics::ALL {
+        if *name == hearth_scheduler::metrics::SCHEDULER_LEADER {
+            // Set by `run` when it holds the lease, which this harness does not take: checked in
+            // nats.rs (the_lease_holder_reports_itself_leader).
+            continue;
+        }
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
     assert!(

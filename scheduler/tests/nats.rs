@@ -706,3 +706,74 @@ async fn srv_stats_count_error_replies() {
     let (requests, errors, _) = stats("sessions-create").await;
     assert_eq!((requests, errors), (2, 1));
 }
+
+#[tokio::test]
+async fn admin_maintenance_runs_the_lifecycle_pass_now() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _w1 = start_worker(&server, "w1", dir.path()).await;
+    let mut cfg = scheduler_config(&server, "s1");
+    // Without the request, nothing would end the session for an hour.
+    cfg.lifecycle_interval = Duration::from_secs(3600);
+    let _sched = Running::start(&server, cfg).await;
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats.clone()).with_timeout(Duration::from_secs(5));
+    wait_pool(&client, "default", 2).await;
+    let mut req = create("m1");
+    req.ttl_s = Some(1);
+    client.create_session(&req).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        client.get_session(&sid("m1")).await.unwrap().state,
+        SessionState::Running,
+        "no pass ran by itself"
+    );
+    let report = client.run_maintenance().await.unwrap();
+    assert_eq!(report.sessions, 1);
+    assert_eq!(report.actions, 1, "the expired session's end");
+    wait_until("the session ended", Duration::from_secs(5), || async {
+        client.get_session(&sid("m1")).await.unwrap().state == SessionState::Released
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_lease_holder_reports_itself_leader() {
+    let handle = hearth_scheduler::metrics::builder()
+        .unwrap()
+        .install_recorder()
+        .unwrap();
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _w1 = start_worker(&server, "w1", dir.path()).await;
+    let _sched = Running::start(&server, scheduler_config(&server, "s1")).await;
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats).with_timeout(Duration::from_secs(5));
+    wait_pool(&client, "default", 2).await;
+    let leader = handle
+        .render()
+        .lines()
+        .find(|l| l.starts_with(hearth_scheduler::metrics::SCHEDULER_LEADER))
+        .map(str::to_owned);
+    assert_eq!(
+        leader.as_deref(),
+        Some("hearth_scheduler_leader 1"),
+        "the scheduler holding the lease"
+    );
+}
+
+#[tokio::test]
+async fn a_template_nix_profile_outcome_is_in_the_template_status() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _w1 = start_worker(&server, "w1", dir.path()).await;
+    let mut cfg = scheduler_config(&server, "s1");
+    cfg.templates[0].nix_profile = Some("github:o/r".into());
+    let _sched = Running::start(&server, cfg).await;
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats).with_timeout(Duration::from_secs(5));
+    wait_pool(&client, "default", 2).await;
+    let templates = client.list_templates().await.unwrap();
+    // The fake provider's VMs run any command successfully, `nix` included.
+    assert_eq!(templates[0].notes, ["nix_profile \"github:o/r\" hydrated"]);
+}

@@ -25,6 +25,79 @@ fn python() -> Option<std::path::PathBuf> {
     ok.then_some(venv)
 }
 
+/// Runs `hearth up` (with `extra` flags) on `state` until its pool holds a VM and a session
+/// exists, then stops it with SIGTERM.
+async fn up_once(dir: &std::path::Path, state: &std::path::Path, extra: &[&str]) {
+    let port = free_port();
+    let mut cmd = Command::new(workspace_bin("hearth").unwrap());
+    cmd.args(["up", "--nats-port", &port.to_string()])
+        .args(["--metrics-listen", "off", "--pool", "1"])
+        .arg("--data-dir")
+        .arg(state)
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    let mut up = ChildProcess::spawn("hearth-up", cmd, dir).unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        if let Ok(nats) = async_nats::connect(&url).await {
+            break HearthClient::new(nats);
+        }
+        assert!(up.is_running(), "hearth up exited:\n{}", up.log());
+        assert!(Instant::now() < deadline, "no nats-server:\n{}", up.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    loop {
+        if let Ok(status) = client.pool_status().await
+            && status.pools.iter().any(|p| p.ready >= 1)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool never filled:\n{}",
+            up.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+        .create_session(&Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("claim: {e}\n{}", up.log()));
+    let status = up.terminate(Duration::from_secs(30)).unwrap();
+    assert!(
+        status.success(),
+        "hearth up exited with {status}:\n{}",
+        up.log()
+    );
+}
+
+/// VMs the process provider holds under a `hearth up` data dir.
+async fn live_vms(state: &std::path::Path) -> usize {
+    use hearth_worker::provider::{ProcessConfig, ProcessProvider, VmQuery, VmState};
+    let provider = ProcessProvider::open(ProcessConfig::new(state.join("worker/process"))).unwrap();
+    let vms = provider.list_vms().await.unwrap();
+    vms.iter().filter(|v| v.state != VmState::Destroyed).count()
+}
+
+#[tokio::test]
+async fn hearth_up_destroys_its_vms_on_exit_unless_keep_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    up_once(dir.path(), &state, &["--keep-vms"]).await;
+    let kept = live_vms(&state).await;
+    assert!(
+        kept >= 2,
+        "--keep-vms: the pool VM and the session stay ({kept})"
+    );
+    up_once(dir.path(), &state, &[]).await;
+    assert_eq!(
+        live_vms(&state).await,
+        0,
+        "without --keep-vms nothing outlives hearth up"
+    );
+}
+
 #[tokio::test]
 async fn hearth_up_serves_the_python_example_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();

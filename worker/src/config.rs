@@ -1,6 +1,7 @@
 //! Worker configuration: command-line flags, `HEARTH_*` environment variables and an optional TOML
 //! file, in that order of precedence. One struct backs all three.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -122,6 +123,18 @@ pub struct WorkerConfig {
     /// The firecracker provider's settings (`[firecracker]` in the file); an empty `root` is
     /// `<data_dir>/firecracker`.
     pub firecracker: FirecrackerConfig,
+    /// The shell an exec's `cmd` runs in, as `<shell> <shell_args…> <cmd>`; `None` leaves `cmd`
+    /// to the provider (`/bin/sh -c` in every provider today).
+    pub shell: Option<PathBuf>,
+    /// Arguments before the command (default `["-c"]`).
+    pub shell_args: Vec<String>,
+    /// Added to every command's environment, under the VM's (template's) and the request's own.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Default of `shell_args`.
+pub fn default_shell_args() -> Vec<String> {
+    vec!["-c".into()]
 }
 
 impl WorkerConfig {
@@ -149,8 +162,24 @@ impl WorkerConfig {
             store_max_bytes: 8 << 30,
             max_file_bytes: hearth_messages::data::DEFAULT_MAX_FILE_BYTES,
             qemu: QemuConfig::default(),
+            shell: None,
+            shell_args: default_shell_args(),
+            env: BTreeMap::new(),
             firecracker: FirecrackerConfig::default(),
         }
+    }
+
+    /// The argv an exec's `cmd` becomes, when the worker's shell settings differ from the
+    /// providers' `/bin/sh -c`; `None` leaves `cmd` to the provider.
+    pub fn shell_argv(&self, cmd: &str) -> Option<Vec<String>> {
+        if self.shell.is_none() && self.shell_args == default_shell_args() {
+            return None;
+        }
+        let shell = self.shell.as_deref().unwrap_or(Path::new("/bin/sh"));
+        let mut argv = vec![shell.to_string_lossy().into_owned()];
+        argv.extend(self.shell_args.iter().cloned());
+        argv.push(cmd.to_owned());
+        Some(argv)
     }
 
     /// The process provider's configuration derived from this one.
@@ -159,6 +188,10 @@ impl WorkerConfig {
         config.isolation = self.isolation;
         config.sandbox = self.sandbox.clone();
         config.agent = self.agent.clone();
+        if let Some(shell) = &self.shell {
+            config.shell = shell.clone();
+        }
+        config.env = self.env.clone();
         config
     }
 
@@ -168,6 +201,10 @@ impl WorkerConfig {
         if config.root.as_os_str().is_empty() {
             config.root = self.data_dir.join("qemu");
         }
+        // The worker-wide env under the `[qemu]` section's own.
+        let mut env = self.env.clone();
+        env.append(&mut config.env);
+        config.env = env;
         config
     }
 
@@ -177,6 +214,10 @@ impl WorkerConfig {
         if config.root.as_os_str().is_empty() {
             config.root = self.data_dir.join("firecracker");
         }
+        // The worker-wide env under the `[firecracker]` section's own.
+        let mut env = self.env.clone();
+        env.append(&mut config.env);
+        config.env = env;
         config
     }
 }
@@ -262,6 +303,16 @@ pub struct WorkerArgs {
     /// Accelerator of the qemu provider.
     #[arg(long, env = "HEARTH_QEMU_ACCEL", value_enum)]
     pub qemu_accel: Option<Accel>,
+    /// The shell an exec's `cmd` runs in (`<shell> <shell-arg…> <cmd>`).
+    #[arg(long, env = "HEARTH_SHELL")]
+    pub shell: Option<PathBuf>,
+    /// An argument before the command (repeat for several; default `-c`).
+    #[arg(long = "shell-arg", allow_hyphen_values = true)]
+    pub shell_args: Vec<String>,
+    /// `KEY=VALUE` added to every command's environment (repeatable; under the template's and
+    /// the request's env).
+    #[arg(long = "env", value_parser = parse_env_pair)]
+    pub env: Vec<(String, String)>,
     /// The `firecracker` binary of the firecracker provider.
     #[arg(long, env = "HEARTH_FIRECRACKER_BIN")]
     pub firecracker_bin: Option<PathBuf>,
@@ -300,6 +351,9 @@ struct WorkerFile {
     store_replicas: Option<usize>,
     store_max_bytes: Option<u64>,
     qemu: Option<QemuConfig>,
+    shell: Option<PathBuf>,
+    shell_args: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
     firecracker: Option<FirecrackerConfig>,
 }
 
@@ -313,6 +367,14 @@ fn read_file(path: &Path) -> Result<WorkerFile, ConfigError> {
             e.to_string().replace('\n', " ")
         ))
     })
+}
+
+/// Parses `--env KEY=VALUE`.
+fn parse_env_pair(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{value:?} is not KEY=VALUE")),
+    }
 }
 
 /// Parses `--isolation`.
@@ -464,6 +526,14 @@ impl WorkerArgs {
             }
             config.store_replicas = r;
         }
+        config.shell = self.shell.or(file.shell);
+        if !self.shell_args.is_empty() {
+            config.shell_args = self.shell_args;
+        } else if let Some(args) = file.shell_args {
+            config.shell_args = args;
+        }
+        config.env = file.env.unwrap_or_default();
+        config.env.extend(self.env);
         if let Some(b) = self.store_max_bytes.or(file.store_max_bytes) {
             if b == 0 {
                 return Err(ConfigError("store_max_bytes must be positive".into()));
@@ -563,6 +633,44 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.to_string().contains("max_queued_per_vm"), "{err}");
+    }
+
+    #[test]
+    fn shell_and_env_come_from_the_file_and_flags() {
+        let config = WorkerArgs::default().resolve().unwrap();
+        assert_eq!(config.shell_args, ["-c"]);
+        assert_eq!(config.shell_argv("true"), None, "the provider's default");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(
+            &path,
+            "shell = \"/bin/bash\"\nshell_args = [\"-lc\"]\n[env]\nA = \"file\"\nB = \"file\"\n",
+        )
+        .unwrap();
+        let config = WorkerArgs {
+            config: Some(path.clone()),
+            env: vec![("B".into(), "flag".into())],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.shell_argv("ls").unwrap(), ["/bin/bash", "-lc", "ls"]);
+        assert_eq!(config.env["A"], "file");
+        assert_eq!(config.env["B"], "flag", "a flag wins over the file");
+        assert_eq!(config.process_config().env, config.env);
+        assert_eq!(config.process_config().shell, PathBuf::from("/bin/bash"));
+        let config = WorkerArgs {
+            config: Some(path),
+            shell_args: vec!["-e".into(), "-c".into()],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            config.shell_argv("x").unwrap(),
+            ["/bin/bash", "-e", "-c", "x"]
+        );
+        assert!(parse_env_pair("novalue").is_err());
     }
 
     #[test]

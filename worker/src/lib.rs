@@ -15,7 +15,9 @@ mod state;
 mod worker;
 
 pub use config::{ConfigError, ProviderKind, WorkerArgs, WorkerConfig};
-pub use worker::{SERVICE_NAME, Worker, WorkerError, run, wire_error};
+pub use worker::{
+    JobHost, JobRunner, MemoryHost, MemoryStore, SERVICE_NAME, Worker, WorkerError, run, wire_error,
+};
 
 use std::sync::Arc;
 

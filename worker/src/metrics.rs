@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 
 /// Lifecycle jobs by `op` and `result` (`ok` or the error code).
 pub const JOBS_TOTAL: &str = "hearth_worker_jobs_total";
@@ -85,7 +85,7 @@ const SLOW: &[f64] = &[
 
 /// Sets the worker's histogram buckets on `builder` (a process running several Hearth components
 /// installs one exporter and lets each add its buckets).
-pub fn configure(mut builder: PrometheusBuilder) -> Result<PrometheusBuilder, String> {
+pub fn configure(mut builder: PrometheusBuilder) -> Result<PrometheusBuilder, BuildError> {
     for (name, buckets) in [
         (JOB_DURATION, SLOW),
         (EXEC_DURATION, SLOW),
@@ -93,19 +93,15 @@ pub fn configure(mut builder: PrometheusBuilder) -> Result<PrometheusBuilder, St
         (SNAPSHOT_DURATION, SLOW),
         (RESTORE_DURATION, SLOW),
     ] {
-        builder = builder
-            .set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)
-            .map_err(|e| e.to_string())?;
+        builder = builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)?;
     }
     Ok(builder)
 }
 
 /// Installs the Prometheus exporter with an HTTP listener on `listen` (serves `/metrics`).
 /// Must run inside a tokio runtime.
-pub fn install_exporter(listen: SocketAddr) -> Result<(), String> {
-    configure(PrometheusBuilder::new().with_http_listener(listen))?
-        .install()
-        .map_err(|e| e.to_string())
+pub fn install_exporter(listen: SocketAddr) -> Result<(), BuildError> {
+    configure(PrometheusBuilder::new().with_http_listener(listen))?.install()
 }
 
 /// Registers descriptions so `/metrics` carries `# HELP` lines.

@@ -1656,3 +1656,254 @@ async fn srv_stats_count_error_replies_and_the_error_body_still_arrives() {
     let (requests, errors, _) = endpoint_stats(&nats, "exec").await;
     assert_eq!((requests, errors), (2, 1), "exec stats");
 }
+
+/// A worker whose provider comes from its config (`open_provider`), as the binary opens it.
+async fn node_from_config(
+    nats: &async_nats::Client,
+    name: &str,
+    tweak: impl FnOnce(&mut WorkerConfig),
+) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = WorkerConfig::new(id(name), dir.path());
+    config.heartbeat_interval = Duration::from_millis(200);
+    tweak(&mut config);
+    let provider = hearth_worker::open_provider(&config).unwrap();
+    let worker = Worker::start(config, nats.clone(), provider).await.unwrap();
+    Node {
+        _worker: worker,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn the_worker_wide_shell_shell_args_and_env_apply_to_cmd_execs() {
+    let (_server, nats, client) = setup().await;
+    let _n = node_from_config(&nats, "w1", |c| {
+        c.shell = Some("/bin/sh".into());
+        c.shell_args = vec!["-x".into(), "-c".into()];
+        c.env = BTreeMap::from([
+            ("WORKER_WIDE".into(), "w".into()),
+            ("OVERRIDE".into(), "worker".into()),
+        ]);
+    })
+    .await;
+    create_session(&nats, "w1", "sh").await;
+    let mut req = ExecRequest::cmd("echo $WORKER_WIDE $OVERRIDE");
+    req.env = BTreeMap::from([("OVERRIDE".into(), "request".into())]);
+    let out = client.exec(&id("sh"), &req).await.unwrap();
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout.to_string_lossy().trim(),
+        "w request",
+        "the worker env sits under the request's"
+    );
+    assert!(
+        out.stderr.to_string_lossy().contains("+ echo"),
+        "shell_args (-x) were used: {:?}",
+        out.stderr.to_string_lossy()
+    );
+    // An argv exec is not run through the shell.
+    let out = client
+        .exec(
+            &id("sh"),
+            &ExecRequest::argv(["sh", "-c", "echo $WORKER_WIDE"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout.to_string_lossy().trim(), "w");
+    assert!(out.stderr.is_empty(), "{:?}", out.stderr.to_string_lossy());
+}
+
+#[tokio::test]
+async fn an_empty_bootstrap_is_a_no_op() {
+    let (_server, nats, _client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    let vm = vm_of(
+        job(
+            &nats,
+            "w1",
+            JobOp::CreateVmWithSpec {
+                vm_id: id("eb"),
+                spec: VmSpec {
+                    bootstrap: Some(vec![]),
+                    ..Default::default()
+                },
+                session: false,
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(vm.state, VmState::Running);
+}
+
+#[tokio::test]
+async fn heartbeats_carry_the_provider_version() {
+    let (_server, nats, _client) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = WorkerConfig::new(id("wf"), dir.path());
+    config.heartbeat_interval = Duration::from_millis(100);
+    let mut beats = nats.subscribe("hearth.v1.workers.wf.status").await.unwrap();
+    let provider = Arc::new(hearth_worker::provider::FakeProvider::default());
+    let want = hearth_worker::provider::VmProvider::version(provider.as_ref());
+    assert!(want.is_some());
+    let _worker = Worker::start(config, nats.clone(), provider).await.unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(5), beats.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let status: WorkerStatus = Encoding::MsgPack.decode(&msg.payload).unwrap();
+    assert_eq!(status.versions.provider, want);
+}
+
+#[tokio::test]
+async fn get_vm_list_snapshots_and_backup_vm_are_jobs() {
+    let (_server, nats, _client) = setup().await;
+    let backups = tempfile::tempdir().unwrap();
+    let backup_dir = backups.path().to_path_buf();
+    let _n = node_with(&nats, "w1", |c| c.backup_dir = Some(backup_dir)).await;
+    create_session(&nats, "w1", "gv").await;
+    let vm = vm_of(
+        job(&nats, "w1", JobOp::GetVm { vm_id: id("gv") })
+            .await
+            .unwrap(),
+    );
+    assert_eq!((vm.vm_id.as_str(), vm.session), ("gv", true));
+    let err = job(&nats, "w1", JobOp::GetVm { vm_id: id("nope") })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+
+    let snapshots = |out: JobOutput| match out {
+        JobOutput::Snapshots { snapshots } => snapshots,
+        other => panic!("{other:?}"),
+    };
+    let all = job(&nats, "w1", JobOp::ListSnapshots { vm_id: None }).await;
+    assert!(snapshots(all.unwrap()).is_empty());
+    for (snap, publish) in [("s-local", false), ("s-pub", true)] {
+        job(
+            &nats,
+            "w1",
+            JobOp::SnapshotVm {
+                vm_id: id("gv"),
+                snapshot_id: id(snap),
+                publish,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let of_vm = snapshots(
+        job(
+            &nats,
+            "w1",
+            JobOp::ListSnapshots {
+                vm_id: Some(id("gv")),
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let listed: Vec<(&str, bool)> = of_vm
+        .iter()
+        .map(|s| (s.snapshot_id.as_str(), s.published))
+        .collect();
+    assert_eq!(listed, [("s-local", false), ("s-pub", true)]);
+    assert_eq!(of_vm[0].source_vm.as_ref().map(|v| v.as_str()), Some("gv"));
+    let err = job(
+        &nats,
+        "w1",
+        JobOp::ListSnapshots {
+            vm_id: Some(id("nope")),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+
+    job(&nats, "w1", JobOp::BackupVm { vm_id: id("gv") })
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_dir(backups.path()).unwrap().count(), 1);
+    let vm = vm_of(
+        job(&nats, "w1", JobOp::GetVm { vm_id: id("gv") })
+            .await
+            .unwrap(),
+    );
+    assert_eq!(vm.state, VmState::Running, "a backup leaves the VM running");
+}
+
+#[tokio::test]
+async fn backup_vm_without_a_backup_dir_is_a_conflict() {
+    let (_server, nats, _client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    create_session(&nats, "w1", "nb").await;
+    let err = job(&nats, "w1", JobOp::BackupVm { vm_id: id("nb") })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Conflict);
+}
+
+#[tokio::test]
+async fn a_nix_profile_is_hydrated_when_the_vm_has_nix_and_noted_either_way() {
+    let (_server, nats, _client) = setup().await;
+    let _n = node(&nats, "w1").await;
+    let create = |vm: &'static str, base: Option<String>, profile: &'static str| {
+        let nats = nats.clone();
+        async move {
+            vm_of(
+                job(
+                    &nats,
+                    "w1",
+                    JobOp::CreateVmWithSpec {
+                        vm_id: id(vm),
+                        spec: VmSpec {
+                            base,
+                            env: BTreeMap::from([(
+                                "PATH".into(),
+                                "/workspace/bin:/usr/local/bin:/usr/bin:/bin".into(),
+                            )]),
+                            nix_profile: Some(profile.into()),
+                            ..Default::default()
+                        },
+                        session: false,
+                    },
+                )
+                .await
+                .unwrap(),
+            )
+        }
+    };
+    // No nix in the sandbox: created anyway, with a note saying so.
+    let vm = create("nonix", None, "github:o/r").await;
+    assert_eq!(vm.state, VmState::Running);
+    assert_eq!(vm.notes.len(), 1, "{:?}", vm.notes);
+    assert!(
+        vm.notes[0].contains("nix is not installed"),
+        "{:?}",
+        vm.notes
+    );
+
+    // A `nix` on the VM's PATH (a script in the base image): run as `nix develop <profile>
+    // --command true`; its failure is a warning and a note, not a failed create.
+    let base = tempfile::tempdir().unwrap();
+    std::fs::create_dir(base.path().join("bin")).unwrap();
+    let script = base.path().join("bin/nix");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho \"$@\" > nix-args\n[ \"$2\" = ok ] && exit 0\necho boom >&2\nexit 3\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let base = Some(base.path().display().to_string());
+    let vm = create("nixok", base.clone(), "ok").await;
+    assert_eq!(vm.notes, ["nix_profile \"ok\" hydrated"]);
+    let vm = create("nixbad", base, "bad").await;
+    assert_eq!(vm.state, VmState::Running);
+    assert!(
+        vm.notes[0].contains("exited 3") && vm.notes[0].contains("boom"),
+        "{:?}",
+        vm.notes
+    );
+}

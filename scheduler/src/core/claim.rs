@@ -557,6 +557,7 @@ impl Core {
             base: None,
             bootstrap: None,
             restore_from: Some(snapshot.clone()),
+            nix_profile: None,
         })
     }
 
@@ -692,6 +693,7 @@ impl Core {
             stop_activity_ms: None,
             reason: None,
             ended_ms: None,
+            backed_up: false,
         };
         let vm_sid: VmId = sid.clone().into();
         // A deposed leader records nothing: the renamed VM is left to the new leader's reconcile

@@ -47,6 +47,8 @@ pub(crate) enum Action {
     },
     /// The worker reports the stopped VM running again (an exec resumed it).
     Resume,
+    /// Stopped for `backup_after_s` and not backed up yet: back the volume up (the VM stays).
+    Backup,
     /// Ended long enough ago: delete the record.
     Forget,
 }
@@ -65,8 +67,28 @@ impl Core {
         }
     }
 
+    /// `admin.maintenance`: the lifecycle pass now (operator only).
+    pub(crate) fn run_maintenance(
+        self: &Arc<Self>,
+        caller: &hearth_messages::Caller,
+    ) -> Result<hearth_messages::MaintenanceReport, WireError> {
+        if !caller.is_operator() {
+            return Err(WireError::not_found("no such endpoint"));
+        }
+        self.check_leader().map_err(super::store_error)?;
+        let report = self.lifecycle_pass();
+        self.session_gauges();
+        tracing::info!(
+            sessions = report.sessions,
+            actions = report.actions,
+            "lifecycle pass run on request"
+        );
+        Ok(report)
+    }
+
     /// Decides the due lifetime action of every session and runs them in the background.
-    pub(crate) fn lifecycle_pass(self: &Arc<Self>) {
+    pub(crate) fn lifecycle_pass(self: &Arc<Self>) -> hearth_messages::MaintenanceReport {
+        let mut report = hearth_messages::MaintenanceReport::default();
         let now_ms = self.clock.now_ms();
         let now = Instant::now();
         let s = &self.cfg.sessions;
@@ -81,6 +103,7 @@ impl Core {
                 .collect();
             (slots, lost)
         };
+        report.sessions = slots.len() as u32;
         for slot in slots {
             let action = {
                 let d = slot.data.lock();
@@ -93,6 +116,7 @@ impl Core {
                     // failed when the worker was first declared lost.
                     drop(d);
                     self.act(slot, Action::End(End::WorkerLost));
+                    report.actions += 1;
                     continue;
                 }
                 match r.session.state {
@@ -110,9 +134,17 @@ impl Core {
                         }
                     }
                     SessionState::Stopped => {
-                        let since = r.stopped_ms.unwrap_or(now_ms);
-                        (now_ms.saturating_sub(since) >= s.prune_after.as_millis() as u64)
-                            .then_some(Action::End(End::Prune))
+                        let stopped_for = now_ms.saturating_sub(r.stopped_ms.unwrap_or(now_ms));
+                        if stopped_for >= s.prune_after.as_millis() as u64 {
+                            Some(Action::End(End::Prune))
+                        } else if !r.backed_up
+                            && s.backup_after
+                                .is_some_and(|after| stopped_for >= after.as_millis() as u64)
+                        {
+                            Some(Action::Backup)
+                        } else {
+                            None
+                        }
                     }
                     SessionState::Released | SessionState::Lost => {
                         let since = r.ended_ms.unwrap_or(now_ms);
@@ -123,8 +155,10 @@ impl Core {
             };
             if let Some(action) = action {
                 self.act(slot, action);
+                report.actions += 1;
             }
         }
+        report
     }
 
     /// Runs `action` on `slot` in the background, unless another operation holds the session.
@@ -143,6 +177,7 @@ impl Core {
                     .await
                     .map_err(store_error),
                 Action::Resume => core.resume_locked(&slot, &guard).await.map_err(store_error),
+                Action::Backup => core.backup_locked(&slot, &guard).await,
                 Action::Forget => core.forget_locked(&slot, &guard).await.map_err(store_error),
             };
             if let Err(err) = result {
@@ -293,6 +328,43 @@ impl Core {
         self.mark_stopped_locked(slot, _guard, activity)
             .await
             .map_err(store_error)
+    }
+
+    /// The `backup_after_s` backup: one `BackupVm` per session (a refusal, e.g. a worker without
+    /// a backup destination, counts as the one: it would be refused again); the VM keeps its
+    /// state. A worker that did not answer is tried again on a later pass.
+    async fn backup_locked(
+        self: &Arc<Self>,
+        slot: &SessionSlot,
+        _guard: &OwnedMutexGuard<()>,
+    ) -> Result<(), WireError> {
+        let session = slot.view();
+        if session.state != SessionState::Stopped || slot.data.lock().rec.backed_up {
+            return Ok(());
+        }
+        if !self.state.lock().worker_live(&session.worker_id) {
+            return Ok(());
+        }
+        let op = JobOp::BackupVm {
+            vm_id: session.session_id.clone().into(),
+        };
+        match self
+            .api
+            .job(&session.worker_id, job(op), self.cfg.jobs.lifecycle)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(session_id = %session.session_id, "stopped session backed up")
+            }
+            Err(crate::worker_api::JobError::Failed(err)) => {
+                tracing::warn!(session_id = %session.session_id, %err, "backup_after_s backup refused")
+            }
+            Err(e) => return Err(WireError::internal(format!("backup: {e}"))),
+        }
+        self.persist(slot, |r| r.backed_up = true)
+            .await
+            .map_err(store_error)?;
+        Ok(())
     }
 
     async fn mark_stopped_locked(

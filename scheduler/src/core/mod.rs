@@ -122,6 +122,7 @@ impl Scheduler {
                         tenant: None,
                         snapshot_bytes: 0,
                         deleting: false,
+                        notes: Vec::new(),
                     },
                     env: Default::default(),
                     build: None,
@@ -454,6 +455,14 @@ impl Scheduler {
     /// `admin.quotas.get` (operator only).
     pub fn quotas_status(&self, caller: &Caller) -> Result<QuotasStatus, WireError> {
         self.core.quotas_status(caller)
+    }
+
+    /// `admin.maintenance`: runs the session lifecycle pass now (operator only).
+    pub fn run_maintenance(
+        &self,
+        caller: &Caller,
+    ) -> Result<hearth_messages::MaintenanceReport, WireError> {
+        self.core.run_maintenance(caller)
     }
 
     /// `admin.quotas.set` (operator only).

@@ -522,10 +522,12 @@ impl Core {
                             base: c.base.clone(),
                             bootstrap: c.bootstrap.clone(),
                             restore_from: None,
+                            nix_profile: c.nix_profile.clone(),
                         },
                         BuildSpec {
                             base: c.base.clone(),
                             bootstrap: c.bootstrap.clone(),
+                            nix_profile: c.nix_profile.clone(),
                         },
                     )
                 })
@@ -555,6 +557,11 @@ impl Core {
         self.release_worker(&worker, created.is_ok());
         // The snapshot id once the snapshot job was sent: it may exist even if the build fails.
         let mut taken = None;
+        // What the worker noted about the build VM (e.g. its nix profile), for the template.
+        let notes = match &created {
+            Ok(JobOutput::Vm { vm }) => vm.notes.clone(),
+            _ => Vec::new(),
+        };
         let result: Result<SnapshotId, String> = match created {
             Ok(_) => {
                 let snap = snapshot_id(&name);
@@ -599,6 +606,7 @@ impl Core {
                             retire(&mut rec, old);
                         }
                         rec.template.created_ms = self.clock.now_ms();
+                        rec.template.notes = notes.clone();
                         rec.build = Some(build.clone());
                         rec
                     })
@@ -693,6 +701,7 @@ impl Core {
                     tenant: session.tenant.clone(),
                     snapshot_bytes: 0,
                     deleting: false,
+                    notes: Vec::new(),
                     min_ready,
                     max_ready,
                     vcpus: source.as_ref().map_or(0, |s| s.template.vcpus),

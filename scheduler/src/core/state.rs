@@ -223,6 +223,7 @@ impl TemplateEntry {
         self.config.as_ref().map(|c| BuildSpec {
             base: c.base.clone(),
             bootstrap: c.bootstrap.clone(),
+            nix_profile: c.nix_profile.clone(),
         })
     }
 

@@ -1,7 +1,8 @@
-//! Test support for the scheduler's logic tests: an in-process fleet of workers — the worker's real
-//! fake provider behind a small job executor with the worker's job semantics (capacity 503, health
-//! exec before a create answers, publish to a shared object store, fetch on restore, backup before
-//! destroy, job-id dedupe) — plus fault injection and a harness around the core with paused time.
+//! Test support for the scheduler's logic tests: an in-process fleet of workers — each the
+//! worker's real job runner ([`JobRunner`]: capacity with eviction, health exec before a create
+//! answers, publish to and fetch from a shared object store, backup before destroy, job-id dedupe)
+//! over the real fake provider, without NATS — plus fault injection, heartbeats on the fleet's
+//! clock, and a harness around the core with paused time.
 
 #![allow(dead_code)]
 
@@ -12,17 +13,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hearth_messages::{
-    ErrorCode, JobId, JobOp, JobOutput, JobRequest, SessionEvent, SnapshotId, TemplateName, VmId,
-    VmInfo, VmState, WireError, WorkerId, WorkerStatus,
+    JobId, JobOp, JobOutput, JobRequest, SessionEvent, SnapshotId, TemplateName, VmId, VmInfo,
+    VmState, WireError, WorkerId, WorkerStatus,
 };
 use hearth_scheduler::clock::Clock;
 use hearth_scheduler::config::SchedulerConfig;
 use hearth_scheduler::store::{MemKv, Store};
 use hearth_scheduler::worker_api::{EventSink, JobError, WorkerApi};
 use hearth_scheduler::{Scheduler, TemplateConfig};
-use hearth_worker::provider::{
-    ExecSpec, FakeConfig, FakeProvider, ProviderError, VmProvider, VmQuery, VmSpec,
-};
+use hearth_worker::provider::{ExecSpec, FakeConfig, FakeProvider, VmProvider, VmQuery};
+use hearth_worker::{JobRunner, MemoryHost, MemoryStore, WorkerConfig};
 use parking_lot::Mutex;
 
 pub fn wid(s: &str) -> WorkerId {
@@ -33,8 +33,8 @@ pub fn tname(s: &str) -> TemplateName {
     TemplateName::new(s).unwrap()
 }
 
-fn wire(e: ProviderError) -> WireError {
-    WireError::new(ErrorCode::from_u16(e.status_code()), e.to_string())
+fn wire(e: hearth_worker::provider::ProviderError) -> WireError {
+    hearth_worker::wire_error(&e)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +49,7 @@ struct Meta {
 pub struct FleetWorker {
     pub id: WorkerId,
     pub provider: Arc<FakeProvider>,
+    /// Capacity as heartbeats report it; the runner enforces the value given to `add`.
     pub max_vms: AtomicU32,
     /// No heartbeats, jobs unreachable (a crashed host).
     pub down: AtomicBool,
@@ -69,15 +70,32 @@ pub struct FleetWorker {
     done: Mutex<HashMap<JobId, Result<JobOutput, WireError>>>,
     /// Every job op that ran, in order.
     pub log: Mutex<Vec<JobOp>>,
-    /// VMs backed up before destroy.
+    /// VMs backed up (before a destroy, or by `backup_vm`).
     pub backups: Mutex<Vec<VmId>>,
+    /// The worker's own job runner over `provider` (capacity, eviction, health check, snapshot
+    /// store, dedupe): the jobs run as on a real worker, without NATS.
+    runner: JobRunner,
+    /// The runner's data dir (its session journal).
+    _dir: tempfile::TempDir,
 }
 
 impl FleetWorker {
-    fn new(id: &str, max_vms: u32, config: FakeConfig, now: u64) -> Self {
+    fn new(id: &str, max_vms: u32, config: FakeConfig, fleet: &Fleet) -> Self {
+        let provider = Arc::new(FakeProvider::with_config(config));
+        let dir = tempfile::tempdir().unwrap();
+        let mut worker_config = WorkerConfig::new(wid(id), dir.path());
+        worker_config.max_vms = max_vms;
+        worker_config.backup_dir = Some(fleet.backup_dir.path().to_path_buf());
+        // The fleet's shared object store; VM events and data planes are not modelled (tests
+        // call `on_vm_event` themselves).
+        let host = Arc::new(MemoryHost::with_store(fleet.objects.clone()));
+        let runner = JobRunner::new(worker_config, provider.clone(), host).unwrap();
+        let now = fleet.clock.now_ms();
         Self {
             id: wid(id),
-            provider: Arc::new(FakeProvider::with_config(config)),
+            provider,
+            runner,
+            _dir: dir,
             max_vms: AtomicU32::new(max_vms),
             down: AtomicBool::new(false),
             mute: AtomicBool::new(false),
@@ -147,6 +165,7 @@ impl FleetWorker {
             last_activity_ms: meta.activity_ms,
             restored_from: view.restored_from,
             busy: self.busy.lock().contains(vm_id),
+            notes: Vec::new(),
         })
     }
 
@@ -201,171 +220,69 @@ impl FleetWorker {
         }
     }
 
-    async fn run(&self, fleet: &Fleet, op: JobOp) -> Result<JobOutput, WireError> {
+    /// Runs `job` with the worker's real job runner, then keeps this fleet's bookkeeping: VM
+    /// times on the fleet's (paused) clock, which VMs are sessions, backups taken.
+    async fn run(&self, fleet: &Fleet, job: JobRequest) -> Result<JobOutput, WireError> {
         let now = fleet.clock.now_ms();
-        let p = &self.provider;
-        match op {
-            JobOp::CreateVm { vm_id, session } => {
-                self.create(fleet, vm_id, hearth_messages::VmSpec::default(), session)
-                    .await
-            }
-            JobOp::CreateVmWithSpec {
-                vm_id,
-                spec,
-                session,
-            } => self.create(fleet, vm_id, spec, session).await,
-            JobOp::StartVm { vm_id } => {
-                p.start_vm(&vm_id).await.map_err(wire)?;
-                self.touch(&vm_id, now);
-                Ok(JobOutput::Vm {
-                    vm: self.info(&vm_id).await.unwrap(),
-                })
-            }
-            JobOp::StopVm { vm_id } => {
-                p.stop_vm(&vm_id).await.map_err(wire)?;
-                self.touch(&vm_id, now);
-                Ok(JobOutput::Vm {
-                    vm: self.info(&vm_id).await.unwrap(),
-                })
-            }
-            JobOp::SnapshotVm {
-                vm_id,
-                snapshot_id,
-                publish,
-            } => {
-                let info = p.snapshot_vm(&vm_id, &snapshot_id).await.map_err(wire)?;
-                if publish {
-                    let mut out = Vec::new();
-                    p.export_snapshot(&snapshot_id, &mut out)
-                        .await
-                        .map_err(wire)?;
-                    fleet.objects.lock().insert(snapshot_id.clone(), out);
-                }
-                Ok(JobOutput::Snapshot {
-                    snapshot: hearth_messages::SnapshotInfo {
-                        snapshot_id: info.snapshot_id,
-                        source_vm: info.source_vm,
-                        template: info.template,
-                        created_ms: info.created_ms,
-                        size_bytes: info.size_bytes,
-                        published: publish,
+        if self.fail_deletes.load(Ordering::SeqCst)
+            && matches!(job.op, JobOp::DeleteSnapshot { .. })
+        {
+            return Err(WireError::internal("delete failed (test)"));
+        }
+        let op = job.op.clone();
+        let output = self.runner.run(job).await?.output;
+        match &op {
+            JobOp::CreateVm { vm_id, session } | JobOp::CreateVmWithSpec { vm_id, session, .. } => {
+                self.meta.lock().insert(
+                    vm_id.clone(),
+                    Meta {
+                        created_ms: now,
+                        activity_ms: now,
+                        session: *session,
                     },
-                })
+                );
             }
-            JobOp::DestroyVm { vm_id, backup, .. } => {
-                if backup {
-                    p.backup_vm(&vm_id, fleet.backup_dir.path())
-                        .await
-                        .map_err(wire)?;
-                    self.backups.lock().push(vm_id.clone());
-                }
-                p.destroy_vm(&vm_id).await.map_err(wire)?;
-                self.meta.lock().remove(&vm_id);
-                Ok(JobOutput::Done {})
-            }
+            JobOp::StartVm { vm_id } | JobOp::StopVm { vm_id } => self.touch(vm_id, now),
             JobOp::RenameVm {
                 vm_id,
                 new_vm_id,
                 session,
             } => {
-                p.rename_vm(&vm_id, &new_vm_id).await.map_err(wire)?;
-                {
-                    let mut meta = self.meta.lock();
-                    let mut m = meta.remove(&vm_id).unwrap_or(Meta {
-                        created_ms: now,
-                        activity_ms: now,
-                        session,
-                    });
-                    m.activity_ms = now;
-                    m.session = session;
-                    meta.insert(new_vm_id.clone(), m);
-                }
-                Ok(JobOutput::Vm {
-                    vm: self.info(&new_vm_id).await.unwrap(),
-                })
+                let mut meta = self.meta.lock();
+                let mut m = meta.remove(vm_id).unwrap_or(Meta {
+                    created_ms: now,
+                    activity_ms: now,
+                    session: *session,
+                });
+                m.activity_ms = now;
+                m.session = *session;
+                meta.insert(new_vm_id.clone(), m);
             }
-            JobOp::DeleteSnapshot {
-                snapshot_id,
-                unpublish,
-            } => {
-                if self.fail_deletes.load(Ordering::SeqCst) {
-                    return Err(WireError::internal("delete failed (test)"));
+            JobOp::DestroyVm { vm_id, backup, .. } => {
+                if *backup {
+                    self.backups.lock().push(vm_id.clone());
                 }
-                match p.delete_snapshot(&snapshot_id).await {
-                    Ok(()) | Err(ProviderError::NotFound(_)) => {}
-                    Err(e) => return Err(wire(e)),
-                }
-                if unpublish {
-                    fleet.objects.lock().remove(&snapshot_id);
-                }
-                Ok(JobOutput::Done {})
+                self.meta.lock().remove(vm_id);
             }
-            JobOp::ListVms {} => {
-                let mut vms = Vec::new();
-                for id in self.vms().await.keys() {
-                    vms.extend(self.info(id).await);
-                }
-                Ok(JobOutput::Vms { vms })
+            JobOp::BackupVm { vm_id } => self.backups.lock().push(vm_id.clone()),
+            _ => {}
+        }
+        // VM replies carry this fleet's clock, as its heartbeats do (the runner's provider stamps
+        // wall-clock time, which does not move under paused time).
+        Ok(match output {
+            JobOutput::Vm { vm } => {
+                let mut info = self.info(&vm.vm_id).await.unwrap_or(vm.clone());
+                info.notes = vm.notes;
+                JobOutput::Vm { vm: info }
             }
-        }
-    }
-
-    async fn create(
-        &self,
-        fleet: &Fleet,
-        vm_id: VmId,
-        spec: hearth_messages::VmSpec,
-        session: bool,
-    ) -> Result<JobOutput, WireError> {
-        let p = &self.provider;
-        if self.vms().await.contains_key(&vm_id) {
-            return Err(WireError::conflict(format!("vm {vm_id} already exists")));
-        }
-        if self.vms().await.len() as u32 >= self.max_vms.load(Ordering::SeqCst) {
-            return Err(WireError::no_capacity("worker is full", 500));
-        }
-        if let Some(snap) = &spec.restore_from
-            && p.get_snapshot(snap).await.unwrap().is_none()
-        {
-            let bytes = fleet.objects.lock().get(snap).cloned();
-            match bytes {
-                Some(bytes) => {
-                    p.import_snapshot(snap, &mut bytes.as_slice())
-                        .await
-                        .map_err(wire)?;
+            JobOutput::Vms { vms } => {
+                let mut out = Vec::with_capacity(vms.len());
+                for vm in vms {
+                    out.push(self.info(&vm.vm_id).await.unwrap_or(vm));
                 }
-                None => return Err(WireError::not_found(format!("snapshot {snap} not found"))),
+                JobOutput::Vms { vms: out }
             }
-        }
-        let provider_spec = VmSpec {
-            template: spec.template,
-            vcpus: spec.vcpus.unwrap_or(1),
-            memory_mib: spec.memory_mib.unwrap_or(512),
-            env: spec.env,
-            base: spec.base.map(Into::into),
-            bootstrap: spec.bootstrap,
-            restore_from: spec.restore_from,
-            ..VmSpec::default()
-        };
-        p.create_vm_with_spec(&vm_id, &provider_spec)
-            .await
-            .map_err(wire)?;
-        let health = p.exec(&vm_id, ExecSpec::argv(["true"]), None).await;
-        if !matches!(&health, Ok(o) if o.success()) {
-            let _ = p.destroy_vm(&vm_id).await;
-            return Err(WireError::internal("health check failed"));
-        }
-        let now = fleet.clock.now_ms();
-        self.meta.lock().insert(
-            vm_id.clone(),
-            Meta {
-                created_ms: now,
-                activity_ms: now,
-                session,
-            },
-        );
-        Ok(JobOutput::Vm {
-            vm: self.info(&vm_id).await.unwrap(),
+            other => other,
         })
     }
 }
@@ -375,7 +292,7 @@ impl FleetWorker {
 pub struct Fleet {
     pub workers: Mutex<BTreeMap<WorkerId, Arc<FleetWorker>>>,
     /// The fleet's object store: published snapshots.
-    pub objects: Mutex<HashMap<SnapshotId, Vec<u8>>>,
+    pub objects: MemoryStore,
     pub clock: Clock,
     backup_dir: tempfile::TempDir,
 }
@@ -384,7 +301,7 @@ impl Fleet {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             workers: Mutex::new(BTreeMap::new()),
-            objects: Mutex::new(HashMap::new()),
+            objects: MemoryStore::default(),
             clock: Clock::new(),
             backup_dir: tempfile::tempdir().unwrap(),
         })
@@ -395,7 +312,7 @@ impl Fleet {
     }
 
     pub fn add_with(&self, id: &str, max_vms: u32, config: FakeConfig) -> Arc<FleetWorker> {
-        let w = Arc::new(FleetWorker::new(id, max_vms, config, self.clock.now_ms()));
+        let w = Arc::new(FleetWorker::new(id, max_vms, config, self));
         self.workers.lock().insert(w.id.clone(), w.clone());
         w
     }
@@ -477,7 +394,7 @@ impl WorkerApi for Fleet {
         if let Some(done) = w.done.lock().get(&job.job_id).cloned() {
             return done.map_err(JobError::Failed);
         }
-        let result = w.run(self, job.op.clone()).await;
+        let result = w.run(self, job.clone()).await;
         w.done.lock().insert(job.job_id.clone(), result.clone());
         w.log.lock().push(job.op);
         result.map_err(JobError::Failed)

@@ -6,11 +6,12 @@ use std::sync::atomic::Ordering;
 use hearth_messages::{TerminationReason, VmId, WireError};
 use tracing::info;
 
-use super::{Inner, MAX_EVICTION_TRIES, RETRY_AFTER_MS, Worker, wire_error};
+use super::runner::RunnerCore;
+use super::{MAX_EVICTION_TRIES, RETRY_AFTER_MS, wire_error};
 use crate::metrics as m;
 use crate::provider::VmState;
 
-impl Worker {
+impl RunnerCore {
     /// Reserves a slot for a new VM, evicting the oldest stopped VM when full; 503 when nothing
     /// can be evicted.
     ///
@@ -19,8 +20,8 @@ impl Worker {
     /// destroyed with admission released, so other creates never wait behind one VM's lock or
     /// backup. A victim that became busy (resumed by an exec) in between is spared and another
     /// one chosen.
-    pub(super) async fn admit(&self, creating: &VmId) -> Result<Reservation, WireError> {
-        let inner = &self.inner;
+    pub(super) async fn admit(self: &Arc<Self>, creating: &VmId) -> Result<Reservation, WireError> {
+        let inner = self;
         for _ in 0..MAX_EVICTION_TRIES {
             let (victim, chosen, reservation) = {
                 let _admission = inner.admission.lock().await;
@@ -33,7 +34,7 @@ impl Worker {
                 let reserved = inner.reserved.load(Ordering::SeqCst);
                 if !evicting && held + reserved < inner.config.max_vms {
                     inner.reserved.fetch_add(1, Ordering::SeqCst);
-                    return Ok(Reservation(self.inner.clone()));
+                    return Ok(Reservation(self.clone()));
                 }
                 // Full, or evictions in flight: only now is the whole inventory worth listing.
                 // A victim being evicted no longer counts: its slot is promised to the create
@@ -49,7 +50,7 @@ impl Worker {
                     .count() as u32;
                 if held + reserved < inner.config.max_vms {
                     inner.reserved.fetch_add(1, Ordering::SeqCst);
-                    return Ok(Reservation(self.inner.clone()));
+                    return Ok(Reservation(self.clone()));
                 }
                 let victim = vms
                     .iter()
@@ -71,11 +72,11 @@ impl Worker {
                 };
                 inner.evicting.insert(victim.vm_id.clone(), ());
                 inner.reserved.fetch_add(1, Ordering::SeqCst);
-                let evicting = Evicting(self.inner.clone(), victim.vm_id.clone());
+                let evicting = Evicting(self.clone(), victim.vm_id.clone());
                 (
                     evicting,
                     (victim.last_activity_ms, victim.stopped_ms),
-                    Reservation(self.inner.clone()),
+                    Reservation(self.clone()),
                 )
             };
             let vm_id = victim.1.clone();
@@ -128,10 +129,10 @@ impl Worker {
 }
 
 /// Releases a capacity reservation when dropped.
-pub(super) struct Reservation(Arc<Inner>);
+pub(super) struct Reservation(Arc<RunnerCore>);
 
 /// A VM chosen for eviction, no longer a candidate for any other create; released when dropped.
-pub(super) struct Evicting(Arc<Inner>, VmId);
+pub(super) struct Evicting(Arc<RunnerCore>, VmId);
 
 impl Drop for Evicting {
     fn drop(&mut self) {

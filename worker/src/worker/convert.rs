@@ -2,26 +2,10 @@
 
 use std::time::Duration;
 
-use hearth_messages::{ExecRequest, ExecResult, VmInfo};
+use hearth_messages::{ExecRequest, ExecResult};
 
-use super::Inner;
-use crate::provider::{ExecOutcome, ExecSpec, Program, VmState, VmView};
-
-impl Inner {
-    pub(super) fn vm_info(&self, view: VmView) -> VmInfo {
-        VmInfo {
-            session: self.sessions.contains(&view.vm_id),
-            // Held by a command, file transfer or job (in a job's own reply: by that job).
-            busy: self.locks.is_busy(&view.vm_id),
-            vm_id: view.vm_id,
-            state: view.state.into(),
-            template: view.template,
-            created_ms: view.created_ms,
-            last_activity_ms: view.last_activity_ms,
-            restored_from: view.restored_from,
-        }
-    }
-}
+use crate::config::WorkerConfig;
+use crate::provider::{ExecOutcome, ExecSpec, Program, VmState};
 
 impl From<VmState> for hearth_messages::VmState {
     fn from(state: VmState) -> Self {
@@ -33,10 +17,30 @@ impl From<VmState> for hearth_messages::VmState {
     }
 }
 
-pub(super) fn exec_spec(req: &ExecRequest) -> ExecSpec {
+/// A provider snapshot on the wire; `published`: the fleet's object store holds it.
+pub(super) fn snapshot_info(
+    info: crate::provider::SnapshotInfo,
+    published: bool,
+) -> hearth_messages::SnapshotInfo {
+    hearth_messages::SnapshotInfo {
+        snapshot_id: info.snapshot_id,
+        source_vm: info.source_vm,
+        template: info.template,
+        created_ms: info.created_ms,
+        size_bytes: info.size_bytes,
+        published,
+    }
+}
+
+/// The provider's exec spec for a request; a `cmd` runs in the worker's configured shell
+/// (`shell`, `shell_args`) when there is one, else in the provider's.
+pub(super) fn exec_spec(req: &ExecRequest, config: &WorkerConfig) -> ExecSpec {
     let program = match (&req.argv, &req.cmd) {
         (Some(argv), _) => Program::Argv(argv.clone()),
-        (None, Some(cmd)) => Program::Shell(cmd.clone()),
+        (None, Some(cmd)) => match config.shell_argv(cmd) {
+            Some(argv) => Program::Argv(argv),
+            None => Program::Shell(cmd.clone()),
+        },
         (None, None) => Program::Argv(Vec::new()),
     };
     ExecSpec {

@@ -11,11 +11,10 @@ use hearth_messages::data::{CHUNK_HEADER, DEFAULT_MAX_FILE_BYTES};
 use hearth_messages::transport::{Reply, decode_message, encoding_of};
 use hearth_messages::{
     Caller, Encoding, ExecRequest, FileGetRequest, FileGetResult, FilePutRequest, FilePutResult,
-    SessionId, SessionOp, TenantId, VmId, WireError,
+    SessionId, SessionOp, VmId, WireError,
 };
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
 use super::convert::{exec_result, exec_spec};
 use super::{Inner, QUEUE_RETRY_AFTER_MS, REPLY_OVERHEAD, Served, Worker, respond, wire_error};
@@ -24,19 +23,6 @@ use crate::provider::{OutputStream, VmState};
 
 impl Worker {
     // ----- the session data plane -----------------------------------------------------------
-
-    /// Serves `vm_id` as a session of `tenant` (the operator's when `None`).
-    pub(super) async fn make_session(
-        &self,
-        vm_id: &VmId,
-        tenant: Option<&TenantId>,
-    ) -> Result<(), WireError> {
-        self.inner
-            .sessions
-            .insert(vm_id, tenant)
-            .map_err(|e| WireError::internal(format!("writing the session marker: {e}")))?;
-        self.serve(vm_id.clone()).await
-    }
 
     /// Subscribes the session's exec and files subjects (as endpoints of the micro service, so
     /// `$SRV.STATS` counts them).
@@ -135,18 +121,11 @@ impl Worker {
     /// may be claimed again (a retried claim) on this or another worker, and a stale responder in
     /// the same queue group would answer half of the new session's requests. An exec already
     /// queued behind a destroy still gets 409 from the VM's state.
-    pub(super) fn unserve(&self, vm_id: &VmId) {
-        let inner = &self.inner;
-        if inner.sessions.contains(vm_id)
-            && let Err(err) = inner.sessions.remove(vm_id)
-        {
-            warn!(%vm_id, %err, "removing the session marker");
-        }
-        if let Some((_, served)) = inner.served.remove(vm_id) {
+    /// (The job runner removes the session marker and ends the VM's work: `RunnerCore::unserve`.)
+    pub(super) fn stop_serving(&self, vm_id: &VmId) {
+        if let Some((_, served)) = self.inner.served.remove(vm_id) {
             served.cancel.cancel();
         }
-        // The id is gone (destroyed, evicted, renamed): so is its work, and its entry.
-        inner.end_work(vm_id);
     }
 
     /// Whether the request's caller (the tenant NATS stamped on it, or the operator) owns session
@@ -249,7 +228,7 @@ impl Worker {
         req: ExecRequest,
     ) -> Reply {
         let inner = &self.inner;
-        let mut spec = exec_spec(&req);
+        let mut spec = exec_spec(&req, &inner.config);
         let streamed = req.stream && request.message.reply.is_some();
         if !streamed {
             // Never capture more than the reply can carry: each stream is capped at the whole
@@ -464,18 +443,6 @@ pub(super) async fn reject_queue_full(
 }
 
 impl Inner {
-    /// The token that ends work on `vm_id` (see `endings`).
-    pub(super) fn ending(&self, vm_id: &VmId) -> CancellationToken {
-        self.endings.entry(vm_id.clone()).or_default().clone()
-    }
-
-    /// Ends every exec and file transfer running on or waiting for `vm_id`.
-    pub(super) fn end_work(&self, vm_id: &VmId) {
-        if let Some((_, token)) = self.endings.remove(vm_id) {
-            token.cancel();
-        }
-    }
-
     /// Largest output a reply may carry and still fit the server's max_payload.
     pub(super) fn max_reply_bytes(&self) -> usize {
         self.nats

@@ -2,14 +2,11 @@
 
 use std::sync::atomic::Ordering;
 
-use hearth_messages::{
-    Encoding, TerminationReason, Versions, VmEvent, VmId, VmInfo, WorkerStatus, now_ms,
-};
+use hearth_messages::{Encoding, Versions, VmEvent, WorkerStatus, now_ms};
 use tracing::warn;
 
 use super::{Inner, Worker};
 use crate::metrics as m;
-use crate::provider::{ProviderError, VmState};
 
 impl Worker {
     /// Heartbeats until the drain ends (not on `tasks`: the drain waits for those, and heartbeats
@@ -30,17 +27,6 @@ impl Worker {
 }
 
 impl Inner {
-    pub(super) async fn vm_infos(&self) -> Result<Vec<VmInfo>, ProviderError> {
-        Ok(self
-            .provider
-            .list_vms()
-            .await?
-            .into_iter()
-            .filter(|v| v.state != VmState::Destroyed)
-            .map(|v| self.vm_info(v))
-            .collect())
-    }
-
     pub(super) async fn publish_heartbeat(&self) {
         let vms = match self.vm_infos().await {
             Ok(vms) => vms,
@@ -70,7 +56,7 @@ impl Inner {
             versions: Versions {
                 hearth: env!("CARGO_PKG_VERSION").to_owned(),
                 protocol: hearth_messages::subjects::PROTOCOL_VERSION.to_owned(),
-                provider: None,
+                provider: self.provider.version(),
             },
             isolation: self.provider.isolation(),
         };
@@ -84,22 +70,9 @@ impl Inner {
         metrics::counter!(m::HEARTBEATS_TOTAL).increment(1);
     }
 
-    pub(super) async fn vm_event(
-        &self,
-        vm_id: &VmId,
-        state: VmState,
-        renamed_from: Option<VmId>,
-        reason: Option<TerminationReason>,
-    ) {
-        let event = VmEvent {
-            worker_id: self.config.worker_id.clone(),
-            vm_id: vm_id.clone(),
-            state: state.into(),
-            renamed_from,
-            reason,
-            at_ms: now_ms(),
-        };
-        if let Ok(payload) = Encoding::MsgPack.encode(&event) {
+    /// Publishes a VM event on `events.vms.<wid>` (the NATS side of [`super::JobHost::vm_event`]).
+    pub(super) async fn publish_vm_event(&self, event: &VmEvent) {
+        if let Ok(payload) = Encoding::MsgPack.encode(event) {
             let subject = self.config.subjects.vm_events(&self.config.worker_id);
             if let Err(err) = self.nats.publish(subject, payload.into()).await {
                 warn!(%err, "publishing vm event failed");

@@ -1,6 +1,7 @@
 //! Lifecycle jobs from the scheduler: decoding, lease fencing, deduplication by job id, and the
 //! per-op work (create with its health check, start, stop, snapshot, destroy with backup, rename).
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -11,7 +12,9 @@ use hearth_messages::{
 };
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{HEALTH_TIMEOUT, Inner, RETRY_AFTER_MS, Worker, respond, wire_error};
+use super::convert::snapshot_info;
+use super::runner::RunnerCore;
+use super::{HEALTH_TIMEOUT, RETRY_AFTER_MS, Worker, respond, wire_error};
 use crate::jobs::Outcome;
 use crate::metrics as m;
 use crate::provider::{ExecSpec, ProviderError, VmState};
@@ -38,7 +41,7 @@ impl Worker {
         respond(&self.inner.nats, request, reply).await;
     }
 
-    pub(super) async fn job_reply(&self, request: &service::Request) -> Reply {
+    async fn job_reply(&self, request: &service::Request) -> Reply {
         let (encoding, job) = decode_message::<JobRequest>(&request.message);
         match job {
             Err(err) => {
@@ -46,38 +49,40 @@ impl Worker {
                 Reply::error(encoding, &err)
             }
             Ok(job) => {
-                let op_name = job.op.name();
                 record_job(&job);
-                if let Err(err) = self.fence(job.lease_revision) {
-                    metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => err.code.to_string())
-                        .increment(1);
-                    return Reply::error(encoding, &err);
-                }
-                let started = Instant::now();
-                let cell = self.inner.jobs.cell(&job.job_id);
-                let outcome = cell
-                    .get_or_init(|| self.run_job(job.op, job.tenant))
-                    .await
-                    .clone();
-                let result = match &outcome {
-                    Ok(_) => "ok".to_owned(),
-                    Err(e) => e.code.to_string(),
-                };
-                metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => result).increment(1);
-                metrics::histogram!(m::JOB_DURATION, "op" => op_name)
-                    .record(started.elapsed().as_secs_f64());
-                match outcome {
-                    Ok(output) => Reply::ok(
-                        encoding,
-                        &JobReply {
-                            job_id: job.job_id,
-                            output,
-                        },
-                    ),
-                    Err(err) => Reply::error(encoding, &err),
-                }
+                Reply::from_result(encoding, &self.inner.core.run(job).await)
             }
         }
+    }
+}
+
+impl RunnerCore {
+    /// Runs `job` once per `job_id` (a repeat gets the first outcome), refusing a deposed
+    /// scheduler's, and counts it.
+    pub(super) async fn run(self: &Arc<Self>, job: JobRequest) -> Result<JobReply, WireError> {
+        let op_name = job.op.name();
+        if let Err(err) = self.fence(job.lease_revision) {
+            metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => err.code.to_string())
+                .increment(1);
+            return Err(err);
+        }
+        let started = Instant::now();
+        let cell = self.jobs.cell(&job.job_id);
+        let outcome = cell
+            .get_or_init(|| self.run_job(job.op, job.tenant))
+            .await
+            .clone();
+        let result = match &outcome {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => e.code.to_string(),
+        };
+        metrics::counter!(m::JOBS_TOTAL, "op" => op_name, "result" => result).increment(1);
+        metrics::histogram!(m::JOB_DURATION, "op" => op_name)
+            .record(started.elapsed().as_secs_f64());
+        outcome.map(|output| JobReply {
+            job_id: job.job_id,
+            output,
+        })
     }
 
     /// Refuses a job from a deposed scheduler: one whose lease revision is older than the newest
@@ -86,10 +91,7 @@ impl Worker {
         if revision == 0 {
             return Ok(());
         }
-        let newest = self
-            .inner
-            .newest_lease
-            .fetch_max(revision, Ordering::SeqCst);
+        let newest = self.newest_lease.fetch_max(revision, Ordering::SeqCst);
         if revision < newest {
             metrics::counter!(m::JOBS_FENCED_TOTAL).increment(1);
             warn!(revision, newest, "refusing a job from a deposed scheduler");
@@ -101,15 +103,35 @@ impl Worker {
     }
 
     /// Runs one job; `tenant` owns the session a `session: true` job makes.
-    pub(super) async fn run_job(&self, op: JobOp, tenant: Option<TenantId>) -> Outcome {
-        let inner = &self.inner;
+    pub(super) async fn run_job(self: &Arc<Self>, op: JobOp, tenant: Option<TenantId>) -> Outcome {
+        let inner = self;
         if inner.draining.load(Ordering::SeqCst) {
             return Err(WireError::no_capacity("worker is draining", RETRY_AFTER_MS));
         }
-        if matches!(op, JobOp::ListVms {}) {
-            return Ok(JobOutput::Vms {
-                vms: inner.vm_infos().await.map_err(|e| wire_error(&e))?,
-            });
+        // Queries: no lock, no slot (they never wait behind a running command).
+        match &op {
+            JobOp::ListVms {} => {
+                return Ok(JobOutput::Vms {
+                    vms: inner.vm_infos().await.map_err(|e| wire_error(&e))?,
+                });
+            }
+            JobOp::GetVm { vm_id } => {
+                let view = inner
+                    .provider
+                    .get_vm(vm_id)
+                    .await
+                    .map_err(|e| wire_error(&e))?
+                    .ok_or_else(|| WireError::not_found(format!("vm {vm_id} not found")))?;
+                return Ok(JobOutput::Vm {
+                    vm: inner.vm_info(view),
+                });
+            }
+            JobOp::ListSnapshots { vm_id } => {
+                return Ok(JobOutput::Snapshots {
+                    snapshots: inner.snapshot_infos(vm_id.as_ref()).await?,
+                });
+            }
+            _ => {}
         }
         // Release, TTL, prune and idle stop end the VM's running work first, so its lock comes
         // at once.
@@ -146,8 +168,13 @@ impl Worker {
     }
 
     /// Runs `op` with what [`Self::run_job`] took for it (see [`Holding`]).
-    async fn run_op(&self, op: JobOp, holding: Holding<'_>, tenant: Option<&TenantId>) -> Outcome {
-        let inner = &self.inner;
+    async fn run_op(
+        self: &Arc<Self>,
+        op: JobOp,
+        holding: Holding<'_>,
+        tenant: Option<&TenantId>,
+    ) -> Outcome {
+        let inner = self;
         let provider = &inner.provider;
         let werr = |e: ProviderError| wire_error(&e);
         match op {
@@ -194,14 +221,7 @@ impl Worker {
                 metrics::histogram!(m::SNAPSHOT_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::counter!(m::SNAPSHOT_BYTES_TOTAL).increment(info.size_bytes);
                 Ok(JobOutput::Snapshot {
-                    snapshot: hearth_messages::SnapshotInfo {
-                        snapshot_id: info.snapshot_id,
-                        source_vm: info.source_vm,
-                        template: info.template,
-                        created_ms: info.created_ms,
-                        size_bytes: info.size_bytes,
-                        published: publish,
-                    },
+                    snapshot: snapshot_info(info, publish),
                 })
             }
             JobOp::DestroyVm {
@@ -234,7 +254,13 @@ impl Worker {
                     vm: inner.vm_info(view),
                 })
             }
-            JobOp::ListVms {} => unreachable_list(),
+            JobOp::ListVms {} | JobOp::GetVm { .. } | JobOp::ListSnapshots { .. } => {
+                unreachable_query()
+            }
+            JobOp::BackupVm { vm_id } => {
+                self.backup_locked(&vm_id).await?;
+                Ok(JobOutput::Done {})
+            }
             JobOp::DeleteSnapshot {
                 snapshot_id,
                 unpublish,
@@ -246,13 +272,13 @@ impl Worker {
     /// if asked.
     /// (Called holding the VM's lock.)
     pub(super) async fn create(
-        &self,
+        self: &Arc<Self>,
         vm_id: VmId,
         spec: hearth_messages::VmSpec,
         session: bool,
         tenant: Option<&TenantId>,
     ) -> Outcome {
-        let inner = &self.inner;
+        let inner = self;
         if let Some(existing) = inner
             .provider
             .get_vm(&vm_id)
@@ -265,6 +291,7 @@ impl Worker {
         let _reservation = self.admit(&vm_id).await?;
         let started = Instant::now();
         let restore = spec.restore_from.clone();
+        let nix_profile = spec.nix_profile.clone();
         if let Some(snapshot_id) = &restore {
             inner.ensure_snapshot(snapshot_id).await?;
         }
@@ -286,7 +313,8 @@ impl Worker {
             },
             env: spec.env,
             base: spec.base.map(Into::into),
-            bootstrap: spec.bootstrap,
+            // An empty bootstrap is a no-op (seed 001), not an invalid argv.
+            bootstrap: spec.bootstrap.filter(|argv| !argv.is_empty()),
             restore_from: spec.restore_from,
         };
         let view = inner
@@ -329,13 +357,91 @@ impl Worker {
         if restore.is_some() {
             metrics::histogram!(m::RESTORE_DURATION).record(started.elapsed().as_secs_f64());
         }
+        // A restore carries what the snapshot's build hydrated; only a cold create hydrates.
+        let notes = match (&restore, &nix_profile) {
+            (None, Some(profile)) => vec![self.hydrate_nix_profile(&vm_id, profile).await],
+            _ => Vec::new(),
+        };
         if session {
             self.make_session(&vm_id, tenant).await?;
         }
         inner.vm_event(&vm_id, VmState::Running, None, None).await;
-        Ok(JobOutput::Vm {
-            vm: inner.vm_info(view),
-        })
+        let mut vm = inner.vm_info(view);
+        vm.notes = notes;
+        Ok(JobOutput::Vm { vm })
+    }
+
+    /// Hydrates a template's nix profile in the new VM (seed 001: `nix develop <profile>
+    /// --command true` in the volume) when the VM has `nix`. Never fails the create: a VM
+    /// without nix, or a failing `nix develop`, is a warning and a note for the template's status.
+    async fn hydrate_nix_profile(&self, vm_id: &VmId, profile: &str) -> String {
+        let provider = &self.provider;
+        let probe = ExecSpec::argv(["sh", "-c", "command -v nix"]).with_timeout(HEALTH_TIMEOUT);
+        let has_nix = matches!(provider.exec(vm_id, probe, None).await, Ok(o) if o.success());
+        if !has_nix {
+            info!(%vm_id, profile, "nix_profile not hydrated: no nix in the vm");
+            return format!(
+                "nix_profile {profile:?} not hydrated: nix is not installed in the VM \
+                 (install it in the template's base image)"
+            );
+        }
+        // Through the shell, so `nix` is found on the VM's PATH as the probe found it.
+        let develop = ExecSpec::argv([
+            "sh",
+            "-c",
+            "exec nix develop \"$0\" --command true",
+            profile,
+        ])
+        .with_timeout(NIX_TIMEOUT);
+        match provider.exec(vm_id, develop, None).await {
+            Ok(o) if o.success() => {
+                info!(%vm_id, profile, "nix profile hydrated");
+                format!("nix_profile {profile:?} hydrated")
+            }
+            Ok(o) => {
+                let stderr = String::from_utf8_lossy(&o.stderr);
+                let tail: String = stderr.trim().chars().rev().take(300).collect();
+                let tail: String = tail.chars().rev().collect();
+                warn!(%vm_id, profile, exit_code = o.exit_code, %tail, "nix develop failed");
+                format!(
+                    "nix_profile {profile:?} not hydrated: nix develop exited {}: {tail}",
+                    o.exit_code
+                )
+            }
+            Err(err) => {
+                warn!(%vm_id, profile, %err, "nix develop failed");
+                format!("nix_profile {profile:?} not hydrated: {err}")
+            }
+        }
+    }
+
+    /// Backs the VM's volume up to `backup_dir` and applies the retention (`backup_vm`; the VM
+    /// keeps running). (Called holding the VM's lock.)
+    async fn backup_locked(&self, vm_id: &VmId) -> Result<(), WireError> {
+        let inner = self;
+        let Some(dir) = &inner.config.backup_dir else {
+            return Err(WireError::conflict(format!(
+                "worker {} has no backup_dir",
+                inner.config.worker_id
+            )));
+        };
+        match inner
+            .provider
+            .get_vm(vm_id)
+            .await
+            .map_err(|e| wire_error(&e))?
+        {
+            Some(view) if view.state != VmState::Destroyed => {}
+            _ => return Err(WireError::not_found(format!("vm {vm_id} not found"))),
+        }
+        let path = inner
+            .provider
+            .backup_vm(vm_id, dir)
+            .await
+            .map_err(|e| wire_error(&e))?;
+        info!(%vm_id, path = %path.display(), "volume backed up");
+        inner.prune_backups(dir, path).await;
+        Ok(())
     }
 
     pub(super) async fn destroy_locked(
@@ -344,9 +450,9 @@ impl Worker {
         backup: bool,
         reason: Option<TerminationReason>,
     ) -> Result<(), WireError> {
-        let inner = &self.inner;
+        let inner = self;
         if backup
-            && let Some(dir) = &inner.config.backup_dir
+            && inner.config.backup_dir.is_some()
             && let Some(view) = inner
                 .provider
                 .get_vm(vm_id)
@@ -354,13 +460,7 @@ impl Worker {
                 .map_err(|e| wire_error(&e))?
             && view.state != VmState::Destroyed
         {
-            let path = inner
-                .provider
-                .backup_vm(vm_id, dir)
-                .await
-                .map_err(|e| wire_error(&e))?;
-            info!(%vm_id, path = %path.display(), "volume backed up");
-            inner.prune_backups(dir, path).await;
+            self.backup_locked(vm_id).await?;
         }
         inner
             .provider
@@ -384,11 +484,14 @@ struct Holding<'a> {
     _slot: tokio::sync::SemaphorePermit<'a>,
 }
 
-pub(super) fn unreachable_list() -> Outcome {
-    Err(WireError::internal("list_vms is answered before locking"))
+/// How long hydrating a nix profile may take (it may download and build a toolchain).
+const NIX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1800);
+
+pub(super) fn unreachable_query() -> Outcome {
+    Err(WireError::internal("queries are answered before locking"))
 }
 
-impl Inner {
+impl RunnerCore {
     /// Applies the backup retention to `dir` after `newest` was written there. A failure is
     /// logged: the backup itself succeeded.
     pub(super) async fn prune_backups(&self, dir: &std::path::Path, newest: std::path::PathBuf) {

@@ -2,8 +2,10 @@
 //! per-session data plane, heartbeats, VM events, capacity and eviction, snapshot transfer through
 //! the fleet's object store, and graceful drain.
 //!
-//! This file is the service wiring (start, reconcile, the jobs endpoint, drain); the rest is split
-//! by concern: [`job_runner`] (lifecycle jobs), [`admission`] (capacity and eviction),
+//! This file is the service wiring (start, reconcile, the jobs endpoint, drain, and [`NatsHost`],
+//! the NATS side the job runner asks for); the rest is split by concern: [`runner`] (the job
+//! runner's state and its host trait, no NATS), [`job_runner`] (lifecycle jobs), [`admission`]
+//! (capacity and eviction),
 //! [`data_plane`] (exec and files per session), [`snapshots`] (object-store sync),
 //! [`heartbeats`] (status and VM events) and [`convert`] (provider types to and from the wire).
 //!
@@ -11,8 +13,8 @@
 //! VM's lock from [`VmLocks`]; nothing else holds a lock across an `.await`.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::object_store::ObjectStore;
@@ -20,25 +22,25 @@ use async_nats::service::{self, ServiceExt};
 use dashmap::DashMap;
 use futures::StreamExt;
 use hearth_messages::transport::{self, Reply};
-use hearth_messages::{SnapshotId, VmId, WireError, now_ms};
-use tokio::sync::{Mutex, Semaphore};
+use hearth_messages::{SnapshotId, VmEvent, VmId, WireError, now_ms};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::WorkerConfig;
-use crate::jobs::JobCache;
-use crate::locks::VmLocks;
 use crate::metrics as m;
 use crate::provider::{ProviderError, VmRuntime, VmState};
-use crate::state::SessionSet;
 
 mod admission;
 mod convert;
 mod data_plane;
 mod heartbeats;
 mod job_runner;
+mod runner;
 mod snapshots;
+
+use runner::RunnerCore;
+pub use runner::{JobHost, JobRunner, MemoryHost, MemoryStore};
 
 use snapshots::open_snapshot_store;
 
@@ -116,39 +118,96 @@ pub struct Worker {
     inner: Arc<Inner>,
 }
 
+/// The NATS worker's state: the job runner's ([`RunnerCore`], reached through `Deref`, so
+/// `inner.locks`, `inner.provider`, `inner.config`, … are the runner's) and the service's own.
 struct Inner {
-    config: WorkerConfig,
+    core: Arc<RunnerCore>,
     nats: async_nats::Client,
-    provider: Arc<dyn VmRuntime>,
     service: service::Service,
     store: ObjectStore,
-    locks: VmLocks,
-    jobs: JobCache,
-    job_slots: Semaphore,
-    /// Admission to capacity: counting VMs and evicting happen under it.
-    admission: Mutex<()>,
-    /// Creates admitted but not finished; they count against `max_vms`.
-    reserved: AtomicU32,
-    /// VMs chosen for eviction and not yet destroyed; each one's slot is already counted in
-    /// `reserved` for the create that chose it.
-    evicting: DashMap<VmId, ()>,
-    snapshot_fetch: DashMap<SnapshotId, Arc<Mutex<()>>>,
-    sessions: SessionSet,
     served: DashMap<VmId, Served>,
-    /// Per VM, cancelled when its session ends (destroy, stop): running and queued execs and file
-    /// transfers on it give up at once, and the command is killed in the VM.
-    endings: DashMap<VmId, CancellationToken>,
     started_ms: u64,
     seq: AtomicU64,
-    jobs_in_flight: AtomicU32,
     execs_in_flight: AtomicU32,
-    draining: AtomicBool,
-    /// The newest scheduler lease revision a job carried; older ones are a deposed leader's.
-    newest_lease: AtomicU64,
     tasks: TaskTracker,
     stop: CancellationToken,
     /// Stops heartbeats: only when the drain is over, so the scheduler sees `draining` until then.
     heartbeat_stop: CancellationToken,
+}
+
+impl std::ops::Deref for Inner {
+    type Target = RunnerCore;
+
+    fn deref(&self) -> &RunnerCore {
+        &self.core
+    }
+}
+
+/// The NATS service as the job runner's host: VM events on `events.vms.<wid>`, session data
+/// planes as micro-service endpoints, snapshots in the JetStream object store.
+struct NatsHost {
+    /// Set once the worker exists (the worker holds the runner that holds this host).
+    inner: OnceLock<Weak<Inner>>,
+}
+
+impl NatsHost {
+    fn worker(&self) -> Option<Worker> {
+        let inner = self.inner.get()?.upgrade()?;
+        Some(Worker { inner })
+    }
+}
+
+fn gone() -> WireError {
+    WireError::no_capacity("worker is shutting down", RETRY_AFTER_MS)
+}
+
+#[async_trait::async_trait]
+impl JobHost for NatsHost {
+    async fn vm_event(&self, event: VmEvent) {
+        if let Some(w) = self.worker() {
+            w.inner.publish_vm_event(&event).await;
+        }
+    }
+
+    async fn serve_session(&self, vm_id: &VmId) -> Result<(), WireError> {
+        self.worker().ok_or_else(gone)?.serve(vm_id.clone()).await
+    }
+
+    fn stop_serving(&self, vm_id: &VmId) {
+        if let Some(w) = self.worker() {
+            w.stop_serving(vm_id);
+        }
+    }
+
+    async fn upload_snapshot(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        snapshot_id: &SnapshotId,
+    ) -> Result<(), WireError> {
+        let w = self.worker().ok_or_else(gone)?;
+        w.inner.upload_to_store(provider, snapshot_id).await
+    }
+
+    async fn download_snapshot(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        snapshot_id: &SnapshotId,
+    ) -> Result<u64, WireError> {
+        let w = self.worker().ok_or_else(gone)?;
+        w.inner.download_from_store(provider, snapshot_id).await
+    }
+
+    async fn unpublish_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), WireError> {
+        let w = self.worker().ok_or_else(gone)?;
+        w.inner.delete_from_store(snapshot_id).await
+    }
+
+    async fn is_published(&self, snapshot_id: &SnapshotId) -> bool {
+        match self.worker() {
+            Some(w) => w.inner.in_store(snapshot_id).await,
+            None => false,
+        }
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -182,10 +241,10 @@ impl Worker {
         nats: async_nats::Client,
         provider: Arc<dyn VmRuntime>,
     ) -> Result<Self, WorkerError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| WorkerError::Io {
-            context: format!("creating {}", config.data_dir.display()),
-            source,
-        })?;
+        let host = Arc::new(NatsHost {
+            inner: OnceLock::new(),
+        });
+        let runner = JobRunner::new(config.clone(), provider.clone(), host.clone())?;
         let store = open_snapshot_store(&nats, &config).await?;
         let service = nats
             .service_builder()
@@ -197,39 +256,20 @@ impl Worker {
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await
             .map_err(nats_err("starting the micro service"))?;
-        let sessions =
-            SessionSet::load(&config.data_dir.join("sessions.journal")).map_err(|source| {
-                WorkerError::Io {
-                    context: "loading the session journal".into(),
-                    source,
-                }
-            })?;
         let inner = Arc::new(Inner {
-            job_slots: Semaphore::new(config.job_concurrency),
-            config,
+            core: runner.core,
             nats,
-            provider,
             service,
             store,
-            locks: VmLocks::default(),
-            jobs: JobCache::new(JOB_CACHE),
-            admission: Mutex::new(()),
-            evicting: DashMap::new(),
-            reserved: AtomicU32::new(0),
-            snapshot_fetch: DashMap::new(),
-            sessions,
             served: DashMap::new(),
-            endings: DashMap::new(),
             started_ms: now_ms(),
             seq: AtomicU64::new(0),
-            jobs_in_flight: AtomicU32::new(0),
             execs_in_flight: AtomicU32::new(0),
-            draining: AtomicBool::new(false),
-            newest_lease: AtomicU64::new(0),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
             heartbeat_stop: CancellationToken::new(),
         });
+        let _ = host.inner.set(Arc::downgrade(&inner));
         let worker = Worker { inner };
         worker.reconcile_on_start().await?;
         worker.start_jobs_endpoint().await?;
