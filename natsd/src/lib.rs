@@ -555,3 +555,55 @@ mod tests {
         assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     }
 }
+
+/// Hearth's multi-tenant NATS layout (`deploy/nats/accounts.conf` and the roles it includes),
+/// compiled in: `hearth bench tenants` and the tests start nats-server with it, and log in with
+/// its development passwords.
+pub mod accounts {
+    use std::path::{Path, PathBuf};
+
+    use anyhow::{Result, anyhow};
+
+    /// `deploy/nats/accounts.conf`.
+    pub const ACCOUNTS_CONF: &str = include_str!("../../deploy/nats/accounts.conf");
+    /// `deploy/nats/permissions.conf` (included by the accounts file).
+    pub const PERMISSIONS_CONF: &str = include_str!("../../deploy/nats/permissions.conf");
+
+    /// Writes the accounts config into `dir` with a server file that includes it (JetStream,
+    /// 8 MB payloads, as `single.conf`); returns the server file for `nats-server -c`.
+    pub fn write_config(dir: &Path) -> Result<PathBuf> {
+        std::fs::write(dir.join("accounts.conf"), ACCOUNTS_CONF)?;
+        std::fs::write(dir.join("permissions.conf"), PERMISSIONS_CONF)?;
+        let server = dir.join("nats-accounts.conf");
+        std::fs::write(
+            &server,
+            "max_payload: 8MB\njetstream {}\ninclude accounts.conf\n",
+        )?;
+        Ok(server)
+    }
+
+    /// The development password of `user` in the accounts config.
+    pub fn password(user: &str) -> Result<String> {
+        let needle = format!("user: {user}, password: ");
+        let start = ACCOUNTS_CONF
+            .find(&needle)
+            .ok_or_else(|| anyhow!("no user {user} in deploy/nats/accounts.conf"))?
+            + needle.len();
+        Ok(ACCOUNTS_CONF[start..]
+            .split([',', ' ', '}'])
+            .next()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn every_role_has_a_password() {
+            for user in ["operator", "scheduler", "worker-1", "executor", "tenant-b"] {
+                assert!(!super::password(user).unwrap().is_empty(), "{user}");
+            }
+            assert!(super::password("nobody").is_err());
+        }
+    }
+}

@@ -32,19 +32,9 @@ fn nats_conf(name: &str) -> PathBuf {
     workspace_root().join("deploy/nats").join(name)
 }
 
-/// The dev password of `user`, read from permissions.conf (so the test follows edits of the file).
+/// The development password of `user` in deploy/nats/accounts.conf.
 fn password(user: &str) -> String {
-    let text = std::fs::read_to_string(nats_conf("accounts.conf")).unwrap();
-    let needle = format!("user: {user}, password: ");
-    let start = text
-        .find(&needle)
-        .unwrap_or_else(|| panic!("no user {user} in accounts.conf"))
-        + needle.len();
-    text[start..]
-        .split([',', ' ', '}'])
-        .next()
-        .unwrap()
-        .to_owned()
+    hearth_natsd::accounts::password(user).unwrap()
 }
 
 /// nats-server with deploy/nats/single.conf (roles, JetStream, 8 MB payloads), on random ports.

@@ -13,15 +13,9 @@ use hearth_messages::{
 };
 use hearth_testkit::{ChildProcess, nats_server_bin, workspace_bin, workspace_root};
 
+/// The development password of `user` in deploy/nats/accounts.conf.
 fn password(user: &str) -> String {
-    let text = std::fs::read_to_string(workspace_root().join("deploy/nats/accounts.conf")).unwrap();
-    let needle = format!("user: {user}, password: ");
-    let start = text.find(&needle).unwrap() + needle.len();
-    text[start..]
-        .split([',', ' ', '}'])
-        .next()
-        .unwrap()
-        .to_owned()
+    hearth_natsd::accounts::password(user).unwrap()
 }
 
 fn free_ports(n: usize) -> Vec<u16> {

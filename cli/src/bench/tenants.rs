@@ -24,33 +24,11 @@ use serde_json::json;
 
 use super::{OwnStack, Report, Sizes, histogram, record, wait_ready};
 
-const ACCOUNTS_CONF: &str = include_str!("../../../deploy/nats/accounts.conf");
-const PERMISSIONS_CONF: &str = include_str!("../../../deploy/nats/permissions.conf");
+use hearth_natsd::accounts::password;
 
-/// Writes the accounts config (and a server file including it) into `dir`; the server file.
+/// Writes the accounts config into `dir`; the server file.
 pub(super) fn write_accounts_config(dir: &Path) -> Result<PathBuf> {
-    std::fs::write(dir.join("accounts.conf"), ACCOUNTS_CONF)?;
-    std::fs::write(dir.join("permissions.conf"), PERMISSIONS_CONF)?;
-    let server = dir.join("nats-accounts.conf");
-    std::fs::write(
-        &server,
-        "max_payload: 8MB\njetstream {}\ninclude accounts.conf\n",
-    )?;
-    Ok(server)
-}
-
-/// The development password of `user` in the accounts config.
-fn password(user: &str) -> Result<String> {
-    let needle = format!("user: {user}, password: ");
-    let start = ACCOUNTS_CONF
-        .find(&needle)
-        .ok_or_else(|| anyhow!("no user {user} in accounts.conf"))?
-        + needle.len();
-    Ok(ACCOUNTS_CONF[start..]
-        .split([',', ' ', '}'])
-        .next()
-        .unwrap_or_default()
-        .to_owned())
+    hearth_natsd::accounts::write_config(dir)
 }
 
 /// Logs a binary in as `user` (through its `HEARTH_NATS_*` variables).

@@ -13,17 +13,7 @@ use hearth_testkit::{ChildProcess, NatsServer, workspace_bin, workspace_root};
 
 /// The development password of `user` in deploy/nats/accounts.conf.
 pub fn password(user: &str) -> String {
-    let text = std::fs::read_to_string(workspace_root().join("deploy/nats/accounts.conf")).unwrap();
-    let needle = format!("user: {user}, password: ");
-    let start = text
-        .find(&needle)
-        .unwrap_or_else(|| panic!("no user {user} in accounts.conf"))
-        + needle.len();
-    text[start..]
-        .split([',', ' ', '}'])
-        .next()
-        .unwrap()
-        .to_owned()
+    hearth_natsd::accounts::password(user).unwrap()
 }
 
 /// A client logged in as `user` of deploy/nats/accounts.conf.
@@ -65,28 +55,8 @@ impl Stack {
             .config("max_payload: 8MB\n")
             .start()
             .expect("nats-server");
-        let dir = tempfile::tempdir().unwrap();
-        let scheduler_config = dir.path().join("scheduler.toml");
-        std::fs::write(
-            &scheduler_config,
-            format!("{FAST_SCHEDULER}\n{scheduler_toml}"),
-        )
-        .unwrap();
         let client = HearthClient::new(nats.connect().await.unwrap());
-        let mut stack = Stack {
-            nats,
-            dir,
-            scheduler: None,
-            workers: Vec::new(),
-            client,
-            scheduler_config,
-            accounts: false,
-        };
-        for w in workers {
-            stack.add_worker(w, 32);
-        }
-        stack.scheduler = Some(stack.spawn_scheduler("s1"));
-        stack
+        Stack::start_on(nats, client, false, workers, scheduler_toml)
     }
 
     /// The same stack on nats-server running deploy/nats/single.conf unchanged (accounts:
@@ -101,6 +71,17 @@ impl Stack {
             .arg("-1")
             .start()
             .expect("nats-server with deploy/nats/single.conf");
+        let client = HearthClient::new(connect_as(nats.url(), "executor").await);
+        Stack::start_on(nats, client, true, workers, scheduler_toml)
+    }
+
+    fn start_on(
+        nats: NatsServer,
+        client: HearthClient,
+        accounts: bool,
+        workers: &[&str],
+        scheduler_toml: &str,
+    ) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let scheduler_config = dir.path().join("scheduler.toml");
         std::fs::write(
@@ -108,7 +89,6 @@ impl Stack {
             format!("{FAST_SCHEDULER}\n{scheduler_toml}"),
         )
         .unwrap();
-        let client = HearthClient::new(connect_as(nats.url(), "executor").await);
         let mut stack = Stack {
             nats,
             dir,
@@ -116,7 +96,7 @@ impl Stack {
             workers: Vec::new(),
             client,
             scheduler_config,
-            accounts: true,
+            accounts,
         };
         for w in workers {
             stack.add_worker(w, 32);
