@@ -722,13 +722,18 @@ impl Core {
     fn session_gauges(&self) {
         let slots: Vec<_> = self.state.lock().sessions.values().cloned().collect();
         let mut counts = [0u64; 4];
-        let mut by_tenant: std::collections::HashMap<String, u64> = Default::default();
+        let mut by_tenant: std::collections::HashMap<Option<hearth_messages::TenantId>, u64> =
+            Default::default();
         for s in &slots {
             let d = s.data.lock();
             if d.is_live() {
-                *by_tenant
-                    .entry(self.tenant_label(d.rec.session.tenant.as_ref()))
-                    .or_default() += 1;
+                let tenant = &d.rec.session.tenant;
+                match by_tenant.get_mut(tenant) {
+                    Some(n) => *n += 1,
+                    None => {
+                        by_tenant.insert(tenant.clone(), 1);
+                    }
+                }
             }
             let i = match d.rec.session.state {
                 SessionState::Running => 0,

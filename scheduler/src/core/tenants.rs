@@ -10,6 +10,7 @@
 //! list of session slots pruned on every check, so a check costs O(the tenant's quota), never
 //! O(all sessions); claims in flight count too, so concurrent creates cannot overshoot.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use hearth_messages::{
@@ -59,11 +60,11 @@ impl Core {
 
     /// The `tenant` label value: configured tenants by name, others `_other`, the operator
     /// `_operator` (bounded cardinality whatever accounts connect).
-    pub(crate) fn tenant_label(&self, tenant: Option<&TenantId>) -> String {
+    pub(crate) fn tenant_label(&self, tenant: Option<&TenantId>) -> Cow<'static, str> {
         match tenant {
-            None => "_operator".to_owned(),
-            Some(t) if self.cfg.tenants.quotas.contains_key(t) => t.to_string(),
-            Some(_) => "_other".to_owned(),
+            None => Cow::Borrowed("_operator"),
+            Some(t) if self.cfg.tenants.quotas.contains_key(t) => Cow::Owned(t.to_string()),
+            Some(_) => Cow::Borrowed("_other"),
         }
     }
 
@@ -332,10 +333,16 @@ impl Core {
         out
     }
 
-    /// Sets the per-tenant gauges; `sessions` holds the live sessions per `tenant` label (counted
-    /// by the caller outside the state lock).
-    pub(crate) fn tenant_gauges(&self, mut sessions: std::collections::HashMap<String, u64>) {
+    /// Sets the per-tenant gauges; `live` holds the live sessions per tenant (counted by the
+    /// caller outside the state lock).
+    pub(crate) fn tenant_gauges(&self, live: std::collections::HashMap<Option<TenantId>, u64>) {
         use std::collections::HashMap;
+        let mut sessions: HashMap<String, u64> = HashMap::new();
+        for (tenant, n) in live {
+            *sessions
+                .entry(self.tenant_label(tenant.as_ref()).into_owned())
+                .or_default() += n;
+        }
         let mut bytes: HashMap<String, u64> = HashMap::new();
         let mut vms: HashMap<String, u64> = HashMap::new();
         for label in self
@@ -355,7 +362,7 @@ impl Core {
             for t in st.templates.values() {
                 let t = &t.rec.template;
                 *bytes
-                    .entry(self.tenant_label(t.tenant.as_ref()))
+                    .entry(self.tenant_label(t.tenant.as_ref()).into_owned())
                     .or_default() += t.snapshot_bytes;
             }
             for (name, pool) in &st.pools {
@@ -363,8 +370,8 @@ impl Core {
                     .templates
                     .get(name)
                     .and_then(|t| t.rec.template.tenant.as_ref());
-                *vms.entry(self.tenant_label(tenant)).or_default() +=
-                    (pool.ready.len() + pool.restoring.len()) as u64;
+                *vms.entry(self.tenant_label(tenant).into_owned())
+                    .or_default() += (pool.ready.len() + pool.restoring.len()) as u64;
             }
         }
         for (label, n) in sessions {
