@@ -427,11 +427,27 @@ impl Core {
         slot: &Arc<SessionSlot>,
         _guard: &OwnedMutexGuard<()>,
     ) -> Result<(), StoreError> {
-        let sid = slot.data.lock().rec.session.session_id.clone();
+        let (sid, tenant) = {
+            let d = slot.data.lock();
+            (
+                d.rec.session.session_id.clone(),
+                d.rec.session.tenant.clone(),
+            )
+        };
         self.store.delete_session(&sid).await?;
         let mut st = self.state.lock();
         if st.sessions.get(&sid).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             st.sessions.remove(&sid);
+        }
+        // Its tenant's list lets go of it too (it is pruned of ended sessions only when the
+        // tenant creates again, which a tenant that went away never does).
+        if let Some(tenant) = tenant
+            && let Some(slots) = st.tenant_sessions.get_mut(&tenant)
+        {
+            slots.retain(|s| !Arc::ptr_eq(s, slot));
+            if slots.is_empty() {
+                st.tenant_sessions.remove(&tenant);
+            }
         }
         Ok(())
     }
