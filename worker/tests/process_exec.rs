@@ -312,6 +312,11 @@ async fn dropping_an_exec_kills_its_process_group() {
         _ = exec => panic!("the exec should not finish"),
         _ = wait_for_pid => {}
     }
+    // The cancel reaches the agent as a message and the killed group is reaped by the sandbox's
+    // init: under load a killed `sleep` may still show in /proc for a moment. One look, after a
+    // second (not a poll: every exec ends with a sweep of leftovers, which would hide a cancel
+    // that killed nothing).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         sleepers(&s, &id).await,
         0,
