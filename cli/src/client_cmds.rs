@@ -173,6 +173,11 @@ pub async fn maintenance(client: &HearthClient) -> Result<()> {
     print_json(&client.run_maintenance().await?)
 }
 
+/// `hearth admin workers`.
+pub async fn workers(client: &HearthClient) -> Result<()> {
+    print_json(&client.workers_status().await?)
+}
+
 /// `hearth templates`.
 pub async fn templates(client: &HearthClient) -> Result<()> {
     print_json(&client.list_templates().await?)

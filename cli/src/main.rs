@@ -58,6 +58,9 @@ enum AdminCmd {
     /// Run the session lifecycle pass (TTL, idle stop, backup, prune, retention) now instead of
     /// at its next tick.
     Maintenance,
+    /// Every worker as the scheduler sees it: health, capacity, and its view of the worker's
+    /// inventory (generation, VMs, synced).
+    Workers,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +132,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Pool(PoolCmd::Status) => client_cmds::pool_status(&hearth).await?,
         Command::Templates => client_cmds::templates(&hearth).await?,
         Command::Admin(AdminCmd::Maintenance) => client_cmds::maintenance(&hearth).await?,
+        Command::Admin(AdminCmd::Workers) => client_cmds::workers(&hearth).await?,
         Command::Up(_) | Command::Bench(_) => {}
     }
     Ok(0)

@@ -405,6 +405,56 @@ pub struct PoolStatus {
     pub isolation: Vec<IsolationReport>,
 }
 
+/// Reply to `admin.workers` (operator only): every worker as the scheduler sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkersStatus {
+    /// One entry per worker, ordered by id.
+    #[serde(default)]
+    pub workers: Vec<WorkerView>,
+}
+
+/// One worker as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerView {
+    /// The worker.
+    pub worker_id: crate::WorkerId,
+    /// `healthy`, `suspect` (silent past the heartbeat timeout), `lost`, or `unconfirmed` (known
+    /// from the stored state, no heartbeat yet).
+    pub health: String,
+    /// It is draining (takes no new VMs).
+    #[serde(default)]
+    pub draining: bool,
+    /// Its capacity.
+    #[serde(default)]
+    pub max_vms: u32,
+    /// VMs its last heartbeat counted.
+    #[serde(default)]
+    pub used_vms: u32,
+    /// Free slots as placement counts them (creates in flight, releases not yet in a heartbeat).
+    #[serde(default)]
+    pub free_slots: u32,
+    /// The scheduler's view of its inventory.
+    #[serde(default)]
+    pub inventory: InventoryView,
+}
+
+/// The scheduler's view of one worker's inventory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryView {
+    /// The worker's inventory generation the view matches.
+    #[serde(default)]
+    pub generation: u64,
+    /// VMs in the view.
+    #[serde(default)]
+    pub vms: u32,
+    /// It matches the worker's latest digest.
+    #[serde(default)]
+    pub synced: bool,
+    /// It may drive reconcile (paged in after the worker's latest silence).
+    #[serde(default)]
+    pub fresh: bool,
+}
+
 /// Reply to `pools.status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolsStatus {

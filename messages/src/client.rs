@@ -270,6 +270,12 @@ impl HearthClient {
             .await
     }
 
+    /// Every worker as the scheduler sees it (`admin.workers`, operator only).
+    pub async fn workers_status(&self) -> Result<crate::WorkersStatus, ClientError> {
+        self.request(self.subjects.admin_workers(), &Empty {}, self.timeout)
+            .await
+    }
+
     /// Every template.
     pub async fn list_templates(&self) -> Result<Vec<Template>, ClientError> {
         let list: TemplateList = self

@@ -148,15 +148,86 @@ pub struct WorkerStatus {
     /// Execs running or waiting for their VM's lock now.
     #[serde(default)]
     pub execs_in_flight: u32,
-    /// Every VM it holds, with state and last activity.
-    #[serde(default)]
+    /// Every VM it holds (workers before the inventory digest; empty when `inventory` is set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vms: Vec<VmInfo>,
+    /// Its VM inventory in brief: a digest, and what changed since the previous heartbeat. The
+    /// scheduler pages the full inventory (`list_vms_page`) only when its view does not match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<InventoryDigest>,
     /// Software versions.
     #[serde(default)]
     pub versions: Versions,
     /// The isolation its sessions get.
     #[serde(default)]
     pub isolation: IsolationReport,
+}
+
+/// A worker's VM inventory in brief, in every heartbeat: which generation it is, a hash of its
+/// contents, and (when few VMs changed) the changes since the previous generation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryDigest {
+    /// Increments whenever the inventory changed between two heartbeats; restarts with the
+    /// worker process (`started_ms`).
+    pub generation: u64,
+    /// [`inventory_hash`] of every VM.
+    pub hash: u64,
+    /// VMs in the inventory.
+    pub count: u32,
+    /// What changed since generation `delta.base`; absent when nothing changed or too much did
+    /// (then the hash decides whether the scheduler pages the inventory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<InventoryDelta>,
+}
+
+/// The changes from one inventory generation to the next.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryDelta {
+    /// The generation these changes apply to.
+    pub base: u64,
+    /// VMs added or changed (their whole new state).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<VmInfo>,
+    /// VMs gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<VmId>,
+}
+
+/// The most changes a heartbeat carries (~130 bytes each): beyond it the scheduler pages.
+pub const MAX_INVENTORY_DELTA: usize = 256;
+
+/// A VM's contribution to [`inventory_hash`]: FNV-1a over every field but `notes` (fixed, so
+/// that any two Hearth versions agree).
+pub fn vm_hash(vm: &VmInfo) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(PRIME);
+        }
+        // A separator, so that ("ab", "c") and ("a", "bc") differ.
+        h ^= 0xff;
+        h = h.wrapping_mul(PRIME);
+    };
+    eat(vm.vm_id.as_str().as_bytes());
+    eat(vm.state.as_str().as_bytes());
+    eat(vm.template.as_ref().map_or("", |t| t.as_str()).as_bytes());
+    eat(&[u8::from(vm.session), u8::from(vm.busy)]);
+    eat(&vm.created_ms.to_le_bytes());
+    eat(&vm.last_activity_ms.to_le_bytes());
+    eat(vm
+        .restored_from
+        .as_ref()
+        .map_or("", |s| s.as_str())
+        .as_bytes());
+    h
+}
+
+/// The hash of an inventory: the XOR of its VMs' [`vm_hash`]es (order-free, and updated in
+/// O(1) per changed VM).
+pub fn inventory_hash<'a>(vms: impl IntoIterator<Item = &'a VmInfo>) -> u64 {
+    vms.into_iter().fold(0, |h, vm| h ^ vm_hash(vm))
 }
 
 impl WorkerStatus {

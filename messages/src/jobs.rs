@@ -94,8 +94,24 @@ pub enum JobOp {
         #[serde(default)]
         session: bool,
     },
-    /// Report every VM the worker holds (reconcile).
+    /// Report every VM the worker holds (operators, small workers; the scheduler pages with
+    /// `list_vms_page`, since a large inventory does not fit one message).
     ListVms {},
+    /// One page of the worker's inventory as of its latest heartbeat (generation `generation`):
+    /// VMs with ids after `after`, at most `limit` (clamped to [`MAX_INVENTORY_PAGE`]). The first
+    /// page (no `generation`) names the generation the following pages must ask for; a page of
+    /// a generation the worker no longer holds is a conflict (start again).
+    ListVmsPage {
+        /// Ids strictly after this one (`None`: from the start).
+        #[serde(default)]
+        after: Option<VmId>,
+        /// Most VMs in the page.
+        #[serde(default)]
+        limit: u32,
+        /// The generation being paged (`None` on the first page).
+        #[serde(default)]
+        generation: Option<u64>,
+    },
     /// Delete a snapshot from this worker (garbage collection of a replaced template snapshot).
     /// Idempotent: a snapshot the worker does not have is not an error.
     DeleteSnapshot {
@@ -153,6 +169,7 @@ impl JobOp {
             JobOp::DestroyVm { .. } => "destroy_vm",
             JobOp::RenameVm { .. } => "rename_vm",
             JobOp::ListVms {} => "list_vms",
+            JobOp::ListVmsPage { .. } => "list_vms_page",
             JobOp::DeleteSnapshot { .. } => "delete_snapshot",
             JobOp::GetVm { .. } => "get_vm",
             JobOp::ListSnapshots { .. } => "list_snapshots",
@@ -174,6 +191,7 @@ impl JobOp {
             | JobOp::RenameVm { vm_id, .. }
             | JobOp::BackupVm { vm_id } => Some(vm_id),
             JobOp::ListVms {}
+            | JobOp::ListVmsPage { .. }
             | JobOp::DeleteSnapshot { .. }
             | JobOp::GetVm { .. }
             | JobOp::ListSnapshots { .. } => None,
@@ -300,6 +318,10 @@ pub struct SnapshotInfo {
     pub published: bool,
 }
 
+/// The most VMs in one `list_vms_page` reply (a VM is ~130 bytes encoded, ~600 at the
+/// longest ids: a page stays far below NATS's 1 MB default `max_payload`).
+pub const MAX_INVENTORY_PAGE: u32 = 512;
+
 /// A successful job's reply; failures are error replies (headers + [`crate::WireError`] body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobReply {
@@ -327,6 +349,16 @@ pub enum JobOutput {
     Vms {
         /// The VMs.
         vms: Vec<VmInfo>,
+    },
+    /// One page of the inventory (list_vms_page), sorted by id.
+    VmsPage {
+        /// The VMs.
+        vms: Vec<VmInfo>,
+        /// Ask for the next page after this id; `None` on the last page.
+        #[serde(default)]
+        next: Option<VmId>,
+        /// The inventory being paged, as its heartbeats describe it.
+        digest: crate::events::InventoryDigest,
     },
     /// Done, nothing to report (destroy, delete_snapshot, backup).
     Done {},

@@ -32,10 +32,10 @@ pub mod trace;
 pub mod transport;
 
 pub use api::{
-    CreateSessionRequest, DeleteTemplateRequest, Empty, KeepaliveRequest, Labels,
+    CreateSessionRequest, DeleteTemplateRequest, Empty, InventoryView, KeepaliveRequest, Labels,
     ListSessionsRequest, MaintenanceReport, PoolStatus, PoolsStatus, Quota, QuotasStatus, Session,
     SessionList, SessionState, SetQuotaRequest, SnapshotSessionRequest, Template, TemplateList,
-    TenantUsage,
+    TenantUsage, WorkerView, WorkersStatus,
 };
 pub use blob::Blob;
 pub use codec::Encoding;
@@ -44,10 +44,14 @@ pub use data::{
 };
 pub use error::{ErrorCode, WireError};
 pub use events::{
-    IsolationReport, SessionEvent, TerminationReason, Versions, VmEvent, WorkerStatus,
+    InventoryDelta, InventoryDigest, IsolationReport, MAX_INVENTORY_DELTA, SessionEvent,
+    TerminationReason, Versions, VmEvent, WorkerStatus, inventory_hash, vm_hash,
 };
 pub use ids::{IdError, JobId, SessionId, SnapshotId, TemplateName, TenantId, VmId, WorkerId};
-pub use jobs::{JobOp, JobOutput, JobReply, JobRequest, SnapshotInfo, VmInfo, VmSpec, VmState};
+pub use jobs::{
+    JobOp, JobOutput, JobReply, JobRequest, MAX_INVENTORY_PAGE, SnapshotInfo, VmInfo, VmSpec,
+    VmState,
+};
 pub use subjects::{Bucket, SessionOp, Subjects};
 pub use tenant::Caller;
 

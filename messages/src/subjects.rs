@@ -210,6 +210,11 @@ impl Subjects {
         format!("{}.admin.maintenance", self.root)
     }
 
+    /// `<prefix>.v1.admin.workers`: every worker as the scheduler sees it (operator only).
+    pub fn admin_workers(&self) -> String {
+        format!("{}.admin.workers", self.root)
+    }
+
     /// `<prefix>.v1.pools.status`.
     pub fn pools_status(&self) -> String {
         format!("{}.pools.status", self.root)

@@ -299,6 +299,11 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
             session: true,
         },
         JobOp::ListVms {},
+        JobOp::ListVmsPage {
+            after: Some(VmId::new("vm-9").unwrap()),
+            limit: 512,
+            generation: Some(3),
+        },
         JobOp::DeleteSnapshot {
             snapshot_id: id("snap-1"),
             unpublish: true,
@@ -330,6 +335,16 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
         JobOutput::Vms {
             vms: vec![vm_info()],
         },
+        JobOutput::VmsPage {
+            vms: vec![vm_info()],
+            next: Some(VmId::new("vm-1").unwrap()),
+            digest: hearth_messages::InventoryDigest {
+                generation: 3,
+                hash: 1,
+                count: 2,
+                delta: None,
+            },
+        },
         JobOutput::Done {},
     ] {
         roundtrip(
@@ -355,12 +370,43 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
             jobs_in_flight: 0,
             execs_in_flight: 2,
             vms: vec![vm_info()],
+            inventory: None,
             isolation: isolation(),
             versions: Versions {
                 hearth: "0.1.0".into(),
                 protocol: "v1".into(),
                 provider: None,
             },
+        },
+    )
+    .await;
+    // The digest form (workers since the inventory digest).
+    roundtrip(
+        &c,
+        WorkerStatus {
+            worker_id: id("w1"),
+            seq: 43,
+            at_ms: 11,
+            started_ms: 1,
+            provider: "process".into(),
+            max_vms: 64,
+            used_vms: 1,
+            draining: false,
+            jobs_in_flight: 0,
+            execs_in_flight: 0,
+            vms: Vec::new(),
+            inventory: Some(hearth_messages::InventoryDigest {
+                generation: 7,
+                hash: hearth_messages::inventory_hash([&vm_info()]),
+                count: 1,
+                delta: Some(hearth_messages::InventoryDelta {
+                    base: 6,
+                    changed: vec![vm_info()],
+                    removed: vec![VmId::new("gone").unwrap()],
+                }),
+            }),
+            isolation: isolation(),
+            versions: Versions::default(),
         },
     )
     .await;

@@ -43,6 +43,10 @@ pub const SPOOFED_MESSAGES_TOTAL: &str = "hearth_spoofed_messages_total";
 pub const LEASE_LOST_TOTAL: &str = "hearth_lease_lost_total";
 /// Leaked VMs the reconcile loop destroyed.
 pub const LEAKED_VMS_DESTROYED_TOTAL: &str = "hearth_leaked_vms_destroyed_total";
+/// Duration of one reconcile pass (every worker's inventory against the state).
+pub const RECONCILE_PASS_SECONDS: &str = "hearth_reconcile_pass_seconds";
+/// Duration of paging one worker's whole inventory in (its digest did not match).
+pub const INVENTORY_FETCH_SECONDS: &str = "hearth_inventory_fetch_seconds";
 /// 1 while this scheduler holds the leader lease.
 pub const SCHEDULER_LEADER: &str = "hearth_scheduler_leader";
 
@@ -86,6 +90,8 @@ pub const ALL: &[&str] = &[
     SPOOFED_MESSAGES_TOTAL,
     LEASE_LOST_TOTAL,
     LEAKED_VMS_DESTROYED_TOTAL,
+    RECONCILE_PASS_SECONDS,
+    INVENTORY_FETCH_SECONDS,
     SCHEDULER_LEADER,
     TENANT_SESSIONS,
     TENANT_CLAIMS_TOTAL,
@@ -155,6 +161,16 @@ pub fn describe() {
         "VMs destroyed by reconcile because nothing owned them"
     );
     describe_gauge!(SCHEDULER_LEADER, "1 while this scheduler holds the lease");
+    describe_histogram!(
+        RECONCILE_PASS_SECONDS,
+        Unit::Seconds,
+        "Duration of one reconcile pass over every worker's inventory"
+    );
+    describe_histogram!(
+        INVENTORY_FETCH_SECONDS,
+        Unit::Seconds,
+        "Duration of paging one worker's whole inventory in"
+    );
     metrics::counter!(LEAKED_VMS_DESTROYED_TOTAL).increment(0);
     for reason in hearth_messages::TerminationReason::ALL {
         metrics::counter!(SESSION_TERMINATIONS_TOTAL, "reason" => reason.as_str()).increment(0);

@@ -40,6 +40,7 @@ enum Endpoint {
     QuotasGet,
     QuotasSet,
     Maintenance,
+    Workers,
 }
 
 /// Serves the client API until `stop` is cancelled, then stops taking requests and waits (at most
@@ -74,6 +75,7 @@ pub async fn serve(
         (subjects.admin_quotas_get(), Endpoint::QuotasGet),
         (subjects.admin_quotas_set(), Endpoint::QuotasSet),
         (subjects.admin_maintenance(), Endpoint::Maintenance),
+        (subjects.admin_workers(), Endpoint::Workers),
     ];
     for op in SessionOp::CONTROL {
         routes.push((subjects.session_wildcard(op), Endpoint::Session(op)));
@@ -153,6 +155,7 @@ impl Endpoint {
             Endpoint::QuotasGet => "admin-quotas-get",
             Endpoint::QuotasSet => "admin-quotas-set",
             Endpoint::Maintenance => "admin-maintenance",
+            Endpoint::Workers => "admin-workers",
             Endpoint::Pools => "pools-status",
             Endpoint::Session(SessionOp::Get) => "sessions-get",
             Endpoint::Session(SessionOp::Keepalive) => "sessions-keepalive",
@@ -292,6 +295,10 @@ async fn dispatch(
             let (enc, req) = decode_message::<Empty>(message);
             Reply::from_result(enc, &req.and_then(|_| s.run_maintenance()))
         }
+        Endpoint::Workers => {
+            let (enc, req) = decode_message::<Empty>(message);
+            Reply::from_result(enc, &req.and_then(|_| s.workers_status()))
+        }
         Endpoint::QuotasSet => {
             let (enc, req) = decode_message::<SetQuotaRequest>(message);
             let result = match req {
@@ -421,6 +428,10 @@ impl ScopedScheduler<'_> {
 
     fn run_maintenance(&self) -> Result<hearth_messages::MaintenanceReport, WireError> {
         self.s.run_maintenance(self.caller)
+    }
+
+    fn workers_status(&self) -> Result<hearth_messages::WorkersStatus, WireError> {
+        self.s.workers_status(self.caller)
     }
 
     fn quotas_status(&self) -> Result<QuotasStatus, WireError> {

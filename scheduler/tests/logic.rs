@@ -740,7 +740,9 @@ async fn a_silent_worker_is_suspect_and_comes_back_with_nothing_destroyed() {
     }
     let after: Vec<JobOp> = w1.log.lock()[ops_before..].to_vec();
     assert!(
-        after.iter().any(|op| matches!(op, JobOp::ListVms {})),
+        after
+            .iter()
+            .any(|op| matches!(op, JobOp::ListVmsPage { .. })),
         "a fresh inventory asked for: {after:?}"
     );
     assert!(
@@ -1653,4 +1655,25 @@ async fn snapshot_deletion_is_retried_until_every_worker_confirms_even_across_a_
         assert!(tokio::time::Instant::now() < deadline, "never finished");
         h.sleep(Duration::from_secs(1)).await;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_at_full_capacity_frees_its_slot_before_the_next_heartbeat() {
+    let fleet = Fleet::new();
+    let w1 = fleet.add("w1", 2);
+    let h = Harness::start(config(0), fleet.clone()).await;
+    h.sched.create_session(req("a")).await.unwrap();
+    h.sched.create_session(req("b")).await.unwrap();
+    // Heartbeats count both VMs: the worker is full.
+    h.sleep(Duration::from_secs(2)).await;
+    let err = h.sched.create_session(req("c")).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NoCapacity, "{err}");
+    // No heartbeat from here on: the slot must be credited by the destroy's answer.
+    w1.mute.store(true, Ordering::SeqCst);
+    let seq = w1.seq.load(Ordering::SeqCst);
+    h.sched.release(&sid("a")).await.unwrap();
+    let c = h.sched.create_session(req("c")).await.unwrap();
+    assert_eq!(c.worker_id.as_str(), "w1");
+    assert!(w1.has_vm("c").await);
+    assert_eq!(w1.seq.load(Ordering::SeqCst), seq, "a heartbeat was sent");
 }

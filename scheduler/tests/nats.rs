@@ -604,6 +604,7 @@ async fn heartbeats_and_vm_events_spoofing_another_worker_change_nothing() {
         jobs_in_flight: 0,
         execs_in_flight: 0,
         vms: Vec::new(),
+        inventory: None,
         versions: Default::default(),
         isolation: Default::default(),
     };

@@ -786,6 +786,7 @@ async fn a_worker_spoofing_another_workers_id_changes_nothing() {
             jobs_in_flight: 0,
             execs_in_flight: 0,
             vms: Vec::new(),
+            inventory: None,
             versions: Default::default(),
             isolation: Default::default(),
         }

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Stack;
-use futures::StreamExt;
 use hearth_messages::*;
 
 const TEMPLATE: &str = r#"
@@ -118,16 +117,35 @@ async fn wait_api(client: &HearthClient, limit: Duration) -> Instant {
     }
 }
 
-/// The VMs worker `w` reports in its next heartbeat.
+/// The VMs worker `w` holds (its `list_vms` job).
 async fn inventory(nats: &async_nats::Client, w: &str) -> Vec<VmInfo> {
-    let subject = Subjects::default().worker_status(&WorkerId::new(w).unwrap());
-    let mut sub = nats.subscribe(subject).await.unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
-        .await
-        .expect("a heartbeat")
-        .unwrap();
-    let status: WorkerStatus = Encoding::MsgPack.decode(&msg.payload).unwrap();
-    status.vms
+    let subject = Subjects::default().worker_jobs(&WorkerId::new(w).unwrap());
+    let request = hearth_messages::JobRequest {
+        job_id: hearth_messages::JobId::new(format!(
+            "inv-{}",
+            hearth_messages::client::new_session_id()
+        ))
+        .unwrap(),
+        op: hearth_messages::JobOp::ListVms {},
+        lease_revision: 0,
+        tenant: None,
+    };
+    let payload = Encoding::MsgPack.encode(&request).unwrap();
+    let msg = tokio::time::timeout(
+        Duration::from_secs(5),
+        nats.request(subject, payload.into()),
+    )
+    .await
+    .expect("a list_vms reply")
+    .unwrap();
+    match Encoding::MsgPack
+        .decode::<hearth_messages::JobReply>(&msg.payload)
+        .expect("a job reply")
+        .output
+    {
+        hearth_messages::JobOutput::Vms { vms } => vms,
+        other => panic!("list_vms answered {other:?}"),
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -7,6 +7,7 @@
 
 mod backups;
 pub mod config;
+mod inventory;
 mod jobs;
 mod locks;
 pub mod metrics;

@@ -1049,14 +1049,42 @@ async fn heartbeats_report_inventory_and_the_service_answers_srv() {
             .unwrap()
             .unwrap();
         let s: WorkerStatus = Encoding::MsgPack.decode(&msg.payload).unwrap();
-        if !s.vms.is_empty() {
+        if s.inventory.as_ref().is_some_and(|d| d.count > 0) {
             break s;
         }
     };
     assert_eq!(status.provider, "process");
     assert_eq!(status.max_vms, 64);
     assert_eq!(status.used_vms, 1);
-    assert!(status.vms[0].session && status.vms[0].last_activity_ms > 0);
+    // A digest, not the VMs; the VMs come in pages of that generation.
+    assert!(status.vms.is_empty());
+    let digest = status.inventory.clone().unwrap();
+    let page = job(
+        &nats,
+        "w1",
+        JobOp::ListVmsPage {
+            after: None,
+            limit: 10,
+            generation: Some(digest.generation),
+        },
+    )
+    .await
+    .unwrap();
+    let JobOutput::VmsPage {
+        vms,
+        next,
+        digest: paged,
+    } = page
+    else {
+        panic!("{page:?}")
+    };
+    assert_eq!(
+        (paged.generation, paged.hash),
+        (digest.generation, digest.hash)
+    );
+    assert_eq!(next, None);
+    assert_eq!(hearth_messages::inventory_hash(&vms), digest.hash);
+    assert!(vms[0].session && vms[0].last_activity_ms > 0);
     assert_eq!(status.versions.protocol, "v1");
 
     let ping = nats
@@ -1292,12 +1320,17 @@ async fn sigkilled_worker_binary_reconciles_on_restart() {
             .unwrap()
             .unwrap();
         let s: WorkerStatus = Encoding::MsgPack.decode(&msg.payload).unwrap();
-        if s.seq == 0 || !s.vms.is_empty() {
+        if s.seq == 0 || s.inventory.as_ref().is_some_and(|d| d.count > 0) {
             break s;
         }
     };
-    assert_eq!(status.vms.len(), 1, "{status:?}");
-    assert_eq!(status.vms[0].vm_id.as_str(), "survivor");
+    assert_eq!(status.used_vms, 1, "{status:?}");
+    let vms = match job(&nats, "wk", JobOp::ListVms {}).await.unwrap() {
+        JobOutput::Vms { vms } => vms,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(vms[0].vm_id.as_str(), "survivor");
     assert_eq!(client.get_file(&id("survivor"), "f").await.unwrap(), b"1");
     // A config error exits 64 with one line.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-worker"))

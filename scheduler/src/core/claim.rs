@@ -322,7 +322,14 @@ impl Core {
                 session: true,
             });
             rename.tenant = caller.tenant().cloned();
-            let outcome = self.api.job(&worker, rename, self.cfg.jobs.rename).await;
+            // The rename and the record are independent until both succeed: run them together.
+            // The client hears of nothing unrecorded (the reply waits for both), a rename whose
+            // record failed is undone by `commit_claim`, a record whose rename failed is deleted.
+            let rec = self.session_record(sid, template, req, caller, &worker, true);
+            let (outcome, written) = tokio::join!(
+                self.api.job(&worker, rename, self.cfg.jobs.rename),
+                self.write_record(&rec)
+            );
             // The pool entry is gone either way.
             let store = self.store.clone();
             let pool_id = entry.rec.vm_id.clone();
@@ -332,16 +339,7 @@ impl Core {
             match outcome {
                 Ok(JobOutput::Vm { vm }) => {
                     let result = self
-                        .record_claim(
-                            sid,
-                            template,
-                            req,
-                            caller,
-                            &worker,
-                            true,
-                            Some(&vm),
-                            &[&entry.rec.vm_id],
-                        )
+                        .commit_claim(rec, written, &worker, Some(&vm), &[&entry.rec.vm_id])
                         .await;
                     return (Launch::Warm, result);
                 }
@@ -362,6 +360,9 @@ impl Core {
                         exclude.push(worker.clone());
                     } else if !err.is_gone() {
                         self.destroy_detached(worker.clone(), entry.rec.vm_id.clone(), None);
+                    }
+                    if let Err(e) = self.unwrite_record(sid, written).await {
+                        return (Launch::Warm, Err(e));
                     }
                 }
             }
@@ -418,7 +419,7 @@ impl Core {
                 .api
                 .job(&worker, create, remaining.min(self.cfg.jobs.restore))
                 .await;
-            self.release_worker(&worker, outcome.is_ok());
+            self.release_worker(&worker, outcome.is_ok().then_some(&vm_sid));
             match outcome {
                 Ok(JobOutput::Vm { vm }) => {
                     metrics::histogram!(m::RESTORE_DURATION_SECONDS, "template" => template.to_string())
@@ -581,13 +582,14 @@ impl Core {
         Some(worker)
     }
 
-    /// Ends a reservation made by [`Core::reserve_worker`] (the `vm` mark is the caller's).
-    pub(crate) fn release_worker(&self, worker: &WorkerId, created: bool) {
+    /// Ends a reservation made by [`Core::reserve_worker`] (the `vm` mark is the caller's);
+    /// `created` is the VM it made, if it did (its slot counts until a heartbeat does).
+    pub(crate) fn release_worker(&self, worker: &WorkerId, created: Option<&VmId>) {
         let mut st = self.state.lock();
         if let Some(w) = st.workers.get_mut(worker) {
             w.pending = w.pending.saturating_sub(1);
-            if created {
-                w.created_since_heartbeat += 1;
+            if let Some(vm) = created {
+                w.created.insert(vm.clone(), 0);
             }
         }
     }
@@ -639,20 +641,16 @@ impl Core {
         }
     }
 
-    /// Records the claimed session durably, then makes it visible. On failure the VM is destroyed:
-    /// nothing stays claimed but unrecorded.
-    #[allow(clippy::too_many_arguments)]
-    async fn record_claim(
-        self: &Arc<Self>,
+    /// The record of a session claimed onto `worker` (written by [`Core::write_record`]).
+    fn session_record(
+        &self,
         sid: &SessionId,
         template: &TemplateName,
         req: &CreateSessionRequest,
         caller: &Caller,
         worker: &WorkerId,
         warm: bool,
-        vm: Option<&VmInfo>,
-        also_unmark: &[&VmId],
-    ) -> Result<Session, WireError> {
+    ) -> SessionRecord {
         let now = self.clock.now_ms();
         let s = &self.cfg.sessions;
         let max_ttl = s.max_ttl.as_secs().max(1);
@@ -672,7 +670,7 @@ impl Core {
             .get(worker)
             .and_then(|w| w.status.as_ref())
             .map(|s| s.isolation.clone());
-        let rec = SessionRecord {
+        SessionRecord {
             session: Session {
                 session_id: sid.clone(),
                 template: template.clone(),
@@ -694,14 +692,69 @@ impl Core {
             reason: None,
             ended_ms: None,
             backed_up: false,
-        };
+        }
+    }
+
+    /// Writes a claim's record (create-if-absent). A deposed leader records nothing: the renamed
+    /// VM is left to the new leader's reconcile (no record names it), the client gets 503 and
+    /// retries against the new leader.
+    async fn write_record(&self, rec: &SessionRecord) -> Result<u64, StoreError> {
+        self.check_leader()?;
+        self.store.create_session(rec).await
+    }
+
+    /// Undoes a claim's record whose VM hand-off failed, so the claim can move on (to the next
+    /// pooled VM or a cold restore) and write it again. A conflict is someone else's record and
+    /// stays; when the store cannot confirm the delete, the claim ends with 503 (the record names
+    /// no VM: reconcile ends it as lost, and the client's retry reads it).
+    async fn unwrite_record(
+        &self,
+        sid: &SessionId,
+        written: Result<u64, StoreError>,
+    ) -> Result<(), WireError> {
+        match written {
+            Err(StoreError::Conflict { .. }) => Ok(()),
+            Ok(_) | Err(_) => self.store.delete_session(sid).await.map_err(|e| {
+                tracing::warn!(session_id = %sid, error = %e,
+                    "undoing the record of a failed hand-off failed");
+                store_error(e)
+            }),
+        }
+    }
+
+    /// Records the claimed session durably, then makes it visible. On failure the VM is destroyed:
+    /// nothing stays claimed but unrecorded.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_claim(
+        self: &Arc<Self>,
+        sid: &SessionId,
+        template: &TemplateName,
+        req: &CreateSessionRequest,
+        caller: &Caller,
+        worker: &WorkerId,
+        warm: bool,
+        vm: Option<&VmInfo>,
+        also_unmark: &[&VmId],
+    ) -> Result<Session, WireError> {
+        let rec = self.session_record(sid, template, req, caller, worker, warm);
+        let written = self.write_record(&rec).await;
+        self.commit_claim(rec, written, worker, vm, also_unmark)
+            .await
+    }
+
+    /// Makes a claim whose record write ended with `written` visible, or undoes it: on a failed
+    /// write the record is read back, and the VM destroyed unless the record names it.
+    async fn commit_claim(
+        self: &Arc<Self>,
+        rec: SessionRecord,
+        written: Result<u64, StoreError>,
+        worker: &WorkerId,
+        vm: Option<&VmInfo>,
+        also_unmark: &[&VmId],
+    ) -> Result<Session, WireError> {
+        let sid = &rec.session.session_id.clone();
+        let template = &rec.session.template.clone();
         let vm_sid: VmId = sid.clone().into();
-        // A deposed leader records nothing: the renamed VM is left to the new leader's reconcile
-        // (no record names it), the client gets 503 and retries against the new leader.
-        let written = match self.check_leader() {
-            Ok(()) => self.store.create_session(&rec).await,
-            Err(e) => Err(e),
-        };
         let err = {
             let mut st = self.state.lock();
             for id in also_unmark {
@@ -890,7 +943,10 @@ impl Core {
                 .job(&worker, job(op), core.cfg.jobs.lifecycle)
                 .await
             {
-                Ok(_) => tracing::debug!(vm_id = %vm, worker_id = %worker, "vm destroyed"),
+                Ok(_) => {
+                    core.credit_destroyed(&worker, &vm);
+                    tracing::debug!(vm_id = %vm, worker_id = %worker, "vm destroyed")
+                }
                 Err(e) if e.is_gone() => {}
                 Err(e) => {
                     tracing::warn!(vm_id = %vm, worker_id = %worker, error = %e, "destroy failed")

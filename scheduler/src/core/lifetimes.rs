@@ -269,7 +269,8 @@ impl Core {
                     self.cfg.jobs.lifecycle.min(BEST_EFFORT_DESTROY)
                 };
                 match self.api.job(&session.worker_id, job(op), timeout).await {
-                    Ok(_) => {}
+                    Ok(_) => self
+                        .credit_destroyed(&session.worker_id, &session.session_id.clone().into()),
                     Err(e) if e.is_gone() => {}
                     Err(e) if backup => {
                         // Keep the session (and its volume) until the backup can be taken.

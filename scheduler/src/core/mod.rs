@@ -465,6 +465,14 @@ impl Scheduler {
         self.core.run_maintenance(caller)
     }
 
+    /// `admin.workers` (operator only).
+    pub fn workers_status(
+        &self,
+        caller: &Caller,
+    ) -> Result<hearth_messages::WorkersStatus, WireError> {
+        self.core.workers_status(caller)
+    }
+
     /// `admin.quotas.set` (operator only).
     pub async fn set_quota(
         &self,

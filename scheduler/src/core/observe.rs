@@ -10,28 +10,28 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use hearth_messages::{
-    JobOp, JobOutput, SessionState, TerminationReason, VmEvent, VmId, VmInfo, VmState, WorkerId,
-    WorkerStatus,
+    InventoryDigest, JobOp, JobOutput, MAX_INVENTORY_PAGE, SessionState, TerminationReason,
+    VmEvent, VmId, VmInfo, VmState, WorkerId, WorkerStatus,
 };
 use tokio::time::Instant;
 
 use super::Core;
 use super::lifetimes::{Action, End};
-use super::state::{SessionSlot, WorkerEntry};
+use super::state::{Inventory, SessionData, SessionSlot, WorkerEntry, settle};
 use crate::metrics as m;
 use crate::worker_api::job;
 
 impl Core {
-    pub(crate) fn on_heartbeat(self: Arc<Self>, status: WorkerStatus) {
+    /// A heartbeat: liveness and capacity, then the inventory's changes (O(changes), off the
+    /// state lock). Comparing the whole inventory with the scheduler's state is the reconcile
+    /// pass's job ([`Core::reconcile_pass`]), not every heartbeat's.
+    pub(crate) fn on_heartbeat(self: Arc<Self>, mut status: WorkerStatus) {
         let now = Instant::now();
-        let now_ms = self.clock.now_ms();
         let worker = status.worker_id.clone();
-        let mut actions: Vec<(Arc<SessionSlot>, Action)> = Vec::new();
-        let mut leaked: Vec<VmId> = Vec::new();
-        let mut dropped_pool: Vec<VmId> = Vec::new();
-        let wake;
-        let mut refresh: Option<u64> = None;
-        {
+        let digest = status.inventory.take();
+        let full = std::mem::take(&mut status.vms);
+        let (started_ms, at_ms) = (status.started_ms, status.at_ms);
+        let (inventory, fresh, silences, wake, want_fresh) = {
             let mut st = self.state.lock();
             let entry = st
                 .workers
@@ -58,160 +58,394 @@ impl Core {
             if restarted {
                 tracing::warn!(worker_id = %worker, "worker restarted");
             }
-            let draining = status.draining;
             entry.status = Some(status);
             entry.last_seen = now;
             entry.live = true;
             entry.suspect = false;
-            entry.created_since_heartbeat = 0;
-            // After a silence, compare nothing until the worker answered a `list_vms` sent now:
+            // After a silence, compare nothing until the worker's inventory was paged in anew:
             // heartbeats buffered across the outage describe the past.
-            let fresh = entry.inventory_fresh;
-            if !fresh && !entry.inventory_check {
+            let want_fresh = !entry.inventory_fresh && !entry.inventory_check;
+            if want_fresh {
                 entry.inventory_check = true;
-                refresh = Some(entry.silences);
             }
-            wake = came_back || recovered || restarted;
+            (
+                entry.inventory.clone(),
+                entry.inventory_fresh,
+                entry.silences,
+                came_back || recovered || restarted,
+                want_fresh,
+            )
+        };
+        let (changed, fetch, synced, epoch) = {
+            let mut inv = inventory.lock();
+            if want_fresh {
+                inv.invalidate();
+            }
+            let (changed, fetch) = inv.heard(started_ms, at_ms, digest, full);
+            let fetch = fetch || (want_fresh && !inv.fetching);
+            if fetch {
+                inv.fetching = true;
+            }
+            (changed, fetch, inv.synced, inv.epoch)
+        };
+        if fetch {
+            self.fetch_inventory(worker.clone(), inventory.clone(), epoch, silences);
+        }
+        self.heartbeats.send_modify(|v| *v += 1);
+        if fresh && !changed.is_empty() {
+            self.observe_vms(&worker, at_ms, &changed);
+        }
+        let mut st = self.state.lock();
+        if let Some(entry) = st.workers.get_mut(&worker) {
+            // Created VMs this heartbeat counts, and released ones it no longer counts, are in
+            // its `used_vms` now. (Without a synced view: as of this heartbeat, which may be
+            // off by the changes in flight until the next one.)
+            if synced {
+                let inv = inventory.lock();
+                settle(&mut entry.released, |vm| inv.vms.contains_key(vm));
+                settle(&mut entry.created, |vm| !inv.vms.contains_key(vm));
+            } else {
+                entry.released.clear();
+                entry.created.clear();
+            }
+        }
+        Core::worker_gauges(&st);
+        let below = wake
+            || st.pools.iter().any(|(name, p)| {
+                st.templates.get(name).is_some_and(|t| {
+                    p.ready.len() + p.restoring.len() < t.rec.template.min_ready as usize
+                })
+            });
+        drop(st);
+        if below {
+            self.pool_wake.notify_one();
+        }
+    }
 
-            let st = &mut *st;
-            let status = st.workers[&worker].status.as_ref().expect("just set");
-            let inventory: HashMap<&VmId, &VmInfo> = status
-                .vms
+    /// Sessions whose VM changed (a heartbeat's delta): activity, stops and resumes the worker
+    /// saw. O(changes).
+    fn observe_vms(self: &Arc<Self>, worker: &WorkerId, at_ms: u64, changed: &[VmInfo]) {
+        let now_ms = self.clock.now_ms();
+        let slots: Vec<(Arc<SessionSlot>, &VmInfo)> = {
+            let st = self.state.lock();
+            changed
                 .iter()
-                .filter(|v| v.state != VmState::Destroyed)
-                .map(|v| (&v.vm_id, v))
-                .collect();
-            let grace = self.cfg.vm_missing_grace;
+                .filter(|vm| vm.session)
+                .filter_map(|vm| {
+                    st.sessions
+                        .get(&vm.vm_id.clone().into())
+                        .map(|slot| (slot.clone(), vm))
+                })
+                .collect()
+        };
+        for (slot, vm) in slots {
+            let action = {
+                let mut d = slot.data.lock();
+                if !d.is_live() || &d.rec.session.worker_id != worker {
+                    continue;
+                }
+                d.missing_since = None;
+                observe_session_vm(&mut d, vm, at_ms, now_ms)
+            };
+            if let Some(action) = action {
+                self.act(slot, action);
+            }
+        }
+    }
 
+    /// Pages `worker`'s whole inventory in (`list_vms_page`), then installs it unless the view
+    /// was invalidated meanwhile (`epoch`); once installed after a silence (`silences`
+    /// unchanged), the worker's inventory drives reconcile again.
+    fn fetch_inventory(
+        self: &Arc<Self>,
+        worker: WorkerId,
+        inventory: Arc<parking_lot::Mutex<Inventory>>,
+        epoch: u64,
+        silences: u64,
+    ) {
+        let core = self.clone();
+        self.spawn(async move {
+            let t0 = Instant::now();
+            let fetched = core.page_inventory(&worker).await;
+            let installed = match fetched {
+                Ok((digest, vms)) => {
+                    let count = vms.len();
+                    let ok = inventory.lock().install(epoch, &digest, vms);
+                    metrics::histogram!(m::INVENTORY_FETCH_SECONDS)
+                        .record(t0.elapsed().as_secs_f64());
+                    tracing::debug!(worker_id = %worker, vms = count, generation = digest.generation,
+                        installed = ok, "inventory paged in");
+                    ok
+                }
+                Err(err) => {
+                    inventory.lock().fetching = false;
+                    tracing::warn!(worker_id = %worker, error = %err,
+                        "paging the inventory failed; retrying on the next heartbeat");
+                    false
+                }
+            };
+            let mut st = core.state.lock();
+            let Some(w) = st.workers.get_mut(&worker) else {
+                return;
+            };
+            w.inventory_check = false;
+            if installed && w.healthy() && w.silences == silences && !w.inventory_fresh {
+                w.inventory_fresh = true;
+                tracing::info!(worker_id = %worker,
+                    "fresh inventory after a silence; reconcile resumes on this worker");
+            }
+        });
+    }
+
+    /// Every page of `worker`'s inventory, of one generation (started again, a few times, when
+    /// the worker moved on past the generation being paged).
+    async fn page_inventory(
+        &self,
+        worker: &WorkerId,
+    ) -> Result<(InventoryDigest, Vec<VmInfo>), crate::worker_api::JobError> {
+        let mut attempt = 0;
+        'again: loop {
+            attempt += 1;
+            let mut vms = Vec::new();
+            let mut after = None;
+            let mut generation = None;
+            loop {
+                let op = JobOp::ListVmsPage {
+                    after: after.take(),
+                    limit: MAX_INVENTORY_PAGE,
+                    generation,
+                };
+                match self.api.job(worker, job(op), self.cfg.jobs.rename).await {
+                    Ok(JobOutput::VmsPage {
+                        vms: page,
+                        next,
+                        digest,
+                    }) => {
+                        vms.extend(page);
+                        generation = Some(digest.generation);
+                        match next {
+                            Some(n) => after = Some(n),
+                            None => return Ok((digest, vms)),
+                        }
+                    }
+                    Err(crate::worker_api::JobError::Failed(e))
+                        if e.code == hearth_messages::ErrorCode::Conflict && attempt < 4 =>
+                    {
+                        continue 'again;
+                    }
+                    Ok(other) => {
+                        return Err(crate::worker_api::JobError::BadReply(format!(
+                            "list_vms_page answered {other:?}"
+                        )));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// `admin.workers`: every worker as the scheduler sees it (operator only).
+    pub(crate) fn workers_status(
+        &self,
+        caller: &hearth_messages::Caller,
+    ) -> Result<hearth_messages::WorkersStatus, hearth_messages::WireError> {
+        if !caller.is_operator() {
+            return Err(hearth_messages::WireError::not_found("no such endpoint"));
+        }
+        let st = self.state.lock();
+        let mut workers: Vec<hearth_messages::WorkerView> = st
+            .workers
+            .iter()
+            .map(|(id, w)| {
+                let health = if !w.live {
+                    "lost"
+                } else if w.status.is_none() {
+                    "unconfirmed"
+                } else if w.suspect {
+                    "suspect"
+                } else {
+                    "healthy"
+                };
+                let inv = w.inventory.lock();
+                hearth_messages::WorkerView {
+                    worker_id: id.clone(),
+                    health: health.to_owned(),
+                    draining: w.status.as_ref().is_some_and(|s| s.draining),
+                    max_vms: w.status.as_ref().map_or(0, |s| s.max_vms),
+                    used_vms: w.status.as_ref().map_or(0, |s| s.used_vms),
+                    free_slots: w.free(),
+                    inventory: hearth_messages::InventoryView {
+                        generation: inv.generation,
+                        vms: inv.vms.len() as u32,
+                        synced: inv.synced,
+                        fresh: w.inventory_fresh,
+                    },
+                }
+            })
+            .collect();
+        workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        Ok(hearth_messages::WorkersStatus { workers })
+    }
+
+    /// Credits the slot of a VM whose destroy `worker` answered, until a heartbeat stops
+    /// counting it.
+    pub(crate) fn credit_destroyed(&self, worker: &WorkerId, vm: &VmId) {
+        let mut st = self.state.lock();
+        if let Some(w) = st.workers.get_mut(worker) {
+            // Created since the last heartbeat: it no longer takes a slot.
+            if w.created.remove(vm).is_some() {
+                return;
+            }
+            let counted = {
+                let inv = w.inventory.lock();
+                inv.synced && inv.vms.contains_key(vm)
+            };
+            if counted {
+                w.released.insert(vm.clone(), 0);
+            }
+        }
+    }
+
+    /// The reconcile pass: each healthy worker's inventory against the scheduler's state —
+    /// pool entries whose VM vanished (or all of a draining worker's), sessions whose VM
+    /// vanished, and leaked VMs (nothing owns them). Level-triggered, every liveness tick; the
+    /// state lock is held only to read the candidates and to apply the outcome.
+    pub(crate) fn reconcile_pass(self: &Arc<Self>) {
+        let t0 = Instant::now();
+        let now = Instant::now();
+        let now_ms = self.clock.now_ms();
+        let grace = self.cfg.vm_missing_grace;
+        let leak_grace = self.cfg.leak_grace.as_millis() as u64;
+        let mut dropped_pool: Vec<VmId> = Vec::new();
+        // Workers whose inventory may be compared: healthy, fresh after any silence, synced.
+        let (workers, slots) = {
+            let mut st = self.state.lock();
+            let workers: HashMap<WorkerId, (Arc<parking_lot::Mutex<Inventory>>, bool)> = st
+                .workers
+                .iter()
+                .filter(|(_, w)| w.healthy() && w.inventory_fresh)
+                .map(|(id, w)| {
+                    let draining = w.status.as_ref().is_some_and(|s| s.draining);
+                    (id.clone(), (w.inventory.clone(), draining))
+                })
+                .collect();
+            let guards: HashMap<&WorkerId, (parking_lot::MutexGuard<'_, Inventory>, bool)> =
+                workers
+                    .iter()
+                    .map(|(id, (inv, draining))| (id, (inv.lock(), *draining)))
+                    .collect();
             // Pool entries: vanished ones (or all, on a draining worker) are forgotten.
             for pool in st.pools.values_mut() {
                 pool.ready.retain_mut(|e| {
-                    if e.rec.worker_id != worker {
+                    let Some((inv, draining)) = guards.get(&e.rec.worker_id) else {
                         return true;
-                    }
-                    if draining {
+                    };
+                    if *draining {
                         dropped_pool.push(e.rec.vm_id.clone());
                         return false;
                     }
-                    if inventory.contains_key(&e.rec.vm_id) {
+                    if !inv.synced || inv.vms.contains_key(&e.rec.vm_id) {
                         e.missing_since = None;
-                        return true;
-                    }
-                    if !fresh {
                         return true;
                     }
                     let since = *e.missing_since.get_or_insert(now);
                     if now.duration_since(since) >= grace {
-                        tracing::warn!(vm_id = %e.rec.vm_id, worker_id = %worker, "pooled vm vanished");
+                        tracing::warn!(vm_id = %e.rec.vm_id, worker_id = %e.rec.worker_id, "pooled vm vanished");
                         dropped_pool.push(e.rec.vm_id.clone());
                         return false;
                     }
                     true
                 });
             }
-
-            // Sessions on this worker.
-            let mut owned: HashSet<&VmId> = HashSet::new();
+            drop(guards);
             let slots: Vec<Arc<SessionSlot>> = st.sessions.values().cloned().collect();
-            let mut owned_sessions: Vec<VmId> = Vec::new();
-            for slot in slots {
-                let mut d = slot.data.lock();
-                if !d.is_live() || d.rec.session.worker_id != worker {
-                    continue;
-                }
-                let vm_id: VmId = d.rec.session.session_id.clone().into();
-                match inventory.get(&vm_id) {
-                    None if !fresh => {}
-                    None => {
-                        d.busy = false;
-                        let since = *d.missing_since.get_or_insert(now);
-                        if now.duration_since(since) >= grace {
-                            actions.push((
-                                slot.clone(),
-                                Action::End(End::VmGone(TerminationReason::VmFailed)),
-                            ));
-                        }
-                    }
-                    Some(vm) => {
-                        d.missing_since = None;
-                        d.busy = vm.busy;
-                        match (d.rec.session.state, vm.state) {
-                            (SessionState::Running, VmState::Running) => {
-                                // A held VM is in use (a long command bumps its activity stamp
-                                // only when it starts and ends); a changed stamp is activity.
-                                let changed = d
-                                    .observed_activity
-                                    .is_some_and(|seen| seen != vm.last_activity_ms);
-                                if vm.busy || changed {
-                                    d.last_used_ms = now_ms;
-                                }
-                                d.observed_activity = Some(vm.last_activity_ms);
-                            }
-                            (SessionState::Running, VmState::Stopped) => actions.push((
-                                slot.clone(),
-                                Action::MarkStopped {
-                                    activity_ms: vm.last_activity_ms,
-                                },
-                            )),
-                            // Resumed by an exec. A heartbeat taken before our stop (still
-                            // "running") is told apart by the worker's own clock: the stop
-                            // reply's activity stamp is the stop time on that clock.
-                            (SessionState::Stopped, VmState::Running)
-                                if vm.last_activity_ms > d.rec.stop_activity_ms.unwrap_or(0)
-                                    || status.at_ms > d.rec.stop_activity_ms.unwrap_or(0) =>
-                            {
-                                actions.push((slot.clone(), Action::Resume));
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                owned_sessions.push(vm_id);
-            }
-            owned.extend(owned_sessions.iter());
+            (workers, slots)
+        };
 
-            // Leaks: VMs nothing owns (old enough that no job can be creating them).
-            let pool_owned: HashSet<&VmId> = st
+        // Sessions: vanished VMs, and what the worker saw of the others.
+        let mut actions: Vec<(Arc<SessionSlot>, Action)> = Vec::new();
+        let mut live_ids: HashSet<VmId> = HashSet::with_capacity(slots.len());
+        for slot in slots {
+            let mut d = slot.data.lock();
+            if !d.is_live() {
+                continue;
+            }
+            let vm_id: VmId = d.rec.session.session_id.clone().into();
+            if let Some((inv, _)) = workers.get(&d.rec.session.worker_id) {
+                let inv = inv.lock();
+                if inv.synced {
+                    match inv.vms.get(&vm_id) {
+                        None => {
+                            d.busy = false;
+                            let since = *d.missing_since.get_or_insert(now);
+                            if now.duration_since(since) >= grace {
+                                actions.push((
+                                    slot.clone(),
+                                    Action::End(End::VmGone(TerminationReason::VmFailed)),
+                                ));
+                            }
+                        }
+                        Some(vm) => {
+                            d.missing_since = None;
+                            if let Some(action) = observe_session_vm(&mut d, vm, inv.at_ms, now_ms)
+                            {
+                                actions.push((slot.clone(), action));
+                            }
+                        }
+                    }
+                }
+            }
+            drop(d);
+            live_ids.insert(vm_id);
+        }
+
+        // Leaks: VMs nothing owns, old enough that no job can be creating them.
+        let mut candidates: Vec<(WorkerId, VmId)> = Vec::new();
+        for (id, (inv, _)) in &workers {
+            let inv = inv.lock();
+            if !inv.synced {
+                continue;
+            }
+            for vm in inv.vms.values() {
+                if vm.state != VmState::Destroyed
+                    && !live_ids.contains(&vm.vm_id)
+                    && inv.at_ms.saturating_sub(vm.created_ms) >= leak_grace
+                {
+                    candidates.push((id.clone(), vm.vm_id.clone()));
+                }
+            }
+        }
+        let leaked: Vec<(WorkerId, VmId)> = if candidates.is_empty() {
+            Vec::new()
+        } else {
+            let st = self.state.lock();
+            let pool_owned: HashSet<(&WorkerId, &VmId)> = st
                 .pools
                 .values()
                 .flat_map(|p| p.ready.iter())
-                .filter(|e| e.rec.worker_id == worker)
-                .map(|e| &e.rec.vm_id)
+                .map(|e| (&e.rec.worker_id, &e.rec.vm_id))
                 .chain(
                     st.pools
                         .values()
                         .flat_map(|p| p.restoring.iter())
-                        .filter(|(_, r)| r.worker == worker)
-                        .map(|(id, _)| id),
+                        .map(|(id, r)| (&r.worker, id)),
                 )
                 .collect();
-            let leak_grace = self.cfg.leak_grace.as_millis() as u64;
-            for vm in inventory.values() {
-                if !fresh {
-                    break;
-                }
-                let key = (worker.clone(), vm.vm_id.clone());
-                // Never a VM that a live session names, whichever worker its record says.
-                let live_session = st
-                    .sessions
-                    .get(&vm.vm_id.clone().into())
-                    .is_some_and(|slot| slot.data.lock().is_live());
-                if live_session
-                    || owned.contains(&vm.vm_id)
-                    || pool_owned.contains(&vm.vm_id)
-                    || st.inflight.contains_key(&key)
-                    || st.destroying.contains(&key)
-                    || status.at_ms.saturating_sub(vm.created_ms) < leak_grace
-                {
-                    continue;
-                }
-                leaked.push(vm.vm_id.clone());
-            }
-        }
-        self.heartbeats.send_modify(|v| *v += 1);
-        if let Some(silences) = refresh {
-            self.refresh_inventory(worker.clone(), silences);
-        }
+            candidates
+                .into_iter()
+                .filter(|key| {
+                    // Never a VM that a live session names (claimed meanwhile, too).
+                    let live_session = st
+                        .sessions
+                        .get(&key.1.clone().into())
+                        .is_some_and(|slot| slot.data.lock().is_live());
+                    !live_session
+                        && !pool_owned.contains(&(&key.0, &key.1))
+                        && !st.inflight.contains_key(key)
+                        && !st.destroying.contains(key)
+                })
+                .collect()
+        };
 
         for vm in dropped_pool {
             let store = self.store.clone();
@@ -219,28 +453,15 @@ impl Core {
                 let _ = store.delete_pool(&vm).await;
             });
         }
-        for vm in leaked {
+        for (worker, vm) in leaked {
             tracing::warn!(vm_id = %vm, worker_id = %worker, "destroying a leaked vm");
             metrics::counter!(m::LEAKED_VMS_DESTROYED_TOTAL).increment(1);
-            self.destroy_detached(worker.clone(), vm, None);
+            self.destroy_detached(worker, vm, None);
         }
         for (slot, action) in actions {
             self.act(slot, action);
         }
-        if wake {
-            self.pool_wake.notify_one();
-        }
-        let st = self.state.lock();
-        Core::worker_gauges(&st);
-        let below = st.pools.iter().any(|(name, p)| {
-            st.templates.get(name).is_some_and(|t| {
-                p.ready.len() + p.restoring.len() < t.rec.template.min_ready as usize
-            })
-        });
-        drop(st);
-        if below {
-            self.pool_wake.notify_one();
-        }
+        metrics::histogram!(m::RECONCILE_PASS_SECONDS).record(t0.elapsed().as_secs_f64());
     }
 
     pub(crate) fn on_vm_event(self: Arc<Self>, event: VmEvent) {
@@ -291,36 +512,8 @@ impl Core {
                 _ = tick.tick() => {}
             }
             self.clone().check_liveness();
+            self.reconcile_pass();
         }
-    }
-
-    /// Asks `worker` for its inventory after a silence; once it answers (and has not gone silent
-    /// again since, `silences` unchanged), its heartbeats drive reconcile again.
-    fn refresh_inventory(self: &Arc<Self>, worker: WorkerId, silences: u64) {
-        let core = self.clone();
-        self.spawn(async move {
-            let outcome = core
-                .api
-                .job(&worker, job(JobOp::ListVms {}), core.cfg.jobs.rename)
-                .await;
-            let mut st = core.state.lock();
-            let Some(w) = st.workers.get_mut(&worker) else {
-                return;
-            };
-            w.inventory_check = false;
-            match outcome {
-                Ok(JobOutput::Vms { vms }) if w.healthy() && w.silences == silences => {
-                    w.inventory_fresh = true;
-                    tracing::info!(worker_id = %worker, vms = vms.len(),
-                        "fresh inventory after a silence; reconcile resumes on this worker");
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(worker_id = %worker, error = %err,
-                        "asking for a fresh inventory failed; retrying on the next heartbeat");
-                }
-            }
-        });
     }
 
     /// Liveness: a worker silent for `heartbeat_timeout` becomes *suspect* (no placements, no
@@ -415,5 +608,37 @@ impl Core {
                 tracing::warn!(error = %err, "ending a session of a lost worker failed; will retry");
             }
         });
+    }
+}
+
+/// What a session's VM as its worker reports it says about the session: activity (kept in
+/// `d`), or an action (the VM stopped on its own, or an exec resumed it).
+fn observe_session_vm(d: &mut SessionData, vm: &VmInfo, at_ms: u64, now_ms: u64) -> Option<Action> {
+    d.busy = vm.busy;
+    match (d.rec.session.state, vm.state) {
+        (SessionState::Running, VmState::Running) => {
+            // A held VM is in use (a long command bumps its activity stamp only when it starts
+            // and ends); a changed stamp is activity.
+            let changed = d
+                .observed_activity
+                .is_some_and(|seen| seen != vm.last_activity_ms);
+            if vm.busy || changed {
+                d.last_used_ms = now_ms;
+            }
+            d.observed_activity = Some(vm.last_activity_ms);
+            None
+        }
+        (SessionState::Running, VmState::Stopped) => Some(Action::MarkStopped {
+            activity_ms: vm.last_activity_ms,
+        }),
+        // Resumed by an exec. A report taken before our stop (still "running") is told apart by
+        // the worker's own clock: the stop reply's activity stamp is the stop time on that clock.
+        (SessionState::Stopped, VmState::Running)
+            if vm.last_activity_ms > d.rec.stop_activity_ms.unwrap_or(0)
+                || at_ms > d.rec.stop_activity_ms.unwrap_or(0) =>
+        {
+            Some(Action::Resume)
+        }
+        _ => None,
     }
 }

@@ -418,7 +418,7 @@ impl Core {
             }
             None => Err(JobError::BadReply("template vanished".into())),
         };
-        self.release_worker(&worker, outcome.is_ok());
+        self.release_worker(&worker, outcome.is_ok().then_some(&vm_id));
         let ok = match outcome {
             Ok(JobOutput::Vm { .. }) => true,
             Ok(other) => {
@@ -554,7 +554,7 @@ impl Core {
             session: false,
         });
         let created = self.api.job(&worker, create, self.cfg.jobs.build).await;
-        self.release_worker(&worker, created.is_ok());
+        self.release_worker(&worker, created.is_ok().then_some(&vm_id));
         // The snapshot id once the snapshot job was sent: it may exist even if the build fails.
         let mut taken = None;
         // What the worker noted about the build VM (e.g. its nix profile), for the template.
@@ -577,12 +577,15 @@ impl Core {
                     backup: false,
                     reason: None,
                 };
-                if let Err(e) = self
+                match self
                     .api
                     .job(&worker, job(destroy), self.cfg.jobs.lifecycle)
                     .await
                 {
-                    tracing::warn!(vm_id = %vm_id, error = %e, "destroying the template build vm failed");
+                    Ok(_) => self.credit_destroyed(&worker, &vm_id),
+                    Err(e) => {
+                        tracing::warn!(vm_id = %vm_id, error = %e, "destroying the template build vm failed")
+                    }
                 }
                 match taken {
                     Ok(JobOutput::Snapshot { .. }) => Ok(snap),

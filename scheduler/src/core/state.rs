@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use hearth_messages::{
-    Quota, Session, SessionId, SnapshotId, TemplateName, TenantId, VmId, WireError, WorkerId,
-    WorkerStatus,
+    InventoryDelta, InventoryDigest, Quota, Session, SessionId, SnapshotId, TemplateName, TenantId,
+    VmId, VmInfo, WireError, WorkerId, WorkerStatus, vm_hash,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -320,10 +320,28 @@ pub(crate) struct WorkerEntry {
     pub silences: u64,
     /// Creates in flight to it.
     pub pending: u32,
-    /// Creates that finished since its last heartbeat (not in `used_vms` yet).
-    pub created_since_heartbeat: u32,
+    /// VMs created that its heartbeats do not count yet (not in `used_vms`), with the
+    /// heartbeats heard since (one built before the create may arrive after it; the next one
+    /// counts it, under this id or a new one after a rename).
+    pub created: HashMap<VmId, u8>,
+    /// VMs whose destroy it answered that its heartbeats still count: their slots are free
+    /// already (a release frees capacity when the destroy answers, not a heartbeat later);
+    /// with the heartbeats heard since, as for `created`.
+    pub released: HashMap<VmId, u8>,
+    /// Its VM inventory as the scheduler knows it (its own lock: a heartbeat's changes are
+    /// applied off the state lock).
+    pub inventory: Arc<parking_lot::Mutex<Inventory>>,
     /// It refused a create for lack of capacity: skip it until then.
     pub refused_until: Option<Instant>,
+}
+
+/// Keeps the entries of `set` (created or released VMs) that the latest heartbeat has not
+/// accounted for yet (`pending(vm)`), for one more heartbeat at most.
+pub(crate) fn settle(set: &mut HashMap<VmId, u8>, mut pending: impl FnMut(&VmId) -> bool) {
+    set.retain(|vm, heard| {
+        *heard += 1;
+        *heard < 2 && pending(vm)
+    });
 }
 
 impl WorkerEntry {
@@ -337,7 +355,9 @@ impl WorkerEntry {
             inventory_check: false,
             silences: 0,
             pending: 0,
-            created_since_heartbeat: 0,
+            created: HashMap::new(),
+            released: HashMap::new(),
+            inventory: Arc::default(),
             refused_until: None,
         }
     }
@@ -352,12 +372,147 @@ impl WorkerEntry {
         self.healthy() && self.status.as_ref().is_some_and(|s| !s.draining)
     }
 
-    /// Free slots, counting creates in flight and those not yet in a heartbeat.
+    /// Free slots, counting creates in flight and those not yet in a heartbeat, and crediting
+    /// destroys answered that heartbeats still count.
     pub fn free(&self) -> u32 {
         self.status.as_ref().map_or(0, |s| {
-            s.free_slots()
+            (s.free_slots() + self.released.len() as u32)
+                .min(s.max_vms)
                 .saturating_sub(self.pending)
-                .saturating_sub(self.created_since_heartbeat)
+                .saturating_sub(self.created.len() as u32)
         })
+    }
+}
+
+/// A worker's VM inventory as the scheduler knows it: paged in full (`list_vms_page`) when it
+/// does not match the worker's digest, kept current in between by the changes each heartbeat
+/// carries.
+#[derive(Debug, Default)]
+pub(crate) struct Inventory {
+    /// The worker process this describes (its `started_ms`).
+    pub started_ms: u64,
+    /// Bumped whenever the view is invalidated: a page fetch started before it is stale.
+    pub epoch: u64,
+    pub generation: u64,
+    /// XOR of `vm_hash` over `vms`.
+    pub hash: u64,
+    pub vms: HashMap<VmId, VmInfo>,
+    /// Matches the worker's inventory of `generation`.
+    pub synced: bool,
+    /// A page fetch is in flight.
+    pub fetching: bool,
+    /// Changes heard while fetching: (generation, hash, delta), applied after the fetch.
+    pub buffered: Vec<(u64, u64, InventoryDelta)>,
+    /// The worker's clock at its latest heartbeat.
+    pub at_ms: u64,
+}
+
+/// The most deltas kept while a fetch is in flight (beyond them the next fetch catches up).
+const BUFFERED_DELTAS: usize = 16;
+
+impl Inventory {
+    /// Takes a heartbeat's inventory (a digest, or a pre-digest worker's full list): the VMs
+    /// that changed, and whether the whole inventory must be paged in.
+    pub fn heard(
+        &mut self,
+        started_ms: u64,
+        at_ms: u64,
+        digest: Option<InventoryDigest>,
+        full: Vec<VmInfo>,
+    ) -> (Vec<VmInfo>, bool) {
+        if self.started_ms != started_ms {
+            // Another worker process: nothing of the old view holds.
+            self.started_ms = started_ms;
+            self.invalidate();
+            self.vms.clear();
+            self.hash = 0;
+            self.generation = 0;
+        }
+        self.at_ms = at_ms;
+        let Some(digest) = digest else {
+            let changed: Vec<VmInfo> = full
+                .iter()
+                .filter(|v| self.vms.get(&v.vm_id) != Some(v))
+                .cloned()
+                .collect();
+            self.vms = full.into_iter().map(|v| (v.vm_id.clone(), v)).collect();
+            self.hash = self.vms.values().fold(0, |h, v| h ^ vm_hash(v));
+            self.synced = true;
+            return (changed, false);
+        };
+        if self.fetching {
+            if let Some(delta) = digest.delta
+                && self.buffered.len() < BUFFERED_DELTAS
+            {
+                self.buffered.push((digest.generation, digest.hash, delta));
+            }
+            return (Vec::new(), false);
+        }
+        if self.synced {
+            if digest.generation == self.generation && digest.hash == self.hash {
+                return (Vec::new(), false);
+            }
+            if let Some(delta) = digest.delta.filter(|d| d.base == self.generation) {
+                let changed = self.apply(delta, digest.generation);
+                if self.hash == digest.hash {
+                    return (changed, false);
+                }
+                tracing::warn!(
+                    generation = digest.generation,
+                    "inventory diverged from the worker's digest; paging it"
+                );
+                self.invalidate();
+                self.fetching = true;
+                return (changed, true);
+            }
+        }
+        self.invalidate();
+        self.fetching = true;
+        (Vec::new(), true)
+    }
+
+    /// Applies one generation's changes; the VMs changed.
+    pub fn apply(&mut self, delta: InventoryDelta, generation: u64) -> Vec<VmInfo> {
+        for id in &delta.removed {
+            if let Some(old) = self.vms.remove(id) {
+                self.hash ^= vm_hash(&old);
+            }
+        }
+        for vm in &delta.changed {
+            if let Some(old) = self.vms.insert(vm.vm_id.clone(), vm.clone()) {
+                self.hash ^= vm_hash(&old);
+            }
+            self.hash ^= vm_hash(vm);
+        }
+        self.generation = generation;
+        delta.changed
+    }
+
+    /// Installs a paged inventory of `generation` (from a fetch started in `epoch`), then the
+    /// changes buffered meanwhile. False if the view moved on since (the fetch is stale).
+    pub fn install(&mut self, epoch: u64, digest: &InventoryDigest, vms: Vec<VmInfo>) -> bool {
+        self.fetching = false;
+        let buffered = std::mem::take(&mut self.buffered);
+        if epoch != self.epoch {
+            return false;
+        }
+        self.vms = vms.into_iter().map(|v| (v.vm_id.clone(), v)).collect();
+        self.hash = self.vms.values().fold(0, |h, v| h ^ vm_hash(v));
+        self.generation = digest.generation;
+        self.synced = self.hash == digest.hash;
+        for (generation, hash, delta) in buffered {
+            if generation <= self.generation || delta.base != self.generation {
+                continue;
+            }
+            self.apply(delta, generation);
+            self.synced = self.hash == hash;
+        }
+        self.synced
+    }
+
+    /// The view no longer matches the worker (a silence, a divergence): page it in again.
+    pub fn invalidate(&mut self) {
+        self.synced = false;
+        self.epoch += 1;
     }
 }

@@ -65,7 +65,7 @@ pub struct FleetWorker {
     /// VMs reported busy (a command holds them) in heartbeats.
     busy: Mutex<HashSet<VmId>>,
     started_ms: AtomicU64,
-    seq: AtomicU64,
+    pub seq: AtomicU64,
     meta: Mutex<HashMap<VmId, Meta>>,
     done: Mutex<HashMap<JobId, Result<JobOutput, WireError>>>,
     /// Every job op that ran, in order.
@@ -214,7 +214,9 @@ impl FleetWorker {
             draining: self.draining.load(Ordering::SeqCst),
             jobs_in_flight: 0,
             execs_in_flight: 0,
-            vms,
+            // As a worker's heartbeat: a digest and the changes, pages on request.
+            inventory: Some(self.runner.observe_inventory(vms)),
+            vms: Vec::new(),
             versions: Default::default(),
             isolation: self.provider.isolation(),
         }

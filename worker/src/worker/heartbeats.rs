@@ -41,6 +41,9 @@ impl Inner {
             .count();
         metrics::gauge!(m::VMS, "state" => "running").set(running as f64);
         metrics::gauge!(m::VMS, "state" => "stopped").set((vms.len() - running) as f64);
+        let used_vms = vms.len() as u32;
+        // A digest and the changes, not every VM: the heartbeat stays small at any inventory.
+        let inventory = self.inventory.observe(vms);
         let status = WorkerStatus {
             worker_id: self.config.worker_id.clone(),
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
@@ -48,11 +51,12 @@ impl Inner {
             started_ms: self.started_ms,
             provider: self.provider.name().to_owned(),
             max_vms: self.config.max_vms,
-            used_vms: vms.len() as u32,
+            used_vms,
             draining: self.draining.load(Ordering::SeqCst),
             jobs_in_flight: self.jobs_in_flight.load(Ordering::Relaxed),
             execs_in_flight: self.execs_in_flight.load(Ordering::Relaxed),
-            vms,
+            vms: Vec::new(),
+            inventory: Some(inventory),
             versions: Versions {
                 hearth: env!("CARGO_PKG_VERSION").to_owned(),
                 protocol: hearth_messages::subjects::PROTOCOL_VERSION.to_owned(),

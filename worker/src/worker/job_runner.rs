@@ -115,6 +115,18 @@ impl RunnerCore {
                     vms: inner.vm_infos().await.map_err(|e| wire_error(&e))?,
                 });
             }
+            JobOp::ListVmsPage {
+                after,
+                limit,
+                generation,
+            } => {
+                let page = inner.inventory.page(after.as_ref(), *limit, *generation)?;
+                return Ok(JobOutput::VmsPage {
+                    vms: page.vms,
+                    next: page.next,
+                    digest: page.digest,
+                });
+            }
             JobOp::GetVm { vm_id } => {
                 let view = inner
                     .provider
@@ -254,9 +266,10 @@ impl RunnerCore {
                     vm: inner.vm_info(view),
                 })
             }
-            JobOp::ListVms {} | JobOp::GetVm { .. } | JobOp::ListSnapshots { .. } => {
-                unreachable_query()
-            }
+            JobOp::ListVms {}
+            | JobOp::ListVmsPage { .. }
+            | JobOp::GetVm { .. }
+            | JobOp::ListSnapshots { .. } => unreachable_query(),
             JobOp::BackupVm { vm_id } => {
                 self.backup_locked(&vm_id).await?;
                 Ok(JobOutput::Done {})

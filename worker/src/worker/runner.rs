@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use hearth_messages::{
-    JobReply, JobRequest, SnapshotId, TenantId, TerminationReason, VmEvent, VmId, VmInfo,
-    WireError, now_ms,
+    InventoryDigest, JobReply, JobRequest, SnapshotId, TenantId, TerminationReason, VmEvent, VmId,
+    VmInfo, WireError, now_ms,
 };
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use tracing::warn;
 
 use super::{JOB_CACHE, WorkerError};
 use crate::config::WorkerConfig;
+use crate::inventory::Inventory;
 use crate::jobs::JobCache;
 use crate::locks::VmLocks;
 use crate::provider::{ProviderError, VmRuntime, VmState, VmView};
@@ -90,6 +91,12 @@ impl JobRunner {
         self.core.vm_infos().await
     }
 
+    /// A heartbeat's inventory digest: takes `vms` (as the heartbeat reports them) as the next
+    /// generation, which `list_vms_page` jobs then page.
+    pub fn observe_inventory(&self, vms: Vec<VmInfo>) -> InventoryDigest {
+        self.core.inventory.observe(vms)
+    }
+
     /// Jobs running now.
     pub fn jobs_in_flight(&self) -> u32 {
         self.core
@@ -122,6 +129,8 @@ pub(crate) struct RunnerCore {
     pub(super) draining: AtomicBool,
     /// The newest scheduler lease revision a job carried; older ones are a deposed leader's.
     pub(super) newest_lease: AtomicU64,
+    /// The inventory as heartbeats describe it (digests, deltas, pages).
+    pub(super) inventory: Inventory,
 }
 
 impl RunnerCore {
@@ -157,6 +166,7 @@ impl RunnerCore {
             jobs_in_flight: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             newest_lease: AtomicU64::new(0),
+            inventory: Inventory::default(),
         })
     }
 
