@@ -36,6 +36,7 @@ mod convert;
 mod data_plane;
 mod heartbeats;
 mod job_runner;
+mod processes;
 mod runner;
 mod snapshots;
 
