@@ -568,7 +568,7 @@ mod tests {
             message: &'a str,
         }
         let body = rmp_serde::to_vec_named(&Future {
-            kind: "quota",
+            kind: "teleport_denied",
             message: "x",
         })
         .unwrap();

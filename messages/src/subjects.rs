@@ -501,7 +501,7 @@ mod tests {
         assert_eq!(s.parse_session("hearth.v1.sessions.x1.nope").unwrap(), None);
         assert_eq!(s.parse_session("other.v1.sessions.x1.get").unwrap(), None);
         for op in SessionOp::CONTROL.into_iter().chain(SessionOp::DATA) {
-            let subject = s.session(&sid("s-9"), op);
+            let subject = s.process(&sid("s-9"), "p-1", op);
             assert_eq!(s.parse_session(&subject).unwrap(), Some((sid("s-9"), op)));
         }
     }
