@@ -141,16 +141,25 @@ pub async fn shell(hearth: &HearthClient, args: ShellArgs) -> Result<i32> {
                 }
                 None => break 0,
             },
-            key = keys.recv(), if keys_open => match key {
-                Some(Some(bytes)) => {
-                    hearth.write_stdin(&sid, &process_id, bytes, false).await?;
-                }
+            key = keys.recv(), if keys_open => {
                 // Local end of input (not a terminal): the remote terminal gets its EOF.
-                Some(None) | None => {
-                    keys_open = false;
-                    hearth.write_stdin(&sid, &process_id, Vec::new(), true).await?;
+                let (bytes, eof) = match key {
+                    Some(Some(bytes)) => (bytes, false),
+                    Some(None) | None => (Vec::new(), true),
+                };
+                keys_open &= !eof;
+                match hearth.write_stdin(&sid, &process_id, bytes, eof).await {
+                    Ok(_) => {}
+                    // The shell just ended: its exit arrives on the output.
+                    Err(e) if e.code() == Some(hearth_messages::ErrorCode::Conflict) => {
+                        keys_open = false;
+                    }
+                    Err(e) => {
+                        drop(raw);
+                        return Err(e.into());
+                    }
                 }
-            },
+            }
             _ = winch.recv() => {
                 let size = terminal_size();
                 hearth.resize_process(&sid, &process_id, size.cols, size.rows).await?;

@@ -80,6 +80,22 @@ impl Tmux {
     }
 }
 
+impl Tmux {
+    /// Waits until the last non-empty line of the screen is `prompt` (the host shell is back).
+    fn wait_for_prompt(&self, prompt: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let screen = self.screen();
+            let last = screen.lines().rev().find(|l| !l.trim().is_empty());
+            if last.is_some_and(|l| l.trim_end() == prompt) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {prompt:?} prompt:\n{screen}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = self.run(&["kill-server"]);
@@ -127,7 +143,7 @@ async fn hearth_shell_through_tmux_prompt_echo_resize_exit_and_reattach() {
         eprintln!("skipping: tmux cannot start a server here");
         return;
     };
-    tmux.wait_for("host$ ");
+    tmux.wait_for("host$");
     let shell = format!("{} --nats-url {url} shell {sid}", hearth.display());
     tmux.type_line(&shell);
     tmux.wait_for("hearth: shell p");
@@ -143,6 +159,7 @@ async fn hearth_shell_through_tmux_prompt_echo_resize_exit_and_reattach() {
     tmux.type_line("stty size");
     tmux.wait_for("40 120");
     tmux.type_line("exit");
+    tmux.wait_for_prompt("host$");
     tmux.type_line("echo back-on-host-$((1+1))");
     tmux.wait_for("back-on-host-2");
 
@@ -167,7 +184,7 @@ async fn hearth_shell_through_tmux_prompt_echo_resize_exit_and_reattach() {
     let cli: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(cli), nix::sys::signal::SIGKILL).unwrap();
     tmux.type_line("stty sane; clear");
-    tmux.wait_for("host$ ");
+    tmux.wait_for_prompt("host$");
     tmux.type_line(&format!(
         "{} --nats-url {url} shell {sid} --attach {process_id}",
         hearth.display()
@@ -177,6 +194,7 @@ async fn hearth_shell_through_tmux_prompt_echo_resize_exit_and_reattach() {
     tmux.type_line("echo still-$((2+3))");
     tmux.wait_for("still-5");
     tmux.type_line("exit");
+    tmux.wait_for_prompt("host$");
     tmux.type_line("echo back-again");
     tmux.wait_for("\nback-again\n");
     drop(tmux);
