@@ -619,3 +619,108 @@ async fn bad_input_gets_clear_codes() {
         404
     );
 }
+
+/// Whether the worker's next heartbeat reports `vm` busy.
+async fn reported_busy(status: &mut async_nats::Subscriber, vm: &str) -> bool {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), status.next())
+            .await
+            .expect("a heartbeat")
+            .expect("the subscription");
+        let Ok(status) = Encoding::MsgPack.decode::<WorkerStatus>(&msg.payload) else {
+            continue;
+        };
+        if let Some(info) = status.vms.iter().find(|v| v.vm_id.as_str() == vm) {
+            return info.busy;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_running_process_keeps_the_vm_busy_so_it_is_never_idle_stopped() {
+    let e = env().await;
+    let sid = session(&e, "s-busy").await;
+    let c = &e.client;
+    let mut status = e
+        .nats
+        .subscribe(Subjects::default().worker_status(&id("wp")))
+        .await
+        .unwrap();
+    assert!(!reported_busy(&mut status, "s-busy").await, "idle at first");
+    let p = c.start_process(&sid, &cmd("sleep 30")).await.unwrap();
+    // The heartbeat after the start says busy (the scheduler's idle timer skips busy VMs), and
+    // the VM lock is free: a foreground exec runs beside the process at once.
+    let _ = reported_busy(&mut status, "s-busy").await;
+    assert!(
+        reported_busy(&mut status, "s-busy").await,
+        "busy while it runs"
+    );
+    let beside = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.exec(&sid, &ExecRequest::cmd("echo beside")),
+    )
+    .await
+    .expect("an exec beside a background process is not queued behind it")
+    .unwrap();
+    assert_eq!(beside.stdout.as_bytes(), b"beside\n");
+    // The foreground exec's cleanup spares the background process.
+    let listed = c.list_processes(&sid).await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|q| q.process_id == p.process_id && !q.exited)
+    );
+    c.kill_process(&sid, &p.process_id).await.unwrap();
+    c.wait_process(&sid, &p.process_id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while reported_busy(&mut status, "s-busy").await {
+        assert!(
+            Instant::now() < deadline,
+            "still busy after the process ended"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_slow_follower_sees_the_oldest_output_dropped_not_buffered() {
+    let e = env_with(|c| c.processes.ring_bytes = 64 << 10).await;
+    let sid = session(&e, "s-slow").await;
+    let c = &e.client;
+    // 32 MiB as fast as the process can write, against a 64 KiB ring.
+    let p = c
+        .start_process(&sid, &cmd("head -c 33554432 /dev/zero"))
+        .await
+        .unwrap();
+    let mut events = Box::pin(c.follow_process(&sid, &p.process_id, 0).await.unwrap());
+    let (mut expected, mut received, mut jumps) = (0u64, 0u64, 0u32);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), events.next())
+            .await
+            .expect("the follow goes on")
+            .expect("an event")
+            .unwrap()
+        {
+            ProcessEvent::Output { offset, data, .. } => {
+                assert!(offset >= expected, "offsets never go back");
+                if offset > expected {
+                    jumps += 1;
+                }
+                expected = offset + data.len() as u64;
+                received += data.len() as u64;
+                // A slow reader.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ProcessEvent::Exited(info) => {
+                assert_eq!(info.exit_code, Some(0));
+                break;
+            }
+        }
+    }
+    assert_eq!(expected, 32 << 20, "the follow reaches the end");
+    assert!(jumps > 0, "the ring dropped output the reader had not read");
+    assert!(received < 32 << 20, "{received} bytes received");
+    let out = c.process_output(&sid, &p.process_id, 0).await.unwrap();
+    assert_eq!(out.first_offset, (32 << 20) - (64 << 10));
+}
