@@ -880,7 +880,10 @@ async fn processes(
     let (warmup, samples) = if qemu {
         (3, sizes.samples.min(if args.quick { 10 } else { 100 }))
     } else {
-        (sizes.warmup.min(20), sizes.samples.min(if args.quick { 50 } else { 300 }))
+        (
+            sizes.warmup.min(20),
+            sizes.samples.min(if args.quick { 50 } else { 300 }),
+        )
     };
     let echo = ExecRequest::argv(["echo", "x"]);
     let start = ProcessStartRequest {

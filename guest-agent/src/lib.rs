@@ -459,15 +459,8 @@ impl Agent {
         outbox: &Outbox,
         inflight: &Inflight,
     ) -> Result<AgentReply, AgentError> {
-        let invalid = |m: String| AgentError::new(AgentErrorKind::InvalidArgument, m);
-        let argv: Vec<OsString> = match req.program().map_err(|e| invalid(e.message))? {
-            Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
-            Program::Shell(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.into()],
-        };
-        let rel_cwd = files::relative_path("cwd", req.cwd.as_deref().unwrap_or(""))?;
-        let workdir = self.workdir()?;
-        let cwd = files::resolve_dir(&workdir, &rel_cwd)?;
-        let env = self.command_env(&workdir, &req.env);
+        let program = req.program().map_err(invalid)?;
+        let (argv, cwd, env) = self.resolve(program, req.cwd.as_deref(), &req.env)?;
         let sink: Option<exec::ChunkSink> = req.stream.then(|| {
             let (outbox, inflight) = (outbox.clone(), inflight.clone());
             Arc::new(move |stream, data: &[u8]| {
@@ -498,6 +491,25 @@ impl Agent {
         Ok(AgentReply::Exited(result))
     }
 
+    /// What a command request runs: its argv (`cmd` through `/bin/sh -c`), its cwd resolved in
+    /// the work directory, and its whole environment.
+    fn resolve(
+        &self,
+        program: Program<'_>,
+        cwd: Option<&str>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(Vec<OsString>, PathBuf, BTreeMap<String, String>), AgentError> {
+        let argv: Vec<OsString> = match program {
+            Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
+            Program::Shell(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+        };
+        let rel_cwd = files::relative_path("cwd", cwd.unwrap_or(""))?;
+        let workdir = self.workdir()?;
+        let cwd = files::resolve_dir(&workdir, &rel_cwd)?;
+        let env = self.command_env(&workdir, env);
+        Ok((argv, cwd, env))
+    }
+
     /// A background-process operation ([`processes`]).
     async fn process(&self, call: ProcessCall) -> Result<ProcessAnswer, AgentError> {
         let ms = Duration::from_millis;
@@ -508,15 +520,9 @@ impl Agent {
                 ring_bytes,
                 max_running,
             } => {
-                let invalid = |m: String| AgentError::new(AgentErrorKind::InvalidArgument, m);
-                let argv: Vec<OsString> = match request.program().map_err(|e| invalid(e.message))? {
-                    Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
-                    Program::Shell(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.into()],
-                };
-                let rel_cwd = files::relative_path("cwd", request.cwd.as_deref().unwrap_or(""))?;
-                let workdir = self.workdir()?;
-                let cwd = files::resolve_dir(&workdir, &rel_cwd)?;
-                let mut env = self.command_env(&workdir, &request.env);
+                let program = request.program().map_err(invalid)?;
+                let (argv, cwd, mut env) =
+                    self.resolve(program, request.cwd.as_deref(), &request.env)?;
                 if request.pty.is_some() {
                     env.entry("TERM".to_owned())
                         .or_insert_with(|| "xterm-256color".to_owned());
@@ -590,6 +596,11 @@ impl Agent {
         env.extend(request.iter().map(|(k, v)| (k.clone(), v.clone())));
         env
     }
+}
+
+/// A request the wire types refused, as the agent's error.
+fn invalid(e: hearth_messages::WireError) -> AgentError {
+    AgentError::new(AgentErrorKind::InvalidArgument, e.message)
 }
 
 /// Answers a request that could not be decoded (an `op` from a newer host) with `Unsupported`, if

@@ -87,19 +87,7 @@ pub struct ProcessStartRequest {
 impl ProcessStartRequest {
     /// Validates and returns what to run.
     pub fn program(&self) -> Result<Program<'_>, WireError> {
-        let program = match (&self.argv, &self.cmd) {
-            (Some(argv), None) => {
-                if argv.is_empty() || argv[0].is_empty() {
-                    return Err(WireError::bad_request("argv must name a program"));
-                }
-                Program::Argv(argv)
-            }
-            (None, Some(cmd)) => Program::Shell(cmd),
-            (Some(_), Some(_)) => {
-                return Err(WireError::bad_request("give either argv or cmd, not both"));
-            }
-            (None, None) => return Err(WireError::bad_request("give argv or cmd")),
-        };
+        let program = crate::data::program_of(&self.argv, &self.cmd)?;
         if self.timeout_ms.unwrap_or(0) > MAX_EXEC_TIMEOUT_MS {
             return Err(WireError::bad_request(format!(
                 "timeout_ms must be at most {MAX_EXEC_TIMEOUT_MS}"
@@ -113,18 +101,7 @@ impl ProcessStartRequest {
                 "tag must be at most {MAX_TAG_LEN} bytes"
             )));
         }
-        if let Some(cwd) = &self.cwd
-            && (cwd.len() > crate::data::MAX_PATH_LEN || cwd.contains('\0'))
-        {
-            return Err(WireError::bad_request("cwd is too long or holds NUL"));
-        }
-        for key in self.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(WireError::bad_request(format!(
-                    "invalid environment variable name {key:?}"
-                )));
-            }
-        }
+        crate::data::validate_cwd_and_env(self.cwd.as_deref(), &self.env)?;
         Ok(program)
     }
 }

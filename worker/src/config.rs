@@ -687,6 +687,35 @@ mod tests {
     }
 
     #[test]
+    fn process_limits_have_defaults_and_come_from_the_file() {
+        let config = WorkerArgs::default().resolve().unwrap();
+        assert_eq!(config.processes, ProcessLimits::default());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(
+            &path,
+            "max_processes_per_vm = 3\nprocess_ring_bytes = 4096\nmax_stdin_bytes = 10\n",
+        )
+        .unwrap();
+        let args = |path: &Path| WorkerArgs {
+            config: Some(path.to_path_buf()),
+            ..Default::default()
+        };
+        let config = args(&path).resolve().unwrap();
+        assert_eq!(
+            (
+                config.processes.max_per_vm,
+                config.processes.ring_bytes,
+                config.processes.max_stdin_bytes
+            ),
+            (3, 4096, 10)
+        );
+        std::fs::write(&path, "process_ring_bytes = 0\n").unwrap();
+        let err = args(&path).resolve().unwrap_err();
+        assert!(err.to_string().contains("process_ring_bytes"), "{err}");
+    }
+
+    #[test]
     fn shell_and_env_come_from_the_file_and_flags() {
         let config = WorkerArgs::default().resolve().unwrap();
         assert_eq!(config.shell_args, ["-c"]);

@@ -17,7 +17,7 @@ use hearth_messages::processes::{
     ProcessStartRequest, ProcessStdinRequest, ProcessWaitRequest,
 };
 use hearth_messages::transport::{Reply, decode_message, encoding_of};
-use hearth_messages::{Empty, Encoding, SessionOp, VmId, WireError};
+use hearth_messages::{Empty, Encoding, ErrorCode, SessionOp, VmId, WireError};
 use serde::de::DeserializeOwned;
 
 use super::data_plane::session_ended;
@@ -231,6 +231,7 @@ impl Worker {
     ) -> Result<ProcessOutput, WireError> {
         let deadline = tokio::time::Instant::now() + window;
         let stop = self.inner.stop.clone();
+        let mut found = false;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let wait = left.min(POLL);
@@ -241,9 +242,21 @@ impl Worker {
                 wait_ms: wait.as_millis() as u64,
             };
             let answer = tokio::select! {
-                answer = self.call(vm_id, call, wait) => answer?,
+                answer = self.call(vm_id, call, wait) => answer,
                 () = stop.cancelled() => return self.last(vm_id, process_id, offset).await,
             };
+            // Unknown now after an earlier read found it: its agent went away between two reads
+            // (and a new one answers).
+            let answer = match answer {
+                Err(err) if found && err.code == ErrorCode::NotFound => {
+                    return Err(WireError::conflict(format!(
+                        "process_lost: process {process_id} of session {vm_id} is gone with the \
+                         guest agent that ran it"
+                    )));
+                }
+                answer => answer?,
+            };
+            found = true;
             let mut output = match answer {
                 ProcessAnswer::Output(output) => output,
                 other => return Err(unexpected(&other)),

@@ -883,7 +883,21 @@ impl VmProvider for ProcessProvider {
         if let super::ProcessCall::Start { request, .. } = &mut call {
             paths::relative_path("cwd", request.cwd.as_deref().unwrap_or(""))?;
         }
-        let (record, sandbox) = inner.running(vm_id).await?;
+        let named = !matches!(
+            call,
+            super::ProcessCall::Start { .. } | super::ProcessCall::List {}
+        );
+        let (record, sandbox) = if named {
+            // A sandbox that is gone took its processes with it: a new one would not know them.
+            let record = inner.registry.record(vm_id)?;
+            let live = record.touch_running(vm_id)?.filter(|s| !s.is_dead());
+            match live {
+                Some(sandbox) => (record, sandbox),
+                None => return Err(ProviderError::InvalidState(super::agent::lost(vm_id))),
+            }
+        } else {
+            inner.running(vm_id).await?
+        };
         let start = if let super::ProcessCall::Start { request, .. } = &mut call {
             // The provider's shell and environment layers, as for an exec.
             if let Some(cmd) = request.cmd.take() {
