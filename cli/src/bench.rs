@@ -911,13 +911,11 @@ async fn processes(
         let t = Instant::now();
         let started = client.start_process(sid, &start).await?;
         let mut events = Box::pin(client.follow_process(sid, &started.process_id, 0).await?);
-        let first_t = loop {
-            match events.next().await {
-                Some(Ok(ProcessEvent::Output { .. })) => break t.elapsed(),
-                Some(Ok(ProcessEvent::Exited(info))) => bail!("no output from {info:?}"),
-                Some(Err(e)) => return Err(e.into()),
-                None => bail!("the follow ended early"),
-            }
+        let first_t = match events.next().await {
+            Some(Ok(ProcessEvent::Output { .. })) => t.elapsed(),
+            Some(Ok(ProcessEvent::Exited(info))) => bail!("no output from {info:?}"),
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("the follow ended early"),
         };
         drop(events);
         // Reattach: follow a running process from offset 0 -> its first byte.

@@ -498,7 +498,7 @@ impl Agent {
         program: Program<'_>,
         cwd: Option<&str>,
         env: &BTreeMap<String, String>,
-    ) -> Result<(Vec<OsString>, PathBuf, BTreeMap<String, String>), AgentError> {
+    ) -> Result<(Vec<OsString>, PathBuf, Env), AgentError> {
         let argv: Vec<OsString> = match program {
             Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
             Program::Shell(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.into()],
@@ -597,6 +597,9 @@ impl Agent {
         env
     }
 }
+
+/// A command's whole environment.
+type Env = BTreeMap<String, String>;
 
 /// A request the wire types refused, as the agent's error.
 fn invalid(e: hearth_messages::WireError) -> AgentError {
