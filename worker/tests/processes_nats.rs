@@ -724,3 +724,34 @@ async fn a_slow_follower_sees_the_oldest_output_dropped_not_buffered() {
     let out = c.process_output(&sid, &p.process_id, 0).await.unwrap();
     assert_eq!(out.first_offset, (32 << 20) - (64 << 10));
 }
+
+#[tokio::test]
+async fn followers_that_went_away_never_lock_out_a_new_one() {
+    let e = env().await;
+    let sid = session(&e, "s-follow").await;
+    let c = &e.client;
+    let p = c
+        .start_process(&sid, &cmd("echo ready; exec sleep 60"))
+        .await
+        .unwrap();
+    // 100 followers that read one chunk and go away without a word (their follows would stay
+    // open for their whole window).
+    for _ in 0..100 {
+        let mut events = Box::pin(c.follow_process(&sid, &p.process_id, 0).await.unwrap());
+        assert!(matches!(
+            events.next().await,
+            Some(Ok(ProcessEvent::Output { .. }))
+        ));
+    }
+    // A new one is served at once, and other process requests are not refused either.
+    let mut events = Box::pin(c.follow_process(&sid, &p.process_id, 0).await.unwrap());
+    match tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .unwrap()
+    {
+        Some(Ok(ProcessEvent::Output { data, .. })) => assert_eq!(&data[..], b"ready\n"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.list_processes(&sid).await.unwrap().len(), 1);
+    c.kill_process(&sid, &p.process_id).await.unwrap();
+}

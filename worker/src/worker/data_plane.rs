@@ -58,6 +58,7 @@ impl Worker {
             vm_id.clone(),
             Served {
                 cancel: cancel.clone(),
+                followers: Arc::default(),
             },
         );
         let worker = self.clone();
@@ -80,6 +81,17 @@ impl Worker {
                             continue;
                         }
                         let bytes = request.message.payload.len() as u64;
+                        // A follow may stay open for its whole window: follows are bounded by
+                        // evicting the oldest (whose client, if still there, just opens its next
+                        // window), not by the queue, so followers that went away cannot lock
+                        // out the ones still there.
+                        if super::processes::is_follow(op, &request) {
+                            let (w, vm) = (worker.clone(), vm_id.clone());
+                            worker.inner.tasks.spawn(async move {
+                                w.handle_data(op, vm, request).await;
+                            });
+                            continue;
+                        }
                         let (queue, max_held) = if is_process_op(op) {
                             (&process_queue, max_process_requests)
                         } else {

@@ -111,6 +111,8 @@ pub fn wire_error(err: &ProviderError) -> WireError {
 #[derive(Debug)]
 struct Served {
     cancel: CancellationToken,
+    /// The session's open output follows (see [`processes::Followers`]).
+    followers: Arc<processes::Followers>,
 }
 
 /// The worker. Cheap to clone; all clones share one state.

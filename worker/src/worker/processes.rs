@@ -19,15 +19,56 @@ use hearth_messages::processes::{
 use hearth_messages::transport::{Reply, decode_message, encoding_of};
 use hearth_messages::{Empty, Encoding, ErrorCode, SessionOp, VmId, WireError};
 use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
 
 use super::data_plane::session_ended;
 use super::{Worker, wire_error};
 use crate::provider::VmState;
 
+/// Most output follows open at once per session; a new one ends the oldest's window.
+pub(super) const MAX_FOLLOWERS_PER_VM: usize = 32;
+
 /// Most bytes one followed read asks the agent for: the worker never holds more per follower.
 const FOLLOW_READ_BYTES: u64 = 256 << 10;
 /// Longest single wait the agent is asked for while following or watching.
 const POLL: Duration = Duration::from_secs(10);
+
+/// A session's open output follows, oldest first. NATS does not tell a publisher that its
+/// subscriber went away, so a follower that disconnected would hold its follow for the rest of
+/// its window; beyond [`MAX_FOLLOWERS_PER_VM`] the oldest follow is ended instead (its final
+/// message says the window closed, and a client still reading opens the next one from
+/// `next_offset`).
+#[derive(Debug, Default)]
+pub(super) struct Followers {
+    open: parking_lot::Mutex<std::collections::VecDeque<(u64, CancellationToken)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Followers {
+    /// Registers a follow: its id and the token that ends it early.
+    fn join(&self) -> (u64, CancellationToken) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let mut open = self.open.lock();
+        open.push_back((id, token.clone()));
+        while open.len() > MAX_FOLLOWERS_PER_VM {
+            if let Some((_, oldest)) = open.pop_front() {
+                oldest.cancel();
+            }
+        }
+        (id, token)
+    }
+
+    fn leave(&self, id: u64) {
+        self.open.lock().retain(|(i, _)| *i != id);
+    }
+}
+
+/// Whether a request is an output follow (decoded here, before admission: the payload is small).
+pub(super) fn is_follow(op: SessionOp, request: &service::Request) -> bool {
+    op == SessionOp::ProcessOutput
+        && decode::<ProcessOutputRequest>(request).is_ok_and(|r| r.follow)
+}
 
 impl Worker {
     /// Answers one process request.
@@ -225,11 +266,30 @@ impl Worker {
         &self,
         vm_id: &VmId,
         process_id: &str,
-        mut offset: u64,
+        offset: u64,
         window: Duration,
         reply_to: async_nats::Subject,
     ) -> Result<ProcessOutput, WireError> {
         let deadline = tokio::time::Instant::now() + window;
+        let followers = self.inner.served.get(vm_id).map(|s| s.followers.clone());
+        let followers = followers.unwrap_or_default();
+        let (me, evicted) = followers.join();
+        let result = self
+            .follow_until(vm_id, process_id, offset, deadline, evicted, reply_to)
+            .await;
+        followers.leave(me);
+        result
+    }
+
+    async fn follow_until(
+        &self,
+        vm_id: &VmId,
+        process_id: &str,
+        mut offset: u64,
+        deadline: tokio::time::Instant,
+        evicted: CancellationToken,
+        reply_to: async_nats::Subject,
+    ) -> Result<ProcessOutput, WireError> {
         let stop = self.inner.stop.clone();
         let mut found = false;
         loop {
@@ -244,6 +304,7 @@ impl Worker {
             let answer = tokio::select! {
                 answer = self.call(vm_id, call, wait) => answer,
                 () = stop.cancelled() => return self.last(vm_id, process_id, offset).await,
+                () = evicted.cancelled() => return self.last(vm_id, process_id, offset).await,
             };
             // Unknown now after an earlier read found it: its agent went away between two reads
             // (and a new one answers).
