@@ -42,6 +42,10 @@ pub enum Scenario {
     /// Tenants: claim latency as a tenant through the account imports vs as the operator, and a
     /// tenant's p99 while another floods creates (429s).
     Tenants,
+    /// Background processes: start → first output byte, and reattach (follow from an offset →
+    /// first byte), beside `exec echo` on the same session. `--provider qemu` runs it on a real
+    /// guest (needs a guest image).
+    Processes,
     /// Every scenario, one after the other.
     All,
 }
@@ -118,6 +122,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
             Scenario::Refill,
             Scenario::Memory,
             Scenario::Tenants,
+            Scenario::Processes,
         ],
         one => vec![one],
     };
@@ -130,6 +135,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
             Scenario::Memory => memory(&args, &sizes, nats_url.as_deref()).await?,
             Scenario::Microvm => microvm(&args, &sizes, nats_url.as_deref()).await?,
             Scenario::Tenants => tenants::run(&sizes).await?,
+            Scenario::Processes => processes(&args, &sizes, nats_url.as_deref(), &subjects).await?,
             Scenario::All => continue,
         };
         report.print(args.json);
@@ -812,6 +818,139 @@ async fn exec(
     Ok(r)
 }
 
+/// The guest image for a qemu stack: `--qemu-image`, else `$HEARTH_QEMU_IMAGE`, else
+/// `.tools/images/current`.
+fn qemu_image(args: &BenchArgs) -> Result<PathBuf> {
+    let image = args
+        .qemu_image
+        .clone()
+        .or_else(|| std::env::var_os("HEARTH_QEMU_IMAGE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(".tools/images/current"));
+    if !image.join("vmlinuz").is_file() {
+        bail!(
+            "no guest image at {} (run scripts/setup-qemu.sh or pass --qemu-image)",
+            image.display()
+        );
+    }
+    Ok(image)
+}
+
+/// Background processes: start → first output byte, reattach → first byte, and `exec echo` on
+/// the same session as the baseline (the same path through NATS, the worker and the agent).
+async fn processes(
+    args: &BenchArgs,
+    sizes: &Sizes,
+    url: Option<&str>,
+    subjects: &Subjects,
+) -> Result<Report> {
+    use hearth_messages::ProcessEvent;
+    use hearth_messages::processes::ProcessStartRequest;
+    let qemu = args.provider == hearth_worker::ProviderKind::Qemu;
+    let stack = match url {
+        Some(_) => None,
+        None => {
+            let image = if qemu { Some(qemu_image(args)?) } else { None };
+            Some(
+                OwnStack::start_with(
+                    args.provider,
+                    &template_toml("default", 2),
+                    8,
+                    image.as_deref(),
+                    None,
+                    false,
+                )
+                .await?,
+            )
+        }
+    };
+    let url = url
+        .or(stack.as_ref().map(|s| s.url.as_str()))
+        .unwrap_or_default();
+    let client = connect(url, subjects).await?;
+    if stack.is_some() {
+        if qemu {
+            wait_template_built(&client, "default").await?;
+        }
+        wait_ready(&client, "default", 1).await?;
+    }
+    let template = TemplateName::default_template();
+    let (_, _, sessions) = sequential_claims(&client, &template, 0, 1, false).await?;
+    let sid = &sessions[0];
+    // Fewer rounds than an exec bench: every round starts a process (and, on qemu, TCG is slow).
+    let (warmup, samples) = if qemu {
+        (3, sizes.samples.min(if args.quick { 10 } else { 100 }))
+    } else {
+        (
+            sizes.warmup.min(20),
+            sizes.samples.min(if args.quick { 50 } else { 300 }),
+        )
+    };
+    let echo = ExecRequest::argv(["echo", "x"]);
+    let start = ProcessStartRequest {
+        argv: Some(vec!["echo".into(), "x".into()]),
+        ..ProcessStartRequest::default()
+    };
+    let (mut exec_h, mut first_h, mut reattach_h) = (histogram(), histogram(), histogram());
+    // A long runner to reattach to, with output already in its ring.
+    let runner = client
+        .start_process(
+            sid,
+            &ProcessStartRequest {
+                cmd: Some("echo ready; exec sleep 3600".into()),
+                ..ProcessStartRequest::default()
+            },
+        )
+        .await?;
+    let bar = progress((warmup + samples) as u64, "processes");
+    for i in 0..warmup + samples {
+        // Baseline: an exec of the same command, same session.
+        let t = Instant::now();
+        client.exec(sid, &echo).await?;
+        let exec_t = t.elapsed();
+        // Start -> first output byte (the follow is opened right after the start's reply).
+        let t = Instant::now();
+        let started = client.start_process(sid, &start).await?;
+        let mut events = Box::pin(client.follow_process(sid, &started.process_id, 0).await?);
+        let first_t = match events.next().await {
+            Some(Ok(ProcessEvent::Output { .. })) => t.elapsed(),
+            Some(Ok(ProcessEvent::Exited(info))) => bail!("no output from {info:?}"),
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("the follow ended early"),
+        };
+        drop(events);
+        // Reattach: follow a running process from offset 0 -> its first byte.
+        let t = Instant::now();
+        let mut events = Box::pin(client.follow_process(sid, &runner.process_id, 0).await?);
+        let reattach_t = match events.next().await {
+            Some(Ok(ProcessEvent::Output { .. })) => t.elapsed(),
+            other => bail!("reattach: {other:?}"),
+        };
+        drop(events);
+        if i >= warmup {
+            record(&mut exec_h, exec_t);
+            record(&mut first_h, first_t);
+            record(&mut reattach_h, reattach_t);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let _ = client.kill_process(sid, &runner.process_id).await;
+    let _ = client.release(sid).await;
+    let mut r = Report::new("processes");
+    r.field(
+        "provider",
+        json!(args.provider.as_str()),
+        Some(args.provider.as_str().to_owned()),
+    );
+    r.latency("exec_echo", &exec_h);
+    r.latency("process_first_byte", &first_h);
+    r.latency("reattach_first_byte", &reattach_h);
+    let p50 = |h: &Histogram<u64>| h.value_at_quantile(0.5) as f64;
+    r.ratio("first_byte_p50_to_exec", p50(&first_h), p50(&exec_h));
+    r.ratio("reattach_p50_to_exec", p50(&reattach_h), p50(&exec_h));
+    Ok(r)
+}
+
 async fn cold(
     args: &BenchArgs,
     sizes: &Sizes,
@@ -1031,17 +1170,7 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
     if url.is_some() {
         bail!("the microvm scenario starts its own stack (it times jobs on its own worker)");
     }
-    let image = args
-        .qemu_image
-        .clone()
-        .or_else(|| std::env::var_os("HEARTH_QEMU_IMAGE").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(".tools/images/current"));
-    if !image.join("vmlinuz").is_file() {
-        bail!(
-            "no guest image at {} (run scripts/setup-qemu.sh or pass --qemu-image)",
-            image.display()
-        );
-    }
+    let image = qemu_image(args)?;
     let rounds = if args.quick { 1 } else { 3 };
     let claims = sizes.cold.min(if args.quick { 2 } else { 10 });
     let stack = OwnStack::start_with(

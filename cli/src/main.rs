@@ -10,6 +10,7 @@ use hearth_messages::{HearthClient, Subjects};
 
 mod bench;
 mod client_cmds;
+mod shell;
 mod up;
 
 const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -43,6 +44,9 @@ enum Command {
     Session(client_cmds::SessionCmd),
     /// Run a command in a session, streaming its output; exits with the command's exit code.
     Exec(client_cmds::ExecArgs),
+    /// An interactive terminal in a session (a shell on a PTY; `--attach` reattaches to one);
+    /// exits with the shell's exit code.
+    Shell(shell::ShellArgs),
     /// Warm pools.
     #[command(subcommand)]
     Pool(PoolCmd),
@@ -127,6 +131,10 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Session(cmd) => client_cmds::session(&hearth, cmd).await?,
         Command::Exec(args) => {
             let code = client_cmds::exec(&hearth, args).await?;
+            return Ok(code.clamp(0, 255) as u8);
+        }
+        Command::Shell(args) => {
+            let code = shell::shell(&hearth, args).await?;
             return Ok(code.clamp(0, 255) as u8);
         }
         Command::Pool(PoolCmd::Status) => client_cmds::pool_status(&hearth).await?,

@@ -38,7 +38,8 @@ use std::time::Duration;
 
 use hearth_messages::agent::{
     AgentError, AgentErrorKind, AgentFrame, AgentReply, AgentRequest, FrameError, HostFrame,
-    PROTOCOL_VERSION, Pong, decode_frame, encode_frame, host_frame_id, read_frame_body,
+    PROTOCOL_VERSION, Pong, ProcessAnswer, ProcessCall, decode_frame, encode_frame, host_frame_id,
+    read_frame_body,
 };
 use hearth_messages::data::{DEFAULT_MAX_FILE_BYTES, Program};
 use hearth_messages::{ExecRequest, FileGetResult, FilePutResult};
@@ -48,11 +49,18 @@ pub mod channel;
 pub mod exec;
 pub mod files;
 pub mod identity;
+pub mod processes;
+mod pty;
 mod rng;
 pub mod sandbox;
 pub mod vsock;
 
 pub use channel::Channel;
+
+/// Largest ring buffer a process may get (the host sends its configured size).
+const MAX_RING_BYTES: u64 = 256 << 20;
+/// Largest output read in one answer.
+const MAX_READ_BYTES: u64 = 8 << 20;
 
 /// Pause before reopening a channel that ended or could not be opened.
 const REOPEN_PAUSE: Duration = Duration::from_millis(10);
@@ -120,6 +128,7 @@ pub fn run(config: Config) -> io::Result<()> {
         workdir,
         config,
         identity: Mutex::new(identity::IdentityState::default()),
+        processes: processes::Processes::default(),
     });
     let handle = runtime.handle().clone();
     log!(
@@ -224,6 +233,8 @@ struct Agent {
     /// `config.workdir`, canonical; `None` with `config.workdir_from_cwd`.
     workdir: Option<PathBuf>,
     identity: Mutex<identity::IdentityState>,
+    /// Background processes: the agent's, not a connection's.
+    processes: processes::Processes,
 }
 
 impl Agent {
@@ -436,6 +447,7 @@ impl Agent {
             }
             // Answered by `dispatch`, never spawned.
             R::Cancel { .. } => Ok(AgentReply::Cancelled { running: false }),
+            R::Process(call) => self.process(call).await.map(AgentReply::Process),
         };
         inflight.finish(&outbox, id, result.unwrap_or_else(AgentReply::Error));
     }
@@ -447,15 +459,8 @@ impl Agent {
         outbox: &Outbox,
         inflight: &Inflight,
     ) -> Result<AgentReply, AgentError> {
-        let invalid = |m: String| AgentError::new(AgentErrorKind::InvalidArgument, m);
-        let argv: Vec<OsString> = match req.program().map_err(|e| invalid(e.message))? {
-            Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
-            Program::Shell(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.into()],
-        };
-        let rel_cwd = files::relative_path("cwd", req.cwd.as_deref().unwrap_or(""))?;
-        let workdir = self.workdir()?;
-        let cwd = files::resolve_dir(&workdir, &rel_cwd)?;
-        let env = self.command_env(&workdir, &req.env);
+        let program = req.program().map_err(invalid)?;
+        let (argv, cwd, env) = self.resolve(program, req.cwd.as_deref(), &req.env)?;
         let sink: Option<exec::ChunkSink> = req.stream.then(|| {
             let (outbox, inflight) = (outbox.clone(), inflight.clone());
             Arc::new(move |stream, data: &[u8]| {
@@ -486,6 +491,86 @@ impl Agent {
         Ok(AgentReply::Exited(result))
     }
 
+    /// What a command request runs: its argv (`cmd` through `/bin/sh -c`), its cwd resolved in
+    /// the work directory, and its whole environment.
+    fn resolve(
+        &self,
+        program: Program<'_>,
+        cwd: Option<&str>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(Vec<OsString>, PathBuf, Env), AgentError> {
+        let argv: Vec<OsString> = match program {
+            Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
+            Program::Shell(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+        };
+        let rel_cwd = files::relative_path("cwd", cwd.unwrap_or(""))?;
+        let workdir = self.workdir()?;
+        let cwd = files::resolve_dir(&workdir, &rel_cwd)?;
+        let env = self.command_env(&workdir, env);
+        Ok((argv, cwd, env))
+    }
+
+    /// A background-process operation ([`processes`]).
+    async fn process(&self, call: ProcessCall) -> Result<ProcessAnswer, AgentError> {
+        let ms = Duration::from_millis;
+        let p = &self.processes;
+        Ok(match call {
+            ProcessCall::Start {
+                request,
+                ring_bytes,
+                max_running,
+            } => {
+                let program = request.program().map_err(invalid)?;
+                let (argv, cwd, mut env) =
+                    self.resolve(program, request.cwd.as_deref(), &request.env)?;
+                if request.pty.is_some() {
+                    env.entry("TERM".to_owned())
+                        .or_insert_with(|| "xterm-256color".to_owned());
+                }
+                ProcessAnswer::Started(p.start(processes::Launch {
+                    argv,
+                    env,
+                    cwd,
+                    stdin: request.stdin,
+                    pty: request.pty,
+                    timeout: request.timeout_ms.filter(|t| *t > 0).map(ms),
+                    tag: request.tag,
+                    ring_bytes: ring_bytes.clamp(1, MAX_RING_BYTES) as usize,
+                    max_running: max_running as usize,
+                })?)
+            }
+            ProcessCall::List {} => ProcessAnswer::List(p.list()),
+            ProcessCall::Read {
+                process_id,
+                offset,
+                max_bytes,
+                wait_ms,
+            } => {
+                let max = max_bytes.clamp(1, MAX_READ_BYTES) as usize;
+                ProcessAnswer::Output(p.read(&process_id, offset, max, ms(wait_ms)).await?)
+            }
+            ProcessCall::Wait {
+                process_id,
+                timeout_ms,
+            } => ProcessAnswer::Info(p.wait(&process_id, ms(timeout_ms)).await?),
+            ProcessCall::Stdin {
+                process_id,
+                data,
+                eof,
+            } => {
+                let written = p.stdin(&process_id, data.as_bytes(), eof).await?;
+                ProcessAnswer::Stdin(hearth_messages::processes::ProcessStdinResult { written })
+            }
+            ProcessCall::Signal { process_id, signal } => {
+                ProcessAnswer::Info(p.signal(&process_id, signal)?)
+            }
+            ProcessCall::Resize { process_id, size } => {
+                p.resize(&process_id, size)?;
+                ProcessAnswer::Done {}
+            }
+        })
+    }
+
     /// Defaults, then the identity's env, then the request's.
     fn command_env(
         &self,
@@ -511,6 +596,14 @@ impl Agent {
         env.extend(request.iter().map(|(k, v)| (k.clone(), v.clone())));
         env
     }
+}
+
+/// A command's whole environment.
+type Env = BTreeMap<String, String>;
+
+/// A request the wire types refused, as the agent's error.
+fn invalid(e: hearth_messages::WireError) -> AgentError {
+    AgentError::new(AgentErrorKind::InvalidArgument, e.message)
 }
 
 /// Answers a request that could not be decoded (an `op` from a newer host) with `Unsupported`, if

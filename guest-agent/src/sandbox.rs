@@ -5,8 +5,9 @@
 //! - [`lock_down`] installs a seccomp filter on the agent before it reads any request, so every
 //!   command it runs inherits it (`no_new_privs` is set with it), and makes the agent undumpable
 //!   so commands running as the same uid cannot open `/proc/<agent>/fd/*` or `/proc/<agent>/mem`.
-//! - [`kill_leftovers`] kills every process of the sandbox except its init (pid 1) and the agent
-//!   once a foreground exec is over, so nothing a command started (`setsid`, double forks)
+//! - [`kill_leftovers`] kills every process of the sandbox except its init (pid 1), the agent and
+//!   the sessions of running background processes ([`crate::processes`]) once a foreground exec
+//!   is over, so nothing a command started (`setsid`, double forks)
 //!   outlives it. Commands on one VM run one at a time, so this is exact. It refuses to run
 //!   unless the agent is in a pid namespace of its own whose `/proc` is mounted.
 //!
@@ -261,8 +262,17 @@ fn alive(pid: u32) -> bool {
     !matches!(state, None | Some('Z' | 'X' | 'x'))
 }
 
-/// The pids under `/proc`, other than 1 and `me`, that are still alive.
-fn others(me: u32) -> io::Result<Vec<u32>> {
+/// The session id of a process, from `/proc/<pid>/stat` (the 6th field).
+fn session_of(pid: u32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // state ppid pgrp session
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The pids under `/proc`, other than 1 and `me` and those in a `spared` session, that are
+/// still alive.
+fn others(me: u32, spared: &std::collections::BTreeSet<i32>) -> io::Result<Vec<u32>> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
@@ -274,6 +284,9 @@ fn others(me: u32) -> io::Result<Vec<u32>> {
             continue;
         };
         if keep(pid, me) || !alive(pid) {
+            continue;
+        }
+        if !spared.is_empty() && session_of(pid).is_some_and(|s| spared.contains(&s)) {
             continue;
         }
         pids.push(pid);
@@ -300,9 +313,11 @@ pub fn kill_leftovers() -> io::Result<usize> {
         )));
     }
     let me = std::process::id();
+    // Background processes' sessions are spared; none starts while this runs.
+    let (spared, _spawning) = crate::processes::protected_sessions();
     let mut killed = std::collections::BTreeSet::new();
     for _ in 0..ROUNDS {
-        let pids = others(me)?;
+        let pids = others(me, &spared)?;
         if pids.is_empty() {
             return Ok(killed.len());
         }

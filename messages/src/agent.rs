@@ -37,6 +37,10 @@ use serde::{Deserialize, Serialize};
 use crate::blob::Blob;
 use crate::data::{ExecRequest, ExecResult, FileGetRequest, FileGetResult, FilePutRequest};
 use crate::data::{FilePutResult, MAX_OUTPUT_BYTES};
+use crate::processes::{
+    ProcessInfo, ProcessList, ProcessOutput, ProcessStartRequest, ProcessStarted,
+    ProcessStdinResult, PtySize,
+};
 
 /// Version of this protocol, reported by [`AgentReply::Pong`]. A host refuses an agent that speaks
 /// another version.
@@ -105,6 +109,94 @@ pub enum AgentRequest {
         /// The id of the request to cancel.
         id: u64,
     },
+    /// A background-process operation ([`ProcessCall`]); answered with [`AgentReply::Process`].
+    /// Background processes belong to the agent, not to the request or the connection: they run
+    /// on when the host disconnects, and the agent keeps their output in a ring buffer each.
+    Process(ProcessCall),
+}
+
+/// Operations on the agent's background processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "call", rename_all = "snake_case")]
+pub enum ProcessCall {
+    /// Start a process; answered with [`ProcessAnswer::Started`]. `Quota` when `max_running`
+    /// processes already run.
+    Start {
+        /// What to run (the wire request, validated by the host).
+        request: ProcessStartRequest,
+        /// Size of the process's output ring buffer.
+        ring_bytes: u64,
+        /// Most processes running at once in this agent.
+        max_running: u32,
+    },
+    /// Every process the agent holds; answered with [`ProcessAnswer::List`].
+    List {},
+    /// Output from `offset`: answered with [`ProcessAnswer::Output`] as soon as there is any at
+    /// or past `offset` (at most `max_bytes`), the process has ended with nothing more to read,
+    /// or `wait_ms` passed (then empty).
+    Read {
+        /// The process.
+        process_id: String,
+        /// First byte wanted.
+        offset: u64,
+        /// Most bytes in the answer.
+        max_bytes: u64,
+        /// Longest wait for output (0 = answer at once).
+        wait_ms: u64,
+    },
+    /// Waits up to `timeout_ms` for the process to end; answered with [`ProcessAnswer::Info`]
+    /// either way (`exited` says which).
+    Wait {
+        /// The process.
+        process_id: String,
+        /// Longest wait.
+        timeout_ms: u64,
+    },
+    /// Writes to the process's stdin; answered with [`ProcessAnswer::Stdin`]. `Conflict` without
+    /// an open stdin.
+    Stdin {
+        /// The process.
+        process_id: String,
+        /// Bytes to write.
+        #[serde(default)]
+        data: Blob,
+        /// Close stdin afterwards.
+        #[serde(default)]
+        eof: bool,
+    },
+    /// Sends signal `signal` (a Linux signal number) to the process's group; answered with
+    /// [`ProcessAnswer::Info`].
+    Signal {
+        /// The process.
+        process_id: String,
+        /// The signal number.
+        signal: i32,
+    },
+    /// Resizes a process's PTY; answered with [`ProcessAnswer::Done`]. `Conflict` without one.
+    Resize {
+        /// The process.
+        process_id: String,
+        /// The new size.
+        size: PtySize,
+    },
+}
+
+/// Answers to [`ProcessCall`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum ProcessAnswer {
+    /// A process started.
+    Started(ProcessStarted),
+    /// The agent's processes.
+    List(ProcessList),
+    /// Output read.
+    Output(ProcessOutput),
+    /// One process.
+    Info(ProcessInfo),
+    /// Stdin written.
+    Stdin(ProcessStdinResult),
+    /// Done, nothing to say.
+    Done {},
 }
 
 impl AgentRequest {
@@ -118,6 +210,7 @@ impl AgentRequest {
             AgentRequest::ResetIdentity(_) => "reset_identity",
             AgentRequest::SetClock { .. } => "set_clock",
             AgentRequest::Cancel { .. } => "cancel",
+            AgentRequest::Process(_) => "process",
         }
     }
 }
@@ -176,6 +269,8 @@ pub enum AgentReply {
         #[serde(default)]
         running: bool,
     },
+    /// Answer to [`AgentRequest::Process`] (final).
+    Process(ProcessAnswer),
     /// The request failed (final).
     Error(AgentError),
 }
@@ -247,6 +342,11 @@ pub enum AgentErrorKind {
     NoSpace,
     /// The request was cancelled by an [`AgentRequest::Cancel`] before it finished.
     Cancelled,
+    /// The request does not fit the state (stdin to a process without one, resize without a
+    /// PTY). Hosts answer it as 409.
+    Conflict,
+    /// A limit was reached (too many processes running). Hosts answer it as 429.
+    Quota,
     /// Anything a newer agent may send that this version does not know.
     #[serde(other)]
     Other,
@@ -390,6 +490,22 @@ mod tests {
             }),
             AgentRequest::SetClock { now_ms: 5 },
             AgentRequest::Cancel { id: 7 },
+            AgentRequest::Process(ProcessCall::Start {
+                request: ProcessStartRequest {
+                    cmd: Some("sleep 1".into()),
+                    pty: Some(PtySize { cols: 80, rows: 24 }),
+                    ..ProcessStartRequest::default()
+                },
+                ring_bytes: 1 << 20,
+                max_running: 4,
+            }),
+            AgentRequest::Process(ProcessCall::Read {
+                process_id: "p1".into(),
+                offset: 5,
+                max_bytes: 10,
+                wait_ms: 100,
+            }),
+            AgentRequest::Process(ProcessCall::List {}),
         ] {
             round_trip(HostFrame { id: 9, request });
         }
@@ -420,6 +536,11 @@ mod tests {
             },
             AgentReply::ClockSet {},
             AgentReply::Cancelled { running: true },
+            AgentReply::Process(ProcessAnswer::Done {}),
+            AgentReply::Process(ProcessAnswer::Started(ProcessStarted {
+                process_id: "p1".into(),
+                pid: 7,
+            })),
             AgentReply::Error(AgentError::new(AgentErrorKind::NotFound, "no such file")),
             AgentReply::Error(AgentError::new(AgentErrorKind::Cancelled, "cancelled")),
             AgentReply::Error(AgentError::new(AgentErrorKind::NoSpace, "disk full")),
@@ -447,7 +568,7 @@ mod tests {
             message: &'a str,
         }
         let body = rmp_serde::to_vec_named(&Future {
-            kind: "quota",
+            kind: "teleport_denied",
             message: "x",
         })
         .unwrap();

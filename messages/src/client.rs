@@ -24,6 +24,11 @@ use crate::data::{
 };
 use crate::error::{ErrorCode, WireError};
 use crate::ids::{SessionId, TemplateName};
+use crate::processes::{
+    OFFSET_HEADER, ProcessInfo, ProcessList, ProcessOutput, ProcessOutputRequest,
+    ProcessSignalRequest, ProcessStartRequest, ProcessStarted, ProcessStdinRequest,
+    ProcessStdinResult, ProcessWaitRequest, PtySize, StreamName,
+};
 use crate::subjects::{SessionOp, Subjects};
 use crate::transport::{check_reply, decode_reply};
 
@@ -356,6 +361,237 @@ impl HearthClient {
         ))
     }
 
+    // ----- background processes ----------------------------------------------------------
+
+    /// Starts a background process; it runs on after this call (and this client) is gone.
+    pub async fn start_process(
+        &self,
+        session_id: &SessionId,
+        request: &ProcessStartRequest,
+    ) -> Result<ProcessStarted, ClientError> {
+        self.session_request(session_id, SessionOp::ProcessesStart, request)
+            .await
+    }
+
+    /// The session's background processes (running, and the most recent ended ones).
+    pub async fn list_processes(
+        &self,
+        session_id: &SessionId,
+    ) -> Result<Vec<ProcessInfo>, ClientError> {
+        let list: ProcessList = self
+            .session_request(session_id, SessionOp::ProcessesList, &Empty {})
+            .await?;
+        Ok(list.processes)
+    }
+
+    /// Waits up to `timeout` for the process to end; a 504 error if it still runs then (it keeps
+    /// running).
+    pub async fn wait_process(
+        &self,
+        session_id: &SessionId,
+        process_id: &str,
+        timeout: Duration,
+    ) -> Result<ProcessInfo, ClientError> {
+        let request = ProcessWaitRequest {
+            timeout_ms: Some(timeout.as_millis() as u64),
+        };
+        let subject = self
+            .subjects
+            .process(session_id, process_id, SessionOp::ProcessWait);
+        self.request(subject, &request, timeout + self.timeout)
+            .await
+    }
+
+    /// The output kept from `offset` on (one reply, at most what a reply carries; page on from
+    /// `next_offset`).
+    pub async fn process_output(
+        &self,
+        session_id: &SessionId,
+        process_id: &str,
+        offset: u64,
+    ) -> Result<ProcessOutput, ClientError> {
+        let request = ProcessOutputRequest {
+            offset: Some(offset),
+            ..ProcessOutputRequest::default()
+        };
+        let subject = self
+            .subjects
+            .process(session_id, process_id, SessionOp::ProcessOutput);
+        self.request(subject, &request, self.timeout).await
+    }
+
+    /// Follows the process's output from `offset` until it ends: the events are the chunks as
+    /// they come (their offsets jump where the ring dropped output), then
+    /// [`ProcessEvent::Exited`]. Reattaching after a disconnect is following again from the
+    /// last offset seen. Follow windows are renewed transparently.
+    pub async fn follow_process(
+        &self,
+        session_id: &SessionId,
+        process_id: &str,
+        offset: u64,
+    ) -> Result<impl Stream<Item = Result<ProcessEvent, ClientError>> + Send + 'static, ClientError>
+    {
+        let subject = self
+            .subjects
+            .process(session_id, process_id, SessionOp::ProcessOutput);
+        let window = Duration::from_millis(crate::processes::DEFAULT_PROCESS_WAIT_MS);
+        let budget = window + self.exec_grace;
+        let first = self.follow_window(&subject, offset).await?;
+        let state = FollowState {
+            client: self.clone(),
+            subject,
+            subscriber: Some(first),
+            offset,
+            budget,
+            done: false,
+        };
+        Ok(futures::stream::unfold(state, |mut st| async move {
+            loop {
+                if st.done {
+                    return None;
+                }
+                let subscriber = match st.subscriber.as_mut() {
+                    Some(subscriber) => subscriber,
+                    None => match st.client.follow_window(&st.subject, st.offset).await {
+                        Ok(subscriber) => st.subscriber.insert(subscriber),
+                        Err(e) => {
+                            st.done = true;
+                            return Some((Err(e), st));
+                        }
+                    },
+                };
+                let message = match tokio::time::timeout(st.budget, subscriber.next()).await {
+                    Err(_) => {
+                        st.done = true;
+                        let timeout = st.budget;
+                        let subject = st.subject.clone();
+                        return Some((Err(ClientError::Timeout { subject, timeout }), st));
+                    }
+                    Ok(None) => {
+                        st.done = true;
+                        let e = ClientError::Transport("subscription closed".into());
+                        return Some((Err(e), st));
+                    }
+                    Ok(Some(message)) => message,
+                };
+                match follow_event(&message, &st.subject) {
+                    Ok(FollowMessage::Chunk(event)) => {
+                        if let ProcessEvent::Output { offset, data, .. } = &event {
+                            st.offset = offset + data.len() as u64;
+                        }
+                        return Some((Ok(event), st));
+                    }
+                    Ok(FollowMessage::End(output)) => {
+                        st.offset = output.next_offset;
+                        if output.process.exited {
+                            st.done = true;
+                            return Some((Ok(ProcessEvent::Exited(output.process)), st));
+                        }
+                        // The window closed: open the next one.
+                        st.subscriber = None;
+                    }
+                    Err(e) => {
+                        st.done = true;
+                        return Some((Err(e), st));
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Opens one follow window from `offset`: subscribes to a fresh inbox, then asks.
+    async fn follow_window(
+        &self,
+        subject: &str,
+        offset: u64,
+    ) -> Result<async_nats::Subscriber, ClientError> {
+        let request = ProcessOutputRequest {
+            offset: Some(offset),
+            follow: true,
+            ..ProcessOutputRequest::default()
+        };
+        let payload = Encoding::MsgPack
+            .encode(&request)
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        let inbox = self.nats.new_inbox();
+        let subscriber = self
+            .nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        self.nats
+            .publish_with_reply_and_headers(
+                subject.to_owned(),
+                inbox,
+                trace_headers(),
+                payload.into(),
+            )
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Ok(subscriber)
+    }
+
+    /// Writes to the process's stdin (a PTY's terminal input); `eof` closes it (^D on a PTY).
+    pub async fn write_stdin(
+        &self,
+        session_id: &SessionId,
+        process_id: &str,
+        data: impl Into<Vec<u8>>,
+        eof: bool,
+    ) -> Result<u64, ClientError> {
+        let request = ProcessStdinRequest {
+            data: Some(data.into().into()),
+            eof,
+        };
+        let subject = self
+            .subjects
+            .process(session_id, process_id, SessionOp::ProcessStdin);
+        let result: ProcessStdinResult = self.request(subject, &request, self.timeout).await?;
+        Ok(result.written)
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`, `INT`, `HUP`, …) to the process's group.
+    pub async fn signal_process(
+        &self,
+        session_id: &SessionId,
+        process_id: &str,
+        signal: &str,
+    ) -> Result<ProcessInfo, ClientError> {
+        let request = ProcessSignalRequest {
+            signal: signal.to_owned(),
+        };
+        let subject = self
+            .subjects
+            .process(session_id, process_id, SessionOp::ProcessSignal);
+        self.request(subject, &request, self.timeout).await
+    }
+
+    /// Kills the process's group (`KILL`).
+    pub async fn kill_process(
+        &self,
+        session_id: &SessionId,
+        process_id: &str,
+    ) -> Result<ProcessInfo, ClientError> {
+        self.signal_process(session_id, process_id, "KILL").await
+    }
+
+    /// Resizes the process's PTY (its foreground group gets `SIGWINCH`).
+    pub async fn resize_process(
+        &self,
+        session_id: &SessionId,
+        process_id: &str,
+        cols: u16,
+        rows: u16,
+    ) -> Result<(), ClientError> {
+        let subject = self
+            .subjects
+            .process(session_id, process_id, SessionOp::ProcessResize);
+        let _: Empty = self
+            .request(subject, &PtySize { cols, rows }, self.timeout)
+            .await?;
+        Ok(())
+    }
+
     /// Writes a file into the session's VM.
     pub async fn put_file(
         &self,
@@ -475,6 +711,70 @@ fn stream_event(message: &async_nats::Message, subject: &str) -> Result<ExecEven
     crate::transport::encoding_of(message.headers.as_ref())
         .decode(&message.payload)
         .map(ExecEvent::Done)
+        .map_err(|e| ClientError::Decode(e.message))
+}
+
+/// One event of a followed process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessEvent {
+    /// Output bytes of `stream`, the first at `offset`.
+    Output {
+        /// Which stream.
+        stream: StreamName,
+        /// Offset of the first byte.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The process ended (always last).
+    Exited(ProcessInfo),
+}
+
+struct FollowState {
+    client: HearthClient,
+    subject: String,
+    subscriber: Option<async_nats::Subscriber>,
+    offset: u64,
+    budget: Duration,
+    done: bool,
+}
+
+enum FollowMessage {
+    Chunk(ProcessEvent),
+    End(ProcessOutput),
+}
+
+fn follow_event(
+    message: &async_nats::Message,
+    subject: &str,
+) -> Result<FollowMessage, ClientError> {
+    if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        return Err(ClientError::NoResponders {
+            subject: subject.to_owned(),
+        });
+    }
+    if let Some(headers) = message.headers.as_ref()
+        && let Some(kind) = headers.get(CHUNK_HEADER)
+    {
+        let stream = match kind.as_str() {
+            CHUNK_STDOUT => StreamName::Stdout,
+            CHUNK_STDERR => StreamName::Stderr,
+            other => return Err(ClientError::Decode(format!("unknown chunk kind {other:?}"))),
+        };
+        let offset = headers
+            .get(OFFSET_HEADER)
+            .and_then(|v| v.as_str().parse().ok())
+            .ok_or_else(|| ClientError::Decode("chunk without a valid Hearth-Offset".into()))?;
+        return Ok(FollowMessage::Chunk(ProcessEvent::Output {
+            stream,
+            offset,
+            data: message.payload.clone(),
+        }));
+    }
+    check_reply(message)?;
+    crate::transport::encoding_of(message.headers.as_ref())
+        .decode(&message.payload)
+        .map(FollowMessage::End)
         .map_err(|e| ClientError::Decode(e.message))
 }
 

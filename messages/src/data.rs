@@ -99,19 +99,7 @@ impl ExecRequest {
 
     /// Validates and returns what to run.
     pub fn program(&self) -> Result<Program<'_>, WireError> {
-        let program = match (&self.argv, &self.cmd) {
-            (Some(argv), None) => {
-                if argv.is_empty() || argv[0].is_empty() {
-                    return Err(WireError::bad_request("argv must name a program"));
-                }
-                Program::Argv(argv)
-            }
-            (None, Some(cmd)) => Program::Shell(cmd),
-            (Some(_), Some(_)) => {
-                return Err(WireError::bad_request("give either argv or cmd, not both"));
-            }
-            (None, None) => return Err(WireError::bad_request("give argv or cmd")),
-        };
+        let program = program_of(&self.argv, &self.cmd)?;
         let timeout = self.timeout_ms();
         if timeout == 0 || timeout > MAX_EXEC_TIMEOUT_MS {
             return Err(WireError::bad_request(format!(
@@ -123,18 +111,45 @@ impl ExecRequest {
                 "max_output_bytes must be at most {MAX_OUTPUT_BYTES}"
             )));
         }
-        if let Some(cwd) = &self.cwd {
-            validate_path_text("cwd", cwd)?;
-        }
-        for key in self.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(WireError::bad_request(format!(
-                    "invalid environment variable name {key:?}"
-                )));
-            }
-        }
+        validate_cwd_and_env(self.cwd.as_deref(), &self.env)?;
         Ok(program)
     }
+}
+
+/// What a request's `argv` / `cmd` pair runs: exactly one of them, a non-empty argv.
+pub(crate) fn program_of<'a>(
+    argv: &'a Option<Vec<String>>,
+    cmd: &'a Option<String>,
+) -> Result<Program<'a>, WireError> {
+    match (argv, cmd) {
+        (Some(argv), None) => {
+            if argv.is_empty() || argv[0].is_empty() {
+                return Err(WireError::bad_request("argv must name a program"));
+            }
+            Ok(Program::Argv(argv))
+        }
+        (None, Some(cmd)) => Ok(Program::Shell(cmd)),
+        (Some(_), Some(_)) => Err(WireError::bad_request("give either argv or cmd, not both")),
+        (None, None) => Err(WireError::bad_request("give argv or cmd")),
+    }
+}
+
+/// A command's `cwd` text and environment names, as every command request takes them.
+pub(crate) fn validate_cwd_and_env(
+    cwd: Option<&str>,
+    env: &BTreeMap<String, String>,
+) -> Result<(), WireError> {
+    if let Some(cwd) = cwd {
+        validate_path_text("cwd", cwd)?;
+    }
+    for key in env.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(WireError::bad_request(format!(
+                "invalid environment variable name {key:?}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn validate_path_text(field: &str, path: &str) -> Result<(), WireError> {

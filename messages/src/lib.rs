@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod jobs;
+pub mod processes;
 pub mod subjects;
 pub mod tenant;
 
@@ -56,7 +57,7 @@ pub use subjects::{Bucket, SessionOp, Subjects};
 pub use tenant::Caller;
 
 #[cfg(feature = "client")]
-pub use client::{ClientError, ExecEvent, HearthClient};
+pub use client::{ClientError, ExecEvent, HearthClient, ProcessEvent};
 
 /// The current time as unix milliseconds, the unit of every `*_ms` field.
 pub fn now_ms() -> u64 {

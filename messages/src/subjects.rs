@@ -30,6 +30,20 @@ pub enum SessionOp {
     FilesPut,
     /// Data plane.
     FilesGet,
+    /// Data plane: `processes.start`.
+    ProcessesStart,
+    /// Data plane: `processes.list`.
+    ProcessesList,
+    /// Data plane: `processes.<id>.wait` (its [`SessionOp::suffix`] has `*` for the id).
+    ProcessWait,
+    /// Data plane: `processes.<id>.output`.
+    ProcessOutput,
+    /// Data plane: `processes.<id>.stdin`.
+    ProcessStdin,
+    /// Data plane: `processes.<id>.signal`.
+    ProcessSignal,
+    /// Data plane: `processes.<id>.resize`.
+    ProcessResize,
 }
 
 impl SessionOp {
@@ -41,7 +55,30 @@ impl SessionOp {
         SessionOp::Snapshot,
     ];
     /// Operations served by the worker holding the VM.
-    pub const DATA: [SessionOp; 3] = [SessionOp::Exec, SessionOp::FilesPut, SessionOp::FilesGet];
+    pub const DATA: [SessionOp; 10] = [
+        SessionOp::Exec,
+        SessionOp::FilesPut,
+        SessionOp::FilesGet,
+        SessionOp::ProcessesStart,
+        SessionOp::ProcessesList,
+        SessionOp::ProcessWait,
+        SessionOp::ProcessOutput,
+        SessionOp::ProcessStdin,
+        SessionOp::ProcessSignal,
+        SessionOp::ProcessResize,
+    ];
+
+    /// Whether the operation names one process (its subject has the process id before the op).
+    pub fn per_process(self) -> bool {
+        matches!(
+            self,
+            SessionOp::ProcessWait
+                | SessionOp::ProcessOutput
+                | SessionOp::ProcessStdin
+                | SessionOp::ProcessSignal
+                | SessionOp::ProcessResize
+        )
+    }
 
     /// The subject suffix for this operation.
     pub fn suffix(self) -> &'static str {
@@ -53,6 +90,13 @@ impl SessionOp {
             SessionOp::Exec => "exec",
             SessionOp::FilesPut => "files.put",
             SessionOp::FilesGet => "files.get",
+            SessionOp::ProcessesStart => "processes.start",
+            SessionOp::ProcessesList => "processes.list",
+            SessionOp::ProcessWait => "processes.*.wait",
+            SessionOp::ProcessOutput => "processes.*.output",
+            SessionOp::ProcessStdin => "processes.*.stdin",
+            SessionOp::ProcessSignal => "processes.*.signal",
+            SessionOp::ProcessResize => "processes.*.resize",
         }
     }
 
@@ -65,7 +109,22 @@ impl SessionOp {
             "exec" => SessionOp::Exec,
             "files.put" => SessionOp::FilesPut,
             "files.get" => SessionOp::FilesGet,
-            _ => return None,
+            "processes.start" => SessionOp::ProcessesStart,
+            "processes.list" => SessionOp::ProcessesList,
+            other => {
+                let (id, op) = other.strip_prefix("processes.")?.split_once('.')?;
+                if !crate::processes::valid_process_id(id) {
+                    return None;
+                }
+                match op {
+                    "wait" => SessionOp::ProcessWait,
+                    "output" => SessionOp::ProcessOutput,
+                    "stdin" => SessionOp::ProcessStdin,
+                    "signal" => SessionOp::ProcessSignal,
+                    "resize" => SessionOp::ProcessResize,
+                    _ => return None,
+                }
+            }
         })
     }
 }
@@ -134,6 +193,23 @@ impl Subjects {
     /// `<prefix>.v1.sessions.<sid>.<op>`.
     pub fn session(&self, session_id: &SessionId, op: SessionOp) -> String {
         format!("{}.sessions.{}.{}", self.root, session_id, op.suffix())
+    }
+
+    /// `<prefix>.v1.sessions.<sid>.processes.<process_id>.<op>` for a per-process operation
+    /// ([`SessionOp::per_process`]); other operations as [`Subjects::session`].
+    pub fn process(&self, session_id: &SessionId, process_id: &str, op: SessionOp) -> String {
+        let suffix = op.suffix().replacen('*', process_id, 1);
+        format!("{}.sessions.{}.{}", self.root, session_id, suffix)
+    }
+
+    /// The process id of a per-process subject (`…sessions.<sid>.processes.<id>.<op>`).
+    pub fn parse_process_id<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        let rest = subject
+            .strip_prefix(self.root.as_str())?
+            .strip_prefix(".sessions.")?;
+        let (_sid, rest) = rest.split_once('.')?;
+        let (id, _op) = rest.strip_prefix("processes.")?.split_once('.')?;
+        crate::processes::valid_process_id(id).then_some(id)
     }
 
     /// `<prefix>.v1.sessions.*.<op>`: what the scheduler subscribes for a control operation.
@@ -396,6 +472,30 @@ mod tests {
     }
 
     #[test]
+    fn process_subjects_build_and_parse() {
+        let s = Subjects::default();
+        let subject = s.process(&sid("s1"), "p-1", SessionOp::ProcessOutput);
+        assert_eq!(subject, "hearth.v1.sessions.s1.processes.p-1.output");
+        assert_eq!(s.parse_process_id(&subject), Some("p-1"));
+        assert_eq!(
+            s.parse_session(&subject).unwrap(),
+            Some((sid("s1"), SessionOp::ProcessOutput))
+        );
+        assert_eq!(
+            s.session(&sid("s1"), SessionOp::ProcessesStart),
+            "hearth.v1.sessions.s1.processes.start"
+        );
+        assert_eq!(
+            s.parse_process_id("hearth.v1.sessions.s1.processes.start"),
+            None
+        );
+        assert_eq!(
+            s.parse_process_id("hearth.v1.sessions.s1.processes.*.wait"),
+            None
+        );
+    }
+
+    #[test]
     fn parses_session_subjects() {
         let s = Subjects::default();
         assert_eq!(
@@ -406,7 +506,7 @@ mod tests {
         assert_eq!(s.parse_session("hearth.v1.sessions.x1.nope").unwrap(), None);
         assert_eq!(s.parse_session("other.v1.sessions.x1.get").unwrap(), None);
         for op in SessionOp::CONTROL.into_iter().chain(SessionOp::DATA) {
-            let subject = s.session(&sid("s-9"), op);
+            let subject = s.process(&sid("s-9"), "p-1", op);
             assert_eq!(s.parse_session(&subject).unwrap(), Some((sid("s-9"), op)));
         }
     }

@@ -6,7 +6,7 @@
 //!   client-facing subjects or session events, nor read the scheduler's KV; and a real
 //!   `hearth-worker` (in process, logged in as `worker-1` / `worker-2`) does all its work — jobs,
 //!   snapshot upload and cross-worker restore through the object store, streamed exec, files,
-//!   heartbeats — without a single permission error, driven by a `scheduler` and an `executor`;
+//!   a background process followed to its end, heartbeats — without a single permission error, driven by a `scheduler` and an `executor`;
 //!   so does the real scheduler (in process, as `scheduler`) serving a claim, exec and release.
 //!   (In process because the binaries cannot log in yet: see permissions.conf.)
 //! - Connections without credentials are refused.
@@ -500,6 +500,36 @@ async fn real_workers_do_all_their_work_under_the_worker_role() {
         .await
         .unwrap();
     assert_eq!(client.get_file(&sid, "notes.txt").await.unwrap(), b"hello");
+    // A background process: started, fed, followed to its end (the worker serves
+    // `sessions.*.processes.>` and streams to the executor's inbox).
+    let started = client
+        .start_process(
+            &sid,
+            &hearth_messages::processes::ProcessStartRequest {
+                cmd: Some("cat".into()),
+                stdin: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("process start under the executor role");
+    client
+        .write_stdin(&sid, &started.process_id, b"bg\n".to_vec(), true)
+        .await
+        .unwrap();
+    let follow = client
+        .follow_process(&sid, &started.process_id, 0)
+        .await
+        .unwrap();
+    let mut follow = std::pin::pin!(follow);
+    let mut followed = Vec::new();
+    while let Some(event) = follow.next().await {
+        match event.expect("follow event") {
+            hearth_messages::ProcessEvent::Output { data, .. } => followed.extend_from_slice(&data),
+            hearth_messages::ProcessEvent::Exited(info) => assert_eq!(info.exit_code, Some(0)),
+        }
+    }
+    assert_eq!(followed, b"bg\n");
 
     // Not one permission error on any side.
     expect_no_errors(&w1_nats, &mut w1_errors).await;

@@ -29,7 +29,15 @@ fn every_bench_scenario_runs_and_reports_against_its_baseline() {
         .collect();
     assert_eq!(
         names,
-        ["claims", "exec", "cold", "refill", "memory", "tenants"]
+        [
+            "claims",
+            "exec",
+            "cold",
+            "refill",
+            "memory",
+            "tenants",
+            "processes"
+        ]
     );
     let positive = |r: &serde_json::Value, key: &str| {
         let v = r[key]
@@ -68,5 +76,13 @@ fn every_bench_scenario_runs_and_reports_against_its_baseline() {
         "flood_refused",
     ] {
         positive(&reports[5], key);
+    }
+    for key in [
+        "exec_echo_p50_ms",
+        "process_first_byte_p50_ms",
+        "reattach_first_byte_p50_ms",
+        "first_byte_p50_to_exec",
+    ] {
+        positive(&reports[6], key);
     }
 }

@@ -45,6 +45,30 @@ impl ProviderKind {
     }
 }
 
+/// Limits of background processes (see [`WorkerConfig::processes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessLimits {
+    /// Most background processes running at once per VM.
+    pub max_per_vm: u32,
+    /// Output ring buffer per process, bytes.
+    pub ring_bytes: u64,
+    /// Most stdin bytes per `stdin` request.
+    pub max_stdin_bytes: u64,
+    /// Most process requests (waits, follows, stdin, …) held per VM at once; 429 beyond.
+    pub max_requests_per_vm: usize,
+}
+
+impl Default for ProcessLimits {
+    fn default() -> Self {
+        Self {
+            max_per_vm: 16,
+            ring_bytes: 1 << 20,
+            max_stdin_bytes: 1 << 20,
+            max_requests_per_vm: 64,
+        }
+    }
+}
+
 /// Default of `max_queued_per_vm`.
 pub const DEFAULT_MAX_QUEUED_PER_VM: usize = 32;
 /// Default of `max_queued_bytes_per_vm` (64 MiB).
@@ -118,6 +142,10 @@ pub struct WorkerConfig {
     pub store_max_bytes: u64,
     /// Largest file `files.get` returns.
     pub max_file_bytes: u64,
+    /// Background processes: most running at once per VM (429 beyond), the size of each one's
+    /// output ring buffer in the guest agent, and the most stdin bytes one request may carry
+    /// (400 beyond). File keys `max_processes_per_vm`, `process_ring_bytes`, `max_stdin_bytes`.
+    pub processes: ProcessLimits,
     /// The qemu provider's settings (`[qemu]` in the file); an empty `root` is `<data_dir>/qemu`.
     pub qemu: QemuConfig,
     /// The firecracker provider's settings (`[firecracker]` in the file); an empty `root` is
@@ -161,6 +189,7 @@ impl WorkerConfig {
             store_replicas: 1,
             store_max_bytes: 8 << 30,
             max_file_bytes: hearth_messages::data::DEFAULT_MAX_FILE_BYTES,
+            processes: ProcessLimits::default(),
             qemu: QemuConfig::default(),
             shell: None,
             shell_args: default_shell_args(),
@@ -347,6 +376,9 @@ struct WorkerFile {
     backup_max_bytes: Option<u64>,
     max_queued_per_vm: Option<usize>,
     max_queued_bytes_per_vm: Option<u64>,
+    max_processes_per_vm: Option<u32>,
+    process_ring_bytes: Option<u64>,
+    max_stdin_bytes: Option<u64>,
     drain_grace_s: Option<u64>,
     store_replicas: Option<usize>,
     store_max_bytes: Option<u64>,
@@ -500,6 +532,25 @@ impl WorkerArgs {
         if let Some(n) = self.backup_max_bytes.or(file.backup_max_bytes) {
             config.backup_retention.max_bytes = n;
         }
+        for (name, value, slot) in [
+            (
+                "max_processes_per_vm",
+                file.max_processes_per_vm.map(u64::from),
+                0usize,
+            ),
+            ("process_ring_bytes", file.process_ring_bytes, 1),
+            ("max_stdin_bytes", file.max_stdin_bytes, 2),
+        ] {
+            let Some(n) = value else { continue };
+            if n == 0 {
+                return Err(ConfigError(format!("{name} must be at least 1")));
+            }
+            match slot {
+                0 => config.processes.max_per_vm = n.min(u64::from(u32::MAX)) as u32,
+                1 => config.processes.ring_bytes = n,
+                _ => config.processes.max_stdin_bytes = n,
+            }
+        }
         if let Some(n) = self.max_queued_per_vm.or(file.max_queued_per_vm) {
             if n == 0 {
                 return Err(ConfigError("max_queued_per_vm must be at least 1".into()));
@@ -633,6 +684,35 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.to_string().contains("max_queued_per_vm"), "{err}");
+    }
+
+    #[test]
+    fn process_limits_have_defaults_and_come_from_the_file() {
+        let config = WorkerArgs::default().resolve().unwrap();
+        assert_eq!(config.processes, ProcessLimits::default());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(
+            &path,
+            "max_processes_per_vm = 3\nprocess_ring_bytes = 4096\nmax_stdin_bytes = 10\n",
+        )
+        .unwrap();
+        let args = |path: &Path| WorkerArgs {
+            config: Some(path.to_path_buf()),
+            ..Default::default()
+        };
+        let config = args(&path).resolve().unwrap();
+        assert_eq!(
+            (
+                config.processes.max_per_vm,
+                config.processes.ring_bytes,
+                config.processes.max_stdin_bytes
+            ),
+            (3, 4096, 10)
+        );
+        std::fs::write(&path, "process_ring_bytes = 0\n").unwrap();
+        let err = args(&path).resolve().unwrap_err();
+        assert!(err.to_string().contains("process_ring_bytes"), "{err}");
     }
 
     #[test]

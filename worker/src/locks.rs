@@ -11,6 +11,9 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 #[derive(Debug, Default)]
 pub(crate) struct VmLocks {
     locks: DashMap<VmId, Arc<Mutex<()>>>,
+    /// Background processes running per VM (watched by the data plane). They do not take the
+    /// lock — foreground commands run beside them — but they make the VM busy.
+    background: DashMap<VmId, usize>,
 }
 
 impl VmLocks {
@@ -23,9 +26,25 @@ impl VmLocks {
     /// Whether someone holds the VM's lock (a command, file transfer or job runs on it, or a
     /// waiter was just handed the lock). Never creates an entry.
     pub(crate) fn is_busy(&self, vm_id: &VmId) -> bool {
-        self.locks
-            .get(vm_id)
-            .is_some_and(|mutex| mutex.try_lock().is_err())
+        self.background.contains_key(vm_id)
+            || self
+                .locks
+                .get(vm_id)
+                .is_some_and(|mutex| mutex.try_lock().is_err())
+    }
+
+    /// A background process started running on the VM: busy until [`Self::background_ended`].
+    pub(crate) fn background_started(&self, vm_id: &VmId) {
+        *self.background.entry(vm_id.clone()).or_default() += 1;
+    }
+
+    /// A background process counted by [`Self::background_started`] ended (or stopped being
+    /// watched).
+    pub(crate) fn background_ended(&self, vm_id: &VmId) {
+        self.background.remove_if_mut(vm_id, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
     }
 
     /// Forgets the VM's lock if nobody holds or awaits it (after a destroy or rename, with the

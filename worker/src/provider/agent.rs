@@ -47,6 +47,9 @@ const PING_RETRY: [Duration; 3] = [
     Duration::from_secs(2),
 ];
 
+/// How long a process call may take beyond the wait it asks the agent for.
+const PROCESS_GRACE: Duration = Duration::from_secs(15);
+
 /// How long sending a `Cancel` for a dropped request may wait for the connection's writer.
 const CANCEL_SEND: Duration = Duration::from_secs(2);
 
@@ -164,6 +167,17 @@ pub(crate) enum AgentCallError {
     Protocol(String),
     #[error("guest agent channel: {0}")]
     Io(#[from] std::io::Error),
+    /// A background process's agent went away under a call for it (see [`lost`]).
+    #[error("{0}")]
+    Lost(String),
+}
+
+/// The message of a background process whose agent went away: the process is gone with it.
+pub(crate) fn lost(vm_id: &VmId) -> String {
+    format!(
+        "process_lost: the guest agent of vm {vm_id} went away while the call ran; \
+         its background processes are gone"
+    )
 }
 
 impl AgentCallError {
@@ -174,11 +188,14 @@ impl AgentCallError {
         use hearth_messages::agent::AgentErrorKind as K;
         match self {
             AgentCallError::Timeout { .. } => ProviderError::Timeout(format!("vm {vm_id}: {self}")),
+            AgentCallError::Lost(message) => ProviderError::InvalidState(message),
             AgentCallError::Agent(err) => match err.kind {
                 K::InvalidArgument => ProviderError::InvalidArgument(err.message),
                 K::NotFound => ProviderError::NotFound(err.message),
                 K::Unsupported => ProviderError::Unsupported(err.message),
                 K::NoSpace => ProviderError::NoSpace(err.message),
+                K::Conflict => ProviderError::InvalidState(err.message),
+                K::Quota => ProviderError::Quota(err.message),
                 K::Io | K::Cancelled | K::Other => {
                     ProviderError::internal(format!("vm {vm_id}: in the guest"), err.message)
                 }
@@ -524,6 +541,58 @@ impl AgentLink {
             self.reset().await;
         }
         result
+    }
+
+    /// A background-process operation, as [`AgentLink::process`], retried once on a fresh
+    /// connection when the channel closed under a call that can be repeated (everything but a
+    /// start): a connection reset is not the agent's death. Still closed, or the process unknown
+    /// to the agent that answers now, is [`lost`].
+    pub(crate) async fn process_call(
+        &self,
+        vm_id: &VmId,
+        call: hearth_messages::agent::ProcessCall,
+        wait: Duration,
+    ) -> Result<hearth_messages::agent::ProcessAnswer, AgentCallError> {
+        use hearth_messages::agent::{AgentErrorKind, ProcessCall};
+        let repeatable = !matches!(call, ProcessCall::Start { .. });
+        let named = !matches!(call, ProcessCall::Start { .. } | ProcessCall::List {});
+        match self.process(call.clone(), wait).await {
+            // A write into a channel whose agent just died fails with an I/O error instead.
+            Err(AgentCallError::Closed | AgentCallError::Io(_)) if repeatable => {
+                self.reset().await;
+                match self.process(call, wait).await {
+                    Err(AgentCallError::Closed | AgentCallError::Io(_)) => {
+                        Err(AgentCallError::Lost(lost(vm_id)))
+                    }
+                    Err(AgentCallError::Agent(e))
+                        if named && e.kind == AgentErrorKind::NotFound =>
+                    {
+                        Err(AgentCallError::Lost(lost(vm_id)))
+                    }
+                    other => other,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// A background-process operation; the agent may hold it for `wait`, and has
+    /// [`PROCESS_GRACE`] beyond that (or to come up) to answer.
+    pub(crate) async fn process(
+        &self,
+        call: hearth_messages::agent::ProcessCall,
+        wait: Duration,
+    ) -> Result<hearth_messages::agent::ProcessAnswer, AgentCallError> {
+        let deadline = Instant::now() + wait + PROCESS_GRACE;
+        match self
+            .call(AgentRequest::Process(call), "a process call", deadline)
+            .await?
+        {
+            AgentReply::Process(answer) => Ok(answer),
+            other => Err(AgentCallError::Protocol(format!(
+                "unexpected answer to a process call: {other:?}"
+            ))),
+        }
     }
 
     /// Writes a file through the agent (confined to its work directory there); the size written.

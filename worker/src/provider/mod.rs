@@ -151,7 +151,26 @@ pub trait VmProvider: Send + Sync + 'static {
     /// Deletes a snapshot (e.g. a replaced template). `NotFound` if unknown. VMs restored from it are
     /// unaffected.
     async fn delete_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), ProviderError>;
+
+    /// A background-process operation in a running VM, answered by its guest agent, which owns
+    /// the processes and their output rings. `wait` bounds how long the agent may hold the call
+    /// (a `Read` or `Wait` with a long wait). The agent going away is `Lost`, never a hang.
+    /// Adapters without an agent answer `Unsupported`.
+    async fn process(
+        &self,
+        vm_id: &VmId,
+        call: ProcessCall,
+        wait: Duration,
+    ) -> Result<ProcessAnswer, ProviderError> {
+        let _ = (call, wait);
+        Err(ProviderError::Unsupported(format!(
+            "vm {vm_id}: background processes are not supported by the {} provider",
+            self.name()
+        )))
+    }
 }
+
+pub use hearth_messages::agent::{ProcessAnswer, ProcessCall};
 
 /// Read-only queries against VM state, used by heartbeats and reconcile.
 #[async_trait]
@@ -568,6 +587,9 @@ pub enum ProviderError {
     /// The VM's disk quota is full: the write did not fit.
     #[error("{0}")]
     NoSpace(String),
+    /// A limit of the VM's was reached (too many background processes running).
+    #[error("{0}")]
+    Quota(String),
 }
 
 /// The class of a [`ProviderError`], for mapping onto wire error codes.
@@ -584,6 +606,7 @@ pub enum ProviderErrorKind {
     Unavailable,
     Timeout,
     NoSpace,
+    Quota,
 }
 
 impl ProviderErrorKind {
@@ -600,6 +623,7 @@ impl ProviderErrorKind {
             ProviderErrorKind::Unavailable => 503,
             ProviderErrorKind::Timeout => 504,
             ProviderErrorKind::NoSpace => 507,
+            ProviderErrorKind::Quota => 429,
         }
     }
 }
@@ -618,6 +642,7 @@ impl ProviderError {
             ProviderError::Unavailable(_) => ProviderErrorKind::Unavailable,
             ProviderError::Timeout(_) => ProviderErrorKind::Timeout,
             ProviderError::NoSpace(_) => ProviderErrorKind::NoSpace,
+            ProviderError::Quota(_) => ProviderErrorKind::Quota,
         }
     }
 

@@ -32,12 +32,9 @@ impl Worker {
             return Ok(());
         }
         let sid = SessionId::from(vm_id.clone());
-        let mut endpoints = Vec::with_capacity(3);
-        for (op, name) in [
-            (SessionOp::Exec, "exec"),
-            (SessionOp::FilesPut, "files-put"),
-            (SessionOp::FilesGet, "files-get"),
-        ] {
+        let mut endpoints = Vec::with_capacity(SessionOp::DATA.len());
+        for op in SessionOp::DATA {
+            let name = endpoint_name(op);
             let endpoint = inner
                 .service
                 .endpoint_builder()
@@ -49,14 +46,19 @@ impl Worker {
         }
         let cancel = inner.stop.child_token();
         let queue = Arc::new(DataQueue::default());
+        // Process requests (long waits and follows among them) are held apart: they never take
+        // the VM's lock, and must not crowd out its execs.
+        let process_queue = Arc::new(DataQueue::default());
         let (max_held, max_bytes) = (
             inner.config.max_queued_per_vm,
             inner.config.max_queued_bytes_per_vm,
         );
+        let max_process_requests = inner.config.processes.max_requests_per_vm;
         inner.served.insert(
             vm_id.clone(),
             Served {
                 cancel: cancel.clone(),
+                followers: Arc::default(),
             },
         );
         let worker = self.clone();
@@ -79,6 +81,22 @@ impl Worker {
                             continue;
                         }
                         let bytes = request.message.payload.len() as u64;
+                        // A follow may stay open for its whole window: follows are bounded by
+                        // evicting the oldest (whose client, if still there, just opens its next
+                        // window), not by the queue, so followers that went away cannot lock
+                        // out the ones still there.
+                        if super::processes::is_follow(op, &request) {
+                            let (w, vm) = (worker.clone(), vm_id.clone());
+                            worker.inner.tasks.spawn(async move {
+                                w.handle_data(op, vm, request).await;
+                            });
+                            continue;
+                        }
+                        let (queue, max_held) = if is_process_op(op) {
+                            (&process_queue, max_process_requests)
+                        } else {
+                            (&queue, max_held)
+                        };
                         let Some(permit) = queue.admit(bytes, max_held, max_bytes) else {
                             // Answered here, without a task: a flood costs no memory.
                             reject_queue_full(&worker.inner.nats, &vm_id, op, request, max_held, max_bytes).await;
@@ -159,6 +177,7 @@ impl Worker {
                 SessionOp::Exec => self.exec(&vm_id, &request).await,
                 SessionOp::FilesPut => self.files_put(&vm_id, &request).await,
                 SessionOp::FilesGet => self.files_get(&vm_id, &request).await,
+                op if is_process_op(op) => self.process_op(op, &vm_id, &request).await,
                 _ => Reply::error(
                     Encoding::MsgPack,
                     &WireError::internal("unexpected subject"),
@@ -356,6 +375,28 @@ impl Worker {
     }
 }
 
+/// The micro-service endpoint name (and metrics label) of a data-plane operation.
+fn endpoint_name(op: SessionOp) -> &'static str {
+    match op {
+        SessionOp::Exec => "exec",
+        SessionOp::FilesPut => "files-put",
+        SessionOp::FilesGet => "files-get",
+        SessionOp::ProcessesStart => "processes-start",
+        SessionOp::ProcessesList => "processes-list",
+        SessionOp::ProcessWait => "process-wait",
+        SessionOp::ProcessOutput => "process-output",
+        SessionOp::ProcessStdin => "process-stdin",
+        SessionOp::ProcessSignal => "process-signal",
+        SessionOp::ProcessResize => "process-resize",
+        _ => "other",
+    }
+}
+
+/// Whether `op` is a background-process operation (served without the VM's lock).
+fn is_process_op(op: SessionOp) -> bool {
+    op == SessionOp::ProcessesStart || op == SessionOp::ProcessesList || op.per_process()
+}
+
 /// The answer to an exec or file transfer whose session ended (released, expired, pruned,
 /// stopped) while it ran or waited.
 pub(super) fn session_ended(vm_id: &VmId) -> WireError {
@@ -423,11 +464,7 @@ pub(super) async fn reject_queue_full(
     max_held: usize,
     max_bytes: u64,
 ) {
-    let endpoint = match op {
-        SessionOp::Exec => "exec",
-        SessionOp::FilesPut => "files-put",
-        _ => "files-get",
-    };
+    let endpoint = endpoint_name(op);
     metrics::counter!(m::QUEUE_REJECTIONS_TOTAL, "endpoint" => endpoint).increment(1);
     debug!(%vm_id, endpoint, "data-plane queue full: 429");
     let mut err = WireError::new(

@@ -36,6 +36,7 @@ mod convert;
 mod data_plane;
 mod heartbeats;
 mod job_runner;
+mod processes;
 mod runner;
 mod snapshots;
 
@@ -110,6 +111,8 @@ pub fn wire_error(err: &ProviderError) -> WireError {
 #[derive(Debug)]
 struct Served {
     cancel: CancellationToken,
+    /// The session's open output follows (see [`processes::Followers`]).
+    followers: Arc<processes::Followers>,
 }
 
 /// The worker. Cheap to clone; all clones share one state.

@@ -40,14 +40,39 @@ from .errors import (
     Timeout,
     Unavailable,
 )
-from .sync import ExecStream, Files, Hearth, Pools, Session, Sessions, Templates
-from .types import Chunk, ExecResult, IsolationReport, PoolStatus, SessionInfo, Template
+from .processes import AsyncProcess, AsyncProcesses, AsyncProcessStream
+from .sync import (
+    ExecStream,
+    Files,
+    Hearth,
+    Pools,
+    Process,
+    Processes,
+    ProcessStream,
+    Session,
+    Sessions,
+    Templates,
+)
+from .types import (
+    Chunk,
+    ExecResult,
+    IsolationReport,
+    PoolStatus,
+    ProcessChunk,
+    ProcessInfo,
+    ProcessOutput,
+    SessionInfo,
+    Template,
+)
 
 __all__ = [
     "AsyncExecStream",
     "AsyncFiles",
     "AsyncHearth",
     "AsyncPools",
+    "AsyncProcess",
+    "AsyncProcessStream",
+    "AsyncProcesses",
     "AsyncSession",
     "AsyncSessions",
     "AsyncTemplates",
@@ -67,6 +92,12 @@ __all__ = [
     "NotFound",
     "PoolStatus",
     "Pools",
+    "Process",
+    "ProcessChunk",
+    "ProcessInfo",
+    "ProcessOutput",
+    "ProcessStream",
+    "Processes",
     "QuotaExceeded",
     "RetryPolicy",
     "Session",

@@ -45,6 +45,7 @@ from .errors import (
     SessionEnded,
     Unavailable,
 )
+from .processes import AsyncProcesses
 from .types import Chunk, ExecResult, PoolStatus, SessionInfo, Template
 
 __all__ = [
@@ -372,6 +373,8 @@ class AsyncSession:
         self._transport = transport
         self.info = info
         self.files = AsyncFiles(self)
+        #: Background processes: start, list, reattach (:mod:`hearth_sandbox.processes`).
+        self.processes = AsyncProcesses(self)
 
     @property
     def session_id(self) -> str:

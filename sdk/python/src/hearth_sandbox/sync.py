@@ -28,6 +28,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Tuple,
     Type,
     TypeVar,
     Union,
@@ -39,9 +40,30 @@ from . import _wire
 from ._core import RetryPolicy, Timeouts, log
 from .aio import AsyncExecStream, AsyncHearth, AsyncSession, Command, _with_output
 from .errors import HearthError
-from .types import Chunk, ExecResult, PoolStatus, SessionInfo, Template
+from .processes import FOLLOW_WINDOW_S, AsyncProcess, AsyncProcessStream
+from .types import (
+    Chunk,
+    ExecResult,
+    PoolStatus,
+    ProcessChunk,
+    ProcessInfo,
+    ProcessOutput,
+    SessionInfo,
+    Template,
+)
 
-__all__ = ["ExecStream", "Files", "Hearth", "Pools", "Session", "Sessions", "Templates"]
+__all__ = [
+    "ExecStream",
+    "Files",
+    "Hearth",
+    "Pools",
+    "Process",
+    "ProcessStream",
+    "Processes",
+    "Session",
+    "Sessions",
+    "Templates",
+]
 
 T = TypeVar("T")
 
@@ -294,6 +316,8 @@ class Session:
         self._client = client
         self._async = session
         self.files = Files(self)
+        #: Background processes; see :class:`~hearth_sandbox.processes.AsyncProcesses`.
+        self.processes = Processes(self)
 
     @property
     def info(self) -> SessionInfo:
@@ -493,3 +517,137 @@ class Files:
     def read_text(self, path: str, *, encoding: str = "utf-8") -> str:
         """Reads a file as text."""
         return self._client._run(self._session._async.files.read_text(path, encoding=encoding))
+
+
+class Processes:
+    """``session.processes``; see :class:`~hearth_sandbox.processes.AsyncProcesses`."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._client = session._client
+
+    def start(
+        self,
+        command: Command,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        stdin: bool = False,
+        pty: Optional[Tuple[int, int]] = None,
+        timeout_ms: int = 0,
+        tag: Optional[str] = None,
+    ) -> "Process":
+        """Starts a background process and returns at once (it outlives this client)."""
+        started = self._client._run(
+            self._session._async.processes.start(
+                command, env=env, cwd=cwd, stdin=stdin, pty=pty, timeout_ms=timeout_ms, tag=tag
+            )
+        )
+        return Process(self._client, started)
+
+    def list(self) -> List[ProcessInfo]:
+        """The session's processes, oldest first."""
+        return self._client._run(self._session._async.processes.list())
+
+    def get(self, process_id: str) -> "Process":
+        """A handle on a process by id; nothing is sent."""
+        return Process(self._client, self._session._async.processes.get(process_id))
+
+
+class Process:
+    """A blocking handle on one background process; see
+    :class:`~hearth_sandbox.processes.AsyncProcess`."""
+
+    def __init__(self, client: Hearth, process: AsyncProcess) -> None:
+        self._client = client
+        self._async = process
+
+    @property
+    def process_id(self) -> str:
+        return self._async.process_id
+
+    @property
+    def pid(self) -> int:
+        return self._async.pid
+
+    def __repr__(self) -> str:
+        return f"Process({self.process_id!r})"
+
+    def wait(self, timeout_s: float = FOLLOW_WINDOW_S) -> ProcessInfo:
+        """How it ended; :class:`DeadlineExceeded` if it still runs after ``timeout_s``."""
+        return self._client._run(self._async.wait(timeout_s))
+
+    def output(self, offset: int = 0, *, max_bytes: Optional[int] = None) -> ProcessOutput:
+        """The output kept from ``offset`` on."""
+        return self._client._run(self._async.output(offset, max_bytes=max_bytes))
+
+    def stream(self, offset: int = 0) -> "ProcessStream":
+        """Follows the output from ``offset`` until the process ends."""
+        return ProcessStream(self._client, self._async.stream(offset))
+
+    def write(self, data: _wire.Data) -> int:
+        """Writes to its stdin."""
+        return self._client._run(self._async.write(data))
+
+    def close_stdin(self) -> None:
+        """Closes its stdin (Ctrl-D on a PTY)."""
+        self._client._run(self._async.close_stdin())
+
+    def signal(self, signal: str) -> ProcessInfo:
+        """Sends a signal by name to its group."""
+        return self._client._run(self._async.signal(signal))
+
+    def kill(self) -> ProcessInfo:
+        """``signal("KILL")``."""
+        return self._client._run(self._async.kill())
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Resizes its PTY."""
+        self._client._run(self._async.resize(cols, rows))
+
+
+class ProcessStream:
+    """A followed process: an iterator of :class:`ProcessChunk` and a context manager;
+    :attr:`info` is set once the process ended."""
+
+    def __init__(self, client: Hearth, stream: AsyncProcessStream) -> None:
+        self._client = client
+        self._async = stream
+
+    @property
+    def info(self) -> Optional[ProcessInfo]:
+        """How the process ended, once the stream was read to its end."""
+        return self._async.info
+
+    @property
+    def offset(self) -> int:
+        """Where following would go on (for a later reattach)."""
+        return self._async.offset
+
+    def __iter__(self) -> Iterator[ProcessChunk]:
+        return self
+
+    def __next__(self) -> ProcessChunk:
+        try:
+            return self._client._run(self._async.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def wait(self) -> ProcessInfo:
+        """Reads (and drops) the rest; how the process ended."""
+        return self._client._run(self._async.wait())
+
+    def close(self) -> None:
+        """Stops following (the process runs on). Idempotent."""
+        self._client._runner.call_soon(self._async.close)
+
+    def __enter__(self) -> "ProcessStream":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()

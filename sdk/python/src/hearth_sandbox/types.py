@@ -10,6 +10,9 @@ from typing import Any, Dict, List, Mapping, Optional
 __all__ = [
     "Chunk",
     "ExecResult",
+    "ProcessChunk",
+    "ProcessInfo",
+    "ProcessOutput",
     "IsolationReport",
     "PoolStatus",
     "SessionInfo",
@@ -240,3 +243,94 @@ class Chunk:
         """The bytes decoded as UTF-8 (undecodable bytes replaced; a multi-byte character split
         across chunks shows as replacement characters)."""
         return self.data.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A background process as the session's VM reports it."""
+
+    process_id: str
+    pid: int = 0
+    #: What it runs (a ``str`` command shows as the shell's argv).
+    argv: List[str] = field(default_factory=list)
+    tag: Optional[str] = None
+    started_ms: int = 0
+    pty: bool = False
+    #: Its stdin takes :meth:`write`.
+    stdin: bool = False
+    #: It has ended (and all its output is in its ring buffer).
+    exited: bool = False
+    #: Exit status once ended; ``128 + signal`` when a signal ended it.
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    #: It outlived its ``timeout_ms`` and was killed.
+    timed_out: bool = False
+    ended_ms: Optional[int] = None
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> "ProcessInfo":
+        argv = wire.get("argv")
+        return cls(
+            process_id=_str(wire, "process_id"),
+            pid=_int(wire, "pid"),
+            argv=[a for a in argv if isinstance(a, str)] if isinstance(argv, list) else [],
+            tag=_opt_str(wire, "tag"),
+            started_ms=_int(wire, "started_ms"),
+            pty=bool(wire.get("pty", False)),
+            stdin=bool(wire.get("stdin", False)),
+            exited=bool(wire.get("exited", False)),
+            exit_code=_opt_int(wire, "exit_code"),
+            signal=_opt_int(wire, "signal"),
+            timed_out=bool(wire.get("timed_out", False)),
+            ended_ms=_opt_int(wire, "ended_ms"),
+        )
+
+
+@dataclass(frozen=True)
+class ProcessChunk:
+    """A piece of a background process's output, at its offset in the process's output."""
+
+    #: ``"stdout"`` or ``"stderr"``.
+    stream: str
+    #: Offset of its first byte (offsets jump where the ring buffer dropped output).
+    offset: int
+    data: bytes
+
+    @property
+    def text(self) -> str:
+        """The bytes decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.data.decode("utf-8", "replace")
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> "ProcessChunk":
+        return cls(_str(wire, "stream", "stdout"), _int(wire, "offset"), _bytes(wire, "data"))
+
+
+@dataclass(frozen=True)
+class ProcessOutput:
+    """Output read from a process's ring buffer."""
+
+    chunks: List[ProcessChunk]
+    #: The oldest offset still held: output before it was dropped.
+    first_offset: int
+    #: Where the next read goes on.
+    next_offset: int
+    #: The process now (``exited`` says whether more output can come).
+    process: ProcessInfo
+
+    @property
+    def data(self) -> bytes:
+        """All the chunks' bytes, in order."""
+        return b"".join(c.data for c in self.chunks)
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> "ProcessOutput":
+        chunks = wire.get("chunks")
+        process = wire.get("process")
+        return cls(
+            chunks=[ProcessChunk.from_wire(c) for c in chunks if isinstance(c, dict)]
+            if isinstance(chunks, list) else [],
+            first_offset=_int(wire, "first_offset"),
+            next_offset=_int(wire, "next_offset"),
+            process=ProcessInfo.from_wire(process if isinstance(process, dict) else {}),
+        )

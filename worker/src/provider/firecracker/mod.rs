@@ -764,6 +764,15 @@ impl VmProvider for FirecrackerProvider {
     async fn delete_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), ProviderError> {
         self.inner.registry.delete_snapshot(snapshot_id).await
     }
+
+    async fn process(
+        &self,
+        vm_id: &VmId,
+        call: crate::provider::ProcessCall,
+        wait: Duration,
+    ) -> Result<crate::provider::ProcessAnswer, ProviderError> {
+        guest::process(&self.inner.registry, vm_id, call, wait).await
+    }
 }
 
 impl Registered for FirecrackerProvider {

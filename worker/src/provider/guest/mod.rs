@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_messages::ExecRequest;
-use hearth_messages::agent::{AgentReply, AgentRequest, Identity};
+use hearth_messages::agent::{AgentReply, AgentRequest, Identity, ProcessAnswer, ProcessCall};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::warn;
@@ -393,6 +393,33 @@ where
     record.touch();
     match result {
         Ok(data) => Ok(data),
+        Err(e) => Err(agent_error(vm_id, m.vmm(), e).await),
+    }
+}
+
+/// A background-process operation in a running VM of `registry`, by its agent; a start bumps
+/// the VM's activity.
+pub(crate) async fn process<B, M>(
+    registry: &Registry<B>,
+    vm_id: &VmId,
+    call: ProcessCall,
+    wait: Duration,
+) -> Result<ProcessAnswer, ProviderError>
+where
+    B: Backend<Runtime = Arc<M>>,
+    M: GuestMachine,
+{
+    if let ProcessCall::Start { request, .. } = &call {
+        paths::relative_path("cwd", request.cwd.as_deref().unwrap_or(""))?;
+    }
+    let (record, m) = registry.running(vm_id)?;
+    let start = matches!(call, ProcessCall::Start { .. });
+    let result = m.agent().process_call(vm_id, call, wait).await;
+    if start {
+        record.touch();
+    }
+    match result {
+        Ok(answer) => Ok(answer),
         Err(e) => Err(agent_error(vm_id, m.vmm(), e).await),
     }
 }

@@ -869,6 +869,55 @@ impl VmProvider for ProcessProvider {
     async fn delete_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), ProviderError> {
         self.inner.registry.delete_snapshot(snapshot_id).await
     }
+
+    /// Background processes run in the VM's sandbox beside its commands (the sandbox's sweep
+    /// after a foreground exec spares them) and die with it: on stop, destroy, or a worker
+    /// restart.
+    async fn process(
+        &self,
+        vm_id: &VmId,
+        mut call: super::ProcessCall,
+        wait: Duration,
+    ) -> Result<super::ProcessAnswer, ProviderError> {
+        let inner = &self.inner;
+        if let super::ProcessCall::Start { request, .. } = &mut call {
+            paths::relative_path("cwd", request.cwd.as_deref().unwrap_or(""))?;
+        }
+        let named = !matches!(
+            call,
+            super::ProcessCall::Start { .. } | super::ProcessCall::List {}
+        );
+        let (record, sandbox) = if named {
+            // A sandbox that is gone took its processes with it: a new one would not know them.
+            let record = inner.registry.record(vm_id)?;
+            let live = record.touch_running(vm_id)?.filter(|s| !s.is_dead());
+            match live {
+                Some(sandbox) => (record, sandbox),
+                None => return Err(ProviderError::InvalidState(super::agent::lost(vm_id))),
+            }
+        } else {
+            inner.running(vm_id).await?
+        };
+        let start = if let super::ProcessCall::Start { request, .. } = &mut call {
+            // The provider's shell and environment layers, as for an exec.
+            if let Some(cmd) = request.cmd.take() {
+                let shell = inner.config.shell.to_string_lossy().into_owned();
+                request.argv = Some(vec![shell, "-c".into(), cmd]);
+            }
+            let mut env = inner.config.env.clone();
+            env.extend(record.slot.lock().meta.env.clone());
+            env.append(&mut request.env);
+            request.env = env;
+            true
+        } else {
+            false
+        };
+        let result = sandbox.link.process_call(vm_id, call, wait).await;
+        if start {
+            record.touch();
+        }
+        result.map_err(|e| inner.agent_error(vm_id, e))
+    }
 }
 
 impl Registered for ProcessProvider {
