@@ -39,8 +39,14 @@ impl Inner {
             .iter()
             .filter(|v| v.state == hearth_messages::VmState::Running)
             .count();
+        let paused = vms
+            .iter()
+            .filter(|v| v.state == hearth_messages::VmState::Paused)
+            .count();
         metrics::gauge!(m::VMS, "state" => "running").set(running as f64);
-        metrics::gauge!(m::VMS, "state" => "stopped").set((vms.len() - running) as f64);
+        metrics::gauge!(m::VMS, "state" => "stopped").set((vms.len() - running - paused) as f64);
+        metrics::gauge!(m::VMS, "state" => "paused").set(paused as f64);
+        metrics::gauge!(m::PAUSED_BYTES).set(self.provider.paused_bytes() as f64);
         let status = WorkerStatus {
             worker_id: self.config.worker_id.clone(),
             seq: self.seq.fetch_add(1, Ordering::Relaxed),

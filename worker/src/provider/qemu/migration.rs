@@ -1,6 +1,7 @@
 //! Snapshot state in and out of QEMU: loading a snapshot's migration stream into a paused QEMU
 //! (with its checksum checked in parallel) and waiting for a migration to finish.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,38 +26,62 @@ impl Inner {
     ) -> Result<(), ProviderError> {
         let snapshot_id = &snapshot.snapshot_id;
         let state = self.snapshot_dir(snapshot_id).join("state");
+        self.load_state_file(
+            vm_id,
+            machine,
+            &state,
+            &snapshot.backend.state_sha256,
+            snapshot.backend.state_bytes,
+            &format!("snapshot {snapshot_id}"),
+            self.config.verify_snapshots,
+        )
+        .await
+    }
+
+    /// Loads the migration stream in `state` (of `state_bytes`, SHA-256 `state_sha256`) into a
+    /// freshly launched, paused QEMU; `what` names it in errors (a snapshot, a paused VM's state).
+    /// A state that is missing, of the wrong size, fails its checksum (checked with `verify`) or
+    /// is refused by QEMU is `InvalidArgument`.
+    pub(super) async fn load_state_file(
+        &self,
+        vm_id: &VmId,
+        machine: &Arc<Machine>,
+        state: &Path,
+        state_sha256: &str,
+        state_bytes: u64,
+        what: &str,
+        verify: bool,
+    ) -> Result<(), ProviderError> {
         let corrupt = |detail: String| {
-            ProviderError::InvalidArgument(format!(
-                "snapshot {snapshot_id} cannot be restored: {detail}"
-            ))
+            ProviderError::InvalidArgument(format!("{what} cannot be restored: {detail}"))
         };
         // QEMU 7.2 waits forever on an empty stream and exits on a bad one: check what can be
-        // checked first, and turn an exit into the snapshot's fault.
-        match std::fs::metadata(&state) {
-            Ok(m) if m.len() == snapshot.backend.state_bytes => {}
+        // checked first, and turn an exit into the state's fault.
+        match std::fs::metadata(state) {
+            Ok(m) if m.len() == state_bytes => {}
             Ok(m) => {
                 return Err(corrupt(format!(
                     "its state file is {} bytes, expected {}",
                     m.len(),
-                    snapshot.backend.state_bytes
+                    state_bytes
                 )));
             }
             Err(e) => return Err(corrupt(format!("its state file is unreadable: {e}"))),
         }
         let verify = async {
-            if !self.config.verify_snapshots {
+            if !verify {
                 return Ok(());
             }
-            let path = state.clone();
+            let path = state.to_path_buf();
             let digest = tokio::task::spawn_blocking(move || sha256_file(&path))
                 .await
                 .map_err(|e| ProviderError::internal("the checksum task failed", e))?
-                .map_err(|e| ProviderError::io("cannot read snapshot state", e))?;
-            if digest == snapshot.backend.state_sha256 {
+                .map_err(|e| ProviderError::io("cannot read the saved state", e))?;
+            if digest == state_sha256 {
                 Ok(())
             } else {
                 Err(ProviderError::InvalidArgument(format!(
-                    "snapshot {snapshot_id} is corrupt: its state does not match its checksum"
+                    "{what} is corrupt: its state does not match its checksum"
                 )))
             }
         };
