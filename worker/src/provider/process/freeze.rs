@@ -93,8 +93,9 @@ fn freeze_cgroup(dir: &Path, list: &impl Fn() -> BTreeSet<i32>) -> Result<(), Pr
                 continue;
             }
             moved = true;
+            // A process that ended meanwhile needs no freezing.
             if let Err(e) = std::fs::write(dir.join("cgroup.procs"), pid.to_string())
-                && e.raw_os_error() != Some(nix::libc::ESRCH)
+                && Path::new(&format!("/proc/{pid}")).exists()
             {
                 return Err(io("join", e));
             }
