@@ -173,6 +173,10 @@ pub enum SessionState {
     Running,
     /// The VM was stopped after the idle timeout; the next exec resumes it.
     Stopped,
+    /// The VM's whole state (memory, processes, files) was saved to its worker's disk and the VM
+    /// ended (`sessions.<sid>.pause`, `idle_action = "pause"`, `ttl_action = "pause"`); the next
+    /// exec, file transfer or keepalive resumes it where it was.
+    Paused,
     /// Ended (released, expired, pruned or evicted); see the event's reason.
     Released,
     /// Its worker or VM disappeared; the session cannot be used.
@@ -214,6 +218,12 @@ pub struct Session {
     /// The tenant (NATS account) that created it; absent for the operator's sessions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<TenantId>,
+    /// When it was paused (unix ms); set while `paused`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_ms: Option<u64>,
+    /// When it was last resumed from a pause (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_ms: Option<u64>,
 }
 
 /// A template: a snapshot sessions are restored from.

@@ -207,6 +207,18 @@ impl HearthClient {
             .await
     }
 
+    /// Pauses a session to disk: its VM's whole state is kept and the next exec, file transfer or
+    /// keepalive resumes it. 409 while a command or file transfer runs in it.
+    pub async fn pause(&self, session_id: &SessionId) -> Result<Session, ClientError> {
+        // Saving a VM's memory takes longer than a control request.
+        self.request(
+            self.subjects.session(session_id, SessionOp::Pause),
+            &Empty {},
+            self.timeout * 6,
+        )
+        .await
+    }
+
     /// Captures a session's VM as a new template.
     pub async fn snapshot_session(
         &self,

@@ -24,6 +24,8 @@ pub enum SessionOp {
     Release,
     /// Served by the scheduler.
     Snapshot,
+    /// Served by the scheduler: pause the session's VM to disk.
+    Pause,
     /// Data plane: served by the worker that holds the session's VM.
     Exec,
     /// Data plane.
@@ -34,11 +36,12 @@ pub enum SessionOp {
 
 impl SessionOp {
     /// Operations served by the scheduler.
-    pub const CONTROL: [SessionOp; 4] = [
+    pub const CONTROL: [SessionOp; 5] = [
         SessionOp::Get,
         SessionOp::Keepalive,
         SessionOp::Release,
         SessionOp::Snapshot,
+        SessionOp::Pause,
     ];
     /// Operations served by the worker holding the VM.
     pub const DATA: [SessionOp; 3] = [SessionOp::Exec, SessionOp::FilesPut, SessionOp::FilesGet];
@@ -50,6 +53,7 @@ impl SessionOp {
             SessionOp::Keepalive => "keepalive",
             SessionOp::Release => "release",
             SessionOp::Snapshot => "snapshot",
+            SessionOp::Pause => "pause",
             SessionOp::Exec => "exec",
             SessionOp::FilesPut => "files.put",
             SessionOp::FilesGet => "files.get",
@@ -62,6 +66,7 @@ impl SessionOp {
             "keepalive" => SessionOp::Keepalive,
             "release" => SessionOp::Release,
             "snapshot" => SessionOp::Snapshot,
+            "pause" => SessionOp::Pause,
             "exec" => SessionOp::Exec,
             "files.put" => SessionOp::FilesPut,
             "files.get" => SessionOp::FilesGet,

@@ -157,6 +157,7 @@ impl Endpoint {
             Endpoint::Session(SessionOp::Get) => "sessions-get",
             Endpoint::Session(SessionOp::Keepalive) => "sessions-keepalive",
             Endpoint::Session(SessionOp::Release) => "sessions-release",
+            Endpoint::Session(SessionOp::Pause) => "sessions-pause",
             Endpoint::Session(_) => "sessions-snapshot",
         }
     }
@@ -337,6 +338,15 @@ async fn dispatch(
                     record_session(&result);
                     Reply::from_result(enc, &result)
                 }
+                SessionOp::Pause => {
+                    let (enc, req) = decode_message::<Empty>(message);
+                    let result = match req {
+                        Ok(_) => s.pause(&sid).await,
+                        Err(e) => Err(e),
+                    };
+                    record_session(&result);
+                    Reply::from_result(enc, &result)
+                }
                 SessionOp::Snapshot => {
                     let (enc, req) = decode_message::<SnapshotSessionRequest>(message);
                     let result = match req {
@@ -401,6 +411,10 @@ impl ScopedScheduler<'_> {
 
     async fn release(&self, sid: &hearth_messages::SessionId) -> Result<Session, WireError> {
         self.s.release_as(self.caller, sid).await
+    }
+
+    async fn pause(&self, sid: &hearth_messages::SessionId) -> Result<Session, WireError> {
+        self.s.pause_as(self.caller, sid).await
     }
 
     async fn snapshot_session(

@@ -685,6 +685,8 @@ impl Core {
                 labels: req.labels.clone(),
                 isolation,
                 tenant: caller.tenant().cloned(),
+                paused_ms: None,
+                resumed_ms: None,
             },
             ttl_s,
             idle_timeout_s,

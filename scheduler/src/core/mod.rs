@@ -402,6 +402,18 @@ impl Scheduler {
         self.core.keepalive(sid, req).await
     }
 
+    /// `sessions.<sid>.pause` as the operator.
+    pub async fn pause(&self, sid: &SessionId) -> Result<Session, WireError> {
+        self.pause_as(&Caller::Operator, sid).await
+    }
+
+    /// `sessions.<sid>.pause`: saves the session's VM to its worker's disk (404 unless the caller
+    /// owns it; 409 if it has ended or a command runs in it). Pausing a paused session returns it.
+    pub async fn pause_as(&self, caller: &Caller, sid: &SessionId) -> Result<Session, WireError> {
+        self.core.owned_slot(caller, sid)?;
+        self.core.pause(sid).await
+    }
+
     /// `sessions.<sid>.release` as the operator.
     pub async fn release(&self, sid: &SessionId) -> Result<Session, WireError> {
         self.release_as(&Caller::Operator, sid).await
@@ -721,7 +733,7 @@ impl Core {
     /// Sets the sessions-by-state gauge.
     fn session_gauges(&self) {
         let slots: Vec<_> = self.state.lock().sessions.values().cloned().collect();
-        let mut counts = [0u64; 4];
+        let mut counts = [0u64; 5];
         let mut by_tenant: std::collections::HashMap<Option<hearth_messages::TenantId>, u64> =
             Default::default();
         for s in &slots {
@@ -740,10 +752,11 @@ impl Core {
                 SessionState::Stopped => 1,
                 SessionState::Released => 2,
                 SessionState::Lost => 3,
+                SessionState::Paused => 4,
             };
             counts[i] += 1;
         }
-        for (i, state) in ["running", "stopped", "released", "lost"]
+        for (i, state) in ["running", "stopped", "released", "lost", "paused"]
             .iter()
             .enumerate()
         {

@@ -153,10 +153,18 @@ impl Core {
                                     activity_ms: vm.last_activity_ms,
                                 },
                             )),
+                            (SessionState::Running | SessionState::Stopped, VmState::Paused) => {
+                                actions.push((
+                                    slot.clone(),
+                                    Action::MarkPaused {
+                                        activity_ms: vm.last_activity_ms,
+                                    },
+                                ))
+                            }
                             // Resumed by an exec. A heartbeat taken before our stop (still
                             // "running") is told apart by the worker's own clock: the stop
                             // reply's activity stamp is the stop time on that clock.
-                            (SessionState::Stopped, VmState::Running)
+                            (SessionState::Stopped | SessionState::Paused, VmState::Running)
                                 if vm.last_activity_ms > d.rec.stop_activity_ms.unwrap_or(0)
                                     || status.at_ms > d.rec.stop_activity_ms.unwrap_or(0) =>
                             {
