@@ -14,8 +14,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    CreateSessionRequest, Empty, KeepaliveRequest, ListSessionsRequest, PoolsStatus, Session,
-    SessionList, SnapshotSessionRequest, Template, TemplateList,
+    CreateSessionRequest, Empty, ForkSessionReply, ForkSessionRequest, KeepaliveRequest,
+    ListSessionsRequest, PoolsStatus, Session, SessionList, SnapshotSessionRequest, Template,
+    TemplateList,
 };
 use crate::codec::Encoding;
 use crate::data::{
@@ -215,6 +216,26 @@ impl HearthClient {
             self.subjects.session(session_id, SessionOp::Pause),
             &Empty {},
             self.timeout * 6,
+        )
+        .await
+    }
+
+    /// Branches a session into `request.count` new sessions (see [`ForkSessionRequest`]). Ids are
+    /// generated when the request has none, so a retry of this call is safe.
+    pub async fn fork(
+        &self,
+        session_id: &SessionId,
+        request: &ForkSessionRequest,
+    ) -> Result<ForkSessionReply, ClientError> {
+        let mut request = request.clone();
+        if request.session_ids.is_none() {
+            request.session_ids = Some((0..request.count).map(|_| new_session_id()).collect());
+        }
+        // A live snapshot plus restores: far longer than a control request.
+        self.request(
+            self.subjects.session(session_id, SessionOp::Fork),
+            &request,
+            self.timeout * 12,
         )
         .await
     }

@@ -32,10 +32,10 @@ pub mod trace;
 pub mod transport;
 
 pub use api::{
-    CreateSessionRequest, DeleteTemplateRequest, Empty, KeepaliveRequest, Labels,
-    ListSessionsRequest, MaintenanceReport, PoolStatus, PoolsStatus, Quota, QuotasStatus, Session,
-    SessionList, SessionState, SetQuotaRequest, SnapshotSessionRequest, Template, TemplateList,
-    TenantUsage,
+    CreateSessionRequest, DeleteTemplateRequest, Empty, ForkFailure, ForkSessionReply,
+    ForkSessionRequest, KeepaliveRequest, Labels, ListSessionsRequest, MAX_FORK_COUNT,
+    MaintenanceReport, PoolStatus, PoolsStatus, Quota, QuotasStatus, Session, SessionList,
+    SessionState, SetQuotaRequest, SnapshotSessionRequest, Template, TemplateList, TenantUsage,
 };
 pub use blob::Blob;
 pub use codec::Encoding;

@@ -26,6 +26,8 @@ pub enum SessionOp {
     Snapshot,
     /// Served by the scheduler: pause the session's VM to disk.
     Pause,
+    /// Served by the scheduler: branch the session into new ones.
+    Fork,
     /// Data plane: served by the worker that holds the session's VM.
     Exec,
     /// Data plane.
@@ -36,12 +38,13 @@ pub enum SessionOp {
 
 impl SessionOp {
     /// Operations served by the scheduler.
-    pub const CONTROL: [SessionOp; 5] = [
+    pub const CONTROL: [SessionOp; 6] = [
         SessionOp::Get,
         SessionOp::Keepalive,
         SessionOp::Release,
         SessionOp::Snapshot,
         SessionOp::Pause,
+        SessionOp::Fork,
     ];
     /// Operations served by the worker holding the VM.
     pub const DATA: [SessionOp; 3] = [SessionOp::Exec, SessionOp::FilesPut, SessionOp::FilesGet];
@@ -54,6 +57,7 @@ impl SessionOp {
             SessionOp::Release => "release",
             SessionOp::Snapshot => "snapshot",
             SessionOp::Pause => "pause",
+            SessionOp::Fork => "fork",
             SessionOp::Exec => "exec",
             SessionOp::FilesPut => "files.put",
             SessionOp::FilesGet => "files.get",
@@ -67,6 +71,7 @@ impl SessionOp {
             "release" => SessionOp::Release,
             "snapshot" => SessionOp::Snapshot,
             "pause" => SessionOp::Pause,
+            "fork" => SessionOp::Fork,
             "exec" => SessionOp::Exec,
             "files.put" => SessionOp::FilesPut,
             "files.get" => SessionOp::FilesGet,

@@ -158,6 +158,7 @@ impl Endpoint {
             Endpoint::Session(SessionOp::Keepalive) => "sessions-keepalive",
             Endpoint::Session(SessionOp::Release) => "sessions-release",
             Endpoint::Session(SessionOp::Pause) => "sessions-pause",
+            Endpoint::Session(SessionOp::Fork) => "sessions-fork",
             Endpoint::Session(_) => "sessions-snapshot",
         }
     }
@@ -347,6 +348,14 @@ async fn dispatch(
                     record_session(&result);
                     Reply::from_result(enc, &result)
                 }
+                SessionOp::Fork => {
+                    let (enc, req) = decode_message::<hearth_messages::ForkSessionRequest>(message);
+                    let result = match req {
+                        Ok(req) => s.fork(&sid, req).await,
+                        Err(e) => Err(e),
+                    };
+                    Reply::from_result(enc, &result)
+                }
                 SessionOp::Snapshot => {
                     let (enc, req) = decode_message::<SnapshotSessionRequest>(message);
                     let result = match req {
@@ -415,6 +424,14 @@ impl ScopedScheduler<'_> {
 
     async fn pause(&self, sid: &hearth_messages::SessionId) -> Result<Session, WireError> {
         self.s.pause_as(self.caller, sid).await
+    }
+
+    async fn fork(
+        &self,
+        sid: &hearth_messages::SessionId,
+        req: hearth_messages::ForkSessionRequest,
+    ) -> Result<hearth_messages::ForkSessionReply, WireError> {
+        self.s.fork_as(self.caller, sid, req).await
     }
 
     async fn snapshot_session(

@@ -75,7 +75,9 @@ async fn a_paused_session_resumes_on_exec_and_files_and_a_busy_one_is_not_paused
         .await
         .unwrap();
 
-    let paused = job(&nats, JobOp::PauseVm { vm_id: id("s1") }).await.unwrap();
+    let paused = job(&nats, JobOp::PauseVm { vm_id: id("s1") })
+        .await
+        .unwrap();
     assert_eq!(state_of(paused), VmState::Paused);
     // Paused again: the VM's state says why not.
     let err = job(&nats, JobOp::PauseVm { vm_id: id("s1") })
@@ -93,7 +95,9 @@ async fn a_paused_session_resumes_on_exec_and_files_and_a_busy_one_is_not_paused
     assert_eq!(vm_state(&nats, "s1").await, VmState::Running);
 
     // So does a file transfer.
-    job(&nats, JobOp::PauseVm { vm_id: id("s1") }).await.unwrap();
+    job(&nats, JobOp::PauseVm { vm_id: id("s1") })
+        .await
+        .unwrap();
     let data = client.get_file(&sid, "kept.txt").await.unwrap();
     assert_eq!(data, b"kept");
     assert_eq!(vm_state(&nats, "s1").await, VmState::Running);

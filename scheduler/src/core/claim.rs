@@ -642,7 +642,7 @@ impl Core {
     /// Records the claimed session durably, then makes it visible. On failure the VM is destroyed:
     /// nothing stays claimed but unrecorded.
     #[allow(clippy::too_many_arguments)]
-    async fn record_claim(
+    pub(crate) async fn record_claim(
         self: &Arc<Self>,
         sid: &SessionId,
         template: &TemplateName,

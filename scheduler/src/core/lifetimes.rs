@@ -586,8 +586,9 @@ impl Core {
         Ok(())
     }
 
-    /// Resumes a paused session through its worker (a keepalive touches it) and records it.
-    async fn start_locked(
+    /// Resumes a paused session through its worker (a keepalive or a fork touches it) and
+    /// records it.
+    pub(crate) async fn start_locked(
         self: &Arc<Self>,
         slot: &SessionSlot,
         guard: &OwnedMutexGuard<()>,

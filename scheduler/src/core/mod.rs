@@ -17,6 +17,7 @@
 //! - A session whose VM its worker reports `busy` is never idle-stopped.
 
 mod claim;
+mod fork;
 mod lifetimes;
 mod observe;
 mod pool;
@@ -412,6 +413,26 @@ impl Scheduler {
     pub async fn pause_as(&self, caller: &Caller, sid: &SessionId) -> Result<Session, WireError> {
         self.core.owned_slot(caller, sid)?;
         self.core.pause(sid).await
+    }
+
+    /// `sessions.<sid>.fork` as the operator.
+    pub async fn fork(
+        &self,
+        sid: &SessionId,
+        req: hearth_messages::ForkSessionRequest,
+    ) -> Result<hearth_messages::ForkSessionReply, WireError> {
+        self.fork_as(&Caller::Operator, sid, req).await
+    }
+
+    /// `sessions.<sid>.fork`: branches the session into `req.count` new ones (404 unless the
+    /// caller owns it; 429 when the copies do not fit its quota).
+    pub async fn fork_as(
+        &self,
+        caller: &Caller,
+        sid: &SessionId,
+        req: hearth_messages::ForkSessionRequest,
+    ) -> Result<hearth_messages::ForkSessionReply, WireError> {
+        self.core.fork(caller, sid, req).await
     }
 
     /// `sessions.<sid>.release` as the operator.

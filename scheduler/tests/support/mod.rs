@@ -126,7 +126,6 @@ impl FleetWorker {
                     hearth_worker::provider::VmState::Running => VmState::Running,
                     hearth_worker::provider::VmState::Stopped => VmState::Stopped,
                     hearth_worker::provider::VmState::Paused => VmState::Paused,
-                    hearth_worker::provider::VmState::Paused => VmState::Paused,
                     hearth_worker::provider::VmState::Destroyed => VmState::Destroyed,
                 };
                 (v.vm_id, state)
