@@ -161,6 +161,7 @@ pub fn describe() {
     );
     describe_gauge!(SCHEDULER_LEADER, "1 while this scheduler holds the lease");
     metrics::counter!(LEAKED_VMS_DESTROYED_TOTAL).increment(0);
+    let _ = metrics::histogram!(FORK_DURATION_SECONDS, "result" => "ok");
     for reason in hearth_messages::TerminationReason::ALL {
         metrics::counter!(SESSION_TERMINATIONS_TOTAL, "reason" => reason.as_str()).increment(0);
     }

@@ -51,6 +51,8 @@ pub const PAUSE_DURATION: &str = "hearth_worker_pause_duration_seconds";
 pub const RESUME_DURATION: &str = "hearth_worker_resume_duration_seconds";
 /// Bytes of paused VM state held on this worker's disk.
 pub const PAUSED_BYTES: &str = "hearth_worker_paused_bytes";
+/// Free bytes on the file system of the worker's data directory (where paused state goes).
+pub const DATA_DISK_FREE_BYTES: &str = "hearth_worker_data_disk_free_bytes";
 /// Old backups deleted by the backup retention.
 pub const BACKUPS_PRUNED_TOTAL: &str = "hearth_worker_backups_pruned_total";
 
@@ -82,6 +84,7 @@ pub const ALL: &[&str] = &[
     PAUSE_DURATION,
     RESUME_DURATION,
     PAUSED_BYTES,
+    DATA_DISK_FREE_BYTES,
 ];
 
 const FAST: &[f64] = &[
@@ -170,6 +173,11 @@ pub fn describe() {
         metrics::Unit::Bytes,
         "Bytes of paused VM state on this worker's disk"
     );
+    describe_gauge!(
+        DATA_DISK_FREE_BYTES,
+        metrics::Unit::Bytes,
+        "Free bytes on the file system of the worker's data directory"
+    );
     describe_counter!(
         BAD_REQUESTS_TOTAL,
         "Requests rejected as malformed or invalid"
@@ -232,5 +240,8 @@ fn register_known_series() {
         RESTORE_DURATION,
     ] {
         let _ = metrics::histogram!(name);
+    }
+    for name in [PAUSE_DURATION, RESUME_DURATION] {
+        let _ = metrics::histogram!(name, "result" => "ok");
     }
 }

@@ -20,6 +20,7 @@ from ._version import __version__
 from .aio import (
     AsyncExecStream,
     AsyncFiles,
+    AsyncForkResult,
     AsyncHearth,
     AsyncPools,
     AsyncSession,
@@ -40,12 +41,13 @@ from .errors import (
     Timeout,
     Unavailable,
 )
-from .sync import ExecStream, Files, Hearth, Pools, Session, Sessions, Templates
+from .sync import ExecStream, Files, ForkResult, Hearth, Pools, Session, Sessions, Templates
 from .types import Chunk, ExecResult, IsolationReport, PoolStatus, SessionInfo, Template
 
 __all__ = [
     "AsyncExecStream",
     "AsyncFiles",
+    "AsyncForkResult",
     "AsyncHearth",
     "AsyncPools",
     "AsyncSession",
@@ -58,6 +60,7 @@ __all__ = [
     "ExecResult",
     "ExecStream",
     "Files",
+    "ForkResult",
     "Hearth",
     "HearthError",
     "HearthServerError",
