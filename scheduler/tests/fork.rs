@@ -115,6 +115,15 @@ async fn a_fork_makes_copies_with_the_sources_files_and_is_idempotent_by_ids() {
     assert_eq!(again.sessions, reply.sessions);
     assert_eq!(fork_snapshots(&w1), 1);
 
+    // A paused source is resumed for its snapshot and goes on running.
+    h.sched.pause(&sid("src")).await.unwrap();
+    let reply = h.sched.fork(&sid("src"), fork_of(&["c5"])).await.unwrap();
+    assert_eq!(reply.sessions.len(), 1, "{reply:?}");
+    assert_eq!(
+        h.sched.get_session(&sid("src")).unwrap().state,
+        SessionState::Running
+    );
+
     // A copy is a session like any other: released on its own, the others stay.
     h.sched.release(&sid("c2")).await.unwrap();
     assert_eq!(

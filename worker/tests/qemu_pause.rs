@@ -203,3 +203,59 @@ async fn a_pause_survives_a_provider_restart_and_a_corrupt_state_fails_the_vm_cl
     assert!(!root.join("vms/broken").exists());
     p.destroy_vm(&kept).await.unwrap();
 }
+
+/// A file system of `mib` MiB mounted at `dir` for the length of a test (root only).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, mib: u32) -> Option<Self> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipping: cannot mount a tmpfs (not root?)");
+        }
+        ok.then(|| Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_that_does_not_fit_on_the_state_disk_fails_cleanly_and_the_vm_runs_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    let root = disk.join("qemu");
+    let Some(config) = qemu_support::config(&root) else {
+        return;
+    };
+    // Room for the VM's files and sockets, not for its memory.
+    let Some(_tmpfs) = Tmpfs::mount(&disk, 64) else {
+        return;
+    };
+    let p = QemuProvider::open(config).unwrap();
+    let id = vm("cramped");
+    p.create_vm(&id).await.unwrap();
+    sh(&p, &id, "echo before > f").await;
+    let err = p.pause_vm(&id).await.unwrap_err();
+    assert_eq!(err.kind(), ProviderErrorKind::NoSpace, "{err}");
+    assert!(err.to_string().contains("cannot be paused"), "{err}");
+    assert_eq!(
+        p.get_vm(&id).await.unwrap().map(|v| v.state),
+        Some(VmState::Running)
+    );
+    assert_eq!(p.paused_bytes(), 0);
+    assert_eq!(sh(&p, &id, "cat f").await, "before");
+    assert!(!root.join("vms/cramped/paused.state").exists());
+    p.destroy_vm(&id).await.unwrap();
+}

@@ -785,6 +785,13 @@ pub(crate) fn probe_version(bin: &Path) -> Result<String, ProviderError> {
         .to_owned())
 }
 
+/// Free bytes (for unprivileged users) on the file system holding `dir`: whether paused state
+/// fits, and the worker's disk gauge.
+pub fn disk_free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(stat.blocks_available().saturating_mul(stat.fragment_size()))
+}
+
 /// Now as unix milliseconds.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()

@@ -47,9 +47,7 @@ impl Inner {
         metrics::gauge!(m::VMS, "state" => "stopped").set((vms.len() - running - paused) as f64);
         metrics::gauge!(m::VMS, "state" => "paused").set(paused as f64);
         metrics::gauge!(m::PAUSED_BYTES).set(self.provider.paused_bytes() as f64);
-        if let Ok(stat) = nix::sys::statvfs::statvfs(&self.config.data_dir) {
-            let free =
-                u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size()));
+        if let Ok(free) = crate::provider::disk_free_bytes(&self.config.data_dir) {
             metrics::gauge!(m::DATA_DISK_FREE_BYTES).set(free as f64);
         }
         let status = WorkerStatus {

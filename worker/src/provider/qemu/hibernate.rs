@@ -10,7 +10,6 @@
 //! buried with the reason, never half-running); one that fails for another reason (QEMU would
 //! not start, a timeout) leaves it paused, to be tried again.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,12 +18,13 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::machine::RunPaths;
+use super::migration::SavedState;
 use super::{Inner, Machine, qmp_error};
 use crate::provider::guest::{self, GuestHost, PAUSED_STATE, PausedState, VmmProcess};
 use crate::provider::registry::state_root::{
     blocking, in_background, remove_dir_logged, sha256_file,
 };
-use crate::provider::{ProviderError, VmId, VmState, VmView, lifecycle};
+use crate::provider::{ProviderError, VmId, VmState, VmView, disk_free_bytes, lifecycle};
 
 /// Free space a pause leaves on the state file's file system beyond the state itself.
 const PAUSE_HEADROOM_BYTES: u64 = 64 << 20;
@@ -47,7 +47,8 @@ impl Inner {
         // The state is at most the guest's memory plus a little: refuse before touching the VM
         // when it cannot fit.
         let needed = (u64::from(memory_mib) << 20) + PAUSE_HEADROOM_BYTES;
-        let free = free_bytes(&dir)?;
+        let free = disk_free_bytes(&dir)
+            .map_err(|e| ProviderError::io("cannot inspect the state disk", e))?;
         if free < needed {
             return Err(ProviderError::NoSpace(format!(
                 "vm {vm_id} cannot be paused: {free} bytes free on the state disk, {needed} needed"
@@ -111,7 +112,7 @@ impl Inner {
                         }
                     }
                 }
-                let free = free_bytes(&dir).unwrap_or(u64::MAX);
+                let free = disk_free_bytes(&dir).unwrap_or(u64::MAX);
                 return Err(if free < PAUSE_HEADROOM_BYTES {
                     ProviderError::NoSpace(format!(
                         "vm {vm_id} cannot be paused: the state disk filled up ({e})"
@@ -180,12 +181,15 @@ impl Inner {
             let deadline = Instant::now() + Duration::from_millis(self.config.boot_timeout_ms);
             let guard = self.launch(&spec, true, deadline).await?;
             let machine = guard.machine();
+            let saved = SavedState {
+                path: &state,
+                sha256: &paused.sha256,
+                bytes: paused.bytes,
+            };
             self.load_state_file(
                 vm_id,
                 &machine,
-                &state,
-                &paused.sha256,
-                paused.bytes,
+                &saved,
                 &format!("the paused state of vm {vm_id}"),
                 true,
             )
@@ -266,11 +270,4 @@ impl Inner {
             .filter_map(|r| r.slot.lock().meta.backend.paused.as_ref().map(|p| p.bytes))
             .sum()
     }
-}
-
-/// Free bytes (for unprivileged users) on the file system holding `dir`.
-fn free_bytes(dir: &Path) -> Result<u64, ProviderError> {
-    let stat = nix::sys::statvfs::statvfs(dir)
-        .map_err(|e| ProviderError::io("cannot inspect the state disk", e.into()))?;
-    Ok(u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size())))
 }

@@ -15,6 +15,13 @@ use crate::provider::registry::SnapshotMeta;
 use crate::provider::registry::state_root::sha256_file;
 use crate::provider::{ProviderError, VmId};
 
+/// A migration stream on disk and what it must match.
+pub(super) struct SavedState<'a> {
+    pub path: &'a Path,
+    pub sha256: &'a str,
+    pub bytes: u64,
+}
+
 impl Inner {
     /// Loads a snapshot's state into a freshly launched, paused QEMU and checks its checksum (in
     /// parallel: a mismatch fails the restore as soon as it is known).
@@ -26,32 +33,33 @@ impl Inner {
     ) -> Result<(), ProviderError> {
         let snapshot_id = &snapshot.snapshot_id;
         let state = self.snapshot_dir(snapshot_id).join("state");
+        let saved = SavedState {
+            path: &state,
+            sha256: &snapshot.backend.state_sha256,
+            bytes: snapshot.backend.state_bytes,
+        };
         self.load_state_file(
             vm_id,
             machine,
-            &state,
-            &snapshot.backend.state_sha256,
-            snapshot.backend.state_bytes,
+            &saved,
             &format!("snapshot {snapshot_id}"),
             self.config.verify_snapshots,
         )
         .await
     }
 
-    /// Loads the migration stream in `state` (of `state_bytes`, SHA-256 `state_sha256`) into a
-    /// freshly launched, paused QEMU; `what` names it in errors (a snapshot, a paused VM's state).
+    /// Loads the migration stream `saved` into a freshly launched, paused QEMU; `what` names it in errors (a snapshot, a paused VM's state).
     /// A state that is missing, of the wrong size, fails its checksum (checked with `verify`) or
     /// is refused by QEMU is `InvalidArgument`.
     pub(super) async fn load_state_file(
         &self,
         vm_id: &VmId,
         machine: &Arc<Machine>,
-        state: &Path,
-        state_sha256: &str,
-        state_bytes: u64,
+        saved: &SavedState<'_>,
         what: &str,
         verify: bool,
     ) -> Result<(), ProviderError> {
+        let (state, state_sha256, state_bytes) = (saved.path, saved.sha256, saved.bytes);
         let corrupt = |detail: String| {
             ProviderError::InvalidArgument(format!("{what} cannot be restored: {detail}"))
         };
