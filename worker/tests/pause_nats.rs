@@ -1,6 +1,6 @@
 //! Pause through the worker over a real nats-server (process provider): the `pause_vm` job, resume
 //! on touch by the data plane (exec and files), a pause refused (409) while a command runs — the
-//! command unharmed — and bad input.
+//! command unharmed — bad input, and a paused session kept across a worker restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,14 @@ where
     T::Error: std::fmt::Debug,
 {
     T::try_from(s.into()).unwrap()
+}
+
+async fn start_worker(nats: &async_nats::Client, dir: &std::path::Path) -> Worker {
+    let mut config = WorkerConfig::new(id("wp"), dir);
+    config.heartbeat_interval = Duration::from_millis(200);
+    let provider: Arc<dyn VmRuntime> =
+        Arc::new(ProcessProvider::open(ProcessConfig::new(dir.join("process"))).unwrap());
+    Worker::start(config, nats.clone(), provider).await.unwrap()
 }
 
 async fn job(nats: &async_nats::Client, op: JobOp) -> Result<JobOutput, WireError> {
@@ -54,11 +62,7 @@ async fn a_paused_session_resumes_on_exec_and_files_and_a_busy_one_is_not_paused
     let nats = server.connect().await.unwrap();
     let client = HearthClient::new(nats.clone());
     let dir = tempfile::tempdir().unwrap();
-    let mut config = WorkerConfig::new(id("wp"), dir.path());
-    config.heartbeat_interval = Duration::from_millis(200);
-    let provider: Arc<dyn VmRuntime> =
-        Arc::new(ProcessProvider::open(ProcessConfig::new(dir.path().join("process"))).unwrap());
-    let _worker = Worker::start(config, nats.clone(), provider).await.unwrap();
+    let _worker = start_worker(&nats, dir.path()).await;
 
     let sid: SessionId = id("s1");
     job(
@@ -127,4 +131,42 @@ async fn a_paused_session_resumes_on_exec_and_files_and_a_busy_one_is_not_paused
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::NotFound, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_session_survives_a_worker_restart_and_resumes_on_exec() {
+    let server = NatsServer::start().unwrap();
+    let nats = server.connect().await.unwrap();
+    let client = HearthClient::new(nats.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let worker = start_worker(&nats, dir.path()).await;
+    let sid: SessionId = id("kept");
+    job(
+        &nats,
+        JobOp::CreateVm {
+            vm_id: id("kept"),
+            session: true,
+        },
+    )
+    .await
+    .unwrap();
+    client
+        .put_file(&sid, "note", b"still here".to_vec(), None)
+        .await
+        .unwrap();
+    job(&nats, JobOp::PauseVm { vm_id: id("kept") })
+        .await
+        .unwrap();
+    worker.drain().await;
+    drop(worker);
+
+    let _again = start_worker(&nats, dir.path()).await;
+    assert_eq!(vm_state(&nats, "kept").await, VmState::Paused);
+    // Still a session: its data plane is served, and the first exec resumes it.
+    let out = client
+        .exec(&sid, &ExecRequest::cmd("cat note"))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout.as_bytes(), b"still here");
+    assert_eq!(vm_state(&nats, "kept").await, VmState::Running);
 }
