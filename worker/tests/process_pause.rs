@@ -131,3 +131,47 @@ async fn twenty_pause_cycles_lose_nothing_and_a_pause_survives_a_reopen() {
         expected
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_sandbox_with_a_running_command_is_destroyed_without_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let p = std::sync::Arc::new(open(&root));
+    let id = vm("doomed");
+    p.create_vm(&id).await.unwrap();
+    let running = {
+        let (p, id) = (p.clone(), id.clone());
+        tokio::spawn(async move {
+            p.exec(&id, ExecSpec::shell("touch started; sleep 600"), None)
+                .await
+        })
+    };
+    while !volume(&root, &id).join("started").exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.pause_vm(&id).await.unwrap();
+    p.destroy_vm(&id).await.unwrap();
+    // The frozen command is thawed to be killed: its exec ends, it does not wait 600 s.
+    let ended = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("the exec of a destroyed paused vm ends")
+        .unwrap();
+    assert!(
+        ended.as_ref().map_or(true, |o| !o.success()),
+        "a killed command does not succeed: {ended:?}"
+    );
+    let freezer = std::path::Path::new("/sys/fs/cgroup/freezer");
+    if freezer.exists() {
+        let left: Vec<_> = std::fs::read_dir(freezer)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("hearth-pause-"))
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("cgroup.procs"))
+                    .is_ok_and(|p| !p.trim().is_empty())
+            })
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "no frozen processes left: {left:?}");
+    }
+}

@@ -118,8 +118,12 @@ async fn a_paused_vm_has_no_qemu_and_resumes_with_its_files_and_memory_through_2
         sh(&p, &id, &format!("kill -0 {pid} && echo alive")).await,
         "alive"
     );
+    // A paused VM is destroyed like any other: its state file goes with it.
+    p.pause_vm(&id).await.unwrap();
     p.destroy_vm(&id).await.unwrap();
     assert!(!qemu_running(&root));
+    assert!(!root.join("vms/sleeper").exists());
+    assert_eq!(p.paused_bytes(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
