@@ -39,6 +39,10 @@ pub enum Scenario {
     /// Real microVMs (qemu provider): cold boot, snapshot, restore, warm claim, exec, RSS. Needs a
     /// guest image (`scripts/setup-qemu.sh`); not part of `all`.
     Microvm,
+    /// Pause to disk and fork on real microVMs (qemu provider): pause and resume p50, host RAM of
+    /// a paused vs a stopped session, fork of 1/4/16 until every copy is ready. Needs a guest
+    /// image; not part of `all`.
+    Pause,
     /// Tenants: claim latency as a tenant through the account imports vs as the operator, and a
     /// tenant's p99 while another floods creates (429s).
     Tenants,
@@ -134,6 +138,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
             Scenario::Refill => refill(&args, &sizes, nats_url.as_deref()).await?,
             Scenario::Memory => memory(&args, &sizes, nats_url.as_deref()).await?,
             Scenario::Microvm => microvm(&args, &sizes, nats_url.as_deref()).await?,
+            Scenario::Pause => pause::run(&args, nats_url.as_deref()).await?,
             Scenario::Tenants => tenants::run(&sizes).await?,
             Scenario::Processes => processes(&args, &sizes, nats_url.as_deref(), &subjects).await?,
             Scenario::All => continue,
@@ -145,6 +150,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
 
 // ----- the stack the bench starts ----------------------------------------------------------
 
+mod pause;
 mod tenants;
 
 struct OwnStack {
@@ -258,6 +264,13 @@ impl OwnStack {
             _worker: worker,
             url,
         })
+    }
+}
+
+impl OwnStack {
+    /// The stack's data directory (`worker/` under it is the worker's).
+    fn dir(&self) -> &std::path::Path {
+        self._dir.path()
     }
 }
 
@@ -496,6 +509,11 @@ impl Report {
             json!(round3(p99)),
             Some(format!("{p99:.3} ms")),
         );
+    }
+
+    /// A duration in seconds, with what it measured.
+    fn seconds(&mut self, key: &str, s: f64, what: &str) {
+        self.field(key, json!(round3(s)), Some(format!("{s:.3} s ({what})")));
     }
 
     fn ratio(&mut self, key: &str, num: f64, den: f64) {
@@ -1165,6 +1183,33 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// Destroys every VM of the bench's worker (QEMU VMs outlive their worker by design), repeating
+/// until none is left: restores already sent finish after the scheduler is gone.
+async fn destroy_every_vm(client: &HearthClient) {
+    use hearth_messages::{JobOp, JobOutput};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let Ok((_, JobOutput::Vms { vms })) = timed_job(client, JobOp::ListVms {}).await else {
+            break;
+        };
+        if vms.is_empty() {
+            break;
+        }
+        for vm in vms {
+            let _ = timed_job(
+                client,
+                JobOp::DestroyVm {
+                    vm_id: vm.vm_id,
+                    backup: false,
+                    reason: None,
+                },
+            )
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Report> {
     use hearth_messages::{JobOp, JobOutput, SnapshotId, VmId, VmSpec};
     if url.is_some() {
@@ -1262,27 +1307,7 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
     // Restores already sent finish after the scheduler is gone, so repeat until none is left.
     let mut stack = stack;
     stack.scheduler.kill();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let Ok((_, JobOutput::Vms { vms })) = timed_job(&client, JobOp::ListVms {}).await else {
-            break;
-        };
-        if vms.is_empty() {
-            break;
-        }
-        for vm in vms {
-            let _ = timed_job(
-                &client,
-                JobOp::DestroyVm {
-                    vm_id: vm.vm_id,
-                    backup: false,
-                    reason: None,
-                },
-            )
-            .await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    destroy_every_vm(&client).await;
 
     let (cold_s, restore_s) = (median(cold), median(restore));
     let warm_ms = ms(warm.value_at_quantile(0.5));

@@ -62,6 +62,22 @@ pub enum SessionCmd {
         /// Session id.
         session: String,
     },
+    /// Pause a session to disk (the next exec, file transfer or keepalive resumes it).
+    Pause {
+        /// Session id.
+        session: String,
+    },
+    /// Branch a live session into new sessions with their own identities.
+    Fork {
+        /// Session id.
+        session: String,
+        /// How many copies.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Lifetime of the copies, seconds (default: the source's).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
     /// Capture a session as a new template.
     Snapshot {
         /// Session id.
@@ -151,6 +167,19 @@ pub async fn session(client: &HearthClient, cmd: SessionCmd) -> Result<()> {
             print_json(&client.keepalive(&sid(&session)?, ttl).await?)
         }
         SessionCmd::Release { session } => print_json(&client.release(&sid(&session)?).await?),
+        SessionCmd::Pause { session } => print_json(&client.pause(&sid(&session)?).await?),
+        SessionCmd::Fork {
+            session,
+            count,
+            ttl,
+        } => {
+            let request = hearth_messages::ForkSessionRequest {
+                count,
+                ttl_s: ttl,
+                ..Default::default()
+            };
+            print_json(&client.fork(&sid(&session)?, &request).await?)
+        }
         SessionCmd::Snapshot {
             session,
             template: t,

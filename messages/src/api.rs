@@ -156,6 +156,82 @@ impl SnapshotSessionRequest {
     }
 }
 
+/// Most sessions one `sessions.<sid>.fork` may make.
+pub const MAX_FORK_COUNT: u32 = 64;
+
+/// `sessions.<sid>.fork`: branch a live session into `count` new sessions. The source is
+/// snapshotted live (paused for the length of the snapshot, then it goes on) and each copy is
+/// restored from that snapshot on the source's worker with a fresh identity (host name, machine
+/// id, RNG reseeded, clock set): the copies see the source's files and, on VM providers, its
+/// memory (running programs) as they were at the snapshot, then diverge. No template is
+/// registered. Counts against the tenant's session quota (429 before any work when `count`
+/// does not fit).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkSessionRequest {
+    /// How many copies, `1..=MAX_FORK_COUNT`.
+    pub count: u32,
+    /// Lifetime of the copies in seconds; the source's TTL when absent.
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+    /// Labels of the copies; the source's when absent.
+    #[serde(default)]
+    pub labels: Option<Labels>,
+    /// Ids of the copies (exactly `count`): the idempotency keys. A retry with the same ids
+    /// returns the copies already made and makes only the missing ones. Generated when absent.
+    #[serde(default)]
+    pub session_ids: Option<Vec<SessionId>>,
+}
+
+impl ForkSessionRequest {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), WireError> {
+        if self.count == 0 || self.count > MAX_FORK_COUNT {
+            return Err(WireError::bad_request(format!(
+                "count must be in 1..={MAX_FORK_COUNT}"
+            )));
+        }
+        if self.ttl_s == Some(0) {
+            return Err(WireError::bad_request("ttl_s must be positive"));
+        }
+        if let Some(labels) = &self.labels {
+            validate_labels(labels)?;
+        }
+        if let Some(ids) = &self.session_ids {
+            if ids.len() != self.count as usize {
+                return Err(WireError::bad_request(
+                    "session_ids must hold exactly count ids",
+                ));
+            }
+            let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+            if unique.len() != ids.len() {
+                return Err(WireError::bad_request("session_ids must be distinct"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One copy a fork could not make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkFailure {
+    /// The copy's id.
+    #[serde(default)]
+    pub session_id: Option<SessionId>,
+    /// Why it was not made.
+    pub error: WireError,
+}
+
+/// Reply to `sessions.<sid>.fork`: the copies made and, never silently, those that failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkSessionReply {
+    /// The new sessions, in the order of their ids.
+    #[serde(default)]
+    pub sessions: Vec<Session>,
+    /// The copies that could not be made.
+    #[serde(default)]
+    pub failed: Vec<ForkFailure>,
+}
+
 /// `templates.<name>.delete`: drain a template's pool and delete its snapshots everywhere.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteTemplateRequest {
@@ -173,6 +249,10 @@ pub enum SessionState {
     Running,
     /// The VM was stopped after the idle timeout; the next exec resumes it.
     Stopped,
+    /// The VM's whole state (memory, processes, files) was saved to its worker's disk and the VM
+    /// ended (`sessions.<sid>.pause`, `idle_action = "pause"`, `ttl_action = "pause"`); the next
+    /// exec, file transfer or keepalive resumes it where it was.
+    Paused,
     /// Ended (released, expired, pruned or evicted); see the event's reason.
     Released,
     /// Its worker or VM disappeared; the session cannot be used.
@@ -214,6 +294,12 @@ pub struct Session {
     /// The tenant (NATS account) that created it; absent for the operator's sessions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<TenantId>,
+    /// When it was paused (unix ms); set while `paused`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_ms: Option<u64>,
+    /// When it was last resumed from a pause (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_ms: Option<u64>,
 }
 
 /// A template: a snapshot sessions are restored from.

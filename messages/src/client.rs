@@ -14,8 +14,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    CreateSessionRequest, Empty, KeepaliveRequest, ListSessionsRequest, PoolsStatus, Session,
-    SessionList, SnapshotSessionRequest, Template, TemplateList,
+    CreateSessionRequest, Empty, ForkSessionReply, ForkSessionRequest, KeepaliveRequest,
+    ListSessionsRequest, PoolsStatus, Session, SessionList, SnapshotSessionRequest, Template,
+    TemplateList,
 };
 use crate::codec::Encoding;
 use crate::data::{
@@ -210,6 +211,38 @@ impl HearthClient {
     pub async fn release(&self, session_id: &SessionId) -> Result<Session, ClientError> {
         self.session_request(session_id, SessionOp::Release, &Empty {})
             .await
+    }
+
+    /// Pauses a session to disk: its VM's whole state is kept and the next exec, file transfer or
+    /// keepalive resumes it. 409 while a command or file transfer runs in it.
+    pub async fn pause(&self, session_id: &SessionId) -> Result<Session, ClientError> {
+        // Saving a VM's memory takes longer than a control request.
+        self.request(
+            self.subjects.session(session_id, SessionOp::Pause),
+            &Empty {},
+            self.timeout * 6,
+        )
+        .await
+    }
+
+    /// Branches a session into `request.count` new sessions (see [`ForkSessionRequest`]). Ids are
+    /// generated when the request has none, so a retry of this call is safe.
+    pub async fn fork(
+        &self,
+        session_id: &SessionId,
+        request: &ForkSessionRequest,
+    ) -> Result<ForkSessionReply, ClientError> {
+        let mut request = request.clone();
+        if request.session_ids.is_none() {
+            request.session_ids = Some((0..request.count).map(|_| new_session_id()).collect());
+        }
+        // A live snapshot plus restores: far longer than a control request.
+        self.request(
+            self.subjects.session(session_id, SessionOp::Fork),
+            &request,
+            self.timeout * 12,
+        )
+        .await
     }
 
     /// Captures a session's VM as a new template.

@@ -63,6 +63,13 @@ pub enum JobOp {
         /// The VM.
         vm_id: VmId,
     },
+    /// Pause a running or stopped VM to disk (`sessions.<sid>.pause`, `idle_action = "pause"`,
+    /// `ttl_action = "pause"`): its whole state is kept and the next exec, file transfer or
+    /// `start_vm` resumes it. 409 while a command or file transfer holds the VM.
+    PauseVm {
+        /// The VM.
+        vm_id: VmId,
+    },
     /// Capture a VM as a snapshot.
     SnapshotVm {
         /// The VM.
@@ -148,6 +155,7 @@ impl JobOp {
         "create_vm_with_spec",
         "start_vm",
         "stop_vm",
+        "pause_vm",
         "snapshot_vm",
         "destroy_vm",
         "rename_vm",
@@ -165,6 +173,7 @@ impl JobOp {
             JobOp::CreateVmWithSpec { .. } => "create_vm_with_spec",
             JobOp::StartVm { .. } => "start_vm",
             JobOp::StopVm { .. } => "stop_vm",
+            JobOp::PauseVm { .. } => "pause_vm",
             JobOp::SnapshotVm { .. } => "snapshot_vm",
             JobOp::DestroyVm { .. } => "destroy_vm",
             JobOp::RenameVm { .. } => "rename_vm",
@@ -186,6 +195,7 @@ impl JobOp {
             | JobOp::CreateVmWithSpec { vm_id, .. }
             | JobOp::StartVm { vm_id }
             | JobOp::StopVm { vm_id }
+            | JobOp::PauseVm { vm_id }
             | JobOp::SnapshotVm { vm_id, .. }
             | JobOp::DestroyVm { vm_id, .. }
             | JobOp::RenameVm { vm_id, .. }
@@ -247,8 +257,10 @@ pub struct VmSpec {
 pub enum VmState {
     /// Booted and accepting exec.
     Running,
-    /// Paused; exec resumes it.
+    /// Paused in memory; exec resumes it.
     Stopped,
+    /// Paused to disk (VMM process ended) or frozen (process provider); exec resumes it.
+    Paused,
     /// Gone (terminal).
     Destroyed,
 }
@@ -259,6 +271,7 @@ impl VmState {
         match self {
             VmState::Running => "running",
             VmState::Stopped => "stopped",
+            VmState::Paused => "paused",
             VmState::Destroyed => "destroyed",
         }
     }

@@ -33,8 +33,9 @@ pub mod trace;
 pub mod transport;
 
 pub use api::{
-    CreateSessionRequest, DeleteTemplateRequest, Empty, InventoryView, KeepaliveRequest, Labels,
-    ListSessionsRequest, MaintenanceReport, PoolStatus, PoolsStatus, Quota, QuotasStatus, Session,
+    CreateSessionRequest, DeleteTemplateRequest, Empty, ForkFailure, ForkSessionReply,
+    ForkSessionRequest, InventoryView, KeepaliveRequest, Labels, ListSessionsRequest,
+    MAX_FORK_COUNT, MaintenanceReport, PoolStatus, PoolsStatus, Quota, QuotasStatus, Session,
     SessionList, SessionState, SetQuotaRequest, SnapshotSessionRequest, Template, TemplateList,
     TenantUsage, WorkerView, WorkersStatus,
 };

@@ -24,6 +24,10 @@ pub enum SessionOp {
     Release,
     /// Served by the scheduler.
     Snapshot,
+    /// Served by the scheduler: pause the session's VM to disk.
+    Pause,
+    /// Served by the scheduler: branch the session into new ones.
+    Fork,
     /// Data plane: served by the worker that holds the session's VM.
     Exec,
     /// Data plane.
@@ -48,11 +52,13 @@ pub enum SessionOp {
 
 impl SessionOp {
     /// Operations served by the scheduler.
-    pub const CONTROL: [SessionOp; 4] = [
+    pub const CONTROL: [SessionOp; 6] = [
         SessionOp::Get,
         SessionOp::Keepalive,
         SessionOp::Release,
         SessionOp::Snapshot,
+        SessionOp::Pause,
+        SessionOp::Fork,
     ];
     /// Operations served by the worker holding the VM.
     pub const DATA: [SessionOp; 10] = [
@@ -87,6 +93,8 @@ impl SessionOp {
             SessionOp::Keepalive => "keepalive",
             SessionOp::Release => "release",
             SessionOp::Snapshot => "snapshot",
+            SessionOp::Pause => "pause",
+            SessionOp::Fork => "fork",
             SessionOp::Exec => "exec",
             SessionOp::FilesPut => "files.put",
             SessionOp::FilesGet => "files.get",
@@ -106,6 +114,8 @@ impl SessionOp {
             "keepalive" => SessionOp::Keepalive,
             "release" => SessionOp::Release,
             "snapshot" => SessionOp::Snapshot,
+            "pause" => SessionOp::Pause,
+            "fork" => SessionOp::Fork,
             "exec" => SessionOp::Exec,
             "files.put" => SessionOp::FilesPut,
             "files.get" => SessionOp::FilesGet,

@@ -37,6 +37,8 @@ fn session() -> Session {
         labels: BTreeMap::from([("team".into(), "agents".into())]),
         isolation: Some(isolation()),
         tenant: Some(id("tenant-a")),
+        paused_ms: Some(1_700_000_000_002),
+        resumed_ms: Some(1_700_000_000_003),
     }
 }
 

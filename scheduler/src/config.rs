@@ -56,7 +56,40 @@ pub struct TemplateConfig {
     /// template's `notes` say so (seed 001's `nix_profile`).
     #[serde(default)]
     pub nix_profile: Option<String>,
+    /// What the idle timeout does to a session of this template: `stop` (the VM is paused in
+    /// memory) or `pause` (its state goes to the worker's disk and the VMM ends: no host memory).
+    /// Absent: `pause` on workers whose provider pauses to disk (`qemu`), `stop` elsewhere.
+    #[serde(default)]
+    pub idle_action: Option<IdleAction>,
+    /// What the end of a session's TTL does: `release` (destroy it) or `pause` (it stays
+    /// resumable, paused, for `paused_retention_s`, then is pruned like an idle session).
+    #[serde(default)]
+    pub ttl_action: TtlAction,
+    /// How long a paused session is kept before it is pruned (with the usual backup); absent:
+    /// `[sessions] prune_after_s`.
+    #[serde(default)]
+    pub paused_retention_s: Option<u64>,
 }
+
+/// What the idle timeout does (`idle_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdleAction {
+    Stop,
+    Pause,
+}
+
+/// What the end of the TTL does (`ttl_action`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TtlAction {
+    #[default]
+    Release,
+    Pause,
+}
+
+/// Providers whose workers pause to disk: `idle_action` defaults to `pause` on them.
+pub const PAUSING_PROVIDERS: &[&str] = &["qemu"];
 
 fn default_min_ready() -> u32 {
     2
@@ -93,6 +126,9 @@ impl TemplateConfig {
             bootstrap: None,
             nix_profile: None,
             env: BTreeMap::new(),
+            idle_action: None,
+            ttl_action: TtlAction::Release,
+            paused_retention_s: None,
         }
     }
 

@@ -61,6 +61,10 @@ pub const TENANT_SNAPSHOT_BYTES: &str = "hearth_tenant_snapshot_bytes";
 /// Warm (ready and restoring) pooled VMs of a tenant's templates.
 pub const TENANT_POOL_VMS: &str = "hearth_tenant_pool_vms";
 
+/// Duration of `sessions.<sid>.fork` (live snapshot and every copy ready), by `result`
+/// (`ok`, `partial`, `failed`).
+pub const FORK_DURATION_SECONDS: &str = "hearth_fork_duration_seconds";
+
 /// The quota names of [`TENANT_QUOTA_REJECTIONS_TOTAL`].
 pub const QUOTAS: &[&str] = &[
     "sessions",
@@ -98,6 +102,7 @@ pub const ALL: &[&str] = &[
     TENANT_QUOTA_REJECTIONS_TOTAL,
     TENANT_SNAPSHOT_BYTES,
     TENANT_POOL_VMS,
+    FORK_DURATION_SECONDS,
 ];
 
 /// Buckets of the claim latency histogram: a warm claim is about a millisecond, a cold one
@@ -172,10 +177,16 @@ pub fn describe() {
         "Duration of paging one worker's whole inventory in"
     );
     metrics::counter!(LEAKED_VMS_DESTROYED_TOTAL).increment(0);
+    let _ = metrics::histogram!(FORK_DURATION_SECONDS, "result" => "ok");
     for reason in hearth_messages::TerminationReason::ALL {
         metrics::counter!(SESSION_TERMINATIONS_TOTAL, "reason" => reason.as_str()).increment(0);
     }
     describe_gauge!(TENANT_SESSIONS, "Live sessions per tenant");
+    describe_histogram!(
+        FORK_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of a session fork until every copy is ready, by result"
+    );
     describe_counter!(TENANT_CLAIMS_TOTAL, "Claims per tenant and result");
     describe_counter!(
         TENANT_QUOTA_REJECTIONS_TOTAL,
@@ -242,6 +253,7 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
             Matcher::Full(RESTORE_DURATION_SECONDS.into()),
             RESTORE_BUCKETS,
         )?
+        .set_buckets_for_metric(Matcher::Full(FORK_DURATION_SECONDS.into()), RESTORE_BUCKETS)?
         // Anything else timed (e.g. the NATS client's) gets the claim buckets.
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), CLAIM_BUCKETS)
 }

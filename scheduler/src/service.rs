@@ -160,6 +160,8 @@ impl Endpoint {
             Endpoint::Session(SessionOp::Get) => "sessions-get",
             Endpoint::Session(SessionOp::Keepalive) => "sessions-keepalive",
             Endpoint::Session(SessionOp::Release) => "sessions-release",
+            Endpoint::Session(SessionOp::Pause) => "sessions-pause",
+            Endpoint::Session(SessionOp::Fork) => "sessions-fork",
             Endpoint::Session(_) => "sessions-snapshot",
         }
     }
@@ -344,6 +346,23 @@ async fn dispatch(
                     record_session(&result);
                     Reply::from_result(enc, &result)
                 }
+                SessionOp::Pause => {
+                    let (enc, req) = decode_message::<Empty>(message);
+                    let result = match req {
+                        Ok(_) => s.pause(&sid).await,
+                        Err(e) => Err(e),
+                    };
+                    record_session(&result);
+                    Reply::from_result(enc, &result)
+                }
+                SessionOp::Fork => {
+                    let (enc, req) = decode_message::<hearth_messages::ForkSessionRequest>(message);
+                    let result = match req {
+                        Ok(req) => s.fork(&sid, req).await,
+                        Err(e) => Err(e),
+                    };
+                    Reply::from_result(enc, &result)
+                }
                 SessionOp::Snapshot => {
                     let (enc, req) = decode_message::<SnapshotSessionRequest>(message);
                     let result = match req {
@@ -408,6 +427,18 @@ impl ScopedScheduler<'_> {
 
     async fn release(&self, sid: &hearth_messages::SessionId) -> Result<Session, WireError> {
         self.s.release_as(self.caller, sid).await
+    }
+
+    async fn pause(&self, sid: &hearth_messages::SessionId) -> Result<Session, WireError> {
+        self.s.pause_as(self.caller, sid).await
+    }
+
+    async fn fork(
+        &self,
+        sid: &hearth_messages::SessionId,
+        req: hearth_messages::ForkSessionRequest,
+    ) -> Result<hearth_messages::ForkSessionReply, WireError> {
+        self.s.fork_as(self.caller, sid, req).await
     }
 
     async fn snapshot_session(

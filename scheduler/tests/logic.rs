@@ -1173,6 +1173,8 @@ async fn a_conflict_with_a_record_naming_another_vm_returns_it_and_destroys_only
             labels: Default::default(),
             isolation: None,
             tenant: None,
+            paused_ms: None,
+            resumed_ms: None,
         },
         ttl_s: 3600,
         idle_timeout_s: None,

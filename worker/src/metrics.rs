@@ -45,6 +45,14 @@ pub const JOBS_FENCED_TOTAL: &str = "hearth_worker_jobs_fenced_total";
 pub const QUEUE_REJECTIONS_TOTAL: &str = "hearth_worker_queue_rejections_total";
 /// Data-plane requests answered 404 because they came from a tenant that does not own the session.
 pub const FOREIGN_REQUESTS_TOTAL: &str = "hearth_worker_foreign_requests_total";
+/// Time to pause a VM (to disk for the VMM providers), by `result`.
+pub const PAUSE_DURATION: &str = "hearth_worker_pause_duration_seconds";
+/// Time to resume a paused VM (loading its state, clock pushed), by `result`.
+pub const RESUME_DURATION: &str = "hearth_worker_resume_duration_seconds";
+/// Bytes of paused VM state held on this worker's disk.
+pub const PAUSED_BYTES: &str = "hearth_worker_paused_bytes";
+/// Free bytes on the file system of the worker's data directory (where paused state goes).
+pub const DATA_DISK_FREE_BYTES: &str = "hearth_worker_data_disk_free_bytes";
 /// Old backups deleted by the backup retention.
 pub const BACKUPS_PRUNED_TOTAL: &str = "hearth_worker_backups_pruned_total";
 
@@ -73,6 +81,10 @@ pub const ALL: &[&str] = &[
     QUEUE_REJECTIONS_TOTAL,
     BACKUPS_PRUNED_TOTAL,
     FOREIGN_REQUESTS_TOTAL,
+    PAUSE_DURATION,
+    RESUME_DURATION,
+    PAUSED_BYTES,
+    DATA_DISK_FREE_BYTES,
 ];
 
 const FAST: &[f64] = &[
@@ -92,6 +104,8 @@ pub fn configure(mut builder: PrometheusBuilder) -> Result<PrometheusBuilder, Bu
         (EXEC_LOCK_WAIT, FAST),
         (SNAPSHOT_DURATION, SLOW),
         (RESTORE_DURATION, SLOW),
+        (PAUSE_DURATION, SLOW),
+        (RESUME_DURATION, SLOW),
     ] {
         builder = builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)?;
     }
@@ -144,6 +158,26 @@ pub fn describe() {
         "Snapshot bytes fetched from the object store"
     );
     describe_counter!(HEARTBEATS_TOTAL, "Heartbeats published");
+    describe_histogram!(
+        PAUSE_DURATION,
+        metrics::Unit::Seconds,
+        "Time to pause a VM (its state to disk for VMM providers), by result"
+    );
+    describe_histogram!(
+        RESUME_DURATION,
+        metrics::Unit::Seconds,
+        "Time to resume a paused VM, by result"
+    );
+    describe_gauge!(
+        PAUSED_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of paused VM state on this worker's disk"
+    );
+    describe_gauge!(
+        DATA_DISK_FREE_BYTES,
+        metrics::Unit::Bytes,
+        "Free bytes on the file system of the worker's data directory"
+    );
     describe_counter!(
         BAD_REQUESTS_TOTAL,
         "Requests rejected as malformed or invalid"
@@ -206,5 +240,8 @@ fn register_known_series() {
         RESTORE_DURATION,
     ] {
         let _ = metrics::histogram!(name);
+    }
+    for name in [PAUSE_DURATION, RESUME_DURATION] {
+        let _ = metrics::histogram!(name, "result" => "ok");
     }
 }

@@ -26,6 +26,8 @@ pub(crate) fn expiry_ms(now_ms: u64, ttl_s: u64) -> u64 {
 }
 
 /// What the idempotency check decided.
+// `Done` carries a whole `Session`; a `Begin` lives for one call, so boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 enum Begin {
     /// Answer now (existing session, or a conflict).
     Done(Result<Session, WireError>),
@@ -683,6 +685,8 @@ impl Core {
                 labels: req.labels.clone(),
                 isolation,
                 tenant: caller.tenant().cloned(),
+                paused_ms: None,
+                resumed_ms: None,
             },
             ttl_s,
             idle_timeout_s,
@@ -725,7 +729,7 @@ impl Core {
     /// Records the claimed session durably, then makes it visible. On failure the VM is destroyed:
     /// nothing stays claimed but unrecorded.
     #[allow(clippy::too_many_arguments)]
-    async fn record_claim(
+    pub(crate) async fn record_claim(
         self: &Arc<Self>,
         sid: &SessionId,
         template: &TemplateName,

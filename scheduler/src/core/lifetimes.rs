@@ -1,5 +1,10 @@
-//! Session lifetimes: TTL (running time only), idle stop, resume, prune (with optional backup),
-//! keepalive, release, and forgetting ended sessions after the retention.
+//! Session lifetimes: TTL (running time only), idle stop or pause, resume, prune (with optional
+//! backup), keepalive, release, pause, and forgetting ended sessions after the retention.
+//!
+//! A template's `idle_action` says whether the idle timeout stops a session (memory kept by the
+//! VMM) or pauses it (to the worker's disk; the default on workers whose provider pauses to disk),
+//! its `ttl_action` whether the TTL releases it or pauses it, and `paused_retention_s` how long a
+//! paused session stays resumable before it is pruned like a stopped one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +18,7 @@ use tokio::time::Instant;
 
 use super::state::SessionSlot;
 use super::{Core, store_error, unknown_session};
+use crate::config::{IdleAction, TtlAction};
 use crate::metrics as m;
 use crate::store::{SessionRecord, StoreError};
 use crate::worker_api::job;
@@ -41,11 +47,20 @@ pub(crate) enum Action {
     End(End),
     /// Idle: stop the VM.
     Stop,
+    /// Idle (`idle_action = "pause"`) or past its TTL (`ttl_action = "pause"`): pause the VM to
+    /// disk. A worker that cannot pause (400) gets the stop, or the TTL's release, instead.
+    Pause {
+        ttl: bool,
+    },
+    /// The worker reports the VM paused (not by us): record it.
+    MarkPaused {
+        activity_ms: u64,
+    },
     /// The worker reports the VM stopped (not by us): record it.
     MarkStopped {
         activity_ms: u64,
     },
-    /// The worker reports the stopped VM running again (an exec resumed it).
+    /// The worker reports the stopped or paused VM running again (an exec resumed it).
     Resume,
     /// Stopped for `backup_after_s` and not backed up yet: back the volume up (the VM stays).
     Backup,
@@ -92,7 +107,7 @@ impl Core {
         let now_ms = self.clock.now_ms();
         let now = Instant::now();
         let s = &self.cfg.sessions;
-        let (slots, lost_workers) = {
+        let (slots, lost_workers, policies) = {
             let st = self.state.lock();
             let slots: Vec<Arc<SessionSlot>> = st.sessions.values().cloned().collect();
             let lost: std::collections::HashSet<_> = st
@@ -101,7 +116,7 @@ impl Core {
                 .filter(|(_, w)| !w.live)
                 .map(|(id, _)| id.clone())
                 .collect();
-            (slots, lost)
+            (slots, lost, Policies::of(&st))
         };
         report.sessions = slots.len() as u32;
         for slot in slots {
@@ -119,16 +134,39 @@ impl Core {
                     report.actions += 1;
                     continue;
                 }
+                let policy = policies.of_session(&r.session);
                 match r.session.state {
                     SessionState::Running => {
                         let idle_for = now_ms.saturating_sub(d.idle_since_ms());
                         if now_ms >= r.session.expires_ms {
-                            Some(Action::End(End::Ttl))
+                            Some(match policy.ttl_action {
+                                TtlAction::Pause => Action::Pause { ttl: true },
+                                TtlAction::Release => Action::End(End::Ttl),
+                            })
                         } else if !d.busy
                             && r.idle_timeout_s
                                 .is_some_and(|t| idle_for >= t.saturating_mul(1000))
                         {
-                            Some(Action::Stop)
+                            Some(match policy.idle_action {
+                                IdleAction::Pause => Action::Pause { ttl: false },
+                                IdleAction::Stop => Action::Stop,
+                            })
+                        } else {
+                            None
+                        }
+                    }
+                    SessionState::Paused => {
+                        let paused_for = now_ms.saturating_sub(r.stopped_ms.unwrap_or(now_ms));
+                        let retention = policy
+                            .paused_retention_s
+                            .map_or(s.prune_after.as_millis() as u64, |t| t.saturating_mul(1000));
+                        if paused_for >= retention {
+                            Some(Action::End(End::Prune))
+                        } else if !r.backed_up
+                            && s.backup_after
+                                .is_some_and(|after| paused_for >= after.as_millis() as u64)
+                        {
+                            Some(Action::Backup)
                         } else {
                             None
                         }
@@ -172,6 +210,11 @@ impl Core {
             let result = match action {
                 Action::End(end) => core.end_locked(&slot, &guard, end).await.map(|_| ()),
                 Action::Stop => core.stop_locked(&slot, &guard).await,
+                Action::Pause { ttl } => core.idle_pause_locked(&slot, &guard, ttl).await,
+                Action::MarkPaused { activity_ms } => core
+                    .mark_paused_locked(&slot, &guard, activity_ms)
+                    .await
+                    .map_err(store_error),
                 Action::MarkStopped { activity_ms } => core
                     .mark_stopped_locked(&slot, &guard, activity_ms)
                     .await
@@ -340,7 +383,9 @@ impl Core {
         _guard: &OwnedMutexGuard<()>,
     ) -> Result<(), WireError> {
         let session = slot.view();
-        if session.state != SessionState::Stopped || slot.data.lock().rec.backed_up {
+        if !matches!(session.state, SessionState::Stopped | SessionState::Paused)
+            || slot.data.lock().rec.backed_up
+        {
             return Ok(());
         }
         if !self.state.lock().worker_live(&session.worker_id) {
@@ -396,15 +441,27 @@ impl Core {
         slot: &SessionSlot,
         _guard: &OwnedMutexGuard<()>,
     ) -> Result<(), StoreError> {
-        if slot.view().state != SessionState::Stopped {
+        let was = slot.view().state;
+        if !matches!(was, SessionState::Stopped | SessionState::Paused) {
             return Ok(());
         }
         let now = self.clock.now_ms();
         let session = self
             .persist(slot, |r| {
-                // Stopped time does not count against the TTL.
-                let paused = now.saturating_sub(r.ttl_paused_ms.unwrap_or(now));
-                r.session.expires_ms = r.session.expires_ms.saturating_add(paused);
+                let since = r.ttl_paused_ms.unwrap_or(now);
+                if r.session.expires_ms <= since {
+                    // Paused at the end of its TTL (`ttl_action = "pause"`): resumed, it gets
+                    // a whole TTL again.
+                    r.session.expires_ms = super::claim::expiry_ms(now, r.ttl_s);
+                } else {
+                    // Stopped or paused time does not count against the TTL.
+                    let paused = now.saturating_sub(since);
+                    r.session.expires_ms = r.session.expires_ms.saturating_add(paused);
+                }
+                if was == SessionState::Paused {
+                    r.session.paused_ms = None;
+                    r.session.resumed_ms = Some(now);
+                }
                 r.session.state = SessionState::Running;
                 r.session.last_used_ms = now;
                 r.stopped_ms = None;
@@ -418,9 +475,145 @@ impl Core {
             d.idle_base_ms = now;
             d.observed_activity = None;
         }
-        tracing::info!(session_id = %session.session_id, "stopped session resumed");
+        tracing::info!(session_id = %session.session_id, from = state_name(was), "session resumed");
         self.publish(&session, None);
         Ok(())
+    }
+
+    /// `sessions.<sid>.pause`.
+    pub(crate) async fn pause(self: &Arc<Self>, sid: &SessionId) -> Result<Session, WireError> {
+        let slot = self.slot(sid).ok_or_else(|| unknown_session(sid))?;
+        let guard = slot.op.clone().lock_owned().await;
+        let current = slot.view();
+        match current.state {
+            SessionState::Paused => return Ok(current),
+            SessionState::Running | SessionState::Stopped => {}
+            state => {
+                return Err(WireError::conflict(format!(
+                    "session {sid} has ended ({})",
+                    state_name(state)
+                )));
+            }
+        }
+        self.pause_locked(&slot, &guard).await?;
+        Ok(slot.view())
+    }
+
+    /// Sends the pause job and records the outcome. The worker answers 409 while a command or
+    /// file transfer holds the VM.
+    async fn pause_locked(
+        self: &Arc<Self>,
+        slot: &SessionSlot,
+        guard: &OwnedMutexGuard<()>,
+    ) -> Result<(), WireError> {
+        let session = slot.view();
+        if !self.state.lock().worker_live(&session.worker_id) {
+            return Err(WireError::no_capacity(
+                format!("the worker of session {} is not live", session.session_id),
+                1000,
+            ));
+        }
+        let op = JobOp::PauseVm {
+            vm_id: session.session_id.clone().into(),
+        };
+        let activity = match self
+            .api
+            .job(&session.worker_id, job(op), self.cfg.jobs.lifecycle)
+            .await
+        {
+            Ok(JobOutput::Vm { vm }) => vm.last_activity_ms,
+            Ok(other) => return Err(WireError::internal(format!("pause answered {other:?}"))),
+            Err(crate::worker_api::JobError::Failed(err)) => return Err(err),
+            Err(e) => return Err(WireError::internal(format!("pause: {e}"))),
+        };
+        tracing::info!(session_id = %session.session_id, "session paused");
+        self.mark_paused_locked(slot, guard, activity)
+            .await
+            .map_err(store_error)
+    }
+
+    /// The idle timeout's or the TTL's pause; a worker whose provider cannot pause (400) gets the
+    /// idle stop, or the TTL's release, instead.
+    async fn idle_pause_locked(
+        self: &Arc<Self>,
+        slot: &SessionSlot,
+        guard: &OwnedMutexGuard<()>,
+        ttl: bool,
+    ) -> Result<(), WireError> {
+        let session = slot.view();
+        if session.state != SessionState::Running || (!ttl && slot.data.lock().busy) {
+            return Ok(());
+        }
+        if !self.state.lock().worker_live(&session.worker_id) {
+            return Ok(());
+        }
+        match self.pause_locked(slot, guard).await {
+            Err(err) if err.code.as_u16() == 400 => {
+                tracing::warn!(session_id = %session.session_id, %err, "its worker cannot pause");
+                if ttl {
+                    self.end_locked(slot, guard, End::Ttl).await.map(drop)
+                } else {
+                    self.stop_locked(slot, guard).await
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn mark_paused_locked(
+        self: &Arc<Self>,
+        slot: &SessionSlot,
+        _guard: &OwnedMutexGuard<()>,
+        activity_ms: u64,
+    ) -> Result<(), StoreError> {
+        let was = slot.view().state;
+        if !matches!(was, SessionState::Running | SessionState::Stopped) {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        let session = self
+            .persist(slot, |r| {
+                r.session.state = SessionState::Paused;
+                r.session.paused_ms = Some(now);
+                r.stopped_ms = Some(now);
+                if was == SessionState::Running {
+                    r.ttl_paused_ms = Some(now);
+                }
+                r.stop_activity_ms = Some(activity_ms);
+            })
+            .await?;
+        slot.data.lock().observed_activity = Some(activity_ms);
+        self.publish(&session, None);
+        Ok(())
+    }
+
+    /// Resumes a paused session through its worker (a keepalive or a fork touches it) and
+    /// records it.
+    pub(crate) async fn start_locked(
+        self: &Arc<Self>,
+        slot: &SessionSlot,
+        guard: &OwnedMutexGuard<()>,
+    ) -> Result<(), WireError> {
+        let session = slot.view();
+        if !self.state.lock().worker_live(&session.worker_id) {
+            return Err(WireError::no_capacity(
+                format!("the worker of session {} is not live", session.session_id),
+                1000,
+            ));
+        }
+        let op = JobOp::StartVm {
+            vm_id: session.session_id.clone().into(),
+        };
+        match self
+            .api
+            .job(&session.worker_id, job(op), self.cfg.jobs.lifecycle)
+            .await
+        {
+            Ok(_) => {}
+            Err(crate::worker_api::JobError::Failed(err)) => return Err(err),
+            Err(e) => return Err(WireError::internal(format!("resume: {e}"))),
+        }
+        self.resume_locked(slot, guard).await.map_err(store_error)
     }
 
     async fn forget_locked(
@@ -462,13 +655,17 @@ impl Core {
             return Err(WireError::bad_request("ttl_s must be positive"));
         }
         let slot = self.slot(sid).ok_or_else(|| unknown_session(sid))?;
-        let _guard = slot.op.lock().await;
+        let guard = slot.op.clone().lock_owned().await;
         let current = slot.view();
         if current.state.is_terminal() {
             return Err(WireError::conflict(format!(
                 "session {sid} has ended ({})",
                 state_name(current.state)
             )));
+        }
+        if current.state == SessionState::Paused {
+            // A keepalive touches the session: a paused one is resumed first.
+            self.start_locked(&slot, &guard).await?;
         }
         let max = self.cfg.sessions.max_ttl.as_secs().max(1);
         let ttl = req
@@ -479,7 +676,10 @@ impl Core {
         self.persist(&slot, |r| {
             r.ttl_s = ttl;
             r.session.expires_ms = super::claim::expiry_ms(now, ttl);
-            if r.session.state == SessionState::Stopped {
+            if matches!(
+                r.session.state,
+                SessionState::Stopped | SessionState::Paused
+            ) {
                 r.ttl_paused_ms = Some(now);
             }
         })
@@ -498,7 +698,74 @@ pub(crate) fn state_name(state: SessionState) -> &'static str {
     match state {
         SessionState::Running => "running",
         SessionState::Stopped => "stopped",
+        SessionState::Paused => "paused",
         SessionState::Released => "released",
         SessionState::Lost => "lost",
+    }
+}
+
+/// What a session's template says its idle timeout and TTL do, resolved.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    pub idle_action: IdleAction,
+    pub ttl_action: TtlAction,
+    pub paused_retention_s: Option<u64>,
+}
+
+/// The lifetime policies of every template and which workers pause to disk, read once per pass.
+pub(crate) struct Policies {
+    templates: std::collections::HashMap<
+        hearth_messages::TemplateName,
+        (Option<IdleAction>, TtlAction, Option<u64>),
+    >,
+    pausing_workers: std::collections::HashSet<hearth_messages::WorkerId>,
+}
+
+impl Policies {
+    pub(crate) fn of(st: &super::state::State) -> Self {
+        let templates = st
+            .templates
+            .iter()
+            .filter_map(|(name, t)| {
+                let c = t.config.as_ref()?;
+                Some((
+                    name.clone(),
+                    (c.idle_action, c.ttl_action, c.paused_retention_s),
+                ))
+            })
+            .collect();
+        let pausing_workers = st
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                w.status.as_ref().is_some_and(|s| {
+                    crate::config::PAUSING_PROVIDERS.contains(&s.provider.as_str())
+                })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        Self {
+            templates,
+            pausing_workers,
+        }
+    }
+
+    /// The policy of `session` (its template's, defaulted).
+    pub(crate) fn of_session(&self, session: &Session) -> Policy {
+        let (idle, ttl_action, paused_retention_s) = self
+            .templates
+            .get(&session.template)
+            .copied()
+            .unwrap_or((None, TtlAction::Release, None));
+        let idle_action = idle.unwrap_or(if self.pausing_workers.contains(&session.worker_id) {
+            IdleAction::Pause
+        } else {
+            IdleAction::Stop
+        });
+        Policy {
+            idle_action,
+            ttl_action,
+            paused_retention_s,
+        }
     }
 }

@@ -17,6 +17,7 @@
 //! - A session whose VM its worker reports `busy` is never idle-stopped.
 
 mod claim;
+mod fork;
 mod lifetimes;
 mod observe;
 mod pool;
@@ -402,6 +403,38 @@ impl Scheduler {
         self.core.keepalive(sid, req).await
     }
 
+    /// `sessions.<sid>.pause` as the operator.
+    pub async fn pause(&self, sid: &SessionId) -> Result<Session, WireError> {
+        self.pause_as(&Caller::Operator, sid).await
+    }
+
+    /// `sessions.<sid>.pause`: saves the session's VM to its worker's disk (404 unless the caller
+    /// owns it; 409 if it has ended or a command runs in it). Pausing a paused session returns it.
+    pub async fn pause_as(&self, caller: &Caller, sid: &SessionId) -> Result<Session, WireError> {
+        self.core.owned_slot(caller, sid)?;
+        self.core.pause(sid).await
+    }
+
+    /// `sessions.<sid>.fork` as the operator.
+    pub async fn fork(
+        &self,
+        sid: &SessionId,
+        req: hearth_messages::ForkSessionRequest,
+    ) -> Result<hearth_messages::ForkSessionReply, WireError> {
+        self.fork_as(&Caller::Operator, sid, req).await
+    }
+
+    /// `sessions.<sid>.fork`: branches the session into `req.count` new ones (404 unless the
+    /// caller owns it; 429 when the copies do not fit its quota).
+    pub async fn fork_as(
+        &self,
+        caller: &Caller,
+        sid: &SessionId,
+        req: hearth_messages::ForkSessionRequest,
+    ) -> Result<hearth_messages::ForkSessionReply, WireError> {
+        self.core.fork(caller, sid, req).await
+    }
+
     /// `sessions.<sid>.release` as the operator.
     pub async fn release(&self, sid: &SessionId) -> Result<Session, WireError> {
         self.release_as(&Caller::Operator, sid).await
@@ -729,7 +762,7 @@ impl Core {
     /// Sets the sessions-by-state gauge.
     fn session_gauges(&self) {
         let slots: Vec<_> = self.state.lock().sessions.values().cloned().collect();
-        let mut counts = [0u64; 4];
+        let mut counts = [0u64; 5];
         let mut by_tenant: std::collections::HashMap<Option<hearth_messages::TenantId>, u64> =
             Default::default();
         for s in &slots {
@@ -748,10 +781,11 @@ impl Core {
                 SessionState::Stopped => 1,
                 SessionState::Released => 2,
                 SessionState::Lost => 3,
+                SessionState::Paused => 4,
             };
             counts[i] += 1;
         }
-        for (i, state) in ["running", "stopped", "released", "lost"]
+        for (i, state) in ["running", "stopped", "released", "lost", "paused"]
             .iter()
             .enumerate()
         {

@@ -631,9 +631,14 @@ fn observe_session_vm(d: &mut SessionData, vm: &VmInfo, at_ms: u64, now_ms: u64)
         (SessionState::Running, VmState::Stopped) => Some(Action::MarkStopped {
             activity_ms: vm.last_activity_ms,
         }),
+        (SessionState::Running | SessionState::Stopped, VmState::Paused) => {
+            Some(Action::MarkPaused {
+                activity_ms: vm.last_activity_ms,
+            })
+        }
         // Resumed by an exec. A report taken before our stop (still "running") is told apart by
         // the worker's own clock: the stop reply's activity stamp is the stop time on that clock.
-        (SessionState::Stopped, VmState::Running)
+        (SessionState::Stopped | SessionState::Paused, VmState::Running)
             if vm.last_activity_ms > d.rec.stop_activity_ms.unwrap_or(0)
                 || at_ms > d.rec.stop_activity_ms.unwrap_or(0) =>
         {

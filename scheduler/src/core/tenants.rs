@@ -124,6 +124,35 @@ impl Core {
         Ok(())
     }
 
+    /// Admits `count` new sessions of `tenant` at once (a fork, under the state lock, before any
+    /// work): its live sessions, its claims in flight and the copies stay within `max_sessions`.
+    pub(crate) fn admit_fork(
+        &self,
+        st: &mut State,
+        tenant: &TenantId,
+        count: usize,
+    ) -> Result<(), WireError> {
+        let quota = self.quota(st, tenant);
+        let pending = st
+            .claims
+            .values()
+            .filter(|c| c.tenant.as_ref() == Some(tenant))
+            .count();
+        let live = Core::live_sessions(st, tenant) + pending;
+        if live + count > quota.max_sessions as usize {
+            return Err(self.over_quota(
+                tenant,
+                "sessions",
+                format!(
+                    "tenant {tenant} has {live} live sessions and a fork of {count} would pass its quota of {}",
+                    quota.max_sessions
+                ),
+                None,
+            ));
+        }
+        Ok(())
+    }
+
     fn too_many_sessions(&self, tenant: &TenantId, live: usize, quota: &Quota) -> WireError {
         self.over_quota(
             tenant,

@@ -125,6 +125,7 @@ impl FleetWorker {
                 let state = match v.state {
                     hearth_worker::provider::VmState::Running => VmState::Running,
                     hearth_worker::provider::VmState::Stopped => VmState::Stopped,
+                    hearth_worker::provider::VmState::Paused => VmState::Paused,
                     hearth_worker::provider::VmState::Destroyed => VmState::Destroyed,
                 };
                 (v.vm_id, state)
@@ -157,6 +158,7 @@ impl FleetWorker {
             state: match view.state {
                 hearth_worker::provider::VmState::Running => VmState::Running,
                 hearth_worker::provider::VmState::Stopped => VmState::Stopped,
+                hearth_worker::provider::VmState::Paused => VmState::Paused,
                 hearth_worker::provider::VmState::Destroyed => VmState::Destroyed,
             },
             template: view.template,
@@ -342,7 +344,10 @@ impl Fleet {
     pub async fn exec(&self, worker: &str, vm: &str) {
         let w = self.worker(worker);
         let id = VmId::new(vm).unwrap();
-        if w.vms().await.get(&id) == Some(&VmState::Stopped) {
+        if matches!(
+            w.vms().await.get(&id),
+            Some(&VmState::Stopped | &VmState::Paused)
+        ) {
             w.provider.start_vm(&id).await.unwrap();
         }
         w.provider

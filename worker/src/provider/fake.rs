@@ -45,6 +45,7 @@ pub enum FakeOp {
     Create,
     Start,
     Stop,
+    Pause,
     Snapshot,
     Destroy,
     Rename,
@@ -405,6 +406,19 @@ impl VmProvider for FakeProvider {
         lifecycle::check_stop(vm_id, vm.view.state)?;
         let now = now_ms();
         vm.view.state = VmState::Stopped;
+        vm.view.stopped_ms = Some(now);
+        vm.view.last_activity_ms = now;
+        vm.epoch += 1;
+        Ok(vm.view.clone())
+    }
+
+    async fn pause_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
+        self.enter(FakeOp::Pause).await?;
+        let mut state = self.state.lock();
+        let vm = state.vm_mut(vm_id)?;
+        lifecycle::check_pause(vm_id, vm.view.state)?;
+        let now = now_ms();
+        vm.view.state = VmState::Paused;
         vm.view.stopped_ms = Some(now);
         vm.view.last_activity_ms = now;
         vm.epoch += 1;

@@ -79,6 +79,26 @@ pub trait VmProvider: Send + Sync + 'static {
     /// destroyed. The volume is kept.
     async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError>;
 
+    /// `Running` or `Stopped` -> `Paused`: the VM's whole state (memory and devices with its
+    /// processes) is kept for [`start_vm`](Self::start_vm) to resume exactly where it was. The VMM
+    /// backends write it to the worker's disk and end the VMM (no host memory while paused); the
+    /// process backend freezes the sandbox's processes (their memory stays resident). The pause is
+    /// durable: a reopened provider still holds the VM `Paused`. A pause that fails leaves the VM
+    /// as it was (a full disk included: `NoSpace`). `InvalidState` if paused or destroyed,
+    /// `Unsupported` where the backend cannot.
+    async fn pause_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
+        let _ = vm_id;
+        Err(ProviderError::Unsupported(format!(
+            "the {} provider cannot pause vms",
+            self.name()
+        )))
+    }
+
+    /// Bytes of paused VM state this provider holds on disk (for the worker's gauge).
+    fn paused_bytes(&self) -> u64 {
+        0
+    }
+
     /// Captures the VM (running or stopped) as snapshot `snapshot_id`. `AlreadyExists` if the snapshot
     /// exists, `InvalidState` if the VM is destroyed.
     async fn snapshot_vm(
@@ -216,6 +236,8 @@ impl<T> VmRuntime for T where T: VmProvider + VmQuery {}
 pub enum VmState {
     Running,
     Stopped,
+    /// Paused to disk (VMM backends) or frozen (process): resumed by `start_vm`.
+    Paused,
     Destroyed,
 }
 
@@ -225,6 +247,7 @@ impl VmState {
         match self {
             VmState::Running => "running",
             VmState::Stopped => "stopped",
+            VmState::Paused => "paused",
             VmState::Destroyed => "destroyed",
         }
     }
@@ -246,7 +269,7 @@ pub struct VmView {
     pub created_ms: u64,
     /// Last exec, file transfer or lifecycle change; drives idle stop.
     pub last_activity_ms: u64,
-    /// When the VM was last stopped; `None` while running.
+    /// When the VM was last stopped or paused; `None` while running.
     pub stopped_ms: Option<u64>,
     /// The snapshot the VM was restored from; `None` for a cold boot.
     pub restored_from: Option<SnapshotId>,
@@ -706,13 +729,25 @@ pub(crate) mod lifecycle {
             VmState::Stopped => Err(ProviderError::InvalidState(format!(
                 "vm {vm_id} is stopped"
             ))),
+            VmState::Paused => Err(ProviderError::InvalidState(format!("vm {vm_id} is paused"))),
+            VmState::Destroyed => Err(ProviderError::vm_destroyed(vm_id)),
+        }
+    }
+
+    /// A pause needs a VM that is running or stopped.
+    pub(crate) fn check_pause(vm_id: &VmId, state: VmState) -> Result<(), ProviderError> {
+        match state {
+            VmState::Running | VmState::Stopped => Ok(()),
+            VmState::Paused => Err(ProviderError::InvalidState(format!(
+                "vm {vm_id} is already paused"
+            ))),
             VmState::Destroyed => Err(ProviderError::vm_destroyed(vm_id)),
         }
     }
 
     pub(crate) fn check_start(vm_id: &VmId, state: VmState) -> Result<(), ProviderError> {
         match state {
-            VmState::Stopped => Ok(()),
+            VmState::Stopped | VmState::Paused => Ok(()),
             VmState::Running => Err(ProviderError::InvalidState(format!(
                 "vm {vm_id} is already running"
             ))),
@@ -723,6 +758,7 @@ pub(crate) mod lifecycle {
     pub(crate) fn check_stop(vm_id: &VmId, state: VmState) -> Result<(), ProviderError> {
         match state {
             VmState::Running => Ok(()),
+            VmState::Paused => Err(ProviderError::InvalidState(format!("vm {vm_id} is paused"))),
             VmState::Stopped => Err(ProviderError::InvalidState(format!(
                 "vm {vm_id} is already stopped"
             ))),
@@ -772,6 +808,13 @@ pub(crate) fn probe_version(bin: &Path) -> Result<String, ProviderError> {
         .unwrap_or_default()
         .trim()
         .to_owned())
+}
+
+/// Free bytes (for unprivileged users) on the file system holding `dir`: whether paused state
+/// fits, and the worker's disk gauge.
+pub fn disk_free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(stat.blocks_available().saturating_mul(stat.fragment_size()))
 }
 
 /// Now as unix milliseconds.

@@ -55,7 +55,7 @@ impl RunnerCore {
                 let victim = vms
                     .iter()
                     .filter(|v| {
-                        v.state == VmState::Stopped
+                        matches!(v.state, VmState::Stopped | VmState::Paused)
                             && &v.vm_id != creating
                             && !inner.evicting.contains_key(&v.vm_id)
                             && !inner.locks.is_busy(&v.vm_id)
@@ -96,7 +96,7 @@ impl RunnerCore {
                     return Ok(reservation);
                 }
                 Some(view)
-                    if view.state == VmState::Stopped
+                    if matches!(view.state, VmState::Stopped | VmState::Paused)
                         && (view.last_activity_ms, view.stopped_ms) == chosen =>
                 {
                     info!(%vm_id, "evicting the oldest stopped vm to make room");

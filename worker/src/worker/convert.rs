@@ -12,6 +12,7 @@ impl From<VmState> for hearth_messages::VmState {
         match state {
             VmState::Running => hearth_messages::VmState::Running,
             VmState::Stopped => hearth_messages::VmState::Stopped,
+            VmState::Paused => hearth_messages::VmState::Paused,
             VmState::Destroyed => hearth_messages::VmState::Destroyed,
         }
     }

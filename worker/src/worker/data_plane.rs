@@ -189,7 +189,7 @@ impl Worker {
         respond(&self.inner.nats, request, reply).await;
     }
 
-    /// Takes the VM's lock and makes sure the VM is running (resuming a stopped one).
+    /// Takes the VM's lock and makes sure the VM is running (resuming a stopped or paused one).
     pub(super) async fn lock_running(
         &self,
         vm_id: &VmId,
@@ -210,12 +210,8 @@ impl Worker {
                 VmState::Destroyed => Err(WireError::conflict(format!(
                     "session {vm_id} has ended (its vm is destroyed)"
                 ))),
-                VmState::Stopped => {
-                    inner
-                        .provider
-                        .start_vm(vm_id)
-                        .await
-                        .map_err(|e| wire_error(&e))?;
+                VmState::Stopped | VmState::Paused => {
+                    inner.start_vm(vm_id).await.map_err(|e| wire_error(&e))?;
                     inner.vm_event(vm_id, VmState::Running, None, None).await;
                     Ok(guard)
                 }

@@ -39,8 +39,17 @@ impl Inner {
             .iter()
             .filter(|v| v.state == hearth_messages::VmState::Running)
             .count();
+        let paused = vms
+            .iter()
+            .filter(|v| v.state == hearth_messages::VmState::Paused)
+            .count();
         metrics::gauge!(m::VMS, "state" => "running").set(running as f64);
-        metrics::gauge!(m::VMS, "state" => "stopped").set((vms.len() - running) as f64);
+        metrics::gauge!(m::VMS, "state" => "stopped").set((vms.len() - running - paused) as f64);
+        metrics::gauge!(m::VMS, "state" => "paused").set(paused as f64);
+        metrics::gauge!(m::PAUSED_BYTES).set(self.provider.paused_bytes() as f64);
+        if let Ok(free) = crate::provider::disk_free_bytes(&self.config.data_dir) {
+            metrics::gauge!(m::DATA_DISK_FREE_BYTES).set(free as f64);
+        }
         let used_vms = vms.len() as u32;
         // A digest and the changes, not every VM: the heartbeat stays small at any inventory.
         let inventory = self.inventory.observe(vms);

@@ -150,6 +150,15 @@ impl RunnerCore {
         if let JobOp::DestroyVm { vm_id, .. } | JobOp::StopVm { vm_id } = &op {
             inner.end_work(vm_id);
         }
+        // A pause does not wait behind a command or file transfer: the caller is told (409) and
+        // may try again (pausing would freeze the command half way).
+        if let JobOp::PauseVm { vm_id } = &op
+            && inner.locks.is_busy(vm_id)
+        {
+            return Err(WireError::conflict(format!(
+                "vm {vm_id} is busy (a command or file transfer is running): not paused"
+            )));
+        }
         // The VM's lock before a job slot: a job waiting for a busy VM holds no slot, so jobs on
         // other VMs (creates above all) never queue behind it.
         let vm_lock = match op.vm_id() {
@@ -200,7 +209,7 @@ impl RunnerCore {
                 session,
             } => self.create(vm_id, spec, session, tenant).await,
             JobOp::StartVm { vm_id } => {
-                let view = provider.start_vm(&vm_id).await.map_err(werr)?;
+                let view = inner.start_vm(&vm_id).await.map_err(werr)?;
                 inner
                     .vm_event(&view.vm_id, VmState::Running, None, None)
                     .await;
@@ -212,6 +221,20 @@ impl RunnerCore {
                 let view = provider.stop_vm(&vm_id).await.map_err(werr)?;
                 inner
                     .vm_event(&view.vm_id, VmState::Stopped, None, None)
+                    .await;
+                Ok(JobOutput::Vm {
+                    vm: inner.vm_info(view),
+                })
+            }
+            JobOp::PauseVm { vm_id } => {
+                let started = Instant::now();
+                let paused = provider.pause_vm(&vm_id).await;
+                let result = if paused.is_ok() { "ok" } else { "error" };
+                metrics::histogram!(m::PAUSE_DURATION, "result" => result)
+                    .record(started.elapsed().as_secs_f64());
+                let view = paused.map_err(werr)?;
+                inner
+                    .vm_event(&view.vm_id, VmState::Paused, None, None)
                     .await;
                 Ok(JobOutput::Vm {
                     vm: inner.vm_info(view),

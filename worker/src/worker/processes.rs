@@ -240,7 +240,7 @@ impl Worker {
     }
 
     /// A running VM is used as it is (no lock: background work runs beside foreground work); a
-    /// stopped one is resumed under its lock, as for an exec.
+    /// stopped or paused one is resumed under its lock, as for an exec.
     async fn resume_if_stopped(&self, vm_id: &VmId) -> Result<(), WireError> {
         let view = self
             .inner
@@ -250,7 +250,7 @@ impl Worker {
             .map_err(|e| wire_error(&e))?;
         match view.map(|v| v.state) {
             Some(VmState::Running) => Ok(()),
-            Some(VmState::Stopped) => self.lock_running(vm_id).await.map(drop),
+            Some(VmState::Stopped | VmState::Paused) => self.lock_running(vm_id).await.map(drop),
             Some(VmState::Destroyed) => Err(WireError::conflict(format!(
                 "session {vm_id} has ended (its vm is destroyed)"
             ))),

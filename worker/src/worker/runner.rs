@@ -206,6 +206,26 @@ impl RunnerCore {
         }
     }
 
+    /// Starts a stopped or paused VM (resume on touch, `start_vm` jobs); a resume from pause is
+    /// timed. The caller holds the VM's lock.
+    pub(super) async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
+        let paused = matches!(
+            self.provider.get_vm(vm_id).await?,
+            Some(v) if v.state == VmState::Paused
+        );
+        let started = std::time::Instant::now();
+        let result = self.provider.start_vm(vm_id).await;
+        if paused {
+            let label = if result.is_ok() { "ok" } else { "error" };
+            metrics::histogram!(crate::metrics::RESUME_DURATION, "result" => label)
+                .record(started.elapsed().as_secs_f64());
+            if let Err(e) = &result {
+                warn!(%vm_id, error = %e, "resuming a paused vm failed");
+            }
+        }
+        result
+    }
+
     /// Tells the host a VM changed state.
     pub(super) async fn vm_event(
         &self,

@@ -20,6 +20,7 @@ from ._version import __version__
 from .aio import (
     AsyncExecStream,
     AsyncFiles,
+    AsyncForkResult,
     AsyncHearth,
     AsyncPools,
     AsyncSession,
@@ -44,6 +45,7 @@ from .processes import AsyncProcess, AsyncProcesses, AsyncProcessStream
 from .sync import (
     ExecStream,
     Files,
+    ForkResult,
     Hearth,
     Pools,
     Process,
@@ -68,6 +70,7 @@ from .types import (
 __all__ = [
     "AsyncExecStream",
     "AsyncFiles",
+    "AsyncForkResult",
     "AsyncHearth",
     "AsyncPools",
     "AsyncProcess",
@@ -83,6 +86,7 @@ __all__ = [
     "ExecResult",
     "ExecStream",
     "Files",
+    "ForkResult",
     "Hearth",
     "HearthError",
     "HearthServerError",

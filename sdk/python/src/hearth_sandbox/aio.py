@@ -18,6 +18,7 @@ import os
 import posixpath
 import ssl
 import uuid
+from dataclasses import dataclass
 from typing import (
     Any,
     Awaitable,
@@ -27,6 +28,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Tuple,
     Type,
     Union,
 )
@@ -44,12 +46,14 @@ from .errors import (
     InsufficientStorage,
     SessionEnded,
     Unavailable,
+    error_for_code,
 )
 from .processes import AsyncProcesses
 from .types import Chunk, ExecResult, PoolStatus, SessionInfo, Template
 
 __all__ = [
     "AsyncExecStream",
+    "AsyncForkResult",
     "AsyncFiles",
     "AsyncHearth",
     "AsyncPools",
@@ -422,6 +426,70 @@ class AsyncSession:
         self.info = SessionInfo.from_wire(await self._control("release", {}))
         return self.info
 
+    async def pause(self) -> SessionInfo:
+        """Pauses the session to disk: its VM's memory, running programs and files are kept and
+        the VM ends (no host memory on VM workers). The next exec, file transfer or keepalive
+        resumes it where it was. Pausing a paused session is fine.
+
+        Raises:
+            Conflict: A command or file transfer is running in it (retry when it is done), or it
+                has ended.
+        """
+        self.info = SessionInfo.from_wire(
+            await self._control("pause", {}, self._transport.timeouts.snapshot_s)
+        )
+        return self.info
+
+    async def fork(
+        self,
+        count: int,
+        *,
+        ttl_s: Optional[int] = None,
+        labels: Optional[Mapping[str, str]] = None,
+    ) -> "AsyncForkResult":
+        """Branches the session into ``count`` new sessions: each sees this session's files (and,
+        on VM workers, its memory: programs it runs run on in every copy) as they are now, with
+        an identity of its own (host name, machine id, random stream), and diverges from then
+        on. The copies' ids are generated here, so the call is retried safely.
+
+        Returns:
+            The copies made and, separately, those that could not be made (partial success).
+
+        Raises:
+            QuotaExceeded: The copies do not fit the tenant's session quota (nothing was done).
+        """
+        body: Dict[str, Any] = {
+            "count": _wire.check_int(count, "count", 1, 64),
+            "session_ids": [new_session_id() for _ in range(count)],
+        }
+        if ttl_s is not None:
+            body["ttl_s"] = _wire.check_int(ttl_s, "ttl_s", 1)
+        if labels is not None:
+            body["labels"] = _wire.check_labels(labels)
+        reply = await self._control("fork", body, self._transport.timeouts.snapshot_s * 2)
+        sessions = [
+            AsyncSession(self._transport, SessionInfo.from_wire(s))
+            for s in reply.get("sessions") or []
+            if isinstance(s, dict)
+        ]
+        failed: List[Tuple[Optional[str], HearthError]] = []
+        for f in reply.get("failed") or []:
+            if not isinstance(f, dict):
+                continue
+            raw = f.get("error")
+            err: Dict[str, Any] = raw if isinstance(raw, dict) else {}
+            code = err.get("code")
+            failed.append((
+                f.get("session_id") if isinstance(f.get("session_id"), str) else None,
+                error_for_code(
+                    code if isinstance(code, int) else 500,
+                    str(err.get("message", "")),
+                    subject=self._subject("fork"),
+                    retry_after_ms=err.get("retry_after_ms"),
+                ),
+            ))
+        return AsyncForkResult(sessions, failed)
+
     async def snapshot(self, template: str, *, min_ready: Optional[int] = None) -> Template:
         """Captures the session's VM as a new template others can create sessions from.
 
@@ -565,6 +633,15 @@ class AsyncSession:
 
 def _with_output(result: ExecResult, stdout: bytes, stderr: bytes) -> ExecResult:
     return dataclasses.replace(result, stdout=stdout, stderr=stderr)
+
+
+@dataclass
+class AsyncForkResult:
+    """What :meth:`AsyncSession.fork` made: the copies, and ``(session_id, error)`` for each copy
+    that could not be made."""
+
+    sessions: List[AsyncSession]
+    failed: List[Tuple[Optional[str], HearthError]]
 
 
 class AsyncExecStream:

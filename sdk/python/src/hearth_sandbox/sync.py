@@ -14,6 +14,7 @@ Callbacks (``on_stdout`` / ``on_stderr``) run in the caller's thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import ssl
 import threading
@@ -348,6 +349,22 @@ class Session:
         """Ends the session now. Releasing twice is fine."""
         return self._client._run(self._async.release())
 
+    def pause(self) -> SessionInfo:
+        """Pauses the session to disk; the next exec, file transfer or keepalive resumes it (see
+        :meth:`AsyncSession.pause`)."""
+        return self._client._run(self._async.pause())
+
+    def fork(
+        self,
+        count: int,
+        *,
+        ttl_s: Optional[int] = None,
+        labels: Optional[Mapping[str, str]] = None,
+    ) -> "ForkResult":
+        """Branches the session into ``count`` copies (see :meth:`AsyncSession.fork`)."""
+        result = self._client._run(self._async.fork(count, ttl_s=ttl_s, labels=labels))
+        return ForkResult([Session(self._client, s) for s in result.sessions], result.failed)
+
     def snapshot(self, template: str, *, min_ready: Optional[int] = None) -> Template:
         """Captures the session as a new template (not retried; 409 if the name exists)."""
         return self._client._run(self._async.snapshot(template, min_ready=min_ready))
@@ -449,6 +466,15 @@ class Session:
             if exc is None:
                 raise
             log.warning("releasing %s after an error failed: %s", self.session_id, err)
+
+
+@dataclasses.dataclass
+class ForkResult:
+    """What :meth:`Session.fork` made: the copies, and ``(session_id, error)`` for each copy that
+    could not be made."""
+
+    sessions: List["Session"]
+    failed: List[Tuple[Optional[str], HearthError]]
 
 
 class ExecStream:

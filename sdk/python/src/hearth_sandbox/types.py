@@ -82,7 +82,8 @@ class SessionInfo:
 
     session_id: str
     template: str = ""
-    #: ``running``, ``stopped``, ``released`` or ``lost`` (or a newer value: treat as unusable).
+    #: ``running``, ``stopped``, ``paused``, ``released`` or ``lost`` (or a newer value: treat as
+    #: unusable). ``stopped`` and ``paused`` sessions are resumed by the next exec or file transfer.
     state: str = ""
     #: The worker holding the VM (informational).
     worker_id: str = ""
@@ -94,6 +95,10 @@ class SessionInfo:
     last_used_ms: int = 0
     labels: Dict[str, str] = field(default_factory=dict)
     isolation: Optional[IsolationReport] = None
+    #: When it was paused (unix ms), while ``paused``.
+    paused_ms: Optional[int] = None
+    #: When it was last resumed from a pause (unix ms).
+    resumed_ms: Optional[int] = None
 
     @property
     def is_terminal(self) -> bool:
@@ -113,6 +118,8 @@ class SessionInfo:
             last_used_ms=_int(wire, "last_used_ms"),
             labels=_labels(wire, "labels"),
             isolation=IsolationReport.from_wire(wire.get("isolation")),
+            paused_ms=_opt_int(wire, "paused_ms"),
+            resumed_ms=_opt_int(wire, "resumed_ms"),
         )
 
 

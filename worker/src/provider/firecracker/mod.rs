@@ -466,6 +466,7 @@ impl Inner {
             machine: machine_spec,
             instance: machine.vmm.instance.clone(),
             identity_pending: false,
+            paused: None,
         };
         let meta = VmMeta::created(vm_id, spec, snapshot.as_ref(), backend);
         let view = meta.view();

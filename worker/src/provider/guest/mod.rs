@@ -205,7 +205,20 @@ pub(crate) struct GuestVm<M> {
     /// Renamed while stopped: the guest gets its new identity on the next start.
     #[serde(default)]
     pub identity_pending: bool,
+    /// Paused to disk: what its state file (`paused.state` in the VM's directory) must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<PausedState>,
 }
+
+/// The state file of a VM paused to disk, as recorded when it was written.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PausedState {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// The name of a paused VM's state file in its directory.
+pub(crate) const PAUSED_STATE: &str = "paused.state";
 
 /// Rejects a VM size the VMM cannot give (the same rule on every VMM; only the vCPU limit
 /// differs): vCPUs in `1..=max_vcpus`, memory in `128..=1048576` MiB.

@@ -84,6 +84,15 @@ impl VmmProcess {
         Ok(process)
     }
 
+    /// No process: the VMM of a VM paused to disk (its state is in a file, its process ended).
+    /// Killing it does nothing; it counts as ended and dead from the start.
+    pub(crate) fn none(name: &'static str, instance: String) -> Self {
+        let process = Self::new(name, instance, 0, false);
+        process.end();
+        process.dead.cancel();
+        process
+    }
+
     /// A VMM process left by a previous provider (not our child), found alive at `pid`.
     pub(crate) fn adopted(name: &'static str, instance: String, pid: i32) -> Self {
         Self::new(name, instance, pid, false)
@@ -177,6 +186,10 @@ pub(crate) fn is_ours(pid: i32, instance: &str) -> bool {
 
 /// SIGKILL, ignoring a process that is already gone.
 pub(crate) fn signal_kill(pid: i32) {
+    // 0 and negative pids name process groups (our own, for 0): never a VMM.
+    if pid <= 0 {
+        return;
+    }
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,

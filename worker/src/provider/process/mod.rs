@@ -54,6 +54,7 @@ use super::{
 mod archive;
 mod config;
 mod disk;
+mod freeze;
 mod limits;
 pub(crate) mod network;
 pub mod sandbox;
@@ -644,6 +645,11 @@ impl VmProvider for ProcessProvider {
                 meta.mark_running();
                 write_json_atomic(&slot.dir.join("meta.json"), &meta)?;
                 slot.meta = meta;
+                // A paused VM's processes go on where they were (after a worker restart there
+                // are none: its sandbox starts afresh on the volume).
+                if let Some(sandbox) = &slot.runtime {
+                    sandbox.thaw();
+                }
                 info!(%vm_id, "started vm");
                 Ok(slot.meta.view())
             })
@@ -666,6 +672,30 @@ impl VmProvider for ProcessProvider {
             slot.meta = meta;
             kill_sandbox(&mut slot);
             info!(%vm_id, "stopped vm");
+            Ok(slot.meta.view())
+        })
+        .await
+    }
+
+    async fn pause_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
+        let record = self.inner.registry.record(vm_id)?;
+        let vm_id = vm_id.clone();
+        blocking(move || {
+            let mut slot = record.slot.lock();
+            lifecycle::check_pause(&vm_id, slot.meta.state)?;
+            if let Some(sandbox) = slot.runtime.as_ref().filter(|s| !s.is_dead()) {
+                sandbox.freeze()?;
+            }
+            let mut meta = slot.meta.clone();
+            meta.mark_paused();
+            if let Err(e) = write_json_atomic(&slot.dir.join("meta.json"), &meta) {
+                if let Some(sandbox) = &slot.runtime {
+                    sandbox.thaw();
+                }
+                return Err(e);
+            }
+            slot.meta = meta;
+            info!(%vm_id, "paused vm (its processes frozen)");
             Ok(slot.meta.view())
         })
         .await

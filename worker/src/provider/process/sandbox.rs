@@ -36,6 +36,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::freeze::{self, Frozen};
 use super::limits::SandboxCgroup;
 use super::network::Egress;
 use crate::provider::agent::{AgentCallError, AgentLink};
@@ -170,9 +171,35 @@ pub(crate) struct Sandbox {
     limits: Option<SandboxCgroup>,
     /// The sandbox's user-mode network, for egress templates.
     egress: parking_lot::Mutex<Option<Egress>>,
+    /// Set while the sandbox is paused: how its processes are frozen.
+    frozen: parking_lot::Mutex<Option<Frozen>>,
 }
 
 impl Sandbox {
+    /// Freezes every process of the sandbox (see `freeze.rs`); a no-op if frozen. Blocking.
+    pub(crate) fn freeze(&self) -> Result<(), ProviderError> {
+        let mut frozen = self.frozen.lock();
+        if frozen.is_none() {
+            let list = || {
+                let extra = self
+                    .limits
+                    .as_ref()
+                    .map(SandboxCgroup::pids)
+                    .unwrap_or_default();
+                freeze::sandbox_pids(self.pid, &extra)
+            };
+            *frozen = Some(freeze::freeze(&self.pid.to_string(), list)?);
+        }
+        Ok(())
+    }
+
+    /// Lets a frozen sandbox run again; a no-op if not frozen. Blocking.
+    pub(crate) fn thaw(&self) {
+        if let Some(frozen) = self.frozen.lock().take() {
+            freeze::thaw(frozen);
+        }
+    }
+
     /// The agent is gone (killed, crashed, or the sandbox was stopped).
     pub(crate) fn is_dead(&self) -> bool {
         self.link.is_closed()
@@ -194,6 +221,8 @@ impl Sandbox {
     /// for the init once it has entered its user namespace: the credential change clears the
     /// parent-death signal, so it is killed by pid here.)
     pub(crate) fn kill(&self) {
+        // A frozen process does not even die until thawed.
+        self.thaw();
         self.egress.lock().take();
         if self.pid > 0
             && let Ok(children) =
@@ -506,6 +535,7 @@ impl Launcher {
             link: AgentLink::attached(stream),
             limits: spec.limits,
             egress: parking_lot::Mutex::new(None),
+            frozen: parking_lot::Mutex::new(None),
         });
         match sandbox.link.ready(Instant::now() + START_TIMEOUT).await {
             Ok(_) => {

@@ -1,6 +1,7 @@
 //! Snapshot state in and out of QEMU: loading a snapshot's migration stream into a paused QEMU
 //! (with its checksum checked in parallel) and waiting for a migration to finish.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,13 @@ use crate::provider::registry::SnapshotMeta;
 use crate::provider::registry::state_root::sha256_file;
 use crate::provider::{ProviderError, VmId};
 
+/// A migration stream on disk and what it must match.
+pub(super) struct SavedState<'a> {
+    pub path: &'a Path,
+    pub sha256: &'a str,
+    pub bytes: u64,
+}
+
 impl Inner {
     /// Loads a snapshot's state into a freshly launched, paused QEMU and checks its checksum (in
     /// parallel: a mismatch fails the restore as soon as it is known).
@@ -25,38 +33,63 @@ impl Inner {
     ) -> Result<(), ProviderError> {
         let snapshot_id = &snapshot.snapshot_id;
         let state = self.snapshot_dir(snapshot_id).join("state");
+        let saved = SavedState {
+            path: &state,
+            sha256: &snapshot.backend.state_sha256,
+            bytes: snapshot.backend.state_bytes,
+        };
+        self.load_state_file(
+            vm_id,
+            machine,
+            &saved,
+            &format!("snapshot {snapshot_id}"),
+            self.config.verify_snapshots,
+        )
+        .await
+    }
+
+    /// Loads the migration stream `saved` into a freshly launched, paused QEMU; `what` names it in errors (a snapshot, a paused VM's state).
+    /// A state that is missing, of the wrong size, fails its checksum (checked with `verify`) or
+    /// is refused by QEMU is `InvalidArgument`.
+    pub(super) async fn load_state_file(
+        &self,
+        vm_id: &VmId,
+        machine: &Arc<Machine>,
+        saved: &SavedState<'_>,
+        what: &str,
+        verify: bool,
+    ) -> Result<(), ProviderError> {
+        let (state, state_sha256, state_bytes) = (saved.path, saved.sha256, saved.bytes);
         let corrupt = |detail: String| {
-            ProviderError::InvalidArgument(format!(
-                "snapshot {snapshot_id} cannot be restored: {detail}"
-            ))
+            ProviderError::InvalidArgument(format!("{what} cannot be restored: {detail}"))
         };
         // QEMU 7.2 waits forever on an empty stream and exits on a bad one: check what can be
-        // checked first, and turn an exit into the snapshot's fault.
-        match std::fs::metadata(&state) {
-            Ok(m) if m.len() == snapshot.backend.state_bytes => {}
+        // checked first, and turn an exit into the state's fault.
+        match std::fs::metadata(state) {
+            Ok(m) if m.len() == state_bytes => {}
             Ok(m) => {
                 return Err(corrupt(format!(
                     "its state file is {} bytes, expected {}",
                     m.len(),
-                    snapshot.backend.state_bytes
+                    state_bytes
                 )));
             }
             Err(e) => return Err(corrupt(format!("its state file is unreadable: {e}"))),
         }
         let verify = async {
-            if !self.config.verify_snapshots {
+            if !verify {
                 return Ok(());
             }
-            let path = state.clone();
+            let path = state.to_path_buf();
             let digest = tokio::task::spawn_blocking(move || sha256_file(&path))
                 .await
                 .map_err(|e| ProviderError::internal("the checksum task failed", e))?
-                .map_err(|e| ProviderError::io("cannot read snapshot state", e))?;
-            if digest == snapshot.backend.state_sha256 {
+                .map_err(|e| ProviderError::io("cannot read the saved state", e))?;
+            if digest == state_sha256 {
                 Ok(())
             } else {
                 Err(ProviderError::InvalidArgument(format!(
-                    "snapshot {snapshot_id} is corrupt: its state does not match its checksum"
+                    "{what} is corrupt: its state does not match its checksum"
                 )))
             }
         };

@@ -78,6 +78,7 @@ use super::{
 
 mod config;
 mod console;
+mod hibernate;
 mod machine;
 mod migration;
 mod qmp;
@@ -285,6 +286,19 @@ impl Inner {
                     continue;
                 }
             };
+            if meta.state == VmState::Paused {
+                // No QEMU: its state is on disk (a QEMU left running by a crash after the
+                // pause committed is killed below, as no VM owns it).
+                if !dir.join(guest::PAUSED_STATE).is_file() {
+                    warn!(%vm_id, "paused vm lost while the provider was down: its state file is gone");
+                    remove_dir_logged(&dir);
+                    continue;
+                }
+                let machine = this.paused_machine(meta.backend.instance.clone());
+                info!(%vm_id, "adopting paused vm");
+                registry.adopt(vm_id, dir, meta, machine)?;
+                continue;
+            }
             let run = RunPaths {
                 dir: this.run_dir.join(&meta.backend.instance),
             };
@@ -544,6 +558,7 @@ impl Inner {
             machine: machine_spec,
             instance: machine.vmm.instance.clone(),
             identity_pending: false,
+            paused: None,
         };
         let meta = VmMeta::created(vm_id, spec, snapshot.as_ref(), backend);
         let view = meta.view();
@@ -736,11 +751,22 @@ impl VmProvider for QemuProvider {
     }
 
     async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
+        if self.inner.registry.record(vm_id)?.view().state == VmState::Paused {
+            return self.inner.wake(vm_id).await;
+        }
         guest::start(&*self.inner, vm_id).await
     }
 
     async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
         guest::stop(&*self.inner, vm_id).await
+    }
+
+    async fn pause_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
+        self.inner.hibernate(vm_id).await
+    }
+
+    fn paused_bytes(&self) -> u64 {
+        self.inner.paused_bytes()
     }
 
     async fn snapshot_vm(
@@ -749,6 +775,11 @@ impl VmProvider for QemuProvider {
         snapshot_id: &SnapshotId,
     ) -> Result<SnapshotInfo, ProviderError> {
         let inner = self.inner.clone();
+        if inner.registry.record(vm_id)?.view().state == VmState::Paused {
+            return Err(ProviderError::InvalidState(format!(
+                "vm {vm_id} is paused: resume it before a snapshot"
+            )));
+        }
         let (staging, record) = inner.registry.reserve_snapshot_of(vm_id, snapshot_id)?;
         let (machine, was_running, meta) = {
             let slot = record.slot.lock();
@@ -863,7 +894,16 @@ impl VmProvider for QemuProvider {
     }
 
     async fn backup_vm(&self, vm_id: &VmId, dest_dir: &Path) -> Result<PathBuf, ProviderError> {
-        guest::backup_vm(&*self.inner, vm_id, dest_dir).await
+        if self.inner.registry.record(vm_id)?.view().state != VmState::Paused {
+            return guest::backup_vm(&*self.inner, vm_id, dest_dir).await;
+        }
+        // The agent archives the volume: a paused VM runs for the length of its backup.
+        self.inner.wake(vm_id).await?;
+        let result = guest::backup_vm(&*self.inner, vm_id, dest_dir).await;
+        if let Err(e) = self.inner.hibernate(vm_id).await {
+            warn!(%vm_id, error = %e, "cannot pause the vm again after its backup");
+        }
+        result
     }
 
     async fn export_snapshot(

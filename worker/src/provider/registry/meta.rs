@@ -79,6 +79,14 @@ impl<V> VmMeta<V> {
         self.last_activity_ms = now_ms();
     }
 
+    /// Now paused (to disk, or frozen).
+    pub(crate) fn mark_paused(&mut self) {
+        let now = now_ms();
+        self.state = VmState::Paused;
+        self.stopped_ms = Some(now);
+        self.last_activity_ms = now;
+    }
+
     /// Now stopped.
     pub(crate) fn mark_stopped(&mut self) {
         let now = now_ms();
