@@ -7,6 +7,7 @@
 
 mod backups;
 pub mod config;
+pub mod image;
 mod jobs;
 mod locks;
 pub mod metrics;
