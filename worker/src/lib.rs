@@ -35,5 +35,9 @@ pub fn open_provider(
         ProviderKind::Firecracker => Arc::new(provider::FirecrackerProvider::open(
             config.firecracker_config(),
         )?),
+        ProviderKind::Oci => {
+            let (process, oci) = config.oci_config();
+            Arc::new(provider::ProcessProvider::open_oci(process, oci)?)
+        }
     })
 }
