@@ -14,7 +14,9 @@ use super::INNER_ID;
 use super::runtime::RunSpec;
 
 /// Syscalls the default seccomp profile refuses with `EPERM` (the same list the agent's own
-/// `--sandbox` filter refuses, so the container is confined before the agent starts).
+/// `--sandbox` filter refuses, so the container is confined before the agent starts). Device
+/// nodes are refused by the agent's filter (by argument: FIFOs stay allowed) and by the missing
+/// `CAP_MKNOD`.
 pub const DENIED_SYSCALLS: &[&str] = &[
     "mount",
     "umount2",
@@ -64,8 +66,6 @@ pub const DENIED_SYSCALLS: &[&str] = &[
     "uselib",
     "iopl",
     "ioperm",
-    "mknod",
-    "mknodat",
 ];
 
 /// The default `linux.seccomp` object (`[oci] seccomp` replaces it with a file's).
