@@ -172,7 +172,10 @@ impl OciEngine {
                 })?
             }
         };
-        let (loader, libs) = agent_libraries(agent);
+        let (loader, libs) = match agent_libraries(agent) {
+            Some((loader, libs)) => (Some(loader), libs),
+            None => (None, Vec::new()),
+        };
         let host_rootfs = root.join("host-rootfs");
         let host_binds = build_host_rootfs(&host_rootfs, etc_dir)
             .map_err(|e| ProviderError::io("cannot prepare the host rootfs skeleton", e))?;
@@ -364,12 +367,10 @@ fn hybrid_cgroups() -> bool {
         .is_ok_and(|c| !c.trim().is_empty())
 }
 
-/// The host's dynamic loader and the libraries `agent` needs (from `ldd`); none for a static
+/// The host's dynamic loader and the libraries `agent` needs (from `ldd`); `None` for a static
 /// agent.
-fn agent_libraries(agent: &Path) -> (Option<PathBuf>, Vec<PathBuf>) {
-    let Ok(out) = std::process::Command::new("ldd").arg(agent).output() else {
-        return (None, Vec::new());
-    };
+pub(crate) fn agent_libraries(agent: &Path) -> Option<(PathBuf, Vec<PathBuf>)> {
+    let out = std::process::Command::new("ldd").arg(agent).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let (mut loader, mut libs) = (None, Vec::new());
     for line in text.lines() {
@@ -391,10 +392,7 @@ fn agent_libraries(agent: &Path) -> (Option<PathBuf>, Vec<PathBuf>) {
             loader = Some(path);
         }
     }
-    if loader.is_none() {
-        libs.clear();
-    }
-    (loader, libs)
+    loader.map(|loader| (loader, libs))
 }
 
 /// Builds the skeleton root filesystem of image-less VMs and returns the binds that fill it: the

@@ -46,6 +46,8 @@ use crate::provider::{ProviderError, VmId};
 pub const WORKSPACE: &str = "/workspace";
 /// Where the agent binary is mounted inside the sandbox.
 const AGENT_IN_SANDBOX: &str = "/.hearth/agent";
+/// Where the host's loader and the agent's libraries are mounted on an image's root.
+const AGENT_LIB_DIR: &str = "/.hearth/lib";
 /// The uid and gid commands run as inside the sandbox.
 const INNER_ID: u32 = 1000;
 /// How long a new agent has to answer its first ping.
@@ -146,6 +148,9 @@ pub(crate) struct Launcher {
     tool_version: Option<String>,
     /// Sandboxes are OCI containers (the `oci` provider) instead of bubblewrap.
     oci: Option<Arc<OciEngine>>,
+    /// The host's loader and the libraries a dynamically linked agent needs (`None` for a static
+    /// agent): mounted for the agent alone on an image's root filesystem.
+    agent_libs: Option<(PathBuf, Vec<PathBuf>)>,
 }
 
 /// What one sandbox is for.
@@ -273,6 +278,7 @@ impl Launcher {
         write_etc(&etc_dir)
             .map_err(|e| ProviderError::io(format!("cannot write {}", etc_dir.display()), e))?;
         let drop_to_uid = nix::unistd::geteuid().is_root();
+        let agent_libs = crate::provider::oci::agent_libraries(&agent);
         let mut launcher = Self {
             isolation,
             config,
@@ -281,6 +287,7 @@ impl Launcher {
             drop_to_uid,
             tool_version: None,
             oci: None,
+            agent_libs,
         };
         if let Some(oci) = oci {
             let ids = launcher.owner().unwrap_or_else(|| {
@@ -480,6 +487,22 @@ impl Launcher {
             "--ro-bind".into(),
             self.agent.clone().into(),
             AGENT_IN_SANDBOX.into(),
+        ]);
+        // On an image's root the host's C library is not there: the agent (alone) gets the
+        // host's loader and the libraries it needs.
+        if rootfs.is_some()
+            && let Some((loader, libs)) = &self.agent_libs
+        {
+            for lib in std::iter::once(loader).chain(libs) {
+                let name = lib.file_name().unwrap_or_default().to_string_lossy();
+                argv.extend([
+                    "--ro-bind".into(),
+                    lib.into(),
+                    format!("{AGENT_LIB_DIR}/{name}").into(),
+                ]);
+            }
+        }
+        argv.extend([
             "--chdir".into(),
             WORKSPACE.into(),
             "--hostname".into(),
@@ -540,6 +563,16 @@ impl Launcher {
                     spec.tmp_bytes,
                     spec.rootfs,
                 ));
+                if spec.rootfs.is_some()
+                    && let Some((loader, _)) = &self.agent_libs
+                {
+                    let name = loader.file_name().unwrap_or_default().to_string_lossy();
+                    argv.extend([
+                        format!("{AGENT_LIB_DIR}/{name}").into(),
+                        "--library-path".into(),
+                        AGENT_LIB_DIR.into(),
+                    ]);
+                }
                 argv.extend(
                     [
                         AGENT_IN_SANDBOX,
@@ -729,6 +762,7 @@ mod tests {
             drop_to_uid: true,
             tool_version: None,
             oci: None,
+            agent_libs: None,
         }
     }
 
