@@ -2,7 +2,8 @@
 //! workers. The executor flow passes unchanged on workers run with `--provider oci`, and a
 //! template whose `base` is an OCI image archive (busybox, built locally by the test) serves warm
 //! claims on the `oci` provider and on the process provider, its sessions running on the image's
-//! root filesystem. Skips, with the reason printed, without crun, tini or busybox-static
+//! root filesystem; a session whose container dies is `lost`, its exec answered 409 with the
+//! runtime's exit code. Skips, with the reason printed, without crun, tini or busybox-static
 //! (`scripts/setup.sh` installs them).
 
 mod common;
@@ -118,4 +119,55 @@ async fn a_template_from_an_oci_archive_serves_warm_claims_on_process() {
         return;
     }
     image_template_serves_warm_claims(&[]).await;
+}
+
+#[tokio::test]
+async fn a_session_whose_container_dies_is_lost_with_the_exit_code() {
+    if let Some(reason) = oci_missing() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let stack =
+        Stack::start_with_worker_args(&["w1"], DEFAULT_TEMPLATE, &["--provider", "oci"]).await;
+    stack
+        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 1)
+        .await;
+    let c = &stack.client;
+    let session = c
+        .create_session(&CreateSessionRequest::default())
+        .await
+        .unwrap();
+    let sid = session.session_id;
+    // The command kills the container's agent (its init's only child): the container ends.
+    let _ = c.exec(&sid, &ExecRequest::cmd("kill -9 $PPID")).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let err = loop {
+        match c.exec(&sid, &ExecRequest::cmd("true")).await {
+            Err(err) => break err,
+            Ok(r) => {
+                assert!(std::time::Instant::now() < deadline, "still running: {r:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // The worker answers from the VM's tombstone: 409 with how the container ended.
+    assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("failed: the container exited with code 137"),
+        "{err:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = c.get_session(&sid).await.unwrap().state;
+        if state == SessionState::Lost {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "session {state:?}, never lost\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
