@@ -214,7 +214,7 @@ pub struct BuildTemplateArgs {
     #[arg(long, default_value = "/var/lib/hearth/worker/oci/images")]
     pub cache: std::path::PathBuf,
     /// Argv run once in the template's build VM, repeatable (`--bootstrap sh --bootstrap -c …`).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub bootstrap: Vec<String>,
 }
 

@@ -61,17 +61,27 @@ async fn image_template_serves_warm_claims(worker_args: &[&str]) {
             return;
         }
     };
-    let template = format!(
-        r#"
-[[templates]]
-name = "busybox"
-min_ready = 2
-max_ready = 2
-base = "{}"
-bootstrap = ["sh", "-c", "echo bootstrapped > .built"]
-"#,
-        archive.display()
+    // The template entry as `hearth templates build` prints it (and its unpack, checked).
+    let out = std::process::Command::new(hearth_testkit::workspace_bin("hearth").unwrap())
+        .args(["templates", "build", "--name", "busybox", "--image"])
+        .arg(&archive)
+        .arg("--cache")
+        .arg(dir.path().join("cache"))
+        .args(["--bootstrap", "sh", "--bootstrap", "-c"])
+        .args(["--bootstrap", "echo bootstrapped > .built"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unpacked at"),
+        "{out:?}"
     );
+    let entry = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        entry.starts_with("[[templates]]\nname = \"busybox\"\n"),
+        "{entry}"
+    );
+    let template = format!("{entry}min_ready = 2\nmax_ready = 2\n");
     let stack = Stack::start_with_worker_args(&["w1"], &template, worker_args).await;
     stack
         .wait_pool("busybox", Duration::from_secs(60), |p| p.ready >= 2)
