@@ -157,7 +157,15 @@ async fn a_container_that_dies_fails_its_vm_with_the_runtime_exit_code() {
             .contains("vm doomed failed: the container exited with code 137"),
         "{err}"
     );
-    assert!(!root.join("vms/doomed").exists(), "its files are removed");
+    // Its files are removed (in the background).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while root.join("vms/doomed").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the failed vm's files are still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     wait_containers(&root, <[_]>::is_empty).await;
 }
 
@@ -290,4 +298,55 @@ fn a_missing_runtime_or_init_says_what_to_install() {
         assert!(message.contains(needle), "{message}");
         assert!(message.contains("apt-get install crun tini"), "{message}");
     }
+}
+
+/// `--provider oci` with a runtime that is not there (set in `[oci]` of the config file) exits
+/// 64 with one line naming the binary and what to install, before anything else starts.
+#[test]
+fn the_worker_with_oci_selected_exits_64_naming_the_missing_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[oci]\nruntime = \"{}\"\nseccomp = \"/nonexistent.json\"\n",
+            dir.path().join("no-crun").display()
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hearth-worker"))
+        .args(["--provider", "oci", "--metrics-listen", "off"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    for needle in ["no-crun", "apt-get install crun tini"] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+}
+
+/// `[oci] seccomp` replaces the default profile; one that is not JSON is refused at start.
+#[test]
+fn a_seccomp_profile_that_is_not_json_is_refused_at_start() {
+    let Ok(oci) = oci_support::config() else {
+        eprintln!("skipping: crun or tini missing");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("seccomp.json");
+    std::fs::write(&profile, b"not json").unwrap();
+    let err = ProcessProvider::open_oci(
+        ProcessConfig::new(dir.path().join("r")),
+        OciConfig {
+            seccomp: Some(profile),
+            ..oci
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ProviderErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("is not JSON"), "{err}");
 }
