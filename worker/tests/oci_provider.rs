@@ -350,3 +350,64 @@ fn a_seccomp_profile_that_is_not_json_is_refused_at_start() {
     assert_eq!(err.kind(), ProviderErrorKind::Unavailable, "{err}");
     assert!(err.to_string().contains("is not JSON"), "{err}");
 }
+
+/// A snapshot of an image VM imported by another worker (whose cache lacks the image) restores
+/// there: the image is unpacked from the same source, and must be the same image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_image_snapshot_unpacks_its_image_from_the_same_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(image) = image(dir.path()) else {
+        return;
+    };
+    let (Some(a), Some(b)) = (
+        oci_support::open(&dir.path().join("a")),
+        oci_support::open(&dir.path().join("b")),
+    ) else {
+        return;
+    };
+    let spec = VmSpec {
+        base: Some(image.clone()),
+        bootstrap: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "echo bootstrapped > .built".into(),
+        ]),
+        ..VmSpec::default()
+    };
+    a.create_vm_with_spec(&vm("src"), &spec).await.unwrap();
+    let snap = SnapshotId::new("shipped").unwrap();
+    a.snapshot_vm(&vm("src"), &snap).await.unwrap();
+    let mut stream = Vec::new();
+    a.export_snapshot(&snap, &mut stream).await.unwrap();
+    b.import_snapshot(&snap, &mut stream.as_slice())
+        .await
+        .unwrap();
+    let restore = VmSpec {
+        restore_from: Some(snap.clone()),
+        ..VmSpec::default()
+    };
+    b.create_vm_with_spec(&vm("dst"), &restore).await.unwrap();
+    assert_on_the_image(&b, &vm("dst")).await;
+    // A different image at the source path now: the restore is refused, nothing left behind.
+    let c = oci_support::open(&dir.path().join("c")).unwrap();
+    c.import_snapshot(&snap, &mut stream.as_slice())
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&image).unwrap();
+    hearth_worker::image::write_layout(
+        &image,
+        &hearth_testkit::images::busybox_layers().unwrap(),
+        &["OTHER=1".into()],
+    )
+    .unwrap();
+    let err = c
+        .create_vm_with_spec(&vm("dst"), &restore)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ProviderErrorKind::NotFound, "{err}");
+    assert!(
+        err.to_string().contains("not in this worker's image cache"),
+        "{err}"
+    );
+    assert!(c.get_vm(&vm("dst")).await.unwrap().is_none());
+}

@@ -112,6 +112,10 @@ pub(crate) struct ProcessVm {
     /// sandbox runs on; `None`: the host's system directories.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     image: Option<String>,
+    /// Where the image came from (the template's `base`): a worker whose cache lacks the image
+    /// (a snapshot imported from another worker) unpacks it from there, if it is the same image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image_source: Option<PathBuf>,
 }
 
 impl ProcessVm {
@@ -123,6 +127,7 @@ impl ProcessVm {
             max_processes: spec.max_processes,
             network: spec.network,
             image: None,
+            image_source: None,
         }
     }
 
@@ -145,6 +150,9 @@ pub(crate) struct ProcessSnapshot {
     /// The image the VM ran on (see [`ProcessVm::image`]); a restore runs on the same one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     image: Option<String>,
+    /// See [`ProcessVm::image_source`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image_source: Option<PathBuf>,
     /// The archive's size, from the file system (not recorded).
     #[serde(skip)]
     size_bytes: u64,
@@ -644,7 +652,7 @@ impl Inner {
         dir: &Path,
         spec: &VmSpec,
         restore: Option<&SnapshotMeta<ProcessSnapshot>>,
-    ) -> Result<Option<ImageInfo>, ProviderError> {
+    ) -> Result<Option<(ImageInfo, PathBuf)>, ProviderError> {
         let volume = dir.join("volume");
         let owner = self.launcher.owner().unwrap_or_else(|| {
             (
@@ -662,14 +670,24 @@ impl Inner {
         match (restore, &spec.base) {
             (Some(snapshot), _) => {
                 if let Some(id) = &snapshot.backend.image {
-                    let rootfs = self.images.get(id).ok_or_else(|| {
+                    let source = snapshot.backend.image_source.clone().unwrap_or_default();
+                    let rootfs = match self.images.get(id) {
+                        Some(rootfs) => Some(rootfs),
+                        // Not unpacked here yet (an imported snapshot): from the same source.
+                        None if crate::image::is_image(&source) => {
+                            Some(self.images.unpack(&source).map_err(image_error)?)
+                        }
+                        None => None,
+                    };
+                    let rootfs = rootfs.filter(|r| r.info.id == *id).ok_or_else(|| {
                         ProviderError::NotFound(format!(
                             "snapshot {} runs on image {id}, which is not in this worker's \
-                             image cache",
-                            snapshot.snapshot_id
+                             image cache nor at {}",
+                            snapshot.snapshot_id,
+                            source.display()
                         ))
                     })?;
-                    image = Some(rootfs.info);
+                    image = Some((rootfs.info, source));
                 }
                 let archive = self
                     .snapshot_dir(&snapshot.snapshot_id)
@@ -697,7 +715,8 @@ impl Inner {
                 })?;
             }
             (None, Some(base)) if crate::image::is_image(base) => {
-                image = Some(self.images.unpack(base).map_err(image_error)?.info);
+                let source = std::path::absolute(base).unwrap_or_else(|_| base.clone());
+                image = Some((self.images.unpack(base).map_err(image_error)?.info, source));
             }
             (None, Some(base)) => archive::seed_from_base(base, &volume)?,
             (None, None) => {}
@@ -753,7 +772,8 @@ impl VmProvider for ProcessProvider {
 
         // The sandbox starts now, so the VM is ready the moment it is listed (and pooled).
         let mut backend = ProcessVm::of(spec);
-        backend.image = image.as_ref().map(|i| i.id.clone());
+        backend.image = image.as_ref().map(|(i, _)| i.id.clone());
+        backend.image_source = image.as_ref().map(|(_, source)| source.clone());
         let sandbox = inner
             .launch(
                 vm_id,
@@ -765,7 +785,7 @@ impl VmProvider for ProcessProvider {
             .await?;
         // An image's environment (its PATH, …) under the template's.
         let mut spec = spec.clone();
-        if let (Some(image), None) = (&image, &restore) {
+        if let (Some((image, _)), None) = (&image, &restore) {
             for (key, value) in image.env.iter().filter_map(|e| e.split_once('=')) {
                 spec.env
                     .entry(key.to_owned())
@@ -840,6 +860,7 @@ impl VmProvider for ProcessProvider {
             let backend = ProcessSnapshot {
                 sha256: None,
                 image: slot.meta.backend.image.clone(),
+                image_source: slot.meta.backend.image_source.clone(),
                 size_bytes: 0,
             };
             (
@@ -851,7 +872,10 @@ impl VmProvider for ProcessProvider {
         staging.make_dir().await?;
         let packed = staging.path().join(archive::VOLUME_ENTRY);
         let level = inner.config.snapshot_compression_level;
-        let image = meta.backend.image.clone();
+        let (image, image_source) = (
+            meta.backend.image.clone(),
+            meta.backend.image_source.clone(),
+        );
         let backend = blocking(move || {
             let size_bytes = archive::pack_dir(&volume, &packed, level)
                 .map_err(|e| ProviderError::io("cannot archive volume", e))?;
@@ -860,6 +884,7 @@ impl VmProvider for ProcessProvider {
             Ok(ProcessSnapshot {
                 sha256: Some(sha256),
                 image,
+                image_source,
                 size_bytes,
             })
         })
@@ -1005,7 +1030,10 @@ impl VmProvider for ProcessProvider {
             )));
         }
         let expected = meta.backend.sha256.clone();
-        let image = meta.backend.image.clone();
+        let (image, image_source) = (
+            meta.backend.image.clone(),
+            meta.backend.image_source.clone(),
+        );
         let backend = blocking(move || {
             archive::verify_tar_zst(&volume).map_err(ProviderError::corrupt_snapshot)?;
             let size_bytes = std::fs::metadata(&volume)
@@ -1019,6 +1047,7 @@ impl VmProvider for ProcessProvider {
             Ok(ProcessSnapshot {
                 sha256: Some(sha256),
                 image,
+                image_source,
                 size_bytes,
             })
         })
