@@ -68,6 +68,11 @@ command -v setpriv >/dev/null || need_pkgs+=(util-linux)
 command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || need_pkgs+=(e2fsprogs)
 command -v slirp4netns >/dev/null || need_pkgs+=(slirp4netns)
 command -v ip >/dev/null || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_pkgs+=(iproute2)
+# The oci provider (`--provider oci`): crun runs the containers, tini-static is their init; its
+# tests build a busybox image locally from busybox-static (a static binary).
+command -v crun >/dev/null || need_pkgs+=(crun)
+[ -x /usr/bin/tini-static ] || need_pkgs+=(tini)
+dpkg -s busybox-static >/dev/null 2>&1 || need_pkgs+=(busybox-static)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   log "installing the sandbox's tools: ${need_pkgs[*]}"
   apt_install "${need_pkgs[@]}" || log "could not install ${need_pkgs[*]}: the sandbox needs them \

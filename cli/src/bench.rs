@@ -50,6 +50,9 @@ pub enum Scenario {
     /// first byte), beside `exec echo` on the same session. `--provider qemu` runs it on a real
     /// guest (needs a guest image).
     Processes,
+    /// OCI containers (the `oci` provider, crun) beside the process provider in the same run:
+    /// cold create, restore, warm claim, exec. Needs crun and tini; not part of `all`.
+    Oci,
     /// Every scenario, one after the other.
     All,
 }
@@ -141,6 +144,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
             Scenario::Pause => pause::run(&args, nats_url.as_deref()).await?,
             Scenario::Tenants => tenants::run(&sizes).await?,
             Scenario::Processes => processes(&args, &sizes, nats_url.as_deref(), &subjects).await?,
+            Scenario::Oci => oci(&args, &sizes, nats_url.as_deref()).await?,
             Scenario::All => continue,
         };
         report.print(args.json);
@@ -1210,19 +1214,36 @@ async fn destroy_every_vm(client: &HearthClient) {
     }
 }
 
-async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Report> {
+/// What [`lifecycle`] measured on one provider.
+struct Lifecycle {
+    base: Histogram<u64>,
+    cold: Vec<f64>,
+    restore: Vec<f64>,
+    snapshot: Duration,
+    snapshot_bytes: u64,
+    warm: Histogram<u64>,
+    exec: Histogram<u64>,
+}
+
+/// The VM life cycle on `provider`, on a stack of its own: cold create -> agent answers,
+/// snapshot, restore -> agent answers (jobs timed on the worker), warm claims from the pool, and
+/// exec of `true` in one session; every VM is destroyed before the stack goes away (QEMU VMs
+/// outlive their worker by design). `rss` is sampled while the VMs run.
+async fn lifecycle(
+    provider: hearth_worker::ProviderKind,
+    qemu_image: Option<&std::path::Path>,
+    args: &BenchArgs,
+    sizes: &Sizes,
+    rss: &mut dyn FnMut(),
+) -> Result<Lifecycle> {
     use hearth_messages::{JobOp, JobOutput, SnapshotId, VmId, VmSpec};
-    if url.is_some() {
-        bail!("the microvm scenario starts its own stack (it times jobs on its own worker)");
-    }
-    let image = qemu_image(args)?;
     let rounds = if args.quick { 1 } else { 3 };
     let claims = sizes.cold.min(if args.quick { 2 } else { 10 });
     let stack = OwnStack::start_with(
-        hearth_worker::ProviderKind::Qemu,
+        provider,
         &template_toml("default", claims + 1),
         claims * 2 + rounds + 8,
-        Some(&image),
+        qemu_image,
         None,
         false,
     )
@@ -1231,7 +1252,7 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
     wait_template_built(&client, "default").await?;
     let base = baseline(&stack.url, 200).await?;
 
-    // Cold boot -> agent answers (the worker health-checks before replying).
+    // Cold create -> agent answers (the worker health-checks before replying).
     let mut cold = Vec::new();
     for i in 0..rounds {
         let (t, _) = timed_job(
@@ -1246,7 +1267,7 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
         cold.push(t.as_secs_f64());
     }
     // Snapshot one of them.
-    let (snap_t, out) = timed_job(
+    let (snapshot, out) = timed_job(
         &client,
         JobOp::SnapshotVm {
             vm_id: VmId::new("bench-cold-0")?,
@@ -1255,7 +1276,7 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
         },
     )
     .await?;
-    let snap_bytes = match out {
+    let snapshot_bytes = match out {
         JobOutput::Snapshot { snapshot } => snapshot.size_bytes,
         other => bail!("snapshot answered {other:?}"),
     };
@@ -1276,7 +1297,7 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
         .await?;
         restore.push(t.as_secs_f64());
     }
-    let rss = qemu_rss_mib();
+    rss();
     for i in 0..rounds {
         for id in [format!("bench-cold-{i}"), format!("bench-restored-{i}")] {
             let _ = timed_job(
@@ -1302,17 +1323,42 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
             .await?;
         record(&mut exec, t.elapsed());
     }
-    // QEMU VMs outlive their worker by design: stop the scheduler (no more refills), then destroy
-    // every VM through the worker before the stack goes away.
-    // Restores already sent finish after the scheduler is gone, so repeat until none is left.
+    // Stop the scheduler (no more refills), then destroy every VM through the worker before the
+    // stack goes away. Restores already sent finish after the scheduler is gone, so repeat until
+    // none is left.
     let mut stack = stack;
     stack.scheduler.kill();
     destroy_every_vm(&client).await;
+    Ok(Lifecycle {
+        base,
+        cold,
+        restore,
+        snapshot,
+        snapshot_bytes,
+        warm,
+        exec,
+    })
+}
 
-    let (cold_s, restore_s) = (median(cold), median(restore));
-    let warm_ms = ms(warm.value_at_quantile(0.5));
+async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Report> {
+    if url.is_some() {
+        bail!("the microvm scenario starts its own stack (it times jobs on its own worker)");
+    }
+    let image = qemu_image(args)?;
+    let mut rss = Vec::new();
+    let l = lifecycle(
+        hearth_worker::ProviderKind::Qemu,
+        Some(&image),
+        args,
+        sizes,
+        &mut || rss = qemu_rss_mib(),
+    )
+    .await?;
+    let rounds = l.cold.len();
+    let (cold_s, restore_s) = (median(l.cold), median(l.restore));
+    let warm_ms = ms(l.warm.value_at_quantile(0.5));
     let mut r = Report::new("microvm");
-    r.baseline(&base);
+    r.baseline(&l.base);
     r.field(
         "cold_boot_p50_s",
         json!(round3(cold_s)),
@@ -1329,16 +1375,16 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
     );
     r.field(
         "snapshot_s",
-        json!(round3(snap_t.as_secs_f64())),
-        Some(format!("{:.3} s", snap_t.as_secs_f64())),
+        json!(round3(l.snapshot.as_secs_f64())),
+        Some(format!("{:.3} s", l.snapshot.as_secs_f64())),
     );
     r.field(
         "snapshot_mib",
-        json!(round3(snap_bytes as f64 / 1048576.0)),
-        Some(format!("{:.1} MiB", snap_bytes as f64 / 1048576.0)),
+        json!(round3(l.snapshot_bytes as f64 / 1048576.0)),
+        Some(format!("{:.1} MiB", l.snapshot_bytes as f64 / 1048576.0)),
     );
-    r.latency("warm_claim", &warm);
-    r.latency("exec", &exec);
+    r.latency("warm_claim", &l.warm);
+    r.latency("exec", &l.exec);
     let rss_mib = median(rss);
     r.field(
         "rss_per_vm_mib",
@@ -1349,5 +1395,52 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
     );
     r.ratio("cold_to_restore", cold_s, restore_s);
     r.ratio("restore_to_warm_claim", restore_s * 1000.0, warm_ms);
+    Ok(r)
+}
+
+/// The `oci` provider (crun containers) beside the process provider, measured in the same run:
+/// cold create, restore, warm claim and exec on each, with oci/process ratios.
+async fn oci(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Report> {
+    if url.is_some() {
+        bail!("the oci scenario starts its own stacks (it times jobs on its own workers)");
+    }
+    let mut r = Report::new("oci");
+    let mut medians = Vec::new();
+    for provider in [
+        hearth_worker::ProviderKind::Process,
+        hearth_worker::ProviderKind::Oci,
+    ] {
+        let l = lifecycle(provider, None, args, sizes, &mut || {}).await?;
+        let name = provider.as_str();
+        if provider == hearth_worker::ProviderKind::Process {
+            r.baseline(&l.base);
+        }
+        let (cold_ms, restore_ms) = (median(l.cold) * 1000.0, median(l.restore) * 1000.0);
+        r.field(
+            &format!("{name}_cold_create_p50_ms"),
+            json!(round3(cold_ms)),
+            Some(format!("{cold_ms:.1} ms ({name}: create -> agent answers)")),
+        );
+        r.field(
+            &format!("{name}_restore_p50_ms"),
+            json!(round3(restore_ms)),
+            Some(format!(
+                "{restore_ms:.1} ms ({name}: restore -> agent answers)"
+            )),
+        );
+        r.latency(&format!("{name}_warm_claim"), &l.warm);
+        r.latency(&format!("{name}_exec"), &l.exec);
+        medians.push((
+            cold_ms,
+            restore_ms,
+            ms(l.warm.value_at_quantile(0.5)),
+            ms(l.exec.value_at_quantile(0.5)),
+        ));
+    }
+    let (p, o) = (medians[0], medians[1]);
+    r.ratio("oci_to_process_cold_create", o.0, p.0);
+    r.ratio("oci_to_process_restore", o.1, p.1);
+    r.ratio("oci_to_process_warm_claim", o.2, p.2);
+    r.ratio("oci_to_process_exec", o.3, p.3);
     Ok(r)
 }

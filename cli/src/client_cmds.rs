@@ -208,8 +208,85 @@ pub async fn workers(client: &HearthClient) -> Result<()> {
 }
 
 /// `hearth templates`.
-pub async fn templates(client: &HearthClient) -> Result<()> {
-    print_json(&client.list_templates().await?)
+pub async fn templates(client: &HearthClient, args: TemplatesArgs) -> Result<()> {
+    match args.cmd {
+        None | Some(TemplatesCmd::List) => print_json(&client.list_templates().await?),
+        Some(TemplatesCmd::Build(args)) => build_template(&args),
+    }
+}
+
+/// `hearth templates [list | build]`.
+#[derive(Debug, clap::Args)]
+pub struct TemplatesArgs {
+    #[command(subcommand)]
+    pub cmd: Option<TemplatesCmd>,
+}
+
+/// `hearth templates …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum TemplatesCmd {
+    /// List templates (the default).
+    List,
+    /// Check and unpack a container image (an OCI layout directory or archive, or a `docker
+    /// save` / `podman save` tarball) into a worker's root filesystem cache, and print the
+    /// `[[templates]]` entry that makes it a template (the scheduler builds it as any other:
+    /// bootstrap, snapshot, warm pool).
+    Build(BuildTemplateArgs),
+}
+
+/// `hearth templates build` flags.
+#[derive(Debug, clap::Args)]
+pub struct BuildTemplateArgs {
+    /// The image.
+    #[arg(long)]
+    pub image: std::path::PathBuf,
+    /// The template's name.
+    #[arg(long)]
+    pub name: String,
+    /// The worker's image cache to unpack into: `<data_dir>/oci/images` for the oci provider,
+    /// `<data_dir>/process/images` for the process provider (workers also unpack on first use).
+    #[arg(long, default_value = "/var/lib/hearth/worker/oci/images")]
+    pub cache: std::path::PathBuf,
+    /// Argv run once in the template's build VM, repeatable (`--bootstrap sh --bootstrap -c …`).
+    #[arg(long, allow_hyphen_values = true)]
+    pub bootstrap: Vec<String>,
+}
+
+/// `hearth templates build`: unpacks the image (checked: digests, no path escaping the cache, no
+/// device nodes) and prints the template entry for the scheduler's configuration.
+pub fn build_template(args: &BuildTemplateArgs) -> Result<()> {
+    TemplateName::new(args.name.clone()).context("invalid template name")?;
+    let image = std::path::absolute(&args.image)
+        .with_context(|| format!("cannot resolve {}", args.image.display()))?;
+    if !hearth_worker::image::is_image(&image) {
+        bail!(
+            "{} is not a container image (an OCI layout or archive, or a docker save tarball)",
+            image.display()
+        );
+    }
+    let cache = hearth_worker::image::ImageCache::open(&args.cache)?;
+    let rootfs = cache.unpack(&image)?;
+    eprintln!(
+        "image {} unpacked at {}",
+        rootfs.info.id,
+        rootfs.path.display()
+    );
+    let mut entry = format!(
+        "[[templates]]\nname = {}\nbase = {}\n",
+        toml_string(&args.name),
+        toml_string(&image.to_string_lossy())
+    );
+    if !args.bootstrap.is_empty() {
+        let argv: Vec<String> = args.bootstrap.iter().map(|a| toml_string(a)).collect();
+        entry.push_str(&format!("bootstrap = [{}]\n", argv.join(", ")));
+    }
+    print!("{entry}");
+    Ok(())
+}
+
+/// A TOML basic string.
+fn toml_string(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_default()
 }
 
 /// `hearth exec`: streams the command's output to ours and returns its exit code.

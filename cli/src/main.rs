@@ -50,8 +50,8 @@ enum Command {
     /// Warm pools.
     #[command(subcommand)]
     Pool(PoolCmd),
-    /// List templates.
-    Templates,
+    /// Templates: list them (the default), or build one's root filesystem from a container image.
+    Templates(client_cmds::TemplatesArgs),
     /// Operator requests to the scheduler.
     #[command(subcommand)]
     Admin(AdminCmd),
@@ -124,6 +124,13 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             bench::run(args, cli.nats_url, subjects).await?;
             return Ok(0);
         }
+        // Local: unpacks an image on this host, no NATS needed.
+        Command::Templates(client_cmds::TemplatesArgs {
+            cmd: Some(client_cmds::TemplatesCmd::Build(args)),
+        }) => {
+            client_cmds::build_template(&args)?;
+            return Ok(0);
+        }
         other => other,
     };
     let hearth = client(cli.nats_url.as_deref(), subjects, timeout).await?;
@@ -138,7 +145,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             return Ok(code.clamp(0, 255) as u8);
         }
         Command::Pool(PoolCmd::Status) => client_cmds::pool_status(&hearth).await?,
-        Command::Templates => client_cmds::templates(&hearth).await?,
+        Command::Templates(args) => client_cmds::templates(&hearth, args).await?,
         Command::Admin(AdminCmd::Maintenance) => client_cmds::maintenance(&hearth).await?,
         Command::Admin(AdminCmd::Workers) => client_cmds::workers(&hearth).await?,
         Command::Up(_) | Command::Bench(_) => {}

@@ -233,8 +233,9 @@ pub struct VmSpec {
     /// Environment for every command in the VM.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Provider-specific base image: for `process`, a directory or `.tar`/`.tar.zst` on the worker
-    /// that seeds the volume.
+    /// Provider-specific base image: for `process` and `oci`, a directory or `.tar`/`.tar.zst` on
+    /// the worker that seeds the volume, or a container image (OCI layout or archive, `docker
+    /// save` tarball) whose root filesystem the VM runs on.
     #[serde(default)]
     pub base: Option<String>,
     /// Command run once after a cold create (not after a restore); the job fails if it fails.

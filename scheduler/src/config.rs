@@ -42,7 +42,8 @@ pub struct TemplateConfig {
     /// `none` (the default: no network) or `egress` (outbound access, never to the host).
     #[serde(default = "default_network")]
     pub network: String,
-    /// Provider-specific base image on the worker (process provider: a directory or tarball).
+    /// Provider-specific base image on the worker (process and oci providers: a directory or
+    /// tarball seeding the volume, or a container image to run on).
     #[serde(default)]
     pub base: Option<String>,
     /// Argv run once while building the template snapshot.

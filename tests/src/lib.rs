@@ -13,6 +13,7 @@ pub use hearth_natsd::{
     ChildProcess, MIN_NATS_SERVER, NatsServer, NatsServerBuilder, nats_server_bin, unmount_under,
 };
 
+pub mod images;
 pub mod netns;
 
 /// Where the workspace root is (the tests crate lives one level below it).

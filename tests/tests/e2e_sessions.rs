@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::Stack;
+use common::{DEFAULT_TEMPLATE, Stack};
 use futures::StreamExt;
 use hearth_messages::*;
 
@@ -17,18 +16,10 @@ where
     T::try_from(s.into()).unwrap()
 }
 
-const DEFAULT_TEMPLATE: &str = r#"
-[[templates]]
-name = "default"
-min_ready = 2
-max_ready = 4
-bootstrap = ["sh", "-c", "echo built-once > .template-marker"]
-"#;
-
 #[tokio::test]
 async fn executor_flow_create_exec_files_keepalive_release() {
     let stack = Stack::start(&["w1"], DEFAULT_TEMPLATE).await;
-    executor_flow(&stack, "w1").await;
+    common::executor_flow(&stack, "w1").await;
 }
 
 /// The same flow, unchanged, from a tenant's account through the imports of
@@ -36,114 +27,7 @@ async fn executor_flow_create_exec_files_keepalive_release() {
 #[tokio::test]
 async fn executor_flow_as_a_tenant_through_the_account_imports() {
     let stack = Stack::start_with_accounts(&["worker-1"], DEFAULT_TEMPLATE).await;
-    executor_flow(&stack, "worker-1").await;
-}
-
-async fn executor_flow(stack: &Stack, worker: &str) {
-    let c = &stack.client;
-    stack
-        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 2)
-        .await;
-
-    let session = c
-        .create_session(&CreateSessionRequest {
-            labels: BTreeMap::from([("agent".into(), "e2e".into())]),
-            ttl_s: Some(60),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert!(session.warm, "{session:?}");
-    assert_eq!(session.state, SessionState::Running);
-    assert_eq!(session.worker_id.as_str(), worker);
-    let sid = session.session_id.clone();
-
-    // The template's bootstrap ran once, before the snapshot the pool restores from.
-    let r = c
-        .exec(
-            &sid,
-            &ExecRequest::cmd("cat .template-marker; echo $((6*7))"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.stdout.as_bytes(), b"built-once\n42\n", "{r:?}");
-
-    c.put_file(&sid, "in/data.txt", b"payload".to_vec(), None)
-        .await
-        .unwrap();
-    let r = c
-        .exec(&sid, &ExecRequest::argv(["cat", "in/data.txt"]))
-        .await
-        .unwrap();
-    assert_eq!(r.stdout.as_bytes(), b"payload");
-    assert_eq!(c.get_file(&sid, "in/data.txt").await.unwrap(), b"payload");
-
-    let streamed: Vec<ExecEvent> = c
-        .exec_stream(&sid, &ExecRequest::cmd("echo a; echo b"))
-        .await
-        .unwrap()
-        .map(|e| e.unwrap())
-        .collect()
-        .await;
-    assert!(matches!(streamed.last(), Some(ExecEvent::Done(r)) if r.exit_code == 0));
-
-    // Listing and labels.
-    let listed = c
-        .list_sessions(&ListSessionsRequest {
-            labels: BTreeMap::from([("agent".into(), "e2e".into())]),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(listed.len(), 1);
-
-    // Idempotent create: the same id returns the same session.
-    let again = c
-        .create_session(&CreateSessionRequest {
-            session_id: Some(sid.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(again.session_id, sid);
-    assert_eq!(again.created_ms, session.created_ms);
-
-    let kept = c.keepalive(&sid, Some(600)).await.unwrap();
-    assert!(kept.expires_ms > session.expires_ms);
-
-    let released = c.release(&sid).await.unwrap();
-    assert_eq!(released.state, SessionState::Released);
-    assert_eq!(
-        c.release(&sid).await.unwrap().state,
-        SessionState::Released,
-        "release is idempotent"
-    );
-    assert_eq!(
-        c.get_session(&sid).await.unwrap().state,
-        SessionState::Released
-    );
-    let err = c.exec(&sid, &ExecRequest::cmd("true")).await.unwrap_err();
-    assert!(
-        err.code() == Some(ErrorCode::Conflict) || matches!(err, ClientError::NoResponders { .. }),
-        "{err:?}"
-    );
-
-    // Caller errors.
-    let err = c
-        .create_session(&CreateSessionRequest {
-            template: Some(id("nope")),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::NotFound));
-    let err = c.get_session(&id("never-was")).await.unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::NotFound));
-
-    // The pool refills after the claim.
-    stack
-        .wait_pool("default", Duration::from_secs(20), |p| p.ready >= 2)
-        .await;
+    common::executor_flow(&stack, "worker-1").await;
 }
 
 #[tokio::test]

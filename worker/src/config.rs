@@ -10,7 +10,7 @@ use hearth_messages::{Subjects, WorkerId};
 use serde::Deserialize;
 
 use crate::provider::{
-    Accel, FirecrackerConfig, Isolation, ProcessConfig, QemuConfig, SandboxConfig,
+    Accel, FirecrackerConfig, Isolation, OciConfig, ProcessConfig, QemuConfig, SandboxConfig,
 };
 
 /// A configuration error: the binary prints it on one line and exits 64.
@@ -31,6 +31,8 @@ pub enum ProviderKind {
     /// Real microVMs under Firecracker, on hosts with hardware KVM (settings under
     /// `[firecracker]`: binary, kernel, rootfs).
     Firecracker,
+    /// OCI containers run by crun/runc (settings under `[oci]`: runtime, root, seccomp, init).
+    Oci,
 }
 
 impl ProviderKind {
@@ -41,6 +43,7 @@ impl ProviderKind {
             ProviderKind::Fake => "fake",
             ProviderKind::Qemu => "qemu",
             ProviderKind::Firecracker => "firecracker",
+            ProviderKind::Oci => "oci",
         }
     }
 }
@@ -151,6 +154,8 @@ pub struct WorkerConfig {
     /// The firecracker provider's settings (`[firecracker]` in the file); an empty `root` is
     /// `<data_dir>/firecracker`.
     pub firecracker: FirecrackerConfig,
+    /// The oci provider's settings (`[oci]` in the file); an empty `root` is `<data_dir>/oci`.
+    pub oci: OciConfig,
     /// The shell an exec's `cmd` runs in, as `<shell> <shell_args…> <cmd>`; `None` leaves `cmd`
     /// to the provider (`/bin/sh -c` in every provider today).
     pub shell: Option<PathBuf>,
@@ -195,6 +200,7 @@ impl WorkerConfig {
             shell_args: default_shell_args(),
             env: BTreeMap::new(),
             firecracker: FirecrackerConfig::default(),
+            oci: OciConfig::default(),
         }
     }
 
@@ -222,6 +228,19 @@ impl WorkerConfig {
         }
         config.env = self.env.clone();
         config
+    }
+
+    /// The oci provider's configuration: the process provider's settings (shell, env, agent,
+    /// sandbox uid) rooted at `[oci] root` (default `<data_dir>/oci`), and the `[oci]` section.
+    pub fn oci_config(&self) -> (ProcessConfig, OciConfig) {
+        let mut process = self.process_config();
+        process.root = if self.oci.root.as_os_str().is_empty() {
+            self.data_dir.join("oci")
+        } else {
+            self.oci.root.clone()
+        };
+        process.isolation = Isolation::Sandbox;
+        (process, self.oci.clone())
     }
 
     /// The qemu provider's configuration, its root defaulting to `<data_dir>/qemu`.
@@ -387,6 +406,7 @@ struct WorkerFile {
     shell_args: Option<Vec<String>>,
     env: Option<BTreeMap<String, String>>,
     firecracker: Option<FirecrackerConfig>,
+    oci: Option<OciConfig>,
 }
 
 fn read_file(path: &Path) -> Result<WorkerFile, ConfigError> {
@@ -487,6 +507,9 @@ impl WorkerArgs {
         }
         if let Some(accel) = self.qemu_accel {
             config.qemu.accel = accel;
+        }
+        if let Some(oci) = file.oci {
+            config.oci = oci;
         }
         if let Some(firecracker) = file.firecracker {
             config.firecracker = firecracker;

@@ -7,6 +7,7 @@
 
 mod backups;
 pub mod config;
+pub mod image;
 mod inventory;
 mod jobs;
 mod locks;
@@ -35,5 +36,9 @@ pub fn open_provider(
         ProviderKind::Firecracker => Arc::new(provider::FirecrackerProvider::open(
             config.firecracker_config(),
         )?),
+        ProviderKind::Oci => {
+            let (process, oci) = config.oci_config();
+            Arc::new(provider::ProcessProvider::open_oci(process, oci)?)
+        }
     })
 }

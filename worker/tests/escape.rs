@@ -63,6 +63,10 @@
 //!     sandbox's processes run as an unprivileged host uid.
 //!
 //! Tests skip (with a printed reason) only when not run as root or without bubblewrap.
+//!
+//! The same suite runs against the `oci` provider (containers run by crun, in its default
+//! configuration) from `escape_oci.rs`, which includes this file as a module: [`oci`] tells them
+//! apart by the module path.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -79,6 +83,11 @@ const SANDBOX_HOST_UID: u32 = 100_000;
 /// How long any single probe may run.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Whether this is the suite's run against the `oci` provider (see the module docs).
+fn oci() -> bool {
+    module_path!().contains("oci")
+}
+
 /// Whether this host can run the suite; prints why not.
 fn sandbox_host() -> bool {
     if !nix::unistd::geteuid().is_root() {
@@ -86,6 +95,15 @@ fn sandbox_host() -> bool {
             "skipping: the escape suite needs root (the default sandbox drops to uid 100000)"
         );
         return false;
+    }
+    if oci() {
+        for (bin, package) in [("/usr/bin/crun", "crun"), ("/usr/bin/tini-static", "tini")] {
+            if !Path::new(bin).is_file() {
+                eprintln!("skipping: {bin} is not installed (apt-get install {package})");
+                return false;
+            }
+        }
+        return true;
     }
     if !Path::new("/usr/bin/bwrap").is_file() {
         eprintln!("skipping: bubblewrap (/usr/bin/bwrap) is not installed");
@@ -114,7 +132,13 @@ impl Setup {
             .prefix("escape-")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .unwrap();
-        let provider = ProcessProvider::open(ProcessConfig::new(dir.path().join("root"))).unwrap();
+        let config = ProcessConfig::new(dir.path().join("root"));
+        let provider = if oci() {
+            ProcessProvider::open_oci(config, hearth_worker::provider::OciConfig::default())
+        } else {
+            ProcessProvider::open(config)
+        }
+        .unwrap();
         Self { provider, dir }
     }
 
@@ -160,6 +184,31 @@ impl Setup {
         .await
         .expect("the exec outlived its timeout")
         .unwrap()
+    }
+
+    /// After an attack that can end the sandbox's agent or init (`kill -9 -1`, the OOM killer):
+    /// the process provider serves the next exec from a new sandbox; under `oci` the container
+    /// ended, so the VM failed with the runtime's exit code (its session is lost), never
+    /// "assumed running".
+    async fn still_works_or_lost(&self, vm_id: &VmId) {
+        if !oci() {
+            return self.still_works(vm_id).await;
+        }
+        match self
+            .provider
+            .exec(vm_id, ExecSpec::shell("echo alive"), None)
+            .await
+        {
+            Ok(outcome) => assert_eq!(outcome.stdout, b"alive\n", "{outcome:?}"),
+            Err(e) => {
+                assert_eq!(e.kind(), ProviderErrorKind::InvalidState, "{e}");
+                assert!(
+                    e.to_string()
+                        .contains("failed: the container exited with code 137"),
+                    "{e}"
+                );
+            }
+        }
     }
 
     /// Proof that the VM still serves execs.
@@ -859,7 +908,7 @@ async fn the_worker_cannot_be_read_or_signalled() {
     );
     let _ = bystander.kill();
     let _ = bystander.wait();
-    s.still_works(&id).await;
+    s.still_works_or_lost(&id).await;
 }
 
 // 9 ------------------------------------------------------------------------------------------
@@ -1163,14 +1212,26 @@ async fn tmpfs_writes_count_against_memory_mib() {
     };
     let id = s.vm_with("tmpfs-hog", spec).await;
     // The sandbox's tmpfs mounts are host memory: /tmp, /dev (/dev/shm) and bubblewrap's root.
-    let outcome = s
-        .sh(
-            &id,
-            "for d in /tmp /dev/shm /dev /; do \
-               dd if=/dev/zero of=$d/hog bs=1M count=200 2>/dev/null; done; \
-             du -smc /tmp/hog /dev/shm/hog /dev/hog /hog 2>/dev/null | tail -1",
-        )
-        .await;
+    let hog = ExecSpec::shell(
+        "for d in /tmp /dev/shm /dev /; do \
+           dd if=/dev/zero of=$d/hog bs=1M count=200 2>/dev/null; done; \
+         du -smc /tmp/hog /dev/shm/hog /dev/hog /hog 2>/dev/null | tail -1",
+    )
+    .with_timeout(PROBE_TIMEOUT);
+    let outcome = match s.provider.exec(&id, hog, None).await {
+        Ok(outcome) => outcome,
+        // oci: the OOM killer took the container's agent, so the container (and its tmpfs
+        // mounts) ended and the VM failed.
+        Err(e) if oci() => {
+            assert!(
+                e.to_string()
+                    .contains("failed: the container exited with code"),
+                "{e}"
+            );
+            return s.still_works_or_lost(&id).await;
+        }
+        Err(e) => panic!("{e}"),
+    };
     let kept: u64 = text(&outcome.stdout)
         .split_whitespace()
         .next()
@@ -1180,7 +1241,7 @@ async fn tmpfs_writes_count_against_memory_mib() {
         kept <= 64,
         "{kept} MiB of tmpfs files kept by a VM with memory_mib=64: {outcome:?}"
     );
-    s.still_works(&id).await;
+    s.still_works_or_lost(&id).await;
 }
 
 // 13 -----------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 //! The provider contract: one suite, written once, run against every adapter (`fake`, `process`,
-//! `qemu` and `firecracker`), so the fake the scheduler tests rely on cannot drift from the real
+//! `oci`, `qemu` and `firecracker`), so the fake the scheduler tests rely on cannot drift from the real
 //! thing. The qemu instances skip, with the reason printed, where QEMU or the guest image is
 //! missing; the firecracker ones unless `FIRECRACKER_BIN`, `FIRECRACKER_KERNEL` and
-//! `FIRECRACKER_ROOTFS` are set and `/dev/kvm` exists.
+//! `FIRECRACKER_ROOTFS` are set and `/dev/kvm` exists; the oci ones where `crun` and `tini` are
+//! not installed (`scripts/setup.sh` installs them).
 
+mod oci_support;
 mod qemu_support;
 
 use std::path::Path;
@@ -19,6 +21,7 @@ use hearth_worker::provider::{
 enum Kind {
     Fake,
     Process,
+    Oci,
     Qemu,
     Firecracker,
 }
@@ -43,6 +46,7 @@ impl Harness {
             Kind::Process => Arc::new(
                 ProcessProvider::open(ProcessConfig::new(dir.path().join("root"))).unwrap(),
             ),
+            Kind::Oci => Arc::new(oci_support::open(&dir.path().join("oci"))?),
             Kind::Qemu => Arc::new(
                 QemuProvider::open(qemu_support::config(dir.path().join("qemu"))?).unwrap(),
             ),
@@ -128,6 +132,15 @@ macro_rules! contract_tests {
                 #[tokio::test]
                 async fn $name() {
                     super::$name(super::Harness::new(super::Kind::Process)).await;
+                }
+            )*
+        }
+        mod oci {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(h) = super::Harness::try_new(super::Kind::Oci) else { return };
+                    super::$name(h).await;
                 }
             )*
         }

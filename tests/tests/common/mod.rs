@@ -1,6 +1,6 @@
 //! A whole Hearth stack as real processes for end-to-end tests: one nats-server, the
-//! `hearth-scheduler` binary and any number of `hearth-worker` binaries (process provider), each
-//! with its own data directory and log file.
+//! `hearth-scheduler` binary and any number of `hearth-worker` binaries (process provider, or the
+//! one [`Stack::start_with_worker_args`] names), each with its own data directory and log file.
 
 #![allow(dead_code)]
 
@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hearth_messages::{HearthClient, PoolStatus, TemplateName};
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use hearth_messages::*;
 use hearth_testkit::{ChildProcess, NatsServer, workspace_bin, workspace_root};
 
 /// The development password of `user` in deploy/nats/accounts.conf.
@@ -23,6 +26,15 @@ pub async fn connect_as(url: &str, user: &str) -> async_nats::Client {
         .await
         .unwrap_or_else(|e| panic!("connecting as {user}: {e}"))
 }
+
+/// A template whose bootstrap leaves a marker, pooled 2–4 ready.
+pub const DEFAULT_TEMPLATE: &str = r#"
+[[templates]]
+name = "default"
+min_ready = 2
+max_ready = 4
+bootstrap = ["sh", "-c", "echo built-once > .template-marker"]
+"#;
 
 /// Scheduler settings tuned for tests: fast heartbeats, reconcile and lease.
 pub const FAST_SCHEDULER: &str = r#"
@@ -45,18 +57,30 @@ pub struct Stack {
     /// Running deploy/nats/single.conf (service account + tenants): the binaries log in with
     /// their role's user, `client` is tenant-a's.
     accounts: bool,
+    /// Added to every worker's command line (e.g. `--provider oci`).
+    worker_args: Vec<String>,
 }
 
 impl Stack {
     /// nats-server, a scheduler with `scheduler_toml` (appended to [`FAST_SCHEDULER`]) and the
     /// named workers.
     pub async fn start(workers: &[&str], scheduler_toml: &str) -> Stack {
+        Stack::start_with_worker_args(workers, scheduler_toml, &[]).await
+    }
+
+    /// [`start`](Self::start) with `worker_args` added to every worker's command line.
+    pub async fn start_with_worker_args(
+        workers: &[&str],
+        scheduler_toml: &str,
+        worker_args: &[&str],
+    ) -> Stack {
         let nats = NatsServer::builder()
             .config("max_payload: 8MB\n")
             .start()
             .expect("nats-server");
         let client = HearthClient::new(nats.connect().await.unwrap());
-        Stack::start_on(nats, client, false, workers, scheduler_toml)
+        let worker_args = worker_args.iter().map(|a| (*a).to_owned()).collect();
+        Stack::start_on(nats, client, false, workers, scheduler_toml, worker_args)
     }
 
     /// The same stack on nats-server running deploy/nats/single.conf unchanged (accounts:
@@ -72,7 +96,7 @@ impl Stack {
             .start()
             .expect("nats-server with deploy/nats/single.conf");
         let client = HearthClient::new(connect_as(nats.url(), "executor").await);
-        Stack::start_on(nats, client, true, workers, scheduler_toml)
+        Stack::start_on(nats, client, true, workers, scheduler_toml, Vec::new())
     }
 
     fn start_on(
@@ -81,6 +105,7 @@ impl Stack {
         accounts: bool,
         workers: &[&str],
         scheduler_toml: &str,
+        worker_args: Vec<String>,
     ) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let scheduler_config = dir.path().join("scheduler.toml");
@@ -97,6 +122,7 @@ impl Stack {
             client,
             scheduler_config,
             accounts,
+            worker_args,
         };
         for w in workers {
             stack.add_worker(w, 32);
@@ -131,6 +157,7 @@ impl Stack {
             .args(["--max-vms", &max_vms.to_string()])
             .arg("--data-dir")
             .arg(self.dir.path().join(id))
+            .args(&self.worker_args)
             .env("RUST_LOG", "info");
         self.login(&mut cmd, id);
         ChildProcess::spawn(&format!("worker-{id}"), cmd, self.dir.path()).unwrap()
@@ -193,4 +220,117 @@ impl Stack {
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// The executor flow on a stack whose `default` template is [`DEFAULT_TEMPLATE`]: a warm claim,
+/// exec (plain and streamed), files, listing by label, idempotent create, keepalive, release,
+/// caller errors, and the pool refilling.
+pub async fn executor_flow(stack: &Stack, worker: &str) {
+    let c = &stack.client;
+    stack
+        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 2)
+        .await;
+
+    let session = c
+        .create_session(&CreateSessionRequest {
+            labels: BTreeMap::from([("agent".into(), "e2e".into())]),
+            ttl_s: Some(60),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(session.warm, "{session:?}");
+    assert_eq!(session.state, SessionState::Running);
+    assert_eq!(session.worker_id.as_str(), worker);
+    let sid = session.session_id.clone();
+
+    // The template's bootstrap ran once, before the snapshot the pool restores from.
+    let r = c
+        .exec(
+            &sid,
+            &ExecRequest::cmd("cat .template-marker; echo $((6*7))"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.as_bytes(), b"built-once\n42\n", "{r:?}");
+
+    c.put_file(&sid, "in/data.txt", b"payload".to_vec(), None)
+        .await
+        .unwrap();
+    let r = c
+        .exec(&sid, &ExecRequest::argv(["cat", "in/data.txt"]))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.as_bytes(), b"payload");
+    assert_eq!(c.get_file(&sid, "in/data.txt").await.unwrap(), b"payload");
+
+    let streamed: Vec<ExecEvent> = c
+        .exec_stream(&sid, &ExecRequest::cmd("echo a; echo b"))
+        .await
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect()
+        .await;
+    assert!(matches!(streamed.last(), Some(ExecEvent::Done(r)) if r.exit_code == 0));
+
+    // Listing and labels.
+    let listed = c
+        .list_sessions(&ListSessionsRequest {
+            labels: BTreeMap::from([("agent".into(), "e2e".into())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+
+    // Idempotent create: the same id returns the same session.
+    let again = c
+        .create_session(&CreateSessionRequest {
+            session_id: Some(sid.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.session_id, sid);
+    assert_eq!(again.created_ms, session.created_ms);
+
+    let kept = c.keepalive(&sid, Some(600)).await.unwrap();
+    assert!(kept.expires_ms > session.expires_ms);
+
+    let released = c.release(&sid).await.unwrap();
+    assert_eq!(released.state, SessionState::Released);
+    assert_eq!(
+        c.release(&sid).await.unwrap().state,
+        SessionState::Released,
+        "release is idempotent"
+    );
+    assert_eq!(
+        c.get_session(&sid).await.unwrap().state,
+        SessionState::Released
+    );
+    let err = c.exec(&sid, &ExecRequest::cmd("true")).await.unwrap_err();
+    assert!(
+        err.code() == Some(ErrorCode::Conflict) || matches!(err, ClientError::NoResponders { .. }),
+        "{err:?}"
+    );
+
+    // Caller errors.
+    let err = c
+        .create_session(&CreateSessionRequest {
+            template: Some(TemplateName::new("nope").unwrap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    let err = c
+        .get_session(&SessionId::new("never-was").unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+
+    // The pool refills after the claim.
+    stack
+        .wait_pool("default", Duration::from_secs(20), |p| p.ready >= 2)
+        .await;
 }

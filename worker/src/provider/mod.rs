@@ -4,7 +4,8 @@
 //! Adapters: [`fake`] (in memory, for scheduler logic tests) and [`process`] (a volume directory plus
 //! commands run by a shell in it, optionally inside bubblewrap namespaces; the embedded default);
 //! [`qemu`] (real microVMs under QEMU `-M microvm`, with the Hearth guest agent inside) and
-//! [`firecracker`] (Firecracker microVMs on hosts with KVM, the agent over vsock).
+//! [`firecracker`] (Firecracker microVMs on hosts with KVM, the agent over vsock); [`oci`] (OCI
+//! containers run by crun/runc: the process adapter with containers for sandboxes).
 //!
 //! Architecture invariant: the caller (the worker's NATS layer) serialises operations per VM with a
 //! per-VM async lock and enforces capacity. Providers are still internally thread-safe: operations on
@@ -29,6 +30,7 @@ pub use hearth_messages::{SnapshotId, TemplateName, VmId};
 mod agent;
 pub mod fake;
 pub mod firecracker;
+pub mod oci;
 mod paths;
 pub mod process;
 pub mod qemu;
@@ -41,6 +43,7 @@ mod snapshot_archive;
 
 pub use fake::{FakeConfig, FakeOp, FakeProvider};
 pub use firecracker::{FirecrackerConfig, FirecrackerMmds, FirecrackerProvider};
+pub use oci::OciConfig;
 pub use process::{Isolation, ProcessConfig, ProcessProvider, SandboxConfig, WORKSPACE};
 pub use qemu::{Accel, QemuConfig, QemuProvider};
 

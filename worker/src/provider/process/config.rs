@@ -32,6 +32,10 @@ pub struct ProcessConfig {
     pub agent: Option<PathBuf>,
     /// zstd level for snapshots and backups.
     pub snapshot_compression_level: i32,
+    /// Run sandboxes as OCI containers with these settings: the `oci` provider
+    /// ([`ProcessProvider::open_oci`](super::ProcessProvider::open_oci)).
+    #[serde(skip)]
+    pub oci: Option<crate::provider::OciConfig>,
 }
 
 impl Default for ProcessConfig {
@@ -46,6 +50,7 @@ impl Default for ProcessConfig {
             limits: LimitsMode::Auto,
             agent: None,
             snapshot_compression_level: 3,
+            oci: None,
         }
     }
 }

@@ -50,6 +50,7 @@ use super::{
     ProviderError, SnapshotId, SnapshotInfo, VmId, VmProvider, VmSpec, VmState, VmView,
     bootstrap_failed, lifecycle, now_ms,
 };
+use crate::image::{ImageCache, ImageError, ImageInfo};
 
 mod archive;
 mod config;
@@ -71,6 +72,16 @@ use sandbox::{LaunchSpec, Launcher, Sandbox};
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an agent may answer after a command's own timeout.
 const EXEC_GRACE: Duration = Duration::from_secs(5);
+/// How often an `oci` sandbox is checked for having ended on its own.
+const CONTAINER_POLL: Duration = Duration::from_millis(200);
+
+/// An image that cannot be used as a base: bad input (400) unless the host failed (500).
+fn image_error(e: ImageError) -> ProviderError {
+    match e {
+        ImageError::Io { context, source } => ProviderError::io(context, source),
+        other => ProviderError::InvalidArgument(other.to_string()),
+    }
+}
 
 /// The process backend's part of the registry.
 #[derive(Debug)]
@@ -98,6 +109,14 @@ pub(crate) struct ProcessVm {
     max_processes: u32,
     #[serde(default)]
     network: NetworkMode,
+    /// The container image (its id in the provider's image cache) whose root filesystem the
+    /// sandbox runs on; `None`: the host's system directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<String>,
+    /// Where the image came from (the template's `base`): a worker whose cache lacks the image
+    /// (a snapshot imported from another worker) unpacks it from there, if it is the same image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image_source: Option<PathBuf>,
 }
 
 impl ProcessVm {
@@ -108,6 +127,8 @@ impl ProcessVm {
             disk_mib: spec.disk_mib,
             max_processes: spec.max_processes,
             network: spec.network,
+            image: None,
+            image_source: None,
         }
     }
 
@@ -127,6 +148,12 @@ pub(crate) struct ProcessSnapshot {
     /// disk after it was taken is refused, never restored.
     #[serde(default)]
     sha256: Option<String>,
+    /// The image the VM ran on (see [`ProcessVm::image`]); a restore runs on the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<String>,
+    /// See [`ProcessVm::image_source`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image_source: Option<PathBuf>,
     /// The archive's size, from the file system (not recorded).
     #[serde(skip)]
     size_bytes: u64,
@@ -159,6 +186,8 @@ struct Inner {
     cgroups: Cgroups,
     /// Loop-mounted volumes with a size (disk quotas), where the host allows.
     disks: Disks,
+    /// Root filesystems unpacked from container images (templates whose `base` is an image).
+    images: ImageCache,
 }
 
 /// The process adapter. Cheap to share behind an `Arc<dyn VmRuntime>`.
@@ -180,7 +209,9 @@ impl ProcessProvider {
             config.sandbox.clone(),
             config.agent.as_deref(),
             &root,
+            config.oci.as_ref(),
         )?;
+        let images = ImageCache::open(root.join("images")).map_err(image_error)?;
         let cgroups = match config.limits {
             LimitsMode::Auto => Cgroups::detect(&cgroup_parent(&root)),
             LimitsMode::Rlimit => Cgroups::rlimit("limits = \"rlimit\" in the configuration"),
@@ -212,12 +243,25 @@ impl ProcessProvider {
             launcher,
             cgroups,
             disks,
+            images,
             config,
         };
         inner.reconcile()?;
         Ok(Self {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Opens the `oci` provider: this adapter with OCI containers (run by `oci.runtime`) for
+    /// sandboxes; see [`crate::provider::oci`]. `Unavailable` if the runtime or init is missing
+    /// or cannot run a container here.
+    pub fn open_oci(
+        mut config: ProcessConfig,
+        oci: crate::provider::OciConfig,
+    ) -> Result<Self, ProviderError> {
+        config.isolation = Isolation::Sandbox;
+        config.oci = Some(oci);
+        Self::open(config)
     }
 
     /// The configuration this provider was opened with.
@@ -331,10 +375,20 @@ impl Inner {
     /// The record and the sandbox of a running VM (exec and file transfer), starting the sandbox
     /// if it is not running (first use after a worker restart, or its agent died); bumps the
     /// VM's activity.
-    async fn running(&self, vm_id: &VmId) -> Result<(Arc<VmRecord>, Arc<Sandbox>), ProviderError> {
+    async fn running(
+        self: &Arc<Self>,
+        vm_id: &VmId,
+    ) -> Result<(Arc<VmRecord>, Arc<Sandbox>), ProviderError> {
         let record = self.registry.record(vm_id)?;
         let live = |record: &VmRecord| -> Result<Option<Arc<Sandbox>>, ProviderError> {
-            Ok(record.touch_running(vm_id)?.filter(|s| !s.is_dead()))
+            let sandbox = record.touch_running(vm_id)?;
+            // A container that ended on its own is the VM's failure, never restarted quietly.
+            if let Some(sandbox) = sandbox.as_ref().filter(|_| self.launcher.is_oci())
+                && let Some(status) = sandbox.exit_status()
+            {
+                return Err(self.container_died(sandbox, status));
+            }
+            Ok(sandbox.filter(|s| !s.is_dead()))
         };
         if let Some(sandbox) = live(&record)? {
             return Ok((record, sandbox));
@@ -344,15 +398,18 @@ impl Inner {
         if let Some(sandbox) = live(&record)? {
             return Ok((record, sandbox));
         }
-        let (volume, limits, network) = {
+        let (volume, limits, network, image) = {
             let slot = record.slot.lock();
             (
                 volume(&slot),
                 slot.meta.backend.limits(),
                 slot.meta.backend.network,
+                slot.meta.backend.image.clone(),
             )
         };
-        let sandbox = self.launch(vm_id, &volume, limits, network).await?;
+        let sandbox = self
+            .launch(vm_id, &volume, limits, network, image.as_deref())
+            .await?;
         {
             let mut slot = record.slot.lock();
             // Stopped or destroyed meanwhile: that wins, and the new sandbox dies with this scope.
@@ -364,14 +421,81 @@ impl Inner {
         Ok((record, sandbox))
     }
 
-    /// Starts a sandbox around `volume`, inside its cgroup, with its network.
+    /// A VM's container ended on its own (`oci`): buries the VM as failed with the runtime's
+    /// exit code, deletes its files, and returns the error its caller answers with.
+    fn container_died(
+        self: &Arc<Self>,
+        sandbox: &Arc<Sandbox>,
+        status: std::process::ExitStatus,
+    ) -> ProviderError {
+        let reason = match (
+            status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&status),
+        ) {
+            (Some(code), _) => format!("the container exited with code {code}"),
+            (None, Some(signal)) => format!("the container runtime was killed by signal {signal}"),
+            (None, None) => "the container ended".to_owned(),
+        };
+        let buried = self.registry.bury_failed(
+            |slot| {
+                slot.runtime
+                    .as_ref()
+                    .is_some_and(|r| Arc::ptr_eq(r, sandbox))
+            },
+            reason.clone(),
+        );
+        sandbox.kill();
+        match buried {
+            Some((vm_id, dir)) => {
+                warn!(%vm_id, reason, "vm failed: its container ended");
+                let inner = self.clone();
+                tokio::task::spawn_blocking(move || inner.discard_vm_dir(&dir));
+                ProviderError::InvalidState(format!("vm {vm_id} failed: {reason}"))
+            }
+            None => ProviderError::Unavailable(format!("a container ended: {reason}")),
+        }
+    }
+
+    /// Watches an `oci` sandbox until it is killed; if it ends on its own first, the VM failed.
+    fn watch_container(self: &Arc<Self>, sandbox: &Arc<Sandbox>) {
+        let (inner, sandbox) = (Arc::downgrade(self), Arc::downgrade(sandbox));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CONTAINER_POLL).await;
+                let Some(live) = sandbox.upgrade() else {
+                    return;
+                };
+                if live.is_killed() {
+                    return;
+                }
+                if let Some(status) = live.exit_status() {
+                    if let Some(inner) = inner.upgrade() {
+                        inner.container_died(&live, status);
+                    }
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Starts a sandbox around `volume`, inside its cgroup, with its network, on the root
+    /// filesystem of `image` (or the host's).
     async fn launch(
-        &self,
+        self: &Arc<Self>,
         vm_id: &VmId,
         volume: &Path,
         limits: LimitSpec,
         network: NetworkMode,
+        image: Option<&str>,
     ) -> Result<Arc<Sandbox>, ProviderError> {
+        let rootfs = match image {
+            None => None,
+            Some(id) => Some(self.images.get(id).ok_or_else(|| {
+                ProviderError::NotFound(format!(
+                    "vm {vm_id} runs on image {id}, which is not in this worker's image cache"
+                ))
+            })?),
+        };
         let cgroup = if limits == LimitSpec::default() {
             None
         } else {
@@ -388,8 +512,12 @@ impl Inner {
                 volume,
                 limits: cgroup,
                 tmp_bytes: u64::from(limits.memory_mib) << 20,
+                rootfs: rootfs.as_ref().map(|r| r.path.as_path()),
             })
             .await?;
+        if self.launcher.is_oci() {
+            self.watch_container(&sandbox);
+        }
         if network == NetworkMode::Egress {
             let attached = match self.launcher.isolation() {
                 Isolation::Sandbox => match network::sandbox_init_pid(sandbox.pid).await {
@@ -424,7 +552,7 @@ impl Inner {
 
     fn isolation_report(&self) -> hearth_messages::IsolationReport {
         hearth_messages::IsolationReport {
-            mode: self.launcher.isolation().as_str().into(),
+            mode: self.launcher.mode().into(),
             limits: self.cgroups.mechanism().as_str().into(),
             disk: self.disks.mechanism().as_str().into(),
         }
@@ -517,13 +645,15 @@ impl Inner {
         self.registry.root().snapshot_dir(snapshot_id)
     }
 
-    /// Fills a new VM directory `dir`: the volume, seeded from a snapshot or a base.
+    /// Fills a new VM directory `dir`: the volume, seeded from a snapshot or a base. A base that
+    /// is a container image is unpacked into the image cache instead (the volume starts empty);
+    /// returns the image the VM runs on.
     fn populate_vm_dir(
         &self,
         dir: &Path,
         spec: &VmSpec,
         restore: Option<&SnapshotMeta<ProcessSnapshot>>,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<Option<(ImageInfo, PathBuf)>, ProviderError> {
         let volume = dir.join("volume");
         let owner = self.launcher.owner().unwrap_or_else(|| {
             (
@@ -537,8 +667,29 @@ impl Inner {
             std::fs::create_dir(&volume)
                 .map_err(|e| ProviderError::io("cannot create volume directory", e))?;
         }
+        let mut image = None;
         match (restore, &spec.base) {
             (Some(snapshot), _) => {
+                if let Some(id) = &snapshot.backend.image {
+                    let source = snapshot.backend.image_source.clone().unwrap_or_default();
+                    let rootfs = match self.images.get(id) {
+                        Some(rootfs) => Some(rootfs),
+                        // Not unpacked here yet (an imported snapshot): from the same source.
+                        None if crate::image::is_image(&source) => {
+                            Some(self.images.unpack(&source).map_err(image_error)?)
+                        }
+                        None => None,
+                    };
+                    let rootfs = rootfs.filter(|r| r.info.id == *id).ok_or_else(|| {
+                        ProviderError::NotFound(format!(
+                            "snapshot {} runs on image {id}, which is not in this worker's \
+                             image cache nor at {}",
+                            snapshot.snapshot_id,
+                            source.display()
+                        ))
+                    })?;
+                    image = Some((rootfs.info, source));
+                }
                 let archive = self
                     .snapshot_dir(&snapshot.snapshot_id)
                     .join(archive::VOLUME_ENTRY);
@@ -564,6 +715,10 @@ impl Inner {
                     )
                 })?;
             }
+            (None, Some(base)) if crate::image::is_image(base) => {
+                let source = std::path::absolute(base).unwrap_or_else(|_| base.clone());
+                image = Some((self.images.unpack(base).map_err(image_error)?.info, source));
+            }
             (None, Some(base)) => archive::seed_from_base(base, &volume)?,
             (None, None) => {}
         }
@@ -571,14 +726,18 @@ impl Inner {
             archive::chown_tree(&volume, uid, gid)
                 .map_err(|e| ProviderError::io("cannot hand the volume to the sandbox user", e))?;
         }
-        Ok(())
+        Ok(image)
     }
 }
 
 #[async_trait]
 impl VmProvider for ProcessProvider {
     fn name(&self) -> &'static str {
-        "process"
+        if self.inner.launcher.is_oci() {
+            "oci"
+        } else {
+            "process"
+        }
     }
 
     fn isolation(&self) -> hearth_messages::IsolationReport {
@@ -606,17 +765,35 @@ impl VmProvider for ProcessProvider {
         info!(%vm_id, restore_from = ?spec.restore_from, "creating vm");
         reservation.make_dir().await?;
         let dir = reservation.dir().to_path_buf();
-        {
+        let image = {
             let (inner, dir, spec, restore) =
                 (inner.clone(), dir.clone(), spec.clone(), restore.clone());
-            blocking(move || inner.populate_vm_dir(&dir, &spec, restore.as_ref())).await?;
-        }
+            blocking(move || inner.populate_vm_dir(&dir, &spec, restore.as_ref())).await?
+        };
 
         // The sandbox starts now, so the VM is ready the moment it is listed (and pooled).
-        let backend = ProcessVm::of(spec);
+        let mut backend = ProcessVm::of(spec);
+        backend.image = image.as_ref().map(|(i, _)| i.id.clone());
+        backend.image_source = image.as_ref().map(|(_, source)| source.clone());
         let sandbox = inner
-            .launch(vm_id, &dir.join("volume"), backend.limits(), spec.network)
+            .launch(
+                vm_id,
+                &dir.join("volume"),
+                backend.limits(),
+                spec.network,
+                backend.image.as_deref(),
+            )
             .await?;
+        // An image's environment (its PATH, …) under the template's.
+        let mut spec = spec.clone();
+        if let (Some((image, _)), None) = (&image, &restore) {
+            for (key, value) in image.env.iter().filter_map(|e| e.split_once('=')) {
+                spec.env
+                    .entry(key.to_owned())
+                    .or_insert_with(|| value.to_owned());
+            }
+        }
+        let spec = &spec;
         let meta = VmMeta::created(vm_id, spec, restore.as_ref(), backend);
         if let (None, Some(bootstrap)) = (&restore, &spec.bootstrap) {
             let exec_spec = ExecSpec::argv(bootstrap.clone())
@@ -712,6 +889,8 @@ impl VmProvider for ProcessProvider {
             let slot = record.slot.lock();
             let backend = ProcessSnapshot {
                 sha256: None,
+                image: slot.meta.backend.image.clone(),
+                image_source: slot.meta.backend.image_source.clone(),
                 size_bytes: 0,
             };
             (
@@ -723,6 +902,10 @@ impl VmProvider for ProcessProvider {
         staging.make_dir().await?;
         let packed = staging.path().join(archive::VOLUME_ENTRY);
         let level = inner.config.snapshot_compression_level;
+        let (image, image_source) = (
+            meta.backend.image.clone(),
+            meta.backend.image_source.clone(),
+        );
         let backend = blocking(move || {
             let size_bytes = archive::pack_dir(&volume, &packed, level)
                 .map_err(|e| ProviderError::io("cannot archive volume", e))?;
@@ -730,6 +913,8 @@ impl VmProvider for ProcessProvider {
                 .map_err(|e| ProviderError::io("cannot checksum the snapshot", e))?;
             Ok(ProcessSnapshot {
                 sha256: Some(sha256),
+                image,
+                image_source,
                 size_bytes,
             })
         })
@@ -875,6 +1060,10 @@ impl VmProvider for ProcessProvider {
             )));
         }
         let expected = meta.backend.sha256.clone();
+        let (image, image_source) = (
+            meta.backend.image.clone(),
+            meta.backend.image_source.clone(),
+        );
         let backend = blocking(move || {
             archive::verify_tar_zst(&volume).map_err(ProviderError::corrupt_snapshot)?;
             let size_bytes = std::fs::metadata(&volume)
@@ -887,6 +1076,8 @@ impl VmProvider for ProcessProvider {
             }
             Ok(ProcessSnapshot {
                 sha256: Some(sha256),
+                image,
+                image_source,
                 size_bytes,
             })
         })

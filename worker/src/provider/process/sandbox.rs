@@ -40,12 +40,15 @@ use super::freeze::{self, Frozen};
 use super::limits::SandboxCgroup;
 use super::network::Egress;
 use crate::provider::agent::{AgentCallError, AgentLink};
+use crate::provider::oci::{OciConfig, OciEngine};
 use crate::provider::{ProviderError, VmId};
 
 /// Where a VM's volume is mounted inside the sandbox: commands' working directory and `HOME`.
 pub const WORKSPACE: &str = "/workspace";
 /// Where the agent binary is mounted inside the sandbox.
 const AGENT_IN_SANDBOX: &str = "/.hearth/agent";
+/// Where the host's loader and the agent's libraries are mounted on an image's root.
+const AGENT_LIB_DIR: &str = "/.hearth/lib";
 /// The uid and gid commands run as inside the sandbox.
 const INNER_ID: u32 = 1000;
 /// How long a new agent has to answer its first ping.
@@ -54,11 +57,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LOG_LINES: usize = 200;
 
 /// System directories bound read-only (or recreated as symlinks where the host has symlinks).
-const SYSTEM_DIRS: [&str; 7] = [
+pub(crate) const SYSTEM_DIRS: [&str; 7] = [
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
 ];
 /// Host files and directories under `/etc` that programs need and that hold no secrets.
-const ETC_SHARED: [&str; 14] = [
+pub(crate) const ETC_SHARED: [&str; 14] = [
     "alternatives",
     "ssl",
     "ca-certificates",
@@ -144,6 +147,11 @@ pub(crate) struct Launcher {
     drop_to_uid: bool,
     /// `bwrap --version`, when sandboxes isolate.
     tool_version: Option<String>,
+    /// Sandboxes are OCI containers (the `oci` provider) instead of bubblewrap.
+    oci: Option<Arc<OciEngine>>,
+    /// The host's loader and the libraries a dynamically linked agent needs (`None` for a static
+    /// agent): mounted for the agent alone on an image's root filesystem.
+    agent_libs: Option<(PathBuf, Vec<PathBuf>)>,
 }
 
 /// What one sandbox is for.
@@ -156,6 +164,8 @@ pub(crate) struct LaunchSpec<'a> {
     pub limits: Option<SandboxCgroup>,
     /// Size of the private `/tmp` in bytes (0 = the kernel's default).
     pub tmp_bytes: u64,
+    /// The root filesystem of the VM's image, if it has one; else the host's system directories.
+    pub rootfs: Option<&'a Path>,
 }
 
 /// A running sandbox: the agent's process tree and the channel to it.
@@ -173,6 +183,8 @@ pub(crate) struct Sandbox {
     egress: parking_lot::Mutex<Option<Egress>>,
     /// Set while the sandbox is paused: how its processes are frozen.
     frozen: parking_lot::Mutex<Option<Frozen>>,
+    /// The OCI container this sandbox is (`oci` provider): removed from the runtime with it.
+    container: Option<(Arc<OciEngine>, String)>,
 }
 
 impl Sandbox {
@@ -208,6 +220,20 @@ impl Sandbox {
     /// OOM kills in the sandbox's cgroup so far (0 without a memory cgroup).
     pub(crate) fn oom_kills(&self) -> u64 {
         self.limits.as_ref().map_or(0, SandboxCgroup::oom_kills)
+    }
+
+    /// How the sandbox's outermost process ended, if it ended on its own (not killed by
+    /// [`kill`](Self::kill)): for the `oci` provider, the runtime's exit code.
+    pub(crate) fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        self.child
+            .lock()
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Whether [`kill`](Self::kill) has ended the sandbox.
+    pub(crate) fn is_killed(&self) -> bool {
+        self.child.lock().is_none()
     }
 
     /// Gives the sandbox its network (egress templates).
@@ -251,6 +277,11 @@ impl Sandbox {
                 });
             }
         }
+        if let Some((engine, uid)) = &self.container {
+            // The runtime's state and the bundle, off the caller's thread (a few CLI calls).
+            let (engine, uid) = (engine.clone(), uid.clone());
+            std::thread::spawn(move || engine.cleanup(&uid));
+        }
     }
 }
 
@@ -269,12 +300,14 @@ impl Launcher {
         config: SandboxConfig,
         agent: Option<&Path>,
         root: &Path,
+        oci: Option<&OciConfig>,
     ) -> Result<Self, ProviderError> {
         let agent = find_agent(agent)?;
         let etc_dir = root.join("sandbox-etc");
         write_etc(&etc_dir)
             .map_err(|e| ProviderError::io(format!("cannot write {}", etc_dir.display()), e))?;
         let drop_to_uid = nix::unistd::geteuid().is_root();
+        let agent_libs = crate::provider::oci::agent_libraries(&agent);
         let mut launcher = Self {
             isolation,
             config,
@@ -282,8 +315,19 @@ impl Launcher {
             etc_dir,
             drop_to_uid,
             tool_version: None,
+            oci: None,
+            agent_libs,
         };
-        if isolation == Isolation::Sandbox {
+        if let Some(oci) = oci {
+            let ids = launcher.owner().unwrap_or_else(|| {
+                (
+                    nix::unistd::geteuid().as_raw(),
+                    nix::unistd::getegid().as_raw(),
+                )
+            });
+            let engine = OciEngine::open(oci, root, &launcher.agent, &launcher.etc_dir, ids)?;
+            launcher.oci = Some(Arc::new(engine));
+        } else if isolation == Isolation::Sandbox {
             let dir = root
                 .join("tmp")
                 .join(format!("probe-{}", uuid::Uuid::new_v4().simple()));
@@ -299,9 +343,26 @@ impl Launcher {
         self.isolation
     }
 
+    /// Whether sandboxes are OCI containers (the `oci` provider).
+    pub(crate) fn is_oci(&self) -> bool {
+        self.oci.is_some()
+    }
+
+    /// The isolation mode reported in heartbeats: `oci`, `sandbox` or `none`.
+    pub(crate) fn mode(&self) -> &'static str {
+        if self.is_oci() {
+            "oci"
+        } else {
+            self.isolation.as_str()
+        }
+    }
+
     /// `process <crate version>`, with the sandbox tool's own version when it isolates
     /// (`process 0.1.0 (bubblewrap 0.8.0)`).
     pub(crate) fn version(&self) -> String {
+        if let Some(oci) = &self.oci {
+            return format!("oci {} ({})", env!("CARGO_PKG_VERSION"), oci.version());
+        }
         let ours = format!("process {}", env!("CARGO_PKG_VERSION"));
         match &self.tool_version {
             Some(tool) => format!("{ours} ({tool})"),
@@ -337,7 +398,7 @@ impl Launcher {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid))
                 .map_err(|e| ProviderError::io("cannot chown the probe directory", e))?;
         }
-        let mut argv = self.sandbox_argv(dir, "hearth-probe", 0);
+        let mut argv = self.sandbox_argv(dir, "hearth-probe", 0, None);
         argv.push("/bin/true".into());
         let output = std::process::Command::new(&argv[0])
             .args(&argv[1..])
@@ -361,8 +422,16 @@ impl Launcher {
         Ok(())
     }
 
-    /// `[setpriv …] bwrap <flags> --` for a sandbox around `volume`.
-    fn sandbox_argv(&self, volume: &Path, hostname: &str, tmp_bytes: u64) -> Vec<OsString> {
+    /// `[setpriv …] bwrap <flags> --` for a sandbox around `volume`, with the system directories
+    /// (and the shared `/etc` files) of `rootfs` (an image's) or of the host.
+    fn sandbox_argv(
+        &self,
+        volume: &Path,
+        hostname: &str,
+        tmp_bytes: u64,
+        rootfs: Option<&Path>,
+    ) -> Vec<OsString> {
+        let system_root = rootfs.unwrap_or(Path::new("/"));
         let mut argv: Vec<OsString> = Vec::new();
         if self.drop_to_uid {
             argv.push(self.config.setpriv.clone().into());
@@ -396,14 +465,14 @@ impl Launcher {
         ];
         argv.extend(flags.map(OsString::from));
         for dir in SYSTEM_DIRS {
-            let path = Path::new(dir);
-            match std::fs::symlink_metadata(path) {
+            let path = system_root.join(dir.trim_start_matches('/'));
+            match std::fs::symlink_metadata(&path) {
                 Ok(m) if m.file_type().is_symlink() => {
-                    if let Ok(target) = std::fs::read_link(path) {
+                    if let Ok(target) = std::fs::read_link(&path) {
                         argv.extend(["--symlink".into(), target.into(), dir.into()]);
                     }
                 }
-                Ok(m) if m.is_dir() => argv.extend(["--ro-bind".into(), dir.into(), dir.into()]),
+                Ok(m) if m.is_dir() => argv.extend(["--ro-bind".into(), path.into(), dir.into()]),
                 _ => {}
             }
         }
@@ -424,8 +493,14 @@ impl Launcher {
             ]);
         }
         for name in ETC_SHARED {
-            let host = Path::new("/etc").join(name);
-            argv.extend(["--ro-bind-try".into(), host.clone().into(), host.into()]);
+            let source = system_root.join("etc").join(name);
+            // An image's file must not lead out of the image (bubblewrap follows symlinks).
+            if rootfs.is_some() && std::fs::symlink_metadata(&source).is_ok_and(|m| m.is_symlink())
+            {
+                continue;
+            }
+            let dest = Path::new("/etc").join(name);
+            argv.extend(["--ro-bind-try".into(), source.into(), dest.into()]);
         }
         argv.extend(["--remount-ro".into(), "/etc".into()]);
         argv.extend(["--proc", "/proc", "--dev", "/dev", "--dir", "/var"].map(OsString::from));
@@ -441,6 +516,22 @@ impl Launcher {
             "--ro-bind".into(),
             self.agent.clone().into(),
             AGENT_IN_SANDBOX.into(),
+        ]);
+        // On an image's root the host's C library is not there: the agent (alone) gets the
+        // host's loader and the libraries it needs.
+        if rootfs.is_some()
+            && let Some((loader, libs)) = &self.agent_libs
+        {
+            for lib in std::iter::once(loader).chain(libs) {
+                let name = lib.file_name().unwrap_or_default().to_string_lossy();
+                argv.extend([
+                    "--ro-bind".into(),
+                    lib.into(),
+                    format!("{AGENT_LIB_DIR}/{name}").into(),
+                ]);
+            }
+        }
+        argv.extend([
             "--chdir".into(),
             WORKSPACE.into(),
             "--hostname".into(),
@@ -466,9 +557,51 @@ impl Launcher {
                 "hearth-sandbox".into(),
             ]);
         }
+        let mut container = None;
         let mut command = match self.isolation {
+            Isolation::Sandbox if self.oci.is_some() => {
+                let engine = self.oci.clone().expect("checked");
+                let uid = uuid::Uuid::new_v4().simple().to_string();
+                let ids = self.owner().unwrap_or_else(|| {
+                    (
+                        nix::unistd::geteuid().as_raw(),
+                        nix::unistd::getegid().as_raw(),
+                    )
+                });
+                let run = engine.spec(
+                    &uid,
+                    spec.vm_id.as_str(),
+                    spec.volume,
+                    spec.rootfs,
+                    spec.tmp_bytes,
+                    ids,
+                    &["--channel", "stdio", "--workdir", WORKSPACE, "--sandbox"],
+                );
+                argv.extend(engine.runtime.prepare(&run).map_err(|e| {
+                    ProviderError::io(format!("cannot write the bundle of vm {}", spec.vm_id), e)
+                })?);
+                container = Some((engine, uid));
+                let mut command = Command::new(&argv[0]);
+                command.args(&argv[1..]).current_dir("/");
+                command
+            }
             Isolation::Sandbox => {
-                argv.extend(self.sandbox_argv(spec.volume, spec.vm_id.as_str(), spec.tmp_bytes));
+                argv.extend(self.sandbox_argv(
+                    spec.volume,
+                    spec.vm_id.as_str(),
+                    spec.tmp_bytes,
+                    spec.rootfs,
+                ));
+                if spec.rootfs.is_some()
+                    && let Some((loader, _)) = &self.agent_libs
+                {
+                    let name = loader.file_name().unwrap_or_default().to_string_lossy();
+                    argv.extend([
+                        format!("{AGENT_LIB_DIR}/{name}").into(),
+                        "--library-path".into(),
+                        AGENT_LIB_DIR.into(),
+                    ]);
+                }
                 argv.extend(
                     [
                         AGENT_IN_SANDBOX,
@@ -505,6 +638,9 @@ impl Launcher {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = command.spawn().map_err(|e| {
+            if let Some((engine, uid)) = &container {
+                engine.cleanup(uid);
+            }
             ProviderError::Unavailable(format!(
                 "cannot start the sandbox of vm {}: {e}",
                 spec.vm_id
@@ -536,6 +672,7 @@ impl Launcher {
             limits: spec.limits,
             egress: parking_lot::Mutex::new(None),
             frozen: parking_lot::Mutex::new(None),
+            container,
         });
         match sandbox.link.ready(Instant::now() + START_TIMEOUT).await {
             Ok(_) => {
@@ -654,12 +791,14 @@ mod tests {
             etc_dir: PathBuf::from("/r/sandbox-etc"),
             drop_to_uid: true,
             tool_version: None,
+            oci: None,
+            agent_libs: None,
         }
     }
 
     #[test]
     fn the_sandbox_binds_only_system_dirs_and_the_volume() {
-        let argv = launcher().sandbox_argv(Path::new("/r/vms/a/volume"), &"x".repeat(100), 0);
+        let argv = launcher().sandbox_argv(Path::new("/r/vms/a/volume"), &"x".repeat(100), 0, None);
         let argv: Vec<String> = argv.into_iter().map(|a| a.into_string().unwrap()).collect();
         let joined = argv.join(" ");
         assert!(
