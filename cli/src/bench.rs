@@ -53,6 +53,10 @@ pub enum Scenario {
     /// OCI containers (the `oci` provider, crun) beside the process provider in the same run:
     /// cold create, restore, warm claim, exec. Needs crun and tini; not part of `all`.
     Oci,
+    /// Many workers (simulated in this process, each its own NATS connection, fake provider)
+    /// under one scheduler process: claim latency with every VM pooled, scheduler CPU and bus
+    /// bytes of heartbeats, reconcile pass, RSS. `--workers`, `--vms-per-worker`.
+    Scale,
     /// Every scenario, one after the other.
     All,
 }
@@ -88,6 +92,12 @@ pub struct BenchArgs {
     /// scheduler, and 10,000 process VMs would measure the disk; `microvm` always uses `qemu`).
     #[arg(long, value_enum, default_value = "process")]
     pub provider: hearth_worker::ProviderKind,
+    /// Simulated workers for `scale`.
+    #[arg(long, default_value_t = 200)]
+    pub workers: usize,
+    /// Pooled VMs per worker for `scale`.
+    #[arg(long, default_value_t = 100)]
+    pub vms_per_worker: usize,
     /// Guest image for `microvm` (default: $HEARTH_QEMU_IMAGE, else .tools/images/current).
     #[arg(long)]
     pub qemu_image: Option<PathBuf>,
@@ -130,6 +140,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
             Scenario::Memory,
             Scenario::Tenants,
             Scenario::Processes,
+            Scenario::Scale,
         ],
         one => vec![one],
     };
@@ -143,6 +154,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
             Scenario::Microvm => microvm(&args, &sizes, nats_url.as_deref()).await?,
             Scenario::Pause => pause::run(&args, nats_url.as_deref()).await?,
             Scenario::Tenants => tenants::run(&sizes).await?,
+            Scenario::Scale => scale::run(&args, nats_url.as_deref()).await?,
             Scenario::Processes => processes(&args, &sizes, nats_url.as_deref(), &subjects).await?,
             Scenario::Oci => oci(&args, &sizes, nats_url.as_deref()).await?,
             Scenario::All => continue,
@@ -155,6 +167,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, subjects: Subjects) 
 // ----- the stack the bench starts ----------------------------------------------------------
 
 mod pause;
+mod scale;
 mod tenants;
 
 struct OwnStack {

@@ -36,7 +36,8 @@ fn every_bench_scenario_runs_and_reports_against_its_baseline() {
             "refill",
             "memory",
             "tenants",
-            "processes"
+            "processes",
+            "scale"
         ]
     );
     let positive = |r: &serde_json::Value, key: &str| {
@@ -84,5 +85,16 @@ fn every_bench_scenario_runs_and_reports_against_its_baseline() {
         "first_byte_p50_to_exec",
     ] {
         positive(&reports[6], key);
+    }
+    for key in [
+        "claim_p50_ms",
+        "claim_p99_ms",
+        "claim_p50_to_baseline",
+        "throughput_claims_per_s",
+        "heartbeat_bytes_per_s",
+        "reconcile_pass_mean_ms",
+        "scheduler_rss_mib",
+    ] {
+        positive(&reports[7], key);
     }
 }
