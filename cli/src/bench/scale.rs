@@ -18,8 +18,8 @@ use hearth_worker::{ProviderKind, Worker, WorkerConfig};
 use serde_json::json;
 
 use super::{
-    BenchArgs, Report, baseline, concurrent_claims, connect, ms, round3, rss_bytes,
-    sequential_claims, sibling_bin, template_toml, wait_ready,
+    BenchArgs, Report, baseline, concurrent_claims, connect, round3, rss_bytes, sequential_claims,
+    sibling_bin, template_toml, wait_ready,
 };
 
 /// Seconds of CPU (user + system) process `pid` has used.
@@ -225,7 +225,6 @@ pub(super) async fn run(args: &BenchArgs, url: Option<&str>) -> Result<Report> {
         json!(round3(rss as f64 / 1048576.0)),
         Some(format!("{:.1} MiB", rss as f64 / 1048576.0)),
     );
-    let _ = ms;
     drop(scheduler);
     for w in fleet {
         w.drain().await;
