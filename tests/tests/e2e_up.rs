@@ -64,6 +64,20 @@ async fn up_once(dir: &std::path::Path, state: &std::path::Path, extra: &[&str])
         .create_session(&Default::default())
         .await
         .unwrap_or_else(|e| panic!("claim: {e}\n{}", up.log()));
+    // The claim's VM is replaced in the pool before `hearth up` stops: a pool VM and a session.
+    loop {
+        if let Ok(status) = client.pool_status().await
+            && status.pools.iter().any(|p| p.ready >= 1)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool never refilled:\n{}",
+            up.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let status = up.terminate(Duration::from_secs(30)).unwrap();
     assert!(
         status.success(),

@@ -142,7 +142,7 @@ async fn a_paused_sandbox_with_a_running_command_is_destroyed_without_a_hang() {
     let running = {
         let (p, id) = (p.clone(), id.clone());
         tokio::spawn(async move {
-            p.exec(&id, ExecSpec::shell("touch started; sleep 600"), None)
+            p.exec(&id, ExecSpec::shell("touch started; sleep 600.4242"), None)
                 .await
         })
     };
@@ -150,6 +150,24 @@ async fn a_paused_sandbox_with_a_running_command_is_destroyed_without_a_hang() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     p.pause_vm(&id).await.unwrap();
+    // This sandbox's freezer cgroups (other tests pause sandboxes of their own meanwhile): the
+    // ones holding its marked command.
+    let freezer = std::path::Path::new("/sys/fs/cgroup/freezer");
+    let ours: Vec<std::path::PathBuf> = std::fs::read_dir(freezer)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("hearth-pause-"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("cgroup.procs")).is_ok_and(|procs| {
+                procs.split_whitespace().any(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("600.4242"))
+                })
+            })
+        })
+        .map(|e| e.path())
+        .collect();
     p.destroy_vm(&id).await.unwrap();
     // The frozen command is thawed to be killed: its exec ends, it does not wait 600 s.
     let ended = tokio::time::timeout(Duration::from_secs(20), running)
@@ -160,18 +178,11 @@ async fn a_paused_sandbox_with_a_running_command_is_destroyed_without_a_hang() {
         ended.as_ref().map_or(true, |o| !o.success()),
         "a killed command does not succeed: {ended:?}"
     );
-    let freezer = std::path::Path::new("/sys/fs/cgroup/freezer");
-    if freezer.exists() {
-        let left: Vec<_> = std::fs::read_dir(freezer)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("hearth-pause-"))
-            .filter(|e| {
-                std::fs::read_to_string(e.path().join("cgroup.procs"))
-                    .is_ok_and(|p| !p.trim().is_empty())
-            })
-            .map(|e| e.file_name())
-            .collect();
-        assert!(left.is_empty(), "no frozen processes left: {left:?}");
-    }
+    let left: Vec<_> = ours
+        .iter()
+        .filter(|dir| {
+            std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+        })
+        .collect();
+    assert!(left.is_empty(), "no frozen processes left: {left:?}");
 }
