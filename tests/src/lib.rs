@@ -48,3 +48,49 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// VM `vm` as the heartbeat `msg` (on `<prefix>.v1.workers.<wid>.status`) describes it: the
+/// heartbeat carries a digest, so the VM is read from the worker's inventory page of that
+/// heartbeat's generation (`list_vms_page`). `None` if the heartbeat is not a status, the
+/// worker moved past that generation already, or the VM is not in it.
+pub async fn vm_in_heartbeat(
+    nats: &async_nats::Client,
+    msg: &async_nats::Message,
+    vm: &str,
+) -> Option<hearth_messages::VmInfo> {
+    use hearth_messages::{
+        Encoding, JobId, JobOp, JobOutput, JobReply, JobRequest, Subjects, VmId, WorkerStatus,
+    };
+    let subjects = Subjects::default();
+    let worker = subjects.parse_worker_status(msg.subject.as_str())?;
+    let status: WorkerStatus = Encoding::MsgPack.decode(&msg.payload).ok()?;
+    if let Some(v) = status.vms.iter().find(|v| v.vm_id.as_str() == vm) {
+        return Some(v.clone());
+    }
+    let generation = status.inventory?.generation;
+    let vm_id = VmId::new(vm).ok()?;
+    // The page starting right before `vm` holds it if the generation does.
+    let request = JobRequest {
+        job_id: JobId::new(format!("hb-{}-{generation}-{}", worker, status.seq)).ok()?,
+        op: JobOp::ListVmsPage {
+            after: None,
+            limit: hearth_messages::MAX_INVENTORY_PAGE,
+            generation: Some(generation),
+        },
+        lease_revision: 0,
+        tenant: None,
+    };
+    let payload = Encoding::MsgPack.encode(&request).ok()?;
+    let reply = nats
+        .request(subjects.worker_jobs(&worker), payload.into())
+        .await
+        .ok()?;
+    match Encoding::MsgPack
+        .decode::<JobReply>(&reply.payload)
+        .ok()?
+        .output
+    {
+        JobOutput::VmsPage { vms, .. } => vms.into_iter().find(|v| v.vm_id == vm_id),
+        _ => None,
+    }
+}

@@ -621,16 +621,17 @@ async fn bad_input_gets_clear_codes() {
 }
 
 /// Whether the worker's next heartbeat reports `vm` busy.
-async fn reported_busy(status: &mut async_nats::Subscriber, vm: &str) -> bool {
+async fn reported_busy(
+    nats: &async_nats::Client,
+    status: &mut async_nats::Subscriber,
+    vm: &str,
+) -> bool {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), status.next())
             .await
             .expect("a heartbeat")
             .expect("the subscription");
-        let Ok(status) = Encoding::MsgPack.decode::<WorkerStatus>(&msg.payload) else {
-            continue;
-        };
-        if let Some(info) = status.vms.iter().find(|v| v.vm_id.as_str() == vm) {
+        if let Some(info) = hearth_testkit::vm_in_heartbeat(nats, &msg, vm).await {
             return info.busy;
         }
     }
@@ -646,13 +647,16 @@ async fn a_running_process_keeps_the_vm_busy_so_it_is_never_idle_stopped() {
         .subscribe(Subjects::default().worker_status(&id("wp")))
         .await
         .unwrap();
-    assert!(!reported_busy(&mut status, "s-busy").await, "idle at first");
+    assert!(
+        !reported_busy(&e.nats, &mut status, "s-busy").await,
+        "idle at first"
+    );
     let p = c.start_process(&sid, &cmd("sleep 30")).await.unwrap();
     // The heartbeat after the start says busy (the scheduler's idle timer skips busy VMs), and
     // the VM lock is free: a foreground exec runs beside the process at once.
-    let _ = reported_busy(&mut status, "s-busy").await;
+    let _ = reported_busy(&e.nats, &mut status, "s-busy").await;
     assert!(
-        reported_busy(&mut status, "s-busy").await,
+        reported_busy(&e.nats, &mut status, "s-busy").await,
         "busy while it runs"
     );
     let beside = tokio::time::timeout(
@@ -675,7 +679,7 @@ async fn a_running_process_keeps_the_vm_busy_so_it_is_never_idle_stopped() {
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
-    while reported_busy(&mut status, "s-busy").await {
+    while reported_busy(&e.nats, &mut status, "s-busy").await {
         assert!(
             Instant::now() < deadline,
             "still busy after the process ended"

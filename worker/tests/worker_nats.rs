@@ -1110,14 +1110,17 @@ async fn heartbeats_report_inventory_and_the_service_answers_srv() {
 }
 
 /// The next heartbeat's entry for `vm` (skipping heartbeats without it).
-async fn next_beat_of(beats: &mut async_nats::Subscriber, vm: &str) -> VmInfo {
+async fn next_beat_of(
+    nats: &async_nats::Client,
+    beats: &mut async_nats::Subscriber,
+    vm: &str,
+) -> VmInfo {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(5), beats.next())
             .await
             .expect("a heartbeat in time")
             .unwrap();
-        let s: WorkerStatus = Encoding::MsgPack.decode(&msg.payload).unwrap();
-        if let Some(v) = s.vms.into_iter().find(|v| v.vm_id.as_str() == vm) {
+        if let Some(v) = hearth_testkit::vm_in_heartbeat(nats, &msg, vm).await {
             return v;
         }
     }
@@ -1130,7 +1133,7 @@ async fn heartbeats_show_a_vm_busy_while_a_command_runs() {
     create_session(&nats, "w1", "busy").await;
     let mut beats = nats.subscribe("hearth.v1.workers.w1.status").await.unwrap();
     assert!(
-        !next_beat_of(&mut beats, "busy").await.busy,
+        !next_beat_of(&nats, &mut beats, "busy").await.busy,
         "idle at first"
     );
 
@@ -1142,7 +1145,7 @@ async fn heartbeats_show_a_vm_busy_while_a_command_runs() {
     // Heartbeats every 200 ms: several fall inside the command.
     let mut seen_busy = None;
     while !running.is_finished() {
-        let vm = next_beat_of(&mut beats, "busy").await;
+        let vm = next_beat_of(&nats, &mut beats, "busy").await;
         if vm.busy {
             seen_busy = Some(vm);
             break;
@@ -1159,7 +1162,7 @@ async fn heartbeats_show_a_vm_busy_while_a_command_runs() {
 
     // Afterwards: not busy, and the end of the command was activity too.
     let vm = loop {
-        let vm = next_beat_of(&mut beats, "busy").await;
+        let vm = next_beat_of(&nats, &mut beats, "busy").await;
         if !vm.busy {
             break vm;
         }
