@@ -375,6 +375,9 @@ impl Core {
                 let inv = inv.lock();
                 if inv.synced {
                     match inv.vms.get(&vm_id) {
+                        // A view from before the session's claim cannot miss its VM yet (a
+                        // worker killed right after the claim sends no newer view).
+                        None if inv.at_ms <= d.rec.session.created_ms => {}
                         None => {
                             d.busy = false;
                             let since = *d.missing_since.get_or_insert(now);
