@@ -390,7 +390,22 @@ impl NatsServer {
     /// Freezes the server (SIGSTOP): connections stay open but nothing is answered, as a stalled
     /// host or a long GC pause would.
     pub fn pause(&self) -> Result<()> {
-        self.signal("STOP")
+        self.signal("STOP")?;
+        // kill(2) returns before the group stop completes: a thread still on a CPU can deliver
+        // one more message. Wait until every thread of the server reports stopped.
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .context("the server is not running")?;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !all_threads_stopped(pid) {
+            if Instant::now() > deadline {
+                bail!("nats-server {pid} did not stop within 2 s of SIGSTOP");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Thaws a [`NatsServer::pause`]d server (SIGCONT).
@@ -554,6 +569,23 @@ mod tests {
         drop(server);
         assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T`/`t` in `/proc/<pid>/task/*/stat`).
+/// Off Linux (no `/proc`) there is nothing to wait on.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|task| {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            return true; // the thread exited
+        };
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "T" || state == "t")
+    })
 }
 
 /// Hearth's multi-tenant NATS layout (`deploy/nats/accounts.conf` and the roles it includes),
