@@ -1397,14 +1397,15 @@ async fn snapshot_never_packs_host_files_through_a_swapped_symlink() {
     let racer = r#"
 import ctypes, time
 libc = ctypes.CDLL(None, use_errno=True)
-end = time.time() + 25
+end = time.time() + 170
 while time.time() < end:
     for n in range(8):
         libc.syscall(316, -100, f"leak{n}".encode(), -100, f"alt{n}".encode(), 2)
 "#;
     let race = s.provider.exec(
         &id,
-        ExecSpec::argv(["python3", "-c", racer]).with_timeout(Duration::from_secs(30)),
+        // Outlives the snapshots below on a loaded host; dropped (and killed) when they are done.
+        ExecSpec::argv(["python3", "-c", racer]).with_timeout(Duration::from_secs(180)),
         None,
     );
     let snapshots = async {
