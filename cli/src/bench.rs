@@ -98,6 +98,9 @@ pub struct BenchArgs {
     /// Pooled VMs per worker for `scale`.
     #[arg(long, default_value_t = 100)]
     pub vms_per_worker: usize,
+    /// `scale` on a 3-node NATS cluster (KV replicated 3 times) instead of one server.
+    #[arg(long)]
+    pub cluster: bool,
     /// Guest image for `microvm` (default: $HEARTH_QEMU_IMAGE, else .tools/images/current).
     #[arg(long)]
     pub qemu_image: Option<PathBuf>,

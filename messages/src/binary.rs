@@ -28,8 +28,9 @@ pub trait Failure: Error {
 pub enum Runtime {
     /// One thread: lower latency for the scheduler's request/reply work (measured, NOTES.md).
     CurrentThread,
-    /// A worker's blocking-heavy VM work spreads over the cores.
-    MultiThread,
+    /// A worker's blocking-heavy VM work spreads over the cores: this many threads, or one per
+    /// core.
+    MultiThread(Option<usize>),
 }
 
 /// `error` and every `source()` below it, joined with `: ` on one line.
@@ -65,9 +66,13 @@ where
         Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
-        Runtime::MultiThread => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
+        Runtime::MultiThread(threads) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = threads {
+                builder.worker_threads(n);
+            }
+            builder.enable_all().build()
+        }
     };
     let rt = match built {
         Ok(rt) => rt,
@@ -134,7 +139,9 @@ mod tests {
             Ok::<(), Outer>(())
         });
         assert_eq!(code, ExitCode::SUCCESS);
-        let code = run("t", Runtime::MultiThread, async { Err(Outer::Config) });
+        let code = run("t", Runtime::MultiThread(None), async {
+            Err(Outer::Config)
+        });
         assert_eq!(code, ExitCode::from(64));
     }
 }

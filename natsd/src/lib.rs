@@ -314,6 +314,38 @@ impl NatsServerBuilder {
     }
 }
 
+/// Starts `nodes` JetStream servers routed into one cluster (`hearth`) on loopback, each on a
+/// random client port. JetStream answers once the nodes have elected a meta leader: callers that
+/// need it wait for it (e.g. by creating an R3 stream until it succeeds).
+pub fn start_cluster(nodes: usize) -> Result<Vec<NatsServer>> {
+    let ports: Vec<u16> = (0..nodes)
+        .map(|_| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            Ok(listener.local_addr()?.port())
+        })
+        .collect::<std::io::Result<_>>()
+        .context("picking cluster ports")?;
+    (0..nodes)
+        .map(|i| {
+            let routes: Vec<String> = (0..nodes)
+                .filter(|&j| j != i)
+                .map(|j| format!("nats-route://127.0.0.1:{}", ports[j]))
+                .collect();
+            NatsServer::builder()
+                .arg("-n")
+                .arg(format!("hearth-{i}"))
+                .arg("--cluster_name")
+                .arg("hearth")
+                .arg("--cluster")
+                .arg(format!("nats://127.0.0.1:{}", ports[i]))
+                .arg("--routes")
+                .arg(routes.join(","))
+                .start()
+                .with_context(|| format!("starting cluster node {i}"))
+        })
+        .collect()
+}
+
 /// A running `nats-server`, killed on drop.
 #[derive(Debug)]
 pub struct NatsServer {

@@ -14,8 +14,15 @@ const NAME: &str = "hearth-scheduler";
 
 fn main() -> ExitCode {
     match SchedulerArgs::parse().resolve() {
-        // One thread: lower request/reply latency than a multi-thread runtime here (NOTES.md).
-        Ok(config) => binary::run(NAME, Runtime::CurrentThread, serve(config)),
+        // One thread by default: lower request/reply latency than a multi-thread runtime on
+        // small hosts (docs/BENCHMARKS.md).
+        Ok(config) => {
+            let runtime = match config.runtime_threads {
+                1 => Runtime::CurrentThread,
+                n => Runtime::MultiThread(Some(n)),
+            };
+            binary::run(NAME, runtime, serve(config))
+        }
         Err(err) => binary::config_error(NAME, &err),
     }
 }

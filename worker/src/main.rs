@@ -16,7 +16,7 @@ const NAME: &str = "hearth-worker";
 
 fn main() -> ExitCode {
     match WorkerArgs::parse().resolve() {
-        Ok(config) => binary::run(NAME, Runtime::MultiThread, serve(config)),
+        Ok(config) => binary::run(NAME, Runtime::MultiThread(None), serve(config)),
         Err(err) => binary::config_error(NAME, &err),
     }
 }

@@ -1,8 +1,10 @@
 //! `hearth bench scale`: one scheduler (its own process) over many workers, simulated in this
 //! process as in production — each worker its own NATS connection, subjects and job runner, with
-//! the fake provider — and one nats-server. It measures what grows with the fleet: claim latency
-//! with every VM pooled, the scheduler's CPU and the bus bytes that heartbeats cost, the reconcile
-//! pass, and the scheduler's RSS.
+//! the fake provider — and one nats-server (or, with `--cluster`, a 3-node NATS cluster with the
+//! KV buckets replicated 3 times and the workers spread over the nodes). It measures what grows
+//! with the fleet: claim latency with every VM pooled, the scheduler's CPU and the bus bytes that
+//! heartbeats cost, the reconcile pass, the scheduler's RSS, and leader failover: a standby
+//! scheduler, the leader SIGKILLed, the time until a claim succeeds again.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -69,20 +71,32 @@ pub(super) async fn run(args: &BenchArgs, url: Option<&str>) -> Result<Report> {
     let dir = tempfile::Builder::new()
         .prefix("hearth-bench-scale-")
         .tempdir()?;
-    let nats = tokio::task::spawn_blocking(|| NatsServer::builder().start()).await??;
-    let nats_url = nats.url().to_owned();
+    let nodes = if args.cluster { 3 } else { 1 };
+    let servers = tokio::task::spawn_blocking(move || match nodes {
+        1 => NatsServer::builder().start().map(|s| vec![s]),
+        n => hearth_natsd::start_cluster(n),
+    })
+    .await??;
+    let urls: Vec<String> = servers.iter().map(|s| s.url().to_owned()).collect();
+    if args.cluster {
+        wait_for_jetstream(&urls[0]).await?;
+    }
+    let nats_url = urls.join(",");
+    let replicas = nodes.to_string();
 
     // The fleet: every worker its own connection and subjects, the fake provider.
     let mut fleet = Vec::with_capacity(workers);
     for i in 0..workers {
         let id = WorkerId::new(format!("sim-{i:04}"))?;
         let mut wc = WorkerConfig::new(id.clone(), dir.path().join(id.as_str()));
-        wc.nats_url = nats_url.clone();
+        // Spread over the nodes, as workers on many hosts would be.
+        let node_url = &urls[i % urls.len()];
+        wc.nats_url = node_url.clone();
         wc.provider = ProviderKind::Fake;
         wc.max_vms = (per + per / 4 + 2) as u32;
         let client = async_nats::ConnectOptions::new()
             .name(format!("hearth-worker {id}"))
-            .connect(&nats_url)
+            .connect(node_url.as_str())
             .await?;
         fleet.push(Worker::start(wc, client, Arc::new(FakeProvider::new())).await?);
     }
@@ -100,15 +114,17 @@ pub(super) async fn run(args: &BenchArgs, url: Option<&str>) -> Result<Report> {
             template_toml("default", pooled)
         ),
     )?;
-    let mut cmd = Command::new(sibling_bin("hearth-scheduler")?);
-    cmd.args(["--nats-url", &nats_url, "--metrics-listen", &metrics_addr])
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn");
-    let scheduler = ChildProcess::spawn("scheduler", cmd, dir.path())?;
-    let pid = scheduler
-        .pid()
-        .ok_or_else(|| anyhow!("scheduler not running"))?;
+    let scheduler = |id: &str, metrics: &str| -> Result<ChildProcess> {
+        let mut cmd = Command::new(sibling_bin("hearth-scheduler")?);
+        cmd.args(["--nats-url", &nats_url, "--metrics-listen", metrics])
+            .args(["--scheduler-id", id, "--kv-replicas", &replicas])
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn");
+        ChildProcess::spawn(id, cmd, dir.path())
+    };
+    let mut leader = scheduler("s1", &metrics_addr)?;
+    let pid = leader.pid().ok_or_else(|| anyhow!("scheduler not running"))?;
 
     let client = connect(&nats_url, &Subjects::default()).await?;
     let fill = wait_ready(&client, "default", pooled).await?;
@@ -156,7 +172,7 @@ pub(super) async fn run(args: &BenchArgs, url: Option<&str>) -> Result<Report> {
     let (conc, elapsed, _) =
         concurrent_claims(&client, &template, conc_n, args.concurrency).await?;
 
-    let mut r = Report::new("scale");
+    let mut r = Report::new(if args.cluster { "scale_cluster" } else { "scale" });
     r.field("workers", json!(workers), Some(workers.to_string()));
     r.field("pooled_vms", json!(pooled), Some(pooled.to_string()));
     r.field(
@@ -225,9 +241,72 @@ pub(super) async fn run(args: &BenchArgs, url: Option<&str>) -> Result<Report> {
         json!(round3(rss as f64 / 1048576.0)),
         Some(format!("{:.1} MiB", rss as f64 / 1048576.0)),
     );
-    drop(scheduler);
+
+    // Failover: a standby scheduler, then the leader SIGKILLed; the time until a claim succeeds
+    // (the standby waits out the lease, takes it, loads the state from KV and serves).
+    let standby = scheduler("s2", "off")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    leader.kill();
+    let killed = Instant::now();
+    let request = hearth_messages::CreateSessionRequest {
+        template: Some(template.clone()),
+        wait_ms: Some(1_000),
+        ..Default::default()
+    };
+    let failover = loop {
+        if client.create_session(&request).await.is_ok() {
+            break killed.elapsed();
+        }
+        if killed.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("no claim succeeded within 120 s of killing the leader");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    r.field(
+        "failover_s",
+        json!(round3(failover.as_secs_f64())),
+        Some(format!(
+            "{:.2} s from SIGKILL of the leader to the next claim (lease_ttl 10 s)",
+            failover.as_secs_f64()
+        )),
+    );
+    r.field("nats_nodes", json!(nodes), Some(nodes.to_string()));
+    drop(standby);
     for w in fleet {
         w.drain().await;
     }
     Ok(r)
+}
+
+/// Waits until the cluster's JetStream has a meta leader (an R3 bucket can be created).
+async fn wait_for_jetstream(url: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        match async_nats::connect(url).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let mut js = async_nats::jetstream::new(client);
+    js.set_timeout(Duration::from_secs(2));
+    loop {
+        let created = js
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: "hearth_probe".into(),
+                num_replicas: 3,
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(_) => {
+                let _ = js.delete_key_value("hearth_probe").await;
+                return Ok(());
+            }
+            Err(e) if Instant::now() > deadline => {
+                anyhow::bail!("the NATS cluster elected no JetStream leader in 60 s: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }

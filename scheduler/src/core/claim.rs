@@ -483,19 +483,18 @@ impl Core {
         new_id: &VmId,
         exclude: &[WorkerId],
     ) -> Option<PoolVm> {
-        let mut st = self.state.lock();
-        let current = st.templates.get(template)?.snapshot().cloned();
-        let usable: Vec<WorkerId> = st
-            .workers
-            .iter()
-            .filter(|(id, w)| w.usable() && !exclude.contains(id))
-            .map(|(id, _)| id.clone())
-            .collect();
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let current = st.templates.get(template)?.snapshot()?;
+        let workers = &st.workers;
         let pool = st.pools.get_mut(template)?;
-        let index = pool.ready.iter().position(|e| {
-            usable.contains(&e.rec.worker_id) && Some(&e.rec.snapshot_id) == current.as_ref()
+        let index = pool.ready.position(|e| {
+            &e.rec.snapshot_id == current
+                && !exclude.contains(&e.rec.worker_id)
+                && workers.get(&e.rec.worker_id).is_some_and(|w| w.usable())
         })?;
         let entry = pool.ready.remove(index)?;
+        let st = &mut *guard;
         let min_ready = st
             .templates
             .get(template)

@@ -194,9 +194,7 @@ impl Scheduler {
                 });
         }
         for pool in st.pools.values_mut() {
-            pool.ready
-                .make_contiguous()
-                .sort_by_key(|e| e.rec.created_ms);
+            pool.ready.sort_by_created();
         }
         tracing::info!(
             sessions = st.sessions.len(),

@@ -475,6 +475,9 @@ impl Core {
             let mut st = self.state.lock();
             let mut dropped = false;
             for pool in st.pools.values_mut() {
+                if !pool.ready.contains(&event.vm_id) {
+                    continue;
+                }
                 let before = pool.ready.len();
                 pool.ready.retain(|e| {
                     !(e.rec.vm_id == event.vm_id && e.rec.worker_id == event.worker_id)

@@ -91,7 +91,7 @@ impl Core {
                 if t.rec.template.deleting {
                     let finished = t.rec.retired_snapshots.is_empty() && !t.forgetting;
                     let pool = st.pools.entry(name.clone()).or_default();
-                    retire.extend(pool.ready.drain(..));
+                    retire.extend(pool.ready.drain_all());
                     if finished && pool.restoring.is_empty() {
                         if let Some(t) = st.templates.get_mut(&name) {
                             t.forgetting = true;
@@ -121,15 +121,14 @@ impl Core {
                 let pool = st.pools.entry(name.clone()).or_default();
 
                 // Retire VMs of a replaced snapshot, and VMs beyond max_ready (newest first).
-                let mut i = 0;
-                while i < pool.ready.len() {
-                    if pool.ready[i].rec.snapshot_id != snapshot {
-                        if let Some(e) = pool.ready.remove(i) {
-                            retire.push(e);
+                if !pool.ready.all_of(&snapshot) {
+                    pool.ready.retain(|e| {
+                        let keep = e.rec.snapshot_id == snapshot;
+                        if !keep {
+                            retire.push(e.clone());
                         }
-                    } else {
-                        i += 1;
-                    }
+                        keep
+                    });
                 }
                 while pool.ready.len() + pool.restoring.len() > max_ready {
                     match pool.ready.pop_back() {
@@ -235,8 +234,7 @@ impl Core {
                 .values()
                 .flat_map(|p| {
                     p.ready
-                        .iter()
-                        .map(|e| &e.rec.snapshot_id)
+                        .snapshots()
                         .chain(p.restoring.values().map(|r| &r.snapshot))
                 })
                 .chain(st.templates.values().filter_map(|t| t.snapshot()))

@@ -79,11 +79,7 @@ impl State {
     /// Ready and restoring VMs of `template` on `worker` (for spreading pools).
     pub fn pool_vms_on(&self, template: &TemplateName, worker: &WorkerId) -> usize {
         self.pools.get(template).map_or(0, |p| {
-            p.ready
-                .iter()
-                .filter(|e| &e.rec.worker_id == worker)
-                .count()
-                + p.restoring.values().filter(|r| &r.worker == worker).count()
+            p.ready.on_worker(worker) + p.restoring.values().filter(|r| &r.worker == worker).count()
         })
     }
 }
@@ -272,7 +268,7 @@ impl RetiredSnapshot {
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     /// Ready VMs, oldest first.
-    pub ready: VecDeque<PoolVm>,
+    pub ready: ReadyVms,
     /// VMs being restored, by id.
     pub restoring: HashMap<VmId, Restoring>,
     /// Consecutive failed restores.
@@ -289,6 +285,132 @@ pub(crate) struct Restoring {
     pub worker: WorkerId,
     /// What it is restored from (a retired snapshot is not deleted while a restore reads it).
     pub snapshot: SnapshotId,
+}
+
+/// A pool's ready VMs, oldest first, with counts by worker and by snapshot kept beside them, so
+/// that what runs on every claim and every pool pass (spreading restores over workers, finding
+/// VMs of a replaced snapshot, snapshot GC) is O(workers) or O(snapshots), not O(pooled VMs).
+#[derive(Debug, Default)]
+pub(crate) struct ReadyVms {
+    q: VecDeque<PoolVm>,
+    ids: HashSet<VmId>,
+    on_worker: HashMap<WorkerId, usize>,
+    of_snapshot: HashMap<SnapshotId, usize>,
+}
+
+impl ReadyVms {
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &PoolVm> {
+        self.q.iter()
+    }
+
+    pub fn contains(&self, vm: &VmId) -> bool {
+        self.ids.contains(vm)
+    }
+
+    /// Ready VMs on `worker`.
+    pub fn on_worker(&self, worker: &WorkerId) -> usize {
+        self.on_worker.get(worker).copied().unwrap_or(0)
+    }
+
+    /// The snapshots the ready VMs were restored from.
+    pub fn snapshots(&self) -> impl Iterator<Item = &SnapshotId> {
+        self.of_snapshot.keys()
+    }
+
+    /// Whether every ready VM was restored from `snapshot`.
+    pub fn all_of(&self, snapshot: &SnapshotId) -> bool {
+        self.of_snapshot.len() <= 1
+            && (self.q.is_empty() || self.of_snapshot.contains_key(snapshot))
+    }
+
+    fn count(&mut self, e: &PoolVm) {
+        self.ids.insert(e.rec.vm_id.clone());
+        *self.on_worker.entry(e.rec.worker_id.clone()).or_default() += 1;
+        *self
+            .of_snapshot
+            .entry(e.rec.snapshot_id.clone())
+            .or_default() += 1;
+    }
+
+    fn uncount(&mut self, e: &PoolVm) {
+        self.ids.remove(&e.rec.vm_id);
+        decrement(&mut self.on_worker, &e.rec.worker_id);
+        decrement(&mut self.of_snapshot, &e.rec.snapshot_id);
+    }
+
+    pub fn push_back(&mut self, e: PoolVm) {
+        self.count(&e);
+        self.q.push_back(e);
+    }
+
+    pub fn pop_back(&mut self) -> Option<PoolVm> {
+        let e = self.q.pop_back()?;
+        self.uncount(&e);
+        Some(e)
+    }
+
+    pub fn remove(&mut self, index: usize) -> Option<PoolVm> {
+        let e = self.q.remove(index)?;
+        self.uncount(&e);
+        Some(e)
+    }
+
+    /// The index of the oldest entry that matches.
+    pub fn position(&self, f: impl FnMut(&PoolVm) -> bool) -> Option<usize> {
+        self.q.iter().position(f)
+    }
+
+    /// Keeps the entries for which `f` is true (it may update them, not their worker or snapshot).
+    pub fn retain_mut(&mut self, mut f: impl FnMut(&mut PoolVm) -> bool) {
+        let mut gone = Vec::new();
+        self.q.retain_mut(|e| {
+            let keep = f(e);
+            if !keep {
+                gone.push((
+                    e.rec.vm_id.clone(),
+                    e.rec.worker_id.clone(),
+                    e.rec.snapshot_id.clone(),
+                ));
+            }
+            keep
+        });
+        for (vm_id, worker_id, snapshot_id) in gone {
+            self.ids.remove(&vm_id);
+            decrement(&mut self.on_worker, &worker_id);
+            decrement(&mut self.of_snapshot, &snapshot_id);
+        }
+    }
+
+    pub fn retain(&mut self, mut f: impl FnMut(&PoolVm) -> bool) {
+        self.retain_mut(|e| f(e));
+    }
+
+    /// Takes every entry out.
+    pub fn drain_all(&mut self) -> Vec<PoolVm> {
+        self.ids.clear();
+        self.on_worker.clear();
+        self.of_snapshot.clear();
+        self.q.drain(..).collect()
+    }
+
+    /// Orders the entries oldest first (after loading them).
+    pub fn sort_by_created(&mut self) {
+        self.q.make_contiguous().sort_by_key(|e| e.rec.created_ms);
+    }
+}
+
+/// Counts one fewer of `k`, forgetting it at zero.
+fn decrement<K: std::hash::Hash + Eq>(m: &mut HashMap<K, usize>, k: &K) {
+    if let Some(n) = m.get_mut(k) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(k);
+        }
+    }
 }
 
 /// A ready pooled VM.
@@ -514,5 +636,61 @@ impl Inventory {
     pub fn invalidate(&mut self) {
         self.synced = false;
         self.epoch += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(id: &str, worker: &str, snapshot: &str) -> PoolVm {
+        PoolVm {
+            rec: PoolRecord {
+                vm_id: VmId::new(id).unwrap(),
+                template: TemplateName::default_template(),
+                worker_id: WorkerId::new(worker).unwrap(),
+                snapshot_id: SnapshotId::new(snapshot).unwrap(),
+                created_ms: 0,
+            },
+            missing_since: None,
+        }
+    }
+
+    #[test]
+    fn ready_vm_counts_follow_every_way_in_and_out() {
+        let (w1, w2) = (WorkerId::new("w1").unwrap(), WorkerId::new("w2").unwrap());
+        let (s1, s2) = (
+            SnapshotId::new("s1").unwrap(),
+            SnapshotId::new("s2").unwrap(),
+        );
+        let mut r = ReadyVms::default();
+        for (id, w, s) in [
+            ("a", "w1", "s1"),
+            ("b", "w1", "s1"),
+            ("c", "w2", "s2"),
+            ("d", "w2", "s1"),
+        ] {
+            r.push_back(vm(id, w, s));
+        }
+        assert_eq!((r.on_worker(&w1), r.on_worker(&w2)), (2, 2));
+        assert!(!r.all_of(&s1));
+        assert!(r.contains(&VmId::new("c").unwrap()));
+        r.retain(|e| e.rec.snapshot_id == s1);
+        assert!(r.all_of(&s1) && !r.all_of(&s2));
+        assert!(!r.contains(&VmId::new("c").unwrap()));
+        assert_eq!((r.on_worker(&w1), r.on_worker(&w2)), (2, 1));
+        let i = r.position(|e| e.rec.worker_id == w2).unwrap();
+        assert_eq!(r.remove(i).unwrap().rec.vm_id.as_str(), "d");
+        assert_eq!(r.on_worker(&w2), 0);
+        assert_eq!(r.pop_back().unwrap().rec.vm_id.as_str(), "b");
+        assert_eq!(r.drain_all().len(), 1);
+        assert_eq!(
+            (r.len(), r.on_worker(&w1), r.snapshots().count()),
+            (0, 0, 0)
+        );
+        assert!(
+            r.all_of(&s2),
+            "an empty pool holds nothing of another snapshot"
+        );
     }
 }
