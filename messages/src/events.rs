@@ -175,9 +175,17 @@ pub struct InventoryDigest {
     /// VMs in the inventory.
     pub count: u32,
     /// What changed since generation `delta.base`; absent when nothing changed or too much did
-    /// (then the hash decides whether the scheduler pages the inventory).
+    /// (then `changes` says how much).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<InventoryDelta>,
+    /// When more than [`MAX_INVENTORY_DELTA`] VMs changed since the previous generation: how
+    /// many (removed + changed), for `list_vm_changes` to page; 0 otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub changes: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The changes from one inventory generation to the next.

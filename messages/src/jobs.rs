@@ -119,6 +119,21 @@ pub enum JobOp {
         #[serde(default)]
         generation: Option<u64>,
     },
+    /// One page of the changes that made generation `generation` of the inventory from the one
+    /// before it, when they were too many for the heartbeat (its digest says how many): the
+    /// removed ids, then the changed VMs, as one list, entries `offset..offset + limit` (limit
+    /// clamped to [`MAX_INVENTORY_PAGE`]). A generation the worker no longer holds is a conflict
+    /// (page the whole inventory instead).
+    ListVmChanges {
+        /// The generation whose changes are asked for.
+        generation: u64,
+        /// Entries to skip.
+        #[serde(default)]
+        offset: u32,
+        /// Most entries in the page.
+        #[serde(default)]
+        limit: u32,
+    },
     /// Delete a snapshot from this worker (garbage collection of a replaced template snapshot).
     /// Idempotent: a snapshot the worker does not have is not an error.
     DeleteSnapshot {
@@ -179,6 +194,7 @@ impl JobOp {
             JobOp::RenameVm { .. } => "rename_vm",
             JobOp::ListVms {} => "list_vms",
             JobOp::ListVmsPage { .. } => "list_vms_page",
+            JobOp::ListVmChanges { .. } => "list_vm_changes",
             JobOp::DeleteSnapshot { .. } => "delete_snapshot",
             JobOp::GetVm { .. } => "get_vm",
             JobOp::ListSnapshots { .. } => "list_snapshots",
@@ -202,6 +218,7 @@ impl JobOp {
             | JobOp::BackupVm { vm_id } => Some(vm_id),
             JobOp::ListVms {}
             | JobOp::ListVmsPage { .. }
+            | JobOp::ListVmChanges { .. }
             | JobOp::DeleteSnapshot { .. }
             | JobOp::GetVm { .. }
             | JobOp::ListSnapshots { .. } => None,
@@ -373,6 +390,14 @@ pub enum JobOutput {
         next: Option<VmId>,
         /// The inventory being paged, as its heartbeats describe it.
         digest: crate::events::InventoryDigest,
+    },
+    /// One page of a generation's changes (list_vm_changes).
+    VmChanges {
+        /// This page's share of the changes (`base` is the generation they apply to).
+        delta: crate::events::InventoryDelta,
+        /// Ask for the next page at this offset; `None` on the last page.
+        #[serde(default)]
+        next: Option<u32>,
     },
     /// Done, nothing to report (destroy, delete_snapshot, backup).
     Done {},

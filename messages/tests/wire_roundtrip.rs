@@ -306,6 +306,11 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
             limit: 512,
             generation: Some(3),
         },
+        JobOp::ListVmChanges {
+            generation: 4,
+            offset: 512,
+            limit: 512,
+        },
         JobOp::DeleteSnapshot {
             snapshot_id: id("snap-1"),
             unpublish: true,
@@ -345,7 +350,16 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
                 hash: 1,
                 count: 2,
                 delta: None,
+                changes: 300,
             },
+        },
+        JobOutput::VmChanges {
+            delta: hearth_messages::InventoryDelta {
+                base: 3,
+                changed: vec![vm_info()],
+                removed: vec![VmId::new("gone").unwrap()],
+            },
+            next: Some(2),
         },
         JobOutput::Done {},
     ] {
@@ -406,6 +420,7 @@ async fn every_message_type_round_trips_in_msgpack_and_json() {
                     changed: vec![vm_info()],
                     removed: vec![VmId::new("gone").unwrap()],
                 }),
+                changes: 0,
             }),
             isolation: isolation(),
             versions: Versions::default(),

@@ -1,6 +1,7 @@
 //! Heartbeats that scale, over a real `nats-server`: a worker holding 20,000 (fake) VMs sends
 //! heartbeats of a few hundred bytes, the scheduler pages its inventory in under `max_payload`,
-//! keeps it current from the heartbeats' changes, and converges again after a restart.
+//! keeps it current from the heartbeats' changes (paging the changes when a heartbeat cannot
+//! carry them), and converges again after a restart.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -84,13 +85,18 @@ async fn a_worker_with_20000_vms_heartbeats_small_and_is_paged_in_after_a_restar
     let largest = Arc::new(AtomicUsize::new(0));
     let largest_heartbeat = Arc::new(AtomicUsize::new(0));
     let pages = Arc::new(AtomicUsize::new(0));
+    let change_pages = Arc::new(AtomicUsize::new(0));
     let mut all = nats.subscribe(">").await.unwrap();
     let subjects = Subjects::default();
     let w1 = WorkerId::new("w1").unwrap();
     let (status_subject, jobs_subject) = (subjects.worker_status(&w1), subjects.worker_jobs(&w1));
     let watcher = {
-        let (largest, largest_heartbeat, pages) =
-            (largest.clone(), largest_heartbeat.clone(), pages.clone());
+        let (largest, largest_heartbeat, pages, change_pages) = (
+            largest.clone(),
+            largest_heartbeat.clone(),
+            pages.clone(),
+            change_pages.clone(),
+        );
         tokio::spawn(async move {
             while let Some(msg) = all.next().await {
                 largest.fetch_max(msg.payload.len(), Ordering::Relaxed);
@@ -105,9 +111,12 @@ async fn a_worker_with_20000_vms_heartbeats_small_and_is_paged_in_after_a_restar
                     largest_heartbeat.fetch_max(size, Ordering::Relaxed);
                 } else if msg.subject.as_str() == jobs_subject
                     && let Ok(job) = Encoding::MsgPack.decode::<JobRequest>(&msg.payload)
-                    && matches!(job.op, JobOp::ListVmsPage { .. })
                 {
-                    pages.fetch_add(1, Ordering::Relaxed);
+                    match job.op {
+                        JobOp::ListVmsPage { .. } => pages.fetch_add(1, Ordering::Relaxed),
+                        JobOp::ListVmChanges { .. } => change_pages.fetch_add(1, Ordering::Relaxed),
+                        _ => 0,
+                    };
                 }
             }
         })
@@ -153,6 +162,27 @@ async fn a_worker_with_20000_vms_heartbeats_small_and_is_paged_in_after_a_restar
         "paged again for 10 changes"
     );
 
+    // More changes than a heartbeat carries (700 gone, 800 new): the scheduler pages the
+    // changes, not the 20,000-VM inventory, and the view follows.
+    for i in 10..710 {
+        let id = VmId::new(format!("vm-{i:05}")).unwrap();
+        provider.destroy_vm(&id).await.unwrap();
+    }
+    for i in 0..800 {
+        let id = VmId::new(format!("new-{i:05}")).unwrap();
+        provider
+            .create_vm_with_spec(&id, &VmSpec::default())
+            .await
+            .unwrap();
+    }
+    let after = converged(&client, (VMS - 10 + 100) as u32, Duration::from_secs(10)).await;
+    assert!(change_pages.load(Ordering::Relaxed) >= 1, "no change pages");
+    assert_eq!(
+        pages.load(Ordering::Relaxed),
+        paged,
+        "paged the whole inventory again for 1,500 changes"
+    );
+
     // A restarted scheduler pages the inventory in again and converges on the same view.
     let _ = stop_first.send(());
     tokio::time::timeout(Duration::from_secs(10), first)
@@ -161,7 +191,7 @@ async fn a_worker_with_20000_vms_heartbeats_small_and_is_paged_in_after_a_restar
         .unwrap()
         .unwrap();
     let (second, stop_second) = scheduler(&server, "two").await;
-    let again = converged(&client, (VMS - 10) as u32, Duration::from_secs(60)).await;
+    let again = converged(&client, (VMS - 10 + 100) as u32, Duration::from_secs(60)).await;
     assert!(again >= after);
     assert!(pages.load(Ordering::Relaxed) >= paged * 2 - 1);
 

@@ -23,16 +23,32 @@ struct Snapshot {
     generation: u64,
     vms: BTreeMap<VmId, VmInfo>,
     hash: u64,
+    /// What made this generation from the one before (empty for the first).
+    delta: InventoryDelta,
 }
 
 impl Snapshot {
-    fn digest(&self, delta: Option<InventoryDelta>) -> InventoryDigest {
+    /// The digest, without the changes.
+    fn digest(&self) -> InventoryDigest {
         InventoryDigest {
             generation: self.generation,
             hash: self.hash,
             count: self.vms.len() as u32,
-            delta,
+            delta: None,
+            changes: 0,
         }
+    }
+
+    /// The digest a heartbeat carries: with the changes inline when few enough, else their count.
+    fn heartbeat_digest(&self) -> InventoryDigest {
+        let n = self.delta.changed.len() + self.delta.removed.len();
+        let mut digest = self.digest();
+        if n <= MAX_INVENTORY_DELTA {
+            digest.delta = Some(self.delta.clone());
+        } else {
+            digest.changes = n as u32;
+        }
+        digest
     }
 }
 
@@ -81,21 +97,59 @@ impl Inventory {
             }
         }
         if changed.is_empty() && removed.is_empty() {
-            return before.digest(None);
+            return before.digest();
         }
-        let delta =
-            (changed.len() + removed.len() <= MAX_INVENTORY_DELTA).then(|| InventoryDelta {
-                base: before.generation,
-                changed,
-                removed,
-            });
         let next = Arc::new(Snapshot {
             generation: before.generation + 1,
             hash: now.values().fold(0, |h, vm| h ^ vm_hash(vm)),
             vms: now,
+            delta: InventoryDelta {
+                base: before.generation,
+                changed,
+                removed,
+            },
         });
         g.previous = Some(std::mem::replace(&mut g.current, next));
-        g.current.digest(delta)
+        g.current.heartbeat_digest()
+    }
+
+    /// The latest or the previous generation, if it is `generation`.
+    fn generation(&self, generation: u64) -> Result<Arc<Snapshot>, WireError> {
+        let g = self.inner.lock();
+        if g.current.generation == generation {
+            return Ok(g.current.clone());
+        }
+        match &g.previous {
+            Some(p) if p.generation == generation => Ok(p.clone()),
+            _ => Err(WireError::conflict(format!(
+                "inventory generation {generation} is gone (now {}); page again from the start",
+                g.current.generation
+            ))),
+        }
+    }
+
+    /// A page of the changes that made generation `generation`: its removed ids, then its
+    /// changed VMs, taken as one list from `offset`.
+    pub(crate) fn changes(
+        &self,
+        generation: u64,
+        offset: u32,
+        limit: u32,
+    ) -> Result<(InventoryDelta, Option<u32>), WireError> {
+        let snapshot = self.generation(generation)?;
+        let delta = &snapshot.delta;
+        let (r, total) = (
+            delta.removed.len(),
+            delta.removed.len() + delta.changed.len(),
+        );
+        let start = (offset as usize).min(total);
+        let end = (start + limit.clamp(1, MAX_INVENTORY_PAGE) as usize).min(total);
+        let page = InventoryDelta {
+            base: delta.base,
+            removed: delta.removed[start.min(r)..end.min(r)].to_vec(),
+            changed: delta.changed[start.max(r) - r..end.max(r) - r].to_vec(),
+        };
+        Ok((page, (end < total).then_some(end as u32)))
     }
 
     /// A page of generation `generation` (the latest when `None`).
@@ -105,21 +159,9 @@ impl Inventory {
         limit: u32,
         generation: Option<u64>,
     ) -> Result<Page, WireError> {
-        let snapshot = {
-            let g = self.inner.lock();
-            match generation {
-                None => g.current.clone(),
-                Some(n) if g.current.generation == n => g.current.clone(),
-                Some(n) => match &g.previous {
-                    Some(p) if p.generation == n => p.clone(),
-                    _ => {
-                        return Err(WireError::conflict(format!(
-                            "inventory generation {n} is gone (now {}); page again from the start",
-                            g.current.generation
-                        )));
-                    }
-                },
-            }
+        let snapshot = match generation {
+            None => self.inner.lock().current.clone(),
+            Some(n) => self.generation(n)?,
         };
         let limit = limit.clamp(1, MAX_INVENTORY_PAGE) as usize;
         let start = match after {
@@ -135,7 +177,7 @@ impl Inventory {
         Ok(Page {
             vms,
             next,
-            digest: snapshot.digest(None),
+            digest: snapshot.digest(),
         })
     }
 }
@@ -198,5 +240,52 @@ mod tests {
         assert_eq!(d.generation, 1);
         assert!(d.delta.is_none());
         assert_eq!(d.count as usize, MAX_INVENTORY_DELTA + 1);
+        assert_eq!(d.changes as usize, MAX_INVENTORY_DELTA + 1);
+    }
+
+    #[test]
+    fn large_changes_page_as_removed_then_changed_and_rebuild_the_next_generation() {
+        let inv = Inventory::default();
+        let first: Vec<VmInfo> = (0..1000).map(|i| vm(&format!("old-{i:04}"), 1)).collect();
+        inv.observe(first.clone());
+        // 600 gone, 400 changed, 700 new: 1,700 changes.
+        let mut second: Vec<VmInfo> = (600..1000).map(|i| vm(&format!("old-{i:04}"), 2)).collect();
+        second.extend((0..700).map(|i| vm(&format!("new-{i:04}"), 1)));
+        let d = inv.observe(second.clone());
+        assert_eq!((d.delta.is_none(), d.changes), (true, 1700));
+        // Paged with odd limits, then applied to the first generation: the second one.
+        let mut view: BTreeMap<VmId, VmInfo> =
+            first.into_iter().map(|v| (v.vm_id.clone(), v)).collect();
+        let (mut offset, mut pages, mut seen) = (Some(0), 0, 0);
+        while let Some(at) = offset {
+            let (page, next) = inv.changes(d.generation, at, 333).unwrap();
+            assert_eq!(page.base, 1);
+            seen += page.removed.len() + page.changed.len();
+            for id in &page.removed {
+                assert!(view.remove(id).is_some(), "{id} removed twice or unknown");
+            }
+            for v in page.changed {
+                view.insert(v.vm_id.clone(), v);
+            }
+            offset = next;
+            pages += 1;
+        }
+        assert_eq!((seen, pages), (1700, 6));
+        let want: BTreeMap<VmId, VmInfo> =
+            second.into_iter().map(|v| (v.vm_id.clone(), v)).collect();
+        assert_eq!(view, want);
+        assert_eq!(
+            inventory_hash(&view.into_values().collect::<Vec<_>>()),
+            d.hash
+        );
+        // Past the end: empty, no next. A limit over the page size is clamped.
+        let (page, next) = inv.changes(d.generation, 5000, 10).unwrap();
+        assert!(page.removed.is_empty() && page.changed.is_empty() && next.is_none());
+        let (page, _) = inv.changes(d.generation, 0, 100_000).unwrap();
+        assert_eq!(page.removed.len(), MAX_INVENTORY_PAGE as usize);
+        // Two generations on, they are gone.
+        inv.observe(vec![vm("x", 1)]);
+        inv.observe(vec![vm("y", 1)]);
+        assert!(inv.changes(d.generation, 0, 10).is_err());
     }
 }

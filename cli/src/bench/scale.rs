@@ -124,7 +124,9 @@ pub(super) async fn run(args: &BenchArgs, url: Option<&str>) -> Result<Report> {
         ChildProcess::spawn(id, cmd, dir.path())
     };
     let mut leader = scheduler("s1", &metrics_addr)?;
-    let pid = leader.pid().ok_or_else(|| anyhow!("scheduler not running"))?;
+    let pid = leader
+        .pid()
+        .ok_or_else(|| anyhow!("scheduler not running"))?;
 
     let client = connect(&nats_url, &Subjects::default()).await?;
     let fill = wait_ready(&client, "default", pooled).await?;
@@ -172,7 +174,11 @@ pub(super) async fn run(args: &BenchArgs, url: Option<&str>) -> Result<Report> {
     let (conc, elapsed, _) =
         concurrent_claims(&client, &template, conc_n, args.concurrency).await?;
 
-    let mut r = Report::new(if args.cluster { "scale_cluster" } else { "scale" });
+    let mut r = Report::new(if args.cluster {
+        "scale_cluster"
+    } else {
+        "scale"
+    });
     r.field("workers", json!(workers), Some(workers.to_string()));
     r.field("pooled_vms", json!(pooled), Some(pooled.to_string()));
     r.field(

@@ -505,7 +505,7 @@ impl Core {
         }
         st.mark(&entry.rec.worker_id, &entry.rec.vm_id);
         st.mark(&entry.rec.worker_id, new_id);
-        Core::pool_gauges(&st, template);
+        Core::pool_gauges(st, template);
         Some(entry)
     }
 

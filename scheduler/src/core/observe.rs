@@ -10,14 +10,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use hearth_messages::{
-    InventoryDigest, JobOp, JobOutput, MAX_INVENTORY_PAGE, SessionState, TerminationReason,
-    VmEvent, VmId, VmInfo, VmState, WorkerId, WorkerStatus,
+    InventoryDelta, InventoryDigest, JobOp, JobOutput, MAX_INVENTORY_PAGE, SessionState,
+    TerminationReason, VmEvent, VmId, VmInfo, VmState, WorkerId, WorkerStatus,
 };
 use tokio::time::Instant;
 
 use super::Core;
 use super::lifetimes::{Action, End};
-use super::state::{Inventory, SessionData, SessionSlot, WorkerEntry, settle};
+use super::state::{Fetch, Inventory, SessionData, SessionSlot, WorkerEntry, settle};
 use crate::metrics as m;
 use crate::worker_api::job;
 
@@ -76,20 +76,21 @@ impl Core {
                 want_fresh,
             )
         };
-        let (changed, fetch, synced, epoch) = {
+        let (changed, fetch, synced) = {
             let mut inv = inventory.lock();
             if want_fresh {
                 inv.invalidate();
             }
-            let (changed, fetch) = inv.heard(started_ms, at_ms, digest, full);
-            let fetch = fetch || (want_fresh && !inv.fetching);
-            if fetch {
+            let (changed, mut fetch) = inv.heard(started_ms, at_ms, digest, full);
+            if fetch == Fetch::Nothing && want_fresh && !inv.fetching {
                 inv.fetching = true;
+                fetch = Fetch::All;
             }
-            (changed, fetch, inv.synced, inv.epoch)
+            // A view still catching up (a fetch in flight) is not the heartbeat's.
+            (changed, fetch, inv.synced && !inv.fetching)
         };
-        if fetch {
-            self.fetch_inventory(worker.clone(), inventory.clone(), epoch, silences);
+        if fetch != Fetch::Nothing {
+            self.fetch_inventory(worker.clone(), inventory.clone(), fetch, silences);
         }
         self.heartbeats.send_modify(|v| *v += 1);
         if fresh && !changed.is_empty() {
@@ -153,48 +154,126 @@ impl Core {
         }
     }
 
-    /// Pages `worker`'s whole inventory in (`list_vms_page`), then installs it unless the view
-    /// was invalidated meanwhile (`epoch`); once installed after a silence (`silences`
-    /// unchanged), the worker's inventory drives reconcile again.
+    /// Brings the view of `worker`'s inventory up to date: pages its changes in
+    /// (`list_vm_changes`) or the whole of it (`list_vms_page`), then whatever the heartbeats heard
+    /// meanwhile asks for, until the view is current or was invalidated (a newer fetch owns it).
+    /// Once the whole inventory was installed after a silence (`silences` unchanged), the
+    /// worker's inventory drives reconcile again. VMs that changed are observed as a heartbeat's
+    /// changes are.
     fn fetch_inventory(
         self: &Arc<Self>,
         worker: WorkerId,
         inventory: Arc<parking_lot::Mutex<Inventory>>,
-        epoch: u64,
+        first: Fetch,
         silences: u64,
     ) {
         let core = self.clone();
         self.spawn(async move {
-            let t0 = Instant::now();
-            let fetched = core.page_inventory(&worker).await;
-            let installed = match fetched {
-                Ok((digest, vms)) => {
-                    let count = vms.len();
-                    let ok = inventory.lock().install(epoch, &digest, vms);
-                    metrics::histogram!(m::INVENTORY_FETCH_SECONDS)
-                        .record(t0.elapsed().as_secs_f64());
-                    tracing::debug!(worker_id = %worker, vms = count, generation = digest.generation,
-                        installed = ok, "inventory paged in");
-                    ok
+            let mut what = first;
+            let mut installed = false;
+            loop {
+                let t0 = Instant::now();
+                let epoch = inventory.lock().epoch;
+                let step = match &what {
+                    Fetch::Nothing => break,
+                    Fetch::All => match core.page_inventory(&worker).await {
+                        Ok((digest, vms)) => {
+                            let count = vms.len();
+                            let step = inventory.lock().install(epoch, &digest, vms);
+                            metrics::histogram!(m::INVENTORY_FETCH_SECONDS)
+                                .record(t0.elapsed().as_secs_f64());
+                            tracing::debug!(worker_id = %worker, vms = count, generation = digest.generation,
+                                installed = step.is_some(), "inventory paged in");
+                            installed |= step.is_some();
+                            step
+                        }
+                        Err(err) => {
+                            inventory.lock().done_fetching();
+                            tracing::warn!(worker_id = %worker, error = %err,
+                                "paging the inventory failed; retrying on the next heartbeat");
+                            break;
+                        }
+                    },
+                    Fetch::Changes(digest) => {
+                        match core.page_changes(&worker, digest.generation).await {
+                            Ok(delta) => inventory.lock().apply_changes(epoch, digest, delta),
+                            Err(err) => {
+                                tracing::debug!(worker_id = %worker, error = %err,
+                                    "paging the inventory's changes failed; paging all of it");
+                                let mut inv = inventory.lock();
+                                if inv.epoch != epoch {
+                                    inv.done_fetching();
+                                    break;
+                                }
+                                inv.invalidate();
+                                Some((Vec::new(), Fetch::All))
+                            }
+                        }
+                    }
+                };
+                let Some((changed, next)) = step else {
+                    break; // stale: the view was invalidated meanwhile
+                };
+                let (fresh, at_ms) = {
+                    let st = core.state.lock();
+                    let fresh = st.workers.get(&worker).is_some_and(|w| w.inventory_fresh);
+                    (fresh, inventory.lock().at_ms)
+                };
+                if fresh && !changed.is_empty() {
+                    core.observe_vms(&worker, at_ms, &changed);
                 }
-                Err(err) => {
-                    inventory.lock().fetching = false;
-                    tracing::warn!(worker_id = %worker, error = %err,
-                        "paging the inventory failed; retrying on the next heartbeat");
-                    false
-                }
-            };
+                what = next;
+            }
             let mut st = core.state.lock();
             let Some(w) = st.workers.get_mut(&worker) else {
                 return;
             };
             w.inventory_check = false;
-            if installed && w.healthy() && w.silences == silences && !w.inventory_fresh {
+            let synced = inventory.lock().synced;
+            if installed && synced && w.healthy() && w.silences == silences && !w.inventory_fresh {
                 w.inventory_fresh = true;
                 tracing::info!(worker_id = %worker,
                     "fresh inventory after a silence; reconcile resumes on this worker");
             }
         });
+    }
+
+    /// Every page of the changes that made generation `generation` of `worker`'s inventory.
+    async fn page_changes(
+        &self,
+        worker: &WorkerId,
+        generation: u64,
+    ) -> Result<InventoryDelta, crate::worker_api::JobError> {
+        let mut all = InventoryDelta::default();
+        let mut offset = 0;
+        loop {
+            let op = JobOp::ListVmChanges {
+                generation,
+                offset,
+                limit: MAX_INVENTORY_PAGE,
+            };
+            match self.api.job(worker, job(op), self.cfg.jobs.rename).await? {
+                JobOutput::VmChanges { delta, next } => {
+                    all.base = delta.base;
+                    all.removed.extend(delta.removed);
+                    all.changed.extend(delta.changed);
+                    match next {
+                        Some(n) if n > offset => offset = n,
+                        Some(_) => {
+                            return Err(crate::worker_api::JobError::BadReply(
+                                "list_vm_changes did not move on".into(),
+                            ));
+                        }
+                        None => return Ok(all),
+                    }
+                }
+                other => {
+                    return Err(crate::worker_api::JobError::BadReply(format!(
+                        "list_vm_changes answered {other:?}"
+                    )));
+                }
+            }
+        }
     }
 
     /// Every page of `worker`'s inventory, of one generation (started again, a few times, when

@@ -523,8 +523,8 @@ pub(crate) struct Inventory {
     pub synced: bool,
     /// A page fetch is in flight.
     pub fetching: bool,
-    /// Changes heard while fetching: (generation, hash, delta), applied after the fetch.
-    pub buffered: Vec<(u64, u64, InventoryDelta)>,
+    /// Digests with changes heard while fetching, applied (or their changes paged) after it.
+    pub buffered: Vec<InventoryDigest>,
     /// The worker's clock at its latest heartbeat.
     pub at_ms: u64,
 }
@@ -532,16 +532,28 @@ pub(crate) struct Inventory {
 /// The most deltas kept while a fetch is in flight (beyond them the next fetch catches up).
 const BUFFERED_DELTAS: usize = 16;
 
+/// What the scheduler must fetch from a worker to bring its view of the inventory up to date.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fetch {
+    /// Nothing: the view is current (or a fetch is already in flight).
+    Nothing,
+    /// The whole inventory (`list_vms_page`).
+    All,
+    /// The changes that made this digest's generation from the view's (`list_vm_changes`):
+    /// more than a heartbeat carries, fewer than the inventory.
+    Changes(InventoryDigest),
+}
+
 impl Inventory {
     /// Takes a heartbeat's inventory (a digest, or a pre-digest worker's full list): the VMs
-    /// that changed, and whether the whole inventory must be paged in.
+    /// that changed, and what must be fetched.
     pub fn heard(
         &mut self,
         started_ms: u64,
         at_ms: u64,
         digest: Option<InventoryDigest>,
         full: Vec<VmInfo>,
-    ) -> (Vec<VmInfo>, bool) {
+    ) -> (Vec<VmInfo>, Fetch) {
         if self.started_ms != started_ms {
             // Another worker process: nothing of the old view holds.
             self.started_ms = started_ms;
@@ -560,24 +572,28 @@ impl Inventory {
             self.vms = full.into_iter().map(|v| (v.vm_id.clone(), v)).collect();
             self.hash = self.vms.values().fold(0, |h, v| h ^ vm_hash(v));
             self.synced = true;
-            return (changed, false);
+            return (changed, Fetch::Nothing);
         };
         if self.fetching {
-            if let Some(delta) = digest.delta
+            if (digest.delta.is_some() || digest.changes > 0)
                 && self.buffered.len() < BUFFERED_DELTAS
             {
-                self.buffered.push((digest.generation, digest.hash, delta));
+                self.buffered.push(digest);
             }
-            return (Vec::new(), false);
+            return (Vec::new(), Fetch::Nothing);
         }
         if self.synced {
             if digest.generation == self.generation && digest.hash == self.hash {
-                return (Vec::new(), false);
+                return (Vec::new(), Fetch::Nothing);
             }
-            if let Some(delta) = digest.delta.filter(|d| d.base == self.generation) {
-                let changed = self.apply(delta, digest.generation);
+            if digest
+                .delta
+                .as_ref()
+                .is_some_and(|d| d.base == self.generation)
+            {
+                let changed = self.apply(digest.delta.unwrap_or_default(), digest.generation);
                 if self.hash == digest.hash {
-                    return (changed, false);
+                    return (changed, Fetch::Nothing);
                 }
                 tracing::warn!(
                     generation = digest.generation,
@@ -585,12 +601,16 @@ impl Inventory {
                 );
                 self.invalidate();
                 self.fetching = true;
-                return (changed, true);
+                return (changed, Fetch::All);
+            }
+            if digest.changes > 0 && digest.generation == self.generation + 1 {
+                self.fetching = true;
+                return (Vec::new(), Fetch::Changes(digest));
             }
         }
         self.invalidate();
         self.fetching = true;
-        (Vec::new(), true)
+        (Vec::new(), Fetch::All)
     }
 
     /// Applies one generation's changes; the VMs changed.
@@ -610,26 +630,96 @@ impl Inventory {
         delta.changed
     }
 
-    /// Installs a paged inventory of `generation` (from a fetch started in `epoch`), then the
-    /// changes buffered meanwhile. False if the view moved on since (the fetch is stale).
-    pub fn install(&mut self, epoch: u64, digest: &InventoryDigest, vms: Vec<VmInfo>) -> bool {
-        self.fetching = false;
-        let buffered = std::mem::take(&mut self.buffered);
+    /// Installs a paged inventory (from a fetch started in `epoch`), then catches up with the
+    /// changes heard meanwhile: the VMs that changed from the old view, and what to fetch next.
+    /// `None` if the view was invalidated since (the fetch is stale).
+    pub fn install(
+        &mut self,
+        epoch: u64,
+        digest: &InventoryDigest,
+        vms: Vec<VmInfo>,
+    ) -> Option<(Vec<VmInfo>, Fetch)> {
         if epoch != self.epoch {
-            return false;
+            self.done_fetching();
+            return None;
         }
+        let old = std::mem::take(&mut self.vms);
+        let changed = vms
+            .iter()
+            .filter(|v| old.get(&v.vm_id) != Some(*v))
+            .cloned()
+            .collect();
         self.vms = vms.into_iter().map(|v| (v.vm_id.clone(), v)).collect();
         self.hash = self.vms.values().fold(0, |h, v| h ^ vm_hash(v));
         self.generation = digest.generation;
         self.synced = self.hash == digest.hash;
-        for (generation, hash, delta) in buffered {
-            if generation <= self.generation || delta.base != self.generation {
-                continue;
-            }
-            self.apply(delta, generation);
-            self.synced = self.hash == hash;
+        Some(self.catch_up(changed))
+    }
+
+    /// Applies the paged changes that made `digest`'s generation (from a fetch started in
+    /// `epoch`), then catches up as [`Inventory::install`] does. A view that does not come out
+    /// matching the digest is paged in whole.
+    pub fn apply_changes(
+        &mut self,
+        epoch: u64,
+        digest: &InventoryDigest,
+        delta: InventoryDelta,
+    ) -> Option<(Vec<VmInfo>, Fetch)> {
+        if epoch != self.epoch {
+            self.done_fetching();
+            return None;
         }
-        self.synced
+        if delta.base != self.generation {
+            self.invalidate();
+            return Some((Vec::new(), Fetch::All));
+        }
+        let changed = self.apply(delta, digest.generation);
+        if self.hash != digest.hash {
+            tracing::warn!(
+                generation = digest.generation,
+                "inventory diverged from the worker's digest after its changes; paging it"
+            );
+            self.invalidate();
+            return Some((changed, Fetch::All));
+        }
+        Some(self.catch_up(changed))
+    }
+
+    /// Applies the buffered digests in order, until one's changes must be paged (or a gap
+    /// means the whole inventory must). The fetch ends when nothing is left to fetch.
+    fn catch_up(&mut self, mut changed: Vec<VmInfo>) -> (Vec<VmInfo>, Fetch) {
+        let mut buffered = std::mem::take(&mut self.buffered).into_iter();
+        if self.synced {
+            while let Some(digest) = buffered.next() {
+                if digest.generation <= self.generation {
+                    continue;
+                }
+                if digest
+                    .delta
+                    .as_ref()
+                    .is_some_and(|d| d.base == self.generation)
+                {
+                    let generation = digest.generation;
+                    changed.extend(self.apply(digest.delta.unwrap_or_default(), generation));
+                    if self.hash == digest.hash {
+                        continue;
+                    }
+                } else if digest.changes > 0 && digest.generation == self.generation + 1 {
+                    self.buffered = buffered.collect();
+                    return (changed, Fetch::Changes(digest));
+                }
+                self.invalidate();
+                return (changed, Fetch::All);
+            }
+        }
+        self.done_fetching();
+        (changed, Fetch::Nothing)
+    }
+
+    /// No fetch in flight any more; what was buffered for it is dropped.
+    pub fn done_fetching(&mut self) {
+        self.fetching = false;
+        self.buffered.clear();
     }
 
     /// The view no longer matches the worker (a silence, a divergence): page it in again.

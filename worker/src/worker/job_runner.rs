@@ -127,6 +127,14 @@ impl RunnerCore {
                     digest: page.digest,
                 });
             }
+            JobOp::ListVmChanges {
+                generation,
+                offset,
+                limit,
+            } => {
+                let (delta, next) = inner.inventory.changes(*generation, *offset, *limit)?;
+                return Ok(JobOutput::VmChanges { delta, next });
+            }
             JobOp::GetVm { vm_id } => {
                 let view = inner
                     .provider
@@ -291,6 +299,7 @@ impl RunnerCore {
             }
             JobOp::ListVms {}
             | JobOp::ListVmsPage { .. }
+            | JobOp::ListVmChanges { .. }
             | JobOp::GetVm { .. }
             | JobOp::ListSnapshots { .. } => unreachable_query(),
             JobOp::BackupVm { vm_id } => {
