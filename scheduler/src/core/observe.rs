@@ -21,6 +21,9 @@ use super::state::{Fetch, Inventory, SessionData, SessionSlot, WorkerEntry, sett
 use crate::metrics as m;
 use crate::worker_api::job;
 
+/// Sessions the reconcile pass handles between yields.
+const RECONCILE_CHUNK: usize = 4096;
+
 impl Core {
     /// A heartbeat: liveness and capacity, then the inventory's changes (O(changes), off the
     /// state lock). Comparing the whole inventory with the scheduler's state is the reconcile
@@ -389,7 +392,55 @@ impl Core {
     /// pool entries whose VM vanished (or all of a draining worker's), sessions whose VM
     /// vanished, and leaked VMs (nothing owns them). Level-triggered, every liveness tick; the
     /// state lock is held only to read the candidates and to apply the outcome.
-    pub(crate) fn reconcile_pass(self: &Arc<Self>) {
+    /// The reconcile pass over some sessions (locks: a session's, then its worker's view).
+    fn reconcile_sessions(
+        &self,
+        chunk: &[Arc<SessionSlot>],
+        workers: &HashMap<WorkerId, (Arc<parking_lot::Mutex<Inventory>>, bool)>,
+        actions: &mut Vec<(Arc<SessionSlot>, Action)>,
+        live_ids: &mut HashSet<VmId>,
+        now: Instant,
+        now_ms: u64,
+    ) {
+        let grace = self.cfg.vm_missing_grace;
+        for slot in chunk {
+            let mut d = slot.data.lock();
+            if !d.is_live() {
+                continue;
+            }
+            let vm_id: VmId = d.rec.session.session_id.clone().into();
+            if let Some((inv, _)) = workers.get(&d.rec.session.worker_id)
+                && let inv = inv.lock()
+                && inv.synced
+            {
+                match inv.vms.get(&vm_id) {
+                    // A view from before the session's claim cannot miss its VM yet (a
+                    // worker killed right after the claim sends no newer view).
+                    None if inv.at_ms <= d.rec.session.created_ms => {}
+                    None => {
+                        d.busy = false;
+                        let since = *d.missing_since.get_or_insert(now);
+                        if now.duration_since(since) >= grace {
+                            actions.push((
+                                slot.clone(),
+                                Action::End(End::VmGone(TerminationReason::VmFailed)),
+                            ));
+                        }
+                    }
+                    Some(vm) => {
+                        d.missing_since = None;
+                        if let Some(action) = observe_session_vm(&mut d, vm, inv.at_ms, now_ms) {
+                            actions.push((slot.clone(), action));
+                        }
+                    }
+                }
+            }
+            drop(d);
+            live_ids.insert(vm_id);
+        }
+    }
+
+    pub(crate) async fn reconcile_pass(self: &Arc<Self>) {
         let t0 = Instant::now();
         let now = Instant::now();
         let now_ms = self.clock.now_ms();
@@ -441,44 +492,16 @@ impl Core {
             (workers, slots)
         };
 
-        // Sessions: vanished VMs, and what the worker saw of the others.
+        // Sessions: vanished VMs, and what the worker saw of the others. In chunks, each under
+        // the views' locks taken once, yielding between them: with 100,000 sessions the pass must
+        // not hold the scheduler's thread away from claims and heartbeats.
         let mut actions: Vec<(Arc<SessionSlot>, Action)> = Vec::new();
         let mut live_ids: HashSet<VmId> = HashSet::with_capacity(slots.len());
-        for slot in slots {
-            let mut d = slot.data.lock();
-            if !d.is_live() {
-                continue;
+        for chunk in slots.chunks(RECONCILE_CHUNK) {
+            self.reconcile_sessions(chunk, &workers, &mut actions, &mut live_ids, now, now_ms);
+            if slots.len() > RECONCILE_CHUNK {
+                tokio::task::yield_now().await;
             }
-            let vm_id: VmId = d.rec.session.session_id.clone().into();
-            if let Some((inv, _)) = workers.get(&d.rec.session.worker_id) {
-                let inv = inv.lock();
-                if inv.synced {
-                    match inv.vms.get(&vm_id) {
-                        // A view from before the session's claim cannot miss its VM yet (a
-                        // worker killed right after the claim sends no newer view).
-                        None if inv.at_ms <= d.rec.session.created_ms => {}
-                        None => {
-                            d.busy = false;
-                            let since = *d.missing_since.get_or_insert(now);
-                            if now.duration_since(since) >= grace {
-                                actions.push((
-                                    slot.clone(),
-                                    Action::End(End::VmGone(TerminationReason::VmFailed)),
-                                ));
-                            }
-                        }
-                        Some(vm) => {
-                            d.missing_since = None;
-                            if let Some(action) = observe_session_vm(&mut d, vm, inv.at_ms, now_ms)
-                            {
-                                actions.push((slot.clone(), action));
-                            }
-                        }
-                    }
-                }
-            }
-            drop(d);
-            live_ids.insert(vm_id);
         }
 
         // Leaks: VMs nothing owns, old enough that no job can be creating them.
@@ -501,18 +524,6 @@ impl Core {
             Vec::new()
         } else {
             let st = self.state.lock();
-            let pool_owned: HashSet<(&WorkerId, &VmId)> = st
-                .pools
-                .values()
-                .flat_map(|p| p.ready.iter())
-                .map(|e| (&e.rec.worker_id, &e.rec.vm_id))
-                .chain(
-                    st.pools
-                        .values()
-                        .flat_map(|p| p.restoring.iter())
-                        .map(|(id, r)| (&r.worker, id)),
-                )
-                .collect();
             candidates
                 .into_iter()
                 .filter(|key| {
@@ -521,8 +532,12 @@ impl Core {
                         .sessions
                         .get(&key.1.clone().into())
                         .is_some_and(|slot| slot.data.lock().is_live());
+                    let pool_owned = st.pools.values().any(|p| {
+                        p.ready.contains(&key.1)
+                            || p.restoring.get(&key.1).is_some_and(|r| r.worker == key.0)
+                    });
                     !live_session
-                        && !pool_owned.contains(&(&key.0, &key.1))
+                        && !pool_owned
                         && !st.inflight.contains_key(key)
                         && !st.destroying.contains(key)
                 })
@@ -597,7 +612,7 @@ impl Core {
                 _ = tick.tick() => {}
             }
             self.clone().check_liveness();
-            self.reconcile_pass();
+            self.reconcile_pass().await;
         }
     }
 
