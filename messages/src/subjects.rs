@@ -205,6 +205,19 @@ impl Subjects {
         format!("{}.sessions.{}.{}", self.root, session_id, op.suffix())
     }
 
+    /// What a worker subscribes to serve session `session_id`'s data plane, with the endpoint
+    /// name of each: three subjects for the ten [`SessionOp::DATA`] operations (`exec`,
+    /// `files.*`, `processes.>`), never a control operation's. One subscription per operation
+    /// cost a worker ~120 KB per session; [`Subjects::parse_session`] tells the operations apart.
+    pub fn session_data(&self, session_id: &SessionId) -> [(&'static str, String); 3] {
+        let base = format!("{}.sessions.{}", self.root, session_id);
+        [
+            ("exec", format!("{base}.exec")),
+            ("files", format!("{base}.files.*")),
+            ("processes", format!("{base}.processes.>")),
+        ]
+    }
+
     /// `<prefix>.v1.sessions.<sid>.processes.<process_id>.<op>` for a per-process operation
     /// ([`SessionOp::per_process`]); other operations as [`Subjects::session`].
     pub fn process(&self, session_id: &SessionId, process_id: &str, op: SessionOp) -> String {

@@ -1104,9 +1104,24 @@ async fn heartbeats_report_inventory_and_the_service_answers_srv() {
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    for name in ["jobs", "exec", "files-put", "files-get"] {
+    // A session is served by three subscriptions (exec, files.*, processes.>), not one per
+    // operation: a worker holding 100,000 sessions must not hold a million subscriptions.
+    for name in ["jobs", "exec", "files", "processes"] {
         assert!(names.contains(&name), "{names:?}");
     }
+    let per_session = names.iter().filter(|n| **n != "jobs").count();
+    assert_eq!(per_session, 3, "{names:?}");
+    // An operation the data plane does not know, under a subject it serves: 400, not silence.
+    let reply = nats
+        .request("hearth.v1.sessions.hb.files.bogus", "{}".into())
+        .await
+        .unwrap();
+    let code = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+        .map(|v| v.as_str().to_owned());
+    assert_eq!(code.as_deref(), Some("400"), "{reply:?}");
 }
 
 /// The next heartbeat's entry for `vm` (skipping heartbeats without it).

@@ -1,4 +1,4 @@
-//! The session data plane: per-session exec / files-put / files-get endpoints, the bounded queue
+//! The session data plane: per-session exec / files / processes endpoints, the bounded queue
 //! in front of each VM, resuming a stopped VM on use, and ending a session's work.
 
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use crate::provider::{OutputStream, VmState};
 impl Worker {
     // ----- the session data plane -----------------------------------------------------------
 
-    /// Subscribes the session's exec and files subjects (as endpoints of the micro service, so
+    /// Subscribes the session's data subjects (three, as endpoints of the micro service, so
     /// `$SRV.STATS` counts them).
     pub(super) async fn serve(&self, vm_id: VmId) -> Result<(), WireError> {
         let inner = &self.inner;
@@ -32,17 +32,16 @@ impl Worker {
             return Ok(());
         }
         let sid = SessionId::from(vm_id.clone());
-        let mut endpoints = Vec::with_capacity(SessionOp::DATA.len());
-        for op in SessionOp::DATA {
-            let name = endpoint_name(op);
+        let mut endpoints = Vec::with_capacity(3);
+        for (name, subject) in inner.config.subjects.session_data(&sid) {
             let endpoint = inner
                 .service
                 .endpoint_builder()
                 .name(name)
-                .add(inner.config.subjects.session(&sid, op))
+                .add(subject)
                 .await
-                .map_err(|e| WireError::internal(format!("subscribing {op:?}: {e}")))?;
-            endpoints.push(endpoint.map(move |r| (op, r)));
+                .map_err(|e| WireError::internal(format!("subscribing {name}: {e}")))?;
+            endpoints.push(endpoint);
         }
         let cancel = inner.stop.child_token();
         let queue = Arc::new(DataQueue::default());
@@ -69,7 +68,19 @@ impl Worker {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     next = requests.next() => {
-                        let Some((op, request)) = next else { break };
+                        let Some(request) = next else { break };
+                        let op = match worker.inner.config.subjects.parse_session(&request.message.subject) {
+                            Ok(Some((_, op))) if SessionOp::DATA.contains(&op) => op,
+                            _ => {
+                                let err = WireError::bad_request(format!(
+                                    "no such session operation: {}",
+                                    request.message.subject
+                                ));
+                                let reply = Reply::error(encoding_of(request.message.headers.as_ref()), &err);
+                                respond(&worker.inner.nats, request, reply).await;
+                                continue;
+                            }
+                        };
                         // Another tenant's request is answered exactly as for a VM that is not
                         // here, before it can take a place in this session's queue.
                         if let Err(err) = worker.check_owner(&vm_id, &request) {
@@ -112,8 +123,7 @@ impl Worker {
             }
             // Unsubscribe, then answer what was already delivered: a request that arrived while
             // the session ended gets 409 at once instead of waiting out its timeout.
-            for endpoint in requests.into_iter() {
-                let mut endpoint = endpoint.into_inner();
+            for mut endpoint in requests.into_iter() {
                 let _ = endpoint.stop().await;
                 while let Ok(Some(request)) =
                     tokio::time::timeout(std::time::Duration::from_millis(50), endpoint.next()).await
