@@ -18,9 +18,12 @@
 //!
 //! Sandboxes: a running VM's sandbox is started when the VM is created (before it can join a
 //! pool, so a claim never waits for one) or started again, and killed — with every process in
-//! it — when the VM stops or is destroyed. Sandboxes die with the worker; after a restart a
-//! running VM gets a new one on its next use. Everything a command wrote to the volume stays;
-//! processes do not.
+//! it — when the VM stops or is destroyed. On `oci` a stop freezes the container instead (see
+//! `freeze.rs`) and start thaws it, so its processes and their memory go on where they were; a
+//! thawed container whose agent does not answer (it was killed while frozen) fails its VM.
+//! Sandboxes die with the worker (frozen ones are killed by the next `open`, which finds their
+//! freezer cgroups); after a restart a running or stopped VM gets a new one on its next use.
+//! Everything a command wrote to the volume stays; processes do not.
 //!
 //! Size: this file is the adapter's `VmProvider` and the sandbox life cycle it drives (start on
 //! create or first use, limits, egress, OOM outcomes); the bookkeeping is in
