@@ -4,8 +4,9 @@
 //! claims on the `oci` provider and on the process provider, its sessions running on the image's
 //! root filesystem; a session whose container dies is `lost`, its exec answered 409 with the
 //! runtime's exit code; a session the scheduler stops when idle keeps what is in its memory
-//! (frozen, then thawed by the next file transfer or exec). Skips, with the reason printed, without crun, tini or busybox-static
-//! (`scripts/setup.sh` installs them).
+//! (frozen, then thawed by the next file transfer or exec), and one whose container is killed
+//! while it is stopped is `lost` when it resumes. Skips, with the reason printed, without crun,
+//! tini or busybox-static (`scripts/setup.sh` installs them).
 
 mod common;
 
@@ -275,4 +276,64 @@ async fn an_idle_stopped_oci_session_keeps_its_memory_when_it_resumes() {
     wait_state(&stack, &sid, SessionState::Stopped).await;
     kept(c, &sid).await;
     wait_state(&stack, &sid, SessionState::Running).await;
+}
+
+#[tokio::test]
+async fn a_session_whose_container_is_killed_while_stopped_is_lost_on_resume() {
+    if let Some(reason) = oci_missing() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let stack =
+        Stack::start_with_worker_args(&["w1"], DEFAULT_TEMPLATE, &["--provider", "oci"]).await;
+    stack
+        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 1)
+        .await;
+    let c = &stack.client;
+    let session = c
+        .create_session(&CreateSessionRequest {
+            idle_timeout_s: Some(1),
+            ..CreateSessionRequest::default()
+        })
+        .await
+        .unwrap();
+    let sid = session.session_id;
+    wait_state(&stack, &sid, SessionState::Stopped).await;
+    // The session's container is the frozen one: its init sits in a freezer cgroup of Hearth's.
+    let state_dir = stack.dir.path().join("w1/oci/runtime");
+    let out = std::process::Command::new("/usr/bin/crun")
+        .arg("--root")
+        .arg(&state_dir)
+        .args(["list", "--format", "json"])
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let frozen: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            let pid = c["pid"].as_i64().unwrap_or(0);
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|cg| cg.lines().any(|l| l.contains(":freezer:/hearth-pause-")))
+        })
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(frozen.len(), 1, "{list}");
+    // Killed from the host while frozen: the kill lands when the resume thaws it.
+    let status = std::process::Command::new("/usr/bin/crun")
+        .arg("--root")
+        .arg(&state_dir)
+        .args(["kill", &frozen[0], "KILL"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let err = c.exec(&sid, &ExecRequest::cmd("true")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("failed: the container exited with code 137"),
+        "{err:?}"
+    );
+    wait_state(&stack, &sid, SessionState::Lost).await;
 }
