@@ -201,26 +201,35 @@ async fn wait_state(stack: &Stack, sid: &SessionId, state: SessionState) {
     }
 }
 
-#[tokio::test]
-async fn an_idle_stopped_oci_session_keeps_its_memory_when_it_resumes() {
+/// A stack with one oci worker and a session on it whose idle timeout is 1 s, or `None` (the
+/// reason printed) without crun or tini.
+async fn idle_session_on_oci() -> Option<(Stack, SessionId)> {
     if let Some(reason) = oci_missing() {
         eprintln!("skipping: {reason}");
-        return;
+        return None;
     }
     let stack =
         Stack::start_with_worker_args(&["w1"], DEFAULT_TEMPLATE, &["--provider", "oci"]).await;
     stack
         .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 1)
         .await;
-    let c = &stack.client;
-    let session = c
+    let session = stack
+        .client
         .create_session(&CreateSessionRequest {
             idle_timeout_s: Some(1),
             ..CreateSessionRequest::default()
         })
         .await
         .unwrap();
-    let sid = session.session_id;
+    Some((stack, session.session_id))
+}
+
+#[tokio::test]
+async fn an_idle_stopped_oci_session_keeps_its_memory_when_it_resumes() {
+    let Some((stack, sid)) = idle_session_on_oci().await else {
+        return;
+    };
+    let c = &stack.client;
     // State that lives in the container's memory only: a file on its tmpfs /tmp, and the agent's
     // record (exit code, output ring) of a background process that has ended.
     let r = c
@@ -280,24 +289,10 @@ async fn an_idle_stopped_oci_session_keeps_its_memory_when_it_resumes() {
 
 #[tokio::test]
 async fn a_session_whose_container_is_killed_while_stopped_is_lost_on_resume() {
-    if let Some(reason) = oci_missing() {
-        eprintln!("skipping: {reason}");
+    let Some((stack, sid)) = idle_session_on_oci().await else {
         return;
-    }
-    let stack =
-        Stack::start_with_worker_args(&["w1"], DEFAULT_TEMPLATE, &["--provider", "oci"]).await;
-    stack
-        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 1)
-        .await;
+    };
     let c = &stack.client;
-    let session = c
-        .create_session(&CreateSessionRequest {
-            idle_timeout_s: Some(1),
-            ..CreateSessionRequest::default()
-        })
-        .await
-        .unwrap();
-    let sid = session.session_id;
     wait_state(&stack, &sid, SessionState::Stopped).await;
     // The session's container is the frozen one: its init sits in a freezer cgroup of Hearth's.
     let state_dir = stack.dir.path().join("w1/oci/runtime");

@@ -91,22 +91,13 @@ async fn vms_are_crun_containers_only_while_they_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_that_dies_fails_its_vm_with_the_runtime_exit_code() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("oci");
-    let Some(p) = oci_support::open(&root) else {
+    let id = vm("doomed");
+    let Some((p, root)) = oci_support::open_with_vm(dir.path(), &id).await else {
         return;
     };
-    let id = vm("doomed");
-    p.create_vm(&id).await.unwrap();
-    wait_containers(&root, |l| l.len() == 1).await;
     let (container, _) = containers(&root).remove(0);
     // The container's init killed from the host, as an OOM kill or a crash would.
-    let status = std::process::Command::new("/usr/bin/crun")
-        .arg("--root")
-        .arg(root.join("runtime"))
-        .args(["kill", &container, "KILL"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    oci_support::crun_kill(&root, &container);
     // Noticed without anyone touching the VM: it is a tombstone, not "assumed running".
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -190,13 +190,10 @@ fn freezer_mounted() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_container_is_frozen_and_start_thaws_it_where_it_was() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("oci");
-    let Some(p) = oci_support::open(&root) else {
+    let id = vm("keeper");
+    let Some((p, root)) = oci_support::open_with_vm(dir.path(), &id).await else {
         return;
     };
-    let id = vm("keeper");
-    p.create_vm(&id).await.unwrap();
-    wait_containers(&root, |l| l.len() == 1).await;
     let container = containers(&root);
     let marker = "hearth-test-keeper-6f1d";
     let process_id = start_process(&p, &id, counter("count", marker)).await;
@@ -383,11 +380,13 @@ async fn a_fork_loop_neither_holds_off_a_stop_nor_runs_while_stopped() {
     let id = vm("forker");
     p.create_vm(&id).await.unwrap();
     let marker = "hearth-test-forker-1c9e";
-    // Forks as fast as it can (the default process limit bounds it), counting each fork.
+    // Forks as fast as it can (a subshell that forks an orphan each round: the tree changes
+    // under the freezer all the time), counting the rounds. Short-lived, so it stays under the
+    // process limit, where a shell that cannot fork gives up.
     start_process(
         &p,
         &id,
-        format!("n=0; while :; do n=$((n+1)); ( sleep 0.2 ) & echo $n > forked; done # {marker}"),
+        format!("n=0; while :; do n=$((n+1)); ( true & ); echo $n > forked; done # {marker}"),
     )
     .await;
     let forked = volume(&root, &id).join("forked");
@@ -415,23 +414,14 @@ async fn a_fork_loop_neither_holds_off_a_stop_nor_runs_while_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_killed_while_stopped_fails_its_vm_when_started() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("oci");
-    let Some(p) = oci_support::open(&root) else {
+    let id = vm("victim");
+    let Some((p, root)) = oci_support::open_with_vm(dir.path(), &id).await else {
         return;
     };
-    let id = vm("victim");
-    p.create_vm(&id).await.unwrap();
-    wait_containers(&root, |l| l.len() == 1).await;
     let (container, _) = containers(&root).remove(0);
     p.stop_vm(&id).await.unwrap();
     // Killed from the host while frozen: the kill waits for the thaw.
-    let status = std::process::Command::new("/usr/bin/crun")
-        .arg("--root")
-        .arg(root.join("runtime"))
-        .args(["kill", &container, "KILL"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    oci_support::crun_kill(&root, &container);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         p.get_vm(&id).await.unwrap().map(|v| v.state),

@@ -82,3 +82,29 @@ pub async fn wait_containers(root: &Path, ok: impl Fn(&[(String, String)]) -> bo
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `crun kill <container> KILL` in the provider's runtime state directory, as an OOM kill, a
+/// crash or an operator would.
+pub fn crun_kill(root: &Path, container: &str) {
+    let status = std::process::Command::new("/usr/bin/crun")
+        .arg("--root")
+        .arg(root.join("runtime"))
+        .args(["kill", container, "KILL"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The oci provider at `<dir>/oci` with one VM `id` created, its container listed; or `None`
+/// (reason printed).
+pub async fn open_with_vm(
+    dir: &Path,
+    id: &hearth_worker::provider::VmId,
+) -> Option<(ProcessProvider, PathBuf)> {
+    use hearth_worker::provider::VmProvider;
+    let root = dir.join("oci");
+    let p = open(&root)?;
+    p.create_vm(id).await.unwrap();
+    wait_containers(&root, |l| l.len() == 1).await;
+    Some((p, root))
+}
