@@ -3,7 +3,8 @@
 //! where they were. Attacked the way a hostile session or a host accident would: a fork loop does
 //! not hold a stop off nor progress while stopped, a stopped container is destroyed at once
 //! leaving no process, container, cgroup, bundle or mount, a container killed while frozen fails
-//! its VM (with the runtime's exit code) when it is started instead of being reported running,
+//! its VM (with the runtime's exit code) when it is started instead of being reported running
+//! (one that died before a stop fails it at the stop or at the start after it),
 //! and the frozen container of a worker killed with SIGKILL is killed and replaced when the
 //! worker comes back (the VM keeps its files; its processes, whose agent channel died with the
 //! worker, do not survive). Real crun, a real nats-server where messages are involved. Skips,
@@ -445,6 +446,40 @@ async fn a_container_killed_while_stopped_fails_its_vm_when_started() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("failed"), "{err}");
+    wait_containers(&root, <[_]>::is_empty).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_died_is_not_hidden_by_a_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = vm("gone");
+    let Some((p, root)) = oci_support::open_with_vm(dir.path(), &id).await else {
+        return;
+    };
+    let (container, _) = containers(&root).remove(0);
+    oci_support::crun_kill(&root, &container);
+    wait_containers(&root, |l| l.iter().all(|(_, status)| status != "running")).await;
+    // Stopped once it is dead: the stop says the VM failed (it, or the watcher, saw it), or —
+    // when the agent's end of the channel has not been seen closing yet — the start that thaws
+    // it does. Never a stopped VM whose next start quietly runs a new container.
+    let err = match p.stop_vm(&id).await {
+        Err(err) => err,
+        Ok(view) => {
+            assert_eq!(view.state, VmState::Stopped);
+            p.start_vm(&id).await.unwrap_err()
+        }
+    };
+    assert_eq!(err.kind(), ProviderErrorKind::InvalidState, "{err}");
+    assert!(
+        err.to_string().contains("vm gone failed: the container"),
+        "{err}"
+    );
+    assert_eq!(
+        p.get_vm(&id).await.unwrap().map(|v| v.state),
+        Some(VmState::Destroyed)
+    );
+    let err = p.start_vm(&id).await.unwrap_err();
+    assert_eq!(err.kind(), ProviderErrorKind::InvalidState, "{err}");
     wait_containers(&root, <[_]>::is_empty).await;
 }
 

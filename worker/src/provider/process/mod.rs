@@ -484,10 +484,10 @@ impl Inner {
         }
     }
 
-    /// A thawed `oci` container (a stopped VM started) must be alive: its agent answers a ping.
-    /// A container killed while it was frozen dies the moment it thaws: then the VM failed, with
-    /// the runtime's exit code, and is never reported running.
-    async fn check_thawed(
+    /// An `oci` container that is thawed (a stopped VM started) or about to be frozen must be
+    /// alive: its agent answers a ping. A container killed while it was frozen dies the moment it
+    /// thaws: then the VM failed, with the runtime's exit code, and is never reported running.
+    async fn check_alive(
         self: &Arc<Self>,
         vm_id: &VmId,
         sandbox: &Arc<Sandbox>,
@@ -510,7 +510,7 @@ impl Inner {
                 break self.container_died(sandbox, status);
             }
             if Instant::now() > deadline {
-                let reason = format!("its container did not answer after the thaw ({e})");
+                let reason = format!("its container's agent does not answer ({e})");
                 break self.fail_container(sandbox, reason);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -901,7 +901,7 @@ impl VmProvider for ProcessProvider {
             .await?
         };
         if let Some(sandbox) = thawed.filter(|_| self.inner.launcher.is_oci()) {
-            self.inner.check_thawed(vm_id, &sandbox).await?;
+            self.inner.check_alive(vm_id, &sandbox).await?;
         }
         // The sandbox now, so the first command after a resume does not wait for it.
         self.inner.running(vm_id).await?;
@@ -914,12 +914,11 @@ impl VmProvider for ProcessProvider {
         let record = self.inner.registry.record(vm_id)?;
         let (inner, vm_id) = (self.inner.clone(), vm_id.clone());
         let oci = inner.launcher.is_oci();
-        // A container that ended on its own is the VM's failure, never hidden by a stop.
+        // A container that ended on its own (or whose agent is gone) is the VM's failure, never
+        // hidden by a stop.
         let sandbox = record.slot.lock().runtime.clone();
-        if let Some(sandbox) = sandbox.filter(|_| oci)
-            && let Some(status) = sandbox.exit_status()
-        {
-            return Err(inner.container_died(&sandbox, status));
+        if let Some(sandbox) = sandbox.filter(|s| oci && s.is_dead() && !s.is_frozen()) {
+            inner.check_alive(&vm_id, &sandbox).await?;
         }
         blocking(move || {
             let mut slot = record.slot.lock();
