@@ -956,13 +956,19 @@ impl VmProvider for ProcessProvider {
         blocking(move || {
             let mut slot = record.slot.lock();
             lifecycle::check_pause(&vm_id, slot.meta.state)?;
-            if let Some(sandbox) = slot.runtime.as_ref().filter(|s| !s.is_dead()) {
+            // A stopped `oci` VM is frozen already, and stays so if the pause fails.
+            let to_freeze = slot
+                .runtime
+                .as_ref()
+                .filter(|s| !s.is_dead() && !s.is_frozen());
+            if let Some(sandbox) = to_freeze {
                 sandbox.freeze(&inner.freeze_scope)?;
             }
+            let froze = to_freeze.is_some();
             let mut meta = slot.meta.clone();
             meta.mark_paused();
             if let Err(e) = write_json_atomic(&slot.dir.join("meta.json"), &meta) {
-                if let Some(sandbox) = &slot.runtime {
+                if let Some(sandbox) = slot.runtime.as_ref().filter(|_| froze) {
                     sandbox.thaw();
                 }
                 return Err(e);
