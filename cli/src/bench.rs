@@ -51,7 +51,8 @@ pub enum Scenario {
     /// guest (needs a guest image).
     Processes,
     /// OCI containers (the `oci` provider, crun) beside the process provider in the same run:
-    /// cold create, restore, warm claim, exec. Needs crun and tini; not part of `all`.
+    /// cold create, restore, warm claim, exec, stop and start (on oci: freeze and thaw). Needs
+    /// crun and tini; not part of `all`.
     Oci,
     /// Many workers (simulated in this process, each its own NATS connection, fake provider)
     /// under one scheduler process: claim latency with every VM pooled, scheduler CPU and bus
@@ -1239,17 +1240,22 @@ struct Lifecycle {
     snapshot_bytes: u64,
     warm: Histogram<u64>,
     exec: Histogram<u64>,
+    /// Stop and start jobs of one VM (empty unless asked for).
+    stop: Vec<f64>,
+    start: Vec<f64>,
 }
 
 /// The VM life cycle on `provider`, on a stack of its own: cold create -> agent answers,
 /// snapshot, restore -> agent answers (jobs timed on the worker), warm claims from the pool, and
-/// exec of `true` in one session; every VM is destroyed before the stack goes away (QEMU VMs
-/// outlive their worker by design). `rss` is sampled while the VMs run.
+/// exec of `true` in one session, and with `stop_start`, stop -> start cycles of one restored VM;
+/// every VM is destroyed before the stack goes away (QEMU VMs outlive their worker by design).
+/// `rss` is sampled while the VMs run.
 async fn lifecycle(
     provider: hearth_worker::ProviderKind,
     qemu_image: Option<&std::path::Path>,
     args: &BenchArgs,
     sizes: &Sizes,
+    stop_start: bool,
     rss: &mut dyn FnMut(),
 ) -> Result<Lifecycle> {
     use hearth_messages::{JobOp, JobOutput, SnapshotId, VmId, VmSpec};
@@ -1314,6 +1320,26 @@ async fn lifecycle(
         restore.push(t.as_secs_f64());
     }
     rss();
+    // Stop -> start of one VM (its agent idle), each job timed on the worker.
+    let (mut stop, mut start) = (Vec::new(), Vec::new());
+    let cycles = match (stop_start, args.quick) {
+        (false, _) => 0,
+        (true, true) => 3,
+        (true, false) => 20,
+    };
+    for _ in 0..cycles {
+        let vm_id = VmId::new("bench-restored-0")?;
+        let (t, _) = timed_job(
+            &client,
+            JobOp::StopVm {
+                vm_id: vm_id.clone(),
+            },
+        )
+        .await?;
+        stop.push(t.as_secs_f64());
+        let (t, _) = timed_job(&client, JobOp::StartVm { vm_id }).await?;
+        start.push(t.as_secs_f64());
+    }
     for i in 0..rounds {
         for id in [format!("bench-cold-{i}"), format!("bench-restored-{i}")] {
             let _ = timed_job(
@@ -1353,6 +1379,8 @@ async fn lifecycle(
         snapshot_bytes,
         warm,
         exec,
+        stop,
+        start,
     })
 }
 
@@ -1367,6 +1395,7 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
         Some(&image),
         args,
         sizes,
+        false,
         &mut || rss = qemu_rss_mib(),
     )
     .await?;
@@ -1415,7 +1444,8 @@ async fn microvm(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<R
 }
 
 /// The `oci` provider (crun containers) beside the process provider, measured in the same run:
-/// cold create, restore, warm claim and exec on each, with oci/process ratios.
+/// cold create, restore, warm claim, exec, stop and start on each (oci freezes and thaws its
+/// container, process kills its sandbox and starts a new one), with oci/process ratios.
 async fn oci(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Report> {
     if url.is_some() {
         bail!("the oci scenario starts its own stacks (it times jobs on its own workers)");
@@ -1426,7 +1456,7 @@ async fn oci(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Repor
         hearth_worker::ProviderKind::Process,
         hearth_worker::ProviderKind::Oci,
     ] {
-        let l = lifecycle(provider, None, args, sizes, &mut || {}).await?;
+        let l = lifecycle(provider, None, args, sizes, true, &mut || {}).await?;
         let name = provider.as_str();
         if provider == hearth_worker::ProviderKind::Process {
             r.baseline(&l.base);
@@ -1446,11 +1476,29 @@ async fn oci(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Repor
         );
         r.latency(&format!("{name}_warm_claim"), &l.warm);
         r.latency(&format!("{name}_exec"), &l.exec);
+        let (stop_ms, start_ms) = (median(l.stop) * 1000.0, median(l.start) * 1000.0);
+        let (stop_how, start_how) = if provider == hearth_worker::ProviderKind::Oci {
+            ("the container frozen", "thawed, agent answers")
+        } else {
+            ("the sandbox killed", "a new sandbox, agent answers")
+        };
+        r.field(
+            &format!("{name}_stop_p50_ms"),
+            json!(round3(stop_ms)),
+            Some(format!("{stop_ms:.1} ms ({name}: stop job, {stop_how})")),
+        );
+        r.field(
+            &format!("{name}_start_p50_ms"),
+            json!(round3(start_ms)),
+            Some(format!("{start_ms:.1} ms ({name}: start job, {start_how})")),
+        );
         medians.push((
             cold_ms,
             restore_ms,
             ms(l.warm.value_at_quantile(0.5)),
             ms(l.exec.value_at_quantile(0.5)),
+            stop_ms,
+            start_ms,
         ));
     }
     let (p, o) = (medians[0], medians[1]);
@@ -1458,5 +1506,7 @@ async fn oci(args: &BenchArgs, sizes: &Sizes, url: Option<&str>) -> Result<Repor
     r.ratio("oci_to_process_restore", o.1, p.1);
     r.ratio("oci_to_process_warm_claim", o.2, p.2);
     r.ratio("oci_to_process_exec", o.3, p.3);
+    r.ratio("oci_to_process_stop", o.4, p.4);
+    r.ratio("oci_to_process_start", o.5, p.5);
     Ok(r)
 }

@@ -3,8 +3,10 @@
 //! template whose `base` is an OCI image archive (busybox, built locally by the test) serves warm
 //! claims on the `oci` provider and on the process provider, its sessions running on the image's
 //! root filesystem; a session whose container dies is `lost`, its exec answered 409 with the
-//! runtime's exit code. Skips, with the reason printed, without crun, tini or busybox-static
-//! (`scripts/setup.sh` installs them).
+//! runtime's exit code; a session the scheduler stops when idle keeps what is in its memory
+//! (frozen, then thawed by the next file transfer or exec), and one whose container is killed
+//! while it is stopped is `lost` when it resumes. Skips, with the reason printed, without crun,
+//! tini or busybox-static (`scripts/setup.sh` installs them).
 
 mod common;
 
@@ -180,4 +182,153 @@ async fn a_session_whose_container_dies_is_lost_with_the_exit_code() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits (bounded) until the session is in `state`.
+async fn wait_state(stack: &Stack, sid: &SessionId, state: SessionState) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = stack.client.get_session(sid).await.unwrap().state;
+        if now == state {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "session {now:?}, never {state:?}\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A stack with one oci worker and a session on it whose idle timeout is 1 s, or `None` (the
+/// reason printed) without crun or tini.
+async fn idle_session_on_oci() -> Option<(Stack, SessionId)> {
+    if let Some(reason) = oci_missing() {
+        eprintln!("skipping: {reason}");
+        return None;
+    }
+    let stack =
+        Stack::start_with_worker_args(&["w1"], DEFAULT_TEMPLATE, &["--provider", "oci"]).await;
+    stack
+        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 1)
+        .await;
+    let session = stack
+        .client
+        .create_session(&CreateSessionRequest {
+            idle_timeout_s: Some(1),
+            ..CreateSessionRequest::default()
+        })
+        .await
+        .unwrap();
+    Some((stack, session.session_id))
+}
+
+#[tokio::test]
+async fn an_idle_stopped_oci_session_keeps_its_memory_when_it_resumes() {
+    let Some((stack, sid)) = idle_session_on_oci().await else {
+        return;
+    };
+    let c = &stack.client;
+    // State that lives in the container's memory only: a file on its tmpfs /tmp, and the agent's
+    // record (exit code, output ring) of a background process that has ended.
+    let r = c
+        .exec(&sid, &ExecRequest::cmd("echo in-memory > /tmp/note"))
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    let started = c
+        .start_process(
+            &sid,
+            &hearth_messages::processes::ProcessStartRequest {
+                cmd: Some("echo from-the-process; exit 3".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let ended = c
+        .wait_process(&sid, &started.process_id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(ended.exit_code, Some(3), "{ended:?}");
+    let kept = |c: &HearthClient, sid: &SessionId| {
+        let (c, sid, process_id) = (c.clone(), sid.clone(), started.process_id.clone());
+        async move {
+            let r = c
+                .exec(&sid, &ExecRequest::cmd("cat /tmp/note"))
+                .await
+                .unwrap();
+            assert_eq!(r.stdout.as_bytes(), b"in-memory\n", "{r:?}");
+            let out = c.process_output(&sid, &process_id, 0).await.unwrap();
+            assert!(out.process.exited, "{out:?}");
+            assert_eq!(out.process.exit_code, Some(3), "{out:?}");
+            let text: Vec<u8> = out
+                .chunks
+                .iter()
+                .flat_map(|c| c.data.as_bytes().to_vec())
+                .collect();
+            assert_eq!(text, b"from-the-process\n");
+        }
+    };
+    // Idle: the scheduler stops it (its container frozen). A keepalive extends its lifetime
+    // and leaves it stopped (PROTOCOL.md: only a paused session is resumed by one); a file
+    // transfer resumes it.
+    wait_state(&stack, &sid, SessionState::Stopped).await;
+    let alive = c.keepalive(&sid, None).await.unwrap();
+    assert_eq!(alive.state, SessionState::Stopped, "{alive:?}");
+    assert_eq!(c.get_file(&sid, "../tmp/note").await.ok(), None, "confined");
+    c.get_file(&sid, ".template-marker").await.unwrap();
+    wait_state(&stack, &sid, SessionState::Running).await;
+    kept(c, &sid).await;
+    // Idle again: an exec resumes it.
+    wait_state(&stack, &sid, SessionState::Stopped).await;
+    kept(c, &sid).await;
+    wait_state(&stack, &sid, SessionState::Running).await;
+}
+
+#[tokio::test]
+async fn a_session_whose_container_is_killed_while_stopped_is_lost_on_resume() {
+    let Some((stack, sid)) = idle_session_on_oci().await else {
+        return;
+    };
+    let c = &stack.client;
+    wait_state(&stack, &sid, SessionState::Stopped).await;
+    // The session's container is the frozen one: its init sits in a freezer cgroup of Hearth's.
+    let state_dir = stack.dir.path().join("w1/oci/runtime");
+    let out = std::process::Command::new("/usr/bin/crun")
+        .arg("--root")
+        .arg(&state_dir)
+        .args(["list", "--format", "json"])
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let frozen: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            let pid = c["pid"].as_i64().unwrap_or(0);
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|cg| cg.lines().any(|l| l.contains(":freezer:/hearth-pause-")))
+        })
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(frozen.len(), 1, "{list}");
+    // Killed from the host while frozen: the kill lands when the resume thaws it.
+    let status = std::process::Command::new("/usr/bin/crun")
+        .arg("--root")
+        .arg(&state_dir)
+        .args(["kill", &frozen[0], "KILL"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let err = c.exec(&sid, &ExecRequest::cmd("true")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("failed: the container exited with code 137"),
+        "{err:?}"
+    );
+    wait_state(&stack, &sid, SessionState::Lost).await;
 }

@@ -78,8 +78,10 @@ pub trait VmProvider: Send + Sync + 'static {
     /// `Stopped` -> `Running`. `InvalidState` if running or destroyed.
     async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError>;
 
-    /// `Running` -> `Stopped`, killing anything still running in the VM. `InvalidState` if stopped or
-    /// destroyed. The volume is kept.
+    /// `Running` -> `Stopped`: nothing in the VM runs until [`start_vm`](Self::start_vm). What is
+    /// kept besides the volume is the backend's: the VMM backends keep the VM's memory, `oci`
+    /// freezes its container (processes and memory kept), `process` kills its sandbox.
+    /// `InvalidState` if stopped or destroyed.
     async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError>;
 
     /// `Running` or `Stopped` -> `Paused`: the VM's whole state (memory and devices with its

@@ -16,8 +16,19 @@
 //! its container. A container that exits on its own (the agent or init killed, the container
 //! OOM-killed) buries its VM as failed with the runtime's exit code (`vm … failed: the container
 //! exited with code N`), so the scheduler marks the session `lost`; the VM is never assumed
-//! running. Containers die with the worker; at open, every `hearth-` container left in the
-//! runtime's state directory is removed.
+//! running.
+//!
+//! Stop freezes the container and start thaws it (the process provider's `freeze.rs`: a cgroup
+//! v1 freezer of Hearth's, else `SIGSTOP`), so a stopped VM's processes and their memory (its
+//! `/tmp` too) survive until it is started; start then pings the agent, and a container that was
+//! killed while frozen (the kill lands at the thaw) fails its VM with the runtime's exit code.
+//! Not `crun pause`: crun runs with `--cgroup-manager=disabled` (limits are Hearth's own cgroups,
+//! which crun's cgroupfs manager would move the container out of), and crun 1.8.1 then refuses
+//! ("cannot pause the container without a cgroup"); crun lists a frozen container as `running`.
+//!
+//! Containers die with the worker; at open, the frozen ones a killed worker left are killed (a
+//! `crun delete --force` alone returns and leaves their processes frozen) and every `hearth-`
+//! container left in the runtime's state directory is removed.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -3,8 +3,16 @@
 //! hierarchy mounted, the processes are moved into a freezer cgroup of their own and frozen there
 //! (a process forked before the move is caught by the next round; one forked after it is born in
 //! the frozen cgroup); elsewhere each process is sent `SIGSTOP`, round after round until no new
-//! process appears. Thawing undoes it (the freezer cgroup is removed again), and a frozen sandbox
-//! is thawed before it is killed (the v1 freezer holds even `SIGKILL` until thawed).
+//! process appears. Thawing undoes it (the freezer cgroup is removed again). A frozen sandbox is
+//! killed by [`kill_and_thaw`]: `SIGKILL` first (the v1 freezer holds it pending, so nothing in
+//! the sandbox runs another instruction), then the thaw that lets it land.
+//!
+//! The freezer cgroups of one provider are named `hearth-pause-<scope>-<pid>`, `scope` being the
+//! provider root's own (see `cgroup_parent` in the provider), so [`kill_stale`] at open can end
+//! the frozen sandboxes a killed worker left behind without touching another provider's. Those
+//! are dead weight: their agent's channel died with the worker, and a frozen process never even
+//! sees that (nor bubblewrap's parent-death signal, nor a runtime's `delete --force`, which
+//! returns at once and leaves the processes frozen).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -59,14 +67,21 @@ pub(crate) fn sandbox_pids(root: u32, extra: &[i32]) -> BTreeSet<i32> {
     pids
 }
 
-/// Freezes the processes `list()` names (called again each round). Blocking.
+/// The prefix of the freezer cgroups of the provider whose scope is `scope`.
+fn prefix(scope: &str) -> String {
+    format!("hearth-pause-{scope}-")
+}
+
+/// Freezes the processes `list()` names (called again each round) in the freezer cgroup
+/// `hearth-pause-<scope>-<name>`. Blocking.
 pub(crate) fn freeze(
+    scope: &str,
     name: &str,
     list: impl Fn() -> BTreeSet<i32>,
 ) -> Result<Frozen, ProviderError> {
     let root = Path::new(FREEZER_ROOT);
     if root.join("cgroup.procs").exists() {
-        let dir = root.join(format!("hearth-pause-{name}"));
+        let dir = root.join(format!("{}{name}", prefix(scope)));
         match freeze_cgroup(&dir, &list) {
             Ok(()) => return Ok(Frozen::Cgroup(dir)),
             Err(e) => {
@@ -89,13 +104,13 @@ fn freeze_cgroup(dir: &Path, list: &impl Fn() -> BTreeSet<i32>) -> Result<(), Pr
         let inside = members(dir);
         let mut moved = false;
         for pid in list() {
-            if inside.contains(&pid) {
+            // A process that ended (a zombie, not yet reaped, cannot join) needs no freezing.
+            if inside.contains(&pid) || !alive(pid) {
                 continue;
             }
             moved = true;
-            // A process that ended meanwhile needs no freezing.
             if let Err(e) = std::fs::write(dir.join("cgroup.procs"), pid.to_string())
-                && Path::new(&format!("/proc/{pid}")).exists()
+                && alive(pid)
             {
                 return Err(io("join", e));
             }
@@ -123,6 +138,16 @@ fn freeze_cgroup(dir: &Path, list: &impl Fn() -> BTreeSet<i32>) -> Result<(), Pr
     ))
 }
 
+/// Whether `pid` is a process that has not ended (not gone, not a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest.trim_start());
+        !(state.starts_with('Z') || state.starts_with('X'))
+    })
+}
+
 fn members(dir: &Path) -> BTreeSet<i32> {
     std::fs::read_to_string(dir.join("cgroup.procs"))
         .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
@@ -147,6 +172,37 @@ fn stop_all(list: &impl Fn() -> BTreeSet<i32>) -> BTreeSet<i32> {
     stopped
 }
 
+/// Kills every process [`freeze`] froze, without letting any of them run first: `SIGKILL` while
+/// they are frozen, then [`thaw`] (which waits for the cgroup to empty). Blocking.
+pub(crate) fn kill_and_thaw(frozen: Frozen) {
+    let pids = match &frozen {
+        Frozen::Cgroup(dir) => members(dir),
+        Frozen::Signal(pids) => pids.clone(),
+    };
+    for pid in pids {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    thaw(frozen);
+}
+
+/// Kills the processes of every freezer cgroup of `scope` (a provider opening its root: no
+/// sandbox of it runs yet, so any such cgroup is left from a worker that died with a paused or
+/// stopped sandbox) and removes the cgroups. Returns how many there were. Blocking.
+pub(crate) fn kill_stale(scope: &str) -> usize {
+    let prefix = prefix(scope);
+    let stale: Vec<PathBuf> = std::fs::read_dir(FREEZER_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    for dir in &stale {
+        kill_and_thaw(Frozen::Cgroup(dir.clone()));
+    }
+    stale.len()
+}
+
 /// Undoes [`freeze`]: thaws the cgroup, moves its processes back to the root freezer cgroup and
 /// removes it; or sends `SIGCONT`. Blocking.
 pub(crate) fn thaw(frozen: Frozen) {
@@ -156,16 +212,23 @@ pub(crate) fn thaw(frozen: Frozen) {
                 warn!(dir = %dir.display(), error = %e, "cannot thaw the freezer cgroup");
             }
             let root = Path::new(FREEZER_ROOT).join("cgroup.procs");
-            for _ in 0..MAX_ROUNDS {
-                let pids = members(&dir);
-                if pids.is_empty() {
-                    break;
-                }
-                for pid in pids {
+            // Processes move back to the root cgroup (killed ones leave as they exit), then
+            // the cgroup goes; bounded, a cgroup that stays busy is logged and left.
+            let deadline = Instant::now() + FREEZE_PATIENCE;
+            loop {
+                for pid in members(&dir) {
                     let _ = std::fs::write(&root, pid.to_string());
                 }
+                match std::fs::remove_dir(&dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if Instant::now() > deadline => {
+                        warn!(dir = %dir.display(), error = %e, "cannot remove a freezer cgroup");
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
             }
-            let _ = std::fs::remove_dir(&dir);
         }
         Frozen::Signal(pids) => {
             for pid in pids {

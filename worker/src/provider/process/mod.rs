@@ -18,9 +18,12 @@
 //!
 //! Sandboxes: a running VM's sandbox is started when the VM is created (before it can join a
 //! pool, so a claim never waits for one) or started again, and killed — with every process in
-//! it — when the VM stops or is destroyed. Sandboxes die with the worker; after a restart a
-//! running VM gets a new one on its next use. Everything a command wrote to the volume stays;
-//! processes do not.
+//! it — when the VM stops or is destroyed. On `oci` a stop freezes the container instead (see
+//! `freeze.rs`) and start thaws it, so its processes and their memory go on where they were; a
+//! thawed container whose agent does not answer (it was killed while frozen) fails its VM.
+//! Sandboxes die with the worker (frozen ones are killed by the next `open`, which finds their
+//! freezer cgroups); after a restart a running or stopped VM gets a new one on its next use.
+//! Everything a command wrote to the volume stays; processes do not.
 //!
 //! Size: this file is the adapter's `VmProvider` and the sandbox life cycle it drives (start on
 //! create or first use, limits, egress, OOM outcomes); the bookkeeping is in
@@ -74,6 +77,8 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 const EXEC_GRACE: Duration = Duration::from_secs(5);
 /// How often an `oci` sandbox is checked for having ended on its own.
 const CONTAINER_POLL: Duration = Duration::from_millis(200);
+/// How long the runtime of a container whose agent is gone after a thaw may take to exit.
+const THAW_EXIT_PATIENCE: Duration = Duration::from_secs(5);
 
 /// An image that cannot be used as a base: bad input (400) unless the host failed (500).
 fn image_error(e: ImageError) -> ProviderError {
@@ -188,6 +193,9 @@ struct Inner {
     disks: Disks,
     /// Root filesystems unpacked from container images (templates whose `base` is an image).
     images: ImageCache,
+    /// Names this provider's freezer cgroups (pause, and stop on `oci`), apart from those of
+    /// other providers on the host: see `freeze.rs`.
+    freeze_scope: String,
 }
 
 /// The process adapter. Cheap to share behind an `Arc<dyn VmRuntime>`.
@@ -204,6 +212,19 @@ impl ProcessProvider {
     pub fn open(config: ProcessConfig) -> Result<Self, ProviderError> {
         let state = StateRoot::open(&config.root, &[])?;
         let root = state.path().to_path_buf();
+        // Sandboxes a killed worker left frozen (paused VMs, stopped `oci` VMs) wait for a thaw
+        // that no one will send: killed now, before the runtime is asked to remove their
+        // containers (a `delete --force` of a frozen container returns and leaves it frozen).
+        let freeze_scope = cgroup_parent(&root)
+            .trim_start_matches("hearth-")
+            .to_owned();
+        let stale = freeze::kill_stale(&freeze_scope);
+        if stale > 0 {
+            info!(
+                count = stale,
+                "killed the frozen sandboxes an earlier worker left"
+            );
+        }
         let launcher = Launcher::open(
             config.isolation,
             config.sandbox.clone(),
@@ -245,6 +266,7 @@ impl ProcessProvider {
             disks,
             images,
             config,
+            freeze_scope,
         };
         inner.reconcile()?;
         Ok(Self {
@@ -436,6 +458,12 @@ impl Inner {
             (None, Some(signal)) => format!("the container runtime was killed by signal {signal}"),
             (None, None) => "the container ended".to_owned(),
         };
+        self.fail_container(sandbox, reason)
+    }
+
+    /// Buries the VM whose sandbox is `sandbox` as failed for `reason`, kills the sandbox and
+    /// deletes the VM's files; returns the error its caller answers with.
+    fn fail_container(self: &Arc<Self>, sandbox: &Arc<Sandbox>, reason: String) -> ProviderError {
         let buried = self.registry.bury_failed(
             |slot| {
                 slot.runtime
@@ -454,6 +482,44 @@ impl Inner {
             }
             None => ProviderError::Unavailable(format!("a container ended: {reason}")),
         }
+    }
+
+    /// An `oci` container that is thawed (a stopped VM started) or about to be frozen must be
+    /// alive: its agent answers a ping. A container killed while it was frozen dies the moment it
+    /// thaws: then the VM failed, with the runtime's exit code, and is never reported running.
+    async fn check_alive(
+        self: &Arc<Self>,
+        vm_id: &VmId,
+        sandbox: &Arc<Sandbox>,
+    ) -> Result<(), ProviderError> {
+        let ping = sandbox
+            .link
+            .call(
+                hearth_messages::agent::AgentRequest::Ping {},
+                "a ping",
+                Instant::now() + AGENT_TIMEOUT,
+            )
+            .await;
+        let Err(e) = ping else {
+            return Ok(());
+        };
+        // Its runtime exits right after the container's init: wait (bounded) for the exit code.
+        let deadline = Instant::now() + THAW_EXIT_PATIENCE;
+        let error = loop {
+            if let Some(status) = sandbox.exit_status() {
+                break self.container_died(sandbox, status);
+            }
+            if Instant::now() > deadline {
+                let reason = format!("its container's agent does not answer ({e})");
+                break self.fail_container(sandbox, reason);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // The watcher may have buried it first: then its tombstone says why.
+        Err(match self.registry.record(vm_id) {
+            Err(buried) if error.kind() == super::ProviderErrorKind::Unavailable => buried,
+            _ => error,
+        })
     }
 
     /// Watches an `oci` sandbox until it is killed; if it ends on its own first, the VM failed.
@@ -813,7 +879,7 @@ impl VmProvider for ProcessProvider {
 
     async fn start_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
         let record = self.inner.registry.record(vm_id)?;
-        let view = {
+        let (view, thawed) = {
             let (record, vm_id) = (record.clone(), vm_id.clone());
             blocking(move || {
                 let mut slot = record.slot.lock();
@@ -822,33 +888,63 @@ impl VmProvider for ProcessProvider {
                 meta.mark_running();
                 write_json_atomic(&slot.dir.join("meta.json"), &meta)?;
                 slot.meta = meta;
-                // A paused VM's processes go on where they were (after a worker restart there
-                // are none: its sandbox starts afresh on the volume).
-                if let Some(sandbox) = &slot.runtime {
+                // A paused VM's (or a stopped `oci` VM's) processes go on where they were
+                // (after a worker restart there are none: its sandbox starts afresh on the
+                // volume).
+                let thawed = slot.runtime.clone().filter(|s| s.is_frozen());
+                if let Some(sandbox) = &thawed {
                     sandbox.thaw();
                 }
-                info!(%vm_id, "started vm");
-                Ok(slot.meta.view())
+                info!(%vm_id, thawed = thawed.is_some(), "started vm");
+                Ok((slot.meta.view(), thawed))
             })
             .await?
         };
+        if let Some(sandbox) = thawed.filter(|_| self.inner.launcher.is_oci()) {
+            self.inner.check_alive(vm_id, &sandbox).await?;
+        }
         // The sandbox now, so the first command after a resume does not wait for it.
         self.inner.running(vm_id).await?;
         Ok(view)
     }
 
+    /// On `oci` the container is frozen, not killed (its processes and their memory are kept
+    /// for [`start_vm`](VmProvider::start_vm)); the process provider kills its sandbox.
     async fn stop_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
         let record = self.inner.registry.record(vm_id)?;
-        let vm_id = vm_id.clone();
+        let (inner, vm_id) = (self.inner.clone(), vm_id.clone());
+        let oci = inner.launcher.is_oci();
+        // A container that ended on its own (or whose agent is gone) is the VM's failure, never
+        // hidden by a stop.
+        let sandbox = record.slot.lock().runtime.clone();
+        if let Some(sandbox) = sandbox.filter(|s| oci && s.is_dead() && !s.is_frozen()) {
+            inner.check_alive(&vm_id, &sandbox).await?;
+        }
         blocking(move || {
             let mut slot = record.slot.lock();
             lifecycle::check_stop(&vm_id, slot.meta.state)?;
+            let live = slot.runtime.as_ref().filter(|s| oci && !s.is_dead());
+            let frozen = match live.map(|s| s.freeze(&inner.freeze_scope)) {
+                Some(Ok(())) => true,
+                Some(Err(e)) => {
+                    warn!(%vm_id, error = %e, "cannot freeze the container: stopping it by killing it");
+                    false
+                }
+                None => false,
+            };
             let mut meta = slot.meta.clone();
             meta.mark_stopped();
-            write_json_atomic(&slot.dir.join("meta.json"), &meta)?;
+            if let Err(e) = write_json_atomic(&slot.dir.join("meta.json"), &meta) {
+                if let Some(sandbox) = slot.runtime.as_ref().filter(|_| frozen) {
+                    sandbox.thaw();
+                }
+                return Err(e);
+            }
             slot.meta = meta;
-            kill_sandbox(&mut slot);
-            info!(%vm_id, "stopped vm");
+            if !frozen {
+                kill_sandbox(&mut slot);
+            }
+            info!(%vm_id, frozen, "stopped vm");
             Ok(slot.meta.view())
         })
         .await
@@ -856,17 +952,23 @@ impl VmProvider for ProcessProvider {
 
     async fn pause_vm(&self, vm_id: &VmId) -> Result<VmView, ProviderError> {
         let record = self.inner.registry.record(vm_id)?;
-        let vm_id = vm_id.clone();
+        let (inner, vm_id) = (self.inner.clone(), vm_id.clone());
         blocking(move || {
             let mut slot = record.slot.lock();
             lifecycle::check_pause(&vm_id, slot.meta.state)?;
-            if let Some(sandbox) = slot.runtime.as_ref().filter(|s| !s.is_dead()) {
-                sandbox.freeze()?;
+            // A stopped `oci` VM is frozen already, and stays so if the pause fails.
+            let to_freeze = slot
+                .runtime
+                .as_ref()
+                .filter(|s| !s.is_dead() && !s.is_frozen());
+            if let Some(sandbox) = to_freeze {
+                sandbox.freeze(&inner.freeze_scope)?;
             }
+            let froze = to_freeze.is_some();
             let mut meta = slot.meta.clone();
             meta.mark_paused();
             if let Err(e) = write_json_atomic(&slot.dir.join("meta.json"), &meta) {
-                if let Some(sandbox) = &slot.runtime {
+                if let Some(sandbox) = slot.runtime.as_ref().filter(|_| froze) {
                     sandbox.thaw();
                 }
                 return Err(e);

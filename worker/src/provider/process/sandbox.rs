@@ -188,8 +188,9 @@ pub(crate) struct Sandbox {
 }
 
 impl Sandbox {
-    /// Freezes every process of the sandbox (see `freeze.rs`); a no-op if frozen. Blocking.
-    pub(crate) fn freeze(&self) -> Result<(), ProviderError> {
+    /// Freezes every process of the sandbox (see `freeze.rs`) in a freezer cgroup of the
+    /// provider's `scope`; a no-op if frozen. Blocking.
+    pub(crate) fn freeze(&self, scope: &str) -> Result<(), ProviderError> {
         let mut frozen = self.frozen.lock();
         if frozen.is_none() {
             let list = || {
@@ -200,7 +201,7 @@ impl Sandbox {
                     .unwrap_or_default();
                 freeze::sandbox_pids(self.pid, &extra)
             };
-            *frozen = Some(freeze::freeze(&self.pid.to_string(), list)?);
+            *frozen = Some(freeze::freeze(scope, &self.pid.to_string(), list)?);
         }
         Ok(())
     }
@@ -210,6 +211,11 @@ impl Sandbox {
         if let Some(frozen) = self.frozen.lock().take() {
             freeze::thaw(frozen);
         }
+    }
+
+    /// Whether the sandbox is frozen (paused, or a stopped `oci` container).
+    pub(crate) fn is_frozen(&self) -> bool {
+        self.frozen.lock().is_some()
     }
 
     /// The agent is gone (killed, crashed, or the sandbox was stopped).
@@ -247,8 +253,11 @@ impl Sandbox {
     /// for the init once it has entered its user namespace: the credential change clears the
     /// parent-death signal, so it is killed by pid here.)
     pub(crate) fn kill(&self) {
-        // A frozen process does not even die until thawed.
-        self.thaw();
+        // A frozen process does not even die until thawed: killed while frozen (so nothing
+        // in it runs again), then thawed.
+        if let Some(frozen) = self.frozen.lock().take() {
+            freeze::kill_and_thaw(frozen);
+        }
         self.egress.lock().take();
         if self.pid > 0
             && let Ok(children) =
