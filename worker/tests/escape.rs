@@ -125,6 +125,13 @@ struct Setup {
     dir: tempfile::TempDir,
 }
 
+impl Drop for Setup {
+    /// A test that failed (or left a VM) must not leave its volume mounted under the target dir.
+    fn drop(&mut self) {
+        hearth_testkit::unmount_under(self.dir.path());
+    }
+}
+
 impl Setup {
     /// A provider in the default configuration, its root outside `/tmp`.
     fn new() -> Self {
