@@ -141,7 +141,7 @@ impl Core {
         for (slot, vm) in slots {
             let action = {
                 let mut d = slot.data.lock();
-                if !d.is_live() || &d.rec.session.worker_id != worker {
+                if !d.is_live() || &d.rec.session.worker_id != worker || d.rec.session.unplaced {
                     continue;
                 }
                 d.missing_since = None;
@@ -364,10 +364,12 @@ impl Core {
 
         // Sessions: vanished VMs, and what the worker saw of the others.
         let mut actions: Vec<(Arc<SessionSlot>, Action)> = Vec::new();
-        let mut live_ids: HashSet<VmId> = HashSet::with_capacity(slots.len());
+        // A live session's VM is owned on its own worker only: a copy elsewhere (the paused VM
+        // of a worker that was lost and came back after the session moved on) is a leak.
+        let mut live_ids: HashSet<(WorkerId, VmId)> = HashSet::with_capacity(slots.len());
         for slot in slots {
             let mut d = slot.data.lock();
-            if !d.is_live() {
+            if !d.is_live() || d.rec.session.unplaced {
                 continue;
             }
             let vm_id: VmId = d.rec.session.session_id.clone().into();
@@ -398,8 +400,8 @@ impl Core {
                     }
                 }
             }
+            live_ids.insert((d.rec.session.worker_id.clone(), vm_id));
             drop(d);
-            live_ids.insert(vm_id);
         }
 
         // Leaks: VMs nothing owns, old enough that no job can be creating them.
@@ -411,7 +413,7 @@ impl Core {
             }
             for vm in inv.vms.values() {
                 if vm.state != VmState::Destroyed
-                    && !live_ids.contains(&vm.vm_id)
+                    && !live_ids.contains(&(id.clone(), vm.vm_id.clone()))
                     && inv.at_ms.saturating_sub(vm.created_ms) >= leak_grace
                 {
                     candidates.push((id.clone(), vm.vm_id.clone()));
@@ -438,10 +440,10 @@ impl Core {
                 .into_iter()
                 .filter(|key| {
                     // Never a VM that a live session names (claimed meanwhile, too).
-                    let live_session = st
-                        .sessions
-                        .get(&key.1.clone().into())
-                        .is_some_and(|slot| slot.data.lock().is_live());
+                    let live_session = st.sessions.get(&key.1.clone().into()).is_some_and(|slot| {
+                        let d = slot.data.lock();
+                        d.is_live() && !d.rec.session.unplaced && d.rec.session.worker_id == key.0
+                    });
                     !live_session
                         && !pool_owned.contains(&(&key.0, &key.1))
                         && !st.inflight.contains_key(key)
