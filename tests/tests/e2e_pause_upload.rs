@@ -55,7 +55,6 @@ async fn a_paused_uploaded_vm_survives_the_sigkill_of_its_worker_and_runs_once_e
     let image = image.display().to_string();
     let config = r#"
 worker_lost_grace_ms = 5000
-claim_wait_ms = 120000
 [[templates]]
 name = "default"
 min_ready = 1
