@@ -283,3 +283,62 @@ async fn the_object_is_deleted_when_the_session_resumes_or_is_released() {
     h.sched.release(&sid("s2")).await.unwrap();
     assert!(fleet.paused.lock().is_empty(), "object left behind");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_upload_over_the_tenants_snapshot_bytes_is_not_kept_and_the_session_stays_resumable() {
+    let fleet = Fleet::new();
+    let w1 = fleet.add("w1", 10);
+    let mut cfg = uploading(true);
+    let tenant = hearth_messages::TenantId::new("a").unwrap();
+    cfg.tenants.quotas.insert(
+        tenant.clone(),
+        hearth_messages::Quota {
+            max_snapshot_bytes: 600,
+            ..hearth_messages::Quota::default()
+        },
+    );
+    let h = Harness::start(cfg, fleet.clone()).await;
+    h.wait_ready("default", 1).await;
+    let a = Caller::Tenant(tenant);
+    let key = "paused/a/big";
+    for (name, size) in [("small", 10usize), ("big", 4000)] {
+        h.sched
+            .create_session_as(
+                &a,
+                CreateSessionRequest {
+                    session_id: Some(sid(name)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        w1.provider
+            .put_file(&vm(name), "data", &vec![7u8; size], None)
+            .await
+            .unwrap();
+    }
+    // Under the quota: uploaded, and counted.
+    let small = h.sched.pause_as(&a, &sid("small")).await.unwrap();
+    assert!(small.pause_uploaded, "{small:?}");
+    // Over it: the object is not kept, the session is paused on its worker with the reason.
+    let big = h.sched.pause_as(&a, &sid("big")).await.unwrap();
+    assert_eq!(big.state, SessionState::Paused);
+    assert!(!big.pause_uploaded, "{big:?}");
+    assert!(big.detail.as_deref().unwrap().contains("quota"), "{big:?}");
+    assert!(
+        !fleet.paused.lock().contains_key(key),
+        "object kept over quota"
+    );
+    assert!(fleet.paused.lock().contains_key("paused/a/small"));
+    // Still resumable where it is.
+    let s = h
+        .sched
+        .keepalive_as(&a, &sid("big"), KeepaliveRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(s.state, SessionState::Running);
+    // Another tenant cannot touch it (404, as for any session of another tenant).
+    let other = Caller::Tenant(hearth_messages::TenantId::new("b").unwrap());
+    let err = h.sched.place_as(&other, &sid("small")).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+}
