@@ -319,7 +319,7 @@ impl Core {
         restore.tenant = session.tenant.clone();
         let restored = self.api.job(&worker, restore, self.cfg.jobs.restore).await;
         self.release_worker(&worker, restored.is_ok().then_some(&vm));
-        let outcome = match restored {
+        match restored {
             Ok(_) => {
                 let isolation = self
                     .state
@@ -383,8 +383,7 @@ impl Core {
                     "session {sid} could not be resumed on worker {worker} now: {e}"
                 )))
             }
-        };
-        outcome
+        }
     }
 
     /// The unplaced sessions (their data plane is the scheduler's until they are placed).
