@@ -487,7 +487,7 @@ impl ScopedScheduler<'_> {
 /// Serves the data plane of unplaced sessions (paused, their worker lost, their state uploaded):
 /// no worker subscribes their subjects, so the scheduler does, for as long as they are
 /// unplaced. A request resumes the session on another worker, then goes there unchanged (same
-/// subject, reply subject and headers: the worker answers the client directly).
+/// subject, headers and body) and the worker's answers are relayed back ([`forward`]).
 async fn serve_unplaced(
     scheduler: Scheduler,
     client: async_nats::Client,
@@ -599,22 +599,69 @@ async fn serve_unplaced_session(
     cancel.cancel();
 }
 
-/// Re-sends a data-plane request as it came (subject, reply subject, headers, body).
+/// How long a relayed request may go without a message from the worker before the relay gives
+/// up (a command's output can pause for as long as it runs).
+const RELAY_IDLE: Duration = Duration::from_secs(600);
+
+/// Hands a data-plane request to the worker now serving its session: the same subject, headers
+/// (the tenant stamp included) and body, and the worker's answers — every streamed chunk, then
+/// the final message — relayed to the requester. (Relayed rather than re-published with the
+/// requester's reply subject: NATS reserves a tenant's `_R_.` reply subjects to the server.)
 async fn forward(client: &async_nats::Client, message: async_nats::Message) {
     let headers = message.headers.unwrap_or_default();
-    let sent = match message.reply {
-        Some(reply) => {
-            client
-                .publish_with_reply_and_headers(message.subject, reply, headers, message.payload)
-                .await
+    let Some(reply) = message.reply else {
+        if let Err(err) = client
+            .publish_with_headers(message.subject, headers, message.payload)
+            .await
+        {
+            tracing::warn!(error = %err, "forwarding a request to the session's new worker");
         }
-        None => {
-            client
-                .publish_with_headers(message.subject, headers, message.payload)
-                .await
+        return;
+    };
+    let inbox = client.new_inbox();
+    let mut answers = match client.subscribe(inbox.clone()).await {
+        Ok(sub) => sub,
+        Err(err) => {
+            tracing::warn!(error = %err, "relaying a request to the session's new worker");
+            return;
         }
     };
-    if let Err(err) = sent {
+    if let Err(err) = client
+        .publish_with_reply_and_headers(message.subject, inbox, headers, message.payload)
+        .await
+    {
         tracing::warn!(error = %err, "forwarding a request to the session's new worker");
+        return;
     }
+    let client = client.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(answer)) = tokio::time::timeout(RELAY_IDLE, answers.next()).await {
+            if answer.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                let err =
+                    WireError::no_capacity("the session's new worker is not serving it yet", 500);
+                let reply_msg = Reply::error(hearth_messages::Encoding::MsgPack, &err);
+                let _ = client
+                    .publish_with_headers(reply.clone(), reply_msg.headers, reply_msg.payload)
+                    .await;
+                break;
+            }
+            let last = answer
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(hearth_messages::data::CHUNK_HEADER))
+                .is_none();
+            let headers = answer.headers.unwrap_or_default();
+            if let Err(err) = client
+                .publish_with_headers(reply.clone(), headers, answer.payload)
+                .await
+            {
+                tracing::debug!(error = %err, "relaying an answer");
+                break;
+            }
+            if last {
+                break;
+            }
+        }
+        let _ = answers.unsubscribe().await;
+    });
 }

@@ -7,6 +7,11 @@
 //! the killed worker restarts on its old data directory (it still holds the paused VM): the
 //! scheduler destroys that copy, so the session runs once, on the worker it moved to.
 //! Skips with a printed reason where QEMU or the guest image is missing.
+//!
+//! And through NATS accounts (deploy/nats/single.conf, workers on the fake provider): an unplaced
+//! session's data plane is served by the scheduler under its role's permissions, a tenant's
+//! request is forwarded through the import to the session's new worker, and another tenant's is
+//! answered 404.
 
 #[path = "../../worker/tests/qemu_support/mod.rs"]
 mod qemu_support;
@@ -194,4 +199,66 @@ async fn scenario(stack: &mut Stack) {
     );
     let released = c.release(&sid).await.unwrap();
     assert_eq!(released.state, SessionState::Released);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_request_to_an_unplaced_session_goes_through_the_accounts_to_its_new_worker() {
+    let config = r#"
+worker_lost_grace_ms = 4000
+[[templates]]
+name = "default"
+min_ready = 1
+max_ready = 1
+pause_upload = true
+"#;
+    let mut stack = Stack::start_with_accounts_and_worker_args(
+        &["worker-1", "worker-2"],
+        config,
+        &["--provider", "fake"],
+    )
+    .await;
+    stack
+        .wait_pool("default", Duration::from_secs(30), |p| p.ready >= 1)
+        .await;
+    let c = stack.client.clone();
+    let s = c
+        .create_session(&CreateSessionRequest::default())
+        .await
+        .unwrap();
+    let sid = s.session_id.clone();
+    c.put_file(&sid, "notes.txt", b"tenant-a's".to_vec(), None)
+        .await
+        .unwrap();
+    let paused = c.pause(&sid).await.unwrap();
+    assert!(paused.pause_uploaded, "{paused:?}\n{}", stack.logs());
+    let victim = s.worker_id.to_string();
+    stack.worker(&victim).kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c.get_session(&sid).await.unwrap().unplaced {
+        assert!(
+            Instant::now() < deadline,
+            "never unplaced\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Another tenant: 404 from the scheduler, and nothing moves.
+    let b = HearthClient::new(connect_as(stack.nats.url(), "tenant-b").await);
+    let err = b.get_file(&sid, "notes.txt").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
+    assert!(c.get_session(&sid).await.unwrap().unplaced);
+    // The owner: moved, and answered by the new worker through the import.
+    let file = match c.get_file(&sid, "notes.txt").await {
+        Ok(file) => file,
+        Err(e) => panic!("{e}\n{}\n--- nats\n{}", stack.logs(), stack.nats.log()),
+    };
+    assert_eq!(file, b"tenant-a's");
+    let s = c.get_session(&sid).await.unwrap();
+    assert_eq!(s.state, SessionState::Running);
+    assert_ne!(s.worker_id.as_str(), victim);
+    assert!(
+        !stack.logs().contains("Permissions Violation"),
+        "{}",
+        stack.logs()
+    );
 }
