@@ -40,8 +40,8 @@ pub enum Scenario {
     /// guest image (`scripts/setup-qemu.sh`); not part of `all`.
     Microvm,
     /// Pause to disk and fork on real microVMs (qemu provider): pause and resume p50, host RAM of
-    /// a paused vs a stopped session, fork of 1/4/16 until every copy is ready. Needs a guest
-    /// image; not part of `all`.
+    /// a paused vs a stopped session, fork of 1/4/16 until every copy is ready, `pause_upload`'s
+    /// upload and resume-elsewhere p50. Needs a guest image; not part of `all`.
     Pause,
     /// Tenants: claim latency as a tenant through the account imports vs as the operator, and a
     /// tenant's p99 while another floods creates (429s).

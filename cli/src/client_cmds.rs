@@ -66,6 +66,11 @@ pub enum SessionCmd {
     Pause {
         /// Session id.
         session: String,
+        /// Also upload the paused state to the object store, so the session survives the loss of
+        /// its worker (`--upload true`), or not (`--upload false`); default: the template's
+        /// `pause_upload`.
+        #[arg(long)]
+        upload: Option<bool>,
     },
     /// Branch a live session into new sessions with their own identities.
     Fork {
@@ -167,7 +172,11 @@ pub async fn session(client: &HearthClient, cmd: SessionCmd) -> Result<()> {
             print_json(&client.keepalive(&sid(&session)?, ttl).await?)
         }
         SessionCmd::Release { session } => print_json(&client.release(&sid(&session)?).await?),
-        SessionCmd::Pause { session } => print_json(&client.pause(&sid(&session)?).await?),
+        SessionCmd::Pause { session, upload } => print_json(
+            &client
+                .pause_with(&sid(&session)?, &hearth_messages::PauseRequest { upload })
+                .await?,
+        ),
         SessionCmd::Fork {
             session,
             count,

@@ -300,6 +300,37 @@ pub struct Session {
     /// When it was last resumed from a pause (unix ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_ms: Option<u64>,
+    /// Its paused state is in the fleet's object store (`pause_upload`), complete and verified:
+    /// the session survives the loss of its worker (see `unplaced`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pause_uploaded: bool,
+    /// Bytes of the uploaded paused state (0 unless `pause_uploaded`); they count against the
+    /// tenant's `max_snapshot_bytes`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pause_upload_bytes: u64,
+    /// Paused, and its worker was lost: it runs nowhere (`worker_id` names the lost worker) and
+    /// the next exec, file transfer, process call or keepalive resumes it on another worker from
+    /// the uploaded state.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unplaced: bool,
+    /// Why the session is as it is, in words: a pause upload that failed or was refused, why a
+    /// session was lost, that it was moved to another worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// `sessions.<sid>.pause`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseRequest {
+    /// Upload the paused state to the fleet's object store, so the session survives the loss of
+    /// its worker (VM providers that pause to disk only; 400 elsewhere). Absent: the template's
+    /// `pause_upload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<bool>,
 }
 
 /// A template: a snapshot sessions are restored from.

@@ -216,11 +216,22 @@ impl HearthClient {
     /// Pauses a session to disk: its VM's whole state is kept and the next exec, file transfer or
     /// keepalive resumes it. 409 while a command or file transfer runs in it.
     pub async fn pause(&self, session_id: &SessionId) -> Result<Session, ClientError> {
-        // Saving a VM's memory takes longer than a control request.
+        self.pause_with(session_id, &crate::PauseRequest::default())
+            .await
+    }
+
+    /// [`pause`](Self::pause) with a request: `upload` puts the paused state in the fleet's
+    /// object store (or keeps it off), whatever the template's `pause_upload` says.
+    pub async fn pause_with(
+        &self,
+        session_id: &SessionId,
+        request: &crate::PauseRequest,
+    ) -> Result<Session, ClientError> {
+        // Saving a VM's memory (and uploading it) takes longer than a control request.
         self.request(
             self.subjects.session(session_id, SessionOp::Pause),
-            &Empty {},
-            self.timeout * 6,
+            request,
+            self.timeout * 12,
         )
         .await
     }

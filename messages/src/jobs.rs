@@ -10,6 +10,16 @@ use serde::{Deserialize, Serialize};
 use crate::events::TerminationReason;
 use crate::ids::{JobId, SnapshotId, TemplateName, TenantId, VmId};
 
+/// The object-store names of uploaded paused state start with this (`paused/<tenant>/<sid>`,
+/// `-` for the operator's sessions); a snapshot id cannot contain `/`, so they never collide.
+pub const PAUSED_OBJECT_PREFIX: &str = "paused/";
+
+/// The object-store name of a session's uploaded paused state.
+pub fn paused_object_key(tenant: Option<&TenantId>, vm_id: &VmId) -> String {
+    let tenant = tenant.map_or("-", TenantId::as_str);
+    format!("{PAUSED_OBJECT_PREFIX}{tenant}/{vm_id}")
+}
+
 /// A lifecycle job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRequest {
@@ -69,6 +79,26 @@ pub enum JobOp {
     PauseVm {
         /// The VM.
         vm_id: VmId,
+    },
+    /// Upload a paused VM's state (`pause_upload`) to the fleet's object store as `key` (which
+    /// must start with [`PAUSED_OBJECT_PREFIX`]), chunked and checksummed; replies `uploaded`
+    /// once the object is complete. 400 if the VM is not paused to disk or the provider cannot
+    /// export a paused VM (the process provider keeps a paused session in memory).
+    UploadPausedVm {
+        /// The VM.
+        vm_id: VmId,
+        /// The object's name.
+        key: String,
+    },
+    /// Bring a paused VM whose worker was lost back on this worker from the object `key`: the
+    /// state is downloaded, its checksums verified, the same machine restored (not a new
+    /// identity) and resumed, and its session's data plane served. 400 if the object is missing,
+    /// corrupt or does not fit this worker (nothing of the VM is left here then).
+    RestorePausedVm {
+        /// The VM (the session id).
+        vm_id: VmId,
+        /// The object's name.
+        key: String,
     },
     /// Capture a VM as a snapshot.
     SnapshotVm {
@@ -171,6 +201,8 @@ impl JobOp {
         "start_vm",
         "stop_vm",
         "pause_vm",
+        "upload_paused_vm",
+        "restore_paused_vm",
         "snapshot_vm",
         "destroy_vm",
         "rename_vm",
@@ -189,6 +221,8 @@ impl JobOp {
             JobOp::StartVm { .. } => "start_vm",
             JobOp::StopVm { .. } => "stop_vm",
             JobOp::PauseVm { .. } => "pause_vm",
+            JobOp::UploadPausedVm { .. } => "upload_paused_vm",
+            JobOp::RestorePausedVm { .. } => "restore_paused_vm",
             JobOp::SnapshotVm { .. } => "snapshot_vm",
             JobOp::DestroyVm { .. } => "destroy_vm",
             JobOp::RenameVm { .. } => "rename_vm",
@@ -212,6 +246,8 @@ impl JobOp {
             | JobOp::StartVm { vm_id }
             | JobOp::StopVm { vm_id }
             | JobOp::PauseVm { vm_id }
+            | JobOp::UploadPausedVm { vm_id, .. }
+            | JobOp::RestorePausedVm { vm_id, .. }
             | JobOp::SnapshotVm { vm_id, .. }
             | JobOp::DestroyVm { vm_id, .. }
             | JobOp::RenameVm { vm_id, .. }
@@ -401,6 +437,11 @@ pub enum JobOutput {
     },
     /// Done, nothing to report (destroy, delete_snapshot, backup).
     Done {},
+    /// A paused VM's state uploaded (upload_paused_vm).
+    Uploaded {
+        /// The object's size.
+        bytes: u64,
+    },
     /// Snapshots on the worker, sorted by id (list_snapshots).
     Snapshots {
         /// The snapshots.

@@ -35,9 +35,9 @@ pub mod transport;
 pub use api::{
     CreateSessionRequest, DeleteTemplateRequest, Empty, ForkFailure, ForkSessionReply,
     ForkSessionRequest, InventoryView, KeepaliveRequest, Labels, ListSessionsRequest,
-    MAX_FORK_COUNT, MaintenanceReport, PoolStatus, PoolsStatus, Quota, QuotasStatus, Session,
-    SessionList, SessionState, SetQuotaRequest, SnapshotSessionRequest, Template, TemplateList,
-    TenantUsage, WorkerView, WorkersStatus,
+    MAX_FORK_COUNT, MaintenanceReport, PauseRequest, PoolStatus, PoolsStatus, Quota, QuotasStatus,
+    Session, SessionList, SessionState, SetQuotaRequest, SnapshotSessionRequest, Template,
+    TemplateList, TenantUsage, WorkerView, WorkersStatus,
 };
 pub use blob::Blob;
 pub use codec::Encoding;
@@ -51,8 +51,8 @@ pub use events::{
 };
 pub use ids::{IdError, JobId, SessionId, SnapshotId, TemplateName, TenantId, VmId, WorkerId};
 pub use jobs::{
-    JobOp, JobOutput, JobReply, JobRequest, MAX_INVENTORY_PAGE, SnapshotInfo, VmInfo, VmSpec,
-    VmState,
+    JobOp, JobOutput, JobReply, JobRequest, MAX_INVENTORY_PAGE, PAUSED_OBJECT_PREFIX, SnapshotInfo,
+    VmInfo, VmSpec, VmState, paused_object_key,
 };
 pub use subjects::{Bucket, SessionOp, Subjects};
 pub use tenant::Caller;

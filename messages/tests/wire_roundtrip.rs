@@ -39,6 +39,10 @@ fn session() -> Session {
         tenant: Some(id("tenant-a")),
         paused_ms: Some(1_700_000_000_002),
         resumed_ms: Some(1_700_000_000_003),
+        pause_uploaded: true,
+        pause_upload_bytes: 94_000_000,
+        unplaced: true,
+        detail: Some("worker w1 lost".into()),
     }
 }
 

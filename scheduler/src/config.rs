@@ -70,6 +70,12 @@ pub struct TemplateConfig {
     /// `[sessions] prune_after_s`.
     #[serde(default)]
     pub paused_retention_s: Option<u64>,
+    /// Upload a paused session's state to the fleet's object store (chunked, checksummed), so
+    /// the session survives the loss of its worker: resumed on another worker on its next
+    /// touch. VM providers that pause to disk only (qemu); the process provider keeps a paused
+    /// session in memory, so there it is not uploaded (the session's `detail` says so).
+    #[serde(default)]
+    pub pause_upload: bool,
 }
 
 /// What the idle timeout does (`idle_action`).
@@ -91,6 +97,10 @@ pub enum TtlAction {
 
 /// Providers whose workers pause to disk: `idle_action` defaults to `pause` on them.
 pub const PAUSING_PROVIDERS: &[&str] = &["qemu"];
+
+/// Providers whose paused VMs can be uploaded (`pause_upload`) and restored on another worker:
+/// those that pause to disk, and the fake (its in-memory VM is a document; scheduler tests).
+pub const UPLOADING_PROVIDERS: &[&str] = &["qemu", "fake"];
 
 fn default_min_ready() -> u32 {
     2
@@ -130,6 +140,7 @@ impl TemplateConfig {
             idle_action: None,
             ttl_action: TtlAction::Release,
             paused_retention_s: None,
+            pause_upload: false,
         }
     }
 

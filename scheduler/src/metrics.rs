@@ -65,6 +65,19 @@ pub const TENANT_POOL_VMS: &str = "hearth_tenant_pool_vms";
 /// (`ok`, `partial`, `failed`).
 pub const FORK_DURATION_SECONDS: &str = "hearth_fork_duration_seconds";
 
+/// Paused-state uploads (`pause_upload`) by `result` (`ok`, `failed`, `over_quota`,
+/// `unsupported`).
+pub const PAUSE_UPLOADS_TOTAL: &str = "hearth_pause_uploads_total";
+/// Duration of a successful paused-state upload (the worker's export and the object store put).
+pub const PAUSE_UPLOAD_DURATION_SECONDS: &str = "hearth_pause_upload_duration_seconds";
+/// Bytes of paused state uploaded.
+pub const PAUSE_UPLOAD_BYTES_TOTAL: &str = "hearth_pause_upload_bytes_total";
+/// Paused sessions of lost workers resumed elsewhere, by `result` (`ok`, `lost`: the state
+/// could not be restored, `retry`: no worker could take it now).
+pub const PAUSE_MOVES_TOTAL: &str = "hearth_pause_moves_total";
+/// Duration of a successful resume on another worker (download, verify, restore, resume).
+pub const PAUSE_MOVE_DURATION_SECONDS: &str = "hearth_pause_move_duration_seconds";
+
 /// The quota names of [`TENANT_QUOTA_REJECTIONS_TOTAL`].
 pub const QUOTAS: &[&str] = &[
     "sessions",
@@ -103,6 +116,11 @@ pub const ALL: &[&str] = &[
     TENANT_SNAPSHOT_BYTES,
     TENANT_POOL_VMS,
     FORK_DURATION_SECONDS,
+    PAUSE_UPLOADS_TOTAL,
+    PAUSE_UPLOAD_DURATION_SECONDS,
+    PAUSE_UPLOAD_BYTES_TOTAL,
+    PAUSE_MOVES_TOTAL,
+    PAUSE_MOVE_DURATION_SECONDS,
 ];
 
 /// Buckets of the claim latency histogram: a warm claim is about a millisecond, a cold one
@@ -198,6 +216,34 @@ pub fn describe() {
         "Bytes of a tenant's template snapshots"
     );
     describe_gauge!(TENANT_POOL_VMS, "Warm pooled VMs of a tenant's templates");
+    describe_counter!(
+        PAUSE_UPLOADS_TOTAL,
+        "Paused-state uploads (pause_upload) by result"
+    );
+    describe_histogram!(
+        PAUSE_UPLOAD_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of a successful paused-state upload"
+    );
+    describe_counter!(PAUSE_UPLOAD_BYTES_TOTAL, "Bytes of paused state uploaded");
+    describe_counter!(
+        PAUSE_MOVES_TOTAL,
+        "Paused sessions of lost workers resumed on another worker, by result"
+    );
+    describe_histogram!(
+        PAUSE_MOVE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of a successful resume of a paused session on another worker"
+    );
+    for result in ["ok", "failed", "over_quota", "unsupported"] {
+        metrics::counter!(PAUSE_UPLOADS_TOTAL, "result" => result).increment(0);
+    }
+    for result in ["ok", "lost", "retry"] {
+        metrics::counter!(PAUSE_MOVES_TOTAL, "result" => result).increment(0);
+    }
+    metrics::counter!(PAUSE_UPLOAD_BYTES_TOTAL).increment(0);
+    let _ = metrics::histogram!(PAUSE_UPLOAD_DURATION_SECONDS);
+    let _ = metrics::histogram!(PAUSE_MOVE_DURATION_SECONDS);
 }
 
 /// Exports the per-tenant series for every label value that can occur (the configured tenants,
@@ -254,6 +300,14 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
             RESTORE_BUCKETS,
         )?
         .set_buckets_for_metric(Matcher::Full(FORK_DURATION_SECONDS.into()), RESTORE_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(PAUSE_UPLOAD_DURATION_SECONDS.into()),
+            RESTORE_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(PAUSE_MOVE_DURATION_SECONDS.into()),
+            RESTORE_BUCKETS,
+        )?
         // Anything else timed (e.g. the NATS client's) gets the claim buckets.
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), CLAIM_BUCKETS)
 }

@@ -98,6 +98,12 @@ pub async fn serve(
     );
 
     let tracker = TaskTracker::new();
+    tracker.spawn(serve_unplaced(
+        scheduler.clone(),
+        client.clone(),
+        subjects.clone(),
+        stop.clone(),
+    ));
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -347,9 +353,9 @@ async fn dispatch(
                     Reply::from_result(enc, &result)
                 }
                 SessionOp::Pause => {
-                    let (enc, req) = decode_message::<Empty>(message);
+                    let (enc, req) = decode_message::<hearth_messages::PauseRequest>(message);
                     let result = match req {
-                        Ok(_) => s.pause(&sid).await,
+                        Ok(req) => s.pause(&sid, req).await,
                         Err(e) => Err(e),
                     };
                     record_session(&result);
@@ -429,8 +435,12 @@ impl ScopedScheduler<'_> {
         self.s.release_as(self.caller, sid).await
     }
 
-    async fn pause(&self, sid: &hearth_messages::SessionId) -> Result<Session, WireError> {
-        self.s.pause_as(self.caller, sid).await
+    async fn pause(
+        &self,
+        sid: &hearth_messages::SessionId,
+        req: hearth_messages::PauseRequest,
+    ) -> Result<Session, WireError> {
+        self.s.pause_with(self.caller, sid, req).await
     }
 
     async fn fork(
@@ -472,4 +482,186 @@ impl ScopedScheduler<'_> {
     async fn set_quota(&self, req: SetQuotaRequest) -> Result<QuotasStatus, WireError> {
         self.s.set_quota(self.caller, req).await
     }
+}
+
+/// Serves the data plane of unplaced sessions (paused, their worker lost, their state uploaded):
+/// no worker subscribes their subjects, so the scheduler does, for as long as they are
+/// unplaced. A request resumes the session on another worker, then goes there unchanged (same
+/// subject, headers and body) and the worker's answers are relayed back ([`forward`]).
+async fn serve_unplaced(
+    scheduler: Scheduler,
+    client: async_nats::Client,
+    subjects: Subjects,
+    stop: CancellationToken,
+) {
+    let mut changes = scheduler.unplaced_changes();
+    let mut served: std::collections::HashMap<hearth_messages::SessionId, CancellationToken> =
+        std::collections::HashMap::new();
+    loop {
+        let wanted: std::collections::HashSet<_> =
+            scheduler.unplaced_sessions().into_iter().collect();
+        served.retain(|sid, cancel| {
+            let keep = wanted.contains(sid) && !cancel.is_cancelled();
+            if !keep {
+                cancel.cancel();
+            }
+            keep
+        });
+        for sid in wanted {
+            if served.contains_key(&sid) {
+                continue;
+            }
+            let cancel = stop.child_token();
+            served.insert(sid.clone(), cancel.clone());
+            tokio::spawn(serve_unplaced_session(
+                scheduler.clone(),
+                client.clone(),
+                subjects.clone(),
+                sid,
+                cancel,
+            ));
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+            // Level-triggered as well: a subscription that failed is tried again.
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// One unplaced session's data-plane subjects, until it is placed, ends or `cancel`.
+async fn serve_unplaced_session(
+    scheduler: Scheduler,
+    client: async_nats::Client,
+    subjects: Subjects,
+    sid: hearth_messages::SessionId,
+    cancel: CancellationToken,
+) {
+    let mut subs = Vec::with_capacity(SessionOp::DATA.len());
+    for op in SessionOp::DATA {
+        match client.subscribe(subjects.session(&sid, op)).await {
+            Ok(sub) => subs.push(sub),
+            Err(err) => {
+                tracing::warn!(session_id = %sid, error = %err, "subscribing an unplaced session's data plane");
+                cancel.cancel();
+                return;
+            }
+        }
+    }
+    tracing::info!(session_id = %sid, "serving the data plane of an unplaced session");
+    loop {
+        let message = {
+            let mut all = futures::stream::select_all(subs.iter_mut());
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                next = all.next() => match next {
+                    Some(message) => message,
+                    None => break,
+                },
+            }
+        };
+        let caller = Caller::from_headers(message.headers.as_ref());
+        let placed = match caller {
+            Ok(caller) => scheduler.place_as(&caller, &sid).await,
+            Err(err) => Err(err),
+        };
+        match placed {
+            Ok(session) if !session.unplaced => {
+                // Placed: stop listening, then hand this request and any already delivered
+                // here to the worker now serving the session.
+                for sub in &mut subs {
+                    let _ = sub.unsubscribe().await;
+                }
+                forward(&client, message).await;
+                for sub in &mut subs {
+                    while let Ok(Some(queued)) =
+                        tokio::time::timeout(Duration::from_millis(200), sub.next()).await
+                    {
+                        forward(&client, queued).await;
+                    }
+                }
+                cancel.cancel();
+                return;
+            }
+            Ok(_) => {}
+            Err(err) => {
+                if let Some(reply) = message.reply.clone() {
+                    let enc = hearth_messages::transport::encoding_of(message.headers.as_ref());
+                    let reply_msg = Reply::error(enc, &err);
+                    let _ = client
+                        .publish_with_headers(reply, reply_msg.headers, reply_msg.payload)
+                        .await;
+                }
+            }
+        }
+    }
+    cancel.cancel();
+}
+
+/// How long a relayed request may go without a message from the worker before the relay gives
+/// up (a command's output can pause for as long as it runs).
+const RELAY_IDLE: Duration = Duration::from_secs(600);
+
+/// Hands a data-plane request to the worker now serving its session: the same subject, headers
+/// (the tenant stamp included) and body, and the worker's answers — every streamed chunk, then
+/// the final message — relayed to the requester. (Relayed rather than re-published with the
+/// requester's reply subject: NATS reserves a tenant's `_R_.` reply subjects to the server.)
+async fn forward(client: &async_nats::Client, message: async_nats::Message) {
+    let headers = message.headers.unwrap_or_default();
+    let Some(reply) = message.reply else {
+        if let Err(err) = client
+            .publish_with_headers(message.subject, headers, message.payload)
+            .await
+        {
+            tracing::warn!(error = %err, "forwarding a request to the session's new worker");
+        }
+        return;
+    };
+    let inbox = client.new_inbox();
+    let mut answers = match client.subscribe(inbox.clone()).await {
+        Ok(sub) => sub,
+        Err(err) => {
+            tracing::warn!(error = %err, "relaying a request to the session's new worker");
+            return;
+        }
+    };
+    if let Err(err) = client
+        .publish_with_reply_and_headers(message.subject, inbox, headers, message.payload)
+        .await
+    {
+        tracing::warn!(error = %err, "forwarding a request to the session's new worker");
+        return;
+    }
+    let client = client.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(answer)) = tokio::time::timeout(RELAY_IDLE, answers.next()).await {
+            if answer.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                let err =
+                    WireError::no_capacity("the session's new worker is not serving it yet", 500);
+                let reply_msg = Reply::error(hearth_messages::Encoding::MsgPack, &err);
+                let _ = client
+                    .publish_with_headers(reply.clone(), reply_msg.headers, reply_msg.payload)
+                    .await;
+                break;
+            }
+            let last = answer
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(hearth_messages::data::CHUNK_HEADER))
+                .is_none();
+            let headers = answer.headers.unwrap_or_default();
+            if let Err(err) = client
+                .publish_with_headers(reply.clone(), headers, answer.payload)
+                .await
+            {
+                tracing::debug!(error = %err, "relaying an answer");
+                break;
+            }
+            if last {
+                break;
+            }
+        }
+        let _ = answers.unsubscribe().await;
+    });
 }

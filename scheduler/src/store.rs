@@ -135,6 +135,11 @@ pub struct SessionRecord {
     /// The `backup_after_s` backup was taken (or tried and refused): one per session.
     #[serde(default)]
     pub backed_up: bool,
+    /// An object may exist under the session's paused-state key (`pause_upload` was tried):
+    /// set before the upload starts, cleared once the object is deleted, so no upload (even one
+    /// whose reply was lost) outlives the session in the object store.
+    #[serde(default)]
+    pub pause_object: bool,
 }
 
 /// A ready pooled VM.

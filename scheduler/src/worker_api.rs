@@ -72,6 +72,14 @@ pub trait WorkerApi: Send + Sync + 'static {
         job: JobRequest,
         timeout: Duration,
     ) -> Result<JobOutput, JobError>;
+
+    /// Removes the object `key` (an uploaded paused state) from the fleet's object store; a
+    /// missing object or store is success. Needs no worker: the worker that uploaded it may be
+    /// gone. The default (fleets without a store) has nothing to remove.
+    async fn delete_object(&self, key: &str) -> Result<(), WireError> {
+        let _ = key;
+        Ok(())
+    }
 }
 
 /// A fresh job id.
@@ -156,6 +164,29 @@ impl WorkerApi for NatsWorkerApi {
         tokio::select! {
             _ = self.deposed.cancelled() => Err(JobError::Deposed),
             result = self.send_job(worker, job, timeout).instrument(span) => result,
+        }
+    }
+
+    async fn delete_object(&self, key: &str) -> Result<(), WireError> {
+        use async_nats::jetstream::object_store::DeleteErrorKind;
+        if self.deposed.is_cancelled() {
+            return Err(WireError::no_capacity(
+                "this scheduler is no longer the leader",
+                1000,
+            ));
+        }
+        let js = async_nats::jetstream::new(self.client.clone());
+        let bucket = self.subjects.bucket(hearth_messages::Bucket::Snapshots);
+        let Ok(store) = js.get_object_store(&bucket).await else {
+            // No store yet: no worker ever uploaded anything.
+            return Ok(());
+        };
+        match store.delete(key).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == DeleteErrorKind::NotFound => Ok(()),
+            Err(e) => Err(WireError::internal(format!(
+                "removing {key} from the object store: {e}"
+            ))),
         }
     }
 }

@@ -1175,6 +1175,10 @@ async fn a_conflict_with_a_record_naming_another_vm_returns_it_and_destroys_only
             tenant: None,
             paused_ms: None,
             resumed_ms: None,
+            pause_uploaded: false,
+            pause_upload_bytes: 0,
+            unplaced: false,
+            detail: None,
         },
         ttl_s: 3600,
         idle_timeout_s: None,
@@ -1182,6 +1186,7 @@ async fn a_conflict_with_a_record_naming_another_vm_returns_it_and_destroys_only
         ttl_paused_ms: None,
         stop_activity_ms: None,
         backed_up: false,
+        pause_object: false,
         reason: None,
         ended_ms: None,
     };

@@ -18,7 +18,8 @@ mod worker;
 
 pub use config::{ConfigError, ProviderKind, WorkerArgs, WorkerConfig};
 pub use worker::{
-    JobHost, JobRunner, MemoryHost, MemoryStore, SERVICE_NAME, Worker, WorkerError, run, wire_error,
+    JobHost, JobRunner, MemoryHost, MemoryObjects, MemoryStore, SERVICE_NAME, Worker, WorkerError,
+    run, wire_error,
 };
 
 use std::sync::Arc;

@@ -49,6 +49,13 @@ pub const FOREIGN_REQUESTS_TOTAL: &str = "hearth_worker_foreign_requests_total";
 pub const PAUSE_DURATION: &str = "hearth_worker_pause_duration_seconds";
 /// Time to resume a paused VM (loading its state, clock pushed), by `result`.
 pub const RESUME_DURATION: &str = "hearth_worker_resume_duration_seconds";
+/// Time to upload a paused VM's state to the object store (`pause_upload`), by `result`.
+pub const PAUSE_UPLOAD_DURATION: &str = "hearth_worker_pause_upload_duration_seconds";
+/// Bytes of paused VM state uploaded to the object store.
+pub const PAUSE_UPLOAD_BYTES_TOTAL: &str = "hearth_worker_pause_upload_bytes_total";
+/// Time to bring a paused VM of a lost worker back here (download, verify, restore, resume),
+/// by `result`.
+pub const PAUSE_RESTORE_DURATION: &str = "hearth_worker_pause_restore_duration_seconds";
 /// Bytes of paused VM state held on this worker's disk.
 pub const PAUSED_BYTES: &str = "hearth_worker_paused_bytes";
 /// Free bytes on the file system of the worker's data directory (where paused state goes).
@@ -85,6 +92,9 @@ pub const ALL: &[&str] = &[
     RESUME_DURATION,
     PAUSED_BYTES,
     DATA_DISK_FREE_BYTES,
+    PAUSE_UPLOAD_DURATION,
+    PAUSE_UPLOAD_BYTES_TOTAL,
+    PAUSE_RESTORE_DURATION,
 ];
 
 const FAST: &[f64] = &[
@@ -106,6 +116,8 @@ pub fn configure(mut builder: PrometheusBuilder) -> Result<PrometheusBuilder, Bu
         (RESTORE_DURATION, SLOW),
         (PAUSE_DURATION, SLOW),
         (RESUME_DURATION, SLOW),
+        (PAUSE_UPLOAD_DURATION, SLOW),
+        (PAUSE_RESTORE_DURATION, SLOW),
     ] {
         builder = builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)?;
     }
@@ -167,6 +179,20 @@ pub fn describe() {
         RESUME_DURATION,
         metrics::Unit::Seconds,
         "Time to resume a paused VM, by result"
+    );
+    describe_histogram!(
+        PAUSE_UPLOAD_DURATION,
+        metrics::Unit::Seconds,
+        "Time to upload a paused VM's state to the object store (pause_upload), by result"
+    );
+    describe_counter!(
+        PAUSE_UPLOAD_BYTES_TOTAL,
+        "Bytes of paused VM state uploaded to the object store"
+    );
+    describe_histogram!(
+        PAUSE_RESTORE_DURATION,
+        metrics::Unit::Seconds,
+        "Time to bring a paused VM of a lost worker back here from the object store, by result"
     );
     describe_gauge!(
         PAUSED_BYTES,
@@ -230,6 +256,7 @@ fn register_known_series() {
         SNAPSHOT_BYTES_TOTAL,
         SNAPSHOT_FETCH_BYTES_TOTAL,
         HEARTBEATS_TOTAL,
+        PAUSE_UPLOAD_BYTES_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -241,7 +268,12 @@ fn register_known_series() {
     ] {
         let _ = metrics::histogram!(name);
     }
-    for name in [PAUSE_DURATION, RESUME_DURATION] {
+    for name in [
+        PAUSE_DURATION,
+        RESUME_DURATION,
+        PAUSE_UPLOAD_DURATION,
+        PAUSE_RESTORE_DURATION,
+    ] {
         let _ = metrics::histogram!(name, "result" => "ok");
     }
 }

@@ -170,3 +170,81 @@ async fn a_paused_session_survives_a_worker_restart_and_resumes_on_exec() {
     assert_eq!(out.stdout.as_bytes(), b"still here");
     assert_eq!(vm_state(&nats, "kept").await, VmState::Running);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_state_jobs_refuse_foreign_keys_and_a_provider_that_pauses_in_memory() {
+    let server = NatsServer::start().unwrap();
+    let nats = server.connect().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _worker = start_worker(&nats, dir.path()).await;
+    job(
+        &nats,
+        JobOp::CreateVm {
+            vm_id: id("p1"),
+            session: true,
+        },
+    )
+    .await
+    .unwrap();
+    job(&nats, JobOp::PauseVm { vm_id: id("p1") })
+        .await
+        .unwrap();
+
+    // A key that is not this VM's paused state: a template snapshot's name, another VM's, a
+    // path trick, a bad tenant. Refused before anything is read or written.
+    for key in [
+        "snap-1",
+        "paused/-/other",
+        "paused/-/p1/../snap-1",
+        "paused/a.b/p1",
+        "paused/p1",
+        "",
+    ] {
+        for op in [
+            JobOp::UploadPausedVm {
+                vm_id: id("p1"),
+                key: key.into(),
+            },
+            JobOp::RestorePausedVm {
+                vm_id: id("p2"),
+                key: key.into(),
+            },
+        ] {
+            let err = job(&nats, op).await.unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest, "{key:?}: {err}");
+        }
+    }
+    // The process provider keeps a paused sandbox in memory: nothing to upload (400), and the
+    // VM stays paused and resumable here.
+    let err = job(
+        &nats,
+        JobOp::UploadPausedVm {
+            vm_id: id("p1"),
+            key: "paused/-/p1".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadRequest, "{err}");
+    assert!(err.message.contains("in memory"), "{err}");
+    assert_eq!(vm_state(&nats, "p1").await, VmState::Paused);
+    // A restore of an object that is not in the store: 400, no VM made.
+    let err = job(
+        &nats,
+        JobOp::RestorePausedVm {
+            vm_id: id("p2"),
+            key: "paused/-/p2".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadRequest, "{err}");
+    let err = job(&nats, JobOp::GetVm { vm_id: id("p2") })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound, "{err}");
+    job(&nats, JobOp::StartVm { vm_id: id("p1") })
+        .await
+        .unwrap();
+    assert_eq!(vm_state(&nats, "p1").await, VmState::Running);
+}

@@ -7,7 +7,10 @@
 //!   paused one (no process: the total RSS of every QEMU drops by its share), and the state bytes
 //!   a pause writes;
 //! - `sessions.<sid>.fork` of 1, 4 and 16 copies: time until the reply, i.e. every copy restored,
-//!   health-checked and recorded.
+//!   health-checked and recorded;
+//! - `pause_upload`: the paused state's upload to the object store (`upload_paused_vm`) and its
+//!   restore from there as a worker taking over a lost worker's session does
+//!   (`restore_paused_vm`), p50, against the local resume.
 
 use std::time::{Duration, Instant};
 
@@ -167,6 +170,53 @@ pub(super) async fn run(args: &BenchArgs, url: Option<&str>) -> Result<Report> {
 
     let mut stack = stack;
     stack.scheduler.kill();
+
+    // pause_upload, timed at the worker with the scheduler gone (nothing reconciles meanwhile):
+    // the paused session's state uploaded to the object store, then its VM destroyed and
+    // brought back from the object as a worker taking over a lost worker's session does
+    // (download, checksums, import, resume, data plane served). One worker here: the restore
+    // runs where the VM was, which is the same work as on another worker.
+    let key = hearth_messages::paused_object_key(None, &vm(paused_sid));
+    let (mut upload, mut elsewhere, mut upload_bytes) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..cycles {
+        let (t, out) = timed_job(
+            &client,
+            JobOp::UploadPausedVm {
+                vm_id: vm(paused_sid),
+                key: key.clone(),
+            },
+        )
+        .await?;
+        if let JobOutput::Uploaded { bytes } = out {
+            upload_bytes = bytes;
+        }
+        upload.push(t.as_secs_f64());
+        timed_job(
+            &client,
+            JobOp::DestroyVm {
+                vm_id: vm(paused_sid),
+                backup: false,
+                reason: None,
+            },
+        )
+        .await?;
+        let (t, _) = timed_job(
+            &client,
+            JobOp::RestorePausedVm {
+                vm_id: vm(paused_sid),
+                key: key.clone(),
+            },
+        )
+        .await?;
+        elsewhere.push(t.as_secs_f64());
+        timed_job(
+            &client,
+            JobOp::PauseVm {
+                vm_id: vm(paused_sid),
+            },
+        )
+        .await?;
+    }
     destroy_every_vm(&client).await;
 
     let mut r = Report::new("pause");
@@ -215,6 +265,21 @@ pub(super) async fn run(args: &BenchArgs, url: Option<&str>) -> Result<Report> {
             Some(format!("{state_mib:.1} MiB on the worker's disk")),
         );
     }
+    let (upload_s, elsewhere_s) = (median(upload), median(elsewhere));
+    r.seconds(
+        "pause_upload_p50_s",
+        upload_s,
+        &format!(
+            "upload_paused_vm job: state compressed and put in the object store ({:.1} MiB)",
+            upload_bytes as f64 / 1048576.0
+        ),
+    );
+    r.seconds(
+        "resume_elsewhere_p50_s",
+        elsewhere_s,
+        "restore_paused_vm job: download, verify, import, resume",
+    );
+    r.ratio("resume_elsewhere_to_resume", elsewhere_s, resume_s);
     for (count, took) in &fork_times {
         r.seconds(
             &format!("fork_{count}_s"),

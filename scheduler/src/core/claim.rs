@@ -686,6 +686,10 @@ impl Core {
                 tenant: caller.tenant().cloned(),
                 paused_ms: None,
                 resumed_ms: None,
+                pause_uploaded: false,
+                pause_upload_bytes: 0,
+                unplaced: false,
+                detail: None,
             },
             ttl_s,
             idle_timeout_s,
@@ -695,6 +699,7 @@ impl Core {
             reason: None,
             ended_ms: None,
             backed_up: false,
+            pause_object: false,
         }
     }
 

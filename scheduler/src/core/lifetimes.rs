@@ -126,7 +126,8 @@ impl Core {
                     continue;
                 }
                 let r = &d.rec;
-                if d.is_live() && lost_workers.contains(&r.session.worker_id) {
+                if d.is_live() && !r.session.unplaced && lost_workers.contains(&r.session.worker_id)
+                {
                     // Level-triggered: a session on a lost worker is lost, even if ending it
                     // failed when the worker was first declared lost.
                     drop(d);
@@ -265,6 +266,17 @@ impl Core {
         if session.state.is_terminal() {
             return Ok(session);
         }
+        match end {
+            // An unplaced session lives in the object store, not on a worker: its old worker's
+            // fate is not its own.
+            End::WorkerLost | End::VmGone(_) if session.unplaced => return Ok(session),
+            End::WorkerLost => {
+                if let Some(kept) = self.worker_lost_locked(slot).await? {
+                    return Ok(kept);
+                }
+            }
+            _ => {}
+        }
         let (state, reason, destroy, backup) = match end {
             End::Release => (
                 SessionState::Released,
@@ -341,6 +353,9 @@ impl Core {
         metrics::counter!(m::SESSION_TERMINATIONS_TOTAL, "reason" => reason.as_str()).increment(1);
         tracing::info!(session_id = %session.session_id, state = ?state, reason = reason.as_str(), "session ended");
         self.publish(&session, Some(reason));
+        if self.delete_pause_object(slot).await {
+            return Ok(slot.view());
+        }
         Ok(session)
     }
 
@@ -436,7 +451,7 @@ impl Core {
         Ok(())
     }
 
-    async fn resume_locked(
+    pub(crate) async fn resume_locked(
         self: &Arc<Self>,
         slot: &SessionSlot,
         _guard: &OwnedMutexGuard<()>,
@@ -461,6 +476,8 @@ impl Core {
                 if was == SessionState::Paused {
                     r.session.paused_ms = None;
                     r.session.resumed_ms = Some(now);
+                    r.session.pause_uploaded = false;
+                    r.session.pause_upload_bytes = 0;
                 }
                 r.session.state = SessionState::Running;
                 r.session.last_used_ms = now;
@@ -477,16 +494,33 @@ impl Core {
         }
         tracing::info!(session_id = %session.session_id, from = state_name(was), "session resumed");
         self.publish(&session, None);
+        // Running again: an uploaded paused state is stale.
+        self.delete_pause_object(slot).await;
         Ok(())
     }
 
     /// `sessions.<sid>.pause`.
-    pub(crate) async fn pause(self: &Arc<Self>, sid: &SessionId) -> Result<Session, WireError> {
+    /// `upload`: the request's, else the template's `pause_upload`.
+    pub(crate) async fn pause(
+        self: &Arc<Self>,
+        sid: &SessionId,
+        upload: Option<bool>,
+    ) -> Result<Session, WireError> {
         let slot = self.slot(sid).ok_or_else(|| unknown_session(sid))?;
         let guard = slot.op.clone().lock_owned().await;
         let current = slot.view();
+        if upload == Some(true) && !current.unplaced && !self.pauses_to_disk(&current.worker_id) {
+            return Err(self.upload_unsupported(&current));
+        }
+        let upload = upload.unwrap_or_else(|| self.template_pause_upload(&current.template));
         match current.state {
-            SessionState::Paused => return Ok(current),
+            SessionState::Paused => {
+                // Paused already: an upload asked for now still happens.
+                if upload {
+                    self.upload_pause_locked(&slot, &guard).await?;
+                }
+                return Ok(slot.view());
+            }
             SessionState::Running | SessionState::Stopped => {}
             state => {
                 return Err(WireError::conflict(format!(
@@ -495,7 +529,7 @@ impl Core {
                 )));
             }
         }
-        self.pause_locked(&slot, &guard).await?;
+        self.pause_locked(&slot, &guard, upload).await?;
         Ok(slot.view())
     }
 
@@ -505,6 +539,7 @@ impl Core {
         self: &Arc<Self>,
         slot: &SessionSlot,
         guard: &OwnedMutexGuard<()>,
+        upload: bool,
     ) -> Result<(), WireError> {
         let session = slot.view();
         if !self.state.lock().worker_live(&session.worker_id) {
@@ -529,7 +564,11 @@ impl Core {
         tracing::info!(session_id = %session.session_id, "session paused");
         self.mark_paused_locked(slot, guard, activity)
             .await
-            .map_err(store_error)
+            .map_err(store_error)?;
+        if upload {
+            self.upload_pause_locked(slot, guard).await?;
+        }
+        Ok(())
     }
 
     /// The idle timeout's or the TTL's pause; a worker whose provider cannot pause (400) gets the
@@ -547,7 +586,8 @@ impl Core {
         if !self.state.lock().worker_live(&session.worker_id) {
             return Ok(());
         }
-        match self.pause_locked(slot, guard).await {
+        let upload = self.template_pause_upload(&session.template);
+        match self.pause_locked(slot, guard, upload).await {
             Err(err) if err.code.as_u16() == 400 => {
                 tracing::warn!(session_id = %session.session_id, %err, "its worker cannot pause");
                 if ttl {
@@ -595,6 +635,10 @@ impl Core {
         guard: &OwnedMutexGuard<()>,
     ) -> Result<(), WireError> {
         let session = slot.view();
+        if session.unplaced {
+            // Its worker was lost: resumed on another from the uploaded state.
+            return self.place_locked(slot, guard).await;
+        }
         if !self.state.lock().worker_live(&session.worker_id) {
             return Err(WireError::no_capacity(
                 format!("the worker of session {} is not live", session.session_id),
@@ -628,6 +672,12 @@ impl Core {
                 d.rec.session.tenant.clone(),
             )
         };
+        if !self.delete_pause_object(slot).await {
+            // Kept until its object is gone: the record is what says one may exist.
+            return Err(StoreError::Unavailable(format!(
+                "session {sid}'s uploaded paused state is not removed yet"
+            )));
+        }
         self.store.delete_session(&sid).await?;
         let mut st = self.state.lock();
         if st.sessions.get(&sid).is_some_and(|s| Arc::ptr_eq(s, slot)) {

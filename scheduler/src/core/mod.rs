@@ -20,6 +20,7 @@ mod claim;
 mod fork;
 mod lifetimes;
 mod observe;
+mod paused;
 mod pool;
 pub(crate) mod state;
 mod tenants;
@@ -60,6 +61,9 @@ pub(crate) struct Core {
     templates_changed: watch::Sender<u64>,
     /// Bumped on every heartbeat (startup waits on it).
     heartbeats: watch::Sender<u64>,
+    /// Bumped when a session becomes or stops being unplaced (the service serves their data
+    /// plane).
+    unplaced_changed: watch::Sender<u64>,
     /// Serialises read-modify-write of template records (a build recording its snapshot, snapshot
     /// GC removing a retired one), so neither overwrites the other's change with a stale record.
     template_writes: tokio::sync::Mutex<()>,
@@ -213,6 +217,7 @@ impl Scheduler {
             pool_wake: Notify::new(),
             templates_changed: watch::Sender::new(0),
             heartbeats: watch::Sender::new(0),
+            unplaced_changed: watch::Sender::new(0),
             template_writes: tokio::sync::Mutex::new(()),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
@@ -409,8 +414,39 @@ impl Scheduler {
     /// `sessions.<sid>.pause`: saves the session's VM to its worker's disk (404 unless the caller
     /// owns it; 409 if it has ended or a command runs in it). Pausing a paused session returns it.
     pub async fn pause_as(&self, caller: &Caller, sid: &SessionId) -> Result<Session, WireError> {
+        self.pause_with(caller, sid, hearth_messages::PauseRequest::default())
+            .await
+    }
+
+    /// `sessions.<sid>.pause` with its request: `upload` overrides the template's
+    /// `pause_upload` (400 on a worker that keeps paused sessions in memory).
+    pub async fn pause_with(
+        &self,
+        caller: &Caller,
+        sid: &SessionId,
+        req: hearth_messages::PauseRequest,
+    ) -> Result<Session, WireError> {
         self.core.owned_slot(caller, sid)?;
-        self.core.pause(sid).await
+        self.core.pause(sid, req.upload).await
+    }
+
+    /// A data-plane request for an unplaced session (its worker lost, its paused state
+    /// uploaded): resumes it on another worker, after which the request can go there. 404
+    /// unless the caller owns it; 409 if its state could not be restored (it is `lost`); 503
+    /// when no worker can take it now.
+    pub async fn place_as(&self, caller: &Caller, sid: &SessionId) -> Result<Session, WireError> {
+        let slot = self.core.owned_slot(caller, sid)?;
+        self.core.touch_unplaced(slot, sid).await
+    }
+
+    /// The sessions whose data plane the scheduler serves (unplaced ones).
+    pub fn unplaced_sessions(&self) -> Vec<SessionId> {
+        self.core.unplaced_sessions()
+    }
+
+    /// Changes to [`Scheduler::unplaced_sessions`].
+    pub fn unplaced_changes(&self) -> watch::Receiver<u64> {
+        self.core.unplaced_changed.subscribe()
     }
 
     /// `sessions.<sid>.fork` as the operator.

@@ -6,7 +6,7 @@
 //! compared or destroyed) until `worker_lost_grace`; when it heartbeats again it is healthy, and
 //! its inventory drives reconcile again once it answered a fresh `list_vms`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use hearth_messages::{
@@ -145,7 +145,7 @@ impl Core {
         for (slot, vm) in slots {
             let action = {
                 let mut d = slot.data.lock();
-                if !d.is_live() || &d.rec.session.worker_id != worker {
+                if !d.is_live() || &d.rec.session.worker_id != worker || d.rec.session.unplaced {
                     continue;
                 }
                 d.missing_since = None;
@@ -398,14 +398,14 @@ impl Core {
         chunk: &[Arc<SessionSlot>],
         workers: &HashMap<WorkerId, (Arc<parking_lot::Mutex<Inventory>>, bool)>,
         actions: &mut Vec<(Arc<SessionSlot>, Action)>,
-        live_ids: &mut HashSet<VmId>,
+        live_ids: &mut HashMap<VmId, WorkerId>,
         now: Instant,
         now_ms: u64,
     ) {
         let grace = self.cfg.vm_missing_grace;
         for slot in chunk {
             let mut d = slot.data.lock();
-            if !d.is_live() {
+            if !d.is_live() || d.rec.session.unplaced {
                 continue;
             }
             let vm_id: VmId = d.rec.session.session_id.clone().into();
@@ -435,8 +435,8 @@ impl Core {
                     }
                 }
             }
+            live_ids.insert(vm_id, d.rec.session.worker_id.clone());
             drop(d);
-            live_ids.insert(vm_id);
         }
     }
 
@@ -496,7 +496,9 @@ impl Core {
         // the views' locks taken once, yielding between them: with 100,000 sessions the pass must
         // not hold the scheduler's thread away from claims and heartbeats.
         let mut actions: Vec<(Arc<SessionSlot>, Action)> = Vec::new();
-        let mut live_ids: HashSet<VmId> = HashSet::with_capacity(slots.len());
+        // A live session's VM is owned on its own worker only: a copy elsewhere (the paused VM
+        // of a worker that was lost and came back after the session moved on) is a leak.
+        let mut live_ids: HashMap<VmId, WorkerId> = HashMap::with_capacity(slots.len());
         for chunk in slots.chunks(RECONCILE_CHUNK) {
             self.reconcile_sessions(chunk, &workers, &mut actions, &mut live_ids, now, now_ms);
             if slots.len() > RECONCILE_CHUNK {
@@ -513,7 +515,7 @@ impl Core {
             }
             for vm in inv.vms.values() {
                 if vm.state != VmState::Destroyed
-                    && !live_ids.contains(&vm.vm_id)
+                    && live_ids.get(&vm.vm_id) != Some(id)
                     && inv.at_ms.saturating_sub(vm.created_ms) >= leak_grace
                 {
                     candidates.push((id.clone(), vm.vm_id.clone()));
@@ -528,10 +530,10 @@ impl Core {
                 .into_iter()
                 .filter(|key| {
                     // Never a VM that a live session names (claimed meanwhile, too).
-                    let live_session = st
-                        .sessions
-                        .get(&key.1.clone().into())
-                        .is_some_and(|slot| slot.data.lock().is_live());
+                    let live_session = st.sessions.get(&key.1.clone().into()).is_some_and(|slot| {
+                        let d = slot.data.lock();
+                        d.is_live() && !d.rec.session.unplaced && d.rec.session.worker_id == key.0
+                    });
                     let pool_owned = st.pools.values().any(|p| {
                         p.ready.contains(&key.1)
                             || p.restoring.get(&key.1).is_some_and(|r| r.worker == key.0)

@@ -249,6 +249,13 @@ impl Core {
                 usage.snapshot_bytes += t.snapshot_bytes;
             }
         }
+        // Uploaded paused sessions (`pause_upload`) hold object-store bytes too.
+        if let Some(slots) = st.tenant_sessions.get(tenant) {
+            usage.snapshot_bytes += slots
+                .iter()
+                .map(|s| s.data.lock().rec.session.pause_upload_bytes)
+                .sum::<u64>();
+        }
         usage
     }
 

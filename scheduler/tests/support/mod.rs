@@ -22,7 +22,7 @@ use hearth_scheduler::store::{MemKv, Store};
 use hearth_scheduler::worker_api::{EventSink, JobError, WorkerApi};
 use hearth_scheduler::{Scheduler, TemplateConfig};
 use hearth_worker::provider::{ExecSpec, FakeConfig, FakeProvider, VmProvider, VmQuery};
-use hearth_worker::{JobRunner, MemoryHost, MemoryStore, WorkerConfig};
+use hearth_worker::{JobRunner, MemoryHost, MemoryObjects, MemoryStore, WorkerConfig};
 use parking_lot::Mutex;
 
 pub fn wid(s: &str) -> WorkerId {
@@ -88,7 +88,9 @@ impl FleetWorker {
         worker_config.backup_dir = Some(fleet.backup_dir.path().to_path_buf());
         // The fleet's shared object store; VM events and data planes are not modelled (tests
         // call `on_vm_event` themselves).
-        let host = Arc::new(MemoryHost::with_store(fleet.objects.clone()));
+        let mut host = MemoryHost::with_store(fleet.objects.clone());
+        host.paused = fleet.paused.clone();
+        let host = Arc::new(host);
         let runner = JobRunner::new(worker_config, provider.clone(), host).unwrap();
         let now = fleet.clock.now_ms();
         Self {
@@ -247,6 +249,16 @@ impl FleetWorker {
                 );
             }
             JobOp::StartVm { vm_id } | JobOp::StopVm { vm_id } => self.touch(vm_id, now),
+            JobOp::RestorePausedVm { vm_id, .. } => {
+                self.meta.lock().insert(
+                    vm_id.clone(),
+                    Meta {
+                        created_ms: now,
+                        activity_ms: now,
+                        session: true,
+                    },
+                );
+            }
             JobOp::RenameVm {
                 vm_id,
                 new_vm_id,
@@ -297,6 +309,8 @@ pub struct Fleet {
     pub workers: Mutex<BTreeMap<WorkerId, Arc<FleetWorker>>>,
     /// The fleet's object store: published snapshots.
     pub objects: MemoryStore,
+    /// The same store's uploaded paused VMs, by object name.
+    pub paused: MemoryObjects,
     pub clock: Clock,
     backup_dir: tempfile::TempDir,
 }
@@ -306,6 +320,7 @@ impl Fleet {
         Arc::new(Self {
             workers: Mutex::new(BTreeMap::new()),
             objects: MemoryStore::default(),
+            paused: MemoryObjects::default(),
             clock: Clock::new(),
             backup_dir: tempfile::tempdir().unwrap(),
         })
@@ -405,6 +420,11 @@ impl WorkerApi for Fleet {
         w.done.lock().insert(job.job_id.clone(), result.clone());
         w.log.lock().push(job.op);
         result.map_err(JobError::Failed)
+    }
+
+    async fn delete_object(&self, key: &str) -> Result<(), WireError> {
+        self.paused.lock().remove(key);
+        Ok(())
     }
 }
 

@@ -30,3 +30,23 @@ def test_fork_copies_files_and_diverges(url: str) -> None:
                     assert copy.files.read("state.txt") == b"from the source"
                     copy.files.write("mine.txt", copy.id.encode())
             assert source.exec("test -e mine.txt || echo absent").stdout == b"absent\n"
+
+
+async def test_pause_upload_is_refused_where_a_pause_stays_in_memory(url: str) -> None:
+    # The process provider freezes a paused session in its worker's memory: there is no state
+    # another worker could resume, so asking for the upload is a BadRequest, and the session is
+    # left as it was.
+    from hearth_sandbox import BadRequest
+
+    async with await AsyncHearth.connect(url) as hearth:
+        async with await hearth.sessions.create(wait_ms=30000) as session:
+            try:
+                await session.pause(upload=True)
+            except BadRequest as err:
+                assert "pause_upload" in str(err)
+            else:
+                raise AssertionError("upload=True was accepted by a process worker")
+            info = await session.pause(upload=False)
+            assert info.state == "paused"
+            assert not info.pause_uploaded and not info.unplaced
+            assert (await session.exec("echo back")).stdout == b"back\n"

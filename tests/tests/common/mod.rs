@@ -87,6 +87,16 @@ impl Stack {
     /// HEARTH for the services, tenant-a and tenant-b importing the API): the scheduler logs in as
     /// `scheduler`, worker `worker-N` as itself, and `client` is tenant-a's `executor`.
     pub async fn start_with_accounts(workers: &[&str], scheduler_toml: &str) -> Stack {
+        Stack::start_with_accounts_and_worker_args(workers, scheduler_toml, &[]).await
+    }
+
+    /// [`start_with_accounts`](Self::start_with_accounts) with `worker_args` added to every
+    /// worker's command line.
+    pub async fn start_with_accounts_and_worker_args(
+        workers: &[&str],
+        scheduler_toml: &str,
+        worker_args: &[&str],
+    ) -> Stack {
         let conf = workspace_root().join("deploy/nats/single.conf");
         let nats = NatsServer::builder()
             .arg("-c")
@@ -96,7 +106,8 @@ impl Stack {
             .start()
             .expect("nats-server with deploy/nats/single.conf");
         let client = HearthClient::new(connect_as(nats.url(), "executor").await);
-        Stack::start_on(nats, client, true, workers, scheduler_toml, Vec::new())
+        let worker_args = worker_args.iter().map(|a| (*a).to_owned()).collect();
+        Stack::start_on(nats, client, true, workers, scheduler_toml, worker_args)
     }
 
     fn start_on(

@@ -104,6 +104,20 @@ struct ExportDoc {
     snapshot: FakeSnapshot,
 }
 
+/// A paused VM as `export_paused` writes it.
+#[derive(Debug, Serialize, Deserialize)]
+struct PausedDoc {
+    format: String,
+    template: Option<String>,
+    created_ms: u64,
+    restored_from: Option<String>,
+    files: FileMap,
+    env: BTreeMap<String, String>,
+}
+
+/// Marks the fake's paused-VM export format.
+const PAUSED_FORMAT: &str = "hearth-fake-paused-v1";
+
 #[derive(Debug, Default)]
 struct FakeState {
     vms: BTreeMap<VmId, FakeVm>,
@@ -655,6 +669,90 @@ impl VmProvider for FakeProvider {
             .await
             .map_err(|e| ProviderError::io("cannot write snapshot stream", e))?;
         Ok(bytes.len() as u64)
+    }
+
+    async fn export_paused(
+        &self,
+        vm_id: &VmId,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Result<u64, ProviderError> {
+        self.enter(FakeOp::Export).await?;
+        let doc = {
+            let state = self.state.lock();
+            let vm = state.vm(vm_id)?;
+            if vm.view.state != VmState::Paused {
+                return Err(ProviderError::InvalidState(format!(
+                    "vm {vm_id} is {}, not paused",
+                    vm.view.state
+                )));
+            }
+            PausedDoc {
+                format: PAUSED_FORMAT.to_owned(),
+                template: vm.view.template.as_ref().map(ToString::to_string),
+                created_ms: vm.view.created_ms,
+                restored_from: vm.view.restored_from.as_ref().map(ToString::to_string),
+                files: vm.files.clone(),
+                env: vm.env.clone(),
+            }
+        };
+        let bytes = serde_json::to_vec(&doc)
+            .map_err(|e| ProviderError::internal("cannot encode paused vm", e))?;
+        out.write_all(&bytes)
+            .await
+            .and(out.flush().await)
+            .map_err(|e| ProviderError::io("cannot write paused vm stream", e))?;
+        Ok(bytes.len() as u64)
+    }
+
+    async fn import_paused(
+        &self,
+        vm_id: &VmId,
+        input: &mut (dyn AsyncRead + Unpin + Send),
+    ) -> Result<VmView, ProviderError> {
+        self.enter(FakeOp::Import).await?;
+        let mut bytes = Vec::new();
+        input
+            .take(MAX_IMPORT_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| ProviderError::io("cannot read paused vm stream", e))?;
+        let doc: PausedDoc = serde_json::from_slice(&bytes)
+            .ok()
+            .filter(|d: &PausedDoc| d.format == PAUSED_FORMAT)
+            .ok_or_else(|| ProviderError::InvalidArgument("corrupt paused vm stream".to_owned()))?;
+        let bad = |what: &str| ProviderError::InvalidArgument(format!("corrupt paused vm {what}"));
+        let view = VmView {
+            vm_id: vm_id.clone(),
+            state: VmState::Paused,
+            template: doc
+                .template
+                .map(hearth_messages::TemplateName::new)
+                .transpose()
+                .map_err(|_| bad("template"))?,
+            created_ms: doc.created_ms,
+            last_activity_ms: now_ms(),
+            stopped_ms: Some(now_ms()),
+            restored_from: doc
+                .restored_from
+                .map(SnapshotId::new)
+                .transpose()
+                .map_err(|_| bad("snapshot"))?,
+        };
+        let mut state = self.state.lock();
+        if state.vms.contains_key(vm_id) {
+            return Err(ProviderError::vm_exists(vm_id));
+        }
+        state.tombstones.remove(vm_id);
+        state.vms.insert(
+            vm_id.clone(),
+            FakeVm {
+                view: view.clone(),
+                files: doc.files,
+                env: doc.env,
+                epoch: 0,
+            },
+        );
+        Ok(view)
     }
 
     async fn import_snapshot(

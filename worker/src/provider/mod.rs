@@ -104,6 +104,39 @@ pub trait VmProvider: Send + Sync + 'static {
         0
     }
 
+    /// Writes everything resuming a `Paused` VM needs (`pause_upload`) as one stream, checksummed
+    /// within, and returns its length; the VM stays paused here. `InvalidState` unless paused,
+    /// `Unsupported` where a paused VM is not a file (the process backend freezes it in memory:
+    /// nothing survives its host).
+    async fn export_paused(
+        &self,
+        vm_id: &VmId,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Result<u64, ProviderError> {
+        let _ = (vm_id, out);
+        Err(ProviderError::Unsupported(format!(
+            "the {} provider keeps a paused vm in memory: pause_upload needs a provider that \
+             pauses to disk (qemu)",
+            self.name()
+        )))
+    }
+
+    /// Makes `vm_id` from a stream [`export_paused`](Self::export_paused) wrote: the same machine,
+    /// `Paused`, for [`start_vm`](Self::start_vm) to resume. Every checksum is verified before the
+    /// VM exists; a corrupt, truncated or foreign stream is `InvalidArgument` and leaves nothing.
+    /// `AlreadyExists` if the id is taken.
+    async fn import_paused(
+        &self,
+        vm_id: &VmId,
+        input: &mut (dyn AsyncRead + Unpin + Send),
+    ) -> Result<VmView, ProviderError> {
+        let _ = (vm_id, input);
+        Err(ProviderError::Unsupported(format!(
+            "the {} provider cannot restore a paused vm from another worker",
+            self.name()
+        )))
+    }
+
     /// Captures the VM (running or stopped) as snapshot `snapshot_id`. `AlreadyExists` if the snapshot
     /// exists, `InvalidState` if the VM is destroyed.
     async fn snapshot_vm(

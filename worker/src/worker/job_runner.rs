@@ -248,6 +248,28 @@ impl RunnerCore {
                     vm: inner.vm_info(view),
                 })
             }
+            JobOp::UploadPausedVm { vm_id, key } => {
+                check_paused_key(&vm_id, &key)?;
+                let started = Instant::now();
+                let uploaded = inner.host.upload_paused(provider, &vm_id, &key).await;
+                let result = if uploaded.is_ok() { "ok" } else { "error" };
+                metrics::histogram!(m::PAUSE_UPLOAD_DURATION, "result" => result)
+                    .record(started.elapsed().as_secs_f64());
+                let bytes = uploaded?;
+                metrics::counter!(m::PAUSE_UPLOAD_BYTES_TOTAL).increment(bytes);
+                info!(%vm_id, key, bytes, took_ms = started.elapsed().as_millis() as u64,
+                    "paused vm uploaded");
+                Ok(JobOutput::Uploaded { bytes })
+            }
+            JobOp::RestorePausedVm { vm_id, key } => {
+                check_paused_key(&vm_id, &key)?;
+                let started = Instant::now();
+                let restored = self.restore_paused(&vm_id, &key, tenant).await;
+                let result = if restored.is_ok() { "ok" } else { "error" };
+                metrics::histogram!(m::PAUSE_RESTORE_DURATION, "result" => result)
+                    .record(started.elapsed().as_secs_f64());
+                restored
+            }
             JobOp::SnapshotVm {
                 vm_id,
                 snapshot_id,
@@ -311,6 +333,50 @@ impl RunnerCore {
                 unpublish,
             } => inner.delete_snapshot(&snapshot_id, unpublish).await,
         }
+    }
+
+    /// `restore_paused_vm`: the paused VM of a lost worker, from the object store, resumed and
+    /// served as its session here. Any failure leaves no VM behind (never a half-running one).
+    /// (Called holding the VM's lock.)
+    async fn restore_paused(
+        self: &Arc<Self>,
+        vm_id: &VmId,
+        key: &str,
+        tenant: Option<&TenantId>,
+    ) -> Outcome {
+        let inner = self;
+        if let Some(existing) = inner
+            .provider
+            .get_vm(vm_id)
+            .await
+            .map_err(|e| wire_error(&e))?
+            && existing.state != VmState::Destroyed
+        {
+            return Err(WireError::conflict(format!("vm {vm_id} already exists")));
+        }
+        let _reservation = self.admit(vm_id).await?;
+        inner
+            .host
+            .download_paused(&inner.provider, vm_id, key)
+            .await?;
+        let view = match inner.start_vm(vm_id).await {
+            Ok(view) => view,
+            Err(e) => {
+                // A state that will not resume is not kept here; the scheduler decides whether
+                // the session is lost (the object is still in the store).
+                match inner.provider.destroy_vm(vm_id).await {
+                    Ok(()) | Err(ProviderError::NotFound(_)) => {}
+                    Err(err) => warn!(%vm_id, %err, "removing a paused vm that did not resume"),
+                }
+                return Err(wire_error(&e));
+            }
+        };
+        self.make_session(vm_id, tenant).await?;
+        inner.vm_event(vm_id, VmState::Running, None, None).await;
+        info!(%vm_id, key, "paused vm of a lost worker restored and resumed here");
+        Ok(JobOutput::Vm {
+            vm: inner.vm_info(view),
+        })
     }
 
     /// Creates (or restores) a VM within capacity, checks it answers, and serves it as a session
@@ -595,5 +661,24 @@ pub(super) fn record_job(job: &JobRequest) {
             span.record("session_id", tracing::field::display(new_vm_id));
         }
         _ => {}
+    }
+}
+
+/// The object a paused-VM job names must be that VM's uploaded state (`paused/<tenant>/<vm>`):
+/// a job can never overwrite or read a template snapshot or another VM's state.
+fn check_paused_key(vm_id: &VmId, key: &str) -> Result<(), WireError> {
+    let ok = key
+        .strip_prefix(hearth_messages::PAUSED_OBJECT_PREFIX)
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(tenant, vm)| {
+            (tenant == "-" || hearth_messages::ids::validate_id("tenant", tenant).is_ok())
+                && vm == vm_id.as_str()
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(WireError::bad_request(format!(
+            "{key:?} is not the paused state of vm {vm_id} (paused/<tenant>/<vm_id>)"
+        )))
     }
 }

@@ -41,7 +41,7 @@ mod runner;
 mod snapshots;
 
 use runner::RunnerCore;
-pub use runner::{JobHost, JobRunner, MemoryHost, MemoryStore};
+pub use runner::{JobHost, JobRunner, MemoryHost, MemoryObjects, MemoryStore};
 
 use snapshots::open_snapshot_store;
 
@@ -210,6 +210,28 @@ impl JobHost for NatsHost {
             Some(w) => w.inner.in_store(snapshot_id).await,
             None => false,
         }
+    }
+
+    async fn upload_paused(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        vm_id: &VmId,
+        key: &str,
+    ) -> Result<u64, WireError> {
+        let w = self.worker().ok_or_else(gone)?;
+        w.inner.upload_paused_to_store(provider, vm_id, key).await
+    }
+
+    async fn download_paused(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        vm_id: &VmId,
+        key: &str,
+    ) -> Result<crate::provider::VmView, WireError> {
+        let w = self.worker().ok_or_else(gone)?;
+        w.inner
+            .download_paused_from_store(provider, vm_id, key)
+            .await
     }
 }
 

@@ -51,6 +51,22 @@ pub trait JobHost: Send + Sync + 'static {
     async fn unpublish_snapshot(&self, snapshot_id: &SnapshotId) -> Result<(), WireError>;
     /// Whether the fleet's store holds the snapshot.
     async fn is_published(&self, snapshot_id: &SnapshotId) -> bool;
+    /// Uploads the paused VM `vm_id` to the fleet's store as `key`; its size. Nothing is left
+    /// under `key` when it fails.
+    async fn upload_paused(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        vm_id: &VmId,
+        key: &str,
+    ) -> Result<u64, WireError>;
+    /// Imports the paused VM stored as `key` into the provider as `vm_id`, verified; 400 if the
+    /// object is missing or damaged.
+    async fn download_paused(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        vm_id: &VmId,
+        key: &str,
+    ) -> Result<VmView, WireError>;
 }
 
 /// Runs lifecycle jobs against a provider, with the worker's semantics (capacity and eviction,
@@ -286,7 +302,12 @@ pub struct MemoryHost {
     pub events: parking_lot::Mutex<Vec<VmEvent>>,
     /// The sessions being served.
     pub served: parking_lot::Mutex<Vec<VmId>>,
+    /// Uploaded paused VMs, by object name (share it between hosts as `store`).
+    pub paused: MemoryObjects,
 }
+
+/// Objects by name (uploaded paused VMs), shared by [`MemoryHost`]s.
+pub type MemoryObjects = Arc<parking_lot::Mutex<std::collections::HashMap<String, Vec<u8>>>>;
 
 impl MemoryHost {
     /// A host over `store`.
@@ -349,5 +370,36 @@ impl JobHost for MemoryHost {
 
     async fn is_published(&self, snapshot_id: &SnapshotId) -> bool {
         self.store.lock().contains_key(snapshot_id)
+    }
+
+    async fn upload_paused(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        vm_id: &VmId,
+        key: &str,
+    ) -> Result<u64, WireError> {
+        let mut bytes = Vec::new();
+        provider
+            .export_paused(vm_id, &mut bytes)
+            .await
+            .map_err(|e| super::wire_error(&e))?;
+        let n = bytes.len() as u64;
+        self.paused.lock().insert(key.to_owned(), bytes);
+        Ok(n)
+    }
+
+    async fn download_paused(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        vm_id: &VmId,
+        key: &str,
+    ) -> Result<VmView, WireError> {
+        let bytes = self.paused.lock().get(key).cloned().ok_or_else(|| {
+            WireError::bad_request(format!("the paused state {key} is not in the store"))
+        })?;
+        provider
+            .import_paused(vm_id, &mut bytes.as_slice())
+            .await
+            .map_err(|e| super::wire_error(&e))
     }
 }

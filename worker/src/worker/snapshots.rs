@@ -108,28 +108,121 @@ impl RunnerCore {
     }
 }
 
-/// The fleet's snapshot store is the JetStream object store `<prefix>_snapshots`.
+/// The fleet's snapshot store is the JetStream object store `<prefix>_snapshots` (template
+/// snapshots under their ids, uploaded paused VMs under `paused/<tenant>/<sid>`).
 impl Inner {
     pub(super) async fn upload_to_store(
         &self,
         provider: &Arc<dyn VmRuntime>,
         snapshot_id: &SnapshotId,
     ) -> Result<(), WireError> {
-        let (mut writer, mut reader) = tokio::io::duplex(256 * 1024);
         let provider = provider.clone();
         let id = snapshot_id.clone();
-        let export = tokio::spawn(async move {
-            let result = provider.export_snapshot(&id, &mut writer).await;
-            drop(writer);
-            result
-        });
-        let put = self.store.put(snapshot_id.as_str(), &mut reader).await;
+        self.put_exported(snapshot_id.as_str(), move |mut writer| async move {
+            provider.export_snapshot(&id, &mut writer).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Uploads the paused VM `vm_id` as the object `key`; its size.
+    pub(super) async fn upload_paused_to_store(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        vm_id: &VmId,
+        key: &str,
+    ) -> Result<u64, WireError> {
+        let provider = provider.clone();
+        let id = vm_id.clone();
+        self.put_exported(key, move |mut writer| async move {
+            provider.export_paused(&id, &mut writer).await
+        })
+        .await
+    }
+
+    /// Streams what `export` writes into the object `key` (the store chunks it and records its
+    /// SHA-256); the object's size. When the export or the upload fails, no object is left
+    /// under `key`: a truncated stream is never mistaken for a whole one.
+    async fn put_exported<F, Fut>(&self, key: &str, export: F) -> Result<u64, WireError>
+    where
+        F: FnOnce(tokio::io::DuplexStream) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, ProviderError>> + Send + 'static,
+    {
+        let (writer, mut reader) = tokio::io::duplex(256 * 1024);
+        let export = tokio::spawn(export(writer));
+        let put = self.store.put(key, &mut reader).await;
+        // A failed upload stops reading: the export must see a closed pipe, not wait on it.
+        drop(reader);
         let exported = export
             .await
-            .map_err(|e| WireError::internal(format!("snapshot export task: {e}")))?;
-        exported.map_err(|e| wire_error(&e))?;
-        put.map_err(|e| WireError::internal(format!("uploading snapshot {snapshot_id}: {e}")))?;
-        Ok(())
+            .map_err(|e| WireError::internal(format!("export task: {e}")));
+        let outcome = match (exported, put) {
+            (Ok(Ok(_)), Ok(info)) => return Ok(info.size as u64),
+            (_, Err(e)) => WireError::internal(format!("uploading {key} to the object store: {e}")),
+            (Ok(Err(e)), Ok(_)) => wire_error(&e),
+            (Err(e), Ok(_)) => e,
+        };
+        if let Err(err) = self.delete_object(key).await {
+            warn!(key, %err, "removing a failed upload");
+        }
+        Err(outcome)
+    }
+
+    /// Brings the paused VM stored as `key` into the provider as `vm_id` (paused). The whole
+    /// object is read first, so the store's SHA-256 is checked before any of it is used: a
+    /// damaged or missing object is a 400 and leaves nothing.
+    pub(super) async fn download_paused_from_store(
+        &self,
+        provider: &Arc<dyn VmRuntime>,
+        vm_id: &VmId,
+        key: &str,
+    ) -> Result<crate::provider::VmView, WireError> {
+        let mut object = self.store.get(key).await.map_err(|e| {
+            WireError::bad_request(format!(
+                "the paused state {key} is not in the object store: {e}"
+            ))
+        })?;
+        let dir = self.config.data_dir.join("downloads");
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| WireError::internal(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join(format!("{vm_id}.{}", crate::provider::now_ms()));
+        let downloaded = async {
+            let mut file = tokio::fs::File::create(&path).await?;
+            let n = tokio::io::copy(&mut object, &mut file).await?;
+            tokio::io::AsyncWriteExt::flush(&mut file).await?;
+            Ok::<u64, std::io::Error>(n)
+        }
+        .await;
+        let result = match downloaded {
+            Err(e) if e.to_string().contains("digest") => Err(WireError::bad_request(format!(
+                "the paused state {key} in the object store is corrupt: {e}"
+            ))),
+            Err(e) => Err(WireError::internal(format!("downloading {key}: {e}"))),
+            Ok(bytes) => {
+                metrics::counter!(m::SNAPSHOT_FETCH_BYTES_TOTAL).increment(bytes);
+                match tokio::fs::File::open(&path).await {
+                    Ok(mut file) => provider
+                        .import_paused(vm_id, &mut file)
+                        .await
+                        .map_err(|e| wire_error(&e)),
+                    Err(e) => Err(WireError::internal(format!("reading {key}: {e}"))),
+                }
+            }
+        };
+        let _ = tokio::fs::remove_file(&path).await;
+        result
+    }
+
+    /// Removes the object `key` (missing is success).
+    async fn delete_object(&self, key: &str) -> Result<(), WireError> {
+        match self.store.delete(key).await {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == jetstream::object_store::DeleteErrorKind::NotFound => Ok(()),
+            Err(err) => Err(WireError::internal(format!(
+                "removing {key} from the object store: {err}"
+            ))),
+        }
     }
 
     pub(super) async fn download_from_store(
@@ -153,15 +246,8 @@ impl Inner {
         &self,
         snapshot_id: &SnapshotId,
     ) -> Result<(), WireError> {
-        match self.store.delete(snapshot_id.as_str()).await {
-            Ok(()) => info!(%snapshot_id, "snapshot removed from the object store"),
-            Err(err) if err.kind() == jetstream::object_store::DeleteErrorKind::NotFound => {}
-            Err(err) => {
-                return Err(WireError::internal(format!(
-                    "removing snapshot {snapshot_id} from the object store: {err}"
-                )));
-            }
-        }
+        self.delete_object(snapshot_id.as_str()).await?;
+        info!(%snapshot_id, "snapshot removed from the object store");
         Ok(())
     }
 

@@ -426,17 +426,26 @@ class AsyncSession:
         self.info = SessionInfo.from_wire(await self._control("release", {}))
         return self.info
 
-    async def pause(self) -> SessionInfo:
+    async def pause(self, *, upload: Optional[bool] = None) -> SessionInfo:
         """Pauses the session to disk: its VM's memory, running programs and files are kept and
         the VM ends (no host memory on VM workers). The next exec, file transfer or keepalive
         resumes it where it was. Pausing a paused session is fine.
+
+        ``upload`` (default: the template's ``pause_upload``) also puts the paused state in the
+        fleet's object store, so the session survives the loss of its worker (``pause_uploaded``
+        in the reply; ``detail`` says why when it was not uploaded). VM providers only: a worker
+        that keeps paused sessions in memory answers ``upload=True`` with BadRequest.
 
         Raises:
             Conflict: A command or file transfer is running in it (retry when it is done), or it
                 has ended.
         """
         self.info = SessionInfo.from_wire(
-            await self._control("pause", {}, self._transport.timeouts.snapshot_s)
+            await self._control(
+                "pause",
+                {} if upload is None else {"upload": upload},
+                self._transport.timeouts.snapshot_s,
+            )
         )
         return self.info
 

@@ -349,10 +349,10 @@ class Session:
         """Ends the session now. Releasing twice is fine."""
         return self._client._run(self._async.release())
 
-    def pause(self) -> SessionInfo:
+    def pause(self, *, upload: Optional[bool] = None) -> SessionInfo:
         """Pauses the session to disk; the next exec, file transfer or keepalive resumes it (see
         :meth:`AsyncSession.pause`)."""
-        return self._client._run(self._async.pause())
+        return self._client._run(self._async.pause(upload=upload))
 
     def fork(
         self,

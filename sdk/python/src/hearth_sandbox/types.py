@@ -99,6 +99,16 @@ class SessionInfo:
     paused_ms: Optional[int] = None
     #: When it was last resumed from a pause (unix ms).
     resumed_ms: Optional[int] = None
+    #: Its paused state is in the fleet's object store (``pause_upload``): it survives the loss
+    #: of its worker.
+    pause_uploaded: bool = False
+    #: Bytes of the uploaded paused state (0 unless ``pause_uploaded``).
+    pause_upload_bytes: int = 0
+    #: Paused, and its worker was lost: the next exec, file transfer or keepalive resumes it on
+    #: another worker.
+    unplaced: bool = False
+    #: Why the session is as it is, in words (a pause upload that failed, why it was lost).
+    detail: Optional[str] = None
 
     @property
     def is_terminal(self) -> bool:
@@ -120,6 +130,10 @@ class SessionInfo:
             isolation=IsolationReport.from_wire(wire.get("isolation")),
             paused_ms=_opt_int(wire, "paused_ms"),
             resumed_ms=_opt_int(wire, "resumed_ms"),
+            pause_uploaded=bool(wire.get("pause_uploaded", False)),
+            pause_upload_bytes=_int(wire, "pause_upload_bytes"),
+            unplaced=bool(wire.get("unplaced", False)),
+            detail=_opt_str(wire, "detail"),
         )
 
 

@@ -17,14 +17,28 @@ use serde_json::json;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+
 use super::machine::RunPaths;
 use super::migration::SavedState;
-use super::{Inner, Machine, qmp_error};
+use super::{Inner, Machine, STATE_ENTRY, VmMeta, qmp_error};
 use crate::provider::guest::{self, GuestHost, PAUSED_STATE, PausedState, VmmProcess};
+use crate::provider::registry;
 use crate::provider::registry::state_root::{
-    blocking, in_background, remove_dir_logged, sha256_file,
+    blocking, in_background, remove_dir_logged, sha256_file, to_json,
 };
+use crate::provider::snapshot_archive as archive;
 use crate::provider::{ProviderError, VmId, VmState, VmView, disk_free_bytes, lifecycle};
+
+/// The metadata entry of a paused VM's export stream.
+#[derive(Debug, Serialize, Deserialize)]
+struct PausedExport {
+    /// `qemu --version` of the worker that saved the state: it loads only into the same build.
+    qemu_version: String,
+    /// The VM's `meta.json`.
+    vm: VmMeta,
+}
 
 /// Free space a pause leaves on the state file's file system beyond the state itself.
 const PAUSE_HEADROOM_BYTES: u64 = 64 << 20;
@@ -247,6 +261,103 @@ impl Inner {
             self.machine_died(&machine);
         }
         info!(%vm_id, took_ms = started.elapsed().as_millis() as u64, "resumed paused vm");
+        Ok(record.view())
+    }
+
+    /// The paused VM as one stream (`pause_upload`): its metadata (with the QEMU build it was
+    /// saved by and the state's SHA-256), then its state file zstd-compressed with a frame
+    /// checksum. Holds the VM's launch lock, so no resume runs meanwhile.
+    pub(super) async fn export_paused(
+        self: &Arc<Self>,
+        vm_id: &VmId,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Result<u64, ProviderError> {
+        let record = self.registry.record(vm_id)?;
+        let _launching = record.launching.lock().await;
+        let (meta, dir) = {
+            let slot = record.slot.lock();
+            if slot.meta.state != VmState::Paused || slot.meta.backend.paused.is_none() {
+                return Err(ProviderError::InvalidState(format!(
+                    "vm {vm_id} is {}, not paused to disk",
+                    slot.meta.state
+                )));
+            }
+            (slot.meta.clone(), slot.dir.clone())
+        };
+        let doc = PausedExport {
+            qemu_version: self.qemu_version.clone(),
+            vm: meta,
+        };
+        let meta_bytes = to_json(&doc)?;
+        let zst = self.registry.root().staging("export-paused");
+        {
+            let (state, zst) = (dir.join(PAUSED_STATE), zst.clone());
+            let level = self.config.snapshot_compression_level;
+            blocking(move || {
+                archive::compress(&state, &zst, level)
+                    .map_err(|e| ProviderError::io("cannot compress the paused state", e))
+            })
+            .await?;
+        }
+        let written = archive::write_export(&meta_bytes, &[(STATE_ENTRY, &zst)], out).await;
+        let _ = tokio::fs::remove_file(&zst).await;
+        written.map_err(|e| ProviderError::io(format!("cannot export paused vm {vm_id}"), e))
+    }
+
+    /// Makes `vm_id` from an [`Inner::export_paused`] stream: paused, the same machine. The
+    /// state is decompressed and its SHA-256 and size checked, and the machine must load on this
+    /// worker (same QEMU build and accelerator, the same image files found), all before the VM
+    /// exists; otherwise nothing of it is left.
+    pub(super) async fn import_paused(
+        self: &Arc<Self>,
+        vm_id: &VmId,
+        input: &mut (dyn AsyncRead + Unpin + Send),
+    ) -> Result<VmView, ProviderError> {
+        let (mut reservation, _) = self.registry.reserve_vm(vm_id, None)?;
+        reservation.make_dir().await?;
+        let dir = reservation.dir().to_path_buf();
+        let corrupt = |detail: String| {
+            ProviderError::InvalidArgument(format!("corrupt paused state of vm {vm_id}: {detail}"))
+        };
+        let meta_bytes = archive::read_export(input, &[STATE_ENTRY], &dir).await?;
+        let doc: PausedExport =
+            serde_json::from_slice(&meta_bytes).map_err(|e| corrupt(e.to_string()))?;
+        let mut meta = doc.vm;
+        let paused = match (&meta.backend.paused, meta.state, meta.format) {
+            (Some(paused), VmState::Paused, registry::META_FORMAT) => paused.clone(),
+            _ => return Err(corrupt("not a paused vm of a known format".into())),
+        };
+        {
+            let (zst, state) = (dir.join(STATE_ENTRY), dir.join(PAUSED_STATE));
+            let (sha, bytes) = blocking(move || {
+                let got = archive::decompress(&zst, &state)
+                    .map_err(|e| ProviderError::InvalidArgument(e.to_string()))?;
+                let _ = std::fs::remove_file(&zst);
+                std::fs::File::open(&state)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| ProviderError::io("cannot keep the paused state", e))?;
+                Ok(got)
+            })
+            .await
+            .map_err(|e| match e {
+                ProviderError::InvalidArgument(d) => corrupt(d),
+                e => e,
+            })?;
+            if sha != paused.sha256 || bytes != paused.bytes {
+                return Err(corrupt("the state does not match its checksum".into()));
+            }
+        }
+        meta.backend.machine = self
+            .machine_here(
+                &meta.backend.machine,
+                &doc.qemu_version,
+                &format!("the paused state of vm {vm_id}"),
+            )
+            .await?;
+        meta.vm_id = vm_id.clone();
+        let machine = self.paused_machine(meta.backend.instance.clone());
+        let record = reservation.commit(meta, machine).await?;
+        info!(%vm_id, bytes = paused.bytes, "imported paused vm");
         Ok(record.view())
     }
 

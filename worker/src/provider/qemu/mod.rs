@@ -598,21 +598,36 @@ impl Inner {
         &self,
         snapshot: &SnapshotMeta<QemuSnapshot>,
     ) -> Result<MachineSpec, ProviderError> {
-        if snapshot.backend.qemu_version != self.qemu_version {
+        self.machine_here(
+            &snapshot.backend.machine,
+            &snapshot.backend.qemu_version,
+            &format!("snapshot {}", snapshot.snapshot_id),
+        )
+        .await
+    }
+
+    /// `recorded` (saved by `qemu_version`) as this worker can load it, with its image files
+    /// located and checked; `Unavailable` when the state cannot load here.
+    async fn machine_here(
+        &self,
+        recorded: &MachineSpec,
+        qemu_version: &str,
+        what: &str,
+    ) -> Result<MachineSpec, ProviderError> {
+        if qemu_version != self.qemu_version {
             return Err(ProviderError::Unavailable(format!(
-                "snapshot {} was taken with {:?}; this worker runs {:?}",
-                snapshot.snapshot_id, snapshot.backend.qemu_version, self.qemu_version
+                "{what} was taken with {qemu_version:?}; this worker runs {:?}",
+                self.qemu_version
             )));
         }
-        if snapshot.backend.machine.accel != self.accel {
+        if recorded.accel != self.accel {
             return Err(ProviderError::Unavailable(format!(
-                "snapshot {} was taken under {}; this worker uses {}",
-                snapshot.snapshot_id,
-                snapshot.backend.machine.accel.as_str(),
+                "{what} was taken under {}; this worker uses {}",
+                recorded.accel.as_str(),
                 self.accel.as_str()
             )));
         }
-        let mut spec = snapshot.backend.machine.clone();
+        let mut spec = recorded.clone();
         let inner = self.digest_handle();
         let recorded = spec.clone();
         let (kernel, initrd) = blocking(move || {
@@ -904,6 +919,22 @@ impl VmProvider for QemuProvider {
             warn!(%vm_id, error = %e, "cannot pause the vm again after its backup");
         }
         result
+    }
+
+    async fn export_paused(
+        &self,
+        vm_id: &VmId,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Result<u64, ProviderError> {
+        self.inner.export_paused(vm_id, out).await
+    }
+
+    async fn import_paused(
+        &self,
+        vm_id: &VmId,
+        input: &mut (dyn AsyncRead + Unpin + Send),
+    ) -> Result<VmView, ProviderError> {
+        self.inner.import_paused(vm_id, input).await
     }
 
     async fn export_snapshot(
