@@ -56,7 +56,8 @@ pub enum Scenario {
     Oci,
     /// Many workers (simulated in this process, each its own NATS connection, fake provider)
     /// under one scheduler process: claim latency with every VM pooled, scheduler CPU and bus
-    /// bytes of heartbeats, reconcile pass, RSS. `--workers`, `--vms-per-worker`.
+    /// bytes of heartbeats, reconcile pass, RSS, leader failover (a standby, the leader
+    /// SIGKILLed). `--workers`, `--vms-per-worker`; `--cluster` for a 3-node NATS cluster.
     Scale,
     /// Every scenario, one after the other.
     All,
