@@ -175,10 +175,8 @@ fn volume(slot: &VmSlot) -> PathBuf {
 }
 
 /// Ends the VM's sandbox and every process in it.
-fn kill_sandbox(slot: &mut VmSlot) {
-    if let Some(sandbox) = slot.runtime.take() {
-        sandbox.kill();
-    }
+fn kill_sandbox(slot: &mut VmSlot) -> Option<std::thread::JoinHandle<()>> {
+    slot.runtime.take()?.kill()
 }
 
 #[derive(Debug)]
@@ -302,16 +300,21 @@ impl Drop for Inner {
     /// VMs' own disks are unmounted so no loop device stays attached; the next `open` mounts them
     /// again. (After a SIGKILL they stay mounted, and `open` adopts them as they are.)
     fn drop(&mut self) {
+        let mut cleanups = Vec::new();
         let dirs: Vec<PathBuf> = self
             .registry
             .records()
             .iter()
             .map(|r| {
                 let mut slot = r.slot.lock();
-                kill_sandbox(&mut slot);
+                cleanups.extend(kill_sandbox(&mut slot));
                 slot.dir.clone()
             })
             .collect();
+        // Containers are removed before the process exits (a graceful stop leaves none).
+        for cleanup in cleanups {
+            let _ = cleanup.join();
+        }
         // Half-created and half-destroyed VMs in staging, too.
         let staging = std::fs::read_dir(self.registry.root().tmp_dir())
             .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())

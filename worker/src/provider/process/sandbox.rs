@@ -252,7 +252,10 @@ impl Sandbox {
     /// the cgroup; ends the sandbox's network. (bubblewrap's `--die-with-parent` does not hold
     /// for the init once it has entered its user namespace: the credential change clears the
     /// parent-death signal, so it is killed by pid here.)
-    pub(crate) fn kill(&self) {
+    /// Kills the sandbox; a container's runtime state and bundle are removed on a thread of their
+    /// own, whose handle is returned (a worker shutting down waits for it, or a graceful exit
+    /// would leave the container behind).
+    pub(crate) fn kill(&self) -> Option<std::thread::JoinHandle<()>> {
         // A frozen process does not even die until thawed: killed while frozen (so nothing
         // in it runs again), then thawed.
         if let Some(frozen) = self.frozen.lock().take() {
@@ -286,11 +289,10 @@ impl Sandbox {
                 });
             }
         }
-        if let Some((engine, uid)) = &self.container {
-            // The runtime's state and the bundle, off the caller's thread (a few CLI calls).
-            let (engine, uid) = (engine.clone(), uid.clone());
-            std::thread::spawn(move || engine.cleanup(&uid));
-        }
+        let (engine, uid) = self.container.as_ref()?;
+        // The runtime's state and the bundle, off the caller's thread (a few CLI calls).
+        let (engine, uid) = (engine.clone(), uid.clone());
+        Some(std::thread::spawn(move || engine.cleanup(&uid)))
     }
 }
 
