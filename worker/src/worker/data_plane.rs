@@ -69,6 +69,17 @@ impl Worker {
                     _ = cancel.cancelled() => break,
                     next = requests.next() => {
                         let Some(request) = next else { break };
+                        // Another tenant's request is answered exactly as for a VM that is not
+                        // here, before it can take a place in this session's queue (or learn
+                        // anything else of it).
+                        if let Err(err) = worker.check_owner(&vm_id, &request) {
+                            let reply = Reply::error(
+                                encoding_of(request.message.headers.as_ref()),
+                                &err,
+                            );
+                            respond(&worker.inner.nats, request, reply).await;
+                            continue;
+                        }
                         let op = match worker.inner.config.subjects.parse_session(&request.message.subject) {
                             Ok(Some((_, op))) if SessionOp::DATA.contains(&op) => op,
                             _ => {
@@ -81,16 +92,6 @@ impl Worker {
                                 continue;
                             }
                         };
-                        // Another tenant's request is answered exactly as for a VM that is not
-                        // here, before it can take a place in this session's queue.
-                        if let Err(err) = worker.check_owner(&vm_id, &request) {
-                            let reply = Reply::error(
-                                encoding_of(request.message.headers.as_ref()),
-                                &err,
-                            );
-                            respond(&worker.inner.nats, request, reply).await;
-                            continue;
-                        }
                         let bytes = request.message.payload.len() as u64;
                         // A follow may stay open for its whole window: follows are bounded by
                         // evicting the oldest (whose client, if still there, just opens its next
